@@ -1,0 +1,72 @@
+"""Input validation shared by the library: clear ``ValueError``s, never deep traces."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def floating_leaves(tree: Any, name: str) -> list:
+    """Return the leaves of ``tree``; raise if any is not a floating-point array."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError(f"{name} has no array leaves")
+    for leaf in leaves:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"{name} must hold floating-point arrays, got a leaf of dtype {dtype}")
+    return leaves
+
+
+def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None:
+    """Raise unless ``other`` has the tree structure, shapes and dtypes of ``reference``."""
+    ref_def = jax.tree_util.tree_structure(reference)
+    other_def = jax.tree_util.tree_structure(other)
+    if ref_def != other_def:
+        raise ValueError(
+            f"{name} does not have the pytree structure of {ref_name}: {other_def} vs {ref_def}"
+        )
+    ref_leaves = floating_leaves(reference, ref_name)
+    for i, (a, b) in enumerate(zip(ref_leaves, jax.tree_util.tree_leaves(other))):
+        if np.shape(a) != np.shape(b):
+            raise ValueError(
+                f"{name} leaf {i} has shape {np.shape(b)}, {ref_name} has {np.shape(a)}"
+            )
+        if getattr(b, "dtype", None) != a.dtype:
+            raise ValueError(
+                f"{name} leaf {i} has dtype {getattr(b, 'dtype', type(b))}, "
+                f"{ref_name} has {a.dtype}"
+            )
+
+
+def positive_int(value: Any, name: str) -> int:
+    """Return ``value`` as an int, raising unless it is an integer ≥ 1."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
+
+
+def positive_float(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is finite and > 0."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not np.isfinite(out) or out <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def prng_key(key: Any, name: str = "key") -> jax.Array:
+    """Raise unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
+    if key is None:
+        raise ValueError(f"{name} is required: pass a jax.random key")
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return key
+    if dtype == jnp.uint32 and np.shape(key) == (2,):
+        return key
+    raise ValueError(f"{name} must be a jax.random key, got {type(key).__name__}")

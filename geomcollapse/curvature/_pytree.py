@@ -1,0 +1,96 @@
+"""Pytree ↔ flat-vector helpers and restriction of a function to a parameter block."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse._checks import floating_leaves
+
+PyTree = Any
+
+
+def ravel(tree: PyTree) -> tuple[jax.Array, Callable[[jax.Array], PyTree]]:
+    """Flatten a pytree of floating arrays into ``(flat (n,), unravel)``.
+
+    Thin wrapper over ``jax.flatten_util.ravel_pytree`` that rejects
+    non-floating leaves with a ``ValueError``.
+    """
+    floating_leaves(tree, "tree")
+    return ravel_pytree(tree)
+
+
+def num_params(tree: PyTree) -> int:
+    """Total number of scalars in a pytree."""
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(tree))
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    """``'/'``-joined path of every leaf, in ``tree_leaves`` order (e.g. ``'fc1/kernel'``)."""
+    with_path = jax.tree_util.tree_leaves_with_path(tree)
+    return ["/".join(_key_name(k) for k in path) for path, _ in with_path]
+
+
+def select(params: PyTree, where: str | Callable[[str], bool]) -> dict[str, jax.Array]:
+    """The block of ``params`` whose leaf paths match ``where``.
+
+    Args:
+      params: parameter pytree.
+      where: a regular expression searched in each leaf path (see
+        :func:`leaf_paths`), or a predicate ``path -> bool``.
+
+    Returns:
+      ``{path: leaf}`` for the selected leaves (a pytree usable as parameters).
+    """
+    if isinstance(where, str):
+        pattern = re.compile(where)
+
+        def keep(path: str) -> bool:
+            return pattern.search(path) is not None
+    elif callable(where):
+        keep = where
+    else:
+        raise ValueError(f"where must be a regex string or a callable, got {where!r}")
+    paths = leaf_paths(params)
+    leaves = jax.tree_util.tree_leaves(params)
+    block = {p: leaf for p, leaf in zip(paths, leaves) if keep(p)}
+    if not block:
+        raise ValueError(f"where={where!r} selects no parameter; paths are {paths}")
+    return block
+
+
+def substitute(params: PyTree, block: dict[str, jax.Array]) -> PyTree:
+    """``params`` with the leaves named in ``block`` replaced by ``block``'s values."""
+    paths = leaf_paths(params)
+    unknown = set(block) - set(paths)
+    if unknown:
+        raise ValueError(f"block names paths absent from params: {sorted(unknown)}")
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    new = [block.get(p, leaf) for p, leaf in zip(paths, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, new)
+
+
+def restrict(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ``fn(params, *args)`` into ``fn_block(block, params, *args)``.
+
+    The returned function differentiates only through ``block`` (from
+    :func:`select`); the other parameters are an ordinary argument, not a
+    closure, so jit does not bake them in as constants. Use it with any
+    operator factory, e.g. ``hessian_vp(restrict(loss))(block, v, params, batch)``.
+    """
+
+    def fn_block(block: dict[str, jax.Array], params: PyTree, *args: Any) -> Any:
+        return fn(substitute(params, block), *args)
+
+    return fn_block
