@@ -30,7 +30,7 @@ def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None
             f"{name} does not have the pytree structure of {ref_name}: {other_def} vs {ref_def}"
         )
     ref_leaves = floating_leaves(reference, ref_name)
-    for i, (a, b) in enumerate(zip(ref_leaves, jax.tree_util.tree_leaves(other))):
+    for i, (a, b) in enumerate(zip(ref_leaves, jax.tree_util.tree_leaves(other), strict=True)):
         if np.shape(a) != np.shape(b):
             raise ValueError(
                 f"{name} leaf {i} has shape {np.shape(b)}, {ref_name} has {np.shape(a)}"

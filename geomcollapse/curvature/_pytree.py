@@ -64,7 +64,7 @@ def select(params: PyTree, where: str | Callable[[str], bool]) -> dict[str, jax.
         raise ValueError(f"where must be a regex string or a callable, got {where!r}")
     paths = leaf_paths(params)
     leaves = jax.tree_util.tree_leaves(params)
-    block = {p: leaf for p, leaf in zip(paths, leaves) if keep(p)}
+    block = {p: leaf for p, leaf in zip(paths, leaves, strict=True) if keep(p)}
     if not block:
         raise ValueError(f"where={where!r} selects no parameter; paths are {paths}")
     return block
@@ -77,7 +77,7 @@ def substitute(params: PyTree, block: dict[str, jax.Array]) -> PyTree:
     if unknown:
         raise ValueError(f"block names paths absent from params: {sorted(unknown)}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    new = [block.get(p, leaf) for p, leaf in zip(paths, leaves)]
+    new = [block.get(p, leaf) for p, leaf in zip(paths, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, new)
 
 

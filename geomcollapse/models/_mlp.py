@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -20,7 +21,8 @@ def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[di
         raise ValueError(f"sizes needs at least input and output widths, got {sizes}")
     sizes = [positive_int(s, "sizes[i]") for s in sizes]
     params = []
-    for k, (d_in, d_out) in zip(jax.random.split(key, len(sizes) - 1), zip(sizes, sizes[1:])):
+    keys = jax.random.split(key, len(sizes) - 1)
+    for k, (d_in, d_out) in zip(keys, itertools.pairwise(sizes), strict=True):
         w = jax.random.normal(k, (d_in, d_out), dtype) / jnp.sqrt(jnp.asarray(d_in, dtype))
         params.append({"w": w, "b": jnp.zeros((d_out,), dtype)})
     return params

@@ -1,0 +1,296 @@
+"""Lanczos, SLQ and the Gram route against numpy.linalg.eigh and their defining identities."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geomcollapse import curvature as cv
+from geomcollapse import linalg
+from geomcollapse.linalg._lanczos import _random_unit, _run_lanczos, _tridiagonal
+from tests.conftest import rel_err
+
+N = 240
+
+SPECTRA = {
+    "clustered": np.r_[
+        10 + 1e-4 * np.arange(4), 6 + 1e-4 * np.arange(4), np.linspace(3, 0.1, N - 8)
+    ],
+    "repeated": np.r_[[10.0] * 3, [7.0] * 2, np.linspace(5, 0.1, N - 5)],
+    "decaying": 0.8 ** np.arange(N),
+    "rank_deficient": np.r_[np.linspace(9, 1, 6), np.zeros(N - 6)],
+}
+
+
+def _operator(spectrum, seed=0):
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((spectrum.size, spectrum.size)))
+    return (U * spectrum) @ U.T
+
+
+def _true_residuals(A, values, vectors):
+    V = np.asarray(vectors, np.float64)
+    return np.linalg.norm(V @ A - np.asarray(values)[:, None] * V, axis=1)
+
+
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_top_eigenpairs_match_eigh(name):
+    A = _operator(SPECTRA[name])
+    evals, evecs = np.linalg.eigh(A)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    k, tol = 10, 1e-10
+    Aj = jnp.asarray(A)
+    res = linalg.top_eigenpairs(
+        jax.jit(lambda v: Aj @ v), jnp.zeros(N), k, key=jax.random.key(1), tol=tol
+    )
+    assert res.values.shape == (k,) and res.vectors.shape == (k, N) and res.residuals.shape == (k,)
+    assert np.all(np.diff(np.asarray(res.values)) <= 0)
+    np.testing.assert_allclose(res.values, evals[:k], atol=1e-9 * evals[0])
+    assert not np.any(np.isnan(np.asarray(res.vectors)))
+    found = np.asarray(res.found)
+    # reported residuals are the true residuals, and within tol
+    true = _true_residuals(A, res.values, res.vectors)
+    np.testing.assert_allclose(res.residuals, true, atol=1e-12 * evals[0])
+    assert np.all(np.asarray(res.residuals)[found] <= tol * evals[0])
+    V = np.asarray(res.vectors)[found]
+    np.testing.assert_allclose(V @ V.T, np.eye(V.shape[0]), atol=1e-10)
+    # eigenvectors compared as projectors onto each distinct eigenvalue's eigenspace
+    distinct = np.unique(np.round(evals[:k][found], 6))
+    for lam in distinct:
+        ours = np.abs(np.asarray(res.values)[found] - lam) < 1e-6
+        ref_all = np.abs(evals - lam) < 1e-6
+        if ours.sum() != ref_all.sum():  # eigenspace cut by k: compare spans via containment
+            ref = evecs[:, ref_all]
+            assert np.linalg.norm(V[ours].T - ref @ (ref.T @ V[ours].T)) < 1e-8
+            continue
+        P_ours = V[ours].T @ V[ours]
+        P_ref = evecs[:, ref_all] @ evecs[:, ref_all].T
+        assert np.linalg.norm(P_ours - P_ref) < 1e-8
+
+
+def test_rank_deficient_is_zero_filled_and_flagged():
+    A = jnp.asarray(_operator(np.r_[[4.0, 3.0, 2.0], np.zeros(N - 3)]))
+    res = linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(N), 6, key=jax.random.key(0), tol=1e-10)
+    np.testing.assert_allclose(res.values[:3], [4.0, 3.0, 2.0], rtol=1e-12)
+    assert res.found.tolist() == [True] * 3 + [False] * 3
+    assert res.converged.tolist() == [True] * 3 + [False] * 3
+    assert np.all(np.asarray(res.values[3:]) == 0) and np.all(np.asarray(res.vectors[3:]) == 0)
+    assert np.all(np.isfinite(np.asarray(res.vectors)))
+    assert res.num_matvecs <= 8  # 4-dim Krylov space, one restart, one null probe
+
+
+def test_zero_operator_returns_all_flagged():
+    res = linalg.top_eigenpairs(lambda v: 0 * v, jnp.zeros(50), 3, key=jax.random.key(0))
+    assert not np.any(np.asarray(res.found))
+    assert np.all(np.asarray(res.values) == 0) and np.all(np.isfinite(np.asarray(res.vectors)))
+
+
+def test_lanczos_identities():
+    """``A Qᵀ = Qᵀ T + β q eₘᵀ``, ``QQᵀ = I``; a full-depth run reconstructs ``A``."""
+    A = _operator(np.linspace(1.0, 10.0, 200), seed=3)
+    Aj = jnp.asarray(A)
+    q0 = _random_unit(jax.random.key(0), 200, jnp.float64)
+    for steps in (25, 200):
+        b = _run_lanczos(
+            lambda v: Aj @ v, q0, steps, stop=lambda *_: False, restart_key=None, initial_capacity=8
+        )
+        Q = np.asarray(b.Q)  # (m, n) rows
+        T = _tridiagonal(b.alphas, b.betas)
+        m = Q.shape[0]
+        assert m == steps
+        np.testing.assert_allclose(Q @ Q.T, np.eye(m), atol=1e-12)
+        R = A @ Q.T - Q.T @ T  # only the last column is non-zero: β q_{m+1}
+        np.testing.assert_allclose(R[:, :-1], 0, atol=1e-12)
+        np.testing.assert_allclose(np.linalg.norm(R[:, -1]), b.last_beta, rtol=1e-8, atol=1e-12)
+        assert np.linalg.norm(Q @ R[:, -1]) < 1e-12
+    np.testing.assert_allclose(Q.T @ T @ Q, A, atol=1e-11)
+
+
+def test_pytree_like_and_which_magnitude(mlp64):
+    """On a pytree Hessian (indefinite), against eigh of the dense Hessian."""
+    H = np.asarray(mlp64.dense_hessian)
+    hvp = jax.jit(cv.hessian_vp(mlp64.loss))
+    evals = np.linalg.eigvalsh(H)
+    for which, ref in (
+        ("largest", np.sort(evals)[::-1][:4]),
+        ("magnitude", evals[np.argsort(-np.abs(evals))][:4]),
+    ):
+        res = linalg.top_eigenpairs(
+            lambda v: hvp(mlp64.params, v, mlp64.batch),
+            mlp64.params,
+            4,
+            key=jax.random.key(2),
+            tol=1e-10,
+            which=which,
+        )
+        np.testing.assert_allclose(res.values, ref, rtol=1e-8, atol=1e-12)
+        leaves = jax.tree_util.tree_leaves(res.vectors)
+        assert all(leaf.shape[0] == 4 for leaf in leaves)
+        flat = jax.vmap(lambda t: cv.ravel(t)[0])(res.vectors)
+        np.testing.assert_allclose(_true_residuals(H, res.values, flat), res.residuals, atol=1e-10)
+
+
+def test_float32_keeps_float32_and_reaches_its_accuracy():
+    A = _operator(SPECTRA["decaying"])
+    A32 = jnp.asarray(A, jnp.float32)
+    res = linalg.top_eigenpairs(
+        jax.jit(lambda v: A32 @ v), jnp.zeros(N, jnp.float32), 5, key=jax.random.key(0), tol=1e-5
+    )
+    assert res.values.dtype == jnp.float32 and res.vectors.dtype == jnp.float32
+    assert res.residuals.dtype == jnp.float32
+    np.testing.assert_allclose(res.values, np.sort(SPECTRA["decaying"])[::-1][:5], rtol=1e-5)
+
+
+def test_deterministic_under_a_fixed_key():
+    A = jnp.asarray(_operator(SPECTRA["clustered"]))
+    run = lambda: linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(N), 3, key=jax.random.key(5))  # noqa: E731
+    a, b = run(), run()
+    assert np.array_equal(np.asarray(a.vectors), np.asarray(b.vectors))
+    assert a.num_matvecs == b.num_matvecs
+
+
+def test_budget_exhaustion_is_reported():
+    A = jnp.asarray(_operator(SPECTRA["clustered"]))
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        res = linalg.top_eigenpairs(
+            lambda v: A @ v, jnp.zeros(N), 8, key=jax.random.key(0), tol=1e-12, max_matvecs=12
+        )
+    assert res.num_matvecs == 12 and not np.all(np.asarray(res.converged))
+    assert np.all(np.isfinite(np.asarray(res.values)))
+
+
+def test_loose_tolerance_uses_few_matvecs():
+    """Stopping is on residuals, not a fixed depth: looser tol, fewer matvecs."""
+    A = jnp.asarray(_operator(SPECTRA["decaying"]))
+    counts = [
+        linalg.top_eigenpairs(
+            lambda v: A @ v, jnp.zeros(N), 4, key=jax.random.key(0), tol=t
+        ).num_matvecs
+        for t in (1e-2, 1e-6, 1e-10)
+    ]
+    assert counts[0] < counts[1] < counts[2] < N
+
+
+class TestBadInput:
+    A = jnp.asarray(_operator(SPECTRA["decaying"][:20]))
+
+    def mv(self, v):
+        return self.A @ v
+
+    def test_k_larger_than_dimension(self):
+        with pytest.raises(ValueError, match="k=21 exceeds the operator dimension n=20"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros(20), 21, key=jax.random.key(0))
+
+    @pytest.mark.parametrize("k", [0, -1, 2.5, True])
+    def test_k_not_a_positive_int(self, k):
+        with pytest.raises(ValueError, match="k must be an integer"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros(20), k, key=jax.random.key(0))
+
+    def test_non_finite_matvec(self):
+        with pytest.raises(ValueError, match="matvec returned non-finite"):
+            linalg.top_eigenpairs(lambda v: v / 0.0, jnp.ones(20), 2, key=jax.random.key(0))
+
+    def test_non_symmetric_operator(self):
+        B = self.A + jnp.triu(jnp.ones((20, 20)), 1)
+        with pytest.raises(ValueError, match="matvec is not symmetric"):
+            linalg.top_eigenpairs(lambda v: B @ v, jnp.zeros(20), 2, key=jax.random.key(0))
+
+    def test_mismatched_pytree(self):
+        like = {"a": jnp.zeros(10), "b": jnp.zeros(10)}
+        with pytest.raises(ValueError, match="matvec output does not have the pytree structure"):
+            linalg.top_eigenpairs(lambda t: [t["a"], t["b"]], like, 2, key=jax.random.key(0))
+
+    def test_wrong_dtypes(self):
+        with pytest.raises(ValueError, match="like must hold floating-point"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros(20, jnp.int32), 2, key=jax.random.key(0))
+        with pytest.raises(ValueError, match="matvec output leaf 0 has dtype float32"):
+            linalg.top_eigenpairs(
+                lambda v: (self.A @ v).astype(jnp.float32), jnp.zeros(20), 2, key=jax.random.key(0)
+            )
+
+    def test_bad_arguments(self):
+        with pytest.raises(ValueError, match="tol must be"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros(20), 2, key=jax.random.key(0), tol=-1.0)
+        with pytest.raises(ValueError, match=r"key must be a jax\.random key"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros(20), 2, key=0)
+        with pytest.raises(ValueError, match="like must be a 1-D array"):
+            linalg.top_eigenpairs(self.mv, jnp.zeros((4, 5)), 2, key=jax.random.key(0))
+        with pytest.raises(ValueError, match="which must be"):
+            linalg.top_eigenpairs(
+                self.mv, jnp.zeros(20), 2, key=jax.random.key(0), which="smallest"
+            )
+
+
+def test_slq_density_integrates_to_one_and_matches_dense_histogram():
+    rng = np.random.default_rng(0)
+    n = 400
+    spectrum = np.r_[rng.gamma(2.0, 0.5, n - 10), rng.uniform(8, 12, 10)]
+    A = jnp.asarray(_operator(spectrum, seed=1))
+    sd = linalg.spectral_density(
+        lambda v: A @ v, jnp.zeros(n), key=jax.random.key(0), num_probes=64, num_steps=60
+    )
+    np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
+    grid = np.linspace(-3, 16, 2000)
+    sigma = 0.3
+    est = linalg.density_on_grid(sd, grid, sigma=sigma)
+    assert abs(np.trapezoid(est, grid) - 1.0) < 1e-6
+    exact = linalg.density_on_grid(
+        linalg.SpectralDensity(spectrum[None], np.full((1, n), 1.0 / n)), grid, sigma=sigma
+    )
+    l1 = np.trapezoid(np.abs(est - exact), grid)
+    assert l1 < 0.1, l1
+    # histogram mass in the outlier bulk [7, 13] within 1 % of the exact 10/400
+    band = (grid > 7) & (grid < 13)
+    assert abs(np.trapezoid(est[band], grid[band]) - 10 / n) < 0.01
+
+
+def test_slq_on_rank_deficient_operator_has_no_nan():
+    A = jnp.asarray(_operator(np.r_[[3.0, 1.0], np.zeros(38)]))
+    sd = linalg.spectral_density(
+        lambda v: A @ v, jnp.zeros(40), key=jax.random.key(0), num_probes=4, num_steps=30
+    )
+    assert np.all(np.isfinite(sd.nodes)) and np.all(np.isfinite(sd.weights))
+    np.testing.assert_allclose(sd.weights.sum(axis=1), 1.0, atol=1e-12)
+    # the quadrature is exact: mean of zᵀAz equals tr(A)/n
+    np.testing.assert_allclose(np.mean(np.sum(sd.weights * sd.nodes, axis=1)), 4.0 / 40, rtol=0.5)
+
+
+def test_gram_route_matches_dense_empirical_fisher(mlp64):
+    per_example = jax.jit(cv.per_example_gradients(mlp64.example_loss))(mlp64.params, mlp64.batch)
+    G = np.asarray(jax.vmap(lambda t: cv.ravel(t)[0])(per_example))
+    m, n = G.shape
+    F = G.T @ G / m
+    evals, evecs = np.linalg.eigh(F)
+    evals, evecs = evals[::-1], evecs[:, ::-1]
+    k = m + 3  # more than the rank: the tail is zero-filled
+    res = linalg.empirical_fisher_eigenpairs(per_example, k)
+    rank = int(np.sum(evals > 1e-12 * evals[0]))
+    np.testing.assert_allclose(res.values[:rank], evals[:rank], rtol=1e-10, atol=1e-14)
+    assert res.found.tolist() == [True] * rank + [False] * (k - rank)
+    flat = np.asarray(jax.vmap(lambda t: cv.ravel(t)[0])(res.vectors))
+    for i in range(min(rank, 5)):
+        assert abs(abs(flat[i] @ evecs[:, i]) - 1) < 1e-8
+    np.testing.assert_allclose(_true_residuals(F, res.values, flat), res.residuals, atol=1e-12)
+    # array input gives (k, n) vectors and agrees with Lanczos on the matrix-free operator
+    res_arr = linalg.empirical_fisher_eigenpairs(jnp.asarray(G), 3)
+    assert res_arr.vectors.shape == (3, n)
+    efvp = jax.jit(cv.empirical_fisher_vp(mlp64.example_loss))
+    lz = linalg.top_eigenpairs(
+        lambda v: efvp(mlp64.params, v, mlp64.batch),
+        mlp64.params,
+        3,
+        key=jax.random.key(0),
+        tol=1e-10,
+    )
+    assert rel_err(lz.values, res_arr.values) < 1e-9
+    with pytest.raises(ValueError, match="k=1000 exceeds"):
+        linalg.empirical_fisher_eigenpairs(jnp.asarray(G), 1000)
+
+
+def test_no_warning_when_converged():
+    A = jnp.asarray(_operator(SPECTRA["decaying"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(N), 3, key=jax.random.key(0))
