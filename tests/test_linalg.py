@@ -93,9 +93,7 @@ def test_lanczos_identities():
     Aj = jnp.asarray(A)
     q0 = _random_unit(jax.random.key(0), 200, jnp.float64)
     for steps in (25, 200):
-        b = _run_lanczos(
-            lambda v: Aj @ v, q0, steps, stop=lambda *_: False, restart_key=None, initial_capacity=8
-        )
+        b = _run_lanczos(lambda v: Aj @ v, q0, steps, stop=lambda *_: False, restart_key=None)
         Q = np.asarray(b.Q)  # (m, n) rows
         T = _tridiagonal(b.alphas, b.betas)
         m = Q.shape[0]

@@ -72,7 +72,6 @@ def spectral_density(
             num_steps,
             stop=lambda *_: False,
             restart_key=None,
-            initial_capacity=num_steps,
         )
         theta, S = np.linalg.eigh(_tridiagonal(basis.alphas, basis.betas))
         m = theta.size

@@ -55,21 +55,20 @@ def gaussian_mixture(
     dim: int,
     num_classes: int,
     *,
-    separation: float = 1.0,
+    mean_scale: float = 1.0,
     dtype=jnp.float32,
 ) -> Batch:
-    """Labelled samples from ``num_classes`` isotropic Gaussians with random means.
+    """Labelled samples from ``num_classes`` unit-variance Gaussians.
 
-    Class means are ``separation · N(0, I/dim)·√dim``-scaled unit directions;
-    each point is its class mean plus standard normal noise.
+    Class means are drawn from ``N(0, mean_scale² I_dim)``; each point is its
+    class mean plus ``N(0, I_dim)`` noise; labels are uniform.
     """
     key = prng_key(key)
     num_examples = positive_int(num_examples, "num_examples")
     dim = positive_int(dim, "dim")
     num_classes = positive_int(num_classes, "num_classes")
     k_mean, k_label, k_noise = jax.random.split(key, 3)
-    means = jax.random.normal(k_mean, (num_classes, dim), dtype)
-    means = separation * means / jnp.linalg.norm(means, axis=1, keepdims=True) * 3.0
+    means = mean_scale * jax.random.normal(k_mean, (num_classes, dim), dtype)
     y = jax.random.randint(k_label, (num_examples,), 0, num_classes)
     x = means[y] + jax.random.normal(k_noise, (num_examples, dim), dtype)
     return Batch(x=x, y=y)

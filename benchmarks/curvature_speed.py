@@ -1,0 +1,240 @@
+"""Curvature-operator and top-k eigensolver speed on the fixed benchmark problem (issue #2).
+
+Problem: MLP 784-256-256-10, tanh (269,322 parameters), 512 Gaussian-mixture
+examples, mean cross-entropy, 5 GD steps (``geomcollapse.models.mlp_problem``).
+Everything is reported as ratios measured in one run: operator time / gradient
+time; Lanczos wall / (matvecs × HVP time); ours vs ``scipy.sparse.linalg.eigsh``
+over the same jitted HVP at the same tolerance. Writes
+``benchmarks/results/curvature_speed_<platform>.json``.
+
+Run: ``.venv/bin/python -m benchmarks.curvature_speed [--quick]``.
+"""
+
+from __future__ import annotations
+
+import os
+
+# eigsh's ARPACK/BLAS threads oversubscribe the 2 cores XLA already uses.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy
+from scipy.sparse.linalg import LinearOperator, eigsh
+
+from geomcollapse import curvature as cv
+from geomcollapse import linalg, models
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def _once(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def round_robin(calls: dict, rounds: int) -> dict:
+    """Seconds of each ``name: (fn, args)``, timed in interleaved rounds.
+
+    Interleaving puts every operator under the same background load, so the
+    per-round ratios stay meaningful on a noisy machine. Returns
+    ``{name: [seconds per round]}`` after two warm-up calls each.
+    """
+    for fn, args in calls.values():
+        for _ in range(2):
+            jax.block_until_ready(fn(*args))
+    times = {name: [] for name in calls}
+    for _ in range(rounds):
+        for name, (fn, args) in calls.items():
+            times[name].append(_once(fn, args))
+    return times
+
+
+def ggn_vp_jvp_vjp(predict_fn, output_loss_fn):
+    """The alternative GGN-VP: separate ``jax.jvp`` and ``jax.vjp`` (for comparison)."""
+
+    def ggn(params, v, *args):
+        z, jv = jax.jvp(lambda p: predict_fn(p, *args), (params,), (v,))
+        hjv = jax.jvp(jax.grad(lambda zz: output_loss_fn(zz, *args)), (z,), (jv,))[1]
+        return jax.vjp(lambda p: predict_fn(p, *args), params)[1](hjv)[0]
+
+    return ggn
+
+
+def operator_timings(problem, repeats):
+    params, batch = problem.params, problem.batch
+    v = jax.tree_util.tree_map(jnp.ones_like, params)
+
+    def ce(z, b):
+        return models.softmax_cross_entropy(z, b.y)
+
+    ops = {
+        "gradient": (jax.jit(cv.gradient(problem.loss)), (params, batch)),
+        "hvp": (jax.jit(cv.hessian_vp(problem.loss)), (params, v, batch)),
+        "ggn_vp": (jax.jit(cv.ggn_vp(problem.logits, ce)), (params, v, batch)),
+        "ggn_vp_jvp_vjp": (jax.jit(ggn_vp_jvp_vjp(problem.logits, ce)), (params, v, batch)),
+        "fisher_vp": (jax.jit(cv.fisher_vp(problem.logits)), (params, v, batch)),
+        "empirical_fisher_vp": (
+            jax.jit(cv.empirical_fisher_vp(problem.example_loss)),
+            (params, v, batch),
+        ),
+    }
+    vs = jax.tree_util.tree_map(lambda a: jnp.stack([a] * 10), v)
+    batched = jax.jit(jax.vmap(ops["hvp"][0], in_axes=(None, 0, None)))
+    ops["hvp_vmap10"] = (batched, (params, vs, batch))
+    times = {k: np.asarray(t) for k, t in round_robin(ops, repeats).items()}
+    times["hvp_vmap10_per_vector"] = times.pop("hvp_vmap10") / 10
+    grad = times["gradient"]
+    return {
+        "seconds": {k: float(np.median(t)) for k, t in times.items()},
+        "ratio_to_gradient": {k: float(np.median(t / grad)) for k, t in times.items()},
+        "rounds": repeats,
+    }
+
+
+def eigsh_top(flat_hvp, n, dtype, k, tol, seed):
+    count = [0]
+
+    def mv(x):
+        count[0] += 1
+        return np.asarray(flat_hvp(jnp.asarray(x, dtype)))
+
+    op = LinearOperator((n, n), matvec=mv, dtype=dtype)
+    v0 = np.random.default_rng(seed).standard_normal(n).astype(dtype)
+    t0 = time.perf_counter()
+    vals = eigsh(op, k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
+    return np.sort(vals)[::-1], count[0], time.perf_counter() - t0
+
+
+def eigen_benchmarks(problem, hvp_seconds, grad_seconds, tols, k=10):
+    params, batch = problem.params, problem.batch
+    hvp = jax.jit(cv.hessian_vp(problem.loss))
+    flat, unravel = cv.ravel(params)
+    n = flat.size
+
+    @jax.jit
+    def flat_hvp_args(x, params, batch):
+        return cv.ravel(hvp(params, unravel(x), batch))[0]
+
+    def flat_hvp(x):  # data as arguments, not closure constants (XLA would fold them)
+        return flat_hvp_args(x, params, batch)
+
+    # float64 reference on the same parameters (x64 enabled only for this block).
+    with jax.enable_x64(True):
+        p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
+        b64 = batch._replace(x=batch.x.astype(jnp.float64))
+        hvp64 = jax.jit(cv.hessian_vp(problem.loss))
+        t0 = time.perf_counter()
+        ref = linalg.top_eigenpairs(
+            lambda u: hvp64(p64, u, b64), p64, k, key=jax.random.key(123), tol=1e-10
+        )
+        ref_values = np.asarray(ref.values, np.float64)
+        ref_seconds = time.perf_counter() - t0
+        ref_matvecs = ref.num_matvecs
+
+    def ours_run(tol):
+        return linalg.top_eigenpairs(
+            lambda u: hvp(params, u, batch), params, k, key=jax.random.key(0), tol=tol
+        )
+
+    jax.block_until_ready(flat_hvp(flat))  # compiled outside the timed region
+    t0 = time.perf_counter()
+    jax.block_until_ready(ours_run(tols[0]).vectors)
+    cold_seconds = time.perf_counter() - t0  # includes compiling the basis-shape kernels
+    rows = []
+    for tol in tols:
+        jax.block_until_ready(ours_run(tol).vectors)  # warm: kernels for every basis shape
+        walls, e_walls = [], []
+        for _ in range(3):  # alternate the two solvers; report medians
+            t0 = time.perf_counter()
+            ours = ours_run(tol)
+            jax.block_until_ready(ours.vectors)
+            walls.append(time.perf_counter() - t0)
+            e_vals, e_count, e_wall = eigsh_top(flat_hvp, n, np.float32, k, tol, seed=0)
+            e_walls.append(e_wall)
+        wall, e_wall = float(np.median(walls)), float(np.median(e_walls))
+        values = np.asarray(ours.values, np.float64)
+        rows.append(
+            {
+                "tol": tol,
+                "ours": {
+                    "matvecs": ours.num_matvecs,
+                    "wall_s": wall,
+                    "wall_over_matvecs_x_hvp": wall / (ours.num_matvecs * hvp_seconds),
+                    "gradient_times": wall / grad_seconds,
+                    "max_rel_eig_error": float(np.max(np.abs(values - ref_values) / ref_values[0])),
+                    "all_converged": bool(np.all(np.asarray(ours.converged))),
+                },
+                "eigsh": {
+                    "matvecs": e_count,
+                    "wall_s": e_wall,
+                    "wall_over_matvecs_x_hvp": e_wall / (e_count * hvp_seconds),
+                    "gradient_times": e_wall / grad_seconds,
+                    "max_rel_eig_error": float(np.max(np.abs(e_vals - ref_values) / ref_values[0])),
+                },
+                "speedup_vs_eigsh": e_wall / wall,
+            }
+        )
+    return {
+        "k": k,
+        "reference": {
+            "method": "geomcollapse Lanczos, float64, tol 1e-10",
+            "values": ref_values.tolist(),
+            "matvecs": ref_matvecs,
+            "wall_s": ref_seconds,
+        },
+        "ours_cold_first_call_s": cold_seconds,
+        "runs": rows,
+    }
+
+
+def machine_info():
+    dev = jax.devices()[0]
+    return {
+        "platform": dev.platform,
+        "device": dev.device_kind,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def main(quick: bool = False) -> dict:
+    problem = models.mlp_problem(jax.random.key(0))
+    n = cv.num_params(problem.params)
+    assert n == 269_322, n
+    ops = operator_timings(problem, repeats=5 if quick else 30)
+    s = ops["seconds"]
+    eig = eigen_benchmarks(
+        problem, s["hvp"], s["gradient"], tols=(1e-3,) if quick else (1e-3, 1e-6)
+    )
+    result = {
+        "problem": "MLP 784-256-256-10 tanh, 512 examples, mean CE, 5 GD steps",
+        "num_params": n,
+        "machine": machine_info(),
+        "operators": ops,
+        "top10_hessian": eig,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    name = f"curvature_speed_{result['machine']['platform']}{'_quick' if quick else ''}.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2))
+    print(json.dumps({"operators": ops["ratio_to_gradient"], "top10": eig["runs"]}, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, tol 1e-3 only")
+    main(parser.parse_args().quick)
