@@ -41,7 +41,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
-from tqdm.auto import tqdm
 
 from geomcollapse._checks import (
     floating_leaves,
@@ -50,6 +49,7 @@ from geomcollapse._checks import (
     prng_key,
     same_structure,
 )
+from geomcollapse._progress import progress_bar
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -409,11 +409,11 @@ def top_eigenpairs(
         top = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny)
         ratio = float(np.max(res[idx])) / top
         if bar is not None:
-            bar.set_postfix(max_rel_residual=f"{ratio:.2e}")
+            bar.set_postfix(max_rel_residual=f"{ratio:.2e}", refresh=False)
         return ratio <= tol
 
     init_key, restart_key = jax.random.split(key)
-    with tqdm(total=max_matvecs, disable=not progress, desc="lanczos", leave=False) as bar:
+    with progress_bar(total=max_matvecs, desc="lanczos", enabled=progress) as bar:
         basis = _run_lanczos(
             flat_matvec,
             _random_unit(init_key, n, dtype),

@@ -16,9 +16,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
+from geomcollapse._progress import progress_bar
 from geomcollapse.linalg._lanczos import _run_lanczos, _tridiagonal, flat_operator
 
 PyTree = Any
@@ -64,7 +64,7 @@ def spectral_density(
     num_steps = min(positive_int(num_steps, "num_steps"), n)
     nodes = np.zeros((num_probes, num_steps))
     weights = np.zeros((num_probes, num_steps))
-    for p in tqdm(range(num_probes), disable=not progress, desc="slq", leave=False):
+    for p in progress_bar(range(num_probes), desc="slq", enabled=progress):
         z = jax.random.rademacher(jax.random.fold_in(key, p), (n,), flat_like.dtype)
         basis = _run_lanczos(
             flat_matvec,

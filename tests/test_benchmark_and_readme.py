@@ -1,0 +1,36 @@
+"""The benchmark script runs (on a tiny problem) and the README's Python examples execute."""
+
+import json
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from benchmarks import curvature_speed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_benchmark_runs_on_a_tiny_problem(tmp_path):
+    with jax.enable_x64(False):
+        result = curvature_speed.main(
+            quick=True, sizes=(30, 16, 10), num_examples=64, outdir=tmp_path
+        )
+    saved = json.loads(next(tmp_path.glob("curvature_speed_*.json")).read_text())
+    assert saved["num_params"] == result["num_params"] == 30 * 16 + 16 + 16 * 10 + 10
+    ratios = saved["operators"]["ratio_to_gradient"]
+    assert ratios["gradient"] == 1.0 and all(r > 0 for r in ratios.values())
+    run = saved["top10_hessian"]["runs"][0]
+    assert run["ours"]["all_converged"]
+    # both solvers find the float64 reference top-10 to float32 accuracy at tol 1e-3
+    assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
+
+
+def test_readme_python_examples_execute():
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert blocks, "README has no python example"
+    for code in blocks:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+        assert np.all(np.isfinite(np.asarray(namespace["pairs"].values)))
