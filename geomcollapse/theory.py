@@ -1,0 +1,220 @@
+"""Closed forms of THEORY.md §2-§4: the AIC report, flow series, crossover, exponent fits.
+
+Symbols: ``x = θ − θ*``, fine-tuning loss ``L = ½xᵀAx + cᵀx`` (``g(θ*) = c``,
+``H = A``), skill loss ``u = ½xᵀFx``, ``P`` the projector onto the top-``d``
+eigenvectors of ``F``, ``a = F^{1/2}Pc``, ``b = F^{1/2}PAc``, ``γ = ‖b‖``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import numpy as np
+
+
+class AICReport(NamedTuple):
+    """The Alignment Instability Condition's numbers (Def. 5.1) and their predictions.
+
+    Attributes:
+      d: dimension of the sensitive subspace ``M``.
+      tail_mass: ``Σ_{j>d} λ_j`` (condition 1).
+      lambda_d: ``λ_d`` (condition 1).
+      orthogonality: ``‖P g(θ*)‖``, exactly as Def. 5.1 (2) states it.
+      fisher_orthogonality: ``‖F^{1/2} P g(θ*)‖`` (= ``‖a‖``), the Fisher-weighted form.
+      coupling: ``γ = ‖F^{1/2} P H g(θ*)‖`` (condition 3).
+      quartic_coefficient: ``γ²/8``, the ``t⁴`` coefficient of the projected loss
+        when ``Pg = 0`` (Cor. 6.3).
+      crossover_time: ``t_c = 2‖F^{1/2}Pg‖/γ``, where the quartic term overtakes
+        the quadratic one (``inf`` when ``γ = 0``; 0 when ``Pg = 0``).
+      tail_crossover_time: ``2 (gᵀ(I−P)F(I−P)g)^{1/2}/γ``, where the quartic
+        overtakes the tail's quadratic floor in ``Δu``.
+    """
+
+    d: int
+    tail_mass: float
+    lambda_d: float
+    orthogonality: float
+    fisher_orthogonality: float
+    coupling: float
+    quartic_coefficient: float
+    crossover_time: float
+    tail_crossover_time: float
+
+
+def crossover_time(fisher_orthogonality: float, coupling: float) -> float:
+    """``t_c = 2‖F^{1/2}Pc‖ / γ`` (THEORY §4); ``inf`` when ``γ = 0``."""
+    if coupling == 0:
+        return float("inf") if fisher_orthogonality > 0 else 0.0
+    return 2.0 * fisher_orthogonality / coupling
+
+
+def aic_report(
+    eigenvalues: np.ndarray,
+    d: int,
+    g: np.ndarray,
+    Hg: np.ndarray,
+    basis: np.ndarray,
+    tail_quadratic: float = float("nan"),
+) -> AICReport:
+    """AIC report from ``F``'s spectrum, its top-``d`` eigenvectors, ``g`` and ``Hg``.
+
+    Args:
+      eigenvalues: ``(n,)`` or at least ``(d+1,)`` eigenvalues of ``F``,
+        descending; the tail mass is their sum past ``d`` (pass the full
+        spectrum, or append the tail's remaining trace as one entry).
+      d: subspace dimension.
+      g: ``(n,)`` fine-tuning gradient at ``θ*``.
+      Hg: ``(n,)`` fine-tuning Hessian times ``g``.
+      basis: ``(d, n)`` orthonormal top-``d`` eigenvectors of ``F`` (rows).
+      tail_quadratic: ``gᵀ(I−P)F(I−P)g`` when known (needs ``F`` beyond ``M``);
+        it sets ``tail_crossover_time``, else NaN.
+    """
+    lam = np.asarray(eigenvalues, np.float64)
+    V = np.asarray(basis, np.float64)
+    g = np.asarray(g, np.float64)
+    Hg = np.asarray(Hg, np.float64)
+    sqrt_top = np.sqrt(np.maximum(lam[:d], 0.0))
+    pg, phg = V @ g, V @ Hg  # coordinates in M
+    fisher_orth = float(np.linalg.norm(sqrt_top * pg))
+    gamma = float(np.linalg.norm(sqrt_top * phg))
+    tail = float(np.sum(lam[d:]))
+    return AICReport(
+        d=d,
+        tail_mass=tail,
+        lambda_d=float(lam[d - 1]),
+        orthogonality=float(np.linalg.norm(pg)),
+        fisher_orthogonality=fisher_orth,
+        coupling=gamma,
+        quartic_coefficient=gamma**2 / 8.0,
+        crossover_time=crossover_time(fisher_orth, gamma),
+        tail_crossover_time=crossover_time(float(np.sqrt(max(tail_quadratic, 0.0))), gamma)
+        if np.isfinite(tail_quadratic)
+        else float("nan"),
+    )
+
+
+class SeriesCoefficients(NamedTuple):
+    """``½‖F^{1/2}Px(t)‖² = c2 t² + c3 t³ + c4 t⁴ + O(t⁵)`` (THEORY §4)."""
+
+    c2: float
+    c3: float
+    c4: float
+
+
+def series_coefficients(A: np.ndarray, c: np.ndarray, S: np.ndarray) -> SeriesCoefficients:
+    """Taylor coefficients of ``½‖S x(t)‖²`` along the exact gradient flow.
+
+    ``S = F^{1/2}P`` gives the projected loss; ``S = F^{1/2}`` gives ``Δu``.
+    With ``a = Sc``, ``b = SAc``: ``c2 = ½‖a‖²``, ``c3 = −½⟨a,b⟩``,
+    ``c4 = ⅛‖b‖² + ⅙⟨a, SA²c⟩``.
+    """
+    a = S @ c
+    b = S @ (A @ c)
+    b2 = S @ (A @ (A @ c))
+    return SeriesCoefficients(
+        c2=0.5 * float(a @ a),
+        c3=-0.5 * float(a @ b),
+        c4=0.125 * float(b @ b) + float(a @ b2) / 6.0,
+    )
+
+
+def gd_projected_loss_approx(coupling: float, eta: float, k: np.ndarray) -> np.ndarray:
+    """``⅛ γ² η⁴ k²(k−1)²``: GD's projected loss after ``k`` steps when ``Pc = 0`` (THEORY §4)."""
+    k = np.asarray(k, np.float64)
+    return 0.125 * coupling**2 * eta**4 * k**2 * (k - 1) ** 2
+
+
+def local_slope(ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Local log-log slope ``d log y / d log t`` (second-order finite differences)."""
+    ts, ys = np.asarray(ts, np.float64), np.asarray(ys, np.float64)
+    if np.any(ts <= 0) or np.any(ys <= 0):
+        raise ValueError("local_slope needs positive ts and ys (it works in log-log)")
+    return np.gradient(np.log(ys), np.log(ts))
+
+
+class ExponentFit(NamedTuple):
+    """Least-squares fit ``log y = exponent · log t + log prefactor`` over a window."""
+
+    exponent: float
+    prefactor: float
+    window: tuple[float, float]
+    num_points: int
+    max_abs_residual: float
+
+
+def fit_exponent(
+    ts: np.ndarray, ys: np.ndarray, window: tuple[float, float] | None = None
+) -> ExponentFit:
+    """Fit a power law ``y ≈ C tᵖ`` to the points with ``t`` in ``window``.
+
+    Raises ``ValueError`` for non-positive values, fewer than 3 points in the
+    window, or a float32/float16 ``ys`` whose window reaches values at its
+    rounding level (``≤ 10³ · eps · max|y|``): there the fit measures rounding,
+    not the law (THEORY §5: exponent fits need float64).
+    """
+    ts_arr = np.asarray(ts)
+    ys_arr = np.asarray(ys)
+    if ts_arr.shape != ys_arr.shape or ts_arr.ndim != 1:
+        raise ValueError(
+            f"ts and ys must be 1-D of equal length, got {ts_arr.shape}, {ys_arr.shape}"
+        )
+    lo, hi = window if window is not None else (float(ts_arr.min()), float(ts_arr.max()))
+    if not 0 < lo < hi:
+        raise ValueError(f"window must satisfy 0 < lo < hi, got {window}")
+    mask = (ts_arr >= lo) & (ts_arr <= hi)
+    if mask.sum() < 3:
+        raise ValueError(f"window {window} holds {int(mask.sum())} points; need at least 3")
+    y = ys_arr[mask]
+    if np.any(y <= 0) or np.any(~np.isfinite(y)):
+        raise ValueError("ys must be finite and positive inside the window")
+    if np.issubdtype(ys_arr.dtype, np.floating) and np.finfo(ys_arr.dtype).bits < 64:
+        floor = 1e3 * np.finfo(ys_arr.dtype).eps * float(np.max(np.abs(ys_arr)))
+        if float(np.min(y)) <= floor:
+            raise ValueError(
+                f"ys are {ys_arr.dtype} and the window reaches values ≤ {floor:.2g}, the "
+                "rounding level of that dtype: compute the flow in float64 (jax_enable_x64)"
+            )
+    lt, ly = np.log(ts_arr[mask].astype(np.float64)), np.log(y.astype(np.float64))
+    slope, intercept = np.polyfit(lt, ly, 1)
+    resid = ly - (slope * lt + intercept)
+    return ExponentFit(
+        exponent=float(slope),
+        prefactor=float(np.exp(intercept)),
+        window=(float(lo), float(hi)),
+        num_points=int(mask.sum()),
+        max_abs_residual=float(np.max(np.abs(resid))),
+    )
+
+
+def onset_window(
+    report: AICReport,
+    curvature_norm: float,
+    *,
+    t_min: float,
+    regime: str = "quartic",
+    margin: float | None = None,
+) -> tuple[float, float]:
+    """Window ``[lo, hi]`` where one power law of the projected loss should hold.
+
+    ``'quartic'``: past the crossover, ``[max(t_min, margin·t_c), radius/margin]``
+    (for ``Pg = 0``, ``t_c = 0`` and the window starts at ``t_min``).
+    ``'quadratic'``: before it, ``[t_min, min(t_c, radius)/margin]``. The series'
+    radius is taken as ``1/‖A‖``. ``margin`` defaults to 10 (quartic) and 100
+    (quadratic: the ``t³`` term shifts the local slope by ``≈ 2t/t_c``, so the
+    window must end far below ``t_c`` for a 1 % exponent). Warns when empty.
+    """
+    if margin is None:
+        margin = 10.0 if regime == "quartic" else 100.0
+    radius = 1.0 / max(curvature_norm, 1e-300)
+    if regime == "quartic":
+        lo, hi = max(t_min, margin * report.crossover_time), radius / margin
+    elif regime == "quadratic":
+        lo, hi = t_min, min(report.crossover_time, radius) / margin
+    else:
+        raise ValueError(f"regime must be 'quartic' or 'quadratic', got {regime!r}")
+    if hi <= lo:
+        warnings.warn(
+            f"{regime} window is empty: [{lo:.3g}, {hi:.3g}]", RuntimeWarning, stacklevel=2
+        )
+    return (lo, hi)
