@@ -13,10 +13,10 @@ import jax
 
 jax.config.update("jax_enable_x64", True)
 
-from experiments import spectrum_mlp  # noqa: E402
+from experiments import crossover, gd_vs_flow, quartic_quadratic, spectrum_mlp  # noqa: E402
 from experiments._common import ROOT, Claim  # noqa: E402
 
-EXPERIMENTS = [spectrum_mlp]
+EXPERIMENTS = [spectrum_mlp, quartic_quadratic, crossover, gd_vs_flow]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically
 
