@@ -1,12 +1,28 @@
-"""Shared plumbing for experiment scripts: claims table rows and result files."""
+"""Shared plumbing for experiment scripts: float64 + headless plotting, claims, results, CLI.
+
+Importing this module is what makes an experiment an entry point: it enables
+``jax_enable_x64`` (theory checks are float64, THEORY §5) and selects the
+headless matplotlib backend, once, before any experiment code runs.
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import jax
+import matplotlib
+
+jax.config.update("jax_enable_x64", True)
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,5 +52,33 @@ def write_json(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def claims_payload(claims: list[Claim]) -> list[dict]:
-    return [dict(asdict(c), verdict=c.verdict) for c in claims]
+def require_x64(name: str) -> None:
+    """Raise unless float64 is on (it is, once this module is imported)."""
+    if not jax.config.jax_enable_x64:
+        raise ValueError(f"{name} runs in float64: enable jax_enable_x64 before calling main")
+
+
+def finish(name: str, config, outdir: Path, fig, claims: list[Claim], **payload) -> dict:
+    """Save ``fig`` and the results JSON of experiment ``name``; return ``{result, claims}``."""
+    figure = outdir / "figures" / f"{name}.png"
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=130)
+    plt.close(fig)
+    result = {
+        "config": dataclasses.asdict(config),
+        **payload,
+        "figure": str(figure.relative_to(outdir)),
+        "claims": [dict(asdict(c), verdict=c.verdict) for c in claims],
+    }
+    write_json(outdir / "experiments" / "results" / f"{name}.json", result)
+    return {"result": result, "claims": claims}
+
+
+def cli(name: str, doc: str, main: Callable, full, quick) -> None:
+    """The ``__main__`` of an experiment: ``--quick`` picks the CPU-minutes config."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
+    args = parser.parse_args()
+    command = f"python -m experiments.{name}" + (" --quick" if args.quick else "")
+    for c in main(quick if args.quick else full, command=command)["claims"]:
+        print(f"[{c.verdict}] {c.claim}: {c.measured}")

@@ -11,22 +11,15 @@ Run: ``python -m experiments.crossover [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
 import jax
+import matplotlib.pyplot as plt
+import numpy as np
 
-jax.config.update("jax_enable_x64", True)
-
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments._common import ROOT, Claim, claims_payload, write_json  # noqa: E402
-from geomcollapse import landscapes, theory  # noqa: E402
+from experiments._common import ROOT, Claim, cli, finish, require_x64
+from geomcollapse import landscapes, theory
 
 NAME = "crossover"
 
@@ -61,9 +54,7 @@ def _slope3_time(ts: np.ndarray, ys: np.ndarray) -> float:
 
 def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
     """Run the sweep; write results and figure under ``outdir``."""
-    if not jax.config.jax_enable_x64:
-        raise ValueError(f"{NAME} runs in float64: enable jax_enable_x64 first")
-    command = command or f"python -m experiments.{NAME}"
+    require_x64(NAME)
     rows = []
     for eps in config.epsilons:
         L = landscapes.make_quadratic_landscape(
@@ -116,25 +107,16 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     ax2.set_ylabel("|measured / predicted − 1|")
     ax2.set_title("Relative error (O(ε) correction to c₄)")
     fig.tight_layout()
-    figure = outdir / "figures" / f"{NAME}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=130)
-    plt.close(fig)
-    result = {
-        "config": dataclasses.asdict(config),
-        "rows": rows,
-        "max_relative_error": worst,
-        "figure": str(figure.relative_to(outdir)),
-        "claims": claims_payload(claims),
-    }
-    write_json(outdir / "experiments" / "results" / f"{NAME}.json", result)
-    return {"result": result, "claims": claims}
+    return finish(
+        NAME,
+        config,
+        outdir,
+        fig,
+        claims,
+        rows=rows,
+        max_relative_error=worst,
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
-    args = parser.parse_args()
-    cmd = f"python -m experiments.{NAME}" + (" --quick" if args.quick else "")
-    for c in main(QUICK if args.quick else Config(), command=cmd)["claims"]:
-        print(f"[{c.verdict}] {c.claim}: {c.measured}")
+    cli(NAME, __doc__, main, Config(), QUICK)

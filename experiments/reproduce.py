@@ -11,10 +11,8 @@ from pathlib import Path
 
 import jax
 
-jax.config.update("jax_enable_x64", True)
-
-from experiments import crossover, gd_vs_flow, quartic_quadratic, spectrum_mlp  # noqa: E402
-from experiments._common import ROOT, Claim  # noqa: E402
+from experiments import crossover, gd_vs_flow, quartic_quadratic, spectrum_mlp
+from experiments._common import ROOT, Claim
 
 EXPERIMENTS = [spectrum_mlp, quartic_quadratic, crossover, gd_vs_flow]
 

@@ -12,25 +12,19 @@ Run: ``python -m experiments.spectrum_mlp [--quick]``.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import MaxNLocator
 
-jax.config.update("jax_enable_x64", True)
-
-import jax.numpy as jnp  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments._common import ROOT, Claim, claims_payload, write_json  # noqa: E402
-from geomcollapse import curvature as cv  # noqa: E402
-from geomcollapse import linalg, models  # noqa: E402
+from experiments._common import ROOT, Claim, cli, finish, require_x64
+from geomcollapse import curvature as cv
+from geomcollapse import linalg, models
 
 NAME = "spectrum_mlp"
 
@@ -126,7 +120,7 @@ def _trace_estimate(density: linalg.SpectralDensity, n: int) -> tuple[float, flo
     return float(per_probe.mean()), float(per_probe.std(ddof=1) / np.sqrt(per_probe.size))
 
 
-def _figure(config: Config, s: dict, path: Path) -> None:
+def _figure(config: Config, s: dict):
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     styles = {"hessian": "o-", "fisher": "s-", "empirical_fisher": "^-"}
     labels = {
@@ -140,7 +134,7 @@ def _figure(config: Config, s: dict, path: Path) -> None:
         pos = vals > 0
         ax1.semilogy(idx[pos], vals[pos], styles[name], ms=4, label=labels[name])
     ax1.axvline(config.d + 0.5, color="gray", ls=":", label=f"d = {config.d}")
-    ax1.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax1.set_xlabel("eigenvalue index i")
     ax1.set_ylabel(f"λ_i (Lanczos, tol {config.tol:.0e})")
     ax1.set_title(
@@ -161,16 +155,12 @@ def _figure(config: Config, s: dict, path: Path) -> None:
     ax2.set_title(f"SLQ densities ({config.slq_probes} probes × {config.slq_steps} steps)")
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
+    return fig
 
 
 def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
     """Run the experiment; write results and figure under ``outdir``; return the results."""
-    if not jax.config.jax_enable_x64:
-        raise ValueError("spectrum_mlp runs in float64: enable jax_enable_x64 before calling main")
-    command = command or f"python -m experiments.{NAME}"
+    require_x64(NAME)
     s = _spectra(config)
     top = s["top"]
     tr_f, tr_f_se = _trace_estimate(s["density"]["fisher"], s["n"])
@@ -210,34 +200,25 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             labels=("concentrated", "not concentrated (control)"),
         ),
     ]
-    figure = outdir / "figures" / f"{NAME}.png"
-    _figure(config, s, figure)
-    result = {
-        "config": dataclasses.asdict(config),
-        "num_params": s["n"],
-        "train_loss": s["loss"],
-        "eigenvalues": {name: np.asarray(r.values).tolist() for name, r in top.items()},
-        "gram_eigenvalues": np.asarray(s["gram"].values).tolist(),
-        "max_relative_residual": max_res,
-        "matvecs": {name: r.num_matvecs for name, r in top.items()},
-        "lanczos_seconds": s["seconds"],
-        "fisher_trace": [tr_f, tr_f_se],
-        "fisher_top_d_share": share,
-        "fisher_ggn_rel": s["fisher_ggn_rel"],
-        "figure": str(figure.relative_to(outdir)),
-        "claims": claims_payload(claims),
-    }
-    write_json(outdir / "experiments" / "results" / f"{NAME}.json", result)
-    return {"result": result, "claims": claims}
+    fig = _figure(config, s)
+    return finish(
+        NAME,
+        config,
+        outdir,
+        fig,
+        claims,
+        num_params=s["n"],
+        train_loss=s["loss"],
+        eigenvalues={name: np.asarray(r.values).tolist() for name, r in top.items()},
+        gram_eigenvalues=np.asarray(s["gram"].values).tolist(),
+        max_relative_residual=max_res,
+        matvecs={name: r.num_matvecs for name, r in top.items()},
+        lanczos_seconds=s["seconds"],
+        fisher_trace=[tr_f, tr_f_se],
+        fisher_top_d_share=share,
+        fisher_ggn_rel=s["fisher_ggn_rel"],
+    )
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
-    args = parser.parse_args()
-    out = main(
-        QUICK if args.quick else Config(),
-        command=f"python -m experiments.{NAME}" + (" --quick" if args.quick else ""),
-    )
-    for c in out["claims"]:
-        print(f"[{c.verdict}] {c.claim}: {c.measured}")
+    cli(NAME, __doc__, main, Config(), QUICK)
