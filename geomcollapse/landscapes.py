@@ -127,22 +127,22 @@ class QuadraticLandscape:
         x = self.trajectory(ts)
         return 0.5 * jnp.einsum("ti,ij,tj->t", x, self.F, x)
 
+    def _projected_half_sq(self, x: jax.Array, d: int | None) -> jax.Array:
+        """``½‖F^{1/2}P x‖²`` for rows ``x`` ``(T, n)``; ``d`` as in :meth:`projected_loss`."""
+        d = self._check_d(d) if d is not None else self._default_d()
+        _, _, S = self._fisher_split(d)
+        return 0.5 * jnp.sum((x @ S.T) ** 2, axis=1)
+
     def projected_loss(self, ts: jax.Array, d: int | None = None) -> jax.Array:
         """Exact ``½‖F^{1/2}P x(t)‖²`` along the flow, ``(T,)``.
 
         ``d`` defaults to the landscape's ``d`` (or ``F``'s numerical rank).
         """
-        d = self._check_d(d) if d is not None else self._default_d()
-        _, _, S = self._fisher_split(d)
-        y = self.trajectory(ts) @ S.T
-        return 0.5 * jnp.sum(y**2, axis=1)
+        return self._projected_half_sq(self.trajectory(ts), d)
 
     def gd_projected_loss(self, eta: float, ks: jax.Array, d: int | None = None) -> jax.Array:
         """``½‖F^{1/2}P x_k‖²`` along gradient descent with step ``eta``, ``(K,)``."""
-        d = self._check_d(d) if d is not None else self._default_d()
-        _, _, S = self._fisher_split(d)
-        y = flow.quadratic_gd(self.A, self.c, eta, ks) @ S.T
-        return 0.5 * jnp.sum(y**2, axis=1)
+        return self._projected_half_sq(flow.quadratic_gd(self.A, self.c, eta, ks), d)
 
 
 def make_quadratic_landscape(

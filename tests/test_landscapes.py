@@ -229,12 +229,8 @@ class TestBadInput:
             )
 
     def test_float32_exponent_fit_below_resolution(self):
-        L32 = landscapes.QuadraticLandscape(
-            A=jnp.asarray(_landscape("orthogonal").A, jnp.float32),
-            c=jnp.asarray(_landscape("orthogonal").c, jnp.float32),
-            F=jnp.asarray(_landscape("orthogonal").F, jnp.float32),
-            d=3,
-        )
+        L32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), _landscape("orthogonal"))
+        assert L32.d == 3 and L32.c.dtype == jnp.float32
         ts = np.logspace(-4, 1, 100).astype(np.float32)
         with pytest.raises(ValueError, match="rounding level"):
             theory.fit_exponent(ts, np.asarray(L32.projected_loss(ts)), (1e-4, 1e-2))
