@@ -1,4 +1,4 @@
-"""Gradient flows. Exact flow and gradient descent on quadratics, without cancellation.
+"""Gradient flows: exact on quadratics, diffrax ODE flow and optax optimizers for any loss.
 
 THEORY §4: for ``L = ½xᵀAx + cᵀx`` the flow ``ẋ = −(Ax + c)``, ``x(0) = 0`` is
 ``x(t) = −t φ₁(−At) c`` with ``φ₁(z) = (eᶻ − 1)/z``. We evaluate it as
@@ -10,8 +10,21 @@ and a singular ``A`` needs no special case (``φ₂(0) = ½``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import diffrax
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import linalg
+from geomcollapse._checks import floating_leaves, positive_float, positive_int, prng_key
+
+PyTree = Any
 
 _SERIES_BELOW = 1e-2  # |z| below which φ₁, φ₂ use their Taylor series (error < 1e-16)
 
@@ -81,3 +94,210 @@ def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.A
         power_minus_one / jnp.where(small, 1.0, a[None, :]),
     )
     return (factor * cu[None, :]) @ U.T
+
+
+def _check_times(ts: Any, name: str = "ts") -> np.ndarray:
+    arr = np.asarray(ts, np.float64)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array of times, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)) or arr[0] < 0 or np.any(np.diff(arr) <= 0):
+        raise ValueError(f"{name} must be finite, ≥ 0 and strictly increasing")
+    return arr
+
+
+class _GradientField(eqx.Module):
+    """``x ↦ −∇L(θ0 + x)``: the gradient flow's vector field in the displacement ``x``."""
+
+    loss_fn: Callable[..., jax.Array] = eqx.field(static=True)
+    theta0: PyTree
+    args: tuple
+
+    def __call__(self, t, x, _):
+        theta = jax.tree_util.tree_map(jnp.add, self.theta0, x)
+        grad = jax.grad(self.loss_fn)(theta, *self.args)
+        return jax.tree_util.tree_map(jnp.negative, grad)
+
+
+def ode_flow(
+    loss_fn: Callable[..., jax.Array],
+    theta0: PyTree,
+    ts: Any,
+    *,
+    args: tuple = (),
+    solver: diffrax.AbstractSolver | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    dt: float | None = None,
+    max_steps: int = 65536,
+) -> PyTree:
+    """Gradient flow ``dθ/dt = −∇L(θ)``, ``θ(0) = θ0``, integrated with diffrax.
+
+    The state is the displacement ``x = θ − θ0`` (``x(0) = 0``), so the error
+    control is relative to ``x`` itself: the ``t²``-small component of ``x`` in
+    ``M`` is resolved at small ``t`` (it would be lost against ``|θ0|``).
+
+    Args:
+      loss_fn: ``loss_fn(θ, *args) -> scalar``.
+      theta0: initial parameters ``θ*`` (a pytree of floating arrays).
+      ts: ``(T,)`` strictly increasing save times ``≥ 0``.
+      args: extra arguments for ``loss_fn``.
+      solver: a diffrax solver (default ``Dopri8()``, order 8: at the tight
+        tolerances theory checks need it takes far fewer steps than ``Tsit5``).
+      rtol, atol: adaptive step-size tolerances (``PIDController``); default
+        ``rtol = 1e-12`` in float64 (``1e-6`` in float32) and ``atol = 1e-4·rtol``:
+        ``x`` starts at 0, so a loose ``atol`` would swamp its ``t²``-small part.
+      dt: a fixed step instead of adaptive control (``ConstantStepSize``); used
+        by the order test.
+      max_steps: diffrax step budget; exceeding it raises.
+
+    Returns:
+      ``θ(t)`` for every ``t`` in ``ts``: ``theta0``'s pytree with a leading ``T`` axis.
+    """
+    floating_leaves(theta0, "theta0")
+    times = _check_times(ts)
+    dtype = jax.tree_util.tree_leaves(theta0)[0].dtype
+    if rtol is None:
+        rtol = 1e-12 if jnp.finfo(dtype).bits >= 64 else 1e-6
+    rtol = positive_float(rtol, "rtol")
+    atol = 1e-4 * rtol if atol is None else positive_float(atol, "atol")
+    if dt is None:
+        controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), None
+    else:
+        controller, dt0 = diffrax.ConstantStepSize(), jnp.asarray(positive_float(dt, "dt"), dtype)
+    x0 = jax.tree_util.tree_map(jnp.zeros_like, theta0)
+    # Times, step and arrays enter as traced values and the vector field is a
+    # module whose only static part is ``loss_fn``: diffrax's compiled solve is
+    # reused across calls with the same loss (new times, steps or θ0 included).
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(_GradientField(loss_fn, theta0, tuple(args))),
+        diffrax.Dopri8() if solver is None else solver,
+        t0=jnp.zeros((), dtype),
+        t1=jnp.asarray(times[-1], dtype),
+        dt0=dt0,
+        y0=x0,
+        saveat=diffrax.SaveAt(ts=jnp.asarray(times, dtype)),
+        stepsize_controller=controller,
+        max_steps=max_steps,
+    )
+    return jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, sol.ys)
+
+
+def optimizer_trajectory(
+    loss_fn: Callable[..., jax.Array],
+    theta0: PyTree,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    *,
+    args: tuple = (),
+) -> PyTree:
+    """Iterates ``θ_0 = θ0, …, θ_K`` of any optax optimizer on ``loss_fn`` (one ``lax.scan``).
+
+    ``optax.sgd(η)`` is gradient descent ``θ_{k+1} = θ_k − η g(θ_k)`` (THEORY §4).
+
+    Returns:
+      ``theta0``'s pytree with a leading ``num_steps + 1`` axis.
+    """
+    floating_leaves(theta0, "theta0")
+    num_steps = positive_int(num_steps, "num_steps")
+    grad_fn = jax.grad(loss_fn)
+
+    def step(carry, _):
+        theta, state = carry
+        updates, state = optimizer.update(grad_fn(theta, *args), state, theta)
+        theta = optax.apply_updates(theta, updates)
+        return (theta, state), theta
+
+    _, thetas = jax.lax.scan(step, (theta0, optimizer.init(theta0)), None, length=num_steps)
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), theta0, thetas)
+
+
+class TrajectoryRecord(NamedTuple):
+    """What a flow does to the skill, at each recorded time (all ``(T,)``).
+
+    Attributes:
+      t: times (flow time, or ``η k`` for discrete steps).
+      delta_u: ``Δu(θ(t)) = u(θ(t)) − u(θ*)``.
+      projected_loss: ``½‖F^{1/2}P x(t)‖²``, ``x = θ − θ*`` (Thm 6.1's lower bound).
+      projected_norm: ``‖F^{1/2}P x(t)‖`` (Thm 6.2's drift, ``Ω(γt²)``).
+      displacement_norm: ``‖x(t)‖``.
+      subspace_angle: largest principal angle (radians) between ``M(θ*)`` and
+        ``M(θ(t))``, the top-``d`` eigenspaces of ``F``; ``None`` unless asked.
+    """
+
+    t: np.ndarray
+    delta_u: np.ndarray
+    projected_loss: np.ndarray
+    projected_norm: np.ndarray
+    displacement_norm: np.ndarray
+    subspace_angle: np.ndarray | None
+
+
+def principal_angle(basis_a: np.ndarray, basis_b: np.ndarray) -> float:
+    """Largest principal angle between the row spaces of two ``(d, n)`` orthonormal bases."""
+    sigma = np.linalg.svd(np.asarray(basis_a) @ np.asarray(basis_b).T, compute_uv=False)
+    return float(np.arccos(np.clip(np.min(sigma), -1.0, 1.0)))
+
+
+def record_trajectory(
+    ts: Any,
+    thetas: PyTree,
+    theta_star: PyTree,
+    skill_loss: Callable[[PyTree], jax.Array],
+    eigenvalues: Any,
+    basis: Any,
+    *,
+    fisher_vp: Callable[[PyTree, PyTree], PyTree] | None = None,
+    key: jax.Array | None = None,
+    tol: float = 1e-8,
+) -> TrajectoryRecord:
+    """The :class:`TrajectoryRecord` of positions ``thetas`` (any flow, GD or optimizer).
+
+    Args:
+      ts: ``(T,)`` times of the positions.
+      thetas: pytree like ``theta_star`` with a leading ``T`` axis.
+      theta_star: ``θ*``.
+      skill_loss: ``u(θ)``.
+      eigenvalues: ``(d,)`` top eigenvalues of ``F(θ*)``.
+      basis: ``(d, n)`` orthonormal top-``d`` eigenvectors of ``F(θ*)`` (raveled rows).
+      fisher_vp: ``(θ, v) -> F(θ) v``; when given, ``M(θ(t))`` is recomputed at
+        every position with :func:`geomcollapse.linalg.top_eigenpairs` and the
+        subspace rotation is recorded (``key`` required).
+      tol: residual tolerance for those eigenpairs.
+    """
+    times = np.asarray(ts, np.float64)
+    flat_star, unravel = ravel_pytree(theta_star)
+    flat = jax.vmap(lambda th: ravel_pytree(th)[0])(thetas)
+    if flat.shape != (times.size, flat_star.size):
+        raise ValueError(
+            f"thetas must hold {times.size} positions of {flat_star.size} parameters, "
+            f"got {flat.shape}"
+        )
+    lam = np.asarray(eigenvalues, np.float64)
+    V = np.asarray(basis, np.float64)
+    if V.shape != (lam.size, flat_star.size):
+        raise ValueError(f"basis must be ({lam.size}, {flat_star.size}), got {V.shape}")
+    x = np.asarray(flat - flat_star[None], np.float64)
+    fpx = (x @ V.T) * np.sqrt(np.maximum(lam, 0.0))[None]
+    u_star = skill_loss(theta_star)
+    delta_u = np.asarray(jax.vmap(lambda th: skill_loss(th) - u_star)(thetas), np.float64)
+    angles = None
+    if fisher_vp is not None:
+        key = prng_key(key)
+        angles = np.empty(times.size)
+        for i, k in enumerate(jax.random.split(key, times.size)):
+            theta_i = unravel(flat[i])
+
+            def matvec(v, th=theta_i):
+                return ravel_pytree(fisher_vp(th, unravel(v)))[0]
+
+            pairs = linalg.top_eigenpairs(matvec, flat_star, lam.size, key=k, tol=tol)
+            angles[i] = principal_angle(V, np.asarray(pairs.vectors))
+    norm = np.linalg.norm(fpx, axis=1)
+    return TrajectoryRecord(
+        t=times,
+        delta_u=delta_u,
+        projected_loss=0.5 * norm**2,
+        projected_norm=norm,
+        displacement_norm=np.linalg.norm(x, axis=1),
+        subspace_angle=angles,
+    )

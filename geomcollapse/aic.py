@@ -1,0 +1,172 @@
+"""The Alignment Instability Condition (Def. 5.1) measured on any model, matrix-free.
+
+Inputs are a skill Fisher matvec (true ``F`` or empirical), a fine-tuning loss
+and the parameters ``θ*``. Costs: the top-``d`` eigenpairs of ``F`` by
+:func:`geomcollapse.linalg.top_eigenpairs`, one gradient ``g``, one HVP ``Hg``,
+one more Fisher matvec for the tail's quadratic floor, and the trace of ``F``
+(exact from ``n`` matvecs for small ``n``, else Hutchinson).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import linalg, theory
+from geomcollapse._checks import floating_leaves, positive_int, prng_key
+from geomcollapse.curvature import hessian_vp
+
+PyTree = Any
+
+EXACT_TRACE_MAX_N = 4096  # trace='auto' is exact (n matvecs) up to this many parameters
+
+
+class AICMeasurement(NamedTuple):
+    """An AIC report with the quantities it was computed from.
+
+    Attributes:
+      report: the :class:`geomcollapse.theory.AICReport` (Def. 5.1 numbers and predictions).
+      eigenpairs: the top-``d`` :class:`geomcollapse.linalg.Eigenpairs` of ``F``, vectors
+        raveled to ``(d, n)`` (``jax.flatten_util.ravel_pytree`` order of ``params``).
+      trace: ``tr F`` (exact, or the Hutchinson mean).
+      trace_stderr: standard error of ``trace`` and of the tail mass (0 when exact).
+      gradient_norm: ``‖g(θ*)‖``.
+      num_matvecs: Fisher matvecs used in total.
+    """
+
+    report: theory.AICReport
+    eigenpairs: linalg.Eigenpairs
+    trace: float
+    trace_stderr: float
+    gradient_norm: float
+    num_matvecs: int
+
+
+def fisher_trace(
+    matvec: Callable[[jax.Array], jax.Array],
+    n: int,
+    dtype,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    deflate: np.ndarray | None = None,
+) -> tuple[float, float, int]:
+    """``tr F`` of a flat matvec ``(n,) -> (n,)``: ``(trace, stderr, matvecs)``.
+
+    ``method='exact'`` sums ``e_iᵀ F e_i`` (``n`` matvecs, vmapped in chunks);
+    ``'hutchinson'`` averages ``zᵀ F z`` over Rademacher ``z`` (unbiased; the
+    standard error is the sample one); ``'auto'`` is exact for ``n ≤ 4096``.
+    With ``deflate`` (``(d, n)`` orthonormal rows spanning ``M``) Hutchinson
+    estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
+    by the tail, not by the top eigenvalues it would otherwise have to subtract.
+    """
+    if method == "auto":
+        method = "exact" if n <= EXACT_TRACE_MAX_N else "hutchinson"
+    batched = jax.jit(jax.vmap(lambda v: jnp.vdot(v, matvec(v))))
+    if method == "exact":
+        if deflate is not None:
+            raise ValueError("deflate applies to method='hutchinson' only")
+        total, eye_rows = 0.0, 256
+        for start in range(0, n, eye_rows):
+            idx = jnp.arange(start, min(start + eye_rows, n))
+            total += float(jnp.sum(batched(jax.nn.one_hot(idx, n, dtype=dtype))))
+        return total, 0.0, n
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
+    key = prng_key(key)
+    num_probes = positive_int(num_probes, "num_probes")
+    if num_probes < 2:
+        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    z = jax.random.rademacher(key, (num_probes, n), dtype)
+    if deflate is not None:
+        Vd = jnp.asarray(deflate, dtype)
+        z = z - (z @ Vd.T) @ Vd
+    samples = np.asarray(batched(z), np.float64)
+    return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes)), num_probes
+
+
+def measure_aic(
+    fisher_vp: Callable[[PyTree], PyTree],
+    loss_fn: Callable[..., jax.Array],
+    params: PyTree,
+    d: int,
+    *,
+    key: jax.Array,
+    loss_args: tuple = (),
+    trace: str = "auto",
+    num_probes: int = 64,
+    tol: float = 1e-8,
+    max_matvecs: int | None = None,
+) -> AICMeasurement:
+    """Measure the AIC (Def. 5.1) of ``θ* = params`` for a skill and a fine-tuning loss.
+
+    Args:
+      fisher_vp: ``v -> F v`` for the skill Fisher at ``θ*`` (true or empirical),
+        ``v`` a pytree like ``params``; e.g. ``lambda v: fvp(params, v, batch)``.
+      loss_fn: the fine-tuning loss ``L(θ, *loss_args)``.
+      params: ``θ*``.
+      d: ``dim M`` (``1 ≤ d < n``).
+      key: ``jax.random`` key (Lanczos start vectors, Hutchinson probes).
+      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'`` (see :func:`fisher_trace`;
+        Hutchinson runs on the deflated ``(I−P)F(I−P)``).
+      num_probes: Hutchinson probes.
+      tol, max_matvecs: passed to :func:`geomcollapse.linalg.top_eigenpairs`.
+
+    Returns:
+      An :class:`AICMeasurement`. ``report.orthogonality`` is ``‖Pg‖`` as
+      Def. 5.1 states it; ``report.fisher_orthogonality`` is ``‖F^{1/2}Pg‖``;
+      ``report.coupling`` is ``γ = ‖F^{1/2}PHg‖`` from one HVP; the tail mass is
+      ``tr F − Σ_{i≤d} λ_i``.
+    """
+    floating_leaves(params, "params")
+    key = prng_key(key)
+    flat, unravel = ravel_pytree(params)
+    n = flat.size
+    d = positive_int(d, "d")
+    if d >= n:
+        raise ValueError(f"d={d} must be smaller than the number of parameters n={n}")
+
+    def flat_fvp(v: jax.Array) -> jax.Array:
+        return ravel_pytree(fisher_vp(unravel(v)))[0]
+
+    k_eig, k_trace = jax.random.split(key)
+    pairs = linalg.top_eigenpairs(
+        jax.jit(flat_fvp), flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs
+    )
+    V = np.asarray(pairs.vectors, np.float64)
+    lam = np.asarray(pairs.values, np.float64)
+    g_tree = jax.grad(loss_fn)(params, *loss_args)
+    g = ravel_pytree(g_tree)[0]
+    Hg = ravel_pytree(hessian_vp(loss_fn)(params, g_tree, *loss_args))[0]
+    if trace == "auto":
+        trace = "exact" if n <= EXACT_TRACE_MAX_N else "hutchinson"
+    tail, tr_se, trace_matvecs = fisher_trace(
+        flat_fvp,
+        n,
+        flat.dtype,
+        method=trace,
+        key=k_trace,
+        num_probes=num_probes,
+        deflate=V if trace == "hutchinson" else None,
+    )
+    tr = tail + lam.sum() if trace == "hutchinson" else tail
+    g64 = np.asarray(g, np.float64)
+    g_perp = g64 - V.T @ (V @ g64)
+    tail_quadratic = float(g_perp @ np.asarray(flat_fvp(jnp.asarray(g_perp, flat.dtype))))
+    report = theory.aic_report(
+        np.append(lam, tr - lam.sum()), d, g64, np.asarray(Hg), V, tail_quadratic=tail_quadratic
+    )
+    return AICMeasurement(
+        report=report,
+        eigenpairs=pairs,
+        trace=tr,
+        trace_stderr=tr_se,
+        gradient_norm=float(np.linalg.norm(g64)),
+        num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
+    )

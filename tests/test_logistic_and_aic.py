@@ -1,0 +1,157 @@
+"""Logistic landscapes (THEORY §5) and the matrix-free AIC (Def. 5.1) against dense twins."""
+
+import dataclasses
+import math
+
+import jax
+import jax.flatten_util
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geomcollapse import aic, curvature, landscapes, models
+from tests.conftest import rel_err
+
+
+@pytest.fixture(scope="module")
+def logistic():
+    return landscapes.make_logistic_landscape(jax.random.key(3), 20, classes=3, skill_examples=3)
+
+
+def test_logistic_fisher_equals_hessian_everywhere(logistic):
+    th = logistic.theta_star + 0.5 * jax.random.normal(jax.random.key(0), (logistic.n,))
+    for theta in (logistic.theta_star, th):
+        H = jax.hessian(logistic.skill_loss)(theta)
+        assert rel_err(logistic.fisher(theta), H) < 1e-13
+        v = jax.random.normal(jax.random.key(1), (logistic.n,))
+        assert rel_err(logistic.fisher_vp(theta, v), H @ v) < 1e-13
+
+
+def test_logistic_theta_star_is_the_skill_minimum_and_u_is_flat_off_its_range(logistic):
+    assert float(jnp.linalg.norm(jax.grad(logistic.skill_loss)(logistic.theta_star))) < 1e-14
+    lam, V = np.linalg.eigh(np.asarray(logistic.fisher()))
+    rank = 3 * (3 - 1)
+    assert np.sum(lam > 1e-12 * lam[-1]) == rank
+    null = V[:, 0]  # F's null space: u(θ* + s·v) is constant
+    assert abs(float(logistic.delta_u(logistic.theta_star + 3.0 * null))) < 1e-13
+
+
+def test_orthogonalized_correction_zeroes_pg_and_keeps_the_hessian(logistic):
+    d = 6
+    ortho = logistic.orthogonalized(d)
+    r_raw, r = logistic.aic(d), ortho.aic(d)
+    assert r_raw.orthogonality > 1e-3
+    assert r.orthogonality < 1e-14
+    H0 = jax.jit(jax.hessian(logistic.task_loss))(logistic.theta_star)
+    assert rel_err(jax.jit(jax.hessian(ortho.task_loss))(logistic.theta_star), H0) < 1e-14
+    # the tail-free skill Fisher: the onset is the quartic γ²/8 t⁴ (Cor. 6.3)
+    assert r.tail_mass < 1e-14 and r.coupling > 0
+
+
+def test_logistic_landscape_rejects_bad_input(logistic):
+    with pytest.raises(ValueError, match="sum to 1"):
+        dataclasses.replace(logistic, skill_targets=2 * logistic.skill_targets)
+    with pytest.raises(ValueError, match="theta_star"):
+        dataclasses.replace(logistic, theta_star=jnp.zeros(3))
+    with pytest.raises(ValueError, match="classes"):
+        landscapes.make_logistic_landscape(jax.random.key(0), 8, classes=1)
+    with pytest.raises(ValueError, match="d=20"):
+        logistic.orthogonalized(20)
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.03])
+def test_measured_aic_equals_the_quadratic_report(epsilon):
+    q = landscapes.make_quadratic_landscape(
+        jax.random.key(5), 40, 3, top=(3.0, 2.0, 1.0), tail_mass=0.3, epsilon=epsilon, coupling=0.8
+    )
+    m = aic.measure_aic(
+        lambda v: q.F @ v,
+        lambda x: 0.5 * x @ q.A @ x + q.c @ x,
+        jnp.zeros(q.n),
+        3,
+        key=jax.random.key(1),
+        tol=1e-12,
+    )
+    ref = q.aic(3)
+    for field in ref._fields:
+        a, b = getattr(m.report, field), getattr(ref, field)
+        assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (field, a, b)
+    assert m.trace_stderr == 0.0 and m.eigenpairs.converged.all()
+
+
+def test_hutchinson_tail_mass_is_unbiased_within_its_error():
+    q = landscapes.make_quadratic_landscape(
+        jax.random.key(6), 60, 2, top=(5.0, 4.0), tail_mass=0.5, epsilon=0.0, coupling=1.0
+    )
+    m = aic.measure_aic(
+        lambda v: q.F @ v,
+        lambda x: 0.5 * x @ q.A @ x + q.c @ x,
+        jnp.zeros(q.n),
+        2,
+        key=jax.random.key(2),
+        trace="hutchinson",
+        num_probes=400,
+    )
+    assert 0 < m.trace_stderr < 0.05
+    assert abs(m.report.tail_mass - 0.5) < 4 * m.trace_stderr
+    assert abs(m.trace - float(jnp.trace(q.F))) < 4 * m.trace_stderr
+
+
+def test_measured_aic_on_logistic_and_on_a_flax_mlp_matches_dense(logistic):
+    m = aic.measure_aic(
+        lambda v: logistic.fisher_vp(logistic.theta_star, v),
+        logistic.task_loss,
+        logistic.theta_star,
+        6,
+        key=jax.random.key(0),
+        tol=1e-12,
+    )
+    ref = logistic.aic(6)
+    assert math.isclose(m.report.coupling, ref.coupling, rel_tol=1e-8)
+    assert math.isclose(m.report.orthogonality, ref.orthogonality, rel_tol=1e-8)
+    assert abs(m.report.tail_mass) < 1e-12
+
+    # a pytree model: skill = its softmax Fisher on a few inputs, task = CE on others
+    key = jax.random.key(4)
+    params = models.mlp_init(key, (5, 6, 3), dtype=jnp.float64)
+    xs = jax.random.normal(jax.random.key(7), (8, 5))
+    ys = jnp.arange(8) % 3
+    fvp = curvature.fisher_vp(lambda p, x: models.mlp_apply(p, x))
+
+    def task(p):
+        return models.softmax_cross_entropy(models.mlp_apply(p, xs[4:]), ys[4:])
+
+    m = aic.measure_aic(
+        lambda v: fvp(params, v, xs[:4]), task, params, 3, key=jax.random.key(1), tol=1e-12
+    )
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+
+    def logits_flat(w):
+        return models.mlp_apply(unravel(w), xs[:4])
+
+    J = jax.jacobian(logits_flat)(flat)  # (4, 3, n)
+    p = jax.nn.softmax(logits_flat(flat), axis=-1)
+    F = sum(J[i].T @ (jnp.diag(p[i]) - jnp.outer(p[i], p[i])) @ J[i] for i in range(4)) / 4
+    lam, V = np.linalg.eigh(np.asarray(F))
+    lam, V = lam[::-1], V[:, ::-1]
+    g = jax.grad(lambda w: task(unravel(w)))(flat)
+    Hg = jax.hessian(lambda w: task(unravel(w)))(flat) @ g
+    P = V[:, :3] @ V[:, :3].T
+    gamma = np.linalg.norm(np.sqrt(lam[:3]) * (V[:, :3].T @ Hg))
+    assert math.isclose(m.report.coupling, gamma, rel_tol=1e-7)
+    assert math.isclose(m.report.orthogonality, np.linalg.norm(P @ g), rel_tol=1e-7)
+    assert math.isclose(m.report.tail_mass, lam[3:].sum(), rel_tol=1e-7, abs_tol=1e-12)
+
+
+def test_measure_aic_rejects_bad_input(logistic):
+    def fvp(v):
+        return logistic.fisher_vp(logistic.theta_star, v)
+
+    with pytest.raises(ValueError, match="d=20"):
+        aic.measure_aic(fvp, logistic.task_loss, logistic.theta_star, 20, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="method"):
+        aic.measure_aic(
+            fvp, logistic.task_loss, logistic.theta_star, 2, key=jax.random.key(0), trace="x"
+        )
+    with pytest.raises(ValueError, match="key"):
+        aic.measure_aic(fvp, logistic.task_loss, logistic.theta_star, 2, key=None)
