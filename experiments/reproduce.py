@@ -11,10 +11,17 @@ from pathlib import Path
 
 import jax
 
-from experiments import crossover, gd_vs_flow, quartic_quadratic, spectrum_mlp
+from experiments import (
+    aic_phase,
+    crossover,
+    gd_vs_flow,
+    logistic_onset,
+    quartic_quadratic,
+    spectrum_mlp,
+)
 from experiments._common import ROOT, Claim
 
-EXPERIMENTS = [spectrum_mlp, quartic_quadratic, crossover, gd_vs_flow]
+EXPERIMENTS = [spectrum_mlp, quartic_quadratic, crossover, aic_phase, logistic_onset, gd_vs_flow]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically
 

@@ -2,12 +2,13 @@
 
 Subpackages: :mod:`geomcollapse.curvature` (matrix-free curvature operators),
 :mod:`geomcollapse.linalg` (spectra), :mod:`geomcollapse.landscapes` (quadratic
-landscapes with exact AIC numbers), :mod:`geomcollapse.flow` (exact flows and
-gradient descent), :mod:`geomcollapse.theory` (AIC report, series, exponent
-fits), :mod:`geomcollapse.models` (small reference models and data).
+landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow`
+(exact, ODE and optimizer flows), :mod:`geomcollapse.theory` (AIC report, series, exponent
+fits), :mod:`geomcollapse.aic` (the AIC measured on any model),
+:mod:`geomcollapse.models` (small reference models and data).
 """
 
-from geomcollapse import curvature, flow, landscapes, linalg, models, theory
+from geomcollapse import aic, curvature, flow, landscapes, linalg, models, theory
 
 __version__ = "0.1.0"
-__all__ = ["curvature", "flow", "landscapes", "linalg", "models", "theory"]
+__all__ = ["aic", "curvature", "flow", "landscapes", "linalg", "models", "theory"]

@@ -233,9 +233,18 @@ class TrajectoryRecord(NamedTuple):
 
 
 def principal_angle(basis_a: np.ndarray, basis_b: np.ndarray) -> float:
-    """Largest principal angle between the row spaces of two ``(d, n)`` orthonormal bases."""
-    sigma = np.linalg.svd(np.asarray(basis_a) @ np.asarray(basis_b).T, compute_uv=False)
-    return float(np.arccos(np.clip(np.min(sigma), -1.0, 1.0)))
+    """Largest principal angle between the row spaces of two ``(d, n)`` orthonormal bases.
+
+    ``atan2(sin, cos)`` with ``sin = ‖B − BAᵀA‖₂`` and ``cos = σ_min(ABᵀ)``: full
+    relative accuracy for tiny angles, where ``arccos(σ_min)`` alone bottoms out
+    at ``√eps ≈ 1e-8``.
+    """
+    A, B = np.asarray(basis_a, np.float64), np.asarray(basis_b, np.float64)
+    if A.shape != B.shape or A.ndim != 2:
+        raise ValueError(f"bases must both be (d, n), got {A.shape} and {B.shape}")
+    cos = np.min(np.linalg.svd(A @ B.T, compute_uv=False))
+    sin = np.max(np.linalg.svd(B - (B @ A.T) @ A, compute_uv=False))
+    return float(np.arctan2(sin, cos))
 
 
 def record_trajectory(

@@ -312,8 +312,8 @@ class LogisticLandscape:
 
     def __post_init__(self):
         leaves = dataclasses.astuple(self)
-        if not all(_is_concrete(x) for x in leaves):
-            return
+        if not all(_is_concrete(x) for x in leaves) or np.ndim(self.theta_star) != 1:
+            return  # traced, or a batch (built by make_logistic_batch from valid draws)
         ws, wf = np.shape(self.skill_features), np.shape(self.task_features)
         if len(ws) != 3 or len(wf) != 3 or ws[1:] != wf[1:]:
             raise ValueError(
@@ -346,10 +346,36 @@ class LogisticLandscape:
         return raw - jnp.dot(self.correction, theta - self.theta_star)
 
     def delta_u(self, theta: jax.Array) -> jax.Array:
-        """``Δu(θ) = u(θ) − u(θ*)``; ``θ`` may carry leading batch axes."""
-        flat = jnp.reshape(theta, (-1, self.n))
-        out = jax.vmap(self.skill_loss)(flat) - self.skill_loss(self.theta_star)
+        """``Δu(θ) = u(θ) − u(θ*)`` without cancellation; ``θ`` may carry leading batch axes.
+
+        With ``δ_k = W_k(θ − θ*)``, ``p_k = softmax(W_kθ*)`` and ``δ̃ = δ − E_p δ``:
+        ``u_k(θ) − u_k(θ*) = ⟨p_k − y_k, δ_k⟩ + log1p(E_p[δ̃² φ₂(δ̃)])``. The
+        class-constant part of ``δ`` (``O(t)`` along a flow, where ``Δu`` is
+        ``O(t⁴)``) cancels before any rounding, so ``Δu`` keeps full relative
+        accuracy at small ``t``; ``u(θ) − u(θ*)`` would lose it below ``eps·u``.
+        """
+        x = jnp.reshape(theta, (-1, self.n)) - self.theta_star
+        ws, ys = self.skill_features, self.skill_targets
+        p = jax.nn.softmax(_logits(ws, self.theta_star), axis=-1)
+        delta = jnp.einsum("kcn,tn->tkc", ws, x)
+        centred = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
+        curved = jnp.log1p(jnp.sum(p * centred**2 * flow.phi2(centred), axis=-1))
+        out = jnp.mean(jnp.sum((p - ys) * delta, axis=-1) + curved, axis=-1)
         return jnp.reshape(out, jnp.shape(theta)[:-1])
+
+    def cubic_constant(self) -> jax.Array:
+        """``C`` with ``|Δu(θ) − ½xᵀF(θ*)x| ≤ C‖x‖³`` for every ``x = θ − θ*`` (Thm 6.1's ``O``).
+
+        Taylor with Lagrange remainder: ``Δu − ½xᵀFx = ⅙ D³u(ξ)[x,x,x]``, and
+        ``D³u[x,x,x] = mean_k κ₃(W_k x)``, the third central moment of ``W_k x``
+        under ``p_k(ξ)``. A variable of range ``R`` has ``|κ₃| ≤ R · Var ≤ R³/4``
+        (Popoviciu), and ``W_k x`` has range ``≤ D_k‖x‖`` with
+        ``D_k = max_{c,c'} ‖w_kc − w_kc'‖``; so ``C = mean_k D_k³ / 24``.
+        Valid whenever ``∇u(θ*) = 0`` (skill targets ``softmax(W_kθ*)``).
+        """
+        w = self.skill_features
+        spread = jnp.linalg.norm(w[..., :, None, :] - w[..., None, :, :], axis=-1)
+        return jnp.mean(jnp.max(spread, axis=(-2, -1)) ** 3, axis=-1) / 24
 
     def fisher(self, theta: jax.Array | None = None) -> jax.Array:
         """Dense skill Fisher ``F(θ)`` (default ``θ*``), ``(n, n)``."""
@@ -371,7 +397,7 @@ class LogisticLandscape:
         d = positive_int(d, "d")
         if d >= self.n:
             raise ValueError(f"d={d} must be smaller than n={self.n}")
-        return dataclasses.replace(self, correction=_orthogonal_correction(self, d))
+        return dataclasses.replace(self, correction=orthogonal_correction(self, d))
 
     def aic(self, d: int) -> theory.AICReport:
         """The AIC report (Def. 5.1) at ``θ*`` from dense ``F``, ``g`` and ``Hg``."""
@@ -394,14 +420,18 @@ def _logistic_derivatives(landscape: LogisticLandscape):
     return landscape.fisher(), g, Hg
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _orthogonal_correction(landscape: LogisticLandscape, d: int) -> jax.Array:
-    """``P g₀(θ*)``: the top-``d`` Fisher projection of the uncorrected task gradient."""
+@jax.jit
+def orthogonal_correction(landscape: LogisticLandscape, d: jax.Array) -> jax.Array:
+    """``r = P g₀(θ*)``: the top-``d`` Fisher projection of the uncorrected task gradient.
+
+    ``d`` may be traced (a mask selects the top ``d`` eigenvectors), so batches
+    of landscapes with different ``d`` vmap. Returns ``(n,)``.
+    """
     g0 = jax.grad(softmax_nll, argnums=2)(
         landscape.task_features, landscape.task_targets, landscape.theta_star
     )
     _, V = jnp.linalg.eigh(landscape.fisher())
-    top = V[:, ::-1][:, :d]
+    top = V[:, ::-1] * (jnp.arange(V.shape[0]) < d)[None, :]
     return top @ (top.T @ g0)
 
 
@@ -421,6 +451,43 @@ def _draw_logistic(key, n, classes, skill_examples, task_examples, dtype, scales
         jax.nn.softmax(_logits(wf, theta_task), axis=-1),
         theta_star,
     )
+
+
+def make_logistic_batch(
+    key: jax.Array,
+    num: int,
+    n: int,
+    *,
+    classes: int = 3,
+    skill_examples: int = 2,
+    task_examples: int = 8,
+    feature_scale: float = 1.0,
+    theta_scale: float = 1.0,
+    task_shift: float = 1.0,
+    dtype=jnp.float64,
+) -> LogisticLandscape:
+    """``num`` independent :func:`make_logistic_landscape` draws as one batched pytree.
+
+    Member ``i`` equals ``make_logistic_landscape(jax.random.split(key, num)[i], n, ...)``;
+    every leaf has a leading ``num`` axis (vmap over it). No correction is applied:
+    use ``jax.vmap(orthogonal_correction)`` for that.
+    """
+    num = positive_int(num, "num")
+    keys = jax.random.split(prng_key(key), num)
+    members = jax.vmap(
+        lambda k: make_logistic_landscape(
+            k,
+            n,
+            classes=classes,
+            skill_examples=skill_examples,
+            task_examples=task_examples,
+            feature_scale=feature_scale,
+            theta_scale=theta_scale,
+            task_shift=task_shift,
+            dtype=dtype,
+        )
+    )(keys)
+    return members
 
 
 def make_logistic_landscape(

@@ -53,3 +53,16 @@ def test_quartic_fit_and_crossover_numbers(tiny_run):
     cross = json.loads((out / "experiments/results/crossover.json").read_text())
     errors = [abs(r["relative_error"]) for r in cross["rows"]]
     assert errors == sorted(errors)  # the error shrinks with ε: an O(ε) correction
+
+
+def test_logistic_and_phase_numbers(tiny_run):
+    out, _ = tiny_run
+    logistic = json.loads((out / "experiments/results/logistic_onset.json").read_text())
+    assert logistic["violations"] == 0 and logistic["min_normalized_gap"] >= -1
+    assert abs(logistic["exponents_orthogonalized"][1] - 4) <= 0.02
+    assert abs(logistic["exponents_raw"][1] - 2) <= 0.02
+    angles = np.asarray(logistic["subspace_angle"])
+    assert np.all(np.diff(angles) > 0)  # M(θ(t)) rotates away from M(θ*) as the flow moves
+    phase = json.loads((out / "experiments/results/aic_phase.json").read_text())
+    du = np.asarray(phase["delta_u"])
+    assert du[0, 0] < 1e-28 and np.all(du.ravel()[1:] > 1e-28)

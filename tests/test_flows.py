@@ -150,3 +150,12 @@ def test_bad_times_and_steps_raise():
         flow.ode_flow(_loss(q), jnp.zeros(q.n), [0.5], dt=-1.0)
     with pytest.raises(ValueError, match="num_steps"):
         flow.optimizer_trajectory(_loss(q), jnp.zeros(q.n), optax.sgd(0.1), 0)
+
+
+@pytest.mark.parametrize("angle", [1e-12, 1e-6, 0.3, np.pi / 2])
+def test_principal_angle_is_accurate_from_tiny_to_right_angles(angle):
+    Q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(6, 6)))
+    a = Q[:, :2].T
+    b = np.stack([np.cos(angle) * Q[:, 0] + np.sin(angle) * Q[:, 2], Q[:, 1]])
+    # arccos(σ_min) alone would be off by ~1e-8 at the tiny angles
+    assert abs(flow.principal_angle(a, b) - angle) <= 1e-12 * angle + 1e-16
