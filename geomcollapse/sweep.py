@@ -1,0 +1,319 @@
+"""Parameter sweeps over quadratic landscapes: vmapped, sharded over devices, resumable.
+
+A config (JSON, or TOML on Python ≥ 3.11) lists grids of
+:func:`geomcollapse.landscapes.make_quadratic_landscape` arguments and seeds::
+
+    {"output": "sweep.jsonl", "batch_size": 64,
+     "times": {"start": 1e-4, "stop": 1.0, "num": 32},
+     "grid": {"n": [64], "d": [3], "top": [[3.0, 2.0, 1.0]], "tail_mass": [0.0, 0.1],
+              "epsilon": [0.0, 1e-3], "coupling": [0.5, 1.0]},
+     "seeds": [0, 1, 2]}
+
+Every combination × seed is one run; the landscape of a run depends on its
+parameters and seed only. Runs with equal ``(n, d)`` are batched, evaluated by
+one jitted ``vmap`` of :func:`geomcollapse.landscapes.quadratic_summary` with
+the batch axis sharded over all devices, and each batch is appended to the
+JSONL output in one write. A killed sweep resumes: incomplete batches are
+dropped (the file is rewritten atomically) and recomputed, so no row is lost
+or duplicated and every row equals the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from geomcollapse import landscapes, theory
+from geomcollapse._checks import positive_float, positive_int
+from geomcollapse._progress import progress_bar
+
+TOP_KEYS = {"output", "batch_size", "times", "grid", "seeds", "name"}
+GRID_KEYS = (
+    "n",
+    "d",
+    "top",
+    "tail_mass",
+    "epsilon",
+    "coupling",
+    "kappa",
+    "c_perp_norm",
+    "curvature_scale",
+)
+REQUIRED_GRID = {"n", "d", "top", "tail_mass", "epsilon"}
+TIME_KEYS = {"start", "stop", "num"}
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig:
+    """A validated sweep: where to write, batch size, times and the runs' grid."""
+
+    output: Path
+    batch_size: int
+    times: tuple[float, ...]
+    grid: dict[str, tuple]
+    seeds: tuple[int, ...]
+    name: str
+    digest: str  # sha256 of the canonical config: a resumed file must match it
+
+
+def _reject_unknown(found: dict, allowed, where: str) -> None:
+    unknown = sorted(set(found) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
+    """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise ValueError("a sweep config must be a mapping")
+    _reject_unknown(raw, TOP_KEYS, "the sweep config")
+    for key in ("output", "grid", "seeds", "times"):
+        if key not in raw:
+            raise ValueError(f"the sweep config needs {key!r}")
+    grid = raw["grid"]
+    if not isinstance(grid, dict):
+        raise ValueError("grid must be a mapping of parameter name to a list of values")
+    _reject_unknown(grid, GRID_KEYS, "grid")
+    missing = REQUIRED_GRID - set(grid)
+    if missing:
+        raise ValueError(f"grid needs {sorted(missing)}")
+    if ("coupling" in grid) == ("kappa" in grid):
+        raise ValueError("grid needs exactly one of 'coupling' (target γ) or 'kappa'")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
+    times = raw["times"]
+    if isinstance(times, dict):
+        _reject_unknown(times, TIME_KEYS, "times")
+        if set(times) != TIME_KEYS:
+            raise ValueError(f"times needs {sorted(TIME_KEYS)} (log-spaced) or a list")
+        start, stop = (
+            positive_float(times["start"], "times.start"),
+            positive_float(times["stop"], "times.stop"),
+        )
+        ts = np.logspace(np.log10(start), np.log10(stop), positive_int(times["num"], "times.num"))
+    else:
+        ts = np.asarray(times, np.float64)
+    if ts.ndim != 1 or ts.size == 0 or np.any(ts < 0) or np.any(np.diff(ts) <= 0):
+        raise ValueError("times must be strictly increasing and ≥ 0")
+    seeds = raw["seeds"]
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
+        raise ValueError(f"seeds must be a non-empty list of integers ≥ 0, got {seeds!r}")
+    canonical = json.dumps({"grid": grid, "seeds": seeds, "times": ts.tolist()}, sort_keys=True)
+    return SweepConfig(
+        output=(base_dir / raw["output"]).resolve(),
+        batch_size=positive_int(raw.get("batch_size", 64), "batch_size"),
+        times=tuple(float(t) for t in ts),
+        grid={k: tuple(grid[k]) for k in GRID_KEYS if k in grid},
+        seeds=tuple(seeds),
+        name=str(raw.get("name", Path(raw["output"]).stem)),
+        digest=hashlib.sha256(canonical.encode()).hexdigest(),
+    )
+
+
+def load_config(path: str | os.PathLike) -> SweepConfig:
+    """Read and validate a ``.json`` (or, on Python ≥ 3.11, ``.toml``) sweep config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    if path.suffix == ".toml":
+        if sys.version_info < (3, 11):
+            raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON")
+        import tomllib
+
+        raw = tomllib.loads(path.read_text())
+    elif path.suffix == ".json":
+        raw = json.loads(path.read_text())
+    else:
+        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
+    return parse_config(raw, path.parent)
+
+
+def expand_runs(config: SweepConfig) -> list[dict[str, Any]]:
+    """Every grid combination × seed, in a fixed order, each with its ``id``."""
+    keys = list(config.grid)
+    runs = []
+    for values in itertools.product(*(config.grid[k] for k in keys)):
+        for seed in config.seeds:
+            runs.append({"id": len(runs), "seed": seed, **dict(zip(keys, values, strict=True))})
+    return runs
+
+
+def plan_batches(config: SweepConfig) -> list[list[dict[str, Any]]]:
+    """Runs grouped by ``(n, d)`` (in first-seen order), chunked by ``batch_size``."""
+    groups: dict[tuple[int, int], list] = {}
+    for run in expand_runs(config):
+        groups.setdefault((run["n"], run["d"]), []).append(run)
+    return [
+        runs[i : i + config.batch_size]
+        for runs in groups.values()
+        for i in range(0, len(runs), config.batch_size)
+    ]
+
+
+def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:
+    """The landscape of a run (or of an output row): rebuilt from its parameters and seed."""
+    params = {k: v for k, v in run.items() if k in GRID_KEYS and k not in ("n", "d")}
+    return landscapes.make_quadratic_landscape(
+        jax.random.key(run["seed"]), run["n"], run["d"], **params
+    )
+
+
+def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
+    mesh = Mesh(np.asarray(devices), ("batch",))
+    sharding = NamedSharding(mesh, P("batch"))
+    fn = jax.vmap(
+        lambda A, c, F, ts: landscapes.quadratic_summary(A, c, F, d, ts),
+        in_axes=(0, 0, 0, None),
+    )
+    return jax.jit(fn, out_shardings=sharding), sharding
+
+
+def _read_complete(path: Path, digest: str) -> tuple[list[str], set[int]]:
+    """Lines of complete batches in ``path`` (header first) and the batch indices done."""
+    if not path.exists():
+        return [], set()
+    text = path.read_text()
+    lines = text.split("\n")
+    if lines and lines[-1] != "":
+        lines = lines[:-1]  # a partial trailing line from a kill mid-write
+    lines = [line for line in lines if line]
+    if not lines:
+        return [], set()
+    header = json.loads(lines[0])
+    if header.get("config_sha256") != digest:
+        raise ValueError(
+            f"{path} holds a sweep of a different config; move it away or change 'output'"
+        )
+    by_batch: dict[int, list[str]] = {}
+    expected: dict[int, int] = {}
+    for line in lines[1:]:
+        row = json.loads(line)
+        by_batch.setdefault(row["batch"], []).append(line)
+        expected[row["batch"]] = row["batch_rows"]
+    done = {b for b, rows in by_batch.items() if len(rows) == expected[b]}
+    kept = [lines[0]] + [line for b in sorted(done) for line in by_batch[b]]
+    return kept, done
+
+
+def _rewrite(path: Path, lines: list[str]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    """One ``write`` of whole lines with ``O_APPEND``, then ``fsync``."""
+    data = "".join(line + "\n" for line in lines).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSummary) -> list[str]:
+    out = []
+    arrays = {k: np.asarray(v, np.float64) for k, v in summary._asdict().items()}
+    for i, run in enumerate(runs):
+        coupling = float(arrays["coupling"][i])
+        fisher_orth = float(arrays["fisher_orthogonality"][i])
+        tail_q = max(float(arrays["tail_quadratic"][i]), 0.0)
+        aic = {
+            "tail_mass": float(arrays["tail_mass"][i]),
+            "lambda_d": float(arrays["lambda_d"][i]),
+            "orthogonality": float(arrays["orthogonality"][i]),
+            "fisher_orthogonality": fisher_orth,
+            "coupling": coupling,
+            "quartic_coefficient": coupling**2 / 8,
+            "crossover_time": theory.crossover_time(fisher_orth, coupling),
+            "tail_crossover_time": theory.crossover_time(float(np.sqrt(tail_q)), coupling),
+        }
+        row = {
+            **run,
+            "batch": batch_index,
+            "batch_rows": len(runs),
+            "aic": aic,
+            "delta_u": arrays["delta_u"][i].tolist(),
+            "projected_loss": arrays["projected_loss"][i].tolist(),
+        }
+        out.append(json.dumps(row, allow_nan=True))
+    return out
+
+
+def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | None = None) -> Path:
+    """Run (or resume) ``config``; return the JSONL path.
+
+    The first line is a header (config digest, times); then one row per run:
+    its parameters, ``id``, ``seed``, ``batch``, the AIC numbers and the exact
+    ``delta_u`` and ``projected_loss`` at the config's times.
+    """
+    if not jax.config.jax_enable_x64:
+        raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
+    devices = list(jax.devices() if devices is None else devices)
+    path = config.output
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept, done = _read_complete(path, config.digest)
+    header = json.dumps(
+        {
+            "sweep": config.name,
+            "config_sha256": config.digest,
+            "format": FORMAT_VERSION,
+            "times": list(config.times),
+        }
+    )
+    if not kept:
+        kept = [header]
+    _rewrite(path, kept)  # drops partial lines and incomplete batches
+    batches = plan_batches(config)
+    ts = jnp.asarray(config.times, jnp.float64)
+    evaluators: dict[int, tuple] = {}
+    todo = [b for b in range(len(batches)) if b not in done]
+    for b in progress_bar(todo, desc=f"sweep {config.name}", enabled=progress):
+        runs = batches[b]
+        d = runs[0]["d"]
+        if d not in evaluators:
+            evaluators[d] = _evaluator(d, devices)
+        evaluate, sharding = evaluators[d]
+        members = [landscape_for(run) for run in runs]
+        pad = (-len(members)) % len(devices)  # the batch axis must split evenly
+        stacked = [
+            np.stack([np.asarray(getattr(m, f)) for m in members + members[-1:] * pad])
+            for f in ("A", "c", "F")
+        ]
+        summary = evaluate(*(jax.device_put(a, sharding) for a in stacked), ts)
+        count = len(runs)
+        summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
+        _append(path, _rows(b, runs, summary))
+    return path
+
+
+def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
+    """The header and the rows of a sweep's JSONL output, rows sorted by ``id``."""
+    lines = [line for line in Path(path).read_text().split("\n") if line]
+    rows = [json.loads(line) for line in lines[1:]]
+    return json.loads(lines[0]), sorted(rows, key=lambda r: r["id"])
