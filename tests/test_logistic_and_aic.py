@@ -20,8 +20,9 @@ def logistic():
 
 def test_logistic_fisher_equals_hessian_everywhere(logistic):
     th = logistic.theta_star + 0.5 * jax.random.normal(jax.random.key(0), (logistic.n,))
+    hessian = jax.jit(jax.hessian(logistic.skill_loss))
     for theta in (logistic.theta_star, th):
-        H = jax.hessian(logistic.skill_loss)(theta)
+        H = hessian(theta)
         assert rel_err(logistic.fisher(theta), H) < 1e-13
         v = jax.random.normal(jax.random.key(1), (logistic.n,))
         assert rel_err(logistic.fisher_vp(theta, v), H @ v) < 1e-13
@@ -129,13 +130,13 @@ def test_measured_aic_on_logistic_and_on_a_flax_mlp_matches_dense(logistic):
     def logits_flat(w):
         return models.mlp_apply(unravel(w), xs[:4])
 
-    J = jax.jacobian(logits_flat)(flat)  # (4, 3, n)
+    J = jax.jit(jax.jacobian(logits_flat))(flat)  # (4, 3, n)
     p = jax.nn.softmax(logits_flat(flat), axis=-1)
     F = sum(J[i].T @ (jnp.diag(p[i]) - jnp.outer(p[i], p[i])) @ J[i] for i in range(4)) / 4
     lam, V = np.linalg.eigh(np.asarray(F))
     lam, V = lam[::-1], V[:, ::-1]
-    g = jax.grad(lambda w: task(unravel(w)))(flat)
-    Hg = jax.hessian(lambda w: task(unravel(w)))(flat) @ g
+    g = jax.jit(jax.grad(lambda w: task(unravel(w))))(flat)
+    Hg = jax.jit(jax.hessian(lambda w: task(unravel(w))))(flat) @ g
     P = V[:, :3] @ V[:, :3].T
     gamma = np.linalg.norm(np.sqrt(lam[:3]) * (V[:, :3].T @ Hg))
     assert math.isclose(m.report.coupling, gamma, rel_tol=1e-7)
