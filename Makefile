@@ -23,3 +23,4 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.curvature_speed
+	$(BIN)/python -m benchmarks.landscape_batch

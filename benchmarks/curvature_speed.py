@@ -29,6 +29,7 @@ import numpy as np
 import scipy
 from scipy.sparse.linalg import LinearOperator, eigsh
 
+from benchmarks import _readme
 from geomcollapse import curvature as cv
 from geomcollapse import linalg, models
 
@@ -287,13 +288,9 @@ def main(
     return result
 
 
-def update_readme(result: dict, readme: Path = Path(__file__).parent.parent / "README.md") -> None:
+def update_readme(result: dict, readme: Path = _readme.README) -> None:
     """Replace the table between the README's benchmark-table markers."""
-    text = readme.read_text()
-    start = text.index("<!-- benchmark-table")
-    start = text.index("\n", start) + 1
-    end = text.index("<!-- /benchmark-table -->")
-    readme.write_text(text[:start] + markdown_table(result) + "\n" + text[end:])
+    _readme.replace_table("benchmark-table", markdown_table(result), readme)
 
 
 if __name__ == "__main__":

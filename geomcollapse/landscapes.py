@@ -572,6 +572,24 @@ class QuadraticSummary(NamedTuple):
     projected_loss: jax.Array
 
 
+def summarize_batch(
+    A: jax.Array, c: jax.Array, F: jax.Array, d: int, ts: jax.Array, *, sequential: bool
+) -> QuadraticSummary:
+    """:func:`quadratic_summary` over a leading batch axis of ``A``, ``c``, ``F``.
+
+    ``sequential=True`` runs the landscapes one after another inside one
+    compiled call (``lax.map``); ``False`` vmaps them. On CPU use sequential:
+    a vmapped batch lowers to batched LAPACK ``eigh`` calls, which on this
+    project's 2-core CPU machine intermittently deadlock XLA's thread pool
+    (every thread parked on a futex; 512 landscapes of n = 256 never return,
+    pinned to one core or mapped sequentially they do), and they are no
+    faster there (LAPACK works one matrix at a time). On GPU, vmap.
+    """
+    if sequential:
+        return jax.lax.map(lambda args: quadratic_summary(*args, d, ts), (A, c, F))
+    return jax.vmap(quadratic_summary, in_axes=(0, 0, 0, None, None))(A, c, F, d, ts)
+
+
 def quadratic_summary(
     A: jax.Array, c: jax.Array, F: jax.Array, d: int, ts: jax.Array
 ) -> QuadraticSummary:

@@ -11,8 +11,9 @@ A config (JSON, or TOML on Python ≥ 3.11) lists grids of
 
 Every combination × seed is one run; the landscape of a run depends on its
 parameters and seed only. Runs with equal ``(n, d)`` are batched, evaluated by
-one jitted ``vmap`` of :func:`geomcollapse.landscapes.quadratic_summary` with
-the batch axis sharded over all devices, and each batch is appended to the
+one jitted call of :func:`geomcollapse.landscapes.summarize_batch` (vmapped on
+accelerators, mapped in sequence on CPU) with the batch axis sharded over all
+devices (``shard_map``), and each batch is appended to the
 JSONL output in one write. A killed sweep resumes: incomplete batches are
 dropped (the file is rewritten atomically) and recomputed, so no row is lost
 or duplicated and every row equals the uninterrupted run's.
@@ -178,13 +179,23 @@ def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:
 
 
 def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
+    """A jitted ``(A, c, F, ts) -> QuadraticSummary`` over a batch sharded on ``devices``.
+
+    Each device evaluates its shard with :func:`landscapes.summarize_batch`:
+    sequentially on CPU (batched LAPACK can deadlock XLA's CPU thread pool; see
+    there), vmapped on accelerators.
+    """
     mesh = Mesh(np.asarray(devices), ("batch",))
     sharding = NamedSharding(mesh, P("batch"))
-    fn = jax.vmap(
-        lambda A, c, F, ts: landscapes.quadratic_summary(A, c, F, d, ts),
-        in_axes=(0, 0, 0, None),
+    sequential = devices[0].platform == "cpu"
+
+    def local(A, c, F, ts):
+        return landscapes.summarize_batch(A, c, F, d, ts, sequential=sequential)
+
+    sharded = jax.shard_map(
+        local, mesh=mesh, in_specs=(P("batch"), P("batch"), P("batch"), P()), out_specs=P("batch")
     )
-    return jax.jit(fn, out_shardings=sharding), sharding
+    return jax.jit(sharded), sharding
 
 
 def _read_complete(path: Path, digest: str) -> tuple[list[str], set[int]]:
