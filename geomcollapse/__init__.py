@@ -10,12 +10,12 @@ fits), :mod:`geomcollapse.aic` (the AIC measured on any model),
 
 import os
 
-# Batched LAPACK calls (vmapped ``eigh`` in sweeps and benchmarks) run inside
-# XLA's CPU thread pool; with OpenBLAS threading on as well they can hang on
-# small machines (reproduced here: a vmapped eigh of 128 matrices 256 × 256
-# never returns on 2 cores; fine with one OpenBLAS thread; cf. jax-ml/jax#28871,
-# OpenMathLib/OpenBLAS#660). A default only: an explicit setting wins, and it
-# takes effect only if numpy/scipy are imported after geomcollapse.
+# Threaded OpenBLAS inside XLA's CPU thread pool oversubscribes small machines
+# (the LAPACK behind jnp.linalg.eigh and scipy's eigsh; one run here hung), and
+# one BLAS thread is as fast here. A default only: an explicit setting wins, and
+# it takes effect only if numpy/scipy are first imported after geomcollapse.
+# (XLA's own pool can still deadlock on vmapped batched eigh: see
+# landscapes.summarize_batch; cf. jax-ml/jax#28871.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from geomcollapse import aic, curvature, flow, landscapes, linalg, models, theory
