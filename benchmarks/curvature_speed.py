@@ -19,17 +19,16 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from benchmarks import _readme
+from benchmarks import _common
+from benchmarks._common import machine_info
 from geomcollapse import curvature as cv
 from geomcollapse import linalg, models
 
@@ -217,21 +216,6 @@ def eigen_benchmarks(problem, grad_seconds, tols, k=10):
     }
 
 
-def machine_info():
-    dev = jax.devices()[0]
-    return {
-        "platform": dev.platform,
-        "device": dev.device_kind,
-        "cpu_count": os.cpu_count(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "numpy": np.__version__,
-        "scipy": scipy.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }
-
-
 def markdown_table(result: dict) -> str:
     """The README's summary table for one benchmark result."""
     r = result["operators"]["ratio_to_gradient"]
@@ -281,16 +265,14 @@ def main(
         "operators": ops,
         "top10_hessian": eig,
     }
-    outdir.mkdir(parents=True, exist_ok=True)
-    name = f"curvature_speed_{result['machine']['platform']}{'_quick' if quick else ''}.json"
-    (outdir / name).write_text(json.dumps(result, indent=2))
+    _common.write_result("curvature_speed", result, quick, outdir)
     print(markdown_table(result))
     return result
 
 
-def update_readme(result: dict, readme: Path = _readme.README) -> None:
+def update_readme(result: dict, readme: Path = _common.README) -> None:
     """Replace the table between the README's benchmark-table markers."""
-    _readme.replace_table("benchmark-table", markdown_table(result), readme)
+    _common.replace_table("benchmark-table", markdown_table(result), readme)
 
 
 if __name__ == "__main__":

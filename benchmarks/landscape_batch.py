@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks import _readme
-from benchmarks.curvature_speed import machine_info
+from benchmarks import _common
+from benchmarks._common import machine_info
 from geomcollapse import landscapes
 
 RESULTS = Path(__file__).parent / "results"
@@ -127,9 +127,7 @@ def main(
         "max_rel_deviation_vmap_vs_loop": max_dev,
         "max_rel_deviation_coupling_vs_aic": aic_dev,
     }
-    outdir.mkdir(parents=True, exist_ok=True)
-    name = f"landscape_batch_{result['machine']['platform']}{'_quick' if quick else ''}.json"
-    (outdir / name).write_text(json.dumps(result, indent=2))
+    _common.write_result("landscape_batch", result, quick, outdir)
     print(markdown_table(result))
     return result
 
@@ -163,6 +161,6 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.readme:
         saved = json.loads((RESULTS / "landscape_batch_cpu.json").read_text())
-        _readme.replace_table("landscape-batch-table", markdown_table(saved))
+        _common.replace_table("landscape-batch-table", markdown_table(saved))
     else:
         main(args.quick, vmap=args.vmap)
