@@ -460,41 +460,19 @@ def _draw_logistic(key, n, classes, skill_examples, task_examples, dtype, scales
     )
 
 
-def make_logistic_batch(
-    key: jax.Array,
-    num: int,
-    n: int,
-    *,
-    classes: int = 3,
-    skill_examples: int = 2,
-    task_examples: int = 8,
-    feature_scale: float = 1.0,
-    theta_scale: float = 1.0,
-    task_shift: float = 1.0,
-    dtype=jnp.float64,
-) -> LogisticLandscape:
+def make_logistic_batch(key: jax.Array, num: int, n: int, **kwargs) -> LogisticLandscape:
     """``num`` independent :func:`make_logistic_landscape` draws as one batched pytree.
 
-    Member ``i`` equals ``make_logistic_landscape(jax.random.split(key, num)[i], n, ...)``;
-    every leaf has a leading ``num`` axis (vmap over it). No correction is applied:
-    use ``jax.vmap(orthogonal_correction)`` for that.
+    ``kwargs`` are those of :func:`make_logistic_landscape` but ``orthogonalize_d``
+    (use ``jax.vmap(orthogonal_correction)`` instead). Member ``i`` equals
+    ``make_logistic_landscape(jax.random.split(key, num)[i], n, **kwargs)``;
+    every leaf has a leading ``num`` axis (vmap over it).
     """
     num = positive_int(num, "num")
+    if "orthogonalize_d" in kwargs:
+        raise ValueError("orthogonalize_d is not supported here: vmap orthogonal_correction")
     keys = jax.random.split(prng_key(key), num)
-    members = jax.vmap(
-        lambda k: make_logistic_landscape(
-            k,
-            n,
-            classes=classes,
-            skill_examples=skill_examples,
-            task_examples=task_examples,
-            feature_scale=feature_scale,
-            theta_scale=theta_scale,
-            task_shift=task_shift,
-            dtype=dtype,
-        )
-    )(keys)
-    return members
+    return jax.vmap(lambda k: make_logistic_landscape(k, n, **kwargs))(keys)
 
 
 def make_logistic_landscape(
