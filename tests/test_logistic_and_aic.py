@@ -180,3 +180,17 @@ def test_cubic_constant_bounds_the_taylor_remainder(logistic):
         remainder = float(logistic.delta_u(logistic.theta_star + x)) - 0.5 * float(x @ F @ x)
         worst = max(worst, abs(remainder) / (C * float(jnp.linalg.norm(x)) ** 3))
     assert 1e-4 < worst <= 1.0  # a real cubic term, inside the proven bound
+
+
+def test_logistic_batch_members_equal_single_draws_and_correction_vmaps():
+    key = jax.random.key(9)
+    batch = landscapes.make_logistic_batch(key, 3, 12, feature_scale=2.0)
+    member = landscapes.make_logistic_landscape(jax.random.split(key, 3)[2], 12, feature_scale=2.0)
+    for a, b in zip(
+        jax.tree_util.tree_leaves(member), jax.tree_util.tree_leaves(batch), strict=True
+    ):
+        np.testing.assert_array_equal(a, b[2])
+    corrections = jax.vmap(landscapes.orthogonal_correction, in_axes=(0, None))(batch, 4)
+    np.testing.assert_allclose(corrections[2], member.orthogonalized(4).correction, atol=1e-15)
+    with pytest.raises(ValueError, match="orthogonalize_d"):
+        landscapes.make_logistic_batch(key, 2, 12, orthogonalize_d=2)
