@@ -9,13 +9,27 @@ from geomcollapse.models._mlp import (
     mlp_problem,
     softmax_cross_entropy,
 )
+from geomcollapse.models._transformer import (
+    SIZES,
+    Transformer,
+    TransformerConfig,
+    check_tokens,
+    transformer_init,
+    transformer_logits,
+)
 
 __all__ = [
+    "SIZES",
     "Batch",
     "MLPProblem",
+    "Transformer",
+    "TransformerConfig",
+    "check_tokens",
     "gaussian_mixture",
     "mlp_apply",
     "mlp_init",
     "mlp_problem",
     "softmax_cross_entropy",
+    "transformer_init",
+    "transformer_logits",
 ]

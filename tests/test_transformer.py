@@ -1,0 +1,75 @@
+"""The library's decoder-only transformer: sizes, causality, input checks, Fisher-VP vs dense."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import curvature, models
+from tests.conftest import rel_err
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    graphdef, params = models.transformer_init(jax.random.key(0), "tiny", dtype=jnp.float64)
+    return graphdef, params, models.transformer_logits(graphdef)
+
+
+def test_named_sizes_have_the_promised_parameter_counts():
+    tiny = curvature.num_params(models.transformer_init(jax.random.key(0), "tiny")[1])
+    assert 10_000 < tiny <= 50_000
+    small = jax.eval_shape(lambda: models.transformer_init(jax.random.key(0), "small")[1])
+    assert 0.9e6 <= curvature.num_params(small) <= 1.1e6
+
+
+def test_logits_are_causal(tiny64):
+    _, params, logits = tiny64
+    tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, 32)
+    changed = tokens.at[:, 7].set((tokens[:, 7] + 1) % 32)
+    a, b = jax.jit(logits)(params, tokens), jax.jit(logits)(params, changed)
+    assert a.shape == (2, 12, 32)
+    np.testing.assert_array_equal(a[:, :7], b[:, :7])  # the past never sees the future
+    assert float(jnp.max(jnp.abs(a[:, 7:] - b[:, 7:]))) > 1e-6
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (jnp.zeros((2, 25), jnp.int32), "exceeds the model's context of 24"),
+        (jnp.full((2, 4), 32, jnp.int32), r"token ids must lie in \[0, 32\)"),
+        (jnp.full((2, 4), -1, jnp.int32), r"token ids must lie in \[0, 32\)"),
+        (jnp.zeros((2, 4), jnp.float32), "integer array"),
+    ],
+)
+def test_bad_tokens_raise(tiny64, tokens, message):
+    _, params, logits = tiny64
+    with pytest.raises(ValueError, match=message):
+        logits(params, tokens)
+
+
+def test_bad_configs_raise():
+    with pytest.raises(ValueError, match="unknown transformer size 'huge'"):
+        models.transformer_init(jax.random.key(0), "huge")
+    with pytest.raises(ValueError, match="divisible"):
+        models.TransformerConfig(vocab=8, context=4, d_model=6, heads=4, layers=1)
+
+
+def test_fisher_vp_on_the_tiny_transformer_matches_the_dense_fisher(tiny64):
+    """Block = the last block's MLP output layer + head (4,256 parameters), all positions."""
+    _, params, logits = tiny64
+    tokens = jax.random.randint(jax.random.key(2), (3, 6), 0, 32)
+    block = curvature.select(params, r"^(head|blocks/1/fc2)/")
+    fvp = jax.jit(curvature.fisher_vp(curvature.restrict(logits)))
+    flat, unravel = ravel_pytree(block)
+
+    def flat_logits(w):
+        return curvature.restrict(logits)(unravel(w), params, tokens).reshape(-1, 32)
+
+    J = jax.jit(jax.jacfwd(flat_logits))(flat)  # (18, 32, n)
+    p = jax.nn.softmax(flat_logits(flat), axis=-1)
+    cov = jax.vmap(lambda q: jnp.diag(q) - jnp.outer(q, q))(p)
+    F = jnp.einsum("icn,icd,idm->nm", J, cov, J) / J.shape[0]
+    v = jax.random.normal(jax.random.key(3), flat.shape, jnp.float64)
+    out = ravel_pytree(fvp(block, unravel(v), params, tokens))[0]
+    assert rel_err(out, F @ v) < 1e-12
