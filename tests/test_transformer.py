@@ -73,3 +73,39 @@ def test_fisher_vp_on_the_tiny_transformer_matches_the_dense_fisher(tiny64):
     v = jax.random.normal(jax.random.key(3), flat.shape, jnp.float64)
     out = ravel_pytree(fvp(block, unravel(v), params, tokens))[0]
     assert rel_err(out, F @ v) < 1e-12
+
+
+def test_lora_effective_update_equals_the_merged_weight_difference(tiny64):
+    _, params, logits = tiny64
+    adapters = models.lora_init(jax.random.key(4), params, rank=2)
+    assert set(adapters) == {
+        f"blocks/{i}/{m}/kernel/value" for i in (0, 1) for m in ("qkv", "out", "fc1", "fc2")
+    }
+    # B = 0: the adapted model is θ* exactly
+    merged0 = models.lora_merge(params, adapters, alpha=4.0)
+    np.testing.assert_array_equal(ravel_pytree(merged0)[0], ravel_pytree(params)[0])
+    adapters = jax.tree_util.tree_map(
+        lambda x: x + 0.1 * jax.random.normal(jax.random.key(5), x.shape, x.dtype), adapters
+    )
+    merged = models.lora_merge(params, adapters, alpha=4.0)
+    update = models.lora_update(adapters, alpha=4.0)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    embedded = curvature.substitute(zeros, update)
+    diff = ravel_pytree(merged)[0] - ravel_pytree(params)[0]
+    assert rel_err(diff, ravel_pytree(embedded)[0]) < 1e-14
+    for path, delta in update.items():
+        assert np.linalg.matrix_rank(np.asarray(delta)) == 2, path
+    # the adapters are trainable parameters of the same logits function
+    tokens = jax.random.randint(jax.random.key(6), (2, 5), 0, 32)
+    grads = jax.grad(lambda a: jnp.sum(models.lora_apply(logits, 4.0)(a, params, tokens)))(adapters)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
+
+
+def test_lora_rejects_bad_targets_and_ranks(tiny64):
+    _, params, _ = tiny64
+    with pytest.raises(ValueError, match="selects no parameter"):
+        models.lora_init(jax.random.key(0), params, 2, where="nothing_here")
+    with pytest.raises(ValueError, match="matrix leaves"):
+        models.lora_init(jax.random.key(0), params, 2, where=r"head/bias")
+    with pytest.raises(ValueError, match="exceeds min"):
+        models.lora_init(jax.random.key(0), params, 64)

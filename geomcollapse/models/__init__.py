@@ -1,5 +1,6 @@
 """Small reference models and synthetic data."""
 
+from geomcollapse.models._lora import lora_apply, lora_init, lora_merge, lora_update
 from geomcollapse.models._mlp import (
     Batch,
     MLPProblem,
@@ -26,6 +27,10 @@ __all__ = [
     "TransformerConfig",
     "check_tokens",
     "gaussian_mixture",
+    "lora_apply",
+    "lora_init",
+    "lora_merge",
+    "lora_update",
     "mlp_apply",
     "mlp_init",
     "mlp_problem",
