@@ -7,7 +7,6 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-from flax import nnx  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 from geomcollapse import models  # noqa: E402
@@ -23,37 +22,6 @@ def rel_err(actual, expected) -> float:
 def tol_for(dtype, factor: float = 1e3) -> float:
     """Tolerance ``factor · eps(dtype)``."""
     return factor * float(jnp.finfo(dtype).eps)
-
-
-class TransformerBlock(nnx.Module):
-    """Pre-LayerNorm causal self-attention + MLP block over token embeddings."""
-
-    def __init__(self, vocab: int, d: int, heads: int, rngs: nnx.Rngs, dtype=jnp.float64):
-        kw = {"dtype": dtype, "param_dtype": dtype, "rngs": rngs}
-        self.embed = nnx.Embed(vocab, d, **kw)
-        self.ln1 = nnx.LayerNorm(d, **kw)
-        self.qkv = nnx.Linear(d, 3 * d, **kw)
-        self.out = nnx.Linear(d, d, **kw)
-        self.heads = heads
-        self.ln2 = nnx.LayerNorm(d, **kw)
-        self.fc1 = nnx.Linear(d, 2 * d, **kw)
-        self.fc2 = nnx.Linear(2 * d, d, **kw)
-        self.head = nnx.Linear(d, vocab, **kw)
-
-    def _attention(self, x):
-        *lead, t, d = x.shape
-        q, k, v = jnp.split(self.qkv(x).reshape(*lead, t, 3, self.heads, -1), 3, axis=-3)
-        q, k, v = (a.squeeze(-3) for a in (q, k, v))  # (..., t, heads, dh)
-        scores = jnp.einsum("...qhd,...khd->...hqk", q, k) / jnp.sqrt(q.shape[-1])
-        causal = jnp.tril(jnp.ones((t, t), bool))
-        weights = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-        return jnp.einsum("...hqk,...khd->...qhd", weights, v).reshape(*lead, t, d)
-
-    def __call__(self, tokens):
-        x = self.embed(tokens)
-        x = x + self.out(self._attention(self.ln1(x)))
-        x = x + self.fc2(jax.nn.gelu(self.fc1(self.ln2(x))))
-        return self.head(x)
 
 
 class Problem:
@@ -95,17 +63,18 @@ def mlp64():
 
 @pytest.fixture(scope="session")
 def transformer64():
-    """A one-block causal transformer (vocab 5, width 4, 2 heads) on 6 sequences, float64."""
-    model = TransformerBlock(vocab=5, d=4, heads=2, rngs=nnx.Rngs(0))
-    graphdef, state = nnx.split(model, nnx.Param)
+    """The library transformer, one causal block (vocab 5, width 4, 2 heads; 237 parameters)."""
+    config = models.TransformerConfig(vocab=5, context=3, d_model=4, heads=2, layers=1, mlp_ratio=2)
+    graphdef, params = models.transformer_init(jax.random.key(0), config, dtype=jnp.float64)
     k_tok, k_lab = jax.random.split(jax.random.key(1))
     tokens = jax.random.randint(k_tok, (6, 3), 0, 5)
     batch = models.Batch(x=tokens, y=jax.random.randint(k_lab, (6, 3), 0, 5))
+    transformer_logits = models.transformer_logits(graphdef)
 
     def logits(params, batch):
-        return nnx.merge(graphdef, params)(batch.x)
+        return transformer_logits(params, batch.x)
 
-    return Problem(state, logits, batch)
+    return Problem(params, logits, batch)
 
 
 @pytest.fixture(params=["mlp64", "transformer64"])
