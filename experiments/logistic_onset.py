@@ -57,7 +57,8 @@ def _flow_numbers(landscape: landscapes.LogisticLandscape, d, rank: int, ts):
         lambda th, L: L.task_loss(th), landscape.theta_star, ts, args=(landscape,), rtol=1e-11
     )
     x = thetas - landscape.theta_star
-    lam, V = jnp.linalg.eigh(landscape.fisher())
+    F, _, Hg = landscape.derivatives()
+    lam, V = jnp.linalg.eigh(F)
     lam, V = lam[::-1], V[:, ::-1]
     half = jnp.sqrt(jnp.maximum(lam, 0.0))[:, None] * V.T  # F^{1/2} in F's eigenbasis
 
@@ -65,8 +66,6 @@ def _flow_numbers(landscape: landscapes.LogisticLandscape, d, rank: int, ts):
         S = half * (jnp.arange(lam.size) < dim)[:, None]
         return 0.5 * jnp.sum((x @ S.T) ** 2, axis=1)
 
-    g = jax.grad(landscape.task_loss)(landscape.theta_star)
-    Hg = jax.jvp(jax.grad(landscape.task_loss), (landscape.theta_star,), (g,))[1]
     gamma = jnp.linalg.norm((half @ Hg) * (jnp.arange(lam.size) < rank))
     H_norm = jnp.linalg.norm(jax.hessian(landscape.task_loss)(landscape.theta_star), 2)
     return {

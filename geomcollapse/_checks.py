@@ -60,6 +60,14 @@ def positive_float(value: Any, name: str) -> float:
     return out
 
 
+def subspace_dim(value: Any, n: int) -> int:
+    """``d = value`` as an int, raising unless ``1 ≤ d < n`` (``M`` must be a proper subspace)."""
+    d = positive_int(value, "d")
+    if d >= n:
+        raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
+    return d
+
+
 def prng_key(key: Any, name: str = "key") -> jax.Array:
     """Raise unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
     if key is None:

@@ -18,7 +18,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
-from geomcollapse._checks import floating_leaves, positive_int, prng_key
+from geomcollapse._checks import floating_leaves, positive_int, prng_key, subspace_dim
 from geomcollapse.curvature import hessian_vp
 
 PyTree = Any
@@ -47,6 +47,13 @@ class AICMeasurement(NamedTuple):
     num_matvecs: int
 
 
+def _trace_method(method: str, n: int) -> str:
+    """Resolve ``'auto'``: exact (``n`` matvecs) up to ``EXACT_TRACE_MAX_N``, else Hutchinson."""
+    if method == "auto":
+        return "exact" if n <= EXACT_TRACE_MAX_N else "hutchinson"
+    return method
+
+
 def fisher_trace(
     matvec: Callable[[jax.Array], jax.Array],
     n: int,
@@ -66,8 +73,7 @@ def fisher_trace(
     estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
     by the tail, not by the top eigenvalues it would otherwise have to subtract.
     """
-    if method == "auto":
-        method = "exact" if n <= EXACT_TRACE_MAX_N else "hutchinson"
+    method = _trace_method(method, n)
     batched = jax.jit(jax.vmap(lambda v: jnp.vdot(v, matvec(v))))
     if method == "exact":
         if deflate is not None:
@@ -139,9 +145,7 @@ def measure_aic(
     key = prng_key(key)
     flat, unravel = ravel_pytree(params)
     n = flat.size
-    d = positive_int(d, "d")
-    if d >= n:
-        raise ValueError(f"d={d} must be smaller than the number of parameters n={n}")
+    d = subspace_dim(d, n)
 
     def flat_fvp(v: jax.Array) -> jax.Array:
         return ravel_pytree(fisher_vp(unravel(v)))[0]
@@ -153,8 +157,7 @@ def measure_aic(
     V = np.asarray(pairs.vectors, np.float64)
     lam = np.asarray(pairs.values, np.float64)
     g, Hg = _gradient_and_hg(loss_fn, params, loss_args)
-    if trace == "auto":
-        trace = "exact" if n <= EXACT_TRACE_MAX_N else "hutchinson"
+    trace = _trace_method(trace, n)
     tail, tr_se, trace_matvecs = fisher_trace(
         flat_fvp,
         n,

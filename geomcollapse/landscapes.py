@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import flow, theory
-from geomcollapse._checks import positive_float, positive_int, prng_key
+from geomcollapse._checks import positive_float, positive_int, prng_key, subspace_dim
 
 
 def _is_concrete(x) -> bool:
@@ -85,10 +85,7 @@ class QuadraticLandscape:
         return int(np.shape(self.c)[-1])
 
     def _check_d(self, d) -> int:
-        d = positive_int(d, "d")
-        if d >= self.n:
-            raise ValueError(f"d={d} must be smaller than n={self.n}")
-        return d
+        return subspace_dim(d, self.n)
 
     def _fisher_split(self, d: int):
         """Eigenvalues of ``F`` (descending) and ``F^{1/2}P`` as a ``(d, n)`` map ``diag(√λ)Vᵀ``."""
@@ -191,9 +188,7 @@ def make_quadratic_landscape(
     """
     key = prng_key(key)
     n = positive_int(n, "n")
-    d = positive_int(d, "d")
-    if d >= n:
-        raise ValueError(f"d={d} must be smaller than n={n}")
+    d = subspace_dim(d, n)
     top = np.sort(np.asarray(top, np.float64))[::-1]
     if top.shape != (d,) or np.any(top <= 0):
         raise ValueError(f"top must hold d={d} positive eigenvalues, got {top}")
@@ -370,6 +365,13 @@ class LogisticLandscape:
         out = jnp.mean(jnp.sum((p - ys) * delta, axis=-1) + curved, axis=-1)
         return jnp.reshape(out, jnp.shape(theta)[:-1])
 
+    def derivatives(self) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """``F(θ*)`` ``(n, n)``, ``g(θ*)`` ``(n,)`` and ``H(θ*) g(θ*)`` ``(n,)`` (pure; vmaps)."""
+        theta = self.theta_star
+        g = jax.grad(self.task_loss)(theta)
+        Hg = jax.jvp(jax.grad(self.task_loss), (theta,), (g,))[1]
+        return self.fisher(), g, Hg
+
     def cubic_constant(self) -> jax.Array:
         """``C`` with ``|Δu(θ) − ½xᵀF(θ*)x| ≤ C‖x‖³`` for every ``x = θ − θ*`` (Thm 6.1's ``O``).
 
@@ -401,30 +403,20 @@ class LogisticLandscape:
         ``P`` projects onto the top-``d`` eigenvectors of ``F(θ*)``; ``g₀`` is the
         gradient of the uncorrected fine-tuning NLL.
         """
-        d = positive_int(d, "d")
-        if d >= self.n:
-            raise ValueError(f"d={d} must be smaller than n={self.n}")
+        d = subspace_dim(d, self.n)
         return dataclasses.replace(self, correction=orthogonal_correction(self, d))
 
     def aic(self, d: int) -> theory.AICReport:
         """The AIC report (Def. 5.1) at ``θ*`` from dense ``F``, ``g`` and ``Hg``."""
-        d = positive_int(d, "d")
-        if d >= self.n:
-            raise ValueError(f"d={d} must be smaller than n={self.n}")
-        F, g, Hg = (np.asarray(a, np.float64) for a in _logistic_derivatives(self))
+        d = subspace_dim(d, self.n)
+        F, g, Hg = (np.asarray(a, np.float64) for a in _derivatives_jit(self))
         lam, V = np.linalg.eigh(F)
         lam, V = lam[::-1], V[:, ::-1]
         g_perp = g - V[:, :d] @ (V[:, :d].T @ g)
         return theory.aic_report(lam, d, g, Hg, V[:, :d].T, tail_quadratic=g_perp @ F @ g_perp)
 
 
-@jax.jit
-def _logistic_derivatives(landscape: LogisticLandscape):
-    """``F(θ*)``, ``g(θ*)`` and ``H(θ*) g(θ*)`` in one compiled call."""
-    theta = landscape.theta_star
-    g = jax.grad(landscape.task_loss)(theta)
-    Hg = jax.jvp(jax.grad(landscape.task_loss), (theta,), (g,))[1]
-    return landscape.fisher(), g, Hg
+_derivatives_jit = jax.jit(lambda landscape: landscape.derivatives())
 
 
 @jax.jit

@@ -250,20 +250,12 @@ def _append(path: Path, lines: list[str]) -> None:
 def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSummary) -> list[str]:
     out = []
     arrays = {k: np.asarray(v, np.float64) for k, v in summary._asdict().items()}
+    measures = [
+        f for f in landscapes.QuadraticSummary._fields if f not in ("delta_u", "projected_loss")
+    ]
     for i, run in enumerate(runs):
-        coupling = float(arrays["coupling"][i])
-        fisher_orth = float(arrays["fisher_orthogonality"][i])
-        tail_q = max(float(arrays["tail_quadratic"][i]), 0.0)
-        aic = {
-            "tail_mass": float(arrays["tail_mass"][i]),
-            "lambda_d": float(arrays["lambda_d"][i]),
-            "orthogonality": float(arrays["orthogonality"][i]),
-            "fisher_orthogonality": fisher_orth,
-            "coupling": coupling,
-            "quartic_coefficient": coupling**2 / 8,
-            "crossover_time": theory.crossover_time(fisher_orth, coupling),
-            "tail_crossover_time": theory.crossover_time(float(np.sqrt(tail_q)), coupling),
-        }
+        report = theory.report_from_measures(run["d"], **{f: arrays[f][i] for f in measures})
+        aic = {k: v for k, v in report._asdict().items() if k != "d"}
         row = {
             **run,
             "batch": batch_index,

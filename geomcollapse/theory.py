@@ -78,18 +78,45 @@ def aic_report(
     pg, phg = V @ g, V @ Hg  # coordinates in M
     fisher_orth = float(np.linalg.norm(sqrt_top * pg))
     gamma = float(np.linalg.norm(sqrt_top * phg))
-    tail = float(np.sum(lam[d:]))
-    return AICReport(
-        d=d,
-        tail_mass=tail,
+    return report_from_measures(
+        d,
+        tail_mass=float(np.sum(lam[d:])),
         lambda_d=float(lam[d - 1]),
         orthogonality=float(np.linalg.norm(pg)),
         fisher_orthogonality=fisher_orth,
         coupling=gamma,
-        quartic_coefficient=gamma**2 / 8.0,
-        crossover_time=crossover_time(fisher_orth, gamma),
-        tail_crossover_time=crossover_time(float(np.sqrt(max(tail_quadratic, 0.0))), gamma)
-        if np.isfinite(tail_quadratic)
+        tail_quadratic=tail_quadratic,
+    )
+
+
+def report_from_measures(
+    d: int,
+    *,
+    tail_mass: float,
+    lambda_d: float,
+    orthogonality: float,
+    fisher_orthogonality: float,
+    coupling: float,
+    tail_quadratic: float = float("nan"),
+) -> AICReport:
+    """The :class:`AICReport` from its measured numbers, adding the predictions.
+
+    ``quartic_coefficient = γ²/8``, ``crossover_time = 2‖F^{1/2}Pg‖/γ`` and,
+    when ``tail_quadratic = gᵀ(I−P)F(I−P)g`` is finite,
+    ``tail_crossover_time = 2 (tail_quadratic)^{1/2}/γ`` (else NaN).
+    """
+    tail_q = float(tail_quadratic)
+    return AICReport(
+        d=int(d),
+        tail_mass=float(tail_mass),
+        lambda_d=float(lambda_d),
+        orthogonality=float(orthogonality),
+        fisher_orthogonality=float(fisher_orthogonality),
+        coupling=float(coupling),
+        quartic_coefficient=float(coupling) ** 2 / 8.0,
+        crossover_time=crossover_time(float(fisher_orthogonality), float(coupling)),
+        tail_crossover_time=crossover_time(float(np.sqrt(max(tail_q, 0.0))), float(coupling))
+        if np.isfinite(tail_q)
         else float("nan"),
     )
 
