@@ -74,11 +74,27 @@ def finish(name: str, config, outdir: Path, fig, claims: list[Claim], **payload)
     return {"result": result, "claims": claims}
 
 
-def cli(name: str, doc: str, main: Callable, full, quick) -> None:
-    """The ``__main__`` of an experiment: ``--quick`` picks the CPU-minutes config."""
+def quick_command(module) -> str:
+    """The command that runs ``module``'s CPU configuration (what the main job runs)."""
+    flag = "" if getattr(module, "FULL_FLAG", False) else " --quick"
+    return f"python -m experiments.{module.NAME}{flag}"
+
+
+def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:
+    """The ``__main__`` of an experiment.
+
+    Landscape experiments default to the full config and take ``--quick``; the
+    transformer experiments (``full_flag=True``) default to the CPU config
+    (``tiny``) and take ``--full`` for the GPU-sized one (``small``).
+    """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
+    if full_flag:
+        parser.add_argument("--full", action="store_true", help="the GPU-sized configuration")
+    else:
+        parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
     args = parser.parse_args()
-    command = f"python -m experiments.{name}" + (" --quick" if args.quick else "")
-    for c in main(quick if args.quick else full, command=command)["claims"]:
+    use_full = args.full if full_flag else not args.quick
+    flag = (" --full" if use_full else "") if full_flag else ("" if use_full else " --quick")
+    command = f"python -m experiments.{name}{flag}"
+    for c in main(full if use_full else quick, command=command)["claims"]:
         print(f"[{c.verdict}] {c.claim}: {c.measured}")

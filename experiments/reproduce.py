@@ -18,10 +18,23 @@ from experiments import (
     logistic_onset,
     quartic_quadratic,
     spectrum_mlp,
+    transformer_finetune,
+    transformer_fisher,
+    transformer_onset,
 )
-from experiments._common import ROOT, Claim
+from experiments._common import ROOT, Claim, quick_command
 
-EXPERIMENTS = [spectrum_mlp, quartic_quadratic, crossover, aic_phase, logistic_onset, gd_vs_flow]
+EXPERIMENTS = [
+    spectrum_mlp,
+    quartic_quadratic,
+    crossover,
+    aic_phase,
+    logistic_onset,
+    gd_vs_flow,
+    transformer_finetune,  # before transformer_fisher, which ranks tasks by its measured harm
+    transformer_fisher,
+    transformer_onset,
+]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically
 
@@ -62,7 +75,7 @@ def main(outdir: Path = ROOT, tiny: bool = False) -> list[Claim]:
     for module in EXPERIMENTS:
         config = module.TINY if tiny else module.QUICK
         print(f"== {module.NAME} ==", flush=True)
-        out = module.main(config, outdir, command=f"python -m experiments.{module.NAME} --quick")
+        out = module.main(config, outdir, command=quick_command(module))
         for c in out["claims"]:
             print(f"[{c.verdict}] {c.claim}: {c.measured}", flush=True)
         claims.extend(out["claims"])

@@ -5,7 +5,11 @@ Subpackages: :mod:`geomcollapse.curvature` (matrix-free curvature operators),
 landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow`
 (exact, ODE and optimizer flows), :mod:`geomcollapse.theory` (AIC report, series, exponent
 fits), :mod:`geomcollapse.aic` (the AIC measured on any model),
-:mod:`geomcollapse.models` (small reference models and data).
+:mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
+Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
+token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
+:mod:`geomcollapse.checkpoint` (orbax save/restore), :mod:`geomcollapse.pipeline`
+(pretrain → align → fine-tune, skill Fisher).
 """
 
 import os

@@ -97,7 +97,7 @@ def fisher_trace(
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes)), num_probes
 
 
-def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
+def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
     """Raveled ``g(θ*)`` and ``H(θ*) g(θ*)`` in one compiled call (eager HVPs dispatch slowly)."""
 
     def both(p, args):
@@ -156,7 +156,7 @@ def measure_aic(
     )
     V = np.asarray(pairs.vectors, np.float64)
     lam = np.asarray(pairs.values, np.float64)
-    g, Hg = _gradient_and_hg(loss_fn, params, loss_args)
+    g, Hg = gradient_and_hg(loss_fn, params, loss_args)
     trace = _trace_method(trace, n)
     tail, tr_se, trace_matvecs = fisher_trace(
         flat_fvp,

@@ -81,3 +81,26 @@ def transformer64():
 def problem(request):
     """Every curvature test runs on both the MLP and the transformer block."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def aligned_root(tmp_path_factory):
+    """A directory holding the session's aligned tiny transformer at its experiments' cache path.
+
+    Pretrained and aligned once per session (about a minute on 2 CPU cores)
+    with ``ALIGNMENT['tiny-fast']``; experiments run with ``outdir`` = this root
+    (or a copy) restore it instead of training.
+    """
+    from experiments._transformer import aligned_model
+
+    root = tmp_path_factory.mktemp("aligned_root")
+    aligned_model("tiny-fast", root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def aligned(aligned_root):
+    """The aligned tiny transformer ``θ*`` (``pipeline.AlignedModel``) from its checkpoint."""
+    from experiments._transformer import aligned_model
+
+    return aligned_model("tiny-fast", aligned_root, progress=False)

@@ -1,16 +1,20 @@
 """The main job and its experiments run end to end (tiny configs) and write what they claim."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from experiments import reproduce, spectrum_mlp
+from experiments._transformer import checkpoint_dir
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
+def tiny_run(tmp_path_factory, aligned_root):
     out = tmp_path_factory.mktemp("repro")
+    cached = checkpoint_dir("tiny-fast", aligned_root)  # the session's θ*: no retraining here
+    shutil.copytree(cached, checkpoint_dir("tiny-fast", out))
     return out, reproduce.main(outdir=out, tiny=True)
 
 

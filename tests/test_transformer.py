@@ -97,7 +97,9 @@ def test_lora_effective_update_equals_the_merged_weight_difference(tiny64):
         assert np.linalg.matrix_rank(np.asarray(delta)) == 2, path
     # the adapters are trainable parameters of the same logits function
     tokens = jax.random.randint(jax.random.key(6), (2, 5), 0, 32)
-    grads = jax.grad(lambda a: jnp.sum(models.lora_apply(logits, 4.0)(a, params, tokens)))(adapters)
+    lora_logits = models.lora_apply(logits, 4.0)
+    grad_fn = jax.jit(jax.grad(lambda a: jnp.sum(lora_logits(a, params, tokens))))
+    grads = grad_fn(adapters)
     assert all(np.all(np.isfinite(g)) for g in jax.tree_util.tree_leaves(grads))
 
 

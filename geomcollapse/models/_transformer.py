@@ -10,6 +10,7 @@ the library applies to it unchanged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -134,8 +135,13 @@ def transformer_init(
     return nnx.split(model, nnx.Param)
 
 
+@functools.lru_cache(maxsize=64)
 def transformer_logits(graphdef: nnx.GraphDef) -> Callable[[nnx.State, jax.Array], jax.Array]:
-    """``logits(params, tokens)``: a pure function of the parameter pytree."""
+    """``logits(params, tokens)``: a pure function of the parameter pytree.
+
+    Cached per ``graphdef`` (the same function object each time), so jitted
+    code built on it compiles once per model, not once per call.
+    """
 
     def logits(params: nnx.State, tokens: jax.Array) -> jax.Array:
         return nnx.merge(graphdef, params)(tokens)
