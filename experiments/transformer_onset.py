@@ -40,8 +40,8 @@ class Config:
     num_prompts: int = 128  # harmful prompts defining F and u
     task_examples: int = 64  # the fine-tuning loss is full-batch over these
     t_min: float = 1e-5
-    t_max: float = 2e-2
-    num_times: int = 16
+    t_max: float = 5e-3
+    num_times: int = 14
     rtol: float = 1e-10
     exponent_tolerance: float = 0.05
     coefficient_tolerance: float = 0.02
@@ -136,16 +136,22 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
             projected = 0.5 * np.sum((X @ V.T) ** 2 * lam, axis=1)
             delta_u = np.asarray(u_path(thetas), np.float64) - u_star
             window = theory.onset_window(report, H_norm, t_min=config.t_min, regime=regime)
+            first_order = X @ grad_u  # ∇u(θ*)ᵀx
             fit = theory.fit_exponent(ts, projected, window)
             entry = {
                 "window": list(window),
                 "projected": projected.tolist(),
                 "delta_u": delta_u.tolist(),
-                "first_order_delta_u": (X @ grad_u).tolist(),
+                "first_order_delta_u": first_order.tolist(),
                 "projected_exponent": fit.exponent,
                 "local_slope_projected": theory.local_slope(ts, projected).tolist(),
             }
             in_window = (ts >= window[0]) & (ts <= window[1])
+            entry["first_order_max_rel_error"] = float(
+                np.max(
+                    np.abs(delta_u[in_window] - first_order[in_window]) / np.abs(delta_u[in_window])
+                )
+            )
             if np.all(delta_u[in_window] > 0):
                 entry["delta_u_exponent"] = theory.fit_exponent(ts, delta_u, window).exponent
             else:
@@ -170,6 +176,11 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     windows = {t: r["orthogonalized"]["window"] for t, r in results.items()}
     windows_raw = {t: r["raw"]["window"] for t, r in results.items()}
     grad_u_norm = float(np.linalg.norm(grad_u))
+    first_order_err = max(
+        r[v]["first_order_max_rel_error"]
+        for r in results.values()
+        for v in ("orthogonalized", "raw")
+    )
     grad_u_in_M = float(np.linalg.norm(V @ grad_u) / grad_u_norm)
 
     def fmt(values: dict, spec: str = ".4f") -> str:
@@ -207,8 +218,8 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
             "Δu itself along the transformer flows (θ* is not a stationary point of u)",
             command,
             "reported: Δu ≈ ∇u(θ*)ᵀx + …, so a first-order term can hide the t⁴ onset",
-            f"‖∇u(θ*)‖ = {grad_u_norm:.3g} ({grad_u_in_M:.0%} of it in M); Δu exponent in the "
-            "same windows: "
+            f"‖∇u(θ*)‖ = {grad_u_norm:.3g} (‖P∇u‖/‖∇u‖ = {grad_u_in_M:.4f}); Δu = ∇u(θ*)ᵀx to "
+            f"within {first_order_err:.1%} in the windows; Δu exponent there: "
             + ", ".join(
                 f"{t}/{'ortho' if v == 'orthogonalized' else 'raw'} "
                 + (f"{e:.2f}" if np.isfinite(e) else "n/a (Δu changes sign)")

@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import reproduce, spectrum_mlp
+from experiments import reproduce, spectrum_mlp, transformer_fisher
 from experiments._transformer import checkpoint_dir
 
 
@@ -70,3 +70,27 @@ def test_logistic_and_phase_numbers(tiny_run):
     phase = json.loads((out / "experiments/results/aic_phase.json").read_text())
     du = np.asarray(phase["delta_u"])
     assert du[0, 0] < 1e-28 and np.all(du.ravel()[1:] > 1e-28)
+
+
+def test_transformer_numbers(tiny_run):
+    out, _ = tiny_run
+    fisher = json.loads((out / "experiments/results/transformer_fisher.json").read_text())
+    lam = np.asarray(fisher["eigenvalues"])
+    assert np.all(np.diff(lam) <= 1e-9 * lam[0]) and lam.min() >= 0
+    assert lam.sum() <= fisher["trace"] * (1 + 1e-9)  # Lanczos top-k vs the exact Jacobian trace
+    fractions = list(fisher["fraction_of_trace"].values())
+    assert fractions == sorted(fractions) and fractions[-1] <= 1 + 1e-9
+    assert set(fisher["aic_table"]) == set(transformer_fisher.TINY.tasks)
+    assert (out / "experiments/results/transformer_fisher_aic_table.md").exists()
+    onset = json.loads((out / "experiments/results/transformer_onset.json").read_text())
+    for task in onset["tasks"].values():
+        assert abs(task["orthogonalized"]["projected_exponent"] - 4) <= 0.05
+        assert abs(task["raw"]["projected_exponent"] - 2) <= 0.05
+        assert abs(task["orthogonalized"]["coefficient_ratio"] - 1) <= 0.02
+        # removing P g(θ*) leaves the gradient orthogonal to M
+        assert (
+            task["report_orthogonalized"]["orthogonality"]
+            <= 1e-10 * task["report_raw"]["orthogonality"] + 1e-12
+        )
+    finetune = json.loads((out / "experiments/results/transformer_finetune.json").read_text())
+    assert finetune["aligned_metrics"]["harmfulness"] <= 0.05
