@@ -8,13 +8,14 @@ experiments and reruns restore it bit-exactly instead of retraining.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import pipeline
+from geomcollapse import linalg, models, pipeline, tasks
 
 ALIGNMENT = {
     "tiny": pipeline.AlignmentConfig(),
@@ -44,3 +45,52 @@ def rows(tree) -> np.ndarray:
 def flat(tree) -> jnp.ndarray:
     """A pytree → its raveled 1-D vector."""
     return ravel_pytree(tree)[0]
+
+
+class SkillFisher(NamedTuple):
+    """The refusal skill's true Fisher at ``θ*`` (float64), top-``k`` and trace.
+
+    Attributes:
+      params, logits: float64 ``θ*`` and its logits function.
+      harmful: the harmful prompts that define ``F`` and ``u``.
+      fvp: ``v ↦ F v`` (jitted, pytree in and out).
+      pairs: the Lanczos :class:`Eigenpairs`; ``values`` ``(k,)`` and ``basis``
+        ``(k, n)`` float64 as numpy; ``trace``: exact ``tr F``.
+    """
+
+    params: Any
+    logits: Any
+    harmful: tasks.TokenBatch
+    fvp: Any
+    pairs: Any
+    values: np.ndarray
+    basis: np.ndarray
+    trace: float
+
+
+def skill_fisher(
+    size: str,
+    outdir: Path,
+    *,
+    num_prompts: int,
+    k: int,
+    prompt_key: jax.Array,
+    lanczos_key: jax.Array,
+    tol: float,
+) -> SkillFisher:
+    """``θ*`` of ``size`` in float64 and its skill Fisher's top-``k`` (Lanczos) and exact trace."""
+    graphdef, params = aligned_model(size, outdir).as_dtype(jnp.float64)
+    logits = models.transformer_logits(graphdef)
+    harmful = tasks.harmful_prompts(prompt_key, num_prompts)
+    fvp = pipeline.skill_fisher_vp(logits, params, harmful)
+    pairs = linalg.top_eigenpairs(fvp, params, k, key=lanczos_key, tol=tol)
+    return SkillFisher(
+        params,
+        logits,
+        harmful,
+        fvp,
+        pairs,
+        np.asarray(pairs.values, np.float64),
+        rows(pairs.vectors),
+        pipeline.skill_fisher_trace(logits, params, harmful),
+    )

@@ -33,18 +33,19 @@ class Config:
     size: str = "small"  # a key of experiments._transformer.ALIGNMENT
     tasks: tuple[str, ...] = tuple(tasks.BENIGN_TASKS)
     methods: tuple[str, ...] = ("full", "lora")
-    steps: int = 300
-    lr: float = 1e-3
-    batch_size: int = 64
-    eval_every: int = 25
-    lora_rank: int = 4
-    lora_alpha: float = 8.0
+    finetune: pipeline.FinetuneConfig = dataclasses.field(  # its method is overridden
+        default_factory=pipeline.FinetuneConfig
+    )
     refusal_target: float = 0.95
     accuracy_target: float = 0.90
 
 
-QUICK = Config(size="tiny", steps=150, eval_every=50)
-TINY = Config(size="tiny-fast", tasks=("shift", "always_answer"), steps=20, eval_every=10)
+QUICK = Config(size="tiny", finetune=pipeline.FinetuneConfig(steps=150, eval_every=50))
+TINY = Config(
+    size="tiny-fast",
+    tasks=("shift", "always_answer"),
+    finetune=pipeline.FinetuneConfig(steps=20, eval_every=10),
+)
 
 
 def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
@@ -53,15 +54,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     aligned = aligned_model(config.size, outdir)
     runs: dict[str, dict[str, pipeline.FinetuneRun]] = {m: {} for m in config.methods}
     for method in config.methods:
-        ft = pipeline.FinetuneConfig(
-            method=method,
-            steps=config.steps,
-            lr=config.lr,
-            batch_size=config.batch_size,
-            eval_every=config.eval_every,
-            lora_rank=config.lora_rank,
-            lora_alpha=config.lora_alpha,
-        )
+        ft = dataclasses.replace(config.finetune, method=method)
         for task in config.tasks:
             runs[method][task] = pipeline.finetune(aligned, task, ft)
 
@@ -98,7 +91,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
                 "Premise of the paper: fine-tuning on benign data (no harm markers) degrades "
                 "the safety skill",
                 command,
-                f"Δu > 0 after {config.steps} full fine-tuning steps on every benign task",
+                f"Δu > 0 after {config.finetune.steps} full fine-tuning steps on every benign task",
                 f"Δu: {listing(du)}; harmfulness (from {m.harmfulness:.2f}): "
                 f"{listing(harm['full'])}",
                 all(v > 0 for v in du.values()),
@@ -138,7 +131,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     axes[0].legend(fontsize=6, ncol=2)
     fig.suptitle(
         f"{config.size} transformer: benign fine-tuning of θ* (solid: full, dashed: LoRA r="
-        f"{config.lora_rank})"
+        f"{config.finetune.lora_rank})"
     )
     fig.tight_layout()
     return finish(

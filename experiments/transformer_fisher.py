@@ -31,8 +31,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments._common import ROOT, Claim, cli, finish, require_x64
-from experiments._transformer import aligned_model, flat, rows
-from geomcollapse import aic, curvature, flow, linalg, models, pipeline, tasks, theory, training
+from experiments._transformer import flat, rows, skill_fisher
+from geomcollapse import aic, curvature, flow, linalg, pipeline, tasks, theory, training
 
 NAME = "transformer_fisher"
 FULL_FLAG = True
@@ -94,19 +94,20 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     """Spectra, route agreement and AIC table; write results and figure under ``outdir``."""
     require_x64(NAME)
     command = command or f"python -m experiments.{NAME}"
-    aligned = aligned_model(config.size, outdir)
-    graphdef, params = aligned.as_dtype(jnp.float64)
-    logits = models.transformer_logits(graphdef)
     k_prompts, k_eig, k_tasks = jax.random.split(jax.random.key(config.seed + 1000), 3)
-    harmful = tasks.harmful_prompts(k_prompts, config.num_prompts)
-    n = curvature.num_params(params)
-
     # true Fisher: Lanczos on the matrix-free Fisher-VP; exact trace from Jacobians
-    fvp = pipeline.skill_fisher_vp(logits, params, harmful)
-    pairs = linalg.top_eigenpairs(fvp, params, config.top_k, key=k_eig, tol=config.tol)
-    lam = np.asarray(pairs.values, np.float64)
-    V = rows(pairs.vectors)
-    trace = pipeline.skill_fisher_trace(logits, params, harmful)
+    sf = skill_fisher(
+        config.size,
+        outdir,
+        num_prompts=config.num_prompts,
+        k=config.top_k,
+        prompt_key=k_prompts,
+        lanczos_key=k_eig,
+        tol=config.tol,
+    )
+    params, logits, harmful, fvp, pairs = sf.params, sf.logits, sf.harmful, sf.fvp, sf.pairs
+    lam, V, trace = sf.values, sf.basis, sf.trace
+    n = curvature.num_params(params)
     # empirical Fisher: exact, from per-prompt gradients
     G = rows(pipeline.skill_per_example_gradients(logits, params, harmful))
     emp = linalg.empirical_fisher_eigenpairs(G, config.top_k)

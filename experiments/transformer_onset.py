@@ -23,8 +23,8 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments._common import ROOT, Claim, cli, finish, require_x64
-from experiments._transformer import aligned_model, rows
-from geomcollapse import aic, curvature, flow, linalg, models, pipeline, tasks, theory, training
+from experiments._transformer import rows, skill_fisher
+from geomcollapse import aic, curvature, flow, linalg, tasks, theory, training
 
 NAME = "transformer_onset"
 FULL_FLAG = True
@@ -54,7 +54,8 @@ TINY = Config(
     tasks=("lookalike",),
     num_prompts=32,
     task_examples=16,
-    num_times=8,
+    t_min=1e-6,
+    num_times=13,
     t_max=1e-3,
 )
 
@@ -77,15 +78,18 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     """Run both flows per task; write results and figure under ``outdir``."""
     require_x64(NAME)
     command = command or f"python -m experiments.{NAME}"
-    aligned = aligned_model(config.size, outdir)
-    graphdef, params = aligned.as_dtype(jnp.float64)
-    logits = models.transformer_logits(graphdef)
     k_prompts, k_eig, k_tasks, k_norm = jax.random.split(jax.random.key(config.seed + 2000), 4)
-    harmful = tasks.harmful_prompts(k_prompts, config.num_prompts)
-    fvp = pipeline.skill_fisher_vp(logits, params, harmful)
-    pairs = linalg.top_eigenpairs(fvp, params, config.d, key=k_eig, tol=1e-8)
-    lam, V = np.asarray(pairs.values, np.float64), rows(pairs.vectors)
-    trace = pipeline.skill_fisher_trace(logits, params, harmful)
+    sf = skill_fisher(
+        config.size,
+        outdir,
+        num_prompts=config.num_prompts,
+        k=config.d,
+        prompt_key=k_prompts,
+        lanczos_key=k_eig,
+        tol=1e-8,
+    )
+    params, logits, harmful = sf.params, sf.logits, sf.harmful
+    lam, V, trace = sf.values, sf.basis, sf.trace
     spectrum = np.append(lam, trace - lam.sum())
     theta_star, unravel = ravel_pytree(params)
     short = harmful.prompts_only()

@@ -28,6 +28,7 @@ def test_benchmark_runs_on_a_tiny_problem(tmp_path):
 
 
 def test_readme_python_examples_execute():
+    """Every ```python block runs (```py blocks are illustrative: they train a model)."""
     blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
     assert blocks, "README has no python example"
     for code in blocks:
