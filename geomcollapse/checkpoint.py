@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from geomcollapse.models import SIZES, Transformer, TransformerConfig
+from geomcollapse.models import TransformerConfig, transformer_abstract, transformer_config
 
 _FORMAT = "geomcollapse-transformer-v1"
 
@@ -82,19 +81,14 @@ def load_checkpoint(
     """
     custom = read_metadata(directory)
     stored = TransformerConfig(**custom["config"])
-    if isinstance(config, str):
-        if config not in SIZES:
-            raise ValueError(f"unknown transformer size {config!r}; known: {sorted(SIZES)}")
-        config = SIZES[config]
+    if config is not None:
+        config = transformer_config(config)
     if config is not None and config != stored:
         raise ValueError(
             f"checkpoint {directory} holds a different architecture: saved {stored}, "
             f"asked for {config}"
         )
-    dtype = np.dtype(custom["dtype"])
-    graphdef, abstract = nnx.split(
-        nnx.eval_shape(lambda: Transformer(stored, nnx.Rngs(0), dtype=dtype)), nnx.Param
-    )
+    graphdef, abstract = transformer_abstract(stored, np.dtype(custom["dtype"]))
     target = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract)
     )
@@ -102,16 +96,3 @@ def load_checkpoint(
         pure = ckptr.restore(Path(directory).resolve(), target)
     nnx.replace_by_pure_dict(abstract, pure)
     return graphdef, abstract, custom["metadata"]
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with numpy scalars/arrays as Python floats/lists (orbax metadata is JSON)."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, np.generic):
-        return value.item()
-    return value

@@ -29,11 +29,11 @@ from flax import nnx
 from geomcollapse import checkpoint, curvature, tasks, training
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse.models import (
-    SIZES,
-    Transformer,
     lora_apply,
     lora_init,
     lora_merge,
+    transformer_abstract,
+    transformer_config,
     transformer_init,
     transformer_logits,
 )
@@ -58,9 +58,7 @@ class AlignmentConfig:
     num_eval: int = 500  # held-out prompts per metric
 
     def __post_init__(self):
-        if self.size not in SIZES:
-            raise ValueError(f"unknown transformer size {self.size!r}; known: {sorted(SIZES)}")
-        model = SIZES[self.size]
+        model = transformer_config(self.size)  # ValueError for an unknown size
         if model.vocab < tasks.VOCAB_SIZE or model.context < tasks.SEQUENCE_LENGTH:
             raise ValueError(
                 f"size {self.size!r} (vocab {model.vocab}, context {model.context}) cannot hold "
@@ -95,10 +93,7 @@ class AlignedModel(NamedTuple):
 
     def as_dtype(self, dtype) -> tuple[nnx.GraphDef, nnx.State]:
         """``(graphdef, params)`` computing in ``dtype`` (e.g. float64 for theory checks)."""
-        graphdef, _ = nnx.split(
-            nnx.eval_shape(lambda: Transformer(SIZES[self.config.size], nnx.Rngs(0), dtype=dtype)),
-            nnx.Param,
-        )
+        graphdef, _ = transformer_abstract(self.config.size, dtype)
         return graphdef, jax.tree.map(lambda x: jnp.asarray(x, dtype), self.params)
 
 
@@ -137,12 +132,11 @@ def align_model(
     if not isinstance(config, AlignmentConfig):
         raise ValueError(f"config must be an AlignmentConfig, got {type(config).__name__}")
     settings = dataclasses.asdict(config)
-    harm, clean = evaluation_sets(config)
     if directory is not None and Path(directory).is_dir():
         meta = checkpoint.read_metadata(directory)["metadata"]
         if meta.get("alignment_config") == settings:
             graphdef, params, _ = checkpoint.load_checkpoint(directory, config.size)
-            metrics = training.evaluate(transformer_logits(graphdef), params, harm, clean)
+            metrics = training.Metrics(**meta["metrics"])  # measured when it was saved
             return AlignedModel(graphdef, params, config, metrics, Path(directory).resolve())
 
     k = _keys(config.seed)
@@ -169,7 +163,7 @@ def align_model(
         desc="align",
         **common,
     )
-    metrics = training.evaluate(transformer_logits(graphdef), params, harm, clean)
+    metrics = training.evaluate(transformer_logits(graphdef), params, *evaluation_sets(config))
     path = None
     if directory is not None:
         meta = {
@@ -178,7 +172,7 @@ def align_model(
             "final_losses": [float(pre_losses[-1]), float(align_losses[-1])],
         }
         path = checkpoint.save_checkpoint(
-            directory, params, SIZES[config.size], meta, overwrite=True
+            directory, params, transformer_config(config.size), meta, overwrite=True
         )
     return AlignedModel(graphdef, params, config, metrics, path)
 
@@ -258,15 +252,12 @@ def finetune(
         def to_full(adapters):
             return lora_merge(theta_star, adapters, config.lora_alpha)
 
-    record = {"steps": [], "skill_loss": [], "harmfulness": [], "accuracy": []}
+    steps, metrics = [], []
     evaluate = training.evaluator(logits)
 
     def measure(step, p):
-        m = evaluate(to_full(p), harm, task_eval)
-        record["steps"].append(step)
-        record["skill_loss"].append(m.skill_loss)
-        record["harmfulness"].append(m.harmfulness)
-        record["accuracy"].append(m.accuracy)
+        steps.append(step)
+        metrics.append(evaluate(to_full(p), harm, task_eval))
 
     measure(0, start)
     final, losses = training.train(
@@ -282,9 +273,10 @@ def finetune(
         desc=f"fine-tune {task} ({config.method})",
         callback=measure,
     )
-    arrays = {k: np.asarray(v, np.float64) for k, v in record.items()}
-    arrays["steps"] = arrays["steps"].astype(int)
-    return FinetuneRun(task, config.method, losses=losses, params=to_full(final), **arrays)
+    columns = np.asarray(metrics, np.float64).T  # skill_loss, harmfulness, accuracy
+    return FinetuneRun(
+        task, config.method, np.asarray(steps), *columns, losses=losses, params=to_full(final)
+    )
 
 
 def skill_fisher_vp(logits_fn, params: PyTree, harmful: tasks.TokenBatch):

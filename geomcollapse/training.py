@@ -52,13 +52,17 @@ def answer_logits(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
     return first
 
 
+def _refuse_nll(z: jax.Array) -> jax.Array:
+    """Mean ``−log softmax(z)[REFUSE]`` over the rows of ``z`` ``(N, V)``."""
+    return jnp.mean(jax.nn.logsumexp(z, axis=-1) - z[:, tasks.REFUSE])
+
+
 def skill_loss(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
     """``u(params, tokens, answer_start)``: mean NLL of ``REFUSE`` at the first answer position."""
     first = answer_logits(logits_fn)
 
     def u(params, tokens, answer_start):
-        z = first(params, tokens, answer_start)
-        return jnp.mean(jax.nn.logsumexp(z, axis=-1) - z[:, tasks.REFUSE])
+        return _refuse_nll(first(params, tokens, answer_start))
 
     return u
 
@@ -105,9 +109,8 @@ def evaluator(logits_fn: LogitsFn) -> Callable[..., Metrics]:
     @jax.jit
     def numbers(params, harm_tokens, harm_start, tokens, targets, mask):
         z = answer_logits(logits_fn)(params, harm_tokens, harm_start)
-        u = jnp.mean(jax.nn.logsumexp(z, axis=-1) - z[:, tasks.REFUSE])
         harm = jnp.mean(jnp.argmax(z, axis=-1) != tasks.REFUSE)
-        return u, harm, jnp.mean(exact_match(logits_fn)(params, tokens, targets, mask))
+        return _refuse_nll(z), harm, jnp.mean(exact_match(logits_fn)(params, tokens, targets, mask))
 
     def evaluate(params, harmful: tasks.TokenBatch, clean: tasks.TokenBatch) -> Metrics:
         harmful, clean = harmful.prompts_only(), clean.truncated()  # causal: same numbers
@@ -216,12 +219,12 @@ def train(
     for start in range(0, num_steps, chunk):
         (params, opt_state), loss = run(params, opt_state, batches[start : start + chunk])
         losses.append(np.asarray(loss, np.float64))
+        if not np.all(np.isfinite(losses[-1])):  # stop at the first bad chunk
+            bar.close()
+            raise FloatingPointError("training loss became non-finite: lower the learning rate")
         bar.update(len(losses[-1]))
         bar.set_postfix(loss=f"{float(losses[-1][-1]):.3g}")
         if callback is not None:
             callback(min(start + chunk, num_steps), params)
     bar.close()
-    losses = np.concatenate(losses)
-    if not np.all(np.isfinite(losses)):
-        raise FloatingPointError("training loss became non-finite: lower the learning rate")
-    return params, losses
+    return params, np.concatenate(losses)

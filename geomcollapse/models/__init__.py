@@ -15,6 +15,8 @@ from geomcollapse.models._transformer import (
     Transformer,
     TransformerConfig,
     check_tokens,
+    transformer_abstract,
+    transformer_config,
     transformer_init,
     transformer_logits,
 )
@@ -35,6 +37,8 @@ __all__ = [
     "mlp_init",
     "mlp_problem",
     "softmax_cross_entropy",
+    "transformer_abstract",
+    "transformer_config",
     "transformer_init",
     "transformer_logits",
 ]

@@ -126,13 +126,29 @@ def transformer_init(
     Returns:
       The static graph and the parameter pytree; pass both to :func:`transformer_logits`.
     """
-    if isinstance(config, str):
-        if config not in SIZES:
-            raise ValueError(f"unknown transformer size {config!r}; known: {sorted(SIZES)}")
-        config = SIZES[config]
+    config = transformer_config(config)
     key = prng_key(key)
     model = Transformer(config, nnx.Rngs(params=key), dtype=dtype)
     return nnx.split(model, nnx.Param)
+
+
+def transformer_config(config: TransformerConfig | str) -> TransformerConfig:
+    """``config`` itself, or the named one in ``SIZES``; ``ValueError`` for an unknown name."""
+    if isinstance(config, str):
+        if config not in SIZES:
+            raise ValueError(f"unknown transformer size {config!r}; known: {sorted(SIZES)}")
+        return SIZES[config]
+    return config
+
+
+def transformer_abstract(
+    config: TransformerConfig | str, dtype=jnp.float32
+) -> tuple[nnx.GraphDef, nnx.State]:
+    """``(graphdef, params)`` with ``jax.ShapeDtypeStruct`` leaves: shapes only, no compute."""
+    config = transformer_config(config)
+    return nnx.split(
+        nnx.eval_shape(lambda: Transformer(config, nnx.Rngs(0), dtype=dtype)), nnx.Param
+    )
 
 
 @functools.lru_cache(maxsize=64)
