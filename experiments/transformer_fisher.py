@@ -126,14 +126,17 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     Vd = V[:d]
     loss = training.sequence_loss(logits)
     unravel = ravel_pytree(params)[1]
+
+    def flat_fvp(v):
+        return flat(fvp(unravel(v)))
+
     table = {}
     for i, task in enumerate(config.tasks):
         batch = tasks.benign_task(jax.random.fold_in(k_tasks, i), task, config.task_examples)
         batch = batch.truncated()
         g, Hg = aic.gradient_and_hg(loss, params, (batch.tokens, batch.targets, batch.mask))
         g, Hg = np.asarray(g, np.float64), np.asarray(Hg, np.float64)
-        g_perp = g - Vd.T @ (Vd @ g)
-        tail_q = float(g_perp @ np.asarray(flat(fvp(unravel(jnp.asarray(g_perp))))))
+        tail_q = aic.tail_quadratic(flat_fvp, Vd, g, jnp.float64)
         report = theory.aic_report(
             np.append(lam[:d], trace - lam[:d].sum()), d, g, Hg, Vd, tail_quadratic=tail_q
         )

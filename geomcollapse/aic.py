@@ -108,6 +108,19 @@ def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Arra
     return jax.jit(both)(params, loss_args)
 
 
+def tail_quadratic(
+    flat_fvp: Callable[[jax.Array], jax.Array], basis: np.ndarray, g, dtype
+) -> float:
+    """``gᵀ(I−P)F(I−P)g`` from one Fisher matvec; ``basis`` ``(d, n)`` spans ``M``.
+
+    Sets the tail's crossover time in :func:`theory.aic_report`.
+    """
+    V = np.asarray(basis, np.float64)
+    g = np.asarray(g, np.float64)
+    g_perp = g - V.T @ (V @ g)
+    return float(g_perp @ np.asarray(flat_fvp(jnp.asarray(g_perp, dtype)), np.float64))
+
+
 def measure_aic(
     fisher_vp: Callable[[PyTree], PyTree],
     loss_fn: Callable[..., jax.Array],
@@ -169,10 +182,13 @@ def measure_aic(
     )
     tr = tail + lam.sum() if trace == "hutchinson" else tail
     g64 = np.asarray(g, np.float64)
-    g_perp = g64 - V.T @ (V @ g64)
-    tail_quadratic = float(g_perp @ np.asarray(flat_fvp(jnp.asarray(g_perp, flat.dtype))))
     report = theory.aic_report(
-        np.append(lam, tr - lam.sum()), d, g64, np.asarray(Hg), V, tail_quadratic=tail_quadratic
+        np.append(lam, tr - lam.sum()),
+        d,
+        g64,
+        np.asarray(Hg),
+        V,
+        tail_quadratic=tail_quadratic(flat_fvp, V, g64, flat.dtype),
     )
     return AICMeasurement(
         report=report,
