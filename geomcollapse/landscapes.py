@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse import flow, theory
+from geomcollapse import flow, linalg, theory
 from geomcollapse._checks import positive_float, positive_int, prng_key, subspace_dim
 
 
@@ -542,10 +542,8 @@ class QuadraticSummary(NamedTuple):
     projected_loss: jax.Array
 
 
-def summarize_batch(
-    A: jax.Array, c: jax.Array, F: jax.Array, d: int, ts: jax.Array, *, sequential: bool
-) -> QuadraticSummary:
-    """:func:`quadratic_summary` over a leading batch axis of ``A``, ``c``, ``F``.
+def map_landscapes(fn: Callable, *batched: Any, sequential: bool) -> Any:
+    """``fn`` over the leading batch axis of every array in ``batched``.
 
     ``sequential=True`` runs the landscapes one after another inside one
     compiled call (``lax.map``); ``False`` vmaps them. On CPU use sequential:
@@ -556,8 +554,20 @@ def summarize_batch(
     faster there (LAPACK works one matrix at a time). On GPU, vmap.
     """
     if sequential:
-        return jax.lax.map(lambda args: quadratic_summary(*args, d, ts), (A, c, F))
-    return jax.vmap(quadratic_summary, in_axes=(0, 0, 0, None, None))(A, c, F, d, ts)
+        return jax.lax.map(lambda args: fn(*args), batched)
+    return jax.vmap(fn)(*batched)
+
+
+def summarize_batch(
+    A: jax.Array, c: jax.Array, F: jax.Array, d: int, ts: jax.Array, *, sequential: bool
+) -> QuadraticSummary:
+    """:func:`quadratic_summary` over a leading batch axis of ``A``, ``c``, ``F``.
+
+    ``sequential`` as in :func:`map_landscapes`.
+    """
+    return map_landscapes(
+        lambda A, c, F: quadratic_summary(A, c, F, d, ts), A, c, F, sequential=sequential
+    )
 
 
 def quadratic_summary(
@@ -590,4 +600,90 @@ def quadratic_summary(
         tail_quadratic=c_perp @ (F @ c_perp),
         delta_u=0.5 * jnp.sum(weights * xv**2, axis=1),
         projected_loss=0.5 * jnp.sum(weights[:d] * xv[:, :d] ** 2, axis=1),
+    )
+
+
+class KrylovSummary(NamedTuple):
+    """:func:`quadratic_summary_krylov`'s result: the summary and how it was obtained.
+
+    Attributes:
+      summary: the :class:`QuadraticSummary`.
+      eig_matvecs, flow_matvecs: ``()`` int32 products with ``F`` and with ``A``.
+      eig_residual: ``()`` max ``‖Fv − λv‖/λ₁`` over the top-``d`` pairs.
+      flow_error: ``()`` max estimated relative error of ``x(t)`` over the times.
+      converged: ``()`` bool, both within ``tol``.
+    """
+
+    summary: QuadraticSummary
+    eig_matvecs: jax.Array
+    flow_matvecs: jax.Array
+    eig_residual: jax.Array
+    flow_error: jax.Array
+    converged: jax.Array
+
+
+def quadratic_summary_krylov(
+    A: jax.Array,
+    c: jax.Array,
+    F: jax.Array,
+    d: int,
+    ts: jax.Array,
+    key: jax.Array,
+    *,
+    tol: float | None = None,
+    max_steps: int | None = None,
+) -> KrylovSummary:
+    """:func:`quadratic_summary` by Krylov methods: no dense ``eigh`` of ``A`` or ``F``.
+
+    The top-``d`` eigenpairs of ``F`` by :func:`geomcollapse.linalg.top_eigenpairs_traced`
+    (random start from ``key``), the tail mass as ``tr F − Σ_{i≤d} λ_i``, the flow
+    by :func:`geomcollapse.flow.krylov_quadratic_flow`, and ``Δu = ½ xᵀFx``
+    (clipped at 0, absolute accuracy ``≈ ε‖F‖‖x‖²``). Agrees with the dense route
+    to ``≈ tol`` where both converge; ``converged`` says whether they did.
+
+    Args:
+      A, c, F, d, ts: as :func:`quadratic_summary`.
+      key: ``jax.random`` key for the Lanczos start and restarts on ``F``.
+      tol: relative tolerance of both Krylov solves (default ``100·eps``).
+      max_steps: static Krylov capacity for each (defaults of the two solvers).
+    """
+    n = c.shape[0]
+    tol = linalg.default_tol(c.dtype) if tol is None else tol
+    k_start, k_restart = jax.random.split(key)
+    fvp = lambda v: jnp.dot(F, v, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+    avp = lambda v: jnp.dot(A, v, precision=jax.lax.Precision.HIGHEST)  # noqa: E731
+    eig = linalg.top_eigenpairs_traced(
+        fvp,
+        jax.random.normal(k_start, (n,), c.dtype),
+        d,
+        key=k_restart,
+        tol=tol,
+        max_steps=max_steps,
+    )
+    path = flow.krylov_quadratic_flow(avp, c, ts, tol=tol, max_steps=max_steps)
+    top = eig.vectors  # (d, n)
+    sqrt_top = jnp.sqrt(jnp.maximum(eig.values, 0.0))
+    pc, pac = top @ c, top @ avp(c)
+    c_perp = c - pc @ top
+    x = path.x
+    xv = x @ top.T
+    summary = QuadraticSummary(
+        tail_mass=jnp.trace(F) - jnp.sum(eig.values),
+        lambda_d=eig.values[d - 1],
+        orthogonality=jnp.linalg.norm(pc),
+        fisher_orthogonality=jnp.linalg.norm(sqrt_top * pc),
+        coupling=jnp.linalg.norm(sqrt_top * pac),
+        tail_quadratic=c_perp @ fvp(c_perp),
+        delta_u=jnp.maximum(0.5 * jnp.sum(x * (x @ F), axis=1), 0.0),
+        projected_loss=0.5 * jnp.sum(jnp.maximum(eig.values, 0.0) * xv**2, axis=1),
+    )
+    eig_residual = jnp.max(eig.residuals) / jnp.abs(eig.values[0])
+    flow_error = jnp.max(path.error)
+    return KrylovSummary(
+        summary=summary,
+        eig_matvecs=eig.num_matvecs,
+        flow_matvecs=path.num_matvecs,
+        eig_residual=eig_residual,
+        flow_error=flow_error,
+        converged=eig.converged & path.converged,
     )

@@ -3,12 +3,28 @@
 from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
 from geomcollapse.linalg._lanczos import Eigenpairs, top_eigenpairs
 from geomcollapse.linalg._slq import SpectralDensity, density_on_grid, spectral_density
+from geomcollapse.linalg._traced import (
+    LanczosRun,
+    Ritz,
+    TracedEigenpairs,
+    default_tol,
+    lanczos,
+    ritz,
+    top_eigenpairs_traced,
+)
 
 __all__ = [
     "Eigenpairs",
+    "LanczosRun",
+    "Ritz",
     "SpectralDensity",
+    "TracedEigenpairs",
+    "default_tol",
     "density_on_grid",
     "empirical_fisher_eigenpairs",
+    "lanczos",
+    "ritz",
     "spectral_density",
     "top_eigenpairs",
+    "top_eigenpairs_traced",
 ]

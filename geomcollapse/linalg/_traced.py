@@ -1,0 +1,295 @@
+"""Lanczos inside ``jit``/``vmap``: a fixed-capacity basis and a traced stopping rule.
+
+:func:`top_eigenpairs` drives its loop from the host so that it can stop after
+any matvec on one large operator; that cannot be vmapped or run inside
+``lax.map`` over thousands of small dense problems (issue #3's batched
+landscapes, where two dense ``eigh`` of ``n = 256`` cost ≈ 16 ms per landscape on
+the 2-core CPU and a Krylov route ≈ 2 ms, measured in
+``benchmarks/landscape_batch.py``). Here the basis lives in a preallocated
+``(max_steps, n)`` buffer, the loop is a ``lax.while_loop`` over blocks of
+``check_every`` steps, and after each block a caller's traced ``stop`` decides
+from the tridiagonal ``T`` (one small ``eigh``, :func:`ritz`).
+
+Each step is ``w = A q_j − α_j q_j − β_{j−1} q_{j−1}`` followed by two full
+Gram-Schmidt passes against the buffer ("twice is enough"; zero rows past the
+current step contribute nothing). A breakdown ``β_j ≤ ε·‖T‖`` means the Krylov
+space is invariant: without ``restart_key`` the run is then exhausted (and
+exact); with it a random vector orthogonal to the basis continues the run
+(``β_j = 0``, so ``T`` splits into blocks) — needed to find every copy of a
+repeated eigenvalue, as in the host-driven solver.
+
+Batching: ``lax.map`` on CPU; ``vmap`` on GPU. A vmapped batch lowers the
+small ``eigh`` of ``T`` to batched LAPACK calls inside the while loop, which
+hang XLA:CPU's thread pool here (4 landscapes of ``n = 96`` never return; the
+same under ``lax.map`` take seconds), as :func:`geomcollapse.landscapes.map_landscapes`
+notes for dense ``eigh``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+class LanczosRun(NamedTuple):
+    """A traced Lanczos decomposition ``A Qᵀ = Qᵀ T + β_{m−1} q_m e_mᵀ`` (``Q`` holds rows).
+
+    Attributes:
+      basis: ``(max_steps, n)`` orthonormal rows ``q_0 … q_{m−1}``; zero rows
+        past ``num_steps``.
+      alpha: ``(max_steps,)`` diagonal of ``T``; zero past ``num_steps``.
+      beta: ``(max_steps,)``; ``beta[j]`` couples ``q_j`` and ``q_{j+1}`` (zero at a
+        restart); ``beta[num_steps − 1]`` is the residual norm ``β_m``.
+      num_steps: ``()`` int32, the number ``m`` of completed steps.
+      restarted: ``()`` bool, the last step ended in a restart.
+      exhausted: ``()`` bool, the Krylov space is invariant (no restart key) or
+        the basis spans the whole space.
+    """
+
+    basis: jax.Array
+    alpha: jax.Array
+    beta: jax.Array
+    num_steps: jax.Array
+    restarted: jax.Array
+    exhausted: jax.Array
+
+
+class Ritz(NamedTuple):
+    """Eigendecomposition ``T = S diag(θ) Sᵀ`` of a run's tridiagonal, padded to ``max_steps``.
+
+    Attributes:
+      values: ``(max_steps,)`` ascending; the last ``num_steps`` are the Ritz values.
+      vectors: ``(max_steps, max_steps)``, columns ``s_i``; padding columns are
+        zero on the run's rows.
+      valid: ``(max_steps,)`` bool, which columns are Ritz pairs.
+    """
+
+    values: jax.Array
+    vectors: jax.Array
+    valid: jax.Array
+
+
+def ritz(run: LanczosRun) -> Ritz:
+    """The Ritz decomposition of ``run``'s ``T`` (one ``(max_steps, max_steps)`` ``eigh``).
+
+    Rows past ``num_steps`` are padded with a diagonal entry below every Ritz
+    value (Gershgorin), so the Ritz pairs are the last ``num_steps`` columns and
+    the padding never mixes with them.
+    """
+    m = run.alpha.shape[0]
+    rows = jnp.arange(m)
+    inside = rows < run.num_steps
+    bound = 1.0 + jnp.max(jnp.abs(run.alpha)) + 2.0 * jnp.max(jnp.abs(run.beta))
+    diag = jnp.where(inside, run.alpha, -2.0 * bound)
+    off = jnp.where(rows[:-1] < run.num_steps - 1, run.beta[:-1], 0.0)
+    T = jnp.diag(diag) + jnp.diag(off, 1) + jnp.diag(off, -1)
+
+    # eigh of the smallest leading block (multiple of _BUCKET) holding the run, so a
+    # check costs O(num_steps³), not O(max_steps³): with max_steps = 64 and runs of
+    # 16 steps this was 60 % of the batched landscape benchmark.
+    def leading(b: int):
+        def solve(T):
+            values, vectors = jnp.linalg.eigh(T[:b, :b])
+            pad = m - b
+            values = jnp.concatenate([jnp.full((pad,), -2.0 * bound, T.dtype), values])
+            full = jnp.zeros((m, m), T.dtype).at[:b, pad:].set(vectors)
+            return values, full.at[b:, :pad].set(jnp.eye(pad, dtype=T.dtype))
+
+        return solve
+
+    sizes = sorted({*range(_BUCKET, m, _BUCKET), m})
+    index = jnp.searchsorted(jnp.asarray(sizes), run.num_steps)
+    values, vectors = jax.lax.switch(index, [leading(b) for b in sizes], T)
+    return Ritz(values, vectors, rows >= m - run.num_steps)
+
+
+_BUCKET = 8
+
+
+def default_tol(dtype) -> float:
+    """``100·eps``: residual/error tolerance the traced solvers reach in ``dtype``."""
+    return 100 * float(jnp.finfo(dtype).eps)
+
+
+def lanczos(
+    matvec: Callable[[jax.Array], jax.Array],
+    v0: jax.Array,
+    max_steps: int,
+    stop: Callable[[LanczosRun], jax.Array],
+    *,
+    check_every: int = 8,
+    restart_key: jax.Array | None = None,
+) -> LanczosRun:
+    """Lanczos with full reorthogonalisation until ``stop(run)`` or ``max_steps``; traced.
+
+    Args:
+      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      v0: ``(n,)`` non-zero start vector (normalised here).
+      max_steps: static capacity ``m_max ≤ n``.
+      stop: ``LanczosRun -> bool`` scalar, evaluated after every
+        ``check_every`` steps (and never right after a restart).
+      check_every: static block length between stopping checks.
+      restart_key: continue past a breakdown from random vectors drawn from
+        this key; ``None`` ends the run there (the Krylov space is invariant).
+
+    Returns:
+      The :class:`LanczosRun`; ``num_steps < max_steps`` iff stopped or exhausted.
+    """
+    n = v0.shape[0]
+    if not 1 <= max_steps <= n:
+        raise ValueError(f"max_steps must be in [1, n={n}], got {max_steps}")
+    if check_every < 1:
+        raise ValueError(f"check_every must be ≥ 1, got {check_every}")
+    dtype = v0.dtype
+    eps = jnp.finfo(dtype).eps
+    dot = lambda a, b: jnp.dot(a, b, precision=_HIGHEST)  # noqa: E731
+
+    # Gram-Schmidt against the smallest leading block of rows holding the basis
+    # (same buckets as `ritz`): a step costs O(j·n), not O(max_steps·n).
+    sizes = sorted({*range(_BUCKET, max_steps, _BUCKET), max_steps})
+
+    def against(b: int):
+        def passes(basis, w):
+            rows = basis[:b]
+            for _ in range(2):
+                w = w - dot(dot(rows, w), rows)
+            return w
+
+        return passes
+
+    def orthogonalize(basis, w, filled):
+        index = jnp.searchsorted(jnp.asarray(sizes), filled)
+        return jax.lax.switch(index, [against(b) for b in sizes], basis, w)
+
+    def step(run: LanczosRun) -> LanczosRun:
+        j = run.num_steps
+        q = run.basis[j]
+        q_prev = run.basis[jnp.maximum(j - 1, 0)]
+        beta_prev = jnp.where(j > 0, run.beta[jnp.maximum(j - 1, 0)], 0.0)
+        w = matvec(q)
+        a = dot(q, w)
+        w = orthogonalize(run.basis, w - a * q - beta_prev * q_prev, j + 1)
+        b = jnp.linalg.norm(w)
+        scale = jnp.maximum(jnp.max(jnp.abs(run.alpha)), jnp.abs(a)) + jnp.max(run.beta)
+        breakdown = b <= 8 * eps * jnp.maximum(scale, jnp.finfo(dtype).tiny)
+        if restart_key is None:
+            fresh = jnp.zeros_like(w)
+        else:
+            fresh = jax.random.normal(jax.random.fold_in(restart_key, j), (n,), dtype)
+            fresh = orthogonalize(run.basis, fresh, j + 1)
+        fresh_norm = jnp.linalg.norm(fresh)
+        can_restart = fresh_norm > jnp.sqrt(eps)  # zero once the basis spans R^n
+        nxt = jnp.where(breakdown, fresh / jnp.where(can_restart, fresh_norm, 1.0), w / b)
+        exhausted = (breakdown & ~can_restart) | (j + 1 >= n)
+        basis = jnp.where(
+            exhausted | (j + 1 >= run.basis.shape[0]),
+            run.basis,
+            run.basis.at[jnp.minimum(j + 1, run.basis.shape[0] - 1)].set(nxt),
+        )
+        return LanczosRun(
+            basis=basis,
+            alpha=run.alpha.at[j].set(a),
+            beta=run.beta.at[j].set(jnp.where(breakdown, 0.0, b)),
+            num_steps=j + 1,
+            restarted=breakdown & can_restart,
+            exhausted=exhausted,
+        )
+
+    def active(run: LanczosRun):
+        return (run.num_steps < max_steps) & ~run.exhausted
+
+    def block(carry):
+        run, _ = carry
+        run = jax.lax.fori_loop(
+            0, check_every, lambda _, r: jax.lax.cond(active(r), step, lambda r: r, r), run
+        )
+        done = ~active(run) | (~run.restarted & stop(run))
+        return run, done
+
+    basis = jnp.zeros((max_steps, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    zeros = jnp.zeros((max_steps,), dtype)
+    start = LanczosRun(basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False))
+    run, _ = jax.lax.while_loop(lambda c: ~c[1], block, (start, jnp.bool_(False)))
+    return run
+
+
+class TracedEigenpairs(NamedTuple):
+    """Top-``k`` eigenpairs from :func:`top_eigenpairs_traced` (all arrays; vmaps).
+
+    Attributes:
+      values: ``(k,)`` descending.
+      vectors: ``(k, n)`` unit rows.
+      residuals: ``(k,)`` ``‖A v − λ v‖`` (the Lanczos estimate ``β_m |s_{m,i}|``,
+        equal to the true residual to rounding under full reorthogonalisation).
+      converged: ``()`` bool, every residual ``≤ tol·|λ₁|``.
+      num_matvecs: ``()`` int32.
+    """
+
+    values: jax.Array
+    vectors: jax.Array
+    residuals: jax.Array
+    converged: jax.Array
+    num_matvecs: jax.Array
+
+
+def _top(run: LanczosRun, k: int):
+    r = ritz(run)
+    last = jnp.maximum(run.num_steps - 1, 0)
+    top = r.vectors[:, -k:][:, ::-1]  # (m, k) descending
+    beta_m = jnp.where(run.exhausted, 0.0, run.beta[last])
+    residuals = jnp.abs(beta_m * top[last])
+    values = r.values[-k:][::-1]
+    found = r.valid[-k:][::-1]
+    return values, top, residuals, found
+
+
+def top_eigenpairs_traced(
+    matvec: Callable[[jax.Array], jax.Array],
+    v0: jax.Array,
+    k: int,
+    *,
+    key: jax.Array,
+    tol: float | None = None,
+    max_steps: int | None = None,
+    check_every: int = 4,
+) -> TracedEigenpairs:
+    """Top-``k`` (algebraic) eigenpairs of a symmetric ``matvec``, inside ``jit``/``vmap``.
+
+    Stops once every top-``k`` Ritz pair has ``β_m |s_{m,i}| ≤ tol·|θ₁|`` (checked
+    every ``check_every`` steps) or after ``max_steps`` (``converged`` False,
+    values still finite). Restarts from ``key`` at a breakdown, so repeated and
+    rank-deficient spectra are found whole.
+
+    Args:
+      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      v0: ``(n,)`` start vector (e.g. ``jax.random.normal``).
+      k: static number of pairs, ``≤ max_steps``.
+      key: restart key.
+      tol: relative residual tolerance (default ``100·eps`` of ``v0``'s dtype).
+      max_steps: static basis capacity (default ``min(n, max(4k, 64))``).
+    """
+    n = v0.shape[0]
+    max_steps = min(n, max(4 * k, 64)) if max_steps is None else max_steps
+    tol = default_tol(v0.dtype) if tol is None else tol
+    if not 1 <= k <= max_steps <= n:
+        raise ValueError(f"need 1 ≤ k ≤ max_steps ≤ n, got k={k}, max_steps={max_steps}, n={n}")
+
+    def stop(run: LanczosRun):
+        values, _, residuals, found = _top(run, k)
+        return jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0]))
+
+    run = lanczos(matvec, v0, max_steps, stop, check_every=check_every, restart_key=key)
+    values, top, residuals, found = _top(run, k)
+    vectors = jnp.dot(top.T, run.basis, precision=_HIGHEST)
+    return TracedEigenpairs(
+        values=jnp.where(found, values, 0.0),
+        vectors=jnp.where(found[:, None], vectors, 0.0),
+        residuals=jnp.where(found, residuals, 0.0),
+        converged=jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0])),
+        num_matvecs=run.num_steps,
+    )
