@@ -8,6 +8,7 @@ import jax
 import numpy as np
 
 from benchmarks import curvature_speed, landscape_batch
+from geomcollapse import landscapes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,12 +39,18 @@ def test_readme_python_examples_execute():
 
 
 def test_landscape_batch_benchmark_runs_and_agrees_with_the_loop(tmp_path):
-    result = landscape_batch.main(quick=True, num=8, n=16, num_times=8, outdir=tmp_path)
+    result = landscape_batch.main(quick=True, num=8, n=24, num_times=8, outdir=tmp_path)
     saved = json.loads(next(tmp_path.glob("landscape_batch_*.json")).read_text())
-    assert saved["num_landscapes"] == 8 and saved["vmapped_seconds"] > 0
-    # the vmapped call computes each landscape's own numbers
-    assert result["max_rel_deviation_vmap_vs_loop"] < 1e-12
+    assert saved["num_landscapes"] == 8 and saved["one_call_seconds"]["krylov"] > 0
+    # one call computes each landscape's own numbers, by either route
+    assert result["max_rel_deviation_one_call_vs_loop"] < 1e-12
     assert result["max_rel_deviation_coupling_vs_aic"] < 1e-10
-    assert "(8 landscapes, n = 16)" in landscape_batch.markdown_table(saved)
+    # the Krylov route converged and agrees with the dense-eigh route
+    assert saved["krylov_all_converged"] and saved["all_finite"]
+    dev = saved["max_rel_deviation_krylov_vs_dense"]
+    assert set(dev) == set(landscapes.QuadraticSummary._fields)
+    assert all(value < 1e-8 for value in dev.values()), dev
+    assert "(8 landscapes, n = 24)" in landscape_batch.markdown_table(saved)
     vmapped = landscape_batch.main(quick=True, num=4, n=8, num_times=4, outdir=tmp_path, vmap=True)
-    assert vmapped["one_call_mode"] == "vmap" and vmapped["max_rel_deviation_vmap_vs_loop"] < 1e-12
+    assert vmapped["one_call_mode"]["dense"] == "vmap"
+    assert vmapped["max_rel_deviation_one_call_vs_loop"] < 1e-12
