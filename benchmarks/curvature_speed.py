@@ -1,13 +1,21 @@
-"""Curvature-operator and top-k eigensolver speed on the fixed benchmark problem (issue #2).
+"""Curvature-operator and top-k eigensolver speed on the fixed benchmark problems (issue #2).
 
-Problem: MLP 784-256-256-10, tanh (269,322 parameters), 512 Gaussian-mixture
-examples, mean cross-entropy, 5 GD steps (``geomcollapse.models.mlp_problem``).
+Problems (``--model``):
+
+* ``mlp`` (default): MLP 784-256-256-10, tanh (269,322 parameters), 512
+  Gaussian-mixture examples, mean cross-entropy, 5 GD steps
+  (``geomcollapse.models.mlp_problem``).
+* ``transformer``: the ``small`` decoder-only transformer of issue #4
+  (1,016,256 parameters), 64 base-task sequences (``tasks.base_tasks``, cut
+  to the longest: 14 tokens), mean next-token cross-entropy over every
+  position, 5 GD steps (learning rate 0.1) from the seeded initialisation.
+
 Everything is reported as ratios measured in one run: operator time / gradient
 time; Lanczos wall / (matvecs × HVP time); ours vs ``scipy.sparse.linalg.eigsh``
 over the same jitted HVP at the same tolerance. Writes
-``benchmarks/results/curvature_speed_<platform>.json``.
+``benchmarks/results/curvature_speed[_transformer]_<platform>.json``.
 
-Run: ``.venv/bin/python -m benchmarks.curvature_speed [--quick]``.
+Run: ``.venv/bin/python -m benchmarks.curvature_speed [--quick] [--model transformer]``.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,9 +39,59 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 from benchmarks import _common
 from benchmarks._common import machine_info
 from geomcollapse import curvature as cv
-from geomcollapse import linalg, models
+from geomcollapse import linalg, models, tasks
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class TransformerProblem(NamedTuple):
+    """A transformer language-modelling problem with :class:`models.MLPProblem`'s methods.
+
+    ``batch.x`` are ``(N, T)`` int32 tokens, ``batch.y`` ``(N, T)`` next-token
+    targets; the loss is the mean cross-entropy over all ``N·T`` positions.
+    """
+
+    params: Any
+    batch: models.Batch
+    config: models.TransformerConfig
+
+    def logits(self, params: Any, batch: models.Batch) -> jax.Array:
+        """``(N, T, V)`` logits, computed in the dtype of ``params``."""
+        dtype = jax.tree_util.tree_leaves(params)[0].dtype
+        graphdef, _ = models.transformer_abstract(self.config, dtype)
+        return models.transformer_logits(graphdef)(params, batch.x)
+
+    def loss(self, params: Any, batch: models.Batch) -> jax.Array:
+        """Mean next-token cross-entropy over every position."""
+        return models.softmax_cross_entropy(self.logits(params, batch), batch.y)
+
+    def example_loss(self, params: Any, example: models.Batch) -> jax.Array:
+        """Mean cross-entropy of one sequence (``x``, ``y`` of shape ``(T,)``)."""
+        one = models.Batch(example.x[None], example.y[None])
+        return models.softmax_cross_entropy(self.logits(params, one), one.y)
+
+
+def transformer_problem(
+    key: jax.Array, size: str = "small", num_sequences: int = 64, gd_steps: int = 5
+) -> TransformerProblem:
+    """The fixed transformer problem (see the module docstring)."""
+    k_data, k_init = jax.random.split(key)
+    data = tasks.base_tasks(k_data, num_sequences).truncated()
+    batch = models.Batch(jnp.asarray(data.tokens), jnp.asarray(data.targets))
+    config = models.transformer_config(size)
+    _, params = models.transformer_init(k_init, config)
+    problem = TransformerProblem(params, batch, config)
+    grad = jax.jit(jax.grad(problem.loss))
+    for _ in range(gd_steps):
+        params = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, grad(params, batch))
+    return problem._replace(params=params)
+
+
+def _as_float64(batch: models.Batch) -> models.Batch:
+    """``batch`` with its floating leaves in float64 (token ids stay integers)."""
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(jnp.float64) if jnp.issubdtype(a.dtype, jnp.floating) else a, batch
+    )
 
 
 def _once(fn, args) -> float:
@@ -130,7 +189,7 @@ def eigen_benchmarks(problem, grad_seconds, tols, k=10):
     # float64 reference on the same parameters (x64 enabled only for this block).
     with jax.enable_x64(True):
         p64 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), params)
-        b64 = batch._replace(x=batch.x.astype(jnp.float64))
+        b64 = _as_float64(batch)
         hvp64 = jax.jit(cv.hessian_vp(problem.loss))
         t0 = time.perf_counter()
         ref = linalg.top_eigenpairs(
@@ -251,28 +310,52 @@ def main(
     sizes: tuple[int, ...] = (784, 256, 256, 10),
     num_examples: int = 512,
     outdir: Path = RESULTS,
+    model: str = "mlp",
+    transformer_size: str = "small",
 ) -> dict:
-    """Run the benchmark; the defaults are the fixed problem (269,322 parameters)."""
-    problem = models.mlp_problem(jax.random.key(0), sizes, num_examples)
+    """Run the benchmark; the defaults are the fixed problems.
+
+    ``model='mlp'`` uses ``sizes`` and ``num_examples`` (269,322 parameters by
+    default); ``model='transformer'`` uses ``transformer_size`` (``'small'``:
+    1,016,256 parameters) and ``num_examples`` sequences.
+    """
+    if model == "mlp":
+        problem = models.mlp_problem(jax.random.key(0), sizes, num_examples)
+        label = (
+            f"MLP {'-'.join(map(str, sizes))} tanh, {num_examples} examples, mean CE, 5 GD steps"
+        )
+    elif model == "transformer":
+        problem = transformer_problem(jax.random.key(0), transformer_size, num_examples)
+        label = (
+            f"transformer '{transformer_size}', {num_examples} base-task sequences of "
+            f"{problem.batch.x.shape[1]} tokens, mean next-token CE, 5 GD steps"
+        )
+    else:
+        raise ValueError(f"model must be 'mlp' or 'transformer', got {model!r}")
     n = cv.num_params(problem.params)
     ops = operator_timings(problem, repeats=5 if quick else 30)
     s = ops["seconds"]
     eig = eigen_benchmarks(problem, s["gradient"], tols=(1e-3,) if quick else (1e-3, 1e-6))
     result = {
-        "problem": "MLP 784-256-256-10 tanh, 512 examples, mean CE, 5 GD steps",
+        "problem": label,
+        "model": model,
         "num_params": n,
         "machine": machine_info(),
         "operators": ops,
         "top10_hessian": eig,
     }
-    _common.write_result("curvature_speed", result, quick, outdir)
+    stem = "curvature_speed" if model == "mlp" else "curvature_speed_transformer"
+    _common.write_result(stem, result, quick, outdir)
     print(markdown_table(result))
     return result
 
 
 def update_readme(result: dict, readme: Path = _common.README) -> None:
-    """Replace the table between the README's benchmark-table markers."""
-    _common.replace_table("benchmark-table", markdown_table(result), readme)
+    """Replace the table between the README's markers for the result's model."""
+    marker = (
+        "benchmark-table" if result.get("model", "mlp") == "mlp" else "benchmark-table-transformer"
+    )
+    _common.replace_table(marker, markdown_table(result), readme)
 
 
 if __name__ == "__main__":
@@ -283,8 +366,14 @@ if __name__ == "__main__":
         action="store_true",
         help="only rewrite README's table from the saved CPU result",
     )
+    parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
     args = parser.parse_args()
     if args.readme:
-        update_readme(json.loads((RESULTS / "curvature_speed_cpu.json").read_text()))
+        for stem in ("curvature_speed", "curvature_speed_transformer"):
+            path = RESULTS / f"{stem}_cpu.json"
+            if path.exists():
+                update_readme(json.loads(path.read_text()))
+    elif args.model == "transformer":
+        main(args.quick, num_examples=64, model="transformer")
     else:
         main(args.quick)

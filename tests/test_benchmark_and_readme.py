@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from benchmarks import curvature_speed, landscape_batch
-from geomcollapse import landscapes
+from geomcollapse import curvature, landscapes, models
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,23 @@ def test_benchmark_runs_on_a_tiny_problem(tmp_path):
     run = saved["top10_hessian"]["runs"][0]
     assert run["ours"]["all_converged"]
     # both solvers find the float64 reference top-10 to float32 accuracy at tol 1e-3
+    assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
+
+
+def test_benchmark_runs_on_the_tiny_transformer(tmp_path):
+    with jax.enable_x64(False):
+        result = curvature_speed.main(
+            quick=True,
+            num_examples=8,
+            outdir=tmp_path,
+            model="transformer",
+            transformer_size="tiny",
+        )
+    saved = json.loads(next(tmp_path.glob("curvature_speed_transformer_*.json")).read_text())
+    _, params = models.transformer_init(jax.random.key(0), "tiny")
+    assert saved["num_params"] == result["num_params"] == curvature.num_params(params)
+    run = saved["top10_hessian"]["runs"][0]
+    assert run["ours"]["all_converged"]
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
 
 
