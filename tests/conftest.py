@@ -19,6 +19,25 @@ def rel_err(actual, expected) -> float:
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300))
 
 
+def eigensolver_spectra(n: int) -> dict[str, np.ndarray]:
+    """Eigenvalue sets of size ``n`` the eigensolvers must handle (clustered, repeated, ...)."""
+    return {
+        "clustered": np.r_[
+            10 + 1e-4 * np.arange(4), 6 + 1e-4 * np.arange(4), np.linspace(3, 0.1, n - 8)
+        ],
+        "repeated": np.r_[[10.0] * 3, [7.0] * 2, np.linspace(5, 0.1, n - 5)],
+        "decaying": 0.8 ** np.arange(n),
+        "rank_deficient": np.r_[np.linspace(9, 1, 6), np.zeros(n - 6)],
+    }
+
+
+def symmetric_with_spectrum(spectrum: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``U diag(spectrum) Uᵀ`` with a seeded random orthogonal ``U``."""
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((spectrum.size, spectrum.size)))
+    return (U * spectrum) @ U.T
+
+
 def tol_for(dtype, factor: float = 1e3) -> float:
     """Tolerance ``factor · eps(dtype)``."""
     return factor * float(jnp.finfo(dtype).eps)

@@ -10,24 +10,12 @@ import pytest
 from geomcollapse import curvature as cv
 from geomcollapse import linalg
 from geomcollapse.linalg._lanczos import _random_unit, _run_lanczos, _tridiagonal
-from tests.conftest import rel_err
+from tests.conftest import eigensolver_spectra, rel_err, symmetric_with_spectrum
 
 N = 240
 
-SPECTRA = {
-    "clustered": np.r_[
-        10 + 1e-4 * np.arange(4), 6 + 1e-4 * np.arange(4), np.linspace(3, 0.1, N - 8)
-    ],
-    "repeated": np.r_[[10.0] * 3, [7.0] * 2, np.linspace(5, 0.1, N - 5)],
-    "decaying": 0.8 ** np.arange(N),
-    "rank_deficient": np.r_[np.linspace(9, 1, 6), np.zeros(N - 6)],
-}
-
-
-def _operator(spectrum, seed=0):
-    rng = np.random.default_rng(seed)
-    U, _ = np.linalg.qr(rng.standard_normal((spectrum.size, spectrum.size)))
-    return (U * spectrum) @ U.T
+SPECTRA = eigensolver_spectra(N)
+_operator = symmetric_with_spectrum
 
 
 def _true_residuals(A, values, vectors):

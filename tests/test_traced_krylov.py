@@ -6,22 +6,15 @@ import numpy as np
 import pytest
 
 from geomcollapse import flow, landscapes, linalg
-from tests.conftest import rel_err
+from tests.conftest import eigensolver_spectra, rel_err, symmetric_with_spectrum
 
 N = 200
 SPECTRA = {
-    "clustered": np.r_[
-        10 + 1e-4 * np.arange(4), 6 + 1e-4 * np.arange(4), np.linspace(3, 0.1, N - 8)
-    ],
-    "decaying": 0.8 ** np.arange(N),
-    "rank_deficient": np.r_[np.linspace(9, 1, 6), np.zeros(N - 6)],
+    name: spectrum
+    for name, spectrum in eigensolver_spectra(N).items()
+    if name != "repeated"  # exact repeats: test_repeated_eigenvalues_found_whole_through_restarts
 }
-
-
-def _operator(spectrum, seed=0):
-    rng = np.random.default_rng(seed)
-    U, _ = np.linalg.qr(rng.standard_normal((spectrum.size, spectrum.size)))
-    return (U * spectrum) @ U.T
+_operator = symmetric_with_spectrum
 
 
 @jax.jit
