@@ -118,7 +118,8 @@ def krylov_quadratic_flow(
     the Krylov space ``K_m(A, c)`` (``m`` matvecs and one small ``eigh`` per check
     instead of a dense ``eigh(A)``), with ``m`` grown until the a-posteriori
     bound on ``‖x − x_m‖`` is ``≤ tol·‖x_m(t)‖`` at every time, or the space is
-    exhausted (then exact). Pure and traceable: jit, vmap or ``lax.map`` it.
+    exhausted (then exact). Pure and traceable: jit it; batch it with ``vmap`` on
+    GPU and ``lax.map`` on CPU (vmapped, it hangs XLA:CPU; see ``linalg._traced``).
 
     Args:
       matvec: ``v ↦ Av`` for symmetric ``A`` (any sign), traceable.

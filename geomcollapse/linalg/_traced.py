@@ -20,9 +20,10 @@ repeated eigenvalue, as in the host-driven solver.
 
 Batching: ``lax.map`` on CPU; ``vmap`` on GPU. A vmapped batch lowers the
 small ``eigh`` of ``T`` to batched LAPACK calls inside the while loop, which
-hang XLA:CPU's thread pool here (4 landscapes of ``n = 96`` never return; the
-same under ``lax.map`` take seconds), as :func:`geomcollapse.landscapes.map_landscapes`
-notes for dense ``eigh``.
+hang XLA:CPU's thread pool here (0 % CPU, never returns: 2 Krylov flows of
+``n = 96`` with ``max_steps`` 72–96, 64 landscape summaries of ``n = 256``; 2
+flows with ``max_steps ≤ 64`` return, and ``lax.map`` always does), as
+:func:`geomcollapse.landscapes.map_landscapes` notes for dense ``eigh``.
 """
 
 from __future__ import annotations
