@@ -1,5 +1,7 @@
 """Traced (jit-compiled) Lanczos, Krylov exact flow and Krylov landscape summary vs dense twins."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,6 +84,12 @@ def test_lanczos_identities_and_early_stop():
     np.testing.assert_allclose(S.T @ T @ S, np.diag(np.linalg.eigvalsh(T)), atol=1e-12)
 
 
+@functools.partial(jax.jit, static_argnames="max_steps")
+def _krylov_flow(A, c, ts, max_steps=None):
+    """One compile per shape, shared by the tests below."""
+    return flow.krylov_quadratic_flow(lambda v: A @ v, c, ts, max_steps=max_steps)
+
+
 def _quadratic(seed, n=120, shift=0.0, rank=None):
     rng = np.random.default_rng(seed)
     spectrum = rng.uniform(0.0, 4.0, n) - shift
@@ -97,9 +105,7 @@ def test_krylov_flow_matches_eigh_flow(shift, rank):
     A, c = _quadratic(3, shift=shift, rank=rank)
     ts = jnp.logspace(-8, 0, 33)
     ref = flow.quadratic_flow(jnp.asarray(A), jnp.asarray(c), ts)
-    out = jax.jit(lambda A, c: flow.krylov_quadratic_flow(lambda v: A @ v, c, ts))(
-        jnp.asarray(A), jnp.asarray(c)
-    )
+    out = _krylov_flow(jnp.asarray(A), jnp.asarray(c), ts)
     assert bool(out.converged) and int(out.num_matvecs) < 40
     err = np.linalg.norm(np.asarray(out.x - ref), axis=1) / np.linalg.norm(ref, axis=1)
     assert err.max() < 1e-13
@@ -107,7 +113,7 @@ def test_krylov_flow_matches_eigh_flow(shift, rank):
     # M when Pc = 0): resolved to full relative accuracy at small t, no cancellation.
     c0 = jnp.zeros(A.shape[0]).at[0].set(np.linalg.norm(c))
     ref = np.asarray(flow.quadratic_flow(jnp.asarray(A), c0, ts))[:, 1:]
-    ours = flow.krylov_quadratic_flow(lambda v: jnp.asarray(A) @ v, c0, ts).x[:, 1:]
+    ours = _krylov_flow(jnp.asarray(A), c0, ts).x[:, 1:]
     perp_err = np.linalg.norm(np.asarray(ours) - ref, axis=1) / np.linalg.norm(ref, axis=1)
     assert perp_err.max() < 1e-12
 
@@ -117,11 +123,11 @@ def test_krylov_flow_exhausted_space_is_exact_and_zero_c_is_zero():
     c = np.zeros(50)
     c[[3, 17, 40]] = [1.0, -2.0, 0.5]  # K(A, c) has dimension 3, exactly
     ts = jnp.logspace(-3, 1, 9)
-    out = flow.krylov_quadratic_flow(lambda v: jnp.asarray(A) @ v, jnp.asarray(c), ts)
+    out = _krylov_flow(jnp.asarray(A), jnp.asarray(c), ts)
     assert int(out.num_matvecs) == 3 and bool(out.converged)
     assert np.all(np.asarray(out.error) == 0.0)
     assert rel_err(out.x, flow.quadratic_flow(jnp.asarray(A), jnp.asarray(c), ts)) < 1e-13
-    zero = flow.krylov_quadratic_flow(lambda v: jnp.asarray(A) @ v, jnp.zeros(A.shape[0]), ts)
+    zero = _krylov_flow(jnp.asarray(A), jnp.zeros(A.shape[0]), ts)
     assert np.all(np.asarray(zero.x) == 0.0) and bool(zero.converged)
 
 
@@ -129,7 +135,7 @@ def test_krylov_flow_capacity_reached_reports_an_honest_error():
     A, c = _quadratic(5)
     A = 25.0 * A  # t‖A‖ up to 100: 8 Krylov steps cannot resolve it
     ts = jnp.logspace(-3, 0, 13)
-    out = flow.krylov_quadratic_flow(lambda v: jnp.asarray(A) @ v, jnp.asarray(c), ts, max_steps=8)
+    out = _krylov_flow(jnp.asarray(A), jnp.asarray(c), ts, max_steps=8)
     assert not bool(out.converged) and int(out.num_matvecs) == 8
     assert np.all(np.isfinite(np.asarray(out.x)))
     ref = np.asarray(flow.quadratic_flow(jnp.asarray(A), jnp.asarray(c), ts))
