@@ -58,8 +58,24 @@ def require_x64(name: str) -> None:
         raise ValueError(f"{name} runs in float64: enable jax_enable_x64 before calling main")
 
 
+GPU_SIZES = ("small",)  # configs a ``--full`` run selects
+
+
+def result_name(name: str, config) -> str:
+    """``name``, or ``<name>_<size>`` for a GPU-sized config (see :func:`finish`)."""
+    size = getattr(config, "size", None)
+    return f"{name}_{size}" if size in GPU_SIZES else name
+
+
 def finish(name: str, config, outdir: Path, fig, claims: list[Claim], **payload) -> dict:
-    """Save ``fig`` and the results JSON of experiment ``name``; return ``{result, claims}``."""
+    """Save ``fig`` and the results JSON of experiment ``name``; return ``{result, claims}``.
+
+    Files are ``figures/<name>.png`` and ``experiments/results/<name>.json``;
+    a GPU-sized config (``--full``, ``config.size`` in ``GPU_SIZES``) writes
+    ``<name>_<size>.*`` beside them, so it never overwrites what the main job
+    made.
+    """
+    name = result_name(name, config)
     figure = outdir / "figures" / f"{name}.png"
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=130)

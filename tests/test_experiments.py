@@ -3,10 +3,11 @@
 import json
 import shutil
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from experiments import reproduce, spectrum_mlp, transformer_fisher
+from experiments import _common, reproduce, spectrum_mlp, transformer_finetune, transformer_fisher
 from experiments._transformer import checkpoint_dir
 
 
@@ -94,3 +95,13 @@ def test_transformer_numbers(tiny_run):
         )
     finetune = json.loads((out / "experiments/results/transformer_finetune.json").read_text())
     assert finetune["aligned_metrics"]["harmfulness"] <= 0.05
+
+
+def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):
+    for size, stem in (("tiny", "transformer_finetune"), ("small", "transformer_finetune_small")):
+        config = transformer_finetune.Config(size=size)
+        assert _common.result_name(transformer_finetune.NAME, config) == stem
+        out = _common.finish(transformer_finetune.NAME, config, tmp_path, plt.figure(), [])
+        assert out["result"]["figure"] == f"figures/{stem}.png"
+        saved = json.loads((tmp_path / f"experiments/results/{stem}.json").read_text())
+        assert saved["config"]["size"] == size and (tmp_path / saved["figure"]).exists()
