@@ -76,7 +76,10 @@ class Ritz(NamedTuple):
 
 
 def ritz(run: LanczosRun) -> Ritz:
-    """The Ritz decomposition of ``run``'s ``T`` (one ``(max_steps, max_steps)`` ``eigh``).
+    """The Ritz decomposition of ``run``'s ``T``, padded to ``(max_steps, max_steps)``.
+
+    One ``eigh`` of the smallest leading ``b × b`` block (``b`` a multiple of 8)
+    that holds the run.
 
     Rows past ``num_steps`` are padded with a diagonal entry below every Ritz
     value (Gershgorin), so the Ritz pairs are the last ``num_steps`` columns and
