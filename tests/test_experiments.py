@@ -7,7 +7,14 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from experiments import _common, reproduce, spectrum_mlp, transformer_finetune, transformer_fisher
+from experiments import (
+    _common,
+    reproduce,
+    spectrum_mlp,
+    transformer_finetune,
+    transformer_fisher,
+    transformer_onset,
+)
 from experiments._transformer import checkpoint_dir
 
 
@@ -105,3 +112,16 @@ def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):
         assert out["result"]["figure"] == f"figures/{stem}.png"
         saved = json.loads((tmp_path / f"experiments/results/{stem}.json").read_text())
         assert saved["config"]["size"] == size and (tmp_path / saved["figure"]).exists()
+
+
+def test_onset_times_sample_every_fit_window():
+    grid = np.logspace(-5, np.log10(5e-3), 14)
+    narrow = (1e-5, 4.16e-5)  # the small model's t_c/100 window: 2 grid points
+    assert np.sum((grid >= narrow[0]) & (grid <= narrow[1])) == 2
+    empty = (3e-3, 1e-3)
+    ts = transformer_onset.times_for_windows(grid, [narrow, (1e-5, 5e-4), empty])
+    assert np.all(np.diff(ts) > 0) and set(grid) <= set(ts)
+    assert np.sum((ts >= narrow[0]) & (ts <= narrow[1])) >= 3
+    assert ts.size == grid.size + 6 - 1  # 6 added, one of them (1e-5) already on the grid
+    # windows the grid samples well enough keep the grid itself
+    assert transformer_onset.times_for_windows(grid, [(1e-5, 5e-4)]) is grid
