@@ -24,6 +24,8 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from geomcollapse import tasks  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -96,21 +98,41 @@ def quick_command(module) -> str:
     return f"python -m experiments.{module.NAME}{flag}"
 
 
+def task_subset(text: str) -> tuple[str, ...]:
+    """``'a,b'`` → ``('a', 'b')``, each a benign task; ``ValueError`` names any other."""
+    names = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in names if t not in tasks.BENIGN_TASKS]
+    if not names or unknown:
+        raise ValueError(
+            f"--tasks must list benign tasks from {sorted(tasks.BENIGN_TASKS)}, got {text!r}"
+        )
+    return names
+
+
 def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:
     """The ``__main__`` of an experiment.
 
     Landscape experiments default to the full config and take ``--quick``; the
     transformer experiments (``full_flag=True``) default to the CPU config
-    (``tiny``) and take ``--full`` for the GPU-sized one (``small``).
+    (``tiny``) and take ``--full`` for the GPU-sized one (``small``), and
+    ``--tasks a,b`` to run a subset of the benign tasks.
     """
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if full_flag:
         parser.add_argument("--full", action="store_true", help="the GPU-sized configuration")
+        parser.add_argument("--tasks", help="comma-separated benign tasks (default: the config's)")
     else:
         parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
     args = parser.parse_args()
     use_full = args.full if full_flag else not args.quick
     flag = (" --full" if use_full else "") if full_flag else ("" if use_full else " --quick")
+    config = full if use_full else quick
+    if getattr(args, "tasks", None):
+        try:
+            config = dataclasses.replace(config, tasks=task_subset(args.tasks))
+        except ValueError as err:
+            parser.error(str(err))
+        flag += f" --tasks {args.tasks}"
     command = f"python -m experiments.{name}{flag}"
-    for c in main(full if use_full else quick, command=command)["claims"]:
+    for c in main(config, command=command)["claims"]:
         print(f"[{c.verdict}] {c.claim}: {c.measured}")

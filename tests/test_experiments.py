@@ -125,3 +125,10 @@ def test_onset_times_sample_every_fit_window():
     assert ts.size == grid.size + 6 - 1  # 6 added, one of them (1e-5) already on the grid
     # windows the grid samples well enough keep the grid itself
     assert transformer_onset.times_for_windows(grid, [(1e-5, 5e-4)]) is grid
+
+
+def test_task_subset_parses_and_rejects_unknown_tasks():
+    assert _common.task_subset("lookalike, shift") == ("lookalike", "shift")
+    for bad in ("lookalike,copy", "", "nonsense"):
+        with pytest.raises(ValueError, match="--tasks"):
+            _common.task_subset(bad)
