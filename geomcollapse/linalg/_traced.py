@@ -106,13 +106,18 @@ def ritz(run: LanczosRun) -> Ritz:
 
         return solve
 
-    sizes = sorted({*range(_BUCKET, m, _BUCKET), m})
+    sizes = _buckets(m)
     index = jnp.searchsorted(jnp.asarray(sizes), run.num_steps)
     values, vectors = jax.lax.switch(index, [leading(b) for b in sizes], T)
     return Ritz(values, vectors, rows >= m - run.num_steps)
 
 
 _BUCKET = 8
+
+
+def _buckets(capacity: int) -> list[int]:
+    """Leading-block sizes ``8, 16, …, capacity`` that `ritz` and the Gram-Schmidt switch over."""
+    return sorted({*range(_BUCKET, capacity, _BUCKET), capacity})
 
 
 def default_tol(dtype) -> float:
@@ -155,7 +160,7 @@ def lanczos(
 
     # Gram-Schmidt against the smallest leading block of rows holding the basis
     # (same buckets as `ritz`): a step costs O(j·n), not O(max_steps·n).
-    sizes = sorted({*range(_BUCKET, max_steps, _BUCKET), max_steps})
+    sizes = _buckets(max_steps)
 
     def against(b: int):
         def passes(basis, w):
