@@ -26,6 +26,10 @@ def test_benchmark_runs_on_a_tiny_problem(tmp_path):
     assert run["ours"]["all_converged"]
     # both solvers find the float64 reference top-10 to float32 accuracy at tol 1e-3
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
+    # the seed sweep's seed 0 is the timed run's start vector: same count
+    seeds = saved["top10_hessian"]["matvecs_by_start_seed"]
+    assert seeds["ours"] == [run["ours"]["matvecs"]] and seeds["eigsh"] == [run["eigsh"]["matvecs"]]
+    assert "Matvecs at tol 0.001 over start vectors" in curvature_speed.markdown_table(saved)
 
 
 def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
