@@ -3,24 +3,29 @@
 Why our own Lanczos and not a library's (measured, see ``benchmarks/``):
 ``scipy.sparse.linalg.eigsh`` (ARPACK, implicit restarts with ``ncv = 2k+1``)
 spends more matvecs and host round trips than a plain full-reorthogonalisation
-Lanczos on the Hessians we care about (31 vs ≈ 26 HVPs for top-10 at 1e-3 on
-the benchmark MLP), and ``matfree`` runs a fixed depth with no residual-based
-stopping and stores the basis as ``(n, k)`` columns (≈ 2.5× its matvec time).
+Lanczos on the Hessians we care about (top-10 at 1e-3 over five start vectors:
+38-42 against 35-36 HVPs on the benchmark MLP, 35-36 against 31-34 on the
+benchmark transformer), and ``matfree`` runs a fixed depth with no
+residual-based stopping and stores the basis as ``(n, k)`` columns (≈ 2.5× its
+matvec time).
+
 Here the basis is stored row-wise in blocks of 8 rows ``(8, n)``: the
 reorthogonalisation is memory-bound, and a single preallocated ``(capacity, n)``
 buffer read its idle zero rows every step (2-4 HVPs of overhead per step on the
 benchmark) and recompiled for every capacity (≈ 0.4 s each). Blocks are read
 only when filled, each stays cache-hot between its two reads, and every kernel
-has one shape per ``n``. A single fused step kernel over one ``(capacity, n)``
-buffer (Gram-Schmidt blocks taken by ``dynamic_slice`` in a ``fori_loop``) was
-measured slower on CPU (36 steps at n = 269,322 with a diagonal matvec: 200 ms
-against 146 ms): XLA copies each sliced block before its dot. Each step is one
-user matvec, the three-term step and one block Gram-Schmidt pass (a second
-only when DGKS asks for it), at
-``Precision.HIGHEST`` (no TF32 on GPUs); the iteration stops as soon as every
-requested Ritz pair has ``‖A v − θ v‖ ≤ tol · |θ₁|``. With full
-reorthogonalisation the Lanczos residual ``|β_m s_{m,i}|`` equals the true
-residual to rounding, so no extra matvecs are spent on certification.
+has one shape per ``n``. Two single-kernel-per-step variants over one
+``(capacity, n)`` buffer were measured slower on CPU (36 steps at n = 269,322
+with a diagonal matvec, best of 8): blocks taken by ``dynamic_slice`` in a
+``fori_loop`` 200 ms (XLA copies each sliced block before its dot), one dot
+over a doubling buffer 174 ms, against 144-146 ms here.
+
+Each step is one user matvec, the three-term step and one block Gram-Schmidt
+pass (a second only when DGKS asks for it), at ``Precision.HIGHEST`` (no TF32
+on GPUs); the iteration stops as soon as every requested Ritz pair has
+``‖A v − θ v‖ ≤ tol · |θ₁|``. With full reorthogonalisation the Lanczos
+residual ``|β_m s_{m,i}|`` equals the true residual to rounding, so no extra
+matvecs are spent on certification.
 
 The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
