@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.sparse.linalg import LinearOperator, eigsh
 
-from benchmarks import _common
+from benchmarks import _common, block_lanczos
 from benchmarks._common import machine_info
 from geomcollapse import curvature as cv
 from geomcollapse import linalg, models, tasks
@@ -173,7 +173,9 @@ def eigsh_top(flat_hvp, n, dtype, k, tol, seed):
     return np.sort(vals)[::-1], count[0], time.perf_counter() - t0
 
 
-def eigen_benchmarks(problem, grad_seconds, tols, k=10, repeats=3, seed_runs=5):
+def eigen_benchmarks(
+    problem, grad_seconds, tols, k=10, repeats=3, seed_runs=5, block_sizes=(), block_seeds=3
+):
     params, batch = problem.params, problem.batch
     hvp = jax.jit(cv.hessian_vp(problem.loss))
     flat, unravel = cv.ravel(params)
@@ -272,6 +274,7 @@ def eigen_benchmarks(problem, grad_seconds, tols, k=10, repeats=3, seed_runs=5):
             ).num_matvecs
         )
         seeds["eigsh"].append(eigsh_top(flat_hvp, n, np.float32, k, tols[0], seed=seed)[1])
+    blocks = block_counts(flat_hvp_args, params, batch, flat, k, tols[0], block_sizes, block_seeds)
     return {
         "k": k,
         "reference": {
@@ -283,7 +286,33 @@ def eigen_benchmarks(problem, grad_seconds, tols, k=10, repeats=3, seed_runs=5):
         "ours_cold_first_call_s": cold_seconds,
         "runs": rows,
         "matvecs_by_start_seed": {"tol": tols[0], "seeds": list(range(seed_runs)), **seeds},
+        "block_lanczos": blocks,
     }
+
+
+def block_counts(flat_hvp_args, params, batch, flat, k, tol, block_sizes, num_seeds) -> list:
+    """Matvecs block Lanczos needs for the top-``k`` at ``tol``, per block size.
+
+    Also the vmapped HVP's time per vector relative to one HVP (interleaved
+    rounds), so ``matvecs × that ratio`` is the count in single-HVP times.
+    """
+    rows = []
+    single = (flat_hvp_args, (flat, params, batch))
+    for b in block_sizes:
+        batched = jax.jit(jax.vmap(flat_hvp_args, in_axes=(0, None, None)))
+        xs = jnp.stack([flat] * b)
+        times = round_robin({"one": single, "batch": (batched, (xs, params, batch))}, 10)
+        per_vector = float(np.median(np.asarray(times["batch"]) / (b * np.asarray(times["one"]))))
+
+        def matvec(V, batched=batched):
+            return np.asarray(batched(jnp.asarray(V, flat.dtype), params, batch))
+
+        counts = [
+            block_lanczos.block_lanczos_top(matvec, flat.size, k, b, tol=tol, seed=seed)[0]
+            for seed in range(num_seeds)
+        ]
+        rows.append({"block_size": b, "matvecs": counts, "vmapped_time_per_vector": per_vector})
+    return rows
 
 
 def markdown_table(result: dict) -> str:
@@ -326,6 +355,21 @@ def markdown_table(result: dict) -> str:
             f"{', '.join(map(str, seeds['ours']))}; "
             f"scipy eigsh {', '.join(map(str, seeds['eigsh']))}.",
         ]
+    block_rows = result["top10_hessian"].get("block_lanczos", [])
+    if block_rows:
+        lines += [
+            "",
+            f"| block Lanczos, top-10 at {seeds['tol']:g} | matvecs (start seeds 0, 1, …) "
+            "| vmapped HVP time per vector / one HVP | matvecs in one-HVP times |",
+            "|---|---|---|---|",
+        ]
+        for row in block_rows:
+            counts = [c for c in row["matvecs"] if c is not None]
+            equivalent = np.median(counts) * row["vmapped_time_per_vector"] if counts else np.nan
+            lines.append(
+                f"| block size {row['block_size']} | {', '.join(map(str, row['matvecs']))} "
+                f"| {row['vmapped_time_per_vector']:.2f} | {equivalent:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -365,6 +409,7 @@ def main(
         tols=(1e-3,) if quick else (1e-3, 1e-6),
         repeats=1 if quick else 3,
         seed_runs=1 if quick else 5,
+        block_sizes=() if quick or model != "mlp" else (2, 4, 10),
     )
     result = {
         "problem": label,

@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks import curvature_speed, landscape_batch
+from benchmarks import block_lanczos, curvature_speed, landscape_batch
 from geomcollapse import curvature, landscapes, models
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,6 +32,29 @@ def test_benchmark_runs_on_a_tiny_problem(tmp_path):
     assert "Matvecs at tol 0.001 over start vectors" in curvature_speed.markdown_table(saved)
 
 
+def test_block_lanczos_counter_finds_the_dense_top_k():
+    """The benchmark's block-Lanczos matvec counter against ``numpy.linalg.eigh``."""
+    rng = np.random.default_rng(0)
+    n = 240
+    U = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    spectrum = np.r_[np.linspace(3.0, 2.0, 10), rng.uniform(-0.5, 1.0, n - 10)]
+    A = (U * spectrum) @ U.T
+    ref = np.sort(np.linalg.eigvalsh(A))[::-1][:10]
+    for b in (1, 2, 5):
+        matvecs, values = block_lanczos.block_lanczos_top(
+            lambda V: V @ A, n, 10, b, tol=1e-8, seed=b
+        )
+        assert matvecs is not None and matvecs % b == 0 and matvecs < n
+        np.testing.assert_allclose(values, ref, rtol=1e-10)
+    # a budget too small to converge is reported as None
+    assert (
+        block_lanczos.block_lanczos_top(
+            lambda V: V @ A, n, 10, 2, tol=1e-8, seed=0, max_matvecs=12
+        )[0]
+        is None
+    )
+
+
 def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
     with jax.enable_x64(False):
         problem = curvature_speed.transformer_problem(jax.random.key(0), "tiny", 4)
@@ -44,8 +67,13 @@ def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
         np.testing.assert_allclose(
             problem.loss(problem.params, problem.batch), per_sequence.mean(), rtol=1e-6
         )
-        eig = curvature_speed.eigen_benchmarks(problem, 1.0, tols=(1e-3,), k=4, repeats=1)
+        eig = curvature_speed.eigen_benchmarks(
+            problem, 1.0, tols=(1e-3,), k=4, repeats=1, block_sizes=(2,), block_seeds=1
+        )
     run = eig["runs"][0]
+    (block,) = eig["block_lanczos"]
+    assert block["block_size"] == 2 and block["matvecs"][0] % 2 == 0
+    assert 0 < block["vmapped_time_per_vector"] < 10
     assert run["ours"]["all_converged"]
     # both solvers find the float64 reference top-4 (tokens stay integers there)
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
