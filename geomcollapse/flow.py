@@ -95,11 +95,10 @@ def _krylov_coefficients(run, ts, c_norm):
     # ‖e(t)‖ ≤ t e^{t·max(0, −a_min)} max_{s≤t} β_m|z_{m−1}(s)|,
     # the max taken over the time grid (an estimate between grid points).
     last = jnp.maximum(run.num_steps - 1, 0)
-    beta_m = jnp.where(run.exhausted, 0.0, run.beta[last])
     order = jnp.argsort(ts)
     running = jax.lax.cummax(jnp.abs(z[order, last]))[jnp.argsort(order)]
     growth = jnp.exp(ts * jnp.maximum(0.0, -jnp.min(jnp.where(r.valid, r.values, jnp.inf))))
-    bound = ts * growth * beta_m * running
+    bound = ts * growth * run.residual_norm * running
     return z, bound
 
 
@@ -139,9 +138,12 @@ def krylov_quadratic_flow(
     c_norm = jnp.linalg.norm(c)
     start = jnp.where(c_norm > 0, c, jnp.zeros_like(c).at[0].set(1.0))
 
+    def within_tol(bound, z_norm):
+        return jnp.all(bound <= tol * z_norm)
+
     def stop(run):
         z, bound = _krylov_coefficients(run, ts, c_norm)
-        return jnp.all(bound <= tol * jnp.linalg.norm(z, axis=1))
+        return within_tol(bound, jnp.linalg.norm(z, axis=1))
 
     run = linalg.lanczos(matvec, start, max_steps, stop, check_every=check_every)
     z, bound = _krylov_coefficients(run, ts, c_norm)
@@ -151,7 +153,7 @@ def krylov_quadratic_flow(
         x=-jnp.dot(z, run.basis, precision=jax.lax.Precision.HIGHEST),
         error=error,
         num_matvecs=run.num_steps,
-        converged=jnp.all(bound <= tol * z_norm),
+        converged=within_tol(bound, z_norm),
     )
 
 

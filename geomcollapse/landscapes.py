@@ -662,7 +662,8 @@ def quadratic_summary_krylov(
     )
     path = flow.krylov_quadratic_flow(avp, c, ts, tol=tol, max_steps=max_steps)
     top = eig.vectors  # (d, n)
-    sqrt_top = jnp.sqrt(jnp.maximum(eig.values, 0.0))
+    weights = jnp.maximum(eig.values, 0.0)
+    sqrt_top = jnp.sqrt(weights)
     pc, pac = top @ c, top @ avp(c)
     c_perp = c - pc @ top
     x = path.x
@@ -675,7 +676,7 @@ def quadratic_summary_krylov(
         coupling=jnp.linalg.norm(sqrt_top * pac),
         tail_quadratic=c_perp @ fvp(c_perp),
         delta_u=jnp.maximum(0.5 * jnp.sum(x * (x @ F), axis=1), 0.0),
-        projected_loss=0.5 * jnp.sum(jnp.maximum(eig.values, 0.0) * xv**2, axis=1),
+        projected_loss=0.5 * jnp.sum(weights * xv**2, axis=1),
     )
     eig_residual = jnp.max(eig.residuals) / jnp.abs(eig.values[0])
     flow_error = jnp.max(path.error)

@@ -59,6 +59,11 @@ class LanczosRun(NamedTuple):
     restarted: jax.Array
     exhausted: jax.Array
 
+    @property
+    def residual_norm(self) -> jax.Array:
+        """``()`` ``β_m``, the norm of the residual row; zero when exhausted (exact)."""
+        return jnp.where(self.exhausted, 0.0, self.beta[jnp.maximum(self.num_steps - 1, 0)])
+
 
 class Ritz(NamedTuple):
     """Eigendecomposition ``T = S diag(θ) Sᵀ`` of a run's tridiagonal, padded to ``max_steps``.
@@ -250,8 +255,7 @@ def _top(run: LanczosRun, k: int):
     r = ritz(run)
     last = jnp.maximum(run.num_steps - 1, 0)
     top = r.vectors[:, -k:][:, ::-1]  # (m, k) descending
-    beta_m = jnp.where(run.exhausted, 0.0, run.beta[last])
-    residuals = jnp.abs(beta_m * top[last])
+    residuals = jnp.abs(run.residual_norm * top[last])
     values = r.values[-k:][::-1]
     found = r.valid[-k:][::-1]
     return values, top, residuals, found
@@ -288,9 +292,12 @@ def top_eigenpairs_traced(
     if not 1 <= k <= max_steps <= n:
         raise ValueError(f"need 1 ≤ k ≤ max_steps ≤ n, got k={k}, max_steps={max_steps}, n={n}")
 
+    def certified(values, residuals, found):
+        return jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0]))
+
     def stop(run: LanczosRun):
         values, _, residuals, found = _top(run, k)
-        return jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0]))
+        return certified(values, residuals, found)
 
     run = lanczos(matvec, v0, max_steps, stop, check_every=check_every, restart_key=key)
     values, top, residuals, found = _top(run, k)
@@ -299,6 +306,6 @@ def top_eigenpairs_traced(
         values=jnp.where(found, values, 0.0),
         vectors=jnp.where(found[:, None], vectors, 0.0),
         residuals=jnp.where(found, residuals, 0.0),
-        converged=jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0])),
+        converged=certified(values, residuals, found),
         num_matvecs=run.num_steps,
     )
