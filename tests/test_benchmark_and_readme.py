@@ -9,6 +9,7 @@ import numpy as np
 
 from benchmarks import block_lanczos, curvature_speed, landscape_batch
 from geomcollapse import curvature, landscapes, models
+from tests.conftest import symmetric_with_spectrum
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,11 +35,9 @@ def test_benchmark_runs_on_a_tiny_problem(tmp_path):
 
 def test_block_lanczos_counter_finds_the_dense_top_k():
     """The benchmark's block-Lanczos matvec counter against ``numpy.linalg.eigh``."""
-    rng = np.random.default_rng(0)
     n = 240
-    U = np.linalg.qr(rng.standard_normal((n, n)))[0]
-    spectrum = np.r_[np.linspace(3.0, 2.0, 10), rng.uniform(-0.5, 1.0, n - 10)]
-    A = (U * spectrum) @ U.T
+    rng = np.random.default_rng(0)
+    A = symmetric_with_spectrum(np.r_[np.linspace(3.0, 2.0, 10), rng.uniform(-0.5, 1.0, n - 10)])
     ref = np.sort(np.linalg.eigvalsh(A))[::-1][:10]
     for b in (1, 2, 5):
         matvecs, values = block_lanczos.block_lanczos_top(
