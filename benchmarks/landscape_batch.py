@@ -1,6 +1,6 @@
 """Batched theory on quadratic landscapes: AIC + exact flow of many in one call (issue #3).
 
-1024 landscapes with ``n = 256`` (THEORY §4 construction, random targets),
+1024 landscapes with ``n = 256`` (docs/theory.md §4 construction, random targets),
 each: the AIC numbers and the exact ``Δu`` and projected loss at 64 times, in
 one jitted call, by two routes that compute the same numbers:
 
@@ -20,7 +20,7 @@ costs, the largest relative deviation of every summary field Krylov vs dense,
 matvec counts and convergence. Writes
 ``benchmarks/results/landscape_batch_<platform>.json``.
 
-The landscapes' drift gain ``κ`` (``A = κ·…``, THEORY §4) is drawn from
+The landscapes' drift gain ``κ`` (``A = κ·…``, docs/theory.md §4) is drawn from
 U(0.1, 2). Drawing a target *coupling* instead, as an earlier version did,
 gives ``κ`` up to ≈ 6000 on landscapes with a tiny ``ε``, and then ``x(t = 1)``
 overflows float64 in both routes (``Δu = inf``): not a useful benchmark input.

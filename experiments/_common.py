@@ -1,7 +1,7 @@
 """Shared plumbing for experiment scripts: float64 + headless plotting, claims, results, CLI.
 
 Importing this module is what makes an experiment an entry point: it enables
-``jax_enable_x64`` (theory checks are float64, THEORY §5) and selects the
+``jax_enable_x64`` (theory checks are float64, docs/theory.md §5) and selects the
 headless matplotlib backend, once, before any experiment code runs.
 """
 

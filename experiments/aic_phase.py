@@ -1,6 +1,6 @@
 """AIC phase diagram: alignment loss after a fixed time over (coupling κ, orthogonality ε).
 
-THEORY §4 construction: ``A = B + κ(uwᵀ + wuᵀ)`` with ``B`` block-diagonal in
+docs/theory.md §4 construction: ``A = B + κ(uwᵀ + wuᵀ)`` with ``B`` block-diagonal in
 ``range(P) ⊕ range(P)^⊥`` and ``c = εp + c_⊥``. Every cell shares ``B, u, w,
 p, c_⊥`` (one key) and ``F`` has no tail, so ``Δu = ½‖F^{1/2}Px‖²`` exactly.
 Claims: with ``ε = 0`` the skill is untouched iff ``κ = 0`` (orthogonality is
@@ -84,7 +84,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     quartic_ratio = col / (gamma[1:, 0] ** 2 / 8 * config.T**4)
     claims = [
         Claim(
-            "Def. 5.1 (3) / THEORY §4: with Pc = 0 the skill is untouched iff curvature "
+            "Def. 5.1 (3) / docs/theory.md §4: with Pc = 0 the skill is untouched iff curvature "
             "coupling is absent (κ = 0 ⇒ γ = 0 ⇒ Δu ≡ 0)",
             command,
             f"Δu(T) ≤ {config.zero_level:.0e} at κ = 0, ε = 0; > 0 for every κ > 0; "

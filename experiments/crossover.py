@@ -1,4 +1,4 @@
-"""Crossover from quadratic to quartic onset as ``‖Pc‖ = ε`` varies (THEORY §4).
+"""Crossover from quadratic to quartic onset as ``‖Pc‖ = ε`` varies (docs/theory.md §4).
 
 For ``Pc ≠ 0`` the projected loss starts as ``½‖a‖²t²`` and the quartic term
 takes over near ``t_c = 2‖a‖/γ`` (``a = F^{1/2}Pc``). The local log-log slope
@@ -84,7 +84,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     worst = float(np.max(errors))
     claims = [
         Claim(
-            "THEORY §4: crossover t_c = 2‖F^{1/2}Pc‖/γ from t² to t⁴ onset",
+            "docs/theory.md §4: crossover t_c = 2‖F^{1/2}Pc‖/γ from t² to t⁴ onset",
             command,
             f"measured slope-3 time / t_c − 1 → 0 with ε (≤ {config.tolerance:g} over the sweep)",
             f"max {worst:.2e} over ε ∈ [{min(config.epsilons):.0e}, {max(config.epsilons):.0e}]"

@@ -1,4 +1,4 @@
-"""Gradient descent against its closed form and the continuous flow (THEORY §4).
+"""Gradient descent against its closed form and the continuous flow (docs/theory.md §4).
 
 With ``Pc = 0`` and step ``η``, ``½‖F^{1/2}Px_k‖² ≈ ⅛γ²η⁴k²(k−1)²``; the flow at
 ``t = ηk`` gives ``⅛γ²η⁴k⁴``, so GD / flow → ``(k−1)²/k²``. Exact GD iterates
@@ -62,7 +62,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     err_flow = float(np.max(np.abs(gd / flow_at / ((ks - 1) ** 2 / ks**2) - 1)))
     claims = [
         Claim(
-            "THEORY §4: GD's projected loss is ⅛γ²η⁴k²(k−1)² when Pc = 0",
+            "docs/theory.md §4: GD's projected loss is ⅛γ²η⁴k²(k−1)² when Pc = 0",
             command,
             f"GD / closed form − 1 = O(ηk‖A‖) ≤ {config.tolerance:g}",
             f"max {err_closed:.1e} over k ∈ [2, {config.max_steps}] "
@@ -70,7 +70,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             err_closed <= config.tolerance,
         ),
         Claim(
-            "THEORY §4: GD tracks the flow at t = ηk, ratio (k−1)²/k²",
+            "docs/theory.md §4: GD tracks the flow at t = ηk, ratio (k−1)²/k²",
             command,
             f"GD / (flow · (k−1)²/k²) − 1 ≤ {config.tolerance:g}",
             f"max {err_flow:.1e}",

@@ -1,6 +1,6 @@
 """Thm 6.1 and the quartic onset on logistic landscapes, along numerical gradient flows.
 
-THEORY §5: skill and fine-tuning losses are multinomial logistic NLLs, so the
+docs/theory.md §5: skill and fine-tuning losses are multinomial logistic NLLs, so the
 skill's Hessian is its Fisher and ``Δu`` has a real cubic remainder. Along the
 diffrax flow of the fine-tuning loss, on many random landscapes:
 
@@ -166,7 +166,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             bool(np.max(np.abs(coefficient_ratio - 1)) <= 0.01),
         ),
         Claim(
-            "THEORY §5: without the correction (Pg ≠ 0) the onset is quadratic",
+            "docs/theory.md §5: without the correction (Pg ≠ 0) the onset is quadratic",
             command,
             f"exponent 2 ± {tol}, {int((~ortho).sum())} landscapes",
             f"min {exp2.min():.4f}, median {np.median(exp2):.4f}, max {exp2.max():.4f}",

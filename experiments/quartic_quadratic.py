@@ -1,4 +1,4 @@
-"""Quartic onset on a quadratic landscape (Thm 6.1, Thm 6.2, Cor. 6.3; THEORY §4).
+"""Quartic onset on a quadratic landscape (Thm 6.1, Thm 6.2, Cor. 6.3; docs/theory.md §4).
 
 With ``Pc = 0`` the projected loss ``½‖F^{1/2}Px(t)‖²`` follows ``⅛γ²t⁴`` from
 ``t = 0``; ``Δu`` adds the tail's quadratic floor until the quartic overtakes
@@ -79,7 +79,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             abs(fit.exponent - 4) <= 0.01,
         ),
         Claim(
-            "Cor. 6.3: quartic coefficient is γ²/8 (THEORY §4)",
+            "Cor. 6.3: quartic coefficient is γ²/8 (docs/theory.md §4)",
             command,
             f"½‖F^{{1/2}}Px‖² / (⅛γ²t⁴) → 1 as t → 0 (γ = {r.coupling:.3g})",
             f"ratio {ratio[0]:.6f} at t = {ts[0]:.0e}",
@@ -93,7 +93,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             decomposition_gap <= 1e-10,
         ),
         Claim(
-            "THEORY §4: the tail's t² floor in Δu is overtaken near 2(cᵀ(I−P)F(I−P)c)^{1/2}/γ",
+            "docs/theory.md §4: the tail's t² floor in Δu is passed near 2(cᵀ(I−P)F(I−P)c)^{1/2}/γ",
             command,
             f"Δu's local slope reaches 3 at t ≈ {r.tail_crossover_time:.3g}",
             f"t = {t3:.3g} (ratio {t3 / r.tail_crossover_time:.3f})",

@@ -1,7 +1,7 @@
 """Curvature spectra of a small MLP classifier: Hessian, Fisher (= GGN) and empirical Fisher.
 
 Checks, with the core engine only: the softmax Fisher-VP equals the GGN-VP of
-the cross-entropy (THEORY §1); Lanczos top-k is certified by its residuals and
+the cross-entropy (docs/theory.md §1); Lanczos top-k is certified by its residuals and
 agrees with the independent Gram route on the empirical Fisher; how much of
 the Fisher's trace sits in its top ``d`` eigenvalues (low-rank concentration,
 Def. 5.1 (1); Section 7 finds skill Fishers sharply low-rank). Writes
@@ -71,7 +71,7 @@ def _spectra(config: Config) -> dict:
     ggn = jax.jit(cv.ggn_vp(problem.logits, ce))
     efvp = jax.jit(cv.empirical_fisher_vp(problem.example_loss))
 
-    # Fisher-VP = GGN-VP for softmax cross-entropy (THEORY §1).
+    # Fisher-VP = GGN-VP for softmax cross-entropy (docs/theory.md §1).
     flat, unravel = cv.ravel(params)
     v = unravel(jax.random.normal(jax.random.fold_in(key, 1), flat.shape, flat.dtype))
     f_v, g_v = cv.ravel(fvp(params, v, batch))[0], cv.ravel(ggn(params, v, batch))[0]
@@ -176,7 +176,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     }
     claims = [
         Claim(
-            "THEORY §1: softmax Fisher F = GGN Jᵀ(diag p − ppᵀ)J of the cross-entropy",
+            "docs/theory.md §1: softmax Fisher F = GGN Jᵀ(diag p − ppᵀ)J of the cross-entropy",
             command,
             "‖Fv − Gv‖/‖Gv‖ = 0 (≤ 1e-12 in float64)",
             f"{s['fisher_ggn_rel']:.1e}",

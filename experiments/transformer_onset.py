@@ -2,7 +2,7 @@
 
 From ``θ*`` (float64), the gradient flow (diffrax Dopri8) of a benign task's
 loss, (i) as is and (ii) with ``P g(θ*)`` removed, ``L̃(θ) = L(θ) − ⟨P g(θ*), θ⟩``
-(THEORY §5: same Hessian, ``P g̃ = 0``). ``P`` projects on the top-``d``
+(docs/theory.md §5: same Hessian, ``P g̃ = 0``). ``P`` projects on the top-``d``
 eigenvectors of the true skill Fisher. Along each flow: the projected loss
 ``½‖F^{1/2}P(θ(t) − θ*)‖²`` and ``Δu(t)``. Predicted: onset exponent 4 for (ii)
 with ``t⁴`` coefficient ``⅛γ̃²``, ``γ̃ = ‖F^{1/2}PH(I−P)g‖`` (the AIC report of

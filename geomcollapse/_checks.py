@@ -21,6 +21,35 @@ def floating_leaves(tree: Any, name: str) -> list:
     return leaves
 
 
+def finite_leaves(tree: Any, name: str) -> list:
+    """Return the floating leaves of ``tree``; raise if any holds NaN or ±inf.
+
+    Only concrete arrays are checked (tracers pass through), so jitted callers
+    keep working; the check runs at the library's eager entry points.
+    """
+    leaves = floating_leaves(tree, name)
+    for i, leaf in enumerate(leaves):
+        if isinstance(leaf, jax.core.Tracer):
+            continue
+        arr = np.asarray(leaf)
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.sum(~np.isfinite(arr)))
+            where = f" (leaf {i})" if len(leaves) > 1 else ""
+            raise ValueError(f"{name} has {bad} non-finite (NaN or inf) entries{where}")
+    return leaves
+
+
+def finite_float(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a finite real number."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if not np.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    return out
+
+
 def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None:
     """Raise unless ``other`` has the tree structure, shapes and dtypes of ``reference``."""
     ref_def = jax.tree_util.tree_structure(reference)

@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("config", help="sweep config (.json, or .toml on Python ≥ 3.11)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (THEORY §5)
+    jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
     from geomcollapse import sweep as sweep_module
 
     try:

@@ -1,6 +1,6 @@
 """Gradient flows: exact on quadratics, diffrax ODE flow and optax optimizers for any loss.
 
-THEORY §4: for ``L = ½xᵀAx + cᵀx`` the flow ``ẋ = −(Ax + c)``, ``x(0) = 0`` is
+docs/theory.md §4: for ``L = ½xᵀAx + cᵀx`` the flow ``ẋ = −(Ax + c)``, ``x(0) = 0`` is
 ``x(t) = −t φ₁(−At) c`` with ``φ₁(z) = (eᶻ − 1)/z``. We evaluate it as
 ``x(t) = −t c + t² A φ₂(−At) c`` with ``φ₂(z) = (eᶻ − 1 − z)/z²``, so the
 component of ``x`` in ``M`` when ``Pc = 0`` (``t² PAφ₂c``) is computed with full
@@ -160,7 +160,7 @@ def krylov_quadratic_flow(
 def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.Array:
     """Gradient descent ``x_{k+1} = x_k − η(Ax_k + c)``, ``x_0 = 0``, in closed form.
 
-    ``x_k = −η Σ_{j<k} (I − ηA)^j c`` (THEORY §4), evaluated in ``A``'s
+    ``x_k = −η Σ_{j<k} (I − ηA)^j c`` (docs/theory.md §4), evaluated in ``A``'s
     eigenbasis as ``−η k c + ...`` without cancellation: each mode's factor is
     ``−η Σ_{j<k}(1 − ηa)^j = expm1(k log1p(−ηa))/a`` (``−ηk`` at ``a = 0``).
 
@@ -285,7 +285,7 @@ def optimizer_trajectory(
 ) -> PyTree:
     """Iterates ``θ_0 = θ0, …, θ_K`` of any optax optimizer on ``loss_fn`` (one ``lax.scan``).
 
-    ``optax.sgd(η)`` is gradient descent ``θ_{k+1} = θ_k − η g(θ_k)`` (THEORY §4).
+    ``optax.sgd(η)`` is gradient descent ``θ_{k+1} = θ_k − η g(θ_k)`` (docs/theory.md §4).
 
     Returns:
       ``theta0``'s pytree with a leading ``num_steps + 1`` axis.

@@ -1,4 +1,4 @@
-"""Quadratic landscapes with exact AIC numbers and exact flows (THEORY §4).
+"""Quadratic landscapes with exact AIC numbers and exact flows (docs/theory.md §4).
 
 In the coordinates ``x = θ − θ*``: fine-tuning loss ``L = ½xᵀAx + cᵀx``, skill
 loss ``u = ½xᵀFx`` (so ``Δu = ½‖F^{1/2}x‖²``). ``M`` is spanned by the top-``d``
@@ -164,7 +164,7 @@ def make_quadratic_landscape(
     curvature_scale: float = 1.0,
     dtype=jnp.float64,
 ) -> QuadraticLandscape:
-    """A quadratic landscape with chosen AIC numbers (THEORY §4 construction).
+    """A quadratic landscape with chosen AIC numbers (docs/theory.md §4 construction).
 
     ``F = V diag(λ) Vᵀ`` with ``λ_{1..d} = top`` and a geometric tail summing to
     ``tail_mass``; ``A = B + κ(uwᵀ + wuᵀ)`` with ``B`` block-diagonal in
@@ -255,7 +255,7 @@ def _logits(features: jax.Array, theta: jax.Array) -> jax.Array:
 
 
 def softmax_nll(features: jax.Array, targets: jax.Array, theta: jax.Array) -> jax.Array:
-    """``mean_k [logsumexp(W_k θ) − ⟨y_k, W_k θ⟩]``, the multinomial logistic NLL (THEORY §5).
+    """``mean_k [logsumexp(W_k θ) − ⟨y_k, W_k θ⟩]``, multinomial logistic NLL (docs/theory.md §5).
 
     Args:
       features: ``(K, C, n)`` per-example class features ``W_k``.
@@ -289,7 +289,7 @@ def _check_distribution(targets, name: str, classes: int) -> None:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LogisticLandscape:
-    """Skill and fine-tuning losses that are multinomial logistic NLLs (THEORY §5).
+    """Skill and fine-tuning losses that are multinomial logistic NLLs (docs/theory.md §5).
 
     ``u(θ) = softmax_nll(W^s, y^s, θ)`` and
     ``L(θ) = softmax_nll(W^f, y^f, θ) − ⟨r, θ − θ*⟩`` with an optional linear
@@ -398,7 +398,7 @@ class LogisticLandscape:
         return jnp.einsum("kc,kcn->n", r, self.skill_features) / self.skill_features.shape[0]
 
     def orthogonalized(self, d: int) -> LogisticLandscape:
-        """The landscape with ``r = P g₀(θ*)`` (THEORY §5), so ``P g(θ*) = 0``.
+        """The landscape with ``r = P g₀(θ*)`` (docs/theory.md §5), so ``P g(θ*) = 0``.
 
         ``P`` projects onto the top-``d`` eigenvectors of ``F(θ*)``; ``g₀`` is the
         gradient of the uncorrected fine-tuning NLL.

@@ -1,4 +1,4 @@
-"""Closed forms of THEORY.md §2-§4: the AIC report, flow series, crossover, exponent fits.
+"""Closed forms of docs/theory.md §2-§4: the AIC report, flow series, crossover, exponent fits.
 
 Symbols: ``x = θ − θ*``, fine-tuning loss ``L = ½xᵀAx + cᵀx`` (``g(θ*) = c``,
 ``H = A``), skill loss ``u = ½xᵀFx``, ``P`` the projector onto the top-``d``
@@ -43,7 +43,7 @@ class AICReport(NamedTuple):
 
 
 def crossover_time(fisher_orthogonality: float, coupling: float) -> float:
-    """``t_c = 2‖F^{1/2}Pc‖ / γ`` (THEORY §4); ``inf`` when ``γ = 0``."""
+    """``t_c = 2‖F^{1/2}Pc‖ / γ`` (docs/theory.md §4); ``inf`` when ``γ = 0``."""
     if coupling == 0:
         return float("inf") if fisher_orthogonality > 0 else 0.0
     return 2.0 * fisher_orthogonality / coupling
@@ -122,7 +122,7 @@ def report_from_measures(
 
 
 class SeriesCoefficients(NamedTuple):
-    """``½‖F^{1/2}Px(t)‖² = c2 t² + c3 t³ + c4 t⁴ + O(t⁵)`` (THEORY §4)."""
+    """``½‖F^{1/2}Px(t)‖² = c2 t² + c3 t³ + c4 t⁴ + O(t⁵)`` (docs/theory.md §4)."""
 
     c2: float
     c3: float
@@ -147,7 +147,7 @@ def series_coefficients(A: np.ndarray, c: np.ndarray, S: np.ndarray) -> SeriesCo
 
 
 def gd_projected_loss_approx(coupling: float, eta: float, k: np.ndarray) -> np.ndarray:
-    """``⅛ γ² η⁴ k²(k−1)²``: GD's projected loss after ``k`` steps when ``Pc = 0`` (THEORY §4)."""
+    """``⅛ γ² η⁴ k²(k−1)²``: GD's projected loss at step ``k`` if ``Pc = 0`` (docs/theory.md §4)."""
     k = np.asarray(k, np.float64)
     return 0.125 * coupling**2 * eta**4 * k**2 * (k - 1) ** 2
 
@@ -178,7 +178,7 @@ def fit_exponent(
     Raises ``ValueError`` for non-positive values, fewer than 3 points in the
     window, or a float32/float16 ``ys`` whose window reaches values at its
     rounding level (``≤ 10³ · eps · max|y|``): there the fit measures rounding,
-    not the law (THEORY §5: exponent fits need float64).
+    not the law (docs/theory.md §5: exponent fits need float64).
     """
     ts_arr = np.asarray(ts)
     ys_arr = np.asarray(ys)

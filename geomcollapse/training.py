@@ -6,7 +6,7 @@ All functions take ``logits_fn(params, tokens) -> (N, T, V)`` (e.g.
 
 * ``sequence_loss``: mean cross-entropy over answer tokens (the training loss).
 * ``skill_loss``: ``u(θ)``, mean NLL of ``REFUSE`` at the first answer position
-  of harmful prompts (THEORY §1: the skill loss).
+  of harmful prompts (docs/theory.md §1: the skill loss).
 * ``answer_logits``: the ``(N, V)`` logits at the first answer position; the
   skill Fisher ``F`` is the Fisher of this categorical output over harmful
   prompts (``curvature.fisher_vp(answer_logits(...))``).

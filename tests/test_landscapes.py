@@ -1,4 +1,4 @@
-"""Quadratic landscapes, exact flows and theory helpers against closed forms (THEORY §4)."""
+"""Quadratic landscapes, exact flows and theory helpers against closed forms (docs/theory.md §4)."""
 
 import math
 
@@ -33,7 +33,7 @@ def test_generator_hits_its_targets(name):
     if "coupling" in cfg:
         assert math.isclose(r.coupling, cfg["coupling"], rel_tol=1e-10)
         assert math.isclose(r.quartic_coefficient, cfg["coupling"] ** 2 / 8, rel_tol=1e-10)
-    else:  # κ = 0 and ε = 0: no coupling at all (THEORY §4)
+    else:  # κ = 0 and ε = 0: no coupling at all (docs/theory.md §4)
         assert r.coupling < 1e-12
 
 

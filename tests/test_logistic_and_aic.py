@@ -1,4 +1,4 @@
-"""Logistic landscapes (THEORY §5) and the matrix-free AIC (Def. 5.1) against dense twins."""
+"""Logistic landscapes (docs/theory.md §5) and the matrix-free AIC (Def. 5.1) vs dense twins."""
 
 import dataclasses
 import math

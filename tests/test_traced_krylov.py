@@ -109,7 +109,7 @@ def test_krylov_flow_matches_eigh_flow(shift, rank):
     assert bool(out.converged) and int(out.num_matvecs) < 40
     err = np.linalg.norm(np.asarray(out.x - ref), axis=1) / np.linalg.norm(ref, axis=1)
     assert err.max() < 1e-13
-    # With c along e₀, x(t)'s other coordinates are its t² part (THEORY §4, the part in
+    # With c along e₀, x(t)'s other coordinates are its t² part (docs/theory.md §4, the part in
     # M when Pc = 0): resolved to full relative accuracy at small t, no cancellation.
     c0 = jnp.zeros(A.shape[0]).at[0].set(np.linalg.norm(c))
     ref = np.asarray(flow.quadratic_flow(jnp.asarray(A), c0, ts))[:, 1:]

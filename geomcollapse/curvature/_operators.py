@@ -3,7 +3,7 @@
 Every factory takes a loss (or model) function whose first argument is the
 parameter pytree and returns a pure, jit-able function. Vectors ``v`` are
 pytrees with the structure, shapes and dtypes of ``params``; a mismatch raises
-``ValueError`` at trace time. Symbols follow THEORY.md §1: ``g = ∇L``,
+``ValueError`` at trace time. Symbols follow docs/theory.md §1: ``g = ∇L``,
 ``H = ∇g``, ``F = Jᵀ(diag p − ppᵀ)J``.
 """
 
@@ -93,7 +93,7 @@ def fisher_vp(logits_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
     computed without materialising ``J``. ``logits_fn(params, *args)`` returns
     logits of shape ``(..., C)``; the ``N`` rows are all leading positions, so
     ``F`` is the Fisher (= GGN) of the *mean* cross-entropy over those rows.
-    THEORY.md §1: at a minimum of a well-specified NLL, ``F`` equals the Hessian.
+    docs/theory.md §1: at a minimum of a well-specified NLL, ``F`` equals the Hessian.
 
     Returns:
       ``fvp(params, v, *args)``, a pytree like ``params``.
