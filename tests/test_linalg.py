@@ -66,7 +66,8 @@ def test_rank_deficient_is_zero_filled_and_flagged():
     assert res.converged.tolist() == [True] * 3 + [False] * 3
     assert np.all(np.asarray(res.values[3:]) == 0) and np.all(np.asarray(res.vectors[3:]) == 0)
     assert np.all(np.isfinite(np.asarray(res.vectors)))
-    assert res.num_matvecs <= 8  # 4-dim Krylov space, one restart, one null probe
+    # 4-dim Krylov space, one restart, one null probe; + one certifying matvec per found pair
+    assert res.num_matvecs <= 8 + 3
 
 
 def test_zero_operator_returns_all_flagged():
@@ -143,7 +144,8 @@ def test_budget_exhaustion_is_reported():
         res = linalg.top_eigenpairs(
             lambda v: A @ v, jnp.zeros(N), 8, key=jax.random.key(0), tol=1e-12, max_matvecs=12
         )
-    assert res.num_matvecs == 12 and not np.all(np.asarray(res.converged))
+    # 12 Lanczos steps, then one certifying matvec per returned pair
+    assert res.num_matvecs == 12 + 8 and not np.all(np.asarray(res.converged))
     assert np.all(np.isfinite(np.asarray(res.values)))
 
 
@@ -280,3 +282,63 @@ def test_no_warning_when_converged():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(N), 3, key=jax.random.key(0))
+
+
+def test_float32_residuals_are_the_true_ones():
+    """Reported residuals are ‖Av − λv‖ recomputed in float64, not Lanczos estimates."""
+    A32 = jnp.asarray(_operator(SPECTRA["decaying"], seed=7), jnp.float32)
+    A64 = np.asarray(A32, np.float64)
+    tol = 1e-5
+    res = linalg.top_eigenpairs(
+        jax.jit(lambda v: A32 @ v), jnp.zeros(N, jnp.float32), 4, key=jax.random.key(2), tol=tol
+    )
+    lam1 = float(res.values[0])
+    true64 = _true_residuals(A64, np.asarray(res.values, np.float64), res.vectors)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    # float32 rounding of the certifying matvec is a few eps·λ₁
+    np.testing.assert_allclose(np.asarray(res.residuals, np.float64), true64, atol=8 * eps * lam1)
+    assert bool(np.all(res.converged))
+    assert np.all(true64 <= tol * lam1 + 8 * eps * lam1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_tol_below_dtype_floor_is_refused(dtype):
+    A = jnp.asarray(_operator(SPECTRA["decaying"]), dtype)
+    floor = linalg.min_certifiable_tol(dtype)
+    with pytest.raises(ValueError, match=r"tol=.*below what"):
+        linalg.top_eigenpairs(
+            lambda v: A @ v, jnp.zeros(N, dtype), 3, key=jax.random.key(0), tol=floor / 2
+        )
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale", "rtol"),
+    [
+        (jnp.float32, 1e-19, 1e-5),
+        (jnp.float32, 1e19, 1e-5),
+        (jnp.float64, 1e-300, 1e-10),
+        (jnp.float64, 1e300, 1e-10),
+    ],
+)
+def test_scaled_operator_gives_scaled_eigenvalues(dtype, scale, rtol):
+    """An operator scaled by 1e±19 (float32) or 1e±300 (float64): same relative spectrum."""
+    spectrum = SPECTRA["clustered"]
+    A = jnp.asarray(_operator(spectrum, seed=4), dtype)
+    tol = max(1e-6, linalg.min_certifiable_tol(dtype))
+
+    def run(s):
+        As = A * jnp.asarray(s, dtype)
+        return linalg.top_eigenpairs(
+            lambda v: As @ v, jnp.zeros(N, dtype), 3, key=jax.random.key(3), tol=tol
+        )
+
+    base, scaled = run(1.0), run(scale)
+    assert bool(np.all(scaled.converged))
+    np.testing.assert_allclose(
+        np.asarray(scaled.values, np.float64) / scale,
+        np.asarray(base.values, np.float64),
+        rtol=rtol,
+    )
+    np.testing.assert_allclose(
+        np.asarray(base.values, np.float64), np.sort(spectrum)[::-1][:3], rtol=10 * tol
+    )

@@ -1,7 +1,7 @@
 """Spectra of symmetric operators: Lanczos top-k, SLQ densities, exact Gram route."""
 
 from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
-from geomcollapse.linalg._lanczos import Eigenpairs, top_eigenpairs
+from geomcollapse.linalg._lanczos import Eigenpairs, min_certifiable_tol, top_eigenpairs
 from geomcollapse.linalg._slq import SpectralDensity, density_on_grid, spectral_density
 from geomcollapse.linalg._traced import (
     LanczosRun,
@@ -23,6 +23,7 @@ __all__ = [
     "density_on_grid",
     "empirical_fisher_eigenpairs",
     "lanczos",
+    "min_certifiable_tol",
     "ritz",
     "spectral_density",
     "top_eigenpairs",
