@@ -196,3 +196,23 @@ def test_traced_solvers_reject_bad_sizes():
         flow.krylov_quadratic_flow(lambda v: v, jnp.ones(5), jnp.ones(2), max_steps=6)
     with pytest.raises(ValueError, match="check_every"):
         linalg.lanczos(lambda v: v, jnp.ones(5), 4, lambda r: True, check_every=0)
+
+
+@pytest.mark.parametrize("skew", [1e-2, 1.0])
+def test_top_eigenpairs_traced_flags_a_non_symmetric_matvec(skew):
+    """A non-symmetric matvec is reported unconverged (it was reported converged)."""
+    A = _operator(SPECTRA["decaying"])
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((N, N))
+    B = jnp.asarray(A + skew * (B - B.T) / np.linalg.norm(B - B.T, 2))
+    res = _top(B, jax.random.key(1))
+    assert not bool(res.converged)
+    run = jax.jit(lambda M, v0: linalg.lanczos(lambda v: M @ v, v0, 30, lambda r: False))(
+        B, jnp.ones(N)
+    )
+    assert not bool(linalg.is_symmetric_run(run))
+    sym_run = jax.jit(lambda M, v0: linalg.lanczos(lambda v: M @ v, v0, 30, lambda r: False))(
+        jnp.asarray(A), jnp.ones(N)
+    )
+    assert bool(linalg.is_symmetric_run(sym_run))
+    assert float(sym_run.asymmetry) < 1e3 * np.finfo(np.float64).eps

@@ -50,6 +50,10 @@ class LanczosRun(NamedTuple):
       restarted: ``()`` bool, the last step ended in a restart.
       exhausted: ``()`` bool, the Krylov space is invariant (no restart key) or
         the basis spans the whole space.
+      asymmetry: ``()`` largest ``|⟨q_{j−1}, A q_j⟩ − β_{j−1}|`` and norm removed
+        by the full re-orthogonalisation over the run, relative to ``‖T‖``: at
+        rounding level for a symmetric ``A``, ``O(1)`` for a non-symmetric one
+        (whose Ritz pairs are then meaningless; see :func:`is_symmetric_run`).
     """
 
     basis: jax.Array
@@ -58,6 +62,7 @@ class LanczosRun(NamedTuple):
     num_steps: jax.Array
     restarted: jax.Array
     exhausted: jax.Array
+    asymmetry: jax.Array
 
     @property
     def residual_norm(self) -> jax.Array:
@@ -125,6 +130,14 @@ def _buckets(capacity: int) -> list[int]:
     return sorted({*range(_BUCKET, capacity, _BUCKET), capacity})
 
 
+def is_symmetric_run(run: LanczosRun) -> jax.Array:
+    """``()`` bool: the run's operator behaved as a symmetric one (``asymmetry ≤ 10√eps``).
+
+    The same threshold as the host-driven solver's symmetry check.
+    """
+    return run.asymmetry <= 10.0 * jnp.sqrt(jnp.finfo(run.basis.dtype).eps)
+
+
 def default_tol(dtype) -> float:
     """``100·eps``: residual/error tolerance the traced solvers reach in ``dtype``."""
     return 100 * float(jnp.finfo(dtype).eps)
@@ -187,9 +200,17 @@ def lanczos(
         beta_prev = jnp.where(j > 0, run.beta[jnp.maximum(j - 1, 0)], 0.0)
         w = matvec(q)
         a = dot(q, w)
-        w = orthogonalize(run.basis, w - a * q - beta_prev * q_prev, j + 1)
+        # For symmetric A, ⟨q_{j−1}, A q_j⟩ = β_{j−1} and the three-term w is
+        # already orthogonal to the older rows; both gaps measure asymmetry.
+        coupling = jnp.where(j > 0, dot(q_prev, w), 0.0)
+        local = w - a * q - beta_prev * q_prev
+        w = orthogonalize(run.basis, local, j + 1)
         b = jnp.linalg.norm(w)
         scale = jnp.maximum(jnp.max(jnp.abs(run.alpha)), jnp.abs(a)) + jnp.max(run.beta)
+        gap = jnp.maximum(jnp.abs(coupling - beta_prev), jnp.linalg.norm(local - w))
+        asymmetry = jnp.maximum(
+            run.asymmetry, gap / jnp.maximum(jnp.maximum(scale, b), jnp.finfo(dtype).tiny)
+        )
         breakdown = b <= 8 * eps * jnp.maximum(scale, jnp.finfo(dtype).tiny)
         if restart_key is None:
             fresh = jnp.zeros_like(w)
@@ -212,6 +233,7 @@ def lanczos(
             num_steps=j + 1,
             restarted=breakdown & can_restart,
             exhausted=exhausted,
+            asymmetry=asymmetry,
         )
 
     def active(run: LanczosRun):
@@ -227,7 +249,9 @@ def lanczos(
 
     basis = jnp.zeros((max_steps, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     zeros = jnp.zeros((max_steps,), dtype)
-    start = LanczosRun(basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False))
+    start = LanczosRun(
+        basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False), jnp.zeros((), dtype)
+    )
     run, _ = jax.lax.while_loop(lambda c: ~c[1], block, (start, jnp.bool_(False)))
     return run
 
@@ -240,7 +264,8 @@ class TracedEigenpairs(NamedTuple):
       vectors: ``(k, n)`` unit rows.
       residuals: ``(k,)`` ``‖A v − λ v‖`` (the Lanczos estimate ``β_m |s_{m,i}|``,
         equal to the true residual to rounding under full reorthogonalisation).
-      converged: ``()`` bool, every residual ``≤ tol·|λ₁|``.
+      converged: ``()`` bool, every residual ``≤ tol·|λ₁|`` and the operator
+        behaved as a symmetric one (:func:`is_symmetric_run`).
       num_matvecs: ``()`` int32.
     """
 
@@ -306,6 +331,6 @@ def top_eigenpairs_traced(
         values=jnp.where(found, values, 0.0),
         vectors=jnp.where(found[:, None], vectors, 0.0),
         residuals=jnp.where(found, residuals, 0.0),
-        converged=certified(values, residuals, found),
+        converged=certified(values, residuals, found) & is_symmetric_run(run),
         num_matvecs=run.num_steps,
     )
