@@ -16,6 +16,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, models, pipeline, tasks
+from geomcollapse.subspace import Subspace
 
 ALIGNMENT = {
     "tiny": pipeline.AlignmentConfig(),
@@ -54,7 +55,8 @@ class SkillFisher(NamedTuple):
       params, logits: float64 ``θ*`` and its logits function.
       harmful: the harmful prompts that define ``F`` and ``u``.
       fvp: ``v ↦ F v`` (jitted, pytree in and out).
-      pairs: the Lanczos :class:`Eigenpairs`; ``values`` ``(k,)`` and ``basis``
+      pairs: the Lanczos :class:`Eigenpairs`; ``subspace`` the same as a certified
+        :class:`geomcollapse.subspace.Subspace`; ``values`` ``(k,)`` and ``basis``
         ``(k, n)`` float64 as numpy; ``trace``: exact ``tr F``.
     """
 
@@ -63,6 +65,7 @@ class SkillFisher(NamedTuple):
     harmful: tasks.TokenBatch
     fvp: Any
     pairs: Any
+    subspace: Subspace
     values: np.ndarray
     basis: np.ndarray
     trace: float
@@ -90,6 +93,7 @@ def skill_fisher(
         harmful,
         fvp,
         pairs,
+        Subspace.from_eigenpairs(pairs),
         np.asarray(pairs.values, np.float64),
         rows(pairs.vectors),
         pipeline.skill_fisher_trace(logits, params, harmful),

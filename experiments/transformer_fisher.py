@@ -138,7 +138,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         g, Hg = np.asarray(g, np.float64), np.asarray(Hg, np.float64)
         tail_q = aic.tail_quadratic(flat_fvp, Vd, g, jnp.float64)
         report = theory.aic_report(
-            np.append(lam[:d], trace - lam[:d].sum()), d, g, Hg, Vd, tail_quadratic=tail_q
+            sf.subspace.leading(d), g, Hg, tail_mass=trace - lam[:d].sum(), tail_quadratic=tail_q
         )
         table[task] = {
             **report._asdict(),

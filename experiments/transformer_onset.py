@@ -105,7 +105,6 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     )
     params, logits, harmful = sf.params, sf.logits, sf.harmful
     lam, V, trace = sf.values, sf.basis, sf.trace
-    spectrum = np.append(lam, trace - lam.sum())
     theta_star, unravel = ravel_pytree(params)
     short = harmful.prompts_only()
     u = training.skill_loss(logits)
@@ -127,8 +126,11 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         g = np.asarray(g, np.float64)
         corr = unravel(jnp.asarray(V.T @ (V @ g)))  # P g(θ*)
         g_t, Hg_t = aic.gradient_and_hg(loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
-        raw = theory.aic_report(spectrum, config.d, g, np.asarray(Hg), V)
-        ortho = theory.aic_report(spectrum, config.d, np.asarray(g_t), np.asarray(Hg_t), V)
+        tail_mass = trace - lam.sum()
+        raw = theory.aic_report(sf.subspace, g, np.asarray(Hg), tail_mass=tail_mass)
+        ortho = theory.aic_report(
+            sf.subspace, np.asarray(g_t), np.asarray(Hg_t), tail_mass=tail_mass
+        )
         H_norm = float(
             np.abs(
                 linalg.top_eigenpairs(

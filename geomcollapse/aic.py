@@ -18,8 +18,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
-from geomcollapse._checks import floating_leaves, positive_int, prng_key, subspace_dim
+from geomcollapse._checks import finite_leaves, positive_int, prng_key, subspace_dim
 from geomcollapse.curvature import hessian_vp
+from geomcollapse.subspace import Subspace
 
 PyTree = Any
 
@@ -63,8 +64,9 @@ def fisher_trace(
     key: jax.Array | None = None,
     num_probes: int = 64,
     deflate: np.ndarray | None = None,
+    args: tuple = (),
 ) -> tuple[float, float, int]:
-    """``tr F`` of a flat matvec ``(n,) -> (n,)``: ``(trace, stderr, matvecs)``.
+    """``tr F`` of a flat ``matvec(v, *args)``, ``(n,) -> (n,)``: ``(trace, stderr, matvecs)``.
 
     ``method='exact'`` sums ``e_iᵀ F e_i`` (``n`` matvecs, vmapped in chunks);
     ``'hutchinson'`` averages ``zᵀ F z`` over Rademacher ``z`` (unbiased; the
@@ -72,9 +74,16 @@ def fisher_trace(
     With ``deflate`` (``(d, n)`` orthonormal rows spanning ``M``) Hutchinson
     estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
     by the tail, not by the top eigenvalues it would otherwise have to subtract.
+    ``args`` (weights, data) enter the compiled probe loop as arguments, not
+    as constants folded into it.
     """
     method = _trace_method(method, n)
-    batched = jax.jit(jax.vmap(lambda v: jnp.vdot(v, matvec(v))))
+    args = tuple(args)
+    probe = jax.jit(jax.vmap(lambda v, a: jnp.vdot(v, matvec(v, *a)), in_axes=(0, None)))
+
+    def batched(vs):
+        return probe(vs, args)
+
     if method == "exact":
         if deflate is not None:
             raise ValueError("deflate applies to method='hutchinson' only")
@@ -122,72 +131,95 @@ def tail_quadratic(
 
 
 def measure_aic(
-    fisher_vp: Callable[[PyTree], PyTree],
+    fisher_vp: Callable[..., PyTree],
     loss_fn: Callable[..., jax.Array],
     params: PyTree,
     d: int,
     *,
     key: jax.Array,
+    fisher_args: tuple = (),
     loss_args: tuple = (),
     trace: str = "auto",
     num_probes: int = 64,
-    tol: float = 1e-8,
+    tol: float | None = None,
     max_matvecs: int | None = None,
+    allow_unconverged: bool = False,
 ) -> AICMeasurement:
     """Measure the AIC (Def. 5.1) of ``θ* = params`` for a skill and a fine-tuning loss.
 
     Args:
-      fisher_vp: ``v -> F v`` for the skill Fisher at ``θ*`` (true or empirical),
-        ``v`` a pytree like ``params``; e.g. ``lambda v: fvp(params, v, batch)``.
+      fisher_vp: the skill Fisher's matvec in the library's convention,
+        ``fisher_vp(params, v, *fisher_args) -> F(params) v`` (true or empirical,
+        e.g. :func:`geomcollapse.curvature.fisher_vp`), ``v`` a pytree like ``params``.
       loss_fn: the fine-tuning loss ``L(θ, *loss_args)``.
-      params: ``θ*``.
+      params: ``θ*`` (finite floating arrays).
       d: ``dim M`` (``1 ≤ d < n``).
       key: ``jax.random`` key (Lanczos start vectors, Hutchinson probes).
+      fisher_args, loss_args: data for the two functions. They enter the
+        compiled matvec and gradient as arguments, never as closure constants:
+        on a 1,068,810-parameter MLP, weights closed over spent 26 of 41 s in
+        XLA constant folding.
       trace: ``'auto'``, ``'exact'`` or ``'hutchinson'`` (see :func:`fisher_trace`;
         Hutchinson runs on the deflated ``(I−P)F(I−P)``).
       num_probes: Hutchinson probes.
-      tol, max_matvecs: passed to :func:`geomcollapse.linalg.top_eigenpairs`.
+      tol: eigenpair tolerance for :func:`geomcollapse.linalg.top_eigenpairs`
+        (default ``1e-8`` in float64, ``max(1e-8, 100·eps)`` otherwise).
+      max_matvecs: Lanczos budget for it.
+      allow_unconverged: return a report from uncertified eigenpairs (flagged
+        ``report.converged = False``) instead of raising.
 
     Returns:
       An :class:`AICMeasurement`. ``report.orthogonality`` is ``‖Pg‖`` as
       Def. 5.1 states it; ``report.fisher_orthogonality`` is ``‖F^{1/2}Pg‖``;
       ``report.coupling`` is ``γ = ‖F^{1/2}PHg‖`` from one HVP; the tail mass is
-      ``tr F − Σ_{i≤d} λ_i``.
+      ``tr F − Σ_{i≤d} λ_i``; ``report.converged`` and ``report.eigen_residuals``
+      certify ``M``.
+
+    Raises:
+      ValueError: bad or non-finite input; eigenpairs not converged (unless
+        ``allow_unconverged``).
     """
-    floating_leaves(params, "params")
+    finite_leaves(params, "params")
     key = prng_key(key)
     flat, unravel = ravel_pytree(params)
     n = flat.size
     d = subspace_dim(d, n)
+    if tol is None:
+        tol = max(1e-8, 100 * float(jnp.finfo(flat.dtype).eps))
+    fisher_args, loss_args = tuple(fisher_args), tuple(loss_args)
+
+    def flat_fvp_at(v, p, args):
+        return ravel_pytree(fisher_vp(p, unravel(v), *args))[0]
+
+    jitted_fvp = jax.jit(flat_fvp_at)
 
     def flat_fvp(v: jax.Array) -> jax.Array:
-        return ravel_pytree(fisher_vp(unravel(v)))[0]
+        return jitted_fvp(v, params, fisher_args)
 
     k_eig, k_trace = jax.random.split(key)
-    pairs = linalg.top_eigenpairs(
-        jax.jit(flat_fvp), flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs
-    )
+    pairs = linalg.top_eigenpairs(flat_fvp, flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
+    subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
     V = np.asarray(pairs.vectors, np.float64)
     lam = np.asarray(pairs.values, np.float64)
     g, Hg = gradient_and_hg(loss_fn, params, loss_args)
     trace = _trace_method(trace, n)
     tail, tr_se, trace_matvecs = fisher_trace(
-        flat_fvp,
+        flat_fvp_at,
         n,
         flat.dtype,
         method=trace,
         key=k_trace,
         num_probes=num_probes,
         deflate=V if trace == "hutchinson" else None,
+        args=(params, fisher_args),
     )
     tr = tail + lam.sum() if trace == "hutchinson" else tail
     g64 = np.asarray(g, np.float64)
     report = theory.aic_report(
-        np.append(lam, tr - lam.sum()),
-        d,
+        subspace,
         g64,
-        np.asarray(Hg),
-        V,
+        np.asarray(Hg, np.float64),
+        tail_mass=tr - lam.sum(),
         tail_quadratic=tail_quadratic(flat_fvp, V, g64, flat.dtype),
     )
     return AICMeasurement(

@@ -18,6 +18,7 @@ import numpy as np
 
 from geomcollapse import flow, linalg, theory
 from geomcollapse._checks import positive_float, positive_int, prng_key, subspace_dim
+from geomcollapse.subspace import Subspace
 
 
 def _is_concrete(x) -> bool:
@@ -105,16 +106,13 @@ class QuadraticLandscape:
         """The AIC report (Def. 5.1) for ``M`` = top-``d`` eigenvectors of ``F``."""
         d = self._check_d(d)
         lam, top, _ = self._fisher_split(d)
-        Ac = self.A @ self.c
         c_perp = self.c - top @ (top.T @ self.c)
-        lam_np = np.asarray(lam, np.float64)
         return theory.aic_report(
-            lam_np,
-            d,
-            np.asarray(self.c),
-            np.asarray(Ac),
-            np.asarray(top.T),
-            tail_quadratic=float(c_perp @ (self.F @ c_perp)),
+            Subspace.exact(lam[:d], top.T),
+            self.c,
+            self.A @ self.c,
+            tail_mass=jnp.sum(lam[d:]),
+            tail_quadratic=c_perp @ (self.F @ c_perp),
         )
 
     def trajectory(self, ts: jax.Array) -> jax.Array:
@@ -413,7 +411,13 @@ class LogisticLandscape:
         lam, V = np.linalg.eigh(F)
         lam, V = lam[::-1], V[:, ::-1]
         g_perp = g - V[:, :d] @ (V[:, :d].T @ g)
-        return theory.aic_report(lam, d, g, Hg, V[:, :d].T, tail_quadratic=g_perp @ F @ g_perp)
+        return theory.aic_report(
+            Subspace.exact(lam[:d], V[:, :d].T),
+            g,
+            Hg,
+            tail_mass=np.sum(lam[d:]),
+            tail_quadratic=g_perp @ F @ g_perp,
+        )
 
 
 _derivatives_jit = jax.jit(lambda landscape: landscape.derivatives())
@@ -585,19 +589,19 @@ def quadratic_summary(
     lam, V = jnp.linalg.eigh(F)
     lam, V = lam[::-1], V[:, ::-1]
     top = V[:, :d]
-    sqrt_top = jnp.sqrt(jnp.maximum(lam[:d], 0.0))
-    pc, pac = top.T @ c, top.T @ (A @ c)
-    c_perp = c - top @ pc
+    c_perp = c - top @ (top.T @ c)
+    measures = theory.aic_measures(
+        Subspace.exact(lam[:d], top.T),
+        c,
+        A @ c,
+        tail_mass=jnp.sum(lam[d:]),
+        tail_quadratic=c_perp @ (F @ c_perp),
+    )
     x = flow.quadratic_flow(A, c, ts)
     xv = x @ V  # coordinates in F's eigenbasis: Δu = ½ Σ λ_i (v_iᵀx)², ≥ 0 by construction
     weights = jnp.maximum(lam, 0.0)
     return QuadraticSummary(
-        tail_mass=jnp.sum(lam[d:]),
-        lambda_d=lam[d - 1],
-        orthogonality=jnp.linalg.norm(pc),
-        fisher_orthogonality=jnp.linalg.norm(sqrt_top * pc),
-        coupling=jnp.linalg.norm(sqrt_top * pac),
-        tail_quadratic=c_perp @ (F @ c_perp),
+        **measures._asdict(),
         delta_u=0.5 * jnp.sum(weights * xv**2, axis=1),
         projected_loss=0.5 * jnp.sum(weights[:d] * xv[:, :d] ** 2, axis=1),
     )
@@ -661,22 +665,20 @@ def quadratic_summary_krylov(
         max_steps=max_steps,
     )
     path = flow.krylov_quadratic_flow(avp, c, ts, tol=tol, max_steps=max_steps)
-    top = eig.vectors  # (d, n)
-    weights = jnp.maximum(eig.values, 0.0)
-    sqrt_top = jnp.sqrt(weights)
-    pc, pac = top @ c, top @ avp(c)
-    c_perp = c - pc @ top
-    x = path.x
-    xv = x @ top.T
-    summary = QuadraticSummary(
+    subspace = Subspace(eig.values, eig.vectors, eig.residuals, eig.converged)
+    c_perp = c - subspace.project(c)
+    measures = theory.aic_measures(
+        subspace,
+        c,
+        avp(c),
         tail_mass=jnp.trace(F) - jnp.sum(eig.values),
-        lambda_d=eig.values[d - 1],
-        orthogonality=jnp.linalg.norm(pc),
-        fisher_orthogonality=jnp.linalg.norm(sqrt_top * pc),
-        coupling=jnp.linalg.norm(sqrt_top * pac),
         tail_quadratic=c_perp @ fvp(c_perp),
+    )
+    x = path.x
+    summary = QuadraticSummary(
+        **measures._asdict(),
         delta_u=jnp.maximum(0.5 * jnp.sum(x * (x @ F), axis=1), 0.0),
-        projected_loss=0.5 * jnp.sum(weights * xv**2, axis=1),
+        projected_loss=jax.vmap(subspace.projected_loss)(x),
     )
     eig_residual = jnp.max(eig.residuals) / jnp.abs(eig.values[0])
     flow_error = jnp.max(path.error)

@@ -8,9 +8,13 @@ eigenvectors of ``F``, ``a = F^{1/2}Pc``, ``b = F^{1/2}PAc``, ``γ = ‖b‖``.
 from __future__ import annotations
 
 import warnings
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from geomcollapse.subspace import Subspace
 
 
 class AICReport(NamedTuple):
@@ -29,6 +33,9 @@ class AICReport(NamedTuple):
         the quadratic one (``inf`` when ``γ = 0``; 0 when ``Pg = 0``).
       tail_crossover_time: ``2 (gᵀ(I−P)F(I−P)g)^{1/2}/γ``, where the quartic
         overtakes the tail's quadratic floor in ``Δu``.
+      converged: the eigenpairs spanning ``M`` were certified (always True for
+        a dense ``eigh``).
+      eigen_residuals: ``‖F v_i − λ_i v_i‖`` of those pairs (empty when exact).
     """
 
     d: int
@@ -40,6 +47,54 @@ class AICReport(NamedTuple):
     quartic_coefficient: float
     crossover_time: float
     tail_crossover_time: float
+    converged: bool = True
+    eigen_residuals: tuple[float, ...] = ()
+
+
+class AICMeasures(NamedTuple):
+    """The measured AIC numbers (Def. 5.1) as arrays: traceable, vmappable (all ``()``).
+
+    ``tail_quadratic`` is ``gᵀ(I−P)F(I−P)g`` (NaN when not measured).
+    """
+
+    tail_mass: jax.Array
+    lambda_d: jax.Array
+    orthogonality: jax.Array
+    fisher_orthogonality: jax.Array
+    coupling: jax.Array
+    tail_quadratic: jax.Array
+
+
+def aic_measures(
+    subspace: Subspace,
+    g: jax.Array,
+    Hg: jax.Array,
+    *,
+    tail_mass: jax.Array,
+    tail_quadratic: jax.Array = float("nan"),
+) -> AICMeasures:
+    """The one computation of the AIC numbers from ``M``'s eigenpairs, ``g``, ``Hg`` and the tail.
+
+    Pure ``jnp`` (jit/vmap inside batch summaries). ``orthogonality = ‖Pg‖``,
+    ``fisher_orthogonality = ‖F^{1/2}Pg‖``, ``coupling = γ = ‖F^{1/2}PHg‖``
+    (``P`` commutes with ``F``, so ``F^{1/2}P = diag(√λ)Vᵀ`` in ``M``'s basis),
+    ``lambda_d = λ_d``.
+
+    Args:
+      subspace: the top-``d`` eigenpairs of ``F``.
+      g, Hg: ``(n,)`` (or pytrees like ``θ*``) fine-tuning gradient and ``H g`` at ``θ*``.
+      tail_mass: ``Σ_{j>d} λ_j`` (e.g. ``tr F − Σ_{i≤d} λ_i``).
+      tail_quadratic: ``gᵀ(I−P)F(I−P)g`` when known.
+    """
+    pg = subspace.coordinates(g)
+    return AICMeasures(
+        tail_mass=jnp.asarray(tail_mass),
+        lambda_d=subspace.values[-1],
+        orthogonality=jnp.linalg.norm(pg),
+        fisher_orthogonality=jnp.linalg.norm(subspace.sqrt_values * pg),
+        coupling=jnp.linalg.norm(subspace.fisher_half(Hg)),
+        tail_quadratic=jnp.asarray(tail_quadratic),
+    )
 
 
 def crossover_time(fisher_orthogonality: float, coupling: float) -> float:
@@ -50,42 +105,35 @@ def crossover_time(fisher_orthogonality: float, coupling: float) -> float:
 
 
 def aic_report(
-    eigenvalues: np.ndarray,
-    d: int,
-    g: np.ndarray,
-    Hg: np.ndarray,
-    basis: np.ndarray,
+    subspace: Subspace,
+    g: Any,
+    Hg: Any,
+    *,
+    tail_mass: float,
     tail_quadratic: float = float("nan"),
 ) -> AICReport:
-    """AIC report from ``F``'s spectrum, its top-``d`` eigenvectors, ``g`` and ``Hg``.
+    """The :class:`AICReport` (Def. 5.1) from ``M``'s eigenpairs, ``g``, ``Hg`` and the tail.
+
+    The single path every AIC in the library takes (landscapes, batch
+    summaries through :func:`aic_measures`, :func:`geomcollapse.aic.measure_aic`).
 
     Args:
-      eigenvalues: ``(n,)`` or at least ``(d+1,)`` eigenvalues of ``F``,
-        descending; the tail mass is their sum past ``d`` (pass the full
-        spectrum, or append the tail's remaining trace as one entry).
-      d: subspace dimension.
-      g: ``(n,)`` fine-tuning gradient at ``θ*``.
-      Hg: ``(n,)`` fine-tuning Hessian times ``g``.
-      basis: ``(d, n)`` orthonormal top-``d`` eigenvectors of ``F`` (rows).
+      subspace: :class:`geomcollapse.subspace.Subspace` of the top-``d`` eigenpairs of ``F``.
+      g: ``(n,)`` (or a pytree) fine-tuning gradient at ``θ*``.
+      Hg: ``H(θ*) g`` like ``g``.
+      tail_mass: ``Σ_{j>d} λ_j``.
       tail_quadratic: ``gᵀ(I−P)F(I−P)g`` when known (needs ``F`` beyond ``M``);
         it sets ``tail_crossover_time``, else NaN.
     """
-    lam = np.asarray(eigenvalues, np.float64)
-    V = np.asarray(basis, np.float64)
-    g = np.asarray(g, np.float64)
-    Hg = np.asarray(Hg, np.float64)
-    sqrt_top = np.sqrt(np.maximum(lam[:d], 0.0))
-    pg, phg = V @ g, V @ Hg  # coordinates in M
-    fisher_orth = float(np.linalg.norm(sqrt_top * pg))
-    gamma = float(np.linalg.norm(sqrt_top * phg))
+    m = aic_measures(subspace, g, Hg, tail_mass=tail_mass, tail_quadratic=tail_quadratic)
+    residuals = np.asarray(subspace.residuals, np.float64)
     return report_from_measures(
-        d,
-        tail_mass=float(np.sum(lam[d:])),
-        lambda_d=float(lam[d - 1]),
-        orthogonality=float(np.linalg.norm(pg)),
-        fisher_orthogonality=fisher_orth,
-        coupling=gamma,
-        tail_quadratic=tail_quadratic,
+        subspace.dim,
+        **{f: float(v) for f, v in m._asdict().items()},
+        converged=bool(subspace.converged),
+        eigen_residuals=tuple(float(r) for r in residuals)
+        if np.all(np.isfinite(residuals))
+        else (),
     )
 
 
@@ -98,6 +146,8 @@ def report_from_measures(
     fisher_orthogonality: float,
     coupling: float,
     tail_quadratic: float = float("nan"),
+    converged: bool = True,
+    eigen_residuals: tuple[float, ...] = (),
 ) -> AICReport:
     """The :class:`AICReport` from its measured numbers, adding the predictions.
 
@@ -118,6 +168,8 @@ def report_from_measures(
         tail_crossover_time=crossover_time(float(np.sqrt(max(tail_q, 0.0))), float(coupling))
         if np.isfinite(tail_q)
         else float("nan"),
+        converged=bool(converged),
+        eigen_residuals=tuple(eigen_residuals),
     )
 
 

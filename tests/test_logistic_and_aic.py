@@ -66,17 +66,26 @@ def test_measured_aic_equals_the_quadratic_report(epsilon):
         jax.random.key(5), 40, 3, top=(3.0, 2.0, 1.0), tail_mass=0.3, epsilon=epsilon, coupling=0.8
     )
     m = aic.measure_aic(
-        lambda v: q.F @ v,
+        lambda _, v, F: F @ v,
         lambda x: 0.5 * x @ q.A @ x + q.c @ x,
         jnp.zeros(q.n),
         3,
         key=jax.random.key(1),
+        fisher_args=(q.F,),
         tol=1e-12,
     )
     ref = q.aic(3)
-    for field in ref._fields:
+    for field in ref._fields[:-2]:  # the numbers; then converged and eigen_residuals
         a, b = getattr(m.report, field), getattr(ref, field)
         assert math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12), (field, a, b)
+    assert m.report.converged and ref.converged and ref.eigen_residuals == ()
+    # the report carries the certifying residuals, the true ‖Fv − λv‖
+    V = np.asarray(m.eigenpairs.vectors)
+    true = np.linalg.norm(
+        V @ np.asarray(q.F) - np.asarray(m.eigenpairs.values)[:, None] * V, axis=1
+    )
+    np.testing.assert_allclose(m.report.eigen_residuals, true, atol=1e-14)
+    assert max(m.report.eigen_residuals) <= 1e-12 * float(m.eigenpairs.values[0])
     assert m.trace_stderr == 0.0 and m.eigenpairs.converged.all()
 
 
@@ -85,11 +94,12 @@ def test_hutchinson_tail_mass_is_unbiased_within_its_error():
         jax.random.key(6), 60, 2, top=(5.0, 4.0), tail_mass=0.5, epsilon=0.0, coupling=1.0
     )
     m = aic.measure_aic(
-        lambda v: q.F @ v,
+        lambda _, v, F: F @ v,
         lambda x: 0.5 * x @ q.A @ x + q.c @ x,
         jnp.zeros(q.n),
         2,
         key=jax.random.key(2),
+        fisher_args=(q.F,),
         trace="hutchinson",
         num_probes=400,
     )
@@ -100,7 +110,7 @@ def test_hutchinson_tail_mass_is_unbiased_within_its_error():
 
 def test_measured_aic_on_logistic_and_on_a_flax_mlp_matches_dense(logistic):
     m = aic.measure_aic(
-        lambda v: logistic.fisher_vp(logistic.theta_star, v),
+        lambda theta, v: logistic.fisher_vp(theta, v),
         logistic.task_loss,
         logistic.theta_star,
         6,
@@ -123,7 +133,7 @@ def test_measured_aic_on_logistic_and_on_a_flax_mlp_matches_dense(logistic):
         return models.softmax_cross_entropy(models.mlp_apply(p, xs[4:]), ys[4:])
 
     m = aic.measure_aic(
-        lambda v: fvp(params, v, xs[:4]), task, params, 3, key=jax.random.key(1), tol=1e-12
+        fvp, task, params, 3, key=jax.random.key(1), fisher_args=(xs[:4],), tol=1e-12
     )
     flat, unravel = jax.flatten_util.ravel_pytree(params)
 
@@ -145,8 +155,8 @@ def test_measured_aic_on_logistic_and_on_a_flax_mlp_matches_dense(logistic):
 
 
 def test_measure_aic_rejects_bad_input(logistic):
-    def fvp(v):
-        return logistic.fisher_vp(logistic.theta_star, v)
+    def fvp(theta, v):
+        return logistic.fisher_vp(theta, v)
 
     with pytest.raises(ValueError, match="d=20"):
         aic.measure_aic(fvp, logistic.task_loss, logistic.theta_star, 20, key=jax.random.key(0))

@@ -1,0 +1,198 @@
+"""The alignment-sensitive subspace ``M`` (Def. 3.4) and what is measured against it.
+
+A :class:`Subspace` holds the top-``d`` eigenpairs ``(λ_i, v_i)`` of a skill
+Fisher ``F(θ*)``; ``P = Σ v_i v_iᵀ`` projects onto ``M``. Its methods are the
+quantities of docs/theory.md §2-§7 evaluated on a displacement ``x = θ − θ*``:
+``P x``, ``F^{1/2}P x`` (in ``M``'s coordinates, ``√λ_i ⟨v_i, x⟩``: ``P``
+commutes with ``F``), the projected loss ``½‖F^{1/2}Px‖²`` of Thm 6.1 and the
+overlap scores of Section 7. :func:`orthogonalized` is the correction
+``L(θ) − ⟨P g(θ*), θ − θ*⟩`` of docs/theory.md §5 on any model.
+
+The basis is either a ``(d, n)`` array of raveled rows or a pytree whose leaves
+have a leading ``d`` axis (as :func:`geomcollapse.linalg.top_eigenpairs`
+returns for a pytree ``like``); vectors ``x`` are then ``(n,)`` or pytrees
+like ``θ*``. Everything is pure and traceable (a ``Subspace`` is a pytree), so
+it jits and vmaps; add a leading time axis with ``jax.vmap``.
+
+Matvec convention of the library: a curvature operator is
+``op(params, v, *args) -> A v`` with ``v`` like ``params``
+(:mod:`geomcollapse.curvature`); data and weights enter as arguments, never as
+closure constants, so jitted entry points neither constant-fold nor recompile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse._checks import finite_leaves
+
+PyTree = Any
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _flat(x: PyTree) -> jax.Array:
+    return x if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1 else ravel_pytree(x)[0]
+
+
+def flat_basis(basis: PyTree) -> jax.Array:
+    """A basis as ``(d, n)`` rows: a 2-D array as is, a pytree with leading ``d`` raveled."""
+    if isinstance(basis, (jax.Array, np.ndarray)):
+        if np.ndim(basis) != 2:
+            raise ValueError(
+                "basis must be (d, n) or a pytree with a leading d axis, "
+                f"got shape {np.shape(basis)}"
+            )
+        return jnp.asarray(basis)
+    leaves = jax.tree_util.tree_leaves(basis)
+    if not leaves:
+        raise ValueError("basis has no array leaves")
+    d = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if len(d) != 1 or None in d:
+        raise ValueError(
+            f"basis leaves must share a leading d axis, got leading sizes {sorted(map(str, d))}"
+        )
+    return jax.vmap(lambda b: ravel_pytree(b)[0])(basis)
+
+
+class OverlapScore(NamedTuple):
+    """How much an update ``Δθ`` lies in ``M`` (Section 7; docs/theory.md §7).
+
+    Attributes:
+      geometric: ``‖PΔθ‖/‖Δθ‖`` (0 for ``Δθ = 0``); a random ``d``-dimensional
+        subspace of ``R^n`` gives ``≈ (d/n)^{1/2}``.
+      fisher: ``½‖F^{1/2}PΔθ‖²``, the lower bound of Thm 6.1.
+    """
+
+    geometric: jax.Array
+    fisher: jax.Array
+
+
+class Subspace(NamedTuple):
+    """Top-``d`` eigenpairs of a skill Fisher: ``M = span(v_1 … v_d)`` (Def. 3.4).
+
+    Attributes:
+      values: ``(d,)`` eigenvalues ``λ_1 ≥ … ≥ λ_d`` (clipped at 0 where used as ``√λ``).
+      basis: ``(d, n)`` orthonormal rows, or a pytree with a leading ``d`` axis.
+      residuals: ``(d,)`` ``‖F v_i − λ_i v_i‖`` (NaN when unknown).
+      converged: ``()`` bool, every pair certified to the solver's tolerance.
+    """
+
+    values: jax.Array
+    basis: PyTree
+    residuals: jax.Array
+    converged: jax.Array
+
+    @classmethod
+    def from_eigenpairs(cls, pairs: Any, *, allow_unconverged: bool = False) -> Subspace:
+        """The subspace of :func:`geomcollapse.linalg.top_eigenpairs` (or the traced) pairs.
+
+        Raises ``ValueError`` when a found pair is not converged, unless
+        ``allow_unconverged``: an uncertified ``M`` makes every number measured
+        against it uncertified too.
+        """
+        converged = np.asarray(pairs.converged)
+        found = np.asarray(getattr(pairs, "found", np.ones_like(converged, bool)))
+        ok = bool(np.all(converged[found] if converged.shape == found.shape else converged))
+        if not ok and not allow_unconverged:
+            raise ValueError(
+                "eigenpairs are not converged (residuals "
+                f"{np.asarray(pairs.residuals)}): pass allow_unconverged=True to use them anyway"
+            )
+        return cls(
+            values=jnp.asarray(pairs.values),
+            basis=pairs.vectors,
+            residuals=jnp.asarray(pairs.residuals),
+            converged=jnp.asarray(ok),
+        )
+
+    @classmethod
+    def exact(cls, values: Any, basis: Any) -> Subspace:
+        """A subspace from exact (dense ``eigh``) pairs: residuals NaN, converged True."""
+        values = jnp.asarray(values)
+        return cls(values, basis, jnp.full(values.shape, jnp.nan, values.dtype), jnp.asarray(True))
+
+    def leading(self, d: int) -> Subspace:
+        """The subspace of the top ``d`` of these pairs (``1 ≤ d ≤ dim``)."""
+        if not 1 <= d <= self.dim:
+            raise ValueError(f"d must be in [1, {self.dim}], got {d}")
+        return Subspace(
+            self.values[:d],
+            jax.tree_util.tree_map(lambda b: b[:d], self.basis),
+            self.residuals[:d],
+            self.converged,
+        )
+
+    @property
+    def dim(self) -> int:
+        """``d``."""
+        return int(np.shape(self.values)[0])
+
+    @property
+    def rows(self) -> jax.Array:
+        """The basis as ``(d, n)`` raveled rows."""
+        return flat_basis(self.basis)
+
+    @property
+    def sqrt_values(self) -> jax.Array:
+        """``(d,)`` ``√max(λ_i, 0)``."""
+        return jnp.sqrt(jnp.maximum(self.values, 0.0))
+
+    def coordinates(self, x: PyTree) -> jax.Array:
+        """``(d,)`` ``⟨v_i, x⟩``: ``P x`` in ``M``'s basis."""
+        return jnp.dot(self.rows, _flat(x), precision=_HIGHEST)
+
+    def project(self, x: PyTree) -> PyTree:
+        """``P x``, shaped like ``x`` (an ``(n,)`` array or a pytree like ``θ*``)."""
+        flat = jnp.dot(self.coordinates(x), self.rows, precision=_HIGHEST)
+        if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1:
+            return flat
+        return ravel_pytree(x)[1](flat)
+
+    def fisher_half(self, x: PyTree) -> jax.Array:
+        """``(d,)`` ``F^{1/2}P x`` in ``M``'s basis, ``√λ_i ⟨v_i, x⟩`` (norm ``‖F^{1/2}Px‖``)."""
+        return self.sqrt_values * self.coordinates(x)
+
+    def projected_loss(self, x: PyTree) -> jax.Array:
+        """``½‖F^{1/2}P x‖²`` (Thm 6.1's lower bound on ``Δu``)."""
+        return 0.5 * jnp.sum(self.fisher_half(x) ** 2)
+
+    def overlap_score(self, delta_theta: PyTree) -> OverlapScore:
+        """:class:`OverlapScore` of an update ``Δθ = θ_K − θ*``."""
+        flat = _flat(delta_theta)
+        norm = jnp.linalg.norm(flat)
+        inside = jnp.linalg.norm(self.coordinates(flat))
+        return OverlapScore(
+            geometric=jnp.where(norm > 0, inside / jnp.where(norm > 0, norm, 1.0), 0.0),
+            fisher=self.projected_loss(flat),
+        )
+
+
+def orthogonalized(
+    loss_fn: Callable[..., jax.Array], subspace: Subspace, params: PyTree, *loss_args: Any
+) -> Callable[..., jax.Array]:
+    """``L̃(θ, *args) = L(θ, *args) − ⟨P g(θ*), θ − θ*⟩``, so ``P g̃(θ*) = 0`` (docs/theory.md §5).
+
+    The Hessian is unchanged. ``g(θ*)`` is taken once, with ``loss_args``, at
+    ``θ* = params``; the returned loss takes ``(θ, *args)`` like ``loss_fn``.
+    """
+    finite_leaves(params, "params")
+    flat_star, _ = ravel_pytree(params)
+    rows = subspace.rows
+    if rows.shape[1] != flat_star.size:
+        raise ValueError(
+            f"subspace basis has {rows.shape[1]} parameters, params have {flat_star.size}"
+        )
+    g_star = _flat(jax.grad(loss_fn)(params, *loss_args))
+    pg = jnp.dot(jnp.dot(rows, g_star, precision=_HIGHEST), rows, precision=_HIGHEST)
+
+    def corrected(theta: PyTree, *args: Any) -> jax.Array:
+        x = _flat(theta) - flat_star
+        return loss_fn(theta, *args) - jnp.dot(pg, x, precision=_HIGHEST)
+
+    return corrected
