@@ -288,7 +288,9 @@ def skill_fisher_vp(logits_fn, params: PyTree, harmful: tasks.TokenBatch):
     fvp = curvature.fisher_vp(training.answer_logits(logits_fn))
     harmful = harmful.prompts_only()
     tokens, start = jnp.asarray(harmful.tokens), jnp.asarray(harmful.answer_start)
-    return jax.jit(lambda v: fvp(params, v, tokens, start))
+    # weights and prompts enter the compiled matvec as arguments, not folded constants
+    compiled = jax.jit(lambda v, p, t, s: fvp(p, v, t, s))
+    return lambda v: compiled(v, params, tokens, start)
 
 
 def skill_per_example_gradients(logits_fn, params: PyTree, harmful: tasks.TokenBatch) -> PyTree:
@@ -320,7 +322,7 @@ def skill_fisher_trace(
     first = training.answer_logits(logits_fn)
 
     @jax.jit
-    def part(tokens, start):
+    def part(params, tokens, start):  # weights as an argument: no constant folding
         z = first(params, tokens, start)
         p = jax.nn.softmax(z, axis=-1)
         J = jax.jacrev(lambda q: first(q, tokens, start))(params)  # leaves (m, V, ...)
@@ -333,5 +335,7 @@ def skill_fisher_trace(
 
     total = 0.0
     for lo in range(0, harmful.num, chunk):
-        total += float(part(harmful.tokens[lo : lo + chunk], harmful.answer_start[lo : lo + chunk]))
+        total += float(
+            part(params, harmful.tokens[lo : lo + chunk], harmful.answer_start[lo : lo + chunk])
+        )
     return total / harmful.num

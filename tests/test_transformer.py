@@ -18,9 +18,9 @@ def tiny64():
 
 def test_named_sizes_have_the_promised_parameter_counts():
     tiny = curvature.num_params(models.transformer_init(jax.random.key(0), "tiny")[1])
-    assert 10_000 < tiny <= 50_000
+    assert tiny == 28_320
     small = jax.eval_shape(lambda: models.transformer_init(jax.random.key(0), "small")[1])
-    assert 0.9e6 <= curvature.num_params(small) <= 1.1e6
+    assert curvature.num_params(small) == 1_016_256
 
 
 def test_logits_are_causal(tiny64):
