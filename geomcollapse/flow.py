@@ -161,31 +161,39 @@ def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.A
     """Gradient descent ``x_{k+1} = x_k − η(Ax_k + c)``, ``x_0 = 0``, in closed form.
 
     ``x_k = −η Σ_{j<k} (I − ηA)^j c`` (docs/theory.md §4), evaluated in ``A``'s
-    eigenbasis as ``−η k c + ...`` without cancellation: each mode's factor is
-    ``−η Σ_{j<k}(1 − ηa)^j = expm1(k log1p(−ηa))/a`` (``−ηk`` at ``a = 0``).
+    eigenbasis. Each mode's factor ``−η Σ_{j<k} b^j = (b^k − 1)/a``, ``b = 1 − ηa``,
+    is computed as ``expm1(k log|b|)/a`` with ``log|b| = log1p(−ηa)`` below the
+    stability edge and ``log1p(ηa − 2)`` above it (``ηa − 1`` is exact there), so
+    it keeps full relative accuracy for every ``ηa`` (no first-order branch:
+    ``ηa = 1e-14`` and ``ηa = 1e-8`` with ``k = 10⁶`` alike). ``a = 0`` gives
+    ``−ηk``; ``ηa = 1`` gives ``−η`` for ``k ≥ 1``; past the edge (``b < 0``) odd
+    ``k`` take ``−|b|^k − 1`` (no cancellation) and GD oscillates as it should.
 
-    Returns ``(K, n)`` iterates for the step counts ``ks``.
+    Args:
+      A: ``(n, n)`` symmetric (any sign).
+      c: ``(n,)`` gradient at ``θ*``.
+      eta: step size ``η``.
+      ks: ``(K,)`` step counts ``k ≥ 0`` (integers, any float dtype).
+
+    Returns:
+      ``(K, n)`` iterates ``x_k``.
     """
     a, U = jnp.linalg.eigh(A)
     cu = U.T @ c
     ks = jnp.asarray(ks, c.dtype)[:, None]
     ea = eta * a[None, :]
-    small = jnp.abs(ea) < 1e-8
-    safe = jnp.where(small | (ea >= 1), 0.5, ea)
-    # (1 − ηa)^k − 1 via expm1/log1p while 1 − ηa > 0; a plain power past the
-    # stability edge ηa ≥ 1, where GD oscillates and the base is ≤ 0.
-    base = 1.0 - ea
-    odd = jnp.mod(ks, 2.0) == 1.0
-    power_minus_one = jnp.where(
-        ea >= 1,
-        jnp.where(odd & (base < 0), -1.0, 1.0) * jnp.abs(base) ** ks - 1.0,
-        jnp.expm1(ks * jnp.log1p(-safe)),
+    past_edge = ea > 1
+    # log|1 − ηa|: log1p(−ηa) for ηa ≤ 1 (−inf at ηa = 1, so b^k − 1 = −1 for
+    # k ≥ 1; k = 0 is masked below); past the edge |b| = ηa − 1, exact by Sterbenz
+    # up to ηa = 2 and well-conditioned beyond.
+    log_abs_base = jnp.where(
+        past_edge, jnp.log1p(jnp.where(past_edge, ea, 2.0) - 2.0), jnp.log1p(-jnp.minimum(ea, 1.0))
     )
-    factor = jnp.where(
-        small,
-        -eta * ks * (1 - (ks - 1) * ea / 2),
-        power_minus_one / jnp.where(small, 1.0, a[None, :]),
-    )
+    scaled = jnp.where(ks == 0, 0.0, ks * log_abs_base)
+    negative = past_edge & (jnp.mod(ks, 2.0) == 1.0)
+    power_minus_one = jnp.where(negative, -jnp.exp(scaled) - 1.0, jnp.expm1(scaled))
+    zero = a[None, :] == 0
+    factor = jnp.where(zero, -eta * ks, power_minus_one / jnp.where(zero, 1.0, a[None, :]))
     return (factor * cu[None, :]) @ U.T
 
 
