@@ -105,11 +105,13 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     )
     params, logits, harmful = sf.params, sf.logits, sf.harmful
     lam, V, trace = sf.values, sf.basis, sf.trace
-    theta_star, unravel = ravel_pytree(params)
+    _, unravel = ravel_pytree(params)
     short = harmful.prompts_only()
     u = training.skill_loss(logits)
-    u_path = jax.jit(jax.vmap(lambda th: u(th, short.tokens, short.answer_start)))
-    u_star = float(u(params, short.tokens, short.answer_start))
+    # Δu = u(θ* + x) − u(θ*) by the cancellation-free line integral (flow.skill_change)
+    skill_change = jax.jit(
+        lambda xs: flow.skill_change(u, params, xs, args=(short.tokens, short.answer_start))
+    )
     grad_u = np.asarray(
         ravel_pytree(jax.jit(jax.grad(u))(params, short.tokens, short.answer_start))[0]
     )
@@ -160,10 +162,10 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         }
         for name, c, _, _ in variants:
             window = windows[name]
-            thetas = flow.ode_flow(loss, params, ts, args=(*data, c), rtol=config.rtol)
-            X = rows(thetas) - np.asarray(theta_star)[None]
+            path = flow.ode_flow(loss, params, ts, args=(*data, c), rtol=config.rtol)
+            X = rows(path.displacement)
             projected = 0.5 * np.sum((X @ V.T) ** 2 * lam, axis=1)
-            delta_u = np.asarray(u_path(thetas), np.float64) - u_star
+            delta_u = np.asarray(skill_change(path.displacement).delta_u, np.float64)
             first_order = X @ grad_u  # ∇u(θ*)ᵀx
             fit = theory.fit_exponent(ts, projected, window)
             entry = {

@@ -22,7 +22,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg
-from geomcollapse._checks import floating_leaves, positive_float, positive_int, prng_key
+from geomcollapse._checks import (
+    finite_leaves,
+    floating_leaves,
+    positive_float,
+    positive_int,
+    prng_key,
+)
 
 PyTree = Any
 
@@ -161,31 +167,39 @@ def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.A
     """Gradient descent ``x_{k+1} = x_k − η(Ax_k + c)``, ``x_0 = 0``, in closed form.
 
     ``x_k = −η Σ_{j<k} (I − ηA)^j c`` (docs/theory.md §4), evaluated in ``A``'s
-    eigenbasis as ``−η k c + ...`` without cancellation: each mode's factor is
-    ``−η Σ_{j<k}(1 − ηa)^j = expm1(k log1p(−ηa))/a`` (``−ηk`` at ``a = 0``).
+    eigenbasis. Each mode's factor ``−η Σ_{j<k} b^j = (b^k − 1)/a``, ``b = 1 − ηa``,
+    is computed as ``expm1(k log|b|)/a`` with ``log|b| = log1p(−ηa)`` below the
+    stability edge and ``log1p(ηa − 2)`` above it (``ηa − 1`` is exact there), so
+    it keeps full relative accuracy for every ``ηa`` (no first-order branch:
+    ``ηa = 1e-14`` and ``ηa = 1e-8`` with ``k = 10⁶`` alike). ``a = 0`` gives
+    ``−ηk``; ``ηa = 1`` gives ``−η`` for ``k ≥ 1``; past the edge (``b < 0``) odd
+    ``k`` take ``−|b|^k − 1`` (no cancellation) and GD oscillates as it should.
 
-    Returns ``(K, n)`` iterates for the step counts ``ks``.
+    Args:
+      A: ``(n, n)`` symmetric (any sign).
+      c: ``(n,)`` gradient at ``θ*``.
+      eta: step size ``η``.
+      ks: ``(K,)`` step counts ``k ≥ 0`` (integers, any float dtype).
+
+    Returns:
+      ``(K, n)`` iterates ``x_k``.
     """
     a, U = jnp.linalg.eigh(A)
     cu = U.T @ c
     ks = jnp.asarray(ks, c.dtype)[:, None]
     ea = eta * a[None, :]
-    small = jnp.abs(ea) < 1e-8
-    safe = jnp.where(small | (ea >= 1), 0.5, ea)
-    # (1 − ηa)^k − 1 via expm1/log1p while 1 − ηa > 0; a plain power past the
-    # stability edge ηa ≥ 1, where GD oscillates and the base is ≤ 0.
-    base = 1.0 - ea
-    odd = jnp.mod(ks, 2.0) == 1.0
-    power_minus_one = jnp.where(
-        ea >= 1,
-        jnp.where(odd & (base < 0), -1.0, 1.0) * jnp.abs(base) ** ks - 1.0,
-        jnp.expm1(ks * jnp.log1p(-safe)),
+    past_edge = ea > 1
+    # log|1 − ηa|: log1p(−ηa) for ηa ≤ 1 (−inf at ηa = 1, so b^k − 1 = −1 for
+    # k ≥ 1; k = 0 is masked below); past the edge |b| = ηa − 1, exact by Sterbenz
+    # up to ηa = 2 and well-conditioned beyond.
+    log_abs_base = jnp.where(
+        past_edge, jnp.log1p(jnp.where(past_edge, ea, 2.0) - 2.0), jnp.log1p(-jnp.minimum(ea, 1.0))
     )
-    factor = jnp.where(
-        small,
-        -eta * ks * (1 - (ks - 1) * ea / 2),
-        power_minus_one / jnp.where(small, 1.0, a[None, :]),
-    )
+    scaled = jnp.where(ks == 0, 0.0, ks * log_abs_base)
+    negative = past_edge & (jnp.mod(ks, 2.0) == 1.0)
+    power_minus_one = jnp.where(negative, -jnp.exp(scaled) - 1.0, jnp.expm1(scaled))
+    zero = a[None, :] == 0
+    factor = jnp.where(zero, -eta * ks, power_minus_one / jnp.where(zero, 1.0, a[None, :]))
     return (factor * cu[None, :]) @ U.T
 
 
@@ -198,16 +212,37 @@ def _check_times(ts: Any, name: str = "ts") -> np.ndarray:
     return arr
 
 
+class Flow(NamedTuple):
+    """A gradient flow from ``θ*`` at its save times (:func:`ode_flow`).
+
+    Attributes:
+      ts: ``(T,)`` save times.
+      displacement: ``x(t) = θ(t) − θ*``, the integrated state itself (never
+        recovered as ``θ − θ*``, which would round it to ``eps·|θ*|``): ``θ*``'s
+        pytree with a leading ``T`` axis. Use it for everything measured relative
+        to ``θ*`` (projected loss, ``Δu`` via :func:`skill_change`, ``‖x‖``).
+      theta: ``θ(t) = θ* + x(t)``, same layout (rounded to ``eps·|θ*|``).
+    """
+
+    ts: jax.Array
+    displacement: PyTree
+    theta: PyTree
+
+
 class _GradientField(eqx.Module):
-    """``x ↦ −∇L(θ0 + x)``: the gradient flow's vector field in the displacement ``x``."""
+    """``x ↦ −∇L(θ0 + x)`` (or ``−∇ℓ(x)`` for a loss of the displacement): the field in ``x``."""
 
     loss_fn: Callable[..., jax.Array] = eqx.field(static=True)
+    of_displacement: bool = eqx.field(static=True)
     theta0: PyTree
     args: tuple
 
     def __call__(self, t, x, _):
-        theta = jax.tree_util.tree_map(jnp.add, self.theta0, x)
-        grad = jax.grad(self.loss_fn)(theta, *self.args)
+        if self.of_displacement:
+            grad = jax.grad(self.loss_fn)(x, *self.args)
+        else:
+            theta = jax.tree_util.tree_map(jnp.add, self.theta0, x)
+            grad = jax.grad(self.loss_fn)(theta, *self.args)
         return jax.tree_util.tree_map(jnp.negative, grad)
 
 
@@ -217,23 +252,33 @@ def ode_flow(
     ts: Any,
     *,
     args: tuple = (),
+    loss_of_displacement: bool = False,
     solver: diffrax.AbstractSolver | None = None,
     rtol: float | None = None,
     atol: float | None = None,
     dt: float | None = None,
     max_steps: int = 65536,
-) -> PyTree:
+) -> Flow:
     """Gradient flow ``dθ/dt = −∇L(θ)``, ``θ(0) = θ0``, integrated with diffrax.
 
-    The state is the displacement ``x = θ − θ0`` (``x(0) = 0``), so the error
-    control is relative to ``x`` itself: the ``t²``-small component of ``x`` in
-    ``M`` is resolved at small ``t`` (it would be lost against ``|θ0|``).
+    The state is the displacement ``x = θ − θ0`` (``x(0) = 0``) and it is
+    returned as such (:attr:`Flow.displacement`): error control and output are
+    relative to ``x`` itself, so its ``t``- and ``t²``-small parts are resolved
+    at small ``t`` whatever ``|θ0|``. The field still evaluates ``∇L(θ0 + x)``,
+    whose rounding (``eps·|θ0|`` in ``θ``) costs an absolute error
+    ``≈ t·‖H‖·eps·|θ0|`` in ``x``: relative ``‖H‖eps|θ0|/‖g‖``, 2e-13 for
+    ``t ∈ [1e-7, 1]`` on the tests' quadratic at ``|θ0|∞ = 10³``. A component
+    of ``x`` that starts as ``t²`` (``Px`` when ``Pg = 0``) sees it relative to
+    ``t²``: 1e-8 there at ``t = 1e-7``. A loss written as a function of the
+    displacement (``loss_of_displacement=True``) avoids that rounding.
 
     Args:
-      loss_fn: ``loss_fn(θ, *args) -> scalar``.
-      theta0: initial parameters ``θ*`` (a pytree of floating arrays).
+      loss_fn: ``loss_fn(θ, *args) -> scalar``, or ``loss_fn(x, *args)`` with
+        ``x = θ − θ0`` when ``loss_of_displacement`` is True.
+      theta0: initial parameters ``θ*`` (a pytree of finite floating arrays).
       ts: ``(T,)`` strictly increasing save times ``≥ 0``.
       args: extra arguments for ``loss_fn``.
+      loss_of_displacement: static; ``loss_fn`` takes ``x`` instead of ``θ``.
       solver: a diffrax solver (default ``Dopri8()``, order 8: at the tight
         tolerances theory checks need it takes far fewer steps than ``Tsit5``).
       rtol, atol: adaptive step-size tolerances (``PIDController``); default
@@ -244,9 +289,13 @@ def ode_flow(
       max_steps: diffrax step budget; exceeding it raises.
 
     Returns:
-      ``θ(t)`` for every ``t`` in ``ts``: ``theta0``'s pytree with a leading ``T`` axis.
+      :class:`Flow` with ``ts``, ``displacement`` ``x(t)`` and ``theta`` ``θ0 + x(t)``.
+
+    Raises:
+      ValueError: ``theta0`` not floating or not finite; bad ``ts``, ``rtol``,
+        ``atol`` or ``dt``.
     """
-    floating_leaves(theta0, "theta0")
+    finite_leaves(theta0, "theta0")
     times = _check_times(ts)
     dtype = jax.tree_util.tree_leaves(theta0)[0].dtype
     if rtol is None:
@@ -258,21 +307,25 @@ def ode_flow(
     else:
         controller, dt0 = diffrax.ConstantStepSize(), jnp.asarray(positive_float(dt, "dt"), dtype)
     x0 = jax.tree_util.tree_map(jnp.zeros_like, theta0)
+    field = _GradientField(loss_fn, bool(loss_of_displacement), theta0, tuple(args))
+    save = jnp.asarray(times, dtype)
     # Times, step and arrays enter as traced values and the vector field is a
-    # module whose only static part is ``loss_fn``: diffrax's compiled solve is
-    # reused across calls with the same loss (new times, steps or θ0 included).
+    # module whose only static parts are ``loss_fn`` and the flag: diffrax's
+    # compiled solve is reused across calls with the same loss (new times, steps
+    # or θ0 included).
     sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(_GradientField(loss_fn, theta0, tuple(args))),
+        diffrax.ODETerm(field),
         diffrax.Dopri8() if solver is None else solver,
         t0=jnp.zeros((), dtype),
         t1=jnp.asarray(times[-1], dtype),
         dt0=dt0,
         y0=x0,
-        saveat=diffrax.SaveAt(ts=jnp.asarray(times, dtype)),
+        saveat=diffrax.SaveAt(ts=save),
         stepsize_controller=controller,
         max_steps=max_steps,
     )
-    return jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, sol.ys)
+    theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, sol.ys)
+    return Flow(ts=save, displacement=sol.ys, theta=theta)
 
 
 def optimizer_trajectory(
@@ -304,21 +357,137 @@ def optimizer_trajectory(
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), theta0, thetas)
 
 
+class SkillChange(NamedTuple):
+    """``Δu = u(θ* + x) − u(θ*)`` at each displacement (:func:`skill_change`); all ``(T,)``.
+
+    Attributes:
+      delta_u: the line integral where its estimated error is the smaller,
+        else ``direct``.
+      error: estimated absolute error of ``delta_u`` (see :func:`skill_change`).
+      direct: ``u(θ* + x) − u(θ*)`` as a plain difference (loses ``eps·|u|``
+        and ``eps·|∇u|·|θ|``; accurate when ``Δu`` is large).
+      used_direct: bool, where ``delta_u`` is ``direct``.
+    """
+
+    delta_u: jax.Array
+    error: jax.Array
+    direct: jax.Array
+    used_direct: jax.Array
+
+
+def _gauss_legendre(num: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Nodes and weights of ``num``-point Gauss–Legendre on ``[0, 1]``."""
+    s, w = np.polynomial.legendre.leggauss(num)
+    return jnp.asarray((s + 1) / 2, dtype), jnp.asarray(w / 2, dtype)
+
+
+def _tree_sum(fn: Callable, *trees: PyTree) -> jax.Array:
+    """``Σ_leaves sum(fn(*leaves))``."""
+    leaves = [jax.tree_util.tree_leaves(t) for t in trees]
+    return sum(jnp.sum(fn(*ls)) for ls in zip(*leaves, strict=True))
+
+
+def skill_change(
+    skill_loss: Callable[..., jax.Array],
+    theta_star: PyTree,
+    xs: PyTree,
+    *,
+    args: tuple = (),
+    nodes: int = 8,
+) -> SkillChange:
+    """``Δu(x) = u(θ* + x) − u(θ*)`` for displacements ``xs``, without cancellation, any model.
+
+    ``Δu = ∫₀¹ ∇u(θ* + s x)·x ds`` by ``nodes``-point Gauss–Legendre in ``s``:
+    no ``O(u)`` terms cancel, so ``Δu`` keeps its relative accuracy where it is
+    far below ``eps·|u(θ*)|`` (``Δu = O(t⁴)`` along a flow, docs/theory.md §5,
+    where the direct difference loses it all). The rule is exact for quadratic
+    ``u`` (linear integrand) and spectrally accurate for smooth ``u``.
+
+    ``u`` sees the rounded ``θ_s = fl(θ* + s x)``, off the segment by
+    ``r_s = s x − (θ_s − θ*)`` (``|r_s| ≤ eps|θ*|``, computed exactly), which
+    would cost ``‖∇²u‖eps|θ*|`` in each gradient: ``Δu`` then loses accuracy
+    relative to ``Δu/‖x‖`` as ``|θ*|`` grows. Each node therefore takes the
+    gradient back to the segment to first order, ``∇u(θ_s) + ∇²u(θ_s) r_s``
+    (one forward-over-reverse ``jvp``; the remainder is ``O(eps²|θ*|²)``).
+
+    Error estimate: ``|Q_m − Q_{⌈m/2⌉}|`` plus ``8·eps·max_s Σ|∇u_s ⊙ x|``
+    (rounding of the dot products; the rounding inside ``∇u`` itself is not
+    estimated). The direct difference's is ``8·eps·(|u(θ)| + |u(θ*)| +
+    max_s Σ|∇u_s ⊙ θ_s|)``; where that is the smaller (large ``x``), the direct
+    difference is returned (``used_direct``). Pure and traceable (``nodes``
+    static); costs ``nodes + ⌈nodes/2⌉`` gradient-jvps and two losses per
+    displacement (vmapped over nodes, ``lax.map`` over displacements).
+
+    Args:
+      skill_loss: ``u(θ, *args) -> scalar``, twice differentiable.
+      theta_star: ``θ*`` (pytree of floating arrays).
+      xs: displacements ``x = θ − θ*``: ``θ*``'s pytree with a leading ``T`` axis
+        (:attr:`Flow.displacement`, or optimizer iterates minus ``θ*``).
+      args: extra arguments for ``skill_loss``.
+      nodes: Gauss–Legendre nodes (≥ 2).
+
+    Returns:
+      :class:`SkillChange`.
+    """
+    if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) or nodes < 2:
+        raise ValueError(f"nodes must be an integer >= 2, got {nodes!r}")
+    dtype = jax.tree_util.tree_leaves(theta_star)[0].dtype
+    s_hi, w_hi = _gauss_legendre(int(nodes), dtype)
+    s_lo, w_lo = _gauss_legendre((int(nodes) + 1) // 2, dtype)
+    s_all = jnp.concatenate([s_hi, s_lo])
+    eps = jnp.finfo(dtype).eps
+    u_star = skill_loss(theta_star, *args)
+
+    def grad_u(theta):
+        return jax.grad(skill_loss)(theta, *args)
+
+    def one(x):
+        def integrand(s):
+            sx = jax.tree_util.tree_map(lambda b: s * b, x)
+            theta = jax.tree_util.tree_map(jnp.add, theta_star, sx)
+            # what rounding θ* + sx dropped: exact (Sterbenz) while |sx| ≲ |θ*|
+            r = jax.tree_util.tree_map(lambda v, th, a: v - (th - a), sx, theta, theta_star)
+            g, hr = jax.jvp(grad_u, (theta,), (r,))
+            value = _tree_sum(lambda gi, hi, xi: (gi + hi) * xi, g, hr, x)
+            scale_x = _tree_sum(lambda gi, xi: jnp.abs(gi * xi), g, x)
+            scale_theta = _tree_sum(lambda gi, ti: jnp.abs(gi * ti), g, theta)
+            return value, scale_x, scale_theta
+
+        values, scale_x, scale_theta = jax.vmap(integrand)(s_all)
+        hi = jnp.dot(w_hi, values[: s_hi.size])
+        lo = jnp.dot(w_lo, values[s_hi.size :])
+        quad_err = jnp.abs(hi - lo) + 8 * eps * jnp.max(scale_x)
+        u_x = skill_loss(jax.tree_util.tree_map(jnp.add, theta_star, x), *args)
+        direct_err = 8 * eps * (jnp.abs(u_x) + jnp.abs(u_star) + jnp.max(scale_theta))
+        return hi, quad_err, u_x - u_star, direct_err
+
+    quad, quad_err, direct, direct_err = jax.lax.map(one, xs)
+    use_direct = quad_err > direct_err
+    return SkillChange(
+        delta_u=jnp.where(use_direct, direct, quad),
+        error=jnp.where(use_direct, direct_err, quad_err),
+        direct=direct,
+        used_direct=use_direct,
+    )
+
+
 class TrajectoryRecord(NamedTuple):
     """What a flow does to the skill, at each recorded time (all ``(T,)``).
 
     Attributes:
       t: times (flow time, or ``η k`` for discrete steps).
-      delta_u: ``Δu(θ(t)) = u(θ(t)) − u(θ*)``.
-      projected_loss: ``½‖F^{1/2}P x(t)‖²``, ``x = θ − θ*`` (Thm 6.1's lower bound).
+      delta_u: ``Δu(t) = u(θ* + x(t)) − u(θ*)`` by :func:`skill_change`.
+      delta_u_error: its estimated absolute error (:attr:`SkillChange.error`).
+      projected_loss: ``½‖F^{1/2}P x(t)‖²`` (Thm 6.1's lower bound).
       projected_norm: ``‖F^{1/2}P x(t)‖`` (Thm 6.2's drift, ``Ω(γt²)``).
       displacement_norm: ``‖x(t)‖``.
       subspace_angle: largest principal angle (radians) between ``M(θ*)`` and
-        ``M(θ(t))``, the top-``d`` eigenspaces of ``F``; ``None`` unless asked.
+        ``M(θ* + x(t))``, the top-``d`` eigenspaces of ``F``; ``None`` unless asked.
     """
 
     t: np.ndarray
     delta_u: np.ndarray
+    delta_u_error: np.ndarray
     projected_loss: np.ndarray
     projected_norm: np.ndarray
     displacement_norm: np.ndarray
@@ -340,9 +509,22 @@ def principal_angle(basis_a: np.ndarray, basis_b: np.ndarray) -> float:
     return float(np.arctan2(sin, cos))
 
 
+def _flat_rows(tree: PyTree, name: str, rows: int | None, n: int) -> np.ndarray:
+    """A pytree with a leading axis (or a 2-D array) as ``(rows, n)`` raveled rows."""
+    finite_leaves(tree, name)
+    try:
+        flat = jax.vmap(lambda leaf: ravel_pytree(leaf)[0])(tree)
+    except ValueError as err:  # leaves whose leading axes disagree
+        raise ValueError(f"{name} must have one leading axis shared by all leaves: {err}") from None
+    if flat.ndim != 2 or flat.shape[1] != n or (rows is not None and flat.shape[0] != rows):
+        want = f"{rows if rows is not None else 'd'}, {n}"
+        raise ValueError(f"{name} must hold ({want}) raveled rows, got {tuple(flat.shape)}")
+    return np.asarray(flat, np.float64)
+
+
 def record_trajectory(
     ts: Any,
-    thetas: PyTree,
+    xs: PyTree,
     theta_star: PyTree,
     skill_loss: Callable[[PyTree], jax.Array],
     eigenvalues: Any,
@@ -351,43 +533,47 @@ def record_trajectory(
     fisher_vp: Callable[[PyTree, PyTree], PyTree] | None = None,
     key: jax.Array | None = None,
     tol: float = 1e-8,
+    nodes: int = 8,
 ) -> TrajectoryRecord:
-    """The :class:`TrajectoryRecord` of positions ``thetas`` (any flow, GD or optimizer).
+    """The :class:`TrajectoryRecord` of displacements ``xs`` (any flow, GD or optimizer).
+
+    Everything is computed from ``x = θ − θ*`` as given, never from ``θ − θ*``:
+    pass :attr:`Flow.displacement`, or iterates minus ``θ*`` where the optimizer
+    only has those. ``Δu`` is :func:`skill_change` (cancellation-free).
 
     Args:
       ts: ``(T,)`` times of the positions.
-      thetas: pytree like ``theta_star`` with a leading ``T`` axis.
+      xs: displacements, ``theta_star``'s pytree with a leading ``T`` axis.
       theta_star: ``θ*``.
       skill_loss: ``u(θ)``.
       eigenvalues: ``(d,)`` top eigenvalues of ``F(θ*)``.
-      basis: ``(d, n)`` orthonormal top-``d`` eigenvectors of ``F(θ*)`` (raveled rows).
-      fisher_vp: ``(θ, v) -> F(θ) v``; when given, ``M(θ(t))`` is recomputed at
-        every position with :func:`geomcollapse.linalg.top_eigenpairs` and the
-        subspace rotation is recorded (``key`` required).
+      basis: orthonormal top-``d`` eigenvectors of ``F(θ*)``: a ``(d, n)`` array
+        of raveled rows, or ``θ*``'s pytree with a leading ``d`` axis (as
+        :func:`geomcollapse.linalg.top_eigenpairs` returns for a pytree ``like``).
+      fisher_vp: ``(θ, v) -> F(θ) v``; when given, ``M(θ* + x(t))`` is
+        recomputed at every position with
+        :func:`geomcollapse.linalg.top_eigenpairs` and the subspace rotation is
+        recorded (``key`` required).
+      key: ``jax.random`` key for those eigenpairs.
       tol: residual tolerance for those eigenpairs.
+      nodes: Gauss–Legendre nodes for ``Δu`` (:func:`skill_change`).
     """
     times = np.asarray(ts, np.float64)
+    finite_leaves(theta_star, "theta_star")
     flat_star, unravel = ravel_pytree(theta_star)
-    flat = jax.vmap(lambda th: ravel_pytree(th)[0])(thetas)
-    if flat.shape != (times.size, flat_star.size):
-        raise ValueError(
-            f"thetas must hold {times.size} positions of {flat_star.size} parameters, "
-            f"got {flat.shape}"
-        )
+    n = flat_star.size
+    x = _flat_rows(xs, "xs", times.size, n)
     lam = np.asarray(eigenvalues, np.float64)
-    V = np.asarray(basis, np.float64)
-    if V.shape != (lam.size, flat_star.size):
-        raise ValueError(f"basis must be ({lam.size}, {flat_star.size}), got {V.shape}")
-    x = np.asarray(flat - flat_star[None], np.float64)
+    V = _flat_rows(basis, "basis", lam.size, n)
     fpx = (x @ V.T) * np.sqrt(np.maximum(lam, 0.0))[None]
-    u_star = skill_loss(theta_star)
-    delta_u = np.asarray(jax.vmap(lambda th: skill_loss(th) - u_star)(thetas), np.float64)
+    change = skill_change(skill_loss, theta_star, xs, nodes=nodes)
     angles = None
     if fisher_vp is not None:
         key = prng_key(key)
+        tol = positive_float(tol, "tol")
         angles = np.empty(times.size)
         for i, k in enumerate(jax.random.split(key, times.size)):
-            theta_i = unravel(flat[i])
+            theta_i = unravel(flat_star + jnp.asarray(x[i], flat_star.dtype))
 
             def matvec(v, th=theta_i):
                 return ravel_pytree(fisher_vp(th, unravel(v)))[0]
@@ -397,7 +583,8 @@ def record_trajectory(
     norm = np.linalg.norm(fpx, axis=1)
     return TrajectoryRecord(
         t=times,
-        delta_u=delta_u,
+        delta_u=np.asarray(change.delta_u, np.float64),
+        delta_u_error=np.asarray(change.error, np.float64),
         projected_loss=0.5 * norm**2,
         projected_norm=norm,
         displacement_norm=np.linalg.norm(x, axis=1),

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from geomcollapse import flow, landscapes
+from geomcollapse import flow, landscapes, linalg
 from tests.conftest import rel_err
 
 
@@ -35,7 +35,10 @@ def _taylor_flow(A, c, ts, terms=40):
 def test_ode_flow_matches_exact_flow_and_series():
     q = _quadratic(kappa=3.0)
     ts = jnp.logspace(-4, 0, 17)  # t‖A‖ ≤ 4.4: the series converges fast with 40 terms
-    xs = flow.ode_flow(_loss(q), jnp.zeros(q.n), ts)  # Dopri8, rtol 1e-12
+    out = flow.ode_flow(_loss(q), jnp.zeros(q.n), ts)  # Dopri8, rtol 1e-12
+    xs = out.displacement
+    np.testing.assert_array_equal(out.theta, xs)  # θ* = 0
+    np.testing.assert_array_equal(out.ts, ts)
     exact = q.trajectory(ts)
     series = _taylor_flow(q.A, q.c, ts)
     for other in (exact, series):
@@ -77,7 +80,8 @@ def test_ode_solver_order(solver, steps):
     errs = [
         float(
             jnp.linalg.norm(
-                flow.ode_flow(loss, jnp.zeros(q.n), [1.0], solver=solver, dt=h)[-1] - exact
+                flow.ode_flow(loss, jnp.zeros(q.n), [1.0], solver=solver, dt=h).displacement[-1]
+                - exact
             )
         )
         for h in steps
@@ -96,7 +100,7 @@ def test_ode_flow_on_a_pytree_matches_flat():
         return _loss(q)(jnp.concatenate([p["a"], p["b"]]))
 
     tree = {"a": jnp.zeros(split), "b": jnp.zeros(q.n - split)}
-    out = flow.ode_flow(loss_tree, tree, [0.1, 0.5])
+    out = flow.ode_flow(loss_tree, tree, [0.1, 0.5]).displacement
     flat = jnp.concatenate([out["a"], out["b"]], axis=1)
     assert rel_err(flat, q.trajectory(jnp.array([0.1, 0.5]))) < 1e-9
 
@@ -121,25 +125,62 @@ def test_optax_sgd_is_the_gd_closed_form_and_momentum_matches_a_loop():
 
 def test_trajectory_record_matches_the_landscape_and_subspace_rotation():
     q = _quadratic(epsilon=0.01)
-    ts = jnp.array([0.01, 0.1, 0.5])
+    ts = jnp.array([1e-6, 0.01, 0.1, 0.5])
     xs = q.trajectory(ts)
+    star = jnp.linspace(-50.0, 50.0, q.n)  # far from 0, with u(θ*) = 3: both would cancel
     lam, V = np.linalg.eigh(np.asarray(q.F))
     lam, V = lam[::-1][:3], V[:, ::-1][:, :3]
     rec = flow.record_trajectory(
         ts,
         xs,
-        jnp.zeros(q.n),
-        lambda x: 0.5 * x @ q.F @ x,
+        star,
+        lambda th: 3.0 + 0.5 * (th - star) @ q.F @ (th - star),
         lam,
         V.T,
         fisher_vp=lambda th, v: q.F @ v,
         key=jax.random.key(0),
     )
     np.testing.assert_allclose(rec.delta_u, q.delta_u(ts), rtol=1e-12)
+    assert np.all(rec.delta_u_error <= 1e-12 * rec.delta_u)
     np.testing.assert_allclose(rec.projected_loss, q.projected_loss(ts, 3), rtol=1e-12)
     np.testing.assert_allclose(rec.projected_norm**2 / 2, rec.projected_loss, rtol=1e-14)
     np.testing.assert_allclose(rec.displacement_norm, np.linalg.norm(xs, axis=1), rtol=1e-14)
     assert np.all(rec.subspace_angle < 1e-6)  # constant F: M never rotates
+
+
+def test_trajectory_record_takes_pytree_displacements_and_a_pytree_basis():
+    """Positions and ``top_eigenpairs``' basis as pytrees give the flat record."""
+    q = _quadratic()
+    split = q.n // 2
+    ts = jnp.array([0.01, 0.1])
+    xs = q.trajectory(ts)
+
+    def to_tree(v):
+        return {"a": v[..., :split], "b": v[..., split:]}
+
+    def skill(tree):
+        v = jnp.concatenate([tree["a"], tree["b"]])
+        return 0.5 * v @ q.F @ v
+
+    def fvp(v):
+        return to_tree(q.F @ jnp.concatenate([v["a"], v["b"]]))
+
+    star = to_tree(jnp.zeros(q.n))
+    pairs = linalg.top_eigenpairs(fvp, star, 3, key=jax.random.key(1), tol=1e-12)
+    assert pairs.vectors["a"].shape == (3, split)
+    tree_rec = flow.record_trajectory(ts, to_tree(xs), star, skill, pairs.values, pairs.vectors)
+    flat_basis = jnp.concatenate([pairs.vectors["a"], pairs.vectors["b"]], axis=1)
+    flat_rec = flow.record_trajectory(
+        ts, xs, jnp.zeros(q.n), lambda v: 0.5 * v @ q.F @ v, pairs.values, flat_basis
+    )
+    for field in ("delta_u", "projected_loss", "displacement_norm"):
+        np.testing.assert_allclose(getattr(tree_rec, field), getattr(flat_rec, field), rtol=1e-14)
+    # Lanczos to residual 1e-12 moves a t⁴-small projected loss by ~1e-9 relative
+    np.testing.assert_allclose(tree_rec.projected_loss, q.projected_loss(ts, 3), rtol=1e-8)
+    with pytest.raises(ValueError, match="basis must hold"):
+        flow.record_trajectory(ts, xs, jnp.zeros(q.n), jnp.sum, pairs.values, flat_basis[:2])
+    with pytest.raises(ValueError, match="xs must hold"):
+        flow.record_trajectory(ts[:1], xs, jnp.zeros(q.n), jnp.sum, pairs.values, flat_basis)
 
 
 def test_bad_times_and_steps_raise():
