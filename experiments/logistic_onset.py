@@ -134,8 +134,8 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
         path.displacement,
         example.theta_star,
         example.skill_loss,
-        lam[::-1][: rank // 2],  # range F itself never moves; its top half does
-        V[:, ::-1][:, : rank // 2].T,
+        # range F itself never moves; its top half does
+        (lam[::-1][: rank // 2], V[:, ::-1][:, : rank // 2].T),
         fisher_vp=example.fisher_vp,
         key=k_angle,
         tol=1e-12,

@@ -29,6 +29,7 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
 )
+from geomcollapse.subspace import Subspace
 
 PyTree = Any
 
@@ -527,13 +528,13 @@ def record_trajectory(
     xs: PyTree,
     theta_star: PyTree,
     skill_loss: Callable[[PyTree], jax.Array],
-    eigenvalues: Any,
-    basis: Any,
+    subspace: Subspace | tuple,
     *,
     fisher_vp: Callable[[PyTree, PyTree], PyTree] | None = None,
     key: jax.Array | None = None,
-    tol: float = 1e-8,
+    tol: float | None = None,
     nodes: int = 8,
+    allow_unconverged: bool = False,
 ) -> TrajectoryRecord:
     """The :class:`TrajectoryRecord` of displacements ``xs`` (any flow, GD or optimizer).
 
@@ -546,30 +547,43 @@ def record_trajectory(
       xs: displacements, ``theta_star``'s pytree with a leading ``T`` axis.
       theta_star: ``θ*``.
       skill_loss: ``u(θ)``.
-      eigenvalues: ``(d,)`` top eigenvalues of ``F(θ*)``.
-      basis: orthonormal top-``d`` eigenvectors of ``F(θ*)``: a ``(d, n)`` array
-        of raveled rows, or ``θ*``'s pytree with a leading ``d`` axis (as
-        :func:`geomcollapse.linalg.top_eigenpairs` returns for a pytree ``like``).
+      subspace: ``M(θ*)`` as a :class:`geomcollapse.subspace.Subspace` (e.g.
+        ``Subspace.from_eigenpairs(top_eigenpairs(...))``), or a
+        ``(eigenvalues, basis)`` pair of exact eigenpairs; the basis is a
+        ``(d, n)`` array of raveled rows or ``θ*``'s pytree with a leading ``d`` axis.
       fisher_vp: ``(θ, v) -> F(θ) v``; when given, ``M(θ* + x(t))`` is
         recomputed at every position with
         :func:`geomcollapse.linalg.top_eigenpairs` and the subspace rotation is
         recorded (``key`` required).
       key: ``jax.random`` key for those eigenpairs.
-      tol: residual tolerance for those eigenpairs.
+      tol: residual tolerance for those eigenpairs (default ``1e-8`` in float64,
+        ``max(1e-8, 100·eps)`` otherwise).
       nodes: Gauss–Legendre nodes for ``Δu`` (:func:`skill_change`).
+      allow_unconverged: accept an uncertified ``subspace`` or uncertified
+        eigenpairs along the path instead of raising ``ValueError``.
     """
     times = np.asarray(ts, np.float64)
     finite_leaves(theta_star, "theta_star")
     flat_star, unravel = ravel_pytree(theta_star)
     n = flat_star.size
     x = _flat_rows(xs, "xs", times.size, n)
-    lam = np.asarray(eigenvalues, np.float64)
-    V = _flat_rows(basis, "basis", lam.size, n)
+    if not isinstance(subspace, Subspace):
+        if not isinstance(subspace, tuple) or len(subspace) != 2:
+            raise ValueError("subspace must be a Subspace or an (eigenvalues, basis) pair")
+        subspace = Subspace.exact(*subspace)
+    if not bool(subspace.converged) and not allow_unconverged:
+        raise ValueError(
+            "subspace is not converged (uncertified eigenpairs): pass allow_unconverged=True"
+        )
+    lam = np.asarray(subspace.values, np.float64)
+    V = _flat_rows(subspace.basis, "basis", lam.size, n)
     fpx = (x @ V.T) * np.sqrt(np.maximum(lam, 0.0))[None]
     change = skill_change(skill_loss, theta_star, xs, nodes=nodes)
     angles = None
     if fisher_vp is not None:
         key = prng_key(key)
+        if tol is None:
+            tol = max(1e-8, 100 * float(jnp.finfo(flat_star.dtype).eps))
         tol = positive_float(tol, "tol")
         angles = np.empty(times.size)
         for i, k in enumerate(jax.random.split(key, times.size)):
@@ -579,6 +593,7 @@ def record_trajectory(
                 return ravel_pytree(fisher_vp(th, unravel(v)))[0]
 
             pairs = linalg.top_eigenpairs(matvec, flat_star, lam.size, key=k, tol=tol)
+            Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
             angles[i] = principal_angle(V, np.asarray(pairs.vectors))
     norm = np.linalg.norm(fpx, axis=1)
     return TrajectoryRecord(

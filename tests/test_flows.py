@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from geomcollapse import flow, landscapes, linalg
+from geomcollapse.subspace import Subspace
 from tests.conftest import rel_err
 
 
@@ -135,8 +136,7 @@ def test_trajectory_record_matches_the_landscape_and_subspace_rotation():
         xs,
         star,
         lambda th: 3.0 + 0.5 * (th - star) @ q.F @ (th - star),
-        lam,
-        V.T,
+        (lam, V.T),
         fisher_vp=lambda th, v: q.F @ v,
         key=jax.random.key(0),
     )
@@ -168,19 +168,26 @@ def test_trajectory_record_takes_pytree_displacements_and_a_pytree_basis():
     star = to_tree(jnp.zeros(q.n))
     pairs = linalg.top_eigenpairs(fvp, star, 3, key=jax.random.key(1), tol=1e-12)
     assert pairs.vectors["a"].shape == (3, split)
-    tree_rec = flow.record_trajectory(ts, to_tree(xs), star, skill, pairs.values, pairs.vectors)
+    tree_rec = flow.record_trajectory(ts, to_tree(xs), star, skill, Subspace.from_eigenpairs(pairs))
     flat_basis = jnp.concatenate([pairs.vectors["a"], pairs.vectors["b"]], axis=1)
     flat_rec = flow.record_trajectory(
-        ts, xs, jnp.zeros(q.n), lambda v: 0.5 * v @ q.F @ v, pairs.values, flat_basis
+        ts, xs, jnp.zeros(q.n), lambda v: 0.5 * v @ q.F @ v, (pairs.values, flat_basis)
     )
     for field in ("delta_u", "projected_loss", "displacement_norm"):
         np.testing.assert_allclose(getattr(tree_rec, field), getattr(flat_rec, field), rtol=1e-14)
     # Lanczos to residual 1e-12 moves a t⁴-small projected loss by ~1e-9 relative
     np.testing.assert_allclose(tree_rec.projected_loss, q.projected_loss(ts, 3), rtol=1e-8)
     with pytest.raises(ValueError, match="basis must hold"):
-        flow.record_trajectory(ts, xs, jnp.zeros(q.n), jnp.sum, pairs.values, flat_basis[:2])
+        flow.record_trajectory(ts, xs, jnp.zeros(q.n), jnp.sum, (pairs.values, flat_basis[:2]))
     with pytest.raises(ValueError, match="xs must hold"):
-        flow.record_trajectory(ts[:1], xs, jnp.zeros(q.n), jnp.sum, pairs.values, flat_basis)
+        flow.record_trajectory(ts[:1], xs, jnp.zeros(q.n), jnp.sum, (pairs.values, flat_basis))
+    uncertified = Subspace(pairs.values, flat_basis, pairs.residuals, jnp.asarray(False))
+    with pytest.raises(ValueError, match="not converged"):
+        flow.record_trajectory(ts, xs, jnp.zeros(q.n), jnp.sum, uncertified)
+    loose = flow.record_trajectory(
+        ts, xs, jnp.zeros(q.n), lambda v: 0.5 * v @ q.F @ v, uncertified, allow_unconverged=True
+    )
+    np.testing.assert_allclose(loose.projected_loss, flat_rec.projected_loss, rtol=1e-15)
 
 
 def test_bad_times_and_steps_raise():
