@@ -1,10 +1,11 @@
-"""Integrity: damaged checkpoints fail loudly and saves are atomic.
+"""Integrity: damaged checkpoints fail loudly, saves are atomic, bad inputs name themselves.
 
 Checkpoints are damaged on disk (flipped, truncated and deleted bytes in every
 file, the manifest included) and saves are SIGKILLed at fixed points and at
 timed moments in a child process; the old checkpoint must survive each kill.
 """
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from geomcollapse import checkpoint, models
+from geomcollapse import checkpoint, curvature, landscapes, models
 
 ROOT = Path(__file__).resolve().parent.parent
 NAN, INF = float("nan"), float("inf")
@@ -255,3 +256,138 @@ def test_old_checkpoint_survives_sigkill_at_timed_moments(saved, tmp_path):
         outcomes.append(_check_survivor_then_resave(path, saved[1], new_is_ok=True))
         shutil.rmtree(path)
     assert not all(outcomes), "every kill came after the save had finished"
+
+
+# --- non-finite and malformed inputs ---------------------------------------
+
+QUADRATIC = {"top": [2.0, 1.0], "tail_mass": 0.1, "epsilon": 1e-3, "coupling": 0.5}
+
+
+def test_quadratic_landscape_names_its_non_finite_array():
+    L = landscapes.make_quadratic_landscape(jax.random.key(0), 6, 2, **QUADRATIC)
+    for name in ("A", "c", "F"):
+        bad = np.array(getattr(L, name))
+        bad[(0,) * bad.ndim] = NAN
+        arrays = {"A": L.A, "c": L.c, "F": L.F, name: jnp.asarray(bad)}
+        with pytest.raises(ValueError, match=rf"^{name} has 1 non-finite"):
+            landscapes.QuadraticLandscape(**arrays, d=2)
+
+
+@pytest.mark.parametrize("value", [NAN, INF, -INF])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "n",
+        "d",
+        "top",
+        "tail_mass",
+        "epsilon",
+        "coupling",
+        "kappa",
+        "c_perp_norm",
+        "curvature_scale",
+    ],
+)
+def test_make_quadratic_landscape_names_the_non_finite_argument(name, value):
+    kwargs = {"n": 6, "d": 2, **QUADRATIC}
+    if name == "kappa":
+        kwargs = {**kwargs, "coupling": None, "kappa": value}
+    elif name == "top":
+        kwargs["top"] = [2.0, value]
+    else:
+        kwargs[name] = value
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        landscapes.make_quadratic_landscape(jax.random.key(0), **kwargs)
+
+
+LOGISTIC_ARGS = [
+    "n",
+    "classes",
+    "skill_examples",
+    "task_examples",
+    "feature_scale",
+    "theta_scale",
+    "task_shift",
+]
+
+
+@pytest.mark.parametrize("value", [NAN, INF])
+@pytest.mark.parametrize("name", LOGISTIC_ARGS)
+@pytest.mark.parametrize("maker", ["landscape", "batch"])
+def test_logistic_makers_name_the_non_finite_argument(maker, name, value):
+    kwargs = {"n": 6, name: value}
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
+        if maker == "landscape":
+            landscapes.make_logistic_landscape(jax.random.key(0), **kwargs)
+        else:
+            landscapes.make_logistic_batch(jax.random.key(0), 3, **kwargs)
+
+
+def test_restrict_and_substitute_check_block_leaf_shapes():
+    params = {"fc": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}, "out": jnp.ones(4)}
+
+    def fn(p, x):
+        return jnp.sum(p["fc"]["kernel"] @ p["fc"]["bias"]) * x + jnp.sum(p["out"])
+
+    good = {"fc/bias": jnp.full(2, 2.0)}
+    assert curvature.restrict(fn)(good, params, 1.0) == pytest.approx(3 * 4 + 4)
+    for bad in ({"fc/bias": jnp.ones(3)}, {"fc/bias": jnp.ones((2, 1))}):
+        with pytest.raises(ValueError, match=r"block\['fc/bias'\] has shape"):
+            curvature.substitute(params, bad)
+        with pytest.raises(ValueError, match=r"block\['fc/bias'\] has shape"):
+            curvature.restrict(fn)(bad, params, 1.0)
+        with pytest.raises(ValueError, match=r"block\['fc/bias'\] has shape"):
+            jax.jit(curvature.restrict(fn))(bad, params, 1.0)
+
+
+X64_OFF = textwrap.dedent(
+    """
+    import json, warnings
+    import jax, jax.numpy as jnp
+    from geomcollapse import landscapes, sweep
+    assert not jax.config.jax_enable_x64
+    kw = {"top": [2.0, 1.0], "tail_mass": 0.1, "epsilon": 1e-3, "coupling": 0.5}
+    run = {"id": 0, "seed": 0, "n": 6, "d": 2, **kw}
+    calls = {
+        "quadratic": lambda: landscapes.make_quadratic_landscape(jax.random.key(0), 6, 2, **kw),
+        "quadratic_f64": lambda: landscapes.make_quadratic_landscape(
+            jax.random.key(0), 6, 2, dtype=jnp.float64, **kw),
+        "logistic": lambda: landscapes.make_logistic_landscape(jax.random.key(0), 6),
+        "logistic_batch": lambda: landscapes.make_logistic_batch(jax.random.key(0), 2, 6),
+        "landscape_for": lambda: sweep.landscape_for(run),
+        "quadratic_f32": lambda: landscapes.make_quadratic_landscape(
+            jax.random.key(0), 6, 2, dtype=jnp.float32, **kw).A.dtype,
+        "logistic_f32": lambda: landscapes.make_logistic_landscape(
+            jax.random.key(0), 6, dtype=jnp.float32).theta_star.dtype,
+    }
+    out = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float32 paths must not warn either
+        for name, call in calls.items():
+            try:
+                out[name] = "ok " + str(call())
+            except ValueError as err:
+                out[name] = "ValueError " + str(err)
+    print(json.dumps(out))
+    """
+)
+
+
+def test_float64_with_x64_off_raises_instead_of_returning_float32(tmp_path):
+    script = tmp_path / "x64_off.py"
+    script.write_text(X64_OFF)
+    done = subprocess.run(
+        [sys.executable, str(script)], env=_child_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    for name in ("quadratic", "quadratic_f64", "logistic", "logistic_batch", "landscape_for"):
+        assert out[name].startswith("ValueError dtype=float64 needs 64-bit JAX"), (name, out)
+    assert out["quadratic_f32"] == "ok float32" and out["logistic_f32"] == "ok float32", out
+
+
+def test_float_dtype_rejects_non_floating():
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        landscapes.make_quadratic_landscape(jax.random.key(0), 6, 2, dtype=jnp.int32, **QUADRATIC)
+    with pytest.raises(ValueError, match="dtype must be a floating dtype"):
+        landscapes.make_logistic_landscape(jax.random.key(0), 6, dtype="nope")
