@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = sweep_module.load_config(args.config)
         path = sweep_module.run_sweep(config, progress=not args.no_progress)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # bad config or file-system error: a message, no trace
         print(f"geomcollapse sweep: error: {err}", file=sys.stderr)
         return 2
     _, rows = sweep_module.read_rows(path)

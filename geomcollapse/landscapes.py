@@ -17,7 +17,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import flow, linalg, theory
-from geomcollapse._checks import positive_float, positive_int, prng_key, subspace_dim
+from geomcollapse._checks import (
+    finite_float,
+    finite_leaves,
+    positive_float,
+    positive_int,
+    prng_key,
+    subspace_dim,
+)
+from geomcollapse._precision import float_dtype
 from geomcollapse.subspace import Subspace
 
 
@@ -71,6 +79,8 @@ class QuadraticLandscape:
     def __post_init__(self):
         if not all(_is_concrete(x) for x in (self.A, self.c, self.F)):
             return
+        for name in ("A", "c", "F"):
+            finite_leaves(getattr(self, name), name)
         _check_symmetric(self.A, "A", psd=False)
         _check_symmetric(self.F, "F", psd=True)
         n = np.shape(self.c)[-1:]
@@ -187,14 +197,28 @@ def make_quadratic_landscape(
     key = prng_key(key)
     n = positive_int(n, "n")
     d = subspace_dim(d, n)
-    top = np.sort(np.asarray(top, np.float64))[::-1]
-    if top.shape != (d,) or np.any(top <= 0):
-        raise ValueError(f"top must hold d={d} positive eigenvalues, got {top}")
-    if tail_mass < 0 or epsilon < 0:
-        raise ValueError(f"tail_mass and epsilon must be ≥ 0, got {tail_mass}, {epsilon}")
+    dtype = float_dtype(dtype)
+    try:
+        top = np.sort(np.asarray(top, np.float64))[::-1]
+    except (TypeError, ValueError):
+        raise ValueError(f"top must be a sequence of d={d} numbers, got {top!r}") from None
+    if top.shape != (d,) or not np.all(np.isfinite(top)) or np.any(top <= 0):
+        raise ValueError(f"top must hold d={d} finite positive eigenvalues, got {top}")
+    tail_mass = finite_float(tail_mass, "tail_mass")
+    epsilon = finite_float(epsilon, "epsilon")
+    curvature_scale = finite_float(curvature_scale, "curvature_scale")
+    for name, value in (("tail_mass", tail_mass), ("epsilon", epsilon)):
+        if value < 0:
+            raise ValueError(f"{name} must be ≥ 0, got {value}")
+    if curvature_scale < 0:
+        raise ValueError(f"curvature_scale must be ≥ 0, got {curvature_scale}")
     c_perp_norm = positive_float(c_perp_norm, "c_perp_norm")
     if (coupling is None) == (kappa is None):
         raise ValueError("give exactly one of coupling (target γ) or kappa")
+    if coupling is not None and finite_float(coupling, "coupling") < 0:
+        raise ValueError(f"coupling must be ≥ 0, got {coupling}")
+    if kappa is not None:
+        kappa = finite_float(kappa, "kappa")
     ratio = 0.5
     weights = ratio ** np.arange(n - d)
     tail = tail_mass * weights / weights.sum()
@@ -205,8 +229,8 @@ def make_quadratic_landscape(
     lam = np.concatenate([top, tail])
     keys = jax.random.split(key, 7)
 
-    def normal(k, shape):
-        return np.asarray(jax.random.normal(k, shape, jnp.float64))
+    def normal(k, shape):  # float64 draws under x64, else float32 (no narrowing warning)
+        return np.asarray(jax.random.normal(k, shape, jax.dtypes.canonicalize_dtype(jnp.float64)))
 
     V, _ = np.linalg.qr(normal(keys[0], (n, n)))
     Vm, Vp = V[:, :d], V[:, d:]
@@ -465,6 +489,8 @@ def make_logistic_batch(key: jax.Array, num: int, n: int, **kwargs) -> LogisticL
     every leaf has a leading ``num`` axis (vmap over it).
     """
     num = positive_int(num, "num")
+    n = positive_int(n, "n")
+    float_dtype(kwargs.get("dtype", jnp.float64))
     if "orthogonalize_d" in kwargs:
         raise ValueError("orthogonalize_d is not supported here: vmap orthogonal_correction")
     keys = jax.random.split(prng_key(key), num)
@@ -510,8 +536,10 @@ def make_logistic_landscape(
     task_examples = positive_int(task_examples, "task_examples")
     feature_scale = positive_float(feature_scale, "feature_scale")
     theta_scale = positive_float(theta_scale, "theta_scale")
+    task_shift = finite_float(task_shift, "task_shift")
     if task_shift < 0:
         raise ValueError(f"task_shift must be ≥ 0, got {task_shift}")
+    dtype = float_dtype(dtype)
     scales = jnp.asarray([feature_scale, theta_scale, task_shift], dtype)
     ws, ys, wf, yf, theta_star = _draw_logistic(
         key, n, classes, skill_examples, task_examples, jnp.dtype(dtype), scales

@@ -16,7 +16,12 @@ accelerators, mapped in sequence on CPU) with the batch axis sharded over all
 devices (``shard_map``), and each batch is appended to the
 JSONL output in one write. A killed sweep resumes: incomplete batches are
 dropped (the file is rewritten atomically) and recomputed, so no row is lost
-or duplicated and every row equals the uninterrupted run's.
+or duplicated and every row equals the uninterrupted run's. Resuming with
+another ``batch_size`` (which regroups the runs) is refused, as is a file whose
+complete batches are not this config's runs.
+
+Every number in a config must be finite; a bad config, an unreadable config
+file or an unwritable output raise ``ValueError`` naming the key or path.
 """
 
 from __future__ import annotations
@@ -77,10 +82,23 @@ def _reject_unknown(found: dict, allowed, where: str) -> None:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
 
 
+def _reject_non_finite(value: Any, where: str) -> None:
+    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _reject_non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _reject_non_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not np.isfinite(value):
+        raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
+
+
 def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
     """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``."""
     if not isinstance(raw, dict):
         raise ValueError("a sweep config must be a mapping")
+    _reject_non_finite(raw, "")
     _reject_unknown(raw, TOP_KEYS, "the sweep config")
     for key in ("output", "grid", "seeds", "times"):
         if key not in raw:
@@ -133,18 +151,30 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
 def load_config(path: str | os.PathLike) -> SweepConfig:
     """Read and validate a ``.json`` (or, on Python ≥ 3.11, ``.toml``) sweep config."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config {str(path)!r} is a directory, not a config file")
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read config file {str(path)!r}: {err}") from None
     if path.suffix == ".toml":
         if sys.version_info < (3, 11):
             raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON")
         import tomllib
 
-        raw = tomllib.loads(path.read_text())
-    elif path.suffix == ".json":
-        raw = json.loads(path.read_text())
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
     else:
-        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
     return parse_config(raw, path.parent)
 
 
@@ -198,8 +228,16 @@ def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
     return jax.jit(sharded), sharding
 
 
-def _read_complete(path: Path, digest: str) -> tuple[list[str], set[int]]:
-    """Lines of complete batches in ``path`` (header first) and the batch indices done."""
+def _read_complete(
+    path: Path, config: SweepConfig, batches: list[list[dict]]
+) -> tuple[list[str], set[int]]:
+    """Lines of complete batches in ``path`` (header first) and the batch indices done.
+
+    Raises ``ValueError`` if the file is another config's, was written with
+    another ``batch_size``, or holds a complete batch whose runs are not the ones
+    ``batches`` puts there (rows are matched to runs by ``id``, so no row is
+    duplicated or lost on resume).
+    """
     if not path.exists():
         return [], set()
     text = path.read_text()
@@ -209,18 +247,42 @@ def _read_complete(path: Path, digest: str) -> tuple[list[str], set[int]]:
     lines = [line for line in lines if line]
     if not lines:
         return [], set()
-    header = json.loads(lines[0])
-    if header.get("config_sha256") != digest:
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        raise ValueError(f"{path} is not a sweep output (its first line is not JSON)") from None
+    if not isinstance(header, dict) or header.get("config_sha256") != config.digest:
         raise ValueError(
             f"{path} holds a sweep of a different config; move it away or change 'output'"
         )
+    written = header.get("batch_size")
+    if written is not None and written != config.batch_size:
+        raise ValueError(
+            f"{path} was written with batch_size={written}; resume it with that batch_size "
+            f"(batch_size={config.batch_size} would regroup the runs) or move it away"
+        )
     by_batch: dict[int, list[str]] = {}
+    ids: dict[int, list[int]] = {}
     expected: dict[int, int] = {}
-    for line in lines[1:]:
-        row = json.loads(line)
-        by_batch.setdefault(row["batch"], []).append(line)
-        expected[row["batch"]] = row["batch_rows"]
+    for number, line in enumerate(lines[1:], start=2):
+        try:
+            row = json.loads(line)
+            b, count, run_id = row["batch"], row["batch_rows"], row["id"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(
+                f"{path} line {number} is not a sweep row; move the file away"
+            ) from None
+        by_batch.setdefault(b, []).append(line)
+        ids.setdefault(b, []).append(run_id)
+        expected[b] = count
     done = {b for b, rows in by_batch.items() if len(rows) == expected[b]}
+    for b in sorted(done):
+        planned = [run["id"] for run in batches[b]] if 0 <= b < len(batches) else None
+        if ids[b] != planned:
+            raise ValueError(
+                f"{path} batch {b} holds runs {ids[b]}, but this config's batch {b} is runs "
+                f"{planned} (was it written with another batch_size?); move it away"
+            )
     kept = [lines[0]] + [line for b in sorted(done) for line in by_batch[b]]
     return kept, done
 
@@ -279,20 +341,24 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
     devices = list(jax.devices() if devices is None else devices)
     path = config.output
-    path.parent.mkdir(parents=True, exist_ok=True)
-    kept, done = _read_complete(path, config.digest)
-    header = json.dumps(
-        {
-            "sweep": config.name,
-            "config_sha256": config.digest,
-            "format": FORMAT_VERSION,
-            "times": list(config.times),
-        }
-    )
-    if not kept:
-        kept = [header]
-    _rewrite(path, kept)  # drops partial lines and incomplete batches
     batches = plan_batches(config)
+    if path.is_dir():
+        raise ValueError(f"output {path} is a directory; 'output' must name a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept, done = _read_complete(path, config, batches)
+        header = json.dumps(
+            {
+                "sweep": config.name,
+                "config_sha256": config.digest,
+                "format": FORMAT_VERSION,
+                "batch_size": config.batch_size,
+                "times": list(config.times),
+            }
+        )
+        _rewrite(path, kept or [header])  # drops partial lines and incomplete batches
+    except OSError as err:
+        raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     ts = jnp.asarray(config.times, jnp.float64)
     evaluators: dict[int, tuple] = {}
     todo = [b for b in range(len(batches)) if b not in done]
@@ -311,7 +377,10 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
         summary = evaluate(*(jax.device_put(a, sharding) for a in stacked), ts)
         count = len(runs)
         summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
-        _append(path, _rows(b, runs, summary))
+        try:
+            _append(path, _rows(b, runs, summary))
+        except OSError as err:
+            raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     return path
 
 

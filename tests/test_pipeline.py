@@ -5,6 +5,7 @@ CPU cores) and saved with orbax under a temporary directory.
 """
 
 import dataclasses
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -108,6 +109,21 @@ def test_restoring_another_architecture_or_a_non_checkpoint_raises(aligned, tmp_
         checkpoint.load_checkpoint(tmp_path / "empty")
     with pytest.raises(ValueError, match="no checkpoint"):
         checkpoint.load_checkpoint(tmp_path / "missing")
+
+
+def test_a_corrupted_cached_model_is_refused_not_restored(aligned, tmp_path):
+    """8 flipped bytes in θ*'s largest file: loading and align_model's reuse both raise."""
+    copy = tmp_path / "aligned"
+    shutil.copytree(aligned.path, copy)
+    data = max((f for f in copy.rglob("*") if f.is_file()), key=lambda f: f.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    for i in range(8):
+        raw[len(raw) // 2 + 11 * i] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"checkpoint {copy} is corrupted"):
+        checkpoint.load_checkpoint(copy, "tiny")
+    with pytest.raises(ValueError, match=f"checkpoint {copy} is corrupted"):
+        pipeline.align_model(TEST_ALIGNMENT, copy, progress=False)
 
 
 def test_finetuning_is_deterministic_and_lora_moves_only_adapted_weights(aligned):

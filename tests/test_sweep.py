@@ -167,3 +167,136 @@ def test_the_readme_example_config_runs(tmp_path):
     assert len(rows) == 48
     orthogonal = [r for r in rows if r["epsilon"] == 0.0]
     assert all(r["aic"]["orthogonality"] < 1e-12 for r in orthogonal)
+
+
+def test_resuming_with_another_batch_size_is_refused_and_leaves_the_file(tmp_path):
+    config = sweep.load_config(_write(tmp_path, "regroup"))
+    path = sweep.run_sweep(config, progress=False)
+    lines = path.read_text().split("\n")
+    path.write_text("\n".join(lines[:8]) + "\n")  # batches 0, 1 complete; batch 2 has 1 of 3
+    cut = path.read_text()
+    other = sweep.load_config(_write(tmp_path, "regroup", batch_size=2))
+    with pytest.raises(ValueError, match="written with batch_size=3; resume it with that"):
+        sweep.run_sweep(other, progress=False)
+    assert path.read_text() == cut
+    # a file from before the header recorded batch_size: its rows are matched to runs by id
+    header = json.loads(lines[0])
+    del header["batch_size"]
+    path.write_text("\n".join([json.dumps(header), *lines[1:8]]) + "\n")
+    with pytest.raises(
+        ValueError,
+        match=r"batch 0 holds runs \[0, 1, 2\], but this config.s batch 0 is runs \[0, 1\]",
+    ):
+        sweep.run_sweep(other, progress=False)
+    sweep.run_sweep(config, progress=False)  # the same batch_size resumes
+    _, rows = sweep.read_rows(path)
+    assert [r["id"] for r in rows] == list(range(16))
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [
+        (
+            '"grid": {"n": [16], "d": [2], "top": [[2.0, 1.0]], "tail_mass": [0.0],'
+            ' "epsilon": [0.0, NaN], "coupling": [0.7]}',
+            r"grid\.epsilon\[1\] is nan",
+        ),
+        (
+            '"grid": {"n": [16], "d": [2], "top": [[2.0, -Infinity]], "tail_mass": [0.0],'
+            ' "epsilon": [0.0], "coupling": [0.7]}',
+            r"grid\.top\[0\]\[1\] is -inf",
+        ),
+        ('"times": {"start": 1e-4, "stop": Infinity, "num": 4}', r"times\.stop is inf"),
+        ('"times": [0.1, NaN]', r"times\[1\] is nan"),
+        ('"times": [0.1, 1e999]', r"times\[1\] is inf"),
+        ('"batch_size": NaN', "batch_size is nan"),
+    ],
+)
+def test_non_finite_numbers_anywhere_in_a_config_name_their_key(tmp_path, text, key):
+    cfg = {k: v for k, v in {**BASE, "output": "x.jsonl"}.items() if f'"{k}"' not in text}
+    body = json.dumps(cfg)[:-1] + ", " + text + "}"
+    (tmp_path / "nan.json").write_text(body)
+    with pytest.raises(ValueError, match=key):
+        sweep.load_config(tmp_path / "nan.json")
+
+
+def test_non_finite_numbers_in_a_toml_config_name_their_key(tmp_path):
+    toml = """output = "t.jsonl"
+seeds = [0]
+times = [0.1, 1.0]
+[grid]
+n = [16]
+d = [2]
+top = [[2.0, 1.0]]
+tail_mass = [0.0]
+epsilon = [nan]
+coupling = [0.7]
+"""
+    (tmp_path / "t.toml").write_text(toml)
+    with pytest.raises(ValueError, match=r"grid\.epsilon\[0\] is nan"):
+        sweep.load_config(tmp_path / "t.toml")
+    (tmp_path / "t.toml").write_text(toml.replace("nan", "0.0"))
+    assert sweep.load_config(tmp_path / "t.toml").grid["epsilon"] == (0.0,)
+
+
+def _bad_cli_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """Name → (config path, text the error must contain) for each input or file-system fault."""
+    good = _write(tmp_path, "good")
+    cases = {}
+    (tmp_path / "broken.json").write_text('{"output": "x.jsonl", "seeds": [0,')
+    cases["malformed JSON"] = (tmp_path / "broken.json", "broken.json' is not valid JSON")
+    (tmp_path / "broken.toml").write_text('output = "x.jsonl"\nseeds = [0,\n')
+    cases["malformed TOML"] = (tmp_path / "broken.toml", "broken.toml' is not valid TOML")
+    cases["missing file"] = (tmp_path / "absent.json", "absent.json' does not exist")
+    (tmp_path / "folder.json").mkdir()
+    cases["directory as config"] = (tmp_path / "folder.json", "folder.json' is a directory")
+    (tmp_path / "undecodable.json").write_bytes(b"\xff\xfe{")
+    cases["undecodable"] = (tmp_path / "undecodable.json", "cannot read config file")
+    (tmp_path / "outdir.jsonl").mkdir()
+    cases["output is a directory"] = (
+        _write(tmp_path, "outdir"),
+        "outdir.jsonl is a directory; 'output' must name a file",
+    )
+    (tmp_path / "plainfile").write_text("")
+    cases["output under a file"] = (
+        _write(tmp_path, "under", output="plainfile/out.jsonl"),
+        "cannot write the sweep output",
+    )
+    nan_text = good.read_text().replace('"epsilon": [0.0, 0.001]', '"epsilon": [0.0, NaN]')
+    (tmp_path / "nan.json").write_text(nan_text)
+    cases["NaN"] = (tmp_path / "nan.json", "grid.epsilon[1] is nan")
+    (tmp_path / "garbage.jsonl").write_text("not json\n")
+    cases["garbage output"] = (_write(tmp_path, "garbage"), "garbage.jsonl is not a sweep output")
+    return cases
+
+
+def test_cli_gives_a_clean_error_for_each_bad_input_or_file(tmp_path, capsys):
+    from geomcollapse import cli
+
+    for name, (config, message) in _bad_cli_cases(tmp_path).items():
+        assert cli.main(["sweep", str(config), "--no-progress"]) == 2, name
+        err = capsys.readouterr().err
+        assert err.startswith("geomcollapse sweep: error: "), (name, err)
+        assert message in err and "Traceback" not in err, (name, err)
+
+
+def test_cli_reports_an_unwritable_output_directory(tmp_path, capsys):
+    from geomcollapse import cli
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() != 0:
+        output = locked / "out.jsonl"
+    elif Path("/sys").is_dir():  # root ignores file modes, but nobody creates files in sysfs
+        output = Path("/sys/geomcollapse-sweep-test.jsonl")
+    else:
+        pytest.skip("root, and no sysfs to stand in for an unwritable directory")
+    config = _write(tmp_path, "locked", output=str(output))
+    locked.chmod(0o500)
+    try:
+        assert cli.main(["sweep", str(config), "--no-progress"]) == 2
+    finally:
+        locked.chmod(0o700)
+    err = capsys.readouterr().err
+    assert f"cannot write the sweep output {output} ('output')" in err, err
+    assert "Traceback" not in err and not output.exists()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import floating_leaves
@@ -71,12 +72,25 @@ def select(params: PyTree, where: str | Callable[[str], bool]) -> dict[str, jax.
 
 
 def substitute(params: PyTree, block: dict[str, jax.Array]) -> PyTree:
-    """``params`` with the leaves named in ``block`` replaced by ``block``'s values."""
+    """``params`` with the leaves named in ``block`` replaced by ``block``'s values.
+
+    Raises ``ValueError`` naming the key if ``block`` names a path absent from
+    ``params`` or holds a leaf whose shape differs from that ``params`` leaf
+    (shapes are static, so this holds under ``jit`` too).
+    """
+    if not isinstance(block, Mapping):
+        raise ValueError(f"block must be a dict of path -> array, got {type(block).__name__}")
     paths = leaf_paths(params)
     unknown = set(block) - set(paths)
     if unknown:
         raise ValueError(f"block names paths absent from params: {sorted(unknown)}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
+    for p, leaf in zip(paths, leaves, strict=True):
+        if p in block and np.shape(block[p]) != np.shape(leaf):
+            raise ValueError(
+                f"block[{p!r}] has shape {np.shape(block[p])}, "
+                f"but params leaf {p!r} has shape {np.shape(leaf)}"
+            )
     new = [block.get(p, leaf) for p, leaf in zip(paths, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, new)
 
@@ -88,6 +102,8 @@ def restrict(fn: Callable[..., Any]) -> Callable[..., Any]:
     :func:`select`); the other parameters are an ordinary argument, not a
     closure, so jit does not bake them in as constants. Use it with any
     operator factory, e.g. ``hessian_vp(restrict(loss))(block, v, params, batch)``.
+    A ``block`` leaf whose shape differs from the ``params`` leaf it replaces
+    raises ``ValueError`` naming its key (see :func:`substitute`).
     """
 
     def fn_block(block: dict[str, jax.Array], params: PyTree, *args: Any) -> Any:
