@@ -67,8 +67,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             # = Δu here (no tail); computed through M's basis, so an untouched
             # skill reads 0 to rounding instead of F's own rounding (~1e-20)
             du[i, j] = float(L.projected_loss(np.array([config.T]))[0])
-            lam, V = np.linalg.eigh(np.asarray(L.F))
-            S = np.sqrt(lam[::-1][: config.d])[:, None] * V[:, ::-1][:, : config.d].T
+            S = np.asarray(L.subspace(config.d).fisher_half_rows)  # F^{1/2}P
             co = theory.series_coefficients(np.asarray(L.A), np.asarray(L.c), S)
             T = config.T
             series[i, j] = co.c2 * T**2 + co.c3 * T**3 + co.c4 * T**4

@@ -25,6 +25,7 @@ import numpy as np
 
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import flow, landscapes, theory
+from geomcollapse.subspace import Subspace
 
 NAME = "logistic_onset"
 
@@ -59,13 +60,17 @@ def _flow_numbers(landscape: landscapes.LogisticLandscape, d, rank: int, ts):
     F, _, Hg = landscape.derivatives()
     lam, V = jnp.linalg.eigh(F)
     lam, V = lam[::-1], V[:, ::-1]
-    half = jnp.sqrt(jnp.maximum(lam, 0.0))[:, None] * V.T  # F^{1/2} in F's eigenbasis
+
+    def top(dim):
+        # M = top-``dim`` eigenvectors with ``dim`` traced (vmapped over landscapes):
+        # all n pairs, zero weight past ``dim``. Only F-weighted quantities are
+        # read (projected loss, F^{1/2}P), for which that is the projection.
+        return Subspace.exact(jnp.where(jnp.arange(lam.size) < dim, lam, 0.0), V.T)
 
     def projected(dim):
-        S = half * (jnp.arange(lam.size) < dim)[:, None]
-        return 0.5 * jnp.sum((x @ S.T) ** 2, axis=1)
+        return jax.vmap(top(dim).projected_loss)(x)
 
-    gamma = jnp.linalg.norm((half @ Hg) * (jnp.arange(lam.size) < rank))
+    gamma = jnp.linalg.norm(top(rank).fisher_half(Hg))
     H_norm = jnp.linalg.norm(jax.hessian(landscape.task_loss)(landscape.theta_star), 2)
     return {
         # The landscape's closed form, not flow.skill_change: it describes the ideal

@@ -19,6 +19,7 @@ import numpy as np
 
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import landscapes, theory
+from geomcollapse.subspace import Subspace
 
 NAME = "quartic_quadratic"
 
@@ -60,9 +61,9 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     delta_u = np.asarray(L.delta_u(ts))
     x = np.asarray(L.trajectory(ts))
     lam, V = np.linalg.eigh(np.asarray(L.F))
-    tail_part = 0.5 * np.einsum(
-        "ti,ij,tj->t", x, (V[:, : -config.d] * lam[: -config.d]) @ V[:, : -config.d].T, x
-    )
+    # ½‖F^{1/2}(I−P)x‖²: the projected loss of the tail's own eigenpairs
+    tail = Subspace.exact(lam[: -config.d], V[:, : -config.d].T)
+    tail_part = np.asarray(jax.vmap(tail.projected_loss)(x))
     decomposition_gap = float(np.max(np.abs(delta_u - projected - tail_part) / delta_u))
     A_norm = float(np.linalg.norm(np.asarray(L.A), 2))
     window = theory.onset_window(r, A_norm, t_min=config.t_min)

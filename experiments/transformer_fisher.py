@@ -143,7 +143,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         table[task] = {
             **report._asdict(),
             "gradient_norm": float(np.linalg.norm(g)),
-            "overlap_score": float(np.linalg.norm(Vd @ g) / np.linalg.norm(g)),
+            "overlap_score": float(sf.subspace.leading(d).overlap_score(g).geometric),
         }
 
     harm_corr = {}

@@ -76,7 +76,12 @@ def times_for_windows(ts: np.ndarray, windows, min_points: int = 3, added: int =
 
 
 def _loss_with_correction(logits):
-    """``L̃(θ) = L(θ) − ⟨corr, θ⟩``; ``corr = 0`` gives ``L`` (one compiled flow for both)."""
+    """``L̃(θ) = L(θ) − ⟨corr, θ⟩``; ``corr = 0`` gives ``L`` (one compiled flow for both).
+
+    :func:`geomcollapse.subspace.orthogonalized` with the correction ``P g(θ*)``
+    passed as an argument instead of closed over, so the raw and corrected
+    flows of every task share one compiled ODE solve.
+    """
     loss = training.sequence_loss(logits)
 
     def fn(theta, tokens, targets, mask, corr):
@@ -118,6 +123,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     grid = np.logspace(np.log10(config.t_min), np.log10(config.t_max), config.num_times)
     loss = _loss_with_correction(logits)
     hvp = curvature.hessian_vp(training.sequence_loss(logits))
+    projected_loss = jax.jit(jax.vmap(sf.subspace.projected_loss))  # ½‖F^{1/2}Px(t)‖²
 
     results = {}
     for i, task in enumerate(config.tasks):
@@ -126,7 +132,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         zero = jax.tree.map(jnp.zeros_like, params)
         g, Hg = aic.gradient_and_hg(loss, params, (*data, zero))
         g = np.asarray(g, np.float64)
-        corr = unravel(jnp.asarray(V.T @ (V @ g)))  # P g(θ*)
+        corr = sf.subspace.project(unravel(jnp.asarray(g)))  # P g(θ*)
         g_t, Hg_t = aic.gradient_and_hg(loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
         tail_mass = trace - lam.sum()
         raw = theory.aic_report(sf.subspace, g, np.asarray(Hg), tail_mass=tail_mass)
@@ -164,7 +170,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
             window = windows[name]
             path = flow.ode_flow(loss, params, ts, args=(*data, c), rtol=config.rtol)
             X = rows(path.displacement)
-            projected = 0.5 * np.sum((X @ V.T) ** 2 * lam, axis=1)
+            projected = np.asarray(projected_loss(path.displacement), np.float64)
             delta_u = np.asarray(skill_change(path.displacement).delta_u, np.float64)
             first_order = X @ grad_u  # ∇u(θ*)ᵀx
             fit = theory.fit_exponent(ts, projected, window)

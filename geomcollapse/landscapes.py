@@ -99,11 +99,19 @@ class QuadraticLandscape:
         return subspace_dim(d, self.n)
 
     def _fisher_split(self, d: int):
-        """Eigenvalues of ``F`` (descending) and ``F^{1/2}P`` as a ``(d, n)`` map ``diag(√λ)Vᵀ``."""
+        """Eigenvalues of ``F`` (descending) and its top-``d`` eigenvectors, ``(n, d)``."""
         lam, V = jnp.linalg.eigh(self.F)
         lam, V = lam[::-1], V[:, ::-1]
-        top = V[:, :d]
-        return lam, top, jnp.sqrt(jnp.maximum(lam[:d], 0.0))[:, None] * top.T
+        return lam, V[:, :d]
+
+    def subspace(self, d: int | None = None) -> Subspace:
+        """``M``: the top-``d`` eigenpairs of ``F`` (dense ``eigh``, exact) as a :class:`Subspace`.
+
+        ``d`` defaults to the landscape's ``d`` (or ``F``'s numerical rank).
+        """
+        d = self._check_d(d) if d is not None else self._default_d()
+        lam, top = self._fisher_split(d)
+        return Subspace.exact(lam[:d], top.T)
 
     def _default_d(self) -> int:
         if self.d is not None:
@@ -115,7 +123,7 @@ class QuadraticLandscape:
     def aic(self, d: int) -> theory.AICReport:
         """The AIC report (Def. 5.1) for ``M`` = top-``d`` eigenvectors of ``F``."""
         d = self._check_d(d)
-        lam, top, _ = self._fisher_split(d)
+        lam, top = self._fisher_split(d)
         c_perp = self.c - top @ (top.T @ self.c)
         return theory.aic_report(
             Subspace.exact(lam[:d], top.T),
@@ -142,9 +150,7 @@ class QuadraticLandscape:
 
     def _projected_half_sq(self, x: jax.Array, d: int | None) -> jax.Array:
         """``½‖F^{1/2}P x‖²`` for rows ``x`` ``(T, n)``; ``d`` as in :meth:`projected_loss`."""
-        d = self._check_d(d) if d is not None else self._default_d()
-        _, _, S = self._fisher_split(d)
-        return 0.5 * jnp.sum((x @ S.T) ** 2, axis=1)
+        return jax.vmap(self.subspace(d).projected_loss)(x)
 
     def projected_loss(self, ts: jax.Array, d: int | None = None) -> jax.Array:
         """Exact ``½‖F^{1/2}P x(t)‖²`` along the flow, ``(T,)``.
@@ -427,6 +433,12 @@ class LogisticLandscape:
         """
         d = subspace_dim(d, self.n)
         return dataclasses.replace(self, correction=orthogonal_correction(self, d))
+
+    def subspace(self, d: int) -> Subspace:
+        """``M``: the top-``d`` eigenpairs of the dense ``F(θ*)`` as an exact :class:`Subspace`."""
+        d = subspace_dim(d, self.n)
+        lam, V = jnp.linalg.eigh(self.fisher())
+        return Subspace.exact(lam[::-1][:d], V[:, ::-1][:, :d].T)
 
     def aic(self, d: int) -> theory.AICReport:
         """The AIC report (Def. 5.1) at ``θ*`` from dense ``F``, ``g`` and ``Hg``."""

@@ -143,6 +143,11 @@ class Subspace(NamedTuple):
         """``(d,)`` ``√max(λ_i, 0)``."""
         return jnp.sqrt(jnp.maximum(self.values, 0.0))
 
+    @property
+    def fisher_half_rows(self) -> jax.Array:
+        """``F^{1/2}P`` as a ``(d, n)`` map ``diag(√λ) Vᵀ`` (rows ``√λ_i v_i``)."""
+        return self.sqrt_values[:, None] * self.rows
+
     def coordinates(self, x: PyTree) -> jax.Array:
         """``(d,)`` ``⟨v_i, x⟩``: ``P x`` in ``M``'s basis."""
         return jnp.dot(self.rows, _flat(x), precision=_HIGHEST)
