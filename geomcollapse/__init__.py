@@ -22,7 +22,7 @@ import os
 # landscapes.summarize_batch; cf. jax-ml/jax#28871.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from geomcollapse import aic, curvature, flow, landscapes, linalg, models, theory
+from geomcollapse import aic, curvature, flow, landscapes, linalg, models, series, theory
 
 __version__ = "0.1.0"
-__all__ = ["aic", "curvature", "flow", "landscapes", "linalg", "models", "theory"]
+__all__ = ["aic", "curvature", "flow", "landscapes", "linalg", "models", "series", "theory"]
