@@ -3,8 +3,10 @@
 Subpackages: :mod:`geomcollapse.curvature` (matrix-free curvature operators),
 :mod:`geomcollapse.linalg` (spectra), :mod:`geomcollapse.landscapes` (quadratic
 landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow`
-(exact, ODE and optimizer flows), :mod:`geomcollapse.theory` (AIC report, series, exponent
-fits), :mod:`geomcollapse.aic` (the AIC measured on any model),
+(exact, ODE and optimizer flows, cancellation-free Δu), :mod:`geomcollapse.subspace`
+(M, projections, overlap scores, the orthogonalising correction),
+:mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
+(the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
@@ -22,7 +24,27 @@ import os
 # landscapes.summarize_batch; cf. jax-ml/jax#28871.)
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from geomcollapse import aic, curvature, flow, landscapes, linalg, models, series, theory
+from geomcollapse import (
+    aic,
+    curvature,
+    flow,
+    landscapes,
+    linalg,
+    models,
+    series,
+    subspace,
+    theory,
+)
 
 __version__ = "0.1.0"
-__all__ = ["aic", "curvature", "flow", "landscapes", "linalg", "models", "series", "theory"]
+__all__ = [
+    "aic",
+    "curvature",
+    "flow",
+    "landscapes",
+    "linalg",
+    "models",
+    "series",
+    "subspace",
+    "theory",
+]
