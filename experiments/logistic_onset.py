@@ -77,7 +77,7 @@ def _flow_numbers(landscape: landscapes.LogisticLandscape, d, rank: int, ts):
         # landscape (∇u(θ*) = 0 exactly), while the stored targets make ∇u(θ*) ~ eps,
         # whose eps·t term outweighs γ²t⁴/8 when γ is small (one of 1000 landscapes
         # has a true Δu < 0 at t = 1e-3, which skill_change resolves).
-        "delta_u": landscape.delta_u(landscape.theta_star + x),
+        "delta_u": landscape.delta_u(x),
         "projected_d": projected(d),
         "x_norm": jnp.linalg.norm(x, axis=1),
         "C": landscape.cubic_constant(),

@@ -375,23 +375,25 @@ class LogisticLandscape:
         raw = softmax_nll(self.task_features, self.task_targets, theta)
         return raw - jnp.dot(self.correction, theta - self.theta_star)
 
-    def delta_u(self, theta: jax.Array) -> jax.Array:
-        """``Δu(θ) = u(θ) − u(θ*)`` without cancellation; ``θ`` may carry leading batch axes.
+    def delta_u(self, x: jax.Array) -> jax.Array:
+        """``Δu = u(θ* + x) − u(θ*)`` without cancellation; ``x`` may carry leading batch axes.
 
-        With ``δ_k = W_k(θ − θ*)``, ``p_k = softmax(W_kθ*)`` and ``δ̃ = δ − E_p δ``:
+        Takes the displacement ``x = θ − θ*`` itself (e.g. :attr:`flow.Flow.displacement`),
+        never ``θ``: forming ``θ* + x`` and subtracting ``θ*`` again would round ``x``
+        at ``eps·|θ*|``. With ``δ_k = W_k x``, ``p_k = softmax(W_kθ*)`` and ``δ̃ = δ − E_p δ``:
         ``u_k(θ) − u_k(θ*) = ⟨p_k − y_k, δ_k⟩ + log1p(E_p[δ̃² φ₂(δ̃)])``. The
         class-constant part of ``δ`` (``O(t)`` along a flow, where ``Δu`` is
         ``O(t⁴)``) cancels before any rounding, so ``Δu`` keeps full relative
         accuracy at small ``t``; ``u(θ) − u(θ*)`` would lose it below ``eps·u``.
         """
-        x = jnp.reshape(theta, (-1, self.n)) - self.theta_star
+        x_rows = jnp.reshape(x, (-1, self.n))
         ws, ys = self.skill_features, self.skill_targets
         p = jax.nn.softmax(_logits(ws, self.theta_star), axis=-1)
-        delta = jnp.einsum("kcn,tn->tkc", ws, x)
+        delta = jnp.einsum("kcn,tn->tkc", ws, x_rows)
         centred = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
         curved = jnp.log1p(jnp.sum(p * centred**2 * flow.phi2(centred), axis=-1))
         out = jnp.mean(jnp.sum((p - ys) * delta, axis=-1) + curved, axis=-1)
-        return jnp.reshape(out, jnp.shape(theta)[:-1])
+        return jnp.reshape(out, jnp.shape(x)[:-1])
 
     def derivatives(self) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``F(θ*)`` ``(n, n)``, ``g(θ*)`` ``(n,)`` and ``H(θ*) g(θ*)`` ``(n,)`` (pure; vmaps)."""

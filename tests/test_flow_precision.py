@@ -181,7 +181,7 @@ def test_skill_change_on_a_logistic_model_against_its_closed_form():
     norms = np.logspace(-6, 1, 8)
     theta = np.asarray(L.theta_star) + norms[:, None] * (d / np.linalg.norm(d))
     xs = jnp.asarray(theta - np.asarray(L.theta_star))
-    ref = np.asarray(L.delta_u(jnp.asarray(theta)))
+    ref = np.asarray(L.delta_u(xs))
     out = jax.jit(lambda xs: flow.skill_change(L.skill_loss, L.theta_star, xs))(xs)
     err = np.abs(np.asarray(out.delta_u) - ref) / ref
     assert np.all(err <= 1e-15 / norms + 1e-13), err
