@@ -77,6 +77,7 @@ def fisher_trace(
     ``args`` (weights, data) enter the compiled probe loop as arguments, not
     as constants folded into it.
     """
+    n = positive_int(n, "n")
     method = _trace_method(method, n)
     args = tuple(args)
     probe = jax.jit(jax.vmap(lambda v, a: jnp.vdot(v, matvec(v, *a)), in_axes=(0, None)))
@@ -184,6 +185,8 @@ def measure_aic(
     flat, unravel = ravel_pytree(params)
     n = flat.size
     d = subspace_dim(d, n)
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(flat.dtype).eps))
     fisher_args, loss_args = tuple(fisher_args), tuple(loss_args)
