@@ -71,6 +71,18 @@ def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None
             )
 
 
+def float_vector(x: Any, name: str) -> None:
+    """Raise unless ``x`` is a 1-D floating-point array (concrete entries also finite)."""
+    if np.ndim(x) != 1:
+        raise ValueError(f"{name} must be a 1-D array (n,), got shape {np.shape(x)}")
+    finite_leaves(x, name)
+
+
+def positive_float_or_traced(value: Any, name: str) -> Any:
+    """``positive_float(value)`` for a concrete number; a tracer passes through unchanged."""
+    return value if isinstance(value, jax.core.Tracer) else positive_float(value, name)
+
+
 def positive_int(value: Any, name: str) -> int:
     """Return ``value`` as an int, raising unless it is an integer ≥ 1."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:

@@ -9,7 +9,9 @@ one more Fisher matvec for the tail's quadratic floor, and the trace of ``F``
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -55,6 +57,44 @@ def _trace_method(method: str, n: int) -> str:
     return method
 
 
+def _compiled(fn: Callable, static: Callable) -> Callable:
+    """``jit(fn)`` with ``static`` bound as a static first argument: compiled once per ``static``.
+
+    Called measurements reuse the compile (new weights and data included). An
+    unhashable ``static`` (e.g. a module holding arrays) cannot key the jit
+    cache: it gets its own jit, compiled on each measurement.
+    """
+    try:
+        hash(static)
+    except TypeError:
+        return jax.jit(partial(fn, static))
+    return partial(_JITTED[fn], static)
+
+
+def _probe(matvec: Callable, vs: jax.Array, args: tuple) -> jax.Array:
+    """``(zᵀ matvec(z, *args))`` for each row ``z`` of ``vs``."""
+    return jax.vmap(lambda v: jnp.vdot(v, matvec(v, *args)))(vs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FlatFisher:
+    """``v ↦ ravel(fisher_vp(params, unravel(v), *args))``, equal (hashed) by ``fisher_vp``.
+
+    A static argument of the compiled matvec and probe: two measurements with
+    the same ``fisher_vp`` reuse their compiled code (new weights included).
+    """
+
+    fisher_vp: Callable[..., PyTree]
+
+    def __call__(self, v: jax.Array, params: PyTree, args: tuple) -> jax.Array:
+        unravel = ravel_pytree(params)[1]
+        return ravel_pytree(self.fisher_vp(params, unravel(v), *args))[0]
+
+
+def _flat_fvp(matvec: _FlatFisher, v: jax.Array, params: PyTree, args: tuple) -> jax.Array:
+    return matvec(v, params, args)
+
+
 def fisher_trace(
     matvec: Callable[[jax.Array], jax.Array],
     n: int,
@@ -75,11 +115,13 @@ def fisher_trace(
     estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
     by the tail, not by the top eigenvalues it would otherwise have to subtract.
     ``args`` (weights, data) enter the compiled probe loop as arguments, not
-    as constants folded into it.
+    as constants folded into it; the probe is compiled once per ``matvec``
+    (pass the same function object to reuse it).
     """
+    n = positive_int(n, "n")
     method = _trace_method(method, n)
     args = tuple(args)
-    probe = jax.jit(jax.vmap(lambda v, a: jnp.vdot(v, matvec(v, *a)), in_axes=(0, None)))
+    probe = _compiled(_probe, matvec)
 
     def batched(vs):
         return probe(vs, args)
@@ -107,14 +149,18 @@ def fisher_trace(
 
 
 def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
-    """Raveled ``g(θ*)`` and ``H(θ*) g(θ*)`` in one compiled call (eager HVPs dispatch slowly)."""
+    """Raveled ``g(θ*)`` and ``H(θ*) g(θ*)`` in one compiled call (eager HVPs dispatch slowly).
 
-    def both(p, args):
-        g_tree = jax.grad(loss_fn)(p, *args)
-        Hg = hessian_vp(loss_fn)(p, g_tree, *args)
-        return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0]
+    Compiled once per ``loss_fn``: new ``params`` and ``loss_args`` of the same
+    shapes reuse it.
+    """
+    return _compiled(_gradient_and_hg, loss_fn)(params, tuple(loss_args))
 
-    return jax.jit(both)(params, loss_args)
+
+def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
+    g_tree = jax.grad(loss_fn)(params, *loss_args)
+    Hg = hessian_vp(loss_fn)(params, g_tree, *loss_args)
+    return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0]
 
 
 def tail_quadratic(
@@ -128,6 +174,9 @@ def tail_quadratic(
     g = np.asarray(g, np.float64)
     g_perp = g - V.T @ (V @ g)
     return float(g_perp @ np.asarray(flat_fvp(jnp.asarray(g_perp, dtype)), np.float64))
+
+
+_JITTED = {fn: jax.jit(fn, static_argnums=0) for fn in (_probe, _flat_fvp, _gradient_and_hg)}
 
 
 def measure_aic(
@@ -181,20 +230,20 @@ def measure_aic(
     """
     finite_leaves(params, "params")
     key = prng_key(key)
-    flat, unravel = ravel_pytree(params)
+    flat, _ = ravel_pytree(params)
     n = flat.size
     d = subspace_dim(d, n)
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(flat.dtype).eps))
     fisher_args, loss_args = tuple(fisher_args), tuple(loss_args)
 
-    def flat_fvp_at(v, p, args):
-        return ravel_pytree(fisher_vp(p, unravel(v), *args))[0]
-
-    jitted_fvp = jax.jit(flat_fvp_at)
+    flat_fvp_at = _FlatFisher(fisher_vp)
+    compiled_fvp = _compiled(_flat_fvp, flat_fvp_at)
 
     def flat_fvp(v: jax.Array) -> jax.Array:
-        return jitted_fvp(v, params, fisher_args)
+        return compiled_fvp(v, params, fisher_args)
 
     k_eig, k_trace = jax.random.split(key)
     pairs = linalg.top_eigenpairs(flat_fvp, flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)

@@ -24,8 +24,9 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import linalg
 from geomcollapse._checks import (
     finite_leaves,
-    floating_leaves,
+    float_vector,
     positive_float,
+    positive_float_or_traced,
     positive_int,
     prng_key,
 )
@@ -136,11 +137,13 @@ def krylov_quadratic_flow(
         first, ``converged`` is False and ``error`` says how far off.
       check_every: static steps between stopping checks.
     """
+    float_vector(c, "c")
     n = c.shape[0]
-    max_steps = min(n, 96) if max_steps is None else max_steps
+    max_steps = min(n, 96) if max_steps is None else positive_int(max_steps, "max_steps")
     if not 1 <= max_steps <= n:
         raise ValueError(f"max_steps must be in [1, n={n}], got {max_steps}")
-    tol = linalg.default_tol(c.dtype) if tol is None else tol
+    tol = linalg.default_tol(c.dtype) if tol is None else positive_float_or_traced(tol, "tol")
+    _check_nonnegative(ts, "ts")
     ts = jnp.asarray(ts, c.dtype)
     c_norm = jnp.linalg.norm(c)
     start = jnp.where(c_norm > 0, c, jnp.zeros_like(c).at[0].set(1.0))
@@ -184,7 +187,14 @@ def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.A
 
     Returns:
       ``(K, n)`` iterates ``x_k``.
+
+    Raises:
+      ValueError: ``A`` not ``(n, n)`` symmetric or ``c`` not ``(n,)`` (concrete
+        ones also finite), ``eta`` not a positive number, ``ks`` not integers ≥ 0.
     """
+    _check_quadratic(A, c)
+    eta = positive_float_or_traced(eta, "eta")
+    _check_nonnegative(ks, "ks", integers=True)
     a, U = jnp.linalg.eigh(A)
     cu = U.T @ c
     ks = jnp.asarray(ks, c.dtype)[:, None]
@@ -202,6 +212,32 @@ def quadratic_gd(A: jax.Array, c: jax.Array, eta: float, ks: jax.Array) -> jax.A
     zero = a[None, :] == 0
     factor = jnp.where(zero, -eta * ks, power_minus_one / jnp.where(zero, 1.0, a[None, :]))
     return (factor * cu[None, :]) @ U.T
+
+
+def _check_quadratic(A: Any, c: Any) -> None:
+    """``A`` ``(n, n)`` and ``c`` ``(n,)`` floating; concrete ones finite and ``A`` symmetric."""
+    float_vector(c, "c")
+    if np.shape(A) != (np.shape(c)[0],) * 2:
+        raise ValueError(f"A must be (n, n) with n = c.size, got A {np.shape(A)}, c {np.shape(c)}")
+    finite_leaves(A, "A")
+    if not isinstance(A, jax.core.Tracer):
+        arr = np.asarray(A)
+        tol = 1e3 * np.finfo(arr.dtype).eps * max(float(np.max(np.abs(arr))), 1e-300)
+        if float(np.max(np.abs(arr - arr.T))) > tol:
+            raise ValueError("A is not symmetric (the closed form uses eigh(A))")
+
+
+def _check_nonnegative(values: Any, name: str, integers: bool = False) -> None:
+    """Raise unless ``values`` is 1-D; concrete entries finite, ``≥ 0`` (and integral)."""
+    if np.ndim(values) != 1:
+        raise ValueError(f"{name} must be a 1-D array, got shape {np.shape(values)}")
+    if isinstance(values, jax.core.Tracer):
+        return
+    arr = np.asarray(values, np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ValueError(f"{name} must be finite and ≥ 0")
+    if integers and np.any(arr != np.round(arr)):
+        raise ValueError(f"{name} must hold integer step counts")
 
 
 def _check_times(ts: Any, name: str = "ts") -> np.ndarray:
@@ -302,6 +338,7 @@ def ode_flow(
     if rtol is None:
         rtol = 1e-12 if jnp.finfo(dtype).bits >= 64 else 1e-6
     rtol = positive_float(rtol, "rtol")
+    max_steps = positive_int(max_steps, "max_steps")
     atol = 1e-4 * rtol if atol is None else positive_float(atol, "atol")
     if dt is None:
         controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), None
@@ -344,7 +381,7 @@ def optimizer_trajectory(
     Returns:
       ``theta0``'s pytree with a leading ``num_steps + 1`` axis.
     """
-    floating_leaves(theta0, "theta0")
+    finite_leaves(theta0, "theta0")
     num_steps = positive_int(num_steps, "num_steps")
     grad_fn = jax.grad(loss_fn)
 
@@ -432,6 +469,8 @@ def skill_change(
     """
     if isinstance(nodes, bool) or not isinstance(nodes, (int, np.integer)) or nodes < 2:
         raise ValueError(f"nodes must be an integer >= 2, got {nodes!r}")
+    finite_leaves(theta_star, "theta_star")
+    finite_leaves(xs, "xs")
     dtype = jax.tree_util.tree_leaves(theta_star)[0].dtype
     s_hi, w_hi = _gauss_legendre(int(nodes), dtype)
     s_lo, w_lo = _gauss_legendre((int(nodes) + 1) // 2, dtype)
@@ -562,7 +601,7 @@ def record_trajectory(
       allow_unconverged: accept an uncertified ``subspace`` or uncertified
         eigenpairs along the path instead of raising ``ValueError``.
     """
-    times = np.asarray(ts, np.float64)
+    times = _check_times(ts)
     finite_leaves(theta_star, "theta_star")
     flat_star, unravel = ravel_pytree(theta_star)
     n = flat_star.size
@@ -575,6 +614,7 @@ def record_trajectory(
         raise ValueError(
             "subspace is not converged (uncertified eigenpairs): pass allow_unconverged=True"
         )
+    finite_leaves(subspace.values, "subspace values")
     lam = np.asarray(subspace.values, np.float64)
     V = _flat_rows(subspace.basis, "basis", lam.size, n)
     fpx = (x @ V.T) * np.sqrt(np.maximum(lam, 0.0))[None]

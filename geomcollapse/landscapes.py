@@ -553,6 +553,8 @@ def make_logistic_landscape(
     task_shift = finite_float(task_shift, "task_shift")
     if task_shift < 0:
         raise ValueError(f"task_shift must be ≥ 0, got {task_shift}")
+    if orthogonalize_d is not None and positive_int(orthogonalize_d, "orthogonalize_d") >= n:
+        raise ValueError(f"orthogonalize_d={orthogonalize_d} must be smaller than n={n}")
     dtype = float_dtype(dtype)
     scales = jnp.asarray([feature_scale, theta_scale, task_shift], dtype)
     ws, ys, wf, yf, theta_star = _draw_logistic(
@@ -628,6 +630,7 @@ def quadratic_summary(
       d: static ``dim M``.
       ts: ``(T,)`` times.
     """
+    d = subspace_dim(d, np.shape(c)[-1])
     lam, V = jnp.linalg.eigh(F)
     lam, V = lam[::-1], V[:, ::-1]
     top = V[:, :d]

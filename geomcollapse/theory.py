@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomcollapse._checks import finite_float, positive_float
 from geomcollapse.subspace import Subspace
 
 
@@ -207,6 +208,12 @@ def gd_projected_loss_approx(coupling: float, eta: float, k: np.ndarray) -> np.n
 def local_slope(ts: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Local log-log slope ``d log y / d log t`` (second-order finite differences)."""
     ts, ys = np.asarray(ts, np.float64), np.asarray(ys, np.float64)
+    if ts.ndim != 1 or ts.shape != ys.shape or ts.size < 2:
+        raise ValueError(
+            f"ts and ys must be 1-D of equal length ≥ 2, got shapes {ts.shape}, {ys.shape}"
+        )
+    if not (np.all(np.isfinite(ts)) and np.all(np.isfinite(ys))):
+        raise ValueError("local_slope needs finite ts and ys")
     if np.any(ts <= 0) or np.any(ys <= 0):
         raise ValueError("local_slope needs positive ts and ys (it works in log-log)")
     return np.gradient(np.log(ys), np.log(ts))
@@ -283,8 +290,12 @@ def onset_window(
     (quadratic: the ``t³`` term shifts the local slope by ``≈ 2t/t_c``, so the
     window must end far below ``t_c`` for a 1 % exponent). Warns when empty.
     """
+    t_min = positive_float(t_min, "t_min")
+    if finite_float(curvature_norm, "curvature_norm") < 0:
+        raise ValueError(f"curvature_norm must be ≥ 0, got {curvature_norm}")
     if margin is None:
         margin = 10.0 if regime == "quartic" else 100.0
+    margin = positive_float(margin, "margin")
     radius = 1.0 / max(curvature_norm, 1e-300)
     if regime == "quartic":
         lo, hi = max(t_min, margin * report.crossover_time), radius / margin

@@ -207,3 +207,55 @@ def test_principal_angle_is_accurate_from_tiny_to_right_angles(angle):
     b = np.stack([np.cos(angle) * Q[:, 0] + np.sin(angle) * Q[:, 2], Q[:, 1]])
     # arccos(σ_min) alone would be off by ~1e-8 at the tiny angles
     assert abs(flow.principal_angle(a, b) - angle) <= 1e-12 * angle + 1e-16
+
+
+def test_default_solver_is_eighth_order_on_a_nonlinear_flow():
+    """``solver=None`` (Dopri8): log-error on log-step has slope ≈ 8 (STYLE 9).
+
+    On a linear ODE the 8th-order pair's stability polynomial matches ``e^z``
+    past order 8 (measured slopes ≈ 10), so the flow here is nonlinear with a
+    closed form: ``L = −Σ log θ`` gives ``θ(t) = (θ0² + 2t)^{1/2}``. The errors
+    (1e-8 … 4e-13) sit far above float64 round-off; the pairwise slopes rise
+    towards 8 from below (the ``h⁹`` term has the other sign), so the last pair
+    is held to 8 more tightly than the whole fit.
+    """
+    theta0 = jnp.array([0.6, 0.8, 1.0])
+
+    def loss(theta):
+        return -jnp.sum(jnp.log(theta))
+
+    exact = jnp.sqrt(theta0**2 + 2.0)
+    steps = np.array([1 / 4, 1 / 6, 1 / 8, 1 / 12, 1 / 16])
+    errs = np.array(
+        [
+            float(jnp.linalg.norm(flow.ode_flow(loss, theta0, [1.0], dt=h).theta[-1] - exact))
+            for h in steps
+        ]
+    )
+    assert errs.min() > 1e-13, errs
+    slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
+    last = np.log(errs[-2] / errs[-1]) / np.log(steps[-2] / steps[-1])
+    assert 7.5 < slope < 8.5, (slope, errs)
+    assert 7.7 < last < 8.3, (last, errs)
+
+
+def test_ode_flow_does_not_retrace_the_loss_on_a_second_call():
+    """New θ0, times and step of the same shapes reuse diffrax's compiled solve."""
+    q = _quadratic()
+    traces = []
+
+    def loss(x):
+        traces.append(1)  # runs only when JAX traces the loss
+        return 0.5 * x @ q.A @ x + q.c @ x
+
+    first = flow.ode_flow(loss, jnp.zeros(q.n), [0.1, 0.5])
+    count = len(traces)
+    assert count > 0
+    theta0 = jnp.linspace(-1.0, 1.0, q.n)
+    second = flow.ode_flow(loss, theta0, [0.2, 0.7])
+    assert len(traces) == count, (count, len(traces))
+    assert rel_err(first.displacement, q.trajectory(jnp.array([0.1, 0.5]))) < 1e-9
+    # the reused solve used the new θ0 and times: x ↦ L(θ0 + x) has gradient Aθ0 + c at 0
+    c_new = q.A @ theta0 + q.c
+    exact = landscapes.QuadraticLandscape(q.A, c_new, q.F, d=q.d).trajectory(jnp.array([0.2, 0.7]))
+    assert rel_err(second.displacement, exact) < 1e-9

@@ -236,3 +236,17 @@ class TestBadInput:
         ts = np.logspace(-4, 1, 100).astype(np.float32)
         with pytest.raises(ValueError, match="rounding level"):
             theory.fit_exponent(ts, np.asarray(L32.projected_loss(ts)), (1e-4, 1e-2))
+
+
+def test_jitted_quadratic_summary_does_not_recompile_for_a_new_landscape():
+    ts = jnp.logspace(-3, 0, 6)
+    summary = jax.jit(landscapes.quadratic_summary, static_argnums=3)
+    outs = []
+    for seed in (0, 1):
+        L = _landscape("orthogonal", seed=seed)
+        outs.append((summary(L.A, L.c, L.F, 3, ts), L))
+    assert summary._cache_size() == 1
+    for out, L in outs:  # the reused compile summarised each landscape, not the first
+        np.testing.assert_allclose(out.projected_loss, L.projected_loss(ts, 3), rtol=1e-10)
+        assert math.isclose(float(out.coupling), L.aic(3).coupling, rel_tol=1e-10)
+    assert not np.allclose(outs[0][0].projected_loss, outs[1][0].projected_loss)

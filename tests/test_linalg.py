@@ -342,3 +342,27 @@ def test_scaled_operator_gives_scaled_eigenvalues(dtype, scale, rtol):
     np.testing.assert_allclose(
         np.asarray(base.values, np.float64), np.sort(spectrum)[::-1][:3], rtol=10 * tol
     )
+
+
+@pytest.mark.parametrize("num_steps", [4, 6])
+def test_slq_quadrature_is_exact_per_probe_up_to_degree_2m_minus_1(num_steps):
+    """Gauss quadrature from ``m`` Lanczos steps integrates degree < 2m exactly (per probe).
+
+    For the probe ``z`` that ``spectral_density`` draws (Rademacher from
+    ``fold_in(key, p)``), ``Σ_j w_pj θ_pj^k = zᵀAᵏz / zᵀz`` for ``k < 2m``; at
+    ``k = 2m`` the rule is no longer exact, so the identity is not a tautology.
+    """
+    n, key = 48, jax.random.key(7)
+    spectrum = np.linspace(0.3, 1.6, n)  # ‖A‖ < 2: the moments A^k stay O(1)
+    A = symmetric_with_spectrum(spectrum, seed=4)
+    sd = linalg.spectral_density(
+        lambda v: jnp.asarray(A) @ v, jnp.zeros(n), key=key, num_probes=5, num_steps=num_steps
+    )
+    m = num_steps
+    for p in range(5):
+        z = np.asarray(jax.random.rademacher(jax.random.fold_in(key, p), (n,), jnp.float64))
+        moments = [z @ np.linalg.matrix_power(A, k) @ z / (z @ z) for k in range(2 * m + 1)]
+        quad = [np.sum(sd.weights[p] * sd.nodes[p] ** k) for k in range(2 * m + 1)]
+        for k in range(2 * m):  # k = 0 … 2m−1, degrees up to 7 (m = 4) and 11 (m = 6)
+            assert abs(quad[k] - moments[k]) <= 1e-12 * moments[k], (p, k, quad[k], moments[k])
+        assert abs(quad[2 * m] - moments[2 * m]) > 1e-9 * moments[2 * m], (p, quad[2 * m])

@@ -15,7 +15,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from experiments._transformer import ALIGNMENT
-from geomcollapse import checkpoint, curvature, linalg, models, pipeline, tasks, training
+from geomcollapse import aic, checkpoint, curvature, linalg, models, pipeline, tasks, training
 from tests.conftest import rel_err
 
 # The session's aligned model (conftest.aligned): fewer steps than the experiments' default.
@@ -186,6 +186,33 @@ def test_skill_fisher_vp_matches_the_dense_fisher_on_the_head_block(aligned):
     assert rel_err(out, dense @ v) < 1e-12
     lam = np.linalg.eigvalsh(np.asarray(dense))
     assert lam.min() > -1e-10 * lam.max()  # a Fisher is positive semi-definite
+
+
+def test_skill_fisher_trace_equals_the_trace_of_the_explicit_fisher(aligned):
+    """Dense twin: ``skill_fisher_trace`` (per-prompt Jacobians) against ``Σ_i e_iᵀ F e_i``.
+
+    Both on the parameter block ``head`` + ``blocks/1/fc2`` (5,184 parameters:
+    the explicit trace is one ``skill_fisher_vp`` column per parameter); the
+    rest of the weights stay at ``θ*``. The trace is taken over chunks of 5 so
+    the per-chunk sum and the ``/N`` normalisation are both exercised.
+    """
+    graphdef, params = aligned.as_dtype(jnp.float64)
+    logits = models.transformer_logits(graphdef)
+    harm = tasks.harmful_prompts(jax.random.key(3), 12)
+    block = curvature.select(params, r"^(head|blocks/1/fc2)/")
+    flat, unravel = ravel_pytree(block)
+
+    def block_logits(b, tokens):
+        return logits(curvature.substitute(params, b), tokens)
+
+    traced = pipeline.skill_fisher_trace(block_logits, block, harm, chunk=5)
+    fvp = pipeline.skill_fisher_vp(block_logits, block, harm)
+    explicit, _, matvecs = aic.fisher_trace(
+        lambda v: ravel_pytree(fvp(unravel(v)))[0], flat.size, flat.dtype, method="exact"
+    )
+    assert matvecs == flat.size == 5184
+    assert explicit > 0
+    assert abs(traced - explicit) <= 1e-11 * explicit, (traced, explicit)
 
 
 def test_empirical_skill_fisher_from_per_example_gradients(aligned):

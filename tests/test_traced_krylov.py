@@ -216,3 +216,30 @@ def test_top_eigenpairs_traced_flags_a_non_symmetric_matvec(skew):
     )
     assert bool(linalg.is_symmetric_run(sym_run))
     assert float(sym_run.asymmetry) < 1e3 * np.finfo(np.float64).eps
+
+
+def test_jitted_top_eigenpairs_traced_does_not_retrace_for_a_new_operator():
+    """Under ``jit``, new matrix, start vector and key of the same shapes reuse the compile."""
+    n, traces = 30, []
+
+    @jax.jit
+    def solve(A, v0, key):
+        def matvec(v):
+            traces.append(1)  # runs only while JAX traces the matvec
+            return A @ v
+
+        return linalg.top_eigenpairs_traced(matvec, v0, 3, key=key)
+
+    results = []
+    for seed in (0, 1):
+        spectrum = np.r_[[5.0, 4.0, 3.0], np.linspace(1.0, 0.1, n - 3)] * (1 + seed)
+        A = jnp.asarray(symmetric_with_spectrum(spectrum, seed=seed))
+        v0 = jax.random.normal(jax.random.key(seed), (n,), jnp.float64)
+        results.append((solve(A, v0, jax.random.key(10 + seed)), spectrum))
+        if seed == 0:
+            count = len(traces)
+    assert count > 0 and len(traces) == count, (count, len(traces))
+    assert solve._cache_size() == 1
+    for out, spectrum in results:  # the reused compile solved the new operator
+        assert bool(out.converged)
+        np.testing.assert_allclose(out.values, spectrum[:3], rtol=1e-10)

@@ -111,3 +111,30 @@ def test_lora_rejects_bad_targets_and_ranks(tiny64):
         models.lora_init(jax.random.key(0), params, 2, where=r"head/bias")
     with pytest.raises(ValueError, match="exceeds min"):
         models.lora_init(jax.random.key(0), params, 64)
+
+
+def test_lora_gradients_follow_the_chain_rule_through_the_merged_weight(tiny64):
+    """``W' = W + s·A B`` (s = α/r): ``∂L/∂A = s·G Bᵀ`` and ``∂L/∂B = s·Aᵀ G``, ``G = ∂L/∂W'``."""
+    _, params, logits = tiny64
+    alpha, rank = 3.0, 2
+    adapters = models.lora_init(jax.random.key(7), params, rank=rank)
+    # B = 0 at init would make ∂L/∂A vanish: give both factors non-zero values
+    adapters = jax.tree_util.tree_map(
+        lambda x: x + 0.2 * jax.random.normal(jax.random.key(8), x.shape, x.dtype), adapters
+    )
+    tokens = jax.random.randint(jax.random.key(9), (3, 6), 0, 32)
+    targets = jax.random.randint(jax.random.key(10), (3, 6), 0, 32)
+
+    def loss(p):
+        return models.softmax_cross_entropy(logits(p, tokens), targets)
+
+    grads = jax.jit(jax.grad(lambda a: loss(models.lora_merge(params, a, alpha))))(adapters)
+    merged = models.lora_merge(params, adapters, alpha)
+    G = curvature.select(jax.jit(jax.grad(loss))(merged), lambda path: path in adapters)
+    s = alpha / rank
+    for path, ab in adapters.items():
+        a, b = np.asarray(ab["a"]), np.asarray(ab["b"])
+        g = np.asarray(G[path])
+        assert np.linalg.norm(g) > 0, path
+        assert rel_err(grads[path]["a"], s * g @ b.T) < 1e-12, path
+        assert rel_err(grads[path]["b"], s * a.T @ g) < 1e-12, path

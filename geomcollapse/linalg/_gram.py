@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import floating_leaves, positive_int
+from geomcollapse._checks import finite_leaves, positive_int
 from geomcollapse.linalg._lanczos import _HIGHEST, Eigenpairs
 
 PyTree = Any
@@ -34,7 +34,7 @@ def empirical_fisher_eigenpairs(per_example_grads: PyTree, k: int) -> Eigenpairs
       :class:`Eigenpairs` with exact residuals ``‖F_emp v − s v‖``; vectors as
       ``(k, n)`` for an array input, else a pytree with a leading ``k`` axis.
     """
-    leaves = floating_leaves(per_example_grads, "per_example_grads")
+    leaves = finite_leaves(per_example_grads, "per_example_grads")
     m = int(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else 0
     if m < 1 or any(np.ndim(x) < 1 or np.shape(x)[0] != m for x in leaves):
         raise ValueError("per_example_grads leaves must share a leading axis m >= 1")

@@ -87,7 +87,11 @@ def density_on_grid(density: SpectralDensity, grid: np.ndarray, *, sigma: float)
     integrates to 1 over the real line.
     """
     sigma = positive_float(sigma, "sigma")
+    if not isinstance(density, SpectralDensity):
+        raise ValueError(f"density must be a SpectralDensity, got {type(density).__name__}")
     grid = np.asarray(grid, np.float64)
+    if grid.ndim != 1 or not np.all(np.isfinite(grid)):
+        raise ValueError(f"grid must be a 1-D array of finite points, got shape {grid.shape}")
     diff = grid[:, None, None] - density.nodes[None]
     kernel = np.exp(-0.5 * (diff / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
     return np.mean(np.sum(density.weights[None] * kernel, axis=-1), axis=-1)

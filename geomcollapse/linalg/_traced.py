@@ -34,6 +34,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from geomcollapse._checks import float_vector, positive_float_or_traced, positive_int, prng_key
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -311,9 +313,14 @@ def top_eigenpairs_traced(
       tol: relative residual tolerance (default ``100·eps`` of ``v0``'s dtype).
       max_steps: static basis capacity (default ``min(n, max(4k, 64))``).
     """
+    float_vector(v0, "v0")
+    key = prng_key(key)
+    k = positive_int(k, "k")
     n = v0.shape[0]
-    max_steps = min(n, max(4 * k, 64)) if max_steps is None else max_steps
-    tol = default_tol(v0.dtype) if tol is None else tol
+    if max_steps is None:
+        max_steps = min(n, max(4 * k, 64))
+    max_steps = positive_int(max_steps, "max_steps")
+    tol = default_tol(v0.dtype) if tol is None else positive_float_or_traced(tol, "tol")
     if not 1 <= k <= max_steps <= n:
         raise ValueError(f"need 1 ≤ k ≤ max_steps ≤ n, got k={k}, max_steps={max_steps}, n={n}")
 

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
-from geomcollapse.curvature import select, substitute
+from geomcollapse.curvature import leaf_paths, select, substitute
 
 PyTree = Any
 DEFAULT_TARGETS = r"(qkv|out|fc1|fc2)/kernel(/value)?$"  # the transformer's attention + MLP weights
@@ -55,10 +55,10 @@ def lora_update(adapters: dict, alpha: float) -> dict[str, jax.Array]:
 
 def lora_merge(params: PyTree, adapters: dict, alpha: float) -> PyTree:
     """``params`` with every adapted weight replaced by ``W + s·A B``."""
-    base = select(params, lambda path: path in adapters)
-    if set(base) != set(adapters):
-        missing = sorted(set(adapters) - set(base))
+    missing = sorted(set(adapters) - set(leaf_paths(params)))
+    if missing:
         raise ValueError(f"adapters name leaves that params does not have: {missing}")
+    base = select(params, lambda path: path in adapters)
     update = lora_update(adapters, alpha)
     return substitute(params, {path: base[path] + update[path] for path in adapters})
 

@@ -30,6 +30,8 @@ def mlp_init(key: jax.Array, sizes: Sequence[int], dtype=jnp.float32) -> list[di
 
 def mlp_apply(params: list[dict], x: jax.Array, activation: str = "tanh") -> jax.Array:
     """Logits ``(..., d_out)`` of the MLP on inputs ``x`` ``(..., d_in)``."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(_ACTIVATIONS)}, got {activation!r}")
     act = _ACTIVATIONS[activation]
     for layer in params[:-1]:
         x = act(x @ layer["w"] + layer["b"])

@@ -136,8 +136,13 @@ def transformer_config(config: TransformerConfig | str) -> TransformerConfig:
     """``config`` itself, or the named one in ``SIZES``; ``ValueError`` for an unknown name."""
     if isinstance(config, str):
         if config not in SIZES:
-            raise ValueError(f"unknown transformer size {config!r}; known: {sorted(SIZES)}")
+            raise ValueError(f"config: unknown transformer size {config!r}; known: {sorted(SIZES)}")
         return SIZES[config]
+    if not isinstance(config, TransformerConfig):
+        raise ValueError(
+            f"config must be a TransformerConfig or a name in {sorted(SIZES)}, "
+            f"got {type(config).__name__}"
+        )
     return config
 
 
