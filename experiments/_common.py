@@ -94,8 +94,83 @@ def finish(name: str, config, outdir: Path, fig, claims: list[Claim], **payload)
 
 def quick_command(module) -> str:
     """The command that runs ``module``'s CPU configuration (what the main job runs)."""
-    flag = "" if getattr(module, "FULL_FLAG", False) else " --quick"
-    return f"python -m experiments.{module.NAME}{flag}"
+    return f"python -m experiments.{module.NAME} --quick"
+
+
+def default_outdir() -> Path:
+    """Where results go by default: this checkout's root, else the working directory."""
+    return ROOT if (ROOT / "pyproject.toml").is_file() else Path.cwd()
+
+
+def outputs_help(name: str) -> str:
+    """The files an experiment writes, for ``--help``."""
+    return (
+        f"writes OUTDIR/figures/{name}.png (+ .pdf) and OUTDIR/experiments/results/{name}.json; "
+        "--full runs of the transformer experiments write <name>_small.* beside them"
+    )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, tasks_option: bool) -> None:
+    """``--quick`` / ``--full`` / ``--outdir`` (and ``--tasks``): the same on every experiment."""
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument(
+        "--quick",
+        action="store_true",
+        help="the CPU-minutes configuration the main job runs (the default)",
+    )
+    size.add_argument(
+        "--full",
+        action="store_true",
+        help="the long configuration (more landscapes and times; the 1M-parameter "
+        "transformer): minutes to hours on a CPU, meant for a GPU",
+    )
+    parser.add_argument(
+        "--outdir",
+        type=Path,
+        default=None,
+        help="where figures/ and experiments/results/ go (default: the repository root "
+        "of this checkout, else the working directory)",
+    )
+    if tasks_option:
+        parser.add_argument("--tasks", help="comma-separated benign tasks (default: the config's)")
+
+
+def config_from_args(name: str, full, quick, args: argparse.Namespace) -> tuple[object, str]:
+    """The config and the command line that ``args`` select; ``ValueError`` for bad ``--tasks``."""
+    config, flag = (full, " --full") if args.full else (quick, " --quick")
+    if getattr(args, "tasks", None):
+        config = dataclasses.replace(config, tasks=task_subset(args.tasks))
+        flag += f" --tasks {args.tasks}"
+    return config, f"python -m experiments.{name}{flag}"
+
+
+def run_from_args(name: str, main: Callable, full, quick, args: argparse.Namespace) -> list[Claim]:
+    """Run one experiment as its parsed ``args`` say; return its claims."""
+    config, command = config_from_args(name, full, quick, args)
+    outdir = args.outdir if args.outdir is not None else default_outdir()
+    return main(config, outdir, command=command)["claims"]
+
+
+def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:
+    """The ``__main__`` of an experiment: ``[--quick | --full] [--outdir DIR]``.
+
+    Every experiment: ``--quick`` (the default) is the configuration the main
+    job runs on a CPU in minutes; ``--full`` the long one. The transformer
+    experiments (``full_flag=True``) also take ``--tasks a,b`` (a subset of the
+    benign tasks).
+    """
+    parser = argparse.ArgumentParser(
+        description=doc.splitlines()[0],
+        epilog=outputs_help(name),
+    )
+    add_run_arguments(parser, tasks_option=full_flag)
+    args = parser.parse_args()
+    try:
+        config_from_args(name, full, quick, args)
+    except ValueError as err:
+        parser.error(str(err))
+    for c in run_from_args(name, main, full, quick, args):
+        print(f"[{c.verdict}] {c.claim}: {c.measured}")
 
 
 def task_subset(text: str) -> tuple[str, ...]:
@@ -107,32 +182,3 @@ def task_subset(text: str) -> tuple[str, ...]:
             f"--tasks must list benign tasks from {sorted(tasks.BENIGN_TASKS)}, got {text!r}"
         )
     return names
-
-
-def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:
-    """The ``__main__`` of an experiment.
-
-    Landscape experiments default to the full config and take ``--quick``; the
-    transformer experiments (``full_flag=True``) default to the CPU config
-    (``tiny``) and take ``--full`` for the GPU-sized one (``small``), and
-    ``--tasks a,b`` to run a subset of the benign tasks.
-    """
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    if full_flag:
-        parser.add_argument("--full", action="store_true", help="the GPU-sized configuration")
-        parser.add_argument("--tasks", help="comma-separated benign tasks (default: the config's)")
-    else:
-        parser.add_argument("--quick", action="store_true", help="the CPU-minutes configuration")
-    args = parser.parse_args()
-    use_full = args.full if full_flag else not args.quick
-    flag = (" --full" if use_full else "") if full_flag else ("" if use_full else " --quick")
-    config = full if use_full else quick
-    if getattr(args, "tasks", None):
-        try:
-            config = dataclasses.replace(config, tasks=task_subset(args.tasks))
-        except ValueError as err:
-            parser.error(str(err))
-        flag += f" --tasks {args.tasks}"
-    command = f"python -m experiments.{name}{flag}"
-    for c in main(config, command=command)["claims"]:
-        print(f"[{c.verdict}] {c.claim}: {c.measured}")

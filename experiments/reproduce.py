@@ -1,6 +1,8 @@
 """The main job: run every experiment's quick configuration and regenerate ``paper_repro.md``.
 
-Run: ``make reproduce`` (or ``python -m experiments.reproduce``).
+Run: ``make reproduce`` (or ``python -m experiments.reproduce``, or
+``geomcollapse reproduce``; ``--full`` for the long configurations, ``--outdir``
+to write elsewhere).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from experiments import (
     transformer_fisher,
     transformer_onset,
 )
-from experiments._common import ROOT, Claim, quick_command
+from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
 
 EXPERIMENTS = [
     spectrum_mlp,
@@ -68,22 +70,41 @@ def render(claims: list[Claim], seconds: float) -> str:
     return HEADER + "\n".join(rows) + "\n" + footer
 
 
-def main(outdir: Path = ROOT, tiny: bool = False) -> list[Claim]:
-    """Run every experiment (quick, or tiny for tests) and write ``paper_repro.md``."""
+def main(outdir: Path = ROOT, tiny: bool = False, full: bool = False) -> list[Claim]:
+    """Run every experiment (quick; tiny for tests; full) and write ``paper_repro.md``.
+
+    Each experiment's stage prints a start and an end line with its wall time.
+    """
     t0 = time.perf_counter()
     claims: list[Claim] = []
     for module in EXPERIMENTS:
-        config = module.TINY if tiny else module.QUICK
+        config = module.TINY if tiny else module.Config() if full else module.QUICK
+        command = f"python -m experiments.{module.NAME} --full" if full else quick_command(module)
         print(f"== {module.NAME} ==", flush=True)
-        out = module.main(config, outdir, command=quick_command(module))
+        start = time.perf_counter()
+        out = module.main(config, outdir, command=command)
         for c in out["claims"]:
             print(f"[{c.verdict}] {c.claim}: {c.measured}", flush=True)
+        print(f"== {module.NAME}: {time.perf_counter() - start:.0f} s ==", flush=True)
         claims.extend(out["claims"])
-    (outdir / "paper_repro.md").write_text(render(claims, time.perf_counter() - t0))
+    name = "paper_repro_full.md" if full else "paper_repro.md"
+    (outdir / name).write_text(render(claims, time.perf_counter() - t0))
     return claims
 
 
+def cli(argv: list[str] | None = None) -> None:
+    """``python -m experiments.reproduce [--quick | --full] [--outdir DIR]``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        epilog="--quick: every experiment's CPU configuration, about 3-4 minutes on a 2-core "
+        "CPU, writes OUTDIR/paper_repro.md, OUTDIR/figures/*.png (+ .pdf) and "
+        "OUTDIR/experiments/results/*.json. --full: the long configurations (hours on a CPU), "
+        "writes OUTDIR/paper_repro_full.md and <name>_small.* for the transformer.",
+    )
+    add_run_arguments(parser, tasks_option=False)
+    args = parser.parse_args(argv)
+    main(args.outdir if args.outdir is not None else default_outdir(), full=args.full)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.parse_args()
-    main()
+    cli()

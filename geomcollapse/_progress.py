@@ -1,22 +1,75 @@
-"""One progress-bar factory for the library's long loops."""
+"""One progress-bar factory for the library's long loops.
+
+On a terminal: a tqdm bar. Elsewhere (a log file, CI): one line when a stage
+starts and one when it ends, with its count and wall time, so a long run that
+is not watched still says where it is. Disabled: silent.
+"""
 
 from __future__ import annotations
 
+import sys
+import time
 from typing import Any
 
 from tqdm.auto import tqdm
 
 
-def progress_bar(iterable: Any = None, *, total: int | None = None, desc: str, enabled: bool):
-    """A tqdm bar when ``enabled`` and stderr is a terminal; otherwise a silent one.
+class _StageLines:
+    """tqdm's interface (update, set_postfix, close, iteration) as two printed lines."""
 
-    Redrawn at most once a second, so logs of non-interactive runs stay short.
+    def __init__(self, iterable: Any, total: int | None, desc: str):
+        self.iterable, self.total, self.desc = iterable, total, desc
+        self.n, self.postfix, self.closed = 0, "", False
+        if total is None and iterable is not None and hasattr(iterable, "__len__"):
+            self.total = len(iterable)
+        self.start = time.perf_counter()
+        print(
+            f"[{desc}] started" + (f" ({self.total} steps)" if self.total else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        extra = f", {self.postfix}" if self.postfix else ""
+        seconds = time.perf_counter() - self.start
+        print(f"[{self.desc}] done: {self.n} steps in {seconds:.1f} s{extra}", file=sys.stderr)
+        sys.stderr.flush()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.n += 1
+        self.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def progress_bar(iterable: Any = None, *, total: int | None = None, desc: str, enabled: bool):
+    """A tqdm bar when ``enabled`` and stderr is a terminal; start/end lines when not a
+    terminal; silent when not ``enabled``.
+
+    The bar is redrawn at most once a second, so logs stay short.
     """
+    if enabled and not sys.stderr.isatty():
+        return _StageLines(iterable, total, desc)
     return tqdm(
         iterable,
         total=total,
         desc=desc,
-        disable=None if enabled else True,
+        disable=not enabled,
         leave=False,
         mininterval=1.0,
     )

@@ -1,24 +1,45 @@
-"""The ``geomcollapse`` command line: ``geomcollapse sweep CONFIG``."""
+"""The ``geomcollapse`` command line.
+
+``geomcollapse reproduce [--quick | --full] [--outdir DIR]`` runs the main job;
+``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR]`` one
+experiment; ``geomcollapse sweep CONFIG`` a landscape sweep;
+``geomcollapse --version``. ``--quick`` (the default) is the CPU-minutes
+configuration of the main job, ``--full`` the long one, on every experiment.
+
+This is an entry point, not library code: ``run`` and ``reproduce`` import the
+``experiments`` package (installed beside the library) only when called.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+from pathlib import Path
 
 import jax
 
+EXPERIMENTS = (
+    "spectrum_mlp",
+    "quartic_quadratic",
+    "crossover",
+    "aic_phase",
+    "logistic_onset",
+    "gd_vs_flow",
+    "transformer_finetune",
+    "transformer_fisher",
+    "transformer_onset",
+)
+TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
+# Measured on the 2-core CPU (the quick configurations of the main job).
+RUNTIMES = (
+    "quick: seconds to a minute each (the whole main job takes about 3-4 minutes on a 2-core "
+    "CPU); full: minutes for the landscape experiments, hours on a CPU for the 1M-parameter "
+    "transformer (meant for a GPU)"
+)
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``geomcollapse`` console script."""
-    parser = argparse.ArgumentParser(prog="geomcollapse", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    sweep = commands.add_parser(
-        "sweep", help="run or resume a parameter sweep over quadratic landscapes"
-    )
-    sweep.add_argument("config", help="sweep config (.json, or .toml on Python ≥ 3.11)")
-    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
+
+def _sweep(args: argparse.Namespace) -> int:
     from geomcollapse import sweep as sweep_module
 
     try:
@@ -30,6 +51,103 @@ def main(argv: list[str] | None = None) -> int:
     _, rows = sweep_module.read_rows(path)
     print(f"{len(rows)} rows in {path} ({len(jax.devices())} device(s))")
     return 0
+
+
+def _experiments_package():
+    try:
+        return importlib.import_module("experiments._common")
+    except ModuleNotFoundError:
+        print(
+            "geomcollapse: error: the experiments package is not installed "
+            "(install geomcollapse from its repository: pip install -e .)",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _run(args: argparse.Namespace) -> int:
+    common = _experiments_package()
+    if common is None:
+        return 2
+    module = importlib.import_module(f"experiments.{args.experiment}")
+    try:
+        common.config_from_args(module.NAME, module.Config(), module.QUICK, args)
+    except ValueError as err:
+        print(f"geomcollapse run: error: {err}", file=sys.stderr)
+        return 2
+    for c in common.run_from_args(module.NAME, module.main, module.Config(), module.QUICK, args):
+        print(f"[{c.verdict}] {c.claim}: {c.measured}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    common = _experiments_package()
+    if common is None:
+        return 2
+    reproduce = importlib.import_module("experiments.reproduce")
+    outdir = args.outdir if args.outdir is not None else common.default_outdir()
+    claims = reproduce.main(outdir, full=args.full)
+    return 0 if all(c.passed for c in claims if c.labels == common.Claim.labels) else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    from geomcollapse import __version__
+
+    parser = argparse.ArgumentParser(prog="geomcollapse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"geomcollapse {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    sweep = commands.add_parser(
+        "sweep", help="run or resume a parameter sweep over quadratic landscapes"
+    )
+    sweep.add_argument("config", help="sweep config (.json, or .toml on Python ≥ 3.11)")
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # the shared flags live with the experiments; added here by hand so --help works
+    # without importing them
+    for name, help_text, epilog in (
+        (
+            "reproduce",
+            "run every experiment and regenerate paper_repro.md",
+            "writes OUTDIR/paper_repro.md (paper_repro_full.md with --full), "
+            "OUTDIR/figures/ and OUTDIR/experiments/results/. " + RUNTIMES,
+        ),
+        (
+            "run",
+            "run one experiment",
+            "writes OUTDIR/figures/EXPERIMENT.png (+ .pdf) and "
+            "OUTDIR/experiments/results/EXPERIMENT.json (EXPERIMENT_small.* for --full "
+            "transformer runs). " + RUNTIMES,
+        ),
+    ):
+        sub = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog)
+        if name == "run":
+            sub.add_argument("experiment", choices=EXPERIMENTS, help="the experiment to run")
+            sub.add_argument(
+                "--tasks", help="transformer experiments: comma-separated benign tasks"
+            )
+        size = sub.add_mutually_exclusive_group()
+        size.add_argument("--quick", action="store_true", help="the CPU configuration (default)")
+        size.add_argument("--full", action="store_true", help="the long configuration")
+        sub.add_argument(
+            "--outdir",
+            type=Path,
+            default=None,
+            help="output root (default: the repository root of this checkout, else the "
+            "working directory)",
+        )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``geomcollapse`` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "run" and args.tasks and args.experiment not in TRANSFORMER:
+        print(
+            "geomcollapse run: error: --tasks applies to the transformer experiments",
+            file=sys.stderr,
+        )
+        return 2
+    jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
+    return {"sweep": _sweep, "run": _run, "reproduce": _reproduce}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ and a singular ``A`` needs no special case (``φ₂(0) = ½``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -30,6 +31,7 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
 )
+from geomcollapse._progress import progress_bar
 from geomcollapse.subspace import Subspace
 
 PyTree = Any
@@ -295,6 +297,7 @@ def ode_flow(
     atol: float | None = None,
     dt: float | None = None,
     max_steps: int = 65536,
+    progress: bool = False,
 ) -> Flow:
     """Gradient flow ``dθ/dt = −∇L(θ)``, ``θ(0) = θ0``, integrated with diffrax.
 
@@ -324,6 +327,8 @@ def ode_flow(
       dt: a fixed step instead of adaptive control (``ConstantStepSize``); used
         by the order test.
       max_steps: diffrax step budget; exceeding it raises.
+      progress: a diffrax progress bar on a terminal, a start and an end line
+        otherwise (eager calls only: leave it off under ``jit``/``vmap``).
 
     Returns:
       :class:`Flow` with ``ts``, ``displacement`` ``x(t)`` and ``theta`` ``θ0 + x(t)``.
@@ -351,17 +356,25 @@ def ode_flow(
     # module whose only static parts are ``loss_fn`` and the flag: diffrax's
     # compiled solve is reused across calls with the same loss (new times, steps
     # or θ0 included).
-    sol = diffrax.diffeqsolve(
-        diffrax.ODETerm(field),
-        diffrax.Dopri8() if solver is None else solver,
-        t0=jnp.zeros((), dtype),
-        t1=jnp.asarray(times[-1], dtype),
-        dt0=dt0,
-        y0=x0,
-        saveat=diffrax.SaveAt(ts=save),
-        stepsize_controller=controller,
-        max_steps=max_steps,
-    )
+    on_terminal = progress and sys.stderr.isatty()
+    with progress_bar(total=1, desc="ode_flow", enabled=progress and not on_terminal) as stage:
+        sol = diffrax.diffeqsolve(
+            diffrax.ODETerm(field),
+            diffrax.Dopri8() if solver is None else solver,
+            t0=jnp.zeros((), dtype),
+            t1=jnp.asarray(times[-1], dtype),
+            dt0=dt0,
+            y0=x0,
+            saveat=diffrax.SaveAt(ts=save),
+            stepsize_controller=controller,
+            max_steps=max_steps,
+            progress_meter=diffrax.TqdmProgressMeter()
+            if on_terminal
+            else diffrax.NoProgressMeter(),
+        )
+        if progress and not on_terminal:
+            jax.block_until_ready(sol.ys)
+            stage.update(1)
     theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, sol.ys)
     return Flow(ts=save, displacement=sol.ys, theta=theta)
 

@@ -1,0 +1,64 @@
+"""The ``geomcollapse`` command line and the experiments' shared flags."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import reproduce
+from geomcollapse import cli, linalg
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "geomcollapse.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_run_writes_into_outdir_from_any_working_directory(tmp_path):
+    out = tmp_path / "out"
+    proc = _run("run", "gd_vs_flow", "--quick", "--outdir", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "[reproduced]" in proc.stdout
+    assert (out / "figures" / "gd_vs_flow.png").is_file()
+    assert (out / "experiments" / "results" / "gd_vs_flow.json").is_file()
+
+
+def test_version_help_and_bad_flags(tmp_path):
+    version = _run("--version", cwd=tmp_path)
+    assert version.returncode == 0 and version.stdout.startswith("geomcollapse ")
+    helped = _run("reproduce", "--help", cwd=tmp_path)
+    assert (
+        helped.returncode == 0 and "--full" in helped.stdout and "paper_repro.md" in helped.stdout
+    )
+    assert cli.main(["run", "gd_vs_flow", "--tasks", "shift"]) == 2
+    with pytest.raises(SystemExit):
+        cli.main(["run", "gd_vs_flow", "--quick", "--full"])  # mutually exclusive
+    with pytest.raises(SystemExit):
+        cli.main(["run", "no_such_experiment"])
+
+
+def test_cli_lists_the_main_jobs_experiments():
+    assert list(cli.EXPERIMENTS) == [m.NAME for m in reproduce.EXPERIMENTS]
+    assert cli.TRANSFORMER == {m.NAME for m in reproduce.EXPERIMENTS if "transformer" in m.NAME}
+
+
+def test_progress_prints_a_line_per_stage_when_not_a_terminal(capfd):
+    A = jnp.diag(jnp.arange(1.0, 41.0))
+    linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(40), 2, key=jax.random.key(0), progress=True)
+    err = capfd.readouterr().err
+    assert "[lanczos] started" in err and "[lanczos] done:" in err
+    linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(40), 2, key=jax.random.key(0))
+    assert "[lanczos]" not in capfd.readouterr().err  # progress off: silent
