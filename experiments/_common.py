@@ -7,10 +7,14 @@ headless matplotlib backend, once, before any experiment code runs.
 
 from __future__ import annotations
 
+import os
+
+# One BLAS thread beside XLA's pool (see geomcollapse.cli); before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import dataclasses
 import json
-import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass

@@ -14,16 +14,6 @@ token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training 
 (pretrain → align → fine-tune, skill Fisher).
 """
 
-import os
-
-# Threaded OpenBLAS inside XLA's CPU thread pool oversubscribes small machines
-# (the LAPACK behind jnp.linalg.eigh and scipy's eigsh; one run here hung), and
-# one BLAS thread is as fast here. A default only: an explicit setting wins, and
-# it takes effect only if numpy/scipy are first imported after geomcollapse.
-# (XLA's own pool can still deadlock on vmapped batched eigh: see
-# landscapes.summarize_batch; cf. jax-ml/jax#28871.)
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
 from geomcollapse import (
     aic,
     curvature,

@@ -12,6 +12,15 @@ This is an entry point, not library code: ``run`` and ``reproduce`` import the
 
 from __future__ import annotations
 
+import os
+
+# Threaded OpenBLAS inside XLA's CPU thread pool oversubscribes small machines
+# (the LAPACK behind jnp.linalg.eigh and scipy's eigsh; a run hung on the 2-core
+# CPU), and one BLAS thread is as fast there. Set by the entry points (this CLI,
+# experiments, benchmarks, tests) before numpy loads, never by importing the
+# library; an explicit setting wins.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 import argparse
 import importlib
 import sys

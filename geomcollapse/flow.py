@@ -39,14 +39,6 @@ PyTree = Any
 _SERIES_BELOW = 1e-2  # |z| below which φ₁, φ₂ use their Taylor series (error < 1e-16)
 
 
-def phi1(z: jax.Array) -> jax.Array:
-    """``φ₁(z) = (eᶻ − 1)/z``, with ``φ₁(0) = 1``; elementwise, stable near 0."""
-    small = jnp.abs(z) < _SERIES_BELOW
-    zs = jnp.where(small, 0.0, z)
-    series = 1 + z / 2 + z**2 / 6 + z**3 / 24 + z**4 / 120 + z**5 / 720
-    return jnp.where(small, series, jnp.expm1(zs) / jnp.where(small, 1.0, zs))
-
-
 def phi2(z: jax.Array) -> jax.Array:
     """``φ₂(z) = (eᶻ − 1 − z)/z²``, with ``φ₂(0) = ½``; elementwise, stable near 0."""
     small = jnp.abs(z) < _SERIES_BELOW

@@ -109,10 +109,6 @@ class TokenBatch(NamedTuple):
             self.harmful,
         )
 
-    def take(self, index) -> TokenBatch:
-        """Rows ``index`` of every field."""
-        return TokenBatch(*(np.asarray(f)[index] for f in self))
-
     def prompts(self) -> list[list[int]]:
         """Each row's prompt ``BOS … SEP`` as a list of ids."""
         return [list(row[: s + 1]) for row, s in zip(self.tokens, self.answer_start, strict=True)]

@@ -1,5 +1,9 @@
 """Shared test set-up: float64 enabled once, dtype-scaled tolerances, small models."""
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread beside XLA's pool
+
 import jax
 
 jax.config.update("jax_enable_x64", True)

@@ -97,7 +97,7 @@ def test_series_coefficients_equal_the_flow(name):
     """Theorem as identity: (exact − c2t² − c3t³ − c4t⁴)/t⁵ stays bounded as t → 0."""
     L = _landscape(name)
     d = L.d
-    _, _, S = L._fisher_split(d)
+    S = L.subspace(d).fisher_half_rows  # F^{1/2}P as (d, n)
     co = theory.series_coefficients(np.asarray(L.A), np.asarray(L.c), np.asarray(S))
     r = L.aic(d)
     assert math.isclose(co.c2, 0.5 * r.fisher_orthogonality**2, rel_tol=1e-10, abs_tol=1e-30)
