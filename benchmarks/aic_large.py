@@ -20,6 +20,10 @@ Run: ``.venv/bin/python -m benchmarks.aic_large [--quick] [--skip-closure]``.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread beside XLA's pool
+
 import argparse
 import time
 from pathlib import Path
