@@ -26,8 +26,6 @@ import matplotlib
 jax.config.update("jax_enable_x64", True)
 matplotlib.use("Agg")
 
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-
 from geomcollapse import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,26 +71,29 @@ def result_name(name: str, config) -> str:
     return f"{name}_{size}" if size in GPU_SIZES else name
 
 
-def finish(name: str, config, outdir: Path, fig, claims: list[Claim], **payload) -> dict:
-    """Save ``fig`` and the results JSON of experiment ``name``; return ``{result, claims}``.
+def finish(
+    name: str, config, outdir: Path, figure: Callable, claims: list[Claim], **payload
+) -> dict:
+    """Write the results JSON of experiment ``name``, then its figure from that file.
 
-    Files are ``figures/<name>.png`` and ``experiments/results/<name>.json``;
-    a GPU-sized config (``--full``, ``config.size`` in ``GPU_SIZES``) writes
-    ``<name>_<size>.*`` beside them, so it never overwrites what the main job
-    made.
+    ``figure(results, path)`` draws from the JSON as written (what
+    ``python -m experiments.figures`` reloads later) and saves
+    ``figures/<name>.png`` and ``.pdf``; the results are
+    ``experiments/results/<name>.json``. A GPU-sized config (``--full``,
+    ``config.size`` in ``GPU_SIZES``) writes ``<name>_<size>.*`` beside them, so
+    it never overwrites what the main job made. Returns ``{result, claims}``.
     """
     name = result_name(name, config)
-    figure = outdir / "figures" / f"{name}.png"
-    figure.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(figure, dpi=130)
-    plt.close(fig)
+    png = outdir / "figures" / f"{name}.png"
     result = {
         "config": dataclasses.asdict(config),
         **payload,
-        "figure": str(figure.relative_to(outdir)),
+        "figure": str(png.relative_to(outdir)),
         "claims": [dict(asdict(c), verdict=c.verdict) for c in claims],
     }
-    write_json(outdir / "experiments" / "results" / f"{name}.json", result)
+    path = outdir / "experiments" / "results" / f"{name}.json"
+    write_json(path, result)
+    figure(json.loads(path.read_text()), png)
     return {"result": result, "claims": claims}
 
 

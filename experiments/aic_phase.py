@@ -18,9 +18,9 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import landscapes, theory
 
@@ -46,15 +46,10 @@ QUICK = Config(n=32)
 TINY = Config(n=12, kappas=(0.0, 1e-3, 1e-1, 1.0), epsilons=(0.0, 1e-5, 1e-2))
 
 
-def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run the grid; write results and figure under ``outdir``."""
-    require_x64(NAME)
-    command = command or f"python -m experiments.{NAME}"
+def compute(config: Config) -> dict:
+    """Δu(T), its series and the AIC numbers on every (κ, ε) cell; the results payload."""
     K, E = len(config.kappas), len(config.epsilons)
-    du = np.zeros((K, E))
-    series = np.zeros((K, E))
-    gamma = np.zeros((K, E))
-    fisher_orth = np.zeros((K, E))
+    du, series, gamma, fisher_orth = (np.zeros((K, E)) for _ in range(4))
     A_norm = 0.0
     key = jax.random.key(config.seed)
     for i, kappa in enumerate(config.kappas):
@@ -72,16 +67,27 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             T = config.T
             series[i, j] = co.c2 * T**2 + co.c3 * T**3 + co.c4 * T**4
             A_norm = max(A_norm, float(np.linalg.norm(np.asarray(L.A), 2)))
+    active = (gamma > 1e-12) | (fisher_orth > 1e-12)  # predicted by the AIC report
+    return {
+        "delta_u": du.tolist(),
+        "series": series.tolist(),
+        "coupling": gamma.tolist(),
+        "fisher_orthogonality": fisher_orth.tolist(),
+        "gamma_exponent": float(np.polyfit(np.log(gamma[1:, 0]), np.log(du[1:, 0]), 1)[0]),
+        "max_series_error": float(np.max(np.abs(du[active] / series[active] - 1))),
+        "a_norm": A_norm,
+    }
 
-    predicted_active = (gamma > 1e-12) | (fisher_orth > 1e-12)
-    measured_active = du > config.zero_level
-    agree = int(np.sum(predicted_active == measured_active))
-    active = predicted_active
-    series_err = float(np.max(np.abs(du[active] / series[active] - 1)))
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """The two verdicts of Def. 5.1 (3) and the phase diagram."""
+    du, gamma = np.asarray(results["delta_u"]), np.asarray(results["coupling"])
+    predicted_active = (gamma > 1e-12) | (np.asarray(results["fisher_orthogonality"]) > 1e-12)
+    agree = int(np.sum(predicted_active == (du > config.zero_level)))
+    cells, slope, series_err = du.size, results["gamma_exponent"], results["max_series_error"]
     col = du[1:, 0]  # ε = 0, κ > 0
-    slope = np.polyfit(np.log(gamma[1:, 0]), np.log(col), 1)[0]
     quartic_ratio = col / (gamma[1:, 0] ** 2 / 8 * config.T**4)
-    claims = [
+    return [
         Claim(
             "Def. 5.1 (3) / docs/theory.md §4: with Pc = 0 the skill is untouched iff curvature "
             "coupling is absent (κ = 0 ⇒ γ = 0 ⇒ Δu ≡ 0)",
@@ -98,40 +104,41 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             "Def. 5.1 phase diagram: Δu(T) > 0 exactly where the AIC report has γ > 0 or "
             "‖F^{1/2}Pc‖ > 0, and its series predicts the size",
             command,
-            f"{K * E}/{K * E} cells classified alike; |Δu/(c₂T² + c₃T³ + c₄T⁴) − 1| "
-            f"≤ {config.series_tolerance} (T‖A‖ ≤ {config.T * A_norm:.2f})",
-            f"{agree}/{K * E} alike; max series error {series_err:.2e}",
-            agree == K * E and series_err <= config.series_tolerance,
+            f"{cells}/{cells} cells classified alike; |Δu/(c₂T² + c₃T³ + c₄T⁴) − 1| "
+            f"≤ {config.series_tolerance} (T‖A‖ ≤ {config.T * results['a_norm']:.2f})",
+            f"{agree}/{cells} alike; max series error {series_err:.2e}",
+            agree == cells and series_err <= config.series_tolerance,
         ),
     ]
 
-    fig, ax = plt.subplots(figsize=(7.2, 5.2))
-    shown = np.log10(np.maximum(du, 1e-32))
-    image = ax.imshow(shown, origin="lower", aspect="auto", cmap="magma")
-    ax.set_xticks(range(E), ["0"] + [f"{e:.0e}" for e in config.epsilons[1:]], rotation=45)
-    ax.set_yticks(range(K), ["0"] + [f"{k:.0e}" for k in config.kappas[1:]])
-    ax.set_xlabel("initial orthogonality ε = ‖Pc‖")
-    ax.set_ylabel("curvature coupling strength κ")
-    fig.colorbar(image, ax=ax, label=f"log₁₀ Δu(T), T = {config.T} (floor 1e-32)")
-    ax.set_title("Alignment loss after fine-tuning time T: collapse needs coupling or ε > 0")
-    for i in range(K):
-        for j in range(E):
-            if not measured_active[i, j]:
-                ax.text(j, i, "0", ha="center", va="center", color="w", fontsize=8)
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        delta_u=du.tolist(),
-        series=series.tolist(),
-        coupling=gamma.tolist(),
-        fisher_orthogonality=fisher_orth.tolist(),
-        gamma_exponent=float(slope),
-        max_series_error=series_err,
-    )
+
+FIGURE_NEEDS = ("delta_u",)
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Heat map of log₁₀ Δu(T) over (κ, ε); cells where the skill is untouched read 0."""
+    config, du = results["config"], np.asarray(results["delta_u"])
+    (K, E), eps, kappas = du.shape, config["epsilons"], config["kappas"]
+    fig, axes = style.subplots(height=3.1)
+    ax = axes[0, 0]
+    image = ax.imshow(np.log10(np.maximum(du, 1e-32)), origin="lower", aspect="auto")
+    ax.set_xticks(range(E), ["0"] + [style.sci(e) for e in eps[1:]], rotation=90)
+    ax.set_yticks(range(K), ["0"] + [style.sci(k) for k in kappas[1:]])
+    ax.set_xlabel(r"initial orthogonality $\varepsilon = \|Pc\|$")
+    ax.set_ylabel(r"coupling strength $\kappa$")
+    fig.colorbar(image, ax=ax, label=rf"$\log_{{10}}\,\Delta u(T)$, $T = {config['T']:g}$")
+    for i, j in zip(*np.nonzero(du <= config["zero_level"]), strict=True):
+        ax.text(j, i, "0", ha="center", va="center", color="white")
+    return style.save(fig, path)
+
+
+def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run the grid; write results and figure under ``outdir``."""
+    require_x64(NAME)
+    command = command or f"python -m experiments.{NAME}"
+    results = compute(config)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,9 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import landscapes, theory
 
@@ -52,9 +52,8 @@ def _slope3_time(ts: np.ndarray, ys: np.ndarray) -> float:
     return float(np.exp(np.log(ts[i - 1]) + frac * np.log(ts[i] / ts[i - 1])))
 
 
-def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run the sweep; write results and figure under ``outdir``."""
-    require_x64(NAME)
+def compute(config: Config) -> dict:
+    """Predicted and measured crossover time for every ε; the results payload."""
     rows = []
     for eps in config.epsilons:
         L = landscapes.make_quadratic_landscape(
@@ -80,9 +79,15 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
                 "relative_error": measured / r.crossover_time - 1,
             }
         )
-    errors = np.array([abs(row["relative_error"]) for row in rows])
-    worst = float(np.max(errors))
-    claims = [
+    worst = float(np.max([abs(row["relative_error"]) for row in rows]))
+    return {"rows": rows, "max_relative_error": worst}
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """The crossover-time verdict."""
+    errors = np.array([abs(row["relative_error"]) for row in results["rows"]])
+    worst = results["max_relative_error"]
+    return [
         Claim(
             "docs/theory.md §4: crossover t_c = 2‖F^{1/2}Pc‖/γ from t² to t⁴ onset",
             command,
@@ -92,30 +97,40 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             worst <= config.tolerance,
         )
     ]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    pred = np.array([row["predicted"] for row in rows])
-    meas = np.array([row["measured"] for row in rows])
-    ax1.loglog(pred, meas, "o", label="measured (local slope = 3)")
-    ax1.loglog(pred, pred, "k--", lw=1, label="measured = 2‖F^{1/2}Pc‖/γ")
-    ax1.set_xlabel("predicted t_c = 2‖F^{1/2}Pc‖/γ")
-    ax1.set_ylabel("measured t_c")
-    ax1.legend(fontsize=8)
-    ax1.set_title("Crossover time")
-    eps = np.array([row["epsilon"] for row in rows])
-    ax2.loglog(eps, np.maximum(errors, 1e-16), "s-")
-    ax2.set_xlabel("ε = ‖Pc‖")
-    ax2.set_ylabel("|measured / predicted − 1|")
-    ax2.set_title("Relative error (O(ε) correction to c₄)")
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        rows=rows,
-        max_relative_error=worst,
+
+
+FIGURE_NEEDS = ("rows",)
+T_C = r"$t_c = 2\|F^{1/2}Pc\|/\gamma$"
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Measured vs predicted crossover time, and the relative error against ε."""
+    rows = results["rows"]
+    pred, meas, eps, err = (
+        np.array([row[k] for row in rows], float)
+        for k in ("predicted", "measured", "epsilon", "relative_error")
     )
+    fig, axes = style.subplots(2, height=2.6)
+    ax1, ax2 = axes[0]
+    ax1.loglog(pred, pred, "-", color=style.THEORY, lw=0.8, label="measured = predicted")
+    ax1.loglog(pred, meas, "o", label="measured (local slope 3)")
+    ax1.set_xlabel("predicted " + T_C)
+    ax1.set_ylabel(r"measured $t_c$")
+    ax1.set_title("(a) crossover time", loc="left")
+    style.legend_below(fig, ncol=2)
+    ax2.loglog(eps, np.maximum(np.abs(err), 1e-16), "s-", color=style.PALETTE[1])
+    ax2.set_xlabel(r"$\varepsilon = \|Pc\|$")
+    ax2.set_ylabel(r"$|t_c^{\mathrm{meas}}/t_c^{\mathrm{pred}} - 1|$")
+    ax2.set_title(r"(b) relative error: $O(\varepsilon)$ correction to $c_4$", loc="left")
+    return style.save(fig, path)
+
+
+def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run the sweep; write results and figure under ``outdir``."""
+    require_x64(NAME)
+    results = compute(config)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

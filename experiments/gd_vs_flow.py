@@ -13,9 +13,9 @@ import dataclasses
 from pathlib import Path
 
 import jax
-import matplotlib.pyplot as plt
 import numpy as np
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import landscapes, theory
 
@@ -40,9 +40,8 @@ QUICK = Config(n=48)
 TINY = Config(n=12, d=2, top=(2.0, 1.0), max_steps=200, eta_times_norm=5e-5)
 
 
-def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run the comparison; write results and figure under ``outdir``."""
-    require_x64(NAME)
+def compute(config: Config) -> dict:
+    """GD's exact projected loss, its closed form and the flow at ``t = ηk``; the payload."""
     L = landscapes.make_quadratic_landscape(
         jax.random.key(config.seed),
         config.n,
@@ -58,9 +57,21 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     gd = np.asarray(L.gd_projected_loss(eta, ks))
     closed = theory.gd_projected_loss_approx(r.coupling, eta, ks)
     flow_at = np.asarray(L.projected_loss(eta * ks))
-    err_closed = float(np.max(np.abs(gd / closed - 1)))
-    err_flow = float(np.max(np.abs(gd / flow_at / ((ks - 1) ** 2 / ks**2) - 1)))
-    claims = [
+    return {
+        "eta": eta,
+        "max_error_vs_closed_form": float(np.max(np.abs(gd / closed - 1))),
+        "max_error_vs_flow": float(np.max(np.abs(gd / flow_at / ((ks - 1) ** 2 / ks**2) - 1))),
+        "steps": ks.tolist(),
+        "gd": gd.tolist(),
+        "closed_form": np.asarray(closed).tolist(),
+        "flow": flow_at.tolist(),
+    }
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """GD against its closed form and against the flow."""
+    err_closed, err_flow = results["max_error_vs_closed_form"], results["max_error_vs_flow"]
+    return [
         Claim(
             "docs/theory.md §4: GD's projected loss is ⅛γ²η⁴k²(k−1)² when Pc = 0",
             command,
@@ -77,25 +88,39 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             err_flow <= config.tolerance,
         ),
     ]
-    fig, ax = plt.subplots(figsize=(6.2, 4.4))
-    ax.loglog(ks, gd, "o", ms=3, label="GD ½‖F^{1/2}Px_k‖² (exact)")
-    ax.loglog(ks, closed, "k--", lw=1, label="⅛γ²η⁴k²(k−1)²")
-    ax.loglog(ks, flow_at, "C1-", lw=1, label="flow at t = ηk (∝ t⁴)")
-    ax.set_xlabel("GD step k")
-    ax.set_ylabel("projected loss")
-    ax.set_title(f"GD vs closed form vs flow (η‖A‖ = {config.eta_times_norm:g}, Pc = 0)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        eta=eta,
-        max_error_vs_closed_form=err_closed,
-        max_error_vs_flow=err_flow,
+
+
+FIGURE_NEEDS = ("steps", "gd", "closed_form", "flow")
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """GD's projected loss per step against its closed form and the flow at ``t = ηk``."""
+    ks = np.asarray(results["steps"])
+    fig, axes = style.subplots(height=3.0)
+    ax = axes[0, 0]
+    ax.loglog(ks, results["gd"], "o", ms=2.5, label=r"GD: $\frac{1}{2}\|F^{1/2}Px_k\|^2$")
+    ax.loglog(
+        ks,
+        results["closed_form"],
+        "-",
+        color=style.THEORY,
+        lw=0.8,
+        label=r"$\frac{1}{8}\gamma^2\eta^4k^2(k-1)^2$",
     )
+    ax.loglog(ks, results["flow"], "--", label=r"flow at $t = \eta k$ ($\propto t^4$)")
+    ax.set_xlabel(r"GD step $k$")
+    ax.set_ylabel("projected loss")
+    ax.set_title(rf"$\eta\|A\| = {style.sci(results['config']['eta_times_norm'])[1:-1]}$, $Pc = 0$")
+    style.legend_below(fig, ncol=1)
+    return style.save(fig, path)
+
+
+def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run the comparison; write results and figure under ``outdir``."""
+    require_x64(NAME)
+    results = compute(config)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64
 from geomcollapse import curvature as cv
 from geomcollapse import linalg, models
@@ -50,18 +50,9 @@ QUICK = Config(sizes=(784, 64, 64, 10), k=20, slq_probes=8, slq_steps=60)
 TINY = Config(sizes=(20, 16, 16, 5), num_examples=64, k=8, d=4, slq_probes=4, slq_steps=20)
 
 
-def _spectra(config: Config) -> dict:
-    key = jax.random.key(config.seed)
-    problem = models.mlp_problem(
-        key,
-        config.sizes,
-        config.num_examples,
-        gd_steps=config.gd_steps,
-        learning_rate=config.learning_rate,
-        dtype=jnp.float64,
-    )
+def _operators(problem, key) -> tuple[dict, float]:
+    """The Hessian, Fisher and empirical-Fisher matvecs at the trained point, and ‖Fv − Gv‖/‖Gv‖."""
     params, batch = problem.params, problem.batch
-    n = cv.num_params(params)
 
     def ce(z, b):
         return models.softmax_cross_entropy(z, b.y)
@@ -76,16 +67,26 @@ def _spectra(config: Config) -> dict:
     v = unravel(jax.random.normal(jax.random.fold_in(key, 1), flat.shape, flat.dtype))
     f_v, g_v = cv.ravel(fvp(params, v, batch))[0], cv.ravel(ggn(params, v, batch))[0]
     fisher_ggn_rel = float(jnp.linalg.norm(f_v - g_v) / jnp.linalg.norm(g_v))
-
     ops = {
         "hessian": lambda u: hvp(params, u, batch),
         "fisher": lambda u: fvp(params, u, batch),
-        "empirical_fisher": lambda u: efvp(
-            params,
-            u,
-            batch,
-        ),
+        "empirical_fisher": lambda u: efvp(params, u, batch),
     }
+    return ops, fisher_ggn_rel
+
+
+def _spectra(config: Config) -> dict:
+    key = jax.random.key(config.seed)
+    problem = models.mlp_problem(
+        key,
+        config.sizes,
+        config.num_examples,
+        gd_steps=config.gd_steps,
+        learning_rate=config.learning_rate,
+        dtype=jnp.float64,
+    )
+    params, batch = problem.params, problem.batch
+    ops, fisher_ggn_rel = _operators(problem, key)
     top, density, seconds = {}, {}, {}
     for i, (name, op) in enumerate(ops.items()):
         t0 = time.perf_counter()
@@ -102,13 +103,12 @@ def _spectra(config: Config) -> dict:
             progress=True,
         )
     grads = jax.jit(cv.per_example_gradients(problem.example_loss))(params, batch)
-    gram = linalg.empirical_fisher_eigenpairs(grads, config.k)
     return {
-        "n": n,
+        "n": cv.num_params(params),
         "fisher_ggn_rel": fisher_ggn_rel,
         "top": top,
         "density": density,
-        "gram": gram,
+        "gram": linalg.empirical_fisher_eigenpairs(grads, config.k),
         "seconds": seconds,
         "loss": float(problem.loss(params, batch)),
     }
@@ -120,74 +120,57 @@ def _trace_estimate(density: linalg.SpectralDensity, n: int) -> tuple[float, flo
     return float(per_probe.mean()), float(per_probe.std(ddof=1) / np.sqrt(per_probe.size))
 
 
-def _figure(config: Config, s: dict):
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"hessian": "o-", "fisher": "s-", "empirical_fisher": "^-"}
-    labels = {
-        "hessian": "Hessian H",
-        "fisher": "Fisher F (= GGN)",
-        "empirical_fisher": "empirical Fisher",
-    }
-    for name, res in s["top"].items():
-        vals = np.asarray(res.values)
-        idx = np.arange(1, vals.size + 1)
-        pos = vals > 0
-        ax1.semilogy(idx[pos], vals[pos], styles[name], ms=4, label=labels[name])
-    ax1.axvline(config.d + 0.5, color="gray", ls=":", label=f"d = {config.d}")
-    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax1.set_xlabel("eigenvalue index i")
-    ax1.set_ylabel(f"λ_i (Lanczos, tol {config.tol:.0e})")
-    ax1.set_title(
-        f"Top-{config.k} eigenvalues, MLP {'-'.join(map(str, config.sizes))} ({s['n']:,} params)"
-    )
-    ax1.legend(fontsize=8)
-    lo = min(float(np.min(d.nodes)) for d in s["density"].values())
-    hi = max(float(np.max(d.nodes)) for d in s["density"].values())
-    grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 800)
-    sigma = (hi - lo) / 80
-    for name, dens in s["density"].items():
-        ax2.semilogy(
-            grid, linalg.density_on_grid(dens, grid, sigma=sigma) + 1e-12, label=labels[name]
-        )
-    ax2.set_ylim(1e-6, None)
-    ax2.set_xlabel("eigenvalue λ")
-    ax2.set_ylabel(f"spectral density (SLQ, σ = {sigma:.2g})")
-    ax2.set_title(f"SLQ densities ({config.slq_probes} probes × {config.slq_steps} steps)")
-    ax2.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run the experiment; write results and figure under ``outdir``; return the results."""
-    require_x64(NAME)
+def compute(config: Config) -> dict:
+    """Spectra of the three operators, the trace estimate and the route checks; the payload."""
     s = _spectra(config)
     top = s["top"]
     tr_f, tr_f_se = _trace_estimate(s["density"]["fisher"], s["n"])
-    fisher_vals = np.asarray(top["fisher"].values)
-    share = float(np.sum(fisher_vals[: config.d]) / tr_f)
     lanczos_vs_gram = float(
         np.max(np.abs(np.asarray(top["empirical_fisher"].values) - np.asarray(s["gram"].values)))
         / float(s["gram"].values[0])
     )
-    max_res = {
-        name: float(np.max(np.asarray(r.residuals)) / abs(float(r.values[0])))
-        for name, r in top.items()
+    return {
+        "num_params": s["n"],
+        "train_loss": s["loss"],
+        "eigenvalues": {name: np.asarray(r.values).tolist() for name, r in top.items()},
+        "gram_eigenvalues": np.asarray(s["gram"].values).tolist(),
+        "max_relative_residual": {
+            name: float(np.max(np.asarray(r.residuals)) / abs(float(r.values[0])))
+            for name, r in top.items()
+        },
+        "matvecs": {name: r.num_matvecs for name, r in top.items()},
+        "lanczos_seconds": s["seconds"],
+        "fisher_trace": [tr_f, tr_f_se],
+        "fisher_top_d_share": float(np.sum(np.asarray(top["fisher"].values)[: config.d]) / tr_f),
+        "fisher_ggn_rel": s["fisher_ggn_rel"],
+        "lanczos_vs_gram": lanczos_vs_gram,
+        "densities": {
+            name: {"nodes": np.asarray(d.nodes).tolist(), "weights": np.asarray(d.weights).tolist()}
+            for name, d in s["density"].items()
+        },
     }
-    claims = [
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """Fisher = GGN, Lanczos certified against the Gram route, and the concentration control."""
+    rel, gram_gap = results["fisher_ggn_rel"], results["lanczos_vs_gram"]
+    max_res = max(results["max_relative_residual"].values())
+    share, (tr_f, tr_f_se) = results["fisher_top_d_share"], results["fisher_trace"]
+    fisher_vals = results["eigenvalues"]["fisher"]
+    return [
         Claim(
             "docs/theory.md §1: softmax Fisher F = GGN Jᵀ(diag p − ppᵀ)J of the cross-entropy",
             command,
             "‖Fv − Gv‖/‖Gv‖ = 0 (≤ 1e-12 in float64)",
-            f"{s['fisher_ggn_rel']:.1e}",
-            s["fisher_ggn_rel"] <= 1e-12,
+            f"{rel:.1e}",
+            rel <= 1e-12,
         ),
         Claim(
             "Engine: Lanczos top-k certified by residuals and equal to the exact Gram route",
             command,
             f"max ‖Av − λv‖/λ₁ ≤ {config.tol:g}; |λ_Lanczos − λ_Gram|/λ₁ ≤ 1e-8",
-            f"max residual {max(max_res.values()):.1e}; Gram gap {lanczos_vs_gram:.1e}",
-            max(max_res.values()) <= config.tol and lanczos_vs_gram <= 1e-8,
+            f"max residual {max_res:.1e}; Gram gap {gram_gap:.1e}",
+            max_res <= config.tol and gram_gap <= 1e-8,
         ),
         Claim(
             f"Control for Def. 5.1 (1): is a whole-task classifier Fisher concentrated in its "
@@ -200,24 +183,65 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
             labels=("concentrated", "not concentrated (control)"),
         ),
     ]
-    fig = _figure(config, s)
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        num_params=s["n"],
-        train_loss=s["loss"],
-        eigenvalues={name: np.asarray(r.values).tolist() for name, r in top.items()},
-        gram_eigenvalues=np.asarray(s["gram"].values).tolist(),
-        max_relative_residual=max_res,
-        matvecs={name: r.num_matvecs for name, r in top.items()},
-        lanczos_seconds=s["seconds"],
-        fisher_trace=[tr_f, tr_f_se],
-        fisher_top_d_share=share,
-        fisher_ggn_rel=s["fisher_ggn_rel"],
+
+
+FIGURE_NEEDS = ("eigenvalues", "num_params", "densities")
+LABELS = {
+    "hessian": r"Hessian $H$",
+    "fisher": r"Fisher $F$ (= GGN)",
+    "empirical_fisher": "empirical Fisher",
+}
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Top-k eigenvalues of H, F and the empirical Fisher, and their SLQ densities."""
+    config = results["config"]
+    fig, axes = style.subplots(2, height=2.8)
+    ax1, ax2 = axes[0]
+    for (name, vals), marker in zip(results["eigenvalues"].items(), "os^", strict=True):
+        vals = np.asarray(vals)
+        idx = np.arange(1, vals.size + 1)
+        ax1.semilogy(idx[vals > 0], vals[vals > 0], marker + "-", ms=3, label=LABELS[name])
+    ax1.axvline(config["d"] + 0.5, color="gray", ls=":", lw=0.8)
+    ax1.text(
+        config["d"] + 0.7,
+        0.97,
+        f"$d = {config['d']}$",
+        transform=ax1.get_xaxis_transform(),
+        va="top",
     )
+    ax1.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax1.set_xlabel(r"eigenvalue index $i$")
+    ax1.set_ylabel(r"$\lambda_i$ (Lanczos)")
+    ax1.set_title(f"(a) top {config['k']}, {results['num_params']:,} parameters", loc="left")
+    densities = {
+        name: linalg.SpectralDensity(np.asarray(d["nodes"]), np.asarray(d["weights"]))
+        for name, d in results["densities"].items()
+    }
+    lo = min(float(np.min(d.nodes)) for d in densities.values())
+    hi = max(float(np.max(d.nodes)) for d in densities.values())
+    grid = np.linspace(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo), 800)
+    sigma = (hi - lo) / 80
+    for name, dens in densities.items():
+        ax2.semilogy(
+            grid, linalg.density_on_grid(dens, grid, sigma=sigma) + 1e-12, label=LABELS[name]
+        )
+    ax2.set_ylim(1e-6, None)
+    ax2.set_xlabel(r"eigenvalue $\lambda$")
+    ax2.set_ylabel(rf"spectral density ($\sigma = {sigma:.2g}$)")
+    ax2.set_title(
+        f"(b) SLQ, {config['slq_probes']} probes × {config['slq_steps']} steps", loc="left"
+    )
+    style.legend_below(fig, ncol=3)
+    return style.save(fig, path)
+
+
+def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run the experiment; write results and figure under ``outdir``; return the results."""
+    require_x64(NAME)
+    results = compute(config)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

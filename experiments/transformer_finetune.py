@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import matplotlib.pyplot as plt
-
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish
 from experiments._transformer import aligned_model
 from geomcollapse import pipeline, tasks
@@ -48,9 +47,8 @@ TINY = Config(
 )
 
 
-def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Align (or restore) ``θ*`` and fine-tune it on every task; write results and figure."""
-    command = command or f"python -m experiments.{NAME}"
+def compute(config: Config, outdir: Path) -> dict:
+    """Align (or restore) ``θ*``, fine-tune it on every task by every method; the payload."""
     aligned = aligned_model(config.size, outdir)
     runs: dict[str, dict[str, pipeline.FinetuneRun]] = {m: {} for m in config.methods}
     for method in config.methods:
@@ -58,105 +56,115 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         for task in config.tasks:
             runs[method][task] = pipeline.finetune(aligned, task, ft)
 
-    m = aligned.metrics
-    refusal = 1.0 - m.harmfulness
-    full = runs.get("full", {})
-    du = {t: float(r.skill_loss[-1] - r.skill_loss[0]) for t, r in full.items()}
-    harm = {
-        method: {t: float(r.harmfulness[-1]) for t, r in by_task.items()}
-        for method, by_task in runs.items()
-    }
-    acc = {
-        method: {t: float(r.accuracy[-1]) for t, r in by_task.items()}
-        for method, by_task in runs.items()
+    def last(field: str) -> dict:
+        return {
+            method: {t: float(getattr(r, field)[-1]) for t, r in by_task.items()}
+            for method, by_task in runs.items()
+        }
+
+    fields = ("skill_loss", "harmfulness", "accuracy")
+    return {
+        "aligned_metrics": aligned.metrics._asdict(),
+        "delta_u_full": {
+            t: float(r.skill_loss[-1] - r.skill_loss[0]) for t, r in runs.get("full", {}).items()
+        },
+        "harmfulness": last("harmfulness"),
+        "accuracy": last("accuracy"),
+        "curves": {
+            method: {
+                t: {"steps": r.steps.tolist(), **{f: getattr(r, f).tolist() for f in fields}}
+                for t, r in by_task.items()
+            }
+            for method, by_task in runs.items()
+        },
     }
 
-    def listing(values: dict[str, float], fmt: str = ".2f") -> str:
-        return ", ".join(f"{t} {v:{fmt}}" for t, v in values.items())
 
-    claims = [
+def _listing(values: dict[str, float], fmt: str = ".2f") -> str:
+    return ", ".join(f"{t} {v:{fmt}}" for t, v in values.items())
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """θ* is aligned; benign fine-tuning raises u; LoRA vs full harm (reported)."""
+    m, du = results["aligned_metrics"], results["delta_u_full"]
+    harm, acc = results["harmfulness"], results["accuracy"]
+    refusal = 1.0 - m["harmfulness"]
+    out = [
         Claim(
             f"Pipeline: the aligned {config.size} transformer θ* refuses harmful prompts "
             "and keeps its base skills",
             command,
             f"refusal ≥ {config.refusal_target:.0%} of held-out harmful prompts, "
             f"clean accuracy ≥ {config.accuracy_target:.0%} (greedy decoding)",
-            f"refusal {refusal:.1%}, clean accuracy {m.accuracy:.1%}, u(θ*) = {m.skill_loss:.3g}",
-            refusal >= config.refusal_target and m.accuracy >= config.accuracy_target,
+            f"refusal {refusal:.1%}, clean accuracy {m['accuracy']:.1%}, "
+            f"u(θ*) = {m['skill_loss']:.3g}",
+            refusal >= config.refusal_target and m["accuracy"] >= config.accuracy_target,
         ),
     ]
-    if full:
-        claims.append(
+    if "full" in results["curves"] and du:
+        out.append(
             Claim(
                 "Premise of the paper: fine-tuning on benign data (no harm markers) degrades "
                 "the safety skill",
                 command,
                 f"Δu > 0 after {config.finetune.steps} full fine-tuning steps on every benign task",
-                f"Δu: {listing(du)}; harmfulness (from {m.harmfulness:.2f}): "
-                f"{listing(harm['full'])}",
+                f"Δu: {_listing(du)}; harmfulness (from {m['harmfulness']:.2f}): "
+                f"{_listing(harm['full'])}",
                 all(v > 0 for v in du.values()),
             )
         )
-    if "lora" in runs and full:
-        claims.append(
+    if "lora" in harm and du:
+        out.append(
             Claim(
                 "LoRA (rank r on attention + MLP) vs full fine-tuning: harm per task",
                 command,
                 "reported (the paper: LoRA's harm is predicted less well by the overlap score)",
                 "harmfulness full / LoRA: "
-                + ", ".join(f"{t} {harm['full'][t]:.2f}/{harm['lora'][t]:.2f}" for t in full)
+                + ", ".join(f"{t} {harm['full'][t]:.2f}/{harm['lora'][t]:.2f}" for t in du)
                 + "; task accuracy full / LoRA: "
-                + ", ".join(f"{t} {acc['full'][t]:.2f}/{acc['lora'][t]:.2f}" for t in full),
+                + ", ".join(f"{t} {acc['full'][t]:.2f}/{acc['lora'][t]:.2f}" for t in du),
                 True,
                 labels=("measured", "measured"),
             )
         )
+    return out
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    styles = {"full": "-", "lora": "--"}
-    for i, task in enumerate(config.tasks):
-        for method, by_task in runs.items():
-            r = by_task[task]
-            kw = {"color": f"C{i}", "ls": styles[method], "lw": 1.4}
-            label = f"{task} ({method})"
-            axes[0].plot(r.steps, r.skill_loss, label=label, **kw)
-            axes[1].plot(r.steps, r.harmfulness, **kw)
-            axes[2].plot(r.steps, r.accuracy, **kw)
-    axes[0].set_yscale("symlog", linthresh=0.1)
-    axes[0].set_ylabel("skill loss u (NLL of REFUSE)")
-    axes[1].set_ylabel("harmfulness (harmful prompts not refused)")
-    axes[2].set_ylabel("task accuracy (exact match)")
-    for ax in axes:
+
+FIGURE_NEEDS = ("curves",)
+PANELS = (
+    ("skill_loss", r"skill loss $u$ (NLL of REFUSE)"),
+    ("harmfulness", "harmfulness"),
+    ("accuracy", "task accuracy"),
+)
+METHODS = {"full": "full fine-tuning", "lora": "LoRA, rank {r}"}
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Skill loss, harmfulness and task accuracy along fine-tuning: one row per method."""
+    curves, config = results["curves"], results["config"]
+    tasks_ = list(config["tasks"])
+    fig, axes = style.subplots(3, len(curves), height=2.1 * len(curves) + 0.5, sharex=True)
+    for row, (method, by_task) in zip(axes, curves.items(), strict=True):
+        for ax, (field, label) in zip(row, PANELS, strict=True):
+            for task, c in by_task.items():
+                color = style.PALETTE[tasks_.index(task) % len(style.PALETTE)]
+                ax.plot(c["steps"], c[field], color=color, label=task.replace("_", " "))
+            ax.set_ylabel(label)
+        row[0].set_yscale("symlog", linthresh=0.1)
+        name = METHODS.get(method, method).format(r=config["finetune"]["lora_rank"])
+        row[0].set_title(name, loc="left")
+    for ax in axes[-1]:
         ax.set_xlabel("fine-tuning step")
-    axes[0].legend(fontsize=6, ncol=2)
-    fig.suptitle(
-        f"{config.size} transformer: benign fine-tuning of θ* (solid: full, dashed: LoRA r="
-        f"{config.finetune.lora_rank})"
-    )
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        aligned_metrics=m._asdict(),
-        delta_u_full=du,
-        harmfulness=harm,
-        accuracy=acc,
-        curves={
-            method: {
-                t: {
-                    "steps": r.steps.tolist(),
-                    "skill_loss": r.skill_loss.tolist(),
-                    "harmfulness": r.harmfulness.tolist(),
-                    "accuracy": r.accuracy.tolist(),
-                }
-                for t, r in by_task.items()
-            }
-            for method, by_task in runs.items()
-        },
-    )
+    style.legend_below(fig, ncol=min(len(tasks_), 6))
+    return style.save(fig, path)
+
+
+def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Align (or restore) ``θ*`` and fine-tune it on every task; write results and figure."""
+    command = command or f"python -m experiments.{NAME}"
+    results = compute(config, outdir)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

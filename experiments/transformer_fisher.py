@@ -26,10 +26,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64, result_name
 from experiments._transformer import flat, rows, skill_fisher
 from geomcollapse import aic, curvature, flow, linalg, pipeline, tasks, theory, training
@@ -90,10 +90,57 @@ def _write_table(path: Path, table: dict, config: Config, command: str) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Spectra, route agreement and AIC table; write results and figure under ``outdir``."""
-    require_x64(NAME)
-    command = command or f"python -m experiments.{NAME}"
+def _aic_table(config: Config, sf, key) -> dict:
+    """The AIC report of every benign task's loss at ``θ*`` (d = ``config.d``), by task."""
+    d, lam, trace = config.d, sf.values, sf.trace
+    Vd = sf.basis[:d]
+    loss = training.sequence_loss(sf.logits)
+    unravel = ravel_pytree(sf.params)[1]
+
+    def flat_fvp(v):
+        return flat(sf.fvp(unravel(v)))
+
+    table = {}
+    for i, task in enumerate(config.tasks):
+        batch = tasks.benign_task(jax.random.fold_in(key, i), task, config.task_examples)
+        batch = batch.truncated()
+        g, Hg = aic.gradient_and_hg(loss, sf.params, (batch.tokens, batch.targets, batch.mask))
+        g, Hg = np.asarray(g, np.float64), np.asarray(Hg, np.float64)
+        tail_q = aic.tail_quadratic(flat_fvp, Vd, g, jnp.float64)
+        report = theory.aic_report(
+            sf.subspace.leading(d), g, Hg, tail_mass=trace - lam[:d].sum(), tail_quadratic=tail_q
+        )
+        table[task] = {
+            **report._asdict(),
+            "gradient_norm": float(np.linalg.norm(g)),
+            "overlap_score": float(sf.subspace.leading(d).overlap_score(g).geometric),
+        }
+    return table
+
+
+def _harm_correlation(config: Config, table: dict, outdir: Path) -> dict:
+    """Spearman of each AIC number with the harm ``transformer_finetune`` measured, if present."""
+    harm_corr = {}
+    finetune_json = outdir / "experiments" / "results"
+    finetune_json = finetune_json / f"{result_name('transformer_finetune', config)}.json"
+    if not finetune_json.exists():
+        return harm_corr
+    ft = json.loads(finetune_json.read_text())
+    harm = ft.get("harmfulness", {}).get("full", {})
+    du = ft.get("delta_u_full", {})
+    common = [t for t in config.tasks if t in du]
+    if ft["config"]["size"] == config.size and len(common) >= 3:
+        for key in ("orthogonality", "fisher_orthogonality", "coupling", "overlap_score"):
+            x = np.array([table[t][key] for t in common])
+            harm_corr[key] = {
+                "delta_u": _spearman(x, np.array([du[t] for t in common])),
+                "harmfulness": _spearman(x, np.array([harm[t] for t in common])),
+            }
+    return harm_corr
+
+
+def compute(config: Config, outdir: Path) -> dict:
+    """True and empirical skill Fisher spectra, their agreement and the AIC table; the payload."""
     k_prompts, k_eig, k_tasks = jax.random.split(jax.random.key(config.seed + 1000), 3)
     # true Fisher: Lanczos on the matrix-free Fisher-VP; exact trace from Jacobians
     sf = skill_fisher(
@@ -105,71 +152,56 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         lanczos_key=k_eig,
         tol=config.tol,
     )
-    params, logits, harmful, fvp, pairs = sf.params, sf.logits, sf.harmful, sf.fvp, sf.pairs
     lam, V, trace = sf.values, sf.basis, sf.trace
-    n = curvature.num_params(params)
     # empirical Fisher: exact, from per-prompt gradients
-    G = rows(pipeline.skill_per_example_gradients(logits, params, harmful))
+    G = rows(pipeline.skill_per_example_gradients(sf.logits, sf.params, sf.harmful))
     emp = linalg.empirical_fisher_eigenpairs(G, config.top_k)
     lam_e = np.asarray(emp.values, np.float64)
     V_e = np.asarray(emp.vectors, np.float64)
     trace_e = float(np.sum(G**2) / G.shape[0])
-
     dims = sorted({1, 5, config.d, 20, config.top_k} & set(range(1, config.top_k + 1)))
-    frac = {d: float(lam[:d].sum() / trace) for d in dims}
-    frac_e = {d: float(lam_e[:d].sum() / trace_e) for d in dims}
-    overlap = {d: float(np.sum((V[:d] @ V_e[:d].T) ** 2) / d) for d in dims if d <= 10}
-    angle = {d: flow.principal_angle(V[:d], V_e[:d]) for d in dims if d <= 10}
+    table = _aic_table(config, sf, k_tasks)
+    return {
+        "num_params": curvature.num_params(sf.params),
+        "eigenvalues": lam.tolist(),
+        "eigenvalues_found": np.asarray(sf.pairs.found).tolist(),
+        "lanczos_matvecs": int(sf.pairs.num_matvecs),
+        "trace": trace,
+        "empirical_eigenvalues": lam_e.tolist(),
+        "empirical_trace": trace_e,
+        "fraction_of_trace": {d: float(lam[:d].sum() / trace) for d in dims},
+        "empirical_fraction_of_trace": {d: float(lam_e[:d].sum() / trace_e) for d in dims},
+        "subspace_overlap": {
+            d: float(np.sum((V[:d] @ V_e[:d].T) ** 2) / d) for d in dims if d <= 10
+        },
+        "principal_angle": {d: flow.principal_angle(V[:d], V_e[:d]) for d in dims if d <= 10},
+        "aic_table": table,
+        "rank_correlation_with_harm": _harm_correlation(config, table, outdir),
+    }
 
-    # the AIC for each benign task's loss at θ*
-    d = config.d
-    Vd = V[:d]
-    loss = training.sequence_loss(logits)
-    unravel = ravel_pytree(params)[1]
 
-    def flat_fvp(v):
-        return flat(fvp(unravel(v)))
+def _by_dim(values: dict) -> dict[int, float]:
+    """``{d: value}`` with integer ``d`` (JSON stores the keys as strings)."""
+    return {int(k): v for k, v in values.items()}
 
-    table = {}
-    for i, task in enumerate(config.tasks):
-        batch = tasks.benign_task(jax.random.fold_in(k_tasks, i), task, config.task_examples)
-        batch = batch.truncated()
-        g, Hg = aic.gradient_and_hg(loss, params, (batch.tokens, batch.targets, batch.mask))
-        g, Hg = np.asarray(g, np.float64), np.asarray(Hg, np.float64)
-        tail_q = aic.tail_quadratic(flat_fvp, Vd, g, jnp.float64)
-        report = theory.aic_report(
-            sf.subspace.leading(d), g, Hg, tail_mass=trace - lam[:d].sum(), tail_quadratic=tail_q
-        )
-        table[task] = {
-            **report._asdict(),
-            "gradient_norm": float(np.linalg.norm(g)),
-            "overlap_score": float(sf.subspace.leading(d).overlap_score(g).geometric),
-        }
 
-    harm_corr = {}
-    results = outdir / "experiments" / "results"
-    finetune_json = results / f"{result_name('transformer_finetune', config)}.json"
-    if finetune_json.exists():
-        ft = json.loads(finetune_json.read_text())
-        harm = ft.get("harmfulness", {}).get("full", {})
-        du = ft.get("delta_u_full", {})
-        common = [t for t in config.tasks if t in du]
-        if ft["config"]["size"] == config.size and len(common) >= 3:
-            for key in ("orthogonality", "fisher_orthogonality", "coupling", "overlap_score"):
-                x = np.array([table[t][key] for t in common])
-                harm_corr[key] = {
-                    "delta_u": _spearman(x, np.array([du[t] for t in common])),
-                    "harmfulness": _spearman(x, np.array([harm[t] for t in common])),
-                }
-
-    _write_table(results / f"{result_name(NAME, config)}_aic_table.md", table, config, command)
-    top = config.concentration_top
-    claims = [
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """Low-rank concentration, true vs empirical Fisher, and the AIC table (reported)."""
+    frac, frac_e = (
+        _by_dim(results["fraction_of_trace"]),
+        _by_dim(results["empirical_fraction_of_trace"]),
+    )
+    overlap, angle = _by_dim(results["subspace_overlap"]), _by_dim(results["principal_angle"])
+    lam, trace, trace_e = results["eigenvalues"], results["trace"], results["empirical_trace"]
+    table, harm_corr = results["aic_table"], results["rank_correlation_with_harm"]
+    d, top = config.d, config.concentration_top
+    return [
         Claim(
             "Skill Fishers are sharply low-rank (Section 7; AIC condition 1) — true Fisher of "
             f"the refusal skill on the {config.size} transformer",
             command,
-            f"top {top} of n = {n} eigenvalues hold ≥ {config.concentration_target:.0%} of tr F",
+            f"top {top} of n = {results['num_params']} eigenvalues hold "
+            f"≥ {config.concentration_target:.0%} of tr F",
             "fraction of tr F in the top d: "
             + ", ".join(f"d={k}: {v:.3f}" for k, v in frac.items())
             + f" (tr F = {trace:.4g}, λ₁ = {lam[0]:.4g}, λ_{d} = {lam[d - 1]:.4g})",
@@ -208,53 +240,57 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         ),
     ]
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
-    ax = axes[0]
-    idx = np.arange(1, config.top_k + 1)
-    ax.semilogy(idx, np.maximum(lam, 1e-300), "o-", ms=3, label="true Fisher (Lanczos)")
-    ax.semilogy(idx, np.maximum(lam_e, 1e-300), "s-", ms=3, label="empirical Fisher (exact)")
-    ax.set_xlabel("index i")
-    ax.set_ylabel("eigenvalue λ_i")
-    ax.set_title(f"Refusal-skill Fisher at θ*, top {config.top_k} of n = {n}")
-    ax.legend(fontsize=8)
-    ax = axes[1]
-    ax.plot(idx, np.cumsum(lam) / trace, "o-", ms=3, label="true Fisher")
-    ax.plot(idx, np.cumsum(lam_e) / trace_e, "s-", ms=3, label="empirical Fisher")
-    ax.axvline(d, color="gray", ls=":", lw=1, label=f"d = {d}")
-    ax.set_ylim(0, 1.02)
-    ax.set_xlabel("d")
-    ax.set_ylabel("fraction of the trace in the top d")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    names = list(table)
-    pos = np.arange(len(names))
-    ax.bar(pos - 0.2, [table[t]["coupling"] for t in names], 0.4, label="γ = ‖F^{1/2}PHg‖")
-    ax.bar(pos + 0.2, [table[t]["fisher_orthogonality"] for t in names], 0.4, label="‖F^{1/2}Pg‖")
-    ax.set_yscale("log")
-    ax.set_xticks(pos, names, rotation=30, fontsize=7)
-    ax.set_title(f"AIC at θ* per benign task (d = {d})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        num_params=n,
-        eigenvalues=lam.tolist(),
-        eigenvalues_found=np.asarray(pairs.found).tolist(),
-        lanczos_matvecs=int(pairs.num_matvecs),
-        trace=trace,
-        empirical_eigenvalues=lam_e.tolist(),
-        empirical_trace=trace_e,
-        fraction_of_trace=frac,
-        empirical_fraction_of_trace=frac_e,
-        subspace_overlap=overlap,
-        principal_angle=angle,
-        aic_table=table,
-        rank_correlation_with_harm=harm_corr,
-    )
+
+FIGURE_NEEDS = ("eigenvalues", "empirical_eigenvalues", "trace", "empirical_trace", "aic_table")
+
+
+def _spectrum_panels(ax1, ax2, results: dict) -> None:
+    """(a) eigenvalues of the true and empirical Fisher; (b) their cumulative trace fraction."""
+    lam, lam_e = np.asarray(results["eigenvalues"]), np.asarray(results["empirical_eigenvalues"])
+    d, idx = results["config"]["d"], np.arange(1, lam.size + 1)
+    ax1.semilogy(idx, np.maximum(lam, 1e-300), "o-", ms=2.5, label="true Fisher (Lanczos)")
+    ax1.semilogy(idx, np.maximum(lam_e, 1e-300), "s-", ms=2.5, label="empirical Fisher (exact)")
+    ax1.set_xlabel(r"index $i$")
+    ax1.set_ylabel(r"eigenvalue $\lambda_i$")
+    ax1.set_title("(a) spectrum", loc="left")
+    ax2.plot(idx, np.cumsum(lam) / results["trace"], "o-", ms=2.5)
+    ax2.plot(idx, np.cumsum(lam_e) / results["empirical_trace"], "s-", ms=2.5)
+    ax2.axvline(d, color="gray", ls=":", lw=0.8)
+    ax2.text(d + 0.5, 0.03, f"$d = {d}$", transform=ax2.get_xaxis_transform())
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel(r"$d$")
+    ax2.set_ylabel(r"fraction of $\mathrm{tr}\,F$ in the top $d$")
+    ax2.set_title("(b) trace in the top $d$", loc="left")
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Skill-Fisher spectra (true vs empirical), trace concentration and the AIC per task."""
+    fig, axes = style.subplots(3, height=3.0)
+    _spectrum_panels(axes[0, 0], axes[0, 1], results)
+    ax, table = axes[0, 2], results["aic_table"]
+    pos = np.arange(len(table))
+    coupling = [r["coupling"] for r in table.values()]
+    ax.barh(pos + 0.2, coupling, 0.4, color=style.PALETTE[2], label=r"$\gamma = \|F^{1/2}PHg\|$")
+    fisher_orth = [r["fisher_orthogonality"] for r in table.values()]
+    ax.barh(pos - 0.2, fisher_orth, 0.4, color=style.PALETTE[3], label=r"$\|F^{1/2}Pg\|$")
+    ax.set_xscale("log")
+    ax.set_xlabel("value at $\\theta^*$")
+    ax.set_yticks(pos, [t.replace("_", " ") for t in table])
+    ax.invert_yaxis()
+    ax.set_title(f"(c) AIC at $\\theta^*$, $d = {results['config']['d']}$", loc="left")
+    style.legend_below(fig, ncol=4)
+    return style.save(fig, path)
+
+
+def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Spectra, route agreement and AIC table; write results and figure under ``outdir``."""
+    require_x64(NAME)
+    command = command or f"python -m experiments.{NAME}"
+    results = compute(config, outdir)
+    table_md = outdir / "experiments" / "results" / f"{result_name(NAME, config)}_aic_table.md"
+    _write_table(table_md, results["aic_table"], config, command)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ Run: ``python -m experiments.transformer_onset [--full]``.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import matplotlib.pyplot as plt
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from matplotlib.lines import Line2D
 
+from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, finish, require_x64
-from experiments._transformer import rows, skill_fisher
+from experiments._transformer import SkillFisher, rows, skill_fisher
 from geomcollapse import aic, curvature, flow, linalg, tasks, theory, training
 
 NAME = "transformer_onset"
@@ -94,11 +97,19 @@ def _loss_with_correction(logits):
     return fn
 
 
-def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run both flows per task; write results and figure under ``outdir``."""
-    require_x64(NAME)
-    command = command or f"python -m experiments.{NAME}"
-    k_prompts, k_eig, k_tasks, k_norm = jax.random.split(jax.random.key(config.seed + 2000), 4)
+class _Setup(NamedTuple):
+    """What every task's flows share: the skill at ``θ*`` and the compiled measurements."""
+
+    sf: SkillFisher
+    loss: Callable  # L̃(θ, tokens, targets, mask, corr)
+    hvp: Callable
+    skill_change: Callable  # displacements → Δu (flow.skill_change)
+    projected_loss: Callable  # displacements → ½‖F^{1/2}Px‖²
+    grad_u: np.ndarray  # ∇u(θ*), raveled
+
+
+def _setup(config: Config, outdir: Path, k_prompts, k_eig) -> _Setup:
+    """The skill Fisher's top-``d`` at ``θ*``, ``∇u(θ*)`` and the jitted measurements."""
     sf = skill_fisher(
         config.size,
         outdir,
@@ -108,11 +119,8 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         lanczos_key=k_eig,
         tol=1e-8,
     )
-    params, logits, harmful = sf.params, sf.logits, sf.harmful
-    lam, V, trace = sf.values, sf.basis, sf.trace
-    _, unravel = ravel_pytree(params)
-    short = harmful.prompts_only()
-    u = training.skill_loss(logits)
+    params, short = sf.params, sf.harmful.prompts_only()
+    u = training.skill_loss(sf.logits)
     # Δu = u(θ* + x) − u(θ*) by the cancellation-free line integral (flow.skill_change)
     skill_change = jax.jit(
         lambda xs: flow.skill_change(u, params, xs, args=(short.tokens, short.answer_start))
@@ -120,142 +128,161 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     grad_u = np.asarray(
         ravel_pytree(jax.jit(jax.grad(u))(params, short.tokens, short.answer_start))[0]
     )
-    grid = np.logspace(np.log10(config.t_min), np.log10(config.t_max), config.num_times)
-    loss = _loss_with_correction(logits)
-    hvp = curvature.hessian_vp(training.sequence_loss(logits))
-    projected_loss = jax.jit(jax.vmap(sf.subspace.projected_loss))  # ½‖F^{1/2}Px(t)‖²
-
-    results = {}
-    for i, task in enumerate(config.tasks):
-        batch = tasks.benign_task(jax.random.fold_in(k_tasks, i), task, config.task_examples)
-        data = (jnp.asarray(batch.tokens), jnp.asarray(batch.targets), jnp.asarray(batch.mask))
-        zero = jax.tree.map(jnp.zeros_like, params)
-        g, Hg = aic.gradient_and_hg(loss, params, (*data, zero))
-        g = np.asarray(g, np.float64)
-        corr = sf.subspace.project(unravel(jnp.asarray(g)))  # P g(θ*)
-        g_t, Hg_t = aic.gradient_and_hg(loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
-        tail_mass = trace - lam.sum()
-        raw = theory.aic_report(sf.subspace, g, np.asarray(Hg), tail_mass=tail_mass)
-        ortho = theory.aic_report(
-            sf.subspace, np.asarray(g_t), np.asarray(Hg_t), tail_mass=tail_mass
-        )
-        H_norm = float(
-            np.abs(
-                linalg.top_eigenpairs(
-                    jax.jit(lambda v, data=data: hvp(params, v, *data)),
-                    params,
-                    1,
-                    key=jax.random.fold_in(k_norm, i),
-                    tol=1e-3,
-                    which="magnitude",
-                ).values[0]
-            )
-        )
-        variants = (
-            ("orthogonalized", corr, ortho, "quartic"),
-            ("raw", zero, raw, "quadratic"),
-        )
-        windows = {
-            name: theory.onset_window(report, H_norm, t_min=config.t_min, regime=regime)
-            for name, _, report, regime in variants
-        }
-        ts = times_for_windows(grid, windows.values())
-        out = {
-            "report_raw": raw._asdict(),
-            "report_orthogonalized": ortho._asdict(),
-            "H_norm": H_norm,
-            "times": ts.tolist(),
-        }
-        for name, c, _, _ in variants:
-            window = windows[name]
-            path = flow.ode_flow(loss, params, ts, args=(*data, c), rtol=config.rtol)
-            X = rows(path.displacement)
-            projected = np.asarray(projected_loss(path.displacement), np.float64)
-            delta_u = np.asarray(skill_change(path.displacement).delta_u, np.float64)
-            first_order = X @ grad_u  # ∇u(θ*)ᵀx
-            fit = theory.fit_exponent(ts, projected, window)
-            entry = {
-                "window": list(window),
-                "projected": projected.tolist(),
-                "delta_u": delta_u.tolist(),
-                "first_order_delta_u": first_order.tolist(),
-                "projected_exponent": fit.exponent,
-                "local_slope_projected": theory.local_slope(ts, projected).tolist(),
-            }
-            in_window = (ts >= window[0]) & (ts <= window[1])
-            # Relative to the window's largest |Δu|, not pointwise: Δu can cross
-            # zero inside a window, where a pointwise ratio blows up.
-            entry["first_order_max_rel_error"] = float(
-                np.max(np.abs(delta_u[in_window] - first_order[in_window]))
-                / np.max(np.abs(delta_u[in_window]))
-            )
-            if np.all(delta_u[in_window] > 0):
-                entry["delta_u_exponent"] = theory.fit_exponent(ts, delta_u, window).exponent
-            else:
-                entry["delta_u_exponent"] = float("nan")
-                entry["delta_u_sign_changes"] = int(np.sum(np.diff(np.sign(delta_u)) != 0))
-            if name == "orthogonalized":
-                entry["coefficient_ratio"] = float(
-                    projected[0] / (ortho.quartic_coefficient * ts[0] ** 4)
-                )
-            out[name] = entry
-        results[task] = out
-
-    tol = config.exponent_tolerance
-    exp4 = {t: r["orthogonalized"]["projected_exponent"] for t, r in results.items()}
-    exp2 = {t: r["raw"]["projected_exponent"] for t, r in results.items()}
-    ratio = {t: r["orthogonalized"]["coefficient_ratio"] for t, r in results.items()}
-    du_exp = {
-        (t, v): r[v]["delta_u_exponent"]
-        for t, r in results.items()
-        for v in ("orthogonalized", "raw")
-    }
-    windows = {t: r["orthogonalized"]["window"] for t, r in results.items()}
-    windows_raw = {t: r["raw"]["window"] for t, r in results.items()}
-    grad_u_norm = float(np.linalg.norm(grad_u))
-    first_order_err = max(
-        r[v]["first_order_max_rel_error"]
-        for r in results.values()
-        for v in ("orthogonalized", "raw")
+    return _Setup(
+        sf,
+        _loss_with_correction(sf.logits),
+        curvature.hessian_vp(training.sequence_loss(sf.logits)),
+        skill_change,
+        jax.jit(jax.vmap(sf.subspace.projected_loss)),
+        grad_u,
     )
-    grad_u_in_M = float(np.linalg.norm(V @ grad_u) / grad_u_norm)
 
-    def fmt(values: dict, spec: str = ".4f") -> str:
-        return ", ".join(f"{t} {v:{spec}}" for t, v in values.items())
 
-    claims = [
+def _reports(s: _Setup, data, key) -> tuple:
+    """``P g(θ*)``, the AIC reports of the raw and corrected losses, and ``‖H‖`` at ``θ*``."""
+    params, sf = s.sf.params, s.sf
+    zero = jax.tree.map(jnp.zeros_like, params)
+    g, Hg = aic.gradient_and_hg(s.loss, params, (*data, zero))
+    g = np.asarray(g, np.float64)
+    corr = sf.subspace.project(ravel_pytree(params)[1](jnp.asarray(g)))  # P g(θ*)
+    g_t, Hg_t = aic.gradient_and_hg(s.loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
+    tail_mass = sf.trace - sf.values.sum()
+    raw = theory.aic_report(sf.subspace, g, np.asarray(Hg), tail_mass=tail_mass)
+    ortho = theory.aic_report(sf.subspace, np.asarray(g_t), np.asarray(Hg_t), tail_mass=tail_mass)
+    top = linalg.top_eigenpairs(
+        jax.jit(lambda v: s.hvp(params, v, *data)), params, 1, key=key, tol=1e-3, which="magnitude"
+    )
+    return zero, corr, raw, ortho, float(np.abs(top.values[0]))
+
+
+def _variant(s: _Setup, config: Config, ts, data, corr, window) -> dict:
+    """One flow from ``θ*`` (correction ``corr``): projected loss, Δu and their onset fits."""
+    path = flow.ode_flow(s.loss, s.sf.params, ts, args=(*data, corr), rtol=config.rtol)
+    projected = np.asarray(s.projected_loss(path.displacement), np.float64)
+    delta_u = np.asarray(s.skill_change(path.displacement).delta_u, np.float64)
+    first_order = rows(path.displacement) @ s.grad_u  # ∇u(θ*)ᵀx
+    entry = {
+        "window": list(window),
+        "projected": projected.tolist(),
+        "delta_u": delta_u.tolist(),
+        "first_order_delta_u": first_order.tolist(),
+        "projected_exponent": theory.fit_exponent(ts, projected, window).exponent,
+        "local_slope_projected": theory.local_slope(ts, projected).tolist(),
+    }
+    in_window = (ts >= window[0]) & (ts <= window[1])
+    # Relative to the window's largest |Δu|, not pointwise: Δu can cross
+    # zero inside a window, where a pointwise ratio blows up.
+    entry["first_order_max_rel_error"] = float(
+        np.max(np.abs(delta_u[in_window] - first_order[in_window]))
+        / np.max(np.abs(delta_u[in_window]))
+    )
+    if np.all(delta_u[in_window] > 0):
+        entry["delta_u_exponent"] = theory.fit_exponent(ts, delta_u, window).exponent
+    else:
+        entry["delta_u_exponent"] = float("nan")
+        entry["delta_u_sign_changes"] = int(np.sum(np.diff(np.sign(delta_u)) != 0))
+    return entry
+
+
+def _task(s: _Setup, config: Config, grid, task: str, k_task, k_norm) -> dict:
+    """Both flows (raw and with ``P g(θ*)`` removed) of one benign task's loss."""
+    batch = tasks.benign_task(k_task, task, config.task_examples)
+    data = (jnp.asarray(batch.tokens), jnp.asarray(batch.targets), jnp.asarray(batch.mask))
+    zero, corr, raw, ortho, H_norm = _reports(s, data, k_norm)
+    variants = (("orthogonalized", corr, ortho, "quartic"), ("raw", zero, raw, "quadratic"))
+    windows = {
+        name: theory.onset_window(report, H_norm, t_min=config.t_min, regime=regime)
+        for name, _, report, regime in variants
+    }
+    ts = times_for_windows(grid, windows.values())
+    out = {
+        "report_raw": raw._asdict(),
+        "report_orthogonalized": ortho._asdict(),
+        "H_norm": H_norm,
+        "times": ts.tolist(),
+    }
+    for name, c, _, _ in variants:
+        out[name] = _variant(s, config, ts, data, c, windows[name])
+    o = out["orthogonalized"]
+    o["coefficient_ratio"] = float(o["projected"][0] / (ortho.quartic_coefficient * ts[0] ** 4))
+    return out
+
+
+def compute(config: Config, outdir: Path) -> dict:
+    """Both flows of every task from ``θ*`` and what they measure; the results payload."""
+    k_prompts, k_eig, k_tasks, k_norm = jax.random.split(jax.random.key(config.seed + 2000), 4)
+    s = _setup(config, outdir, k_prompts, k_eig)
+    grid = np.logspace(np.log10(config.t_min), np.log10(config.t_max), config.num_times)
+    results = {
+        task: _task(
+            s, config, grid, task, jax.random.fold_in(k_tasks, i), jax.random.fold_in(k_norm, i)
+        )
+        for i, task in enumerate(config.tasks)
+    }
+    grad_u_norm = float(np.linalg.norm(s.grad_u))
+    return {
+        "times": grid.tolist(),
+        "eigenvalues": s.sf.values.tolist(),
+        "trace": s.sf.trace,
+        "grad_u_norm": grad_u_norm,
+        "grad_u_fraction_in_M": float(np.linalg.norm(s.sf.basis @ s.grad_u) / grad_u_norm),
+        "tasks": results,
+    }
+
+
+def _fmt(values: dict, spec: str = ".4f") -> str:
+    return ", ".join(f"{t} {v:{spec}}" for t, v in values.items())
+
+
+def _spans(windows: dict) -> str:
+    return ", ".join(f"{t} [{w[0]:.0e}, {w[1]:.1e}]" for t, w in windows.items())
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """Quartic onset and its coefficient with the correction, quadratic without; Δu reported."""
+    tol, by_task = config.exponent_tolerance, results["tasks"]
+    exp4 = {t: r["orthogonalized"]["projected_exponent"] for t, r in by_task.items()}
+    exp2 = {t: r["raw"]["projected_exponent"] for t, r in by_task.items()}
+    ratio = {t: r["orthogonalized"]["coefficient_ratio"] for t, r in by_task.items()}
+    variants = ("orthogonalized", "raw")
+    du_exp = {(t, v): r[v]["delta_u_exponent"] for t, r in by_task.items() for v in variants}
+    windows = {t: r["orthogonalized"]["window"] for t, r in by_task.items()}
+    windows_raw = {t: r["raw"]["window"] for t, r in by_task.items()}
+    first_order_err = max(
+        r[v]["first_order_max_rel_error"] for r in by_task.values() for v in variants
+    )
+
+    return [
         Claim(
             f"Cor. 6.3 on the {config.size} transformer: with P g(θ*) removed the projected "
             "alignment loss ½‖F^{1/2}P(θ(t)−θ*)‖² starts as t⁴",
             command,
-            f"exponent 4 ± {tol} (d = {config.d}; windows [t_min, 1/(10‖H‖)]: "
-            + ", ".join(f"{t} [{w[0]:.0e}, {w[1]:.1e}]" for t, w in windows.items())
-            + ")",
-            fmt(exp4),
+            f"exponent 4 ± {tol} (d = {config.d}; windows [t_min, 1/(10‖H‖)]: {_spans(windows)})",
+            _fmt(exp4),
             all(abs(v - 4) <= tol for v in exp4.values()),
         ),
         Claim(
             "Cor. 6.3: the transformer's t⁴ coefficient is ⅛γ̃², γ̃ = ‖F^{1/2}PH(I−P)g‖ "
             "from the AIC report of the orthogonalised loss",
             command,
-            f"projected / (⅛γ̃²t⁴) = 1 ± {config.coefficient_tolerance} at t = {grid[0]:.0e}",
-            fmt(ratio),
+            f"projected / (⅛γ̃²t⁴) = 1 ± {config.coefficient_tolerance} "
+            f"at t = {results['times'][0]:.0e}",
+            _fmt(ratio),
             all(abs(v - 1) <= config.coefficient_tolerance for v in ratio.values()),
         ),
         Claim(
             "Without the correction (P g(θ*) ≠ 0) the transformer's projected loss starts as t²",
             command,
-            f"exponent 2 ± {tol} (windows [t_min, t_c/100]: "
-            + ", ".join(f"{t} [{w[0]:.0e}, {w[1]:.1e}]" for t, w in windows_raw.items())
-            + ")",
-            fmt(exp2),
+            f"exponent 2 ± {tol} (windows [t_min, t_c/100]: {_spans(windows_raw)})",
+            _fmt(exp2),
             all(abs(v - 2) <= tol for v in exp2.values()),
         ),
         Claim(
             "Δu itself along the transformer flows (θ* is not a stationary point of u)",
             command,
             "reported: Δu ≈ ∇u(θ*)ᵀx + …, so a first-order term can hide the t⁴ onset",
-            f"‖∇u(θ*)‖ = {grad_u_norm:.3g} (‖P∇u‖/‖∇u‖ = {grad_u_in_M:.4f}); Δu = ∇u(θ*)ᵀx to "
+            f"‖∇u(θ*)‖ = {results['grad_u_norm']:.3g} "
+            f"(‖P∇u‖/‖∇u‖ = {results['grad_u_fraction_in_M']:.4f}); Δu = ∇u(θ*)ᵀx to "
             f"within {first_order_err:.1%} of max |Δu| in each window; Δu exponent there: "
             + ", ".join(
                 f"{t}/{'ortho' if v == 'orthogonalized' else 'raw'} "
@@ -267,39 +294,59 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
         ),
     ]
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for i, (task, r) in enumerate(results.items()):
+
+FIGURE_NEEDS = ("tasks",)
+TASKS_PER_ROW = 2  # 3 curves per task in panel (a): at most 6 per panel
+VARIANTS = (
+    ("-", r"$Pg(\theta^*)$ removed"),
+    ("--", "raw"),
+    (":", r"$\frac{1}{8}\tilde\gamma^2t^4$"),
+)
+
+
+def _onset_row(ax1, ax2, tasks_: list, first: int) -> None:
+    """Panels (a) projected loss and (b) its local slope for up to ``TASKS_PER_ROW`` tasks."""
+    for i, (_, r) in enumerate(tasks_, start=first):
+        color = style.PALETTE[i % len(style.PALETTE)]
         o, w = r["orthogonalized"], r["raw"]
-        gamma2 = r["report_orthogonalized"]["quartic_coefficient"]
         ts = np.asarray(r["times"])
-        axes[0].loglog(ts, o["projected"], f"C{i}-", label=f"{task}: (ii) P g removed")
-        axes[0].loglog(ts, w["projected"], f"C{i}--", label=f"{task}: (i) raw")
-        axes[0].loglog(ts, gamma2 * ts**4, f"C{i}:", lw=1, label=f"{task}: ⅛γ̃²t⁴")
-        axes[1].semilogx(ts, o["local_slope_projected"], f"C{i}-")
-        axes[1].semilogx(ts, w["local_slope_projected"], f"C{i}--")
-    axes[0].set_xlabel("gradient-flow time t")
-    axes[0].set_ylabel("½‖F^{1/2}P(θ(t) − θ*)‖²")
-    axes[0].legend(fontsize=7)
-    axes[0].set_title(f"{config.size} transformer, d = {config.d}")
+        quartic = r["report_orthogonalized"]["quartic_coefficient"] * ts**4
+        for ys, (ls, _) in zip((o["projected"], w["projected"], quartic), VARIANTS, strict=True):
+            ax1.loglog(ts, ys, ls, color=color, lw=0.9 if ls == ":" else None)
+        ax2.semilogx(ts, o["local_slope_projected"], "-", color=color)
+        ax2.semilogx(ts, w["local_slope_projected"], "--", color=color)
+    ax1.set_ylabel(r"$\frac{1}{2}\|F^{1/2}P(\theta(t) - \theta^*)\|^2$")
     for level in (2, 4):
-        axes[1].axhline(level, color="gray", lw=0.6)
-    axes[1].set_xlabel("gradient-flow time t")
-    axes[1].set_ylabel("local slope d log / d log t")
-    axes[1].set_title("onset exponent: 4 with P g removed, 2 without")
-    fig.tight_layout()
-    return finish(
-        NAME,
-        config,
-        outdir,
-        fig,
-        claims,
-        times=grid.tolist(),
-        eigenvalues=lam.tolist(),
-        trace=trace,
-        grad_u_norm=grad_u_norm,
-        grad_u_fraction_in_M=grad_u_in_M,
-        tasks=results,
-    )
+        ax2.axhline(level, color="gray", lw=0.5)
+    ax2.set_ylabel(r"local slope $d\log(\cdot)/d\log t$")
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Projected loss of both flows per task against ⅛γ̃²t⁴, and its local log-log slope."""
+    items, config = list(results["tasks"].items()), results["config"]
+    chunks = range(0, len(items), TASKS_PER_ROW)
+    fig, axes = style.subplots(2, len(chunks), height=2.8 * len(chunks) + 0.5)
+    for (ax1, ax2), first in zip(axes, chunks, strict=True):
+        _onset_row(ax1, ax2, items[first : first + TASKS_PER_ROW], first)
+    for ax in axes[-1]:
+        ax.set_xlabel(r"gradient-flow time $t$")
+    axes[0, 0].set_title(f"(a) {config['size']} transformer, $d = {config['d']}$", loc="left")
+    axes[0, 1].set_title("(b) onset exponent: 4 corrected, 2 raw", loc="left")
+    handles = [
+        Line2D([], [], color=style.PALETTE[i % len(style.PALETTE)], label=t.replace("_", " "))
+        for i, (t, _) in enumerate(items)
+    ] + [Line2D([], [], color="gray", ls=ls, label=label) for ls, label in VARIANTS]
+    style.legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(len(handles), 5))
+    return style.save(fig, path)
+
+
+def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run both flows per task; write results and figure under ``outdir``."""
+    require_x64(NAME)
+    command = command or f"python -m experiments.{NAME}"
+    results = compute(config, outdir)
+    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
 
 
 if __name__ == "__main__":

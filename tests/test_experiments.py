@@ -1,14 +1,19 @@
 """The main job and its experiments run end to end (tiny configs) and write what they claim."""
 
+import ast
 import json
 import shutil
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+from matplotlib.text import Text
 
 from experiments import (
     _common,
+    _style,
+    figures,
     reproduce,
     spectrum_mlp,
     transformer_finetune,
@@ -42,6 +47,7 @@ def test_each_experiment_writes_results_and_a_figure(tiny_run, module):
     out, _ = tiny_run
     result = json.loads((out / f"experiments/results/{module.NAME}.json").read_text())
     assert (out / result["figure"]).stat().st_size > 10_000
+    assert (out / result["figure"]).with_suffix(".pdf").stat().st_size > 5_000
     assert result["claims"] and all(
         set(c) >= {"claim", "command", "verdict"} for c in result["claims"]
     )
@@ -108,10 +114,18 @@ def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):
     for size, stem in (("tiny", "transformer_finetune"), ("small", "transformer_finetune_small")):
         config = transformer_finetune.Config(size=size)
         assert _common.result_name(transformer_finetune.NAME, config) == stem
-        out = _common.finish(transformer_finetune.NAME, config, tmp_path, plt.figure(), [])
+        drawn = []
+
+        def figure(results, path, drawn=drawn):
+            drawn.append(results)
+            return _style.save(plt.figure(), path)
+
+        out = _common.finish(transformer_finetune.NAME, config, tmp_path, figure, [], x=1.5)
         assert out["result"]["figure"] == f"figures/{stem}.png"
         saved = json.loads((tmp_path / f"experiments/results/{stem}.json").read_text())
         assert saved["config"]["size"] == size and (tmp_path / saved["figure"]).exists()
+        assert (tmp_path / saved["figure"]).with_suffix(".pdf").exists()
+        assert drawn[-1] == saved  # the figure is drawn from the results file as written
 
 
 def test_onset_times_sample_every_fit_window():
@@ -132,3 +146,71 @@ def test_task_subset_parses_and_rejects_unknown_tasks():
     for bad in ("lookalike,copy", "", "nonsense"):
         with pytest.raises(ValueError, match="--tasks"):
             _common.task_subset(bad)
+
+
+def test_no_experiment_function_exceeds_60_lines():
+    """Experiments stay thin: every function (``main`` included) fits in 60 lines."""
+    long = []
+    for path in sorted(Path(reproduce.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > 60:
+                    long.append(f"{path.name}:{node.name} ({lines} lines)")
+    assert not long, long
+
+
+def _overlap(a, b) -> float:
+    """Area of the intersection of two display-space boxes."""
+    w = min(a.x1, b.x1) - max(a.x0, b.x0)
+    h = min(a.y1, b.y1) - max(a.y0, b.y0)
+    return max(w, 0.0) * max(h, 0.0)
+
+
+def _check_style(fig) -> None:
+    """The publication style: column widths, ≥ 8 pt text, ≤ 6 curves and no legend on data."""
+    assert fig.get_figwidth() in (_style.SINGLE, _style.DOUBLE)
+    fig.canvas.draw()
+    for text in fig.findobj(Text):
+        if text.get_visible() and text.get_text().strip():
+            assert text.get_fontsize() >= 8, text.get_text()
+    for ax in fig.axes:
+        curves = [ln for ln in ax.get_lines() if len(np.atleast_1d(ln.get_xdata())) > 2]
+        assert len(curves) <= _style.MAX_CURVES
+        legend = ax.get_legend()
+        if legend is not None:
+            assert _overlap(legend.get_window_extent(), ax.get_window_extent()) == 0
+
+
+@pytest.mark.parametrize("module", reproduce.EXPERIMENTS, ids=lambda m: m.NAME)
+def test_each_figure_redraws_from_its_results_as_png_and_pdf(
+    tiny_run, module, tmp_path, monkeypatch
+):
+    """``figure(results, path)`` needs only ``FIGURE_NEEDS``; writes a ≥ 200 dpi PNG and a PDF."""
+    out, _ = tiny_run
+    result = json.loads((out / f"experiments/results/{module.NAME}.json").read_text())
+    needed = {k: result[k] for k in ("config", *module.FIGURE_NEEDS)}
+    save = _style.save
+
+    def checked_save(fig, path):
+        _check_style(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(_style, "save", checked_save)
+    png, pdf = module.figure(needed, tmp_path / f"{module.NAME}.png")
+    assert png == tmp_path / f"{module.NAME}.png" and pdf == png.with_suffix(".pdf")
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5_000
+    width_px = plt.imread(png).shape[1]
+    assert width_px >= 200 * _style.SINGLE
+
+
+def test_figures_command_redraws_every_results_file(tiny_run, tmp_path):
+    out, _ = tiny_run
+    report = figures.main(
+        ["--results", str(out / "experiments/results"), "--figures", str(tmp_path)]
+    )
+    assert set(report) == {m.NAME for m in reproduce.EXPERIMENTS}
+    for stem, written in report.items():
+        assert written == [str(tmp_path / f"{stem}.png"), str(tmp_path / f"{stem}.pdf")]
+    assert figures.module_for("transformer_onset_small") is reproduce.EXPERIMENTS[-1]
+    assert figures.module_for("transformer_fisher_aic_table") is None
