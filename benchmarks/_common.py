@@ -1,4 +1,4 @@
-"""Shared benchmark plumbing: machine description, result files, README tables."""
+"""Shared benchmark plumbing: machine description, result files, docs/benchmarks.md tables."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ import jax
 import numpy as np
 import scipy
 
-README = Path(__file__).parent.parent / "README.md"
+DOC = Path(__file__).parent.parent / "docs" / "benchmarks.md"
 
 
-def replace_table(marker: str, table: str, readme: Path = README) -> None:
-    """Replace the lines between the opening ``<!-- marker`` line and ``<!-- /marker -->``."""
-    text = readme.read_text()
+def replace_table(marker: str, table: str, doc: Path = DOC) -> None:
+    """In ``doc``, replace the lines between the ``<!-- marker`` line and ``<!-- /marker -->``."""
+    text = doc.read_text(encoding="utf-8")
     start = text.index(f"<!-- {marker}")
     start = text.index("\n", start) + 1
     end = text.index(f"<!-- /{marker} -->")
-    readme.write_text(text[:start] + table + "\n" + text[end:])
+    doc.write_text(text[:start] + table + "\n" + text[end:], encoding="utf-8")
 
 
 def machine_info() -> dict:

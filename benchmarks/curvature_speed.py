@@ -312,7 +312,7 @@ def block_counts(flat_hvp_args, params, batch, flat, k, tol, block_sizes, num_se
 
 
 def markdown_table(result: dict) -> str:
-    """The README's summary table for one benchmark result."""
+    """The summary table of docs/benchmarks.md for one benchmark result."""
     r = result["operators"]["ratio_to_gradient"]
     lines = [
         "| operator | time / gradient | target |",
@@ -422,12 +422,12 @@ def main(
     return result
 
 
-def update_readme(result: dict, readme: Path = _common.README) -> None:
-    """Replace the table between the README's markers for the result's model."""
+def update_doc(result: dict, doc: Path = _common.DOC) -> None:
+    """Replace the table between docs/benchmarks.md's markers for the result's model."""
     marker = (
         "benchmark-table" if result.get("model", "mlp") == "mlp" else "benchmark-table-transformer"
     )
-    _common.replace_table(marker, markdown_table(result), readme)
+    _common.replace_table(marker, markdown_table(result), doc)
 
 
 if __name__ == "__main__":
@@ -438,7 +438,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--readme",
         action="store_true",
-        help="only rewrite README's table from the saved CPU result",
+        help="only rewrite the tables of docs/benchmarks.md from the saved CPU results",
     )
     parser.add_argument("--model", choices=("mlp", "transformer"), default="mlp")
     args = parser.parse_args()
@@ -446,7 +446,7 @@ if __name__ == "__main__":
         for stem in ("curvature_speed", "curvature_speed_transformer"):
             path = RESULTS / f"{stem}_cpu.json"
             if path.exists():
-                update_readme(json.loads(path.read_text()))
+                update_doc(json.loads(path.read_text()))
     elif args.model == "transformer":
         main(args.quick, num_examples=64, model="transformer")
     else:

@@ -231,7 +231,7 @@ def main(
 
 
 def markdown_table(result: dict) -> str:
-    """The README's summary table for one result."""
+    """The summary table of docs/benchmarks.md for one result."""
     p, mode = result["per_landscape_ms"], result["one_call_mode"]
     mv, dev = result["krylov_matvecs"], result["max_rel_deviation_krylov_vs_dense"]
     size = f"{result['num_landscapes']} landscapes, n = {result['n']}"
@@ -263,7 +263,9 @@ if __name__ == "__main__":
     jax.config.update("jax_enable_x64", True)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one repeat instead of best of 3")
-    parser.add_argument("--readme", action="store_true", help="only rewrite README's table")
+    parser.add_argument(
+        "--readme", action="store_true", help="only rewrite the table of docs/benchmarks.md"
+    )
     parser.add_argument("--vmap", action="store_true", help="vmap the dense route on CPU too")
     args = parser.parse_args()
     if args.readme:

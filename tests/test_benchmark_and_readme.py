@@ -1,4 +1,4 @@
-"""The benchmark script runs (on a tiny problem) and the README's Python examples execute."""
+"""The benchmarks run (on tiny problems), their doc tables are current, and doc examples execute."""
 
 import json
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks import block_lanczos, curvature_speed, landscape_batch
+from benchmarks import _common, block_lanczos, curvature_speed, landscape_batch
 from geomcollapse import curvature, landscapes, models
 from tests.conftest import symmetric_with_spectrum
 
@@ -78,14 +78,54 @@ def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
 
 
+def _python_blocks(path: Path) -> list[str]:
+    """The ```python blocks of a Markdown file (```py blocks are illustrative: they train)."""
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
+
+
 def test_readme_python_examples_execute():
-    """Every ```python block runs (```py blocks are illustrative: they train a model)."""
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    """The "Use on your own model" example runs, and its forecast matches its flow."""
+    blocks = _python_blocks(ROOT / "README.md")
     assert blocks, "README has no python example"
     for code in blocks:
         namespace: dict = {}
         exec(compile(code, "README.md", "exec"), namespace)
+    report, s, x = namespace["m"].report, namespace["s"], namespace["x"]
+    assert report.converged and report.coupling > 0 and np.isfinite(s.validity_time)
+    # at the smallest time, far inside the series' validity, forecast = integrated flow
+    flow_du = (
+        namespace["flow"]
+        .skill_change(
+            namespace["nll"],
+            namespace["params"],
+            x,
+            args=(namespace["x_skill"], namespace["y_skill"]),
+        )
+        .delta_u
+    )
+    forecast = s.evaluate(namespace["ts"]).delta_u
+    np.testing.assert_allclose(forecast[0], flow_du[0], rtol=1e-6)
+
+
+def test_docs_python_examples_execute():
+    blocks = _python_blocks(ROOT / "docs" / "library.md")
+    assert blocks, "docs/library.md has no python example"
+    for code in blocks:
+        namespace: dict = {}
+        exec(compile(code, "docs/library.md", "exec"), namespace)
         assert np.all(np.isfinite(np.asarray(namespace["pairs"].values)))
+
+
+def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
+    """docs/benchmarks.md's tables are what the ``--readme`` writers make of benchmarks/results."""
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(_common.DOC.read_text(encoding="utf-8"), encoding="utf-8")
+    results = ROOT / "benchmarks" / "results"
+    for stem in ("curvature_speed", "curvature_speed_transformer"):
+        curvature_speed.update_doc(json.loads((results / f"{stem}_cpu.json").read_text()), doc)
+    saved = json.loads((results / "landscape_batch_cpu.json").read_text())
+    _common.replace_table("landscape-batch-table", landscape_batch.markdown_table(saved), doc)
+    assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")
 
 
 def test_landscape_batch_benchmark_runs_and_agrees_with_the_loop(tmp_path):
