@@ -8,6 +8,7 @@ to write elsewhere).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import time
 from pathlib import Path
 
@@ -89,7 +90,19 @@ def main(outdir: Path = ROOT, tiny: bool = False, full: bool = False) -> list[Cl
         claims.extend(out["claims"])
     name = "paper_repro_full.md" if full else "paper_repro.md"
     (outdir / name).write_text(render(claims, time.perf_counter() - t0))
+    if not (full or tiny) and Path(outdir).resolve() == ROOT:
+        _update_headline()
     return claims
+
+
+def _update_headline() -> None:
+    """Rewrite this checkout's README headline table from the new ``paper_repro.md``."""
+    script = ROOT / "docs" / "headline.py"
+    if script.is_file():
+        spec = importlib.util.spec_from_file_location("headline", script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        module.main()
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -9,7 +9,6 @@ the README's headline table is what ``docs/headline.py`` makes of the current
 paper_repro.md.
 """
 
-import ast
 import importlib.util
 import re
 from pathlib import Path
@@ -80,16 +79,16 @@ def _make_targets() -> set[str]:
 
 
 def _cli_subcommands() -> set[str]:
-    """Subcommands the parser of geomcollapse/cli.py adds (``add_parser("name", …)``)."""
-    tree = ast.parse((ROOT / "geomcollapse" / "cli.py").read_text(encoding="utf-8"))
+    """Subcommands of the ``geomcollapse`` parser (built, not parsed from source)."""
+    import argparse
+
+    from geomcollapse import cli
+
     return {
-        node.args[0].value
-        for node in ast.walk(tree)
-        if isinstance(node, ast.Call)
-        and isinstance(node.func, ast.Attribute)
-        and node.func.attr == "add_parser"
-        and node.args
-        and isinstance(node.args[0], ast.Constant)
+        name
+        for action in cli._parser()._actions
+        if isinstance(action, argparse._SubParsersAction)
+        for name in action.choices
     }
 
 
