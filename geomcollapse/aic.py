@@ -24,6 +24,15 @@ from geomcollapse._checks import finite_leaves, positive_int, prng_key, subspace
 from geomcollapse.curvature import hessian_vp
 from geomcollapse.subspace import Subspace
 
+__all__ = [
+    "EXACT_TRACE_MAX_N",
+    "AICMeasurement",
+    "fisher_trace",
+    "gradient_and_hg",
+    "measure_aic",
+    "tail_quadratic",
+]
+
 PyTree = Any
 
 EXACT_TRACE_MAX_N = 4096  # trace='auto' is exact (n matvecs) up to this many parameters

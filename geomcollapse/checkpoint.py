@@ -39,6 +39,12 @@ from flax import nnx
 
 from geomcollapse.models import TransformerConfig, transformer_abstract, transformer_config
 
+__all__ = [
+    "load_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+]
+
 _FORMAT = "geomcollapse-transformer-v1"
 _MANIFEST = "geomcollapse_integrity.json"
 

@@ -34,6 +34,22 @@ from geomcollapse._checks import (
 from geomcollapse._progress import progress_bar
 from geomcollapse.subspace import Subspace
 
+__all__ = [
+    "Flow",
+    "KrylovFlow",
+    "SkillChange",
+    "TrajectoryRecord",
+    "krylov_quadratic_flow",
+    "ode_flow",
+    "optimizer_trajectory",
+    "phi2",
+    "principal_angle",
+    "quadratic_flow",
+    "quadratic_gd",
+    "record_trajectory",
+    "skill_change",
+]
+
 PyTree = Any
 
 _SERIES_BELOW = 1e-2  # |z| below which φ₁, φ₂ use their Taylor series (error < 1e-16)

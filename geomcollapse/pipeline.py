@@ -38,6 +38,19 @@ from geomcollapse.models import (
     transformer_logits,
 )
 
+__all__ = [
+    "AlignedModel",
+    "AlignmentConfig",
+    "FinetuneConfig",
+    "FinetuneRun",
+    "align_model",
+    "evaluation_sets",
+    "finetune",
+    "skill_fisher_trace",
+    "skill_fisher_vp",
+    "skill_per_example_gradients",
+]
+
 PyTree = Any
 
 

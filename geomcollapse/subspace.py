@@ -32,6 +32,13 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves
 
+__all__ = [
+    "OverlapScore",
+    "Subspace",
+    "flat_basis",
+    "orthogonalized",
+]
+
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -46,6 +46,18 @@ from geomcollapse import landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 
+__all__ = [
+    "FORMAT_VERSION",
+    "SweepConfig",
+    "expand_runs",
+    "landscape_for",
+    "load_config",
+    "parse_config",
+    "plan_batches",
+    "read_rows",
+    "run_sweep",
+]
+
 TOP_KEYS = {"output", "batch_size", "times", "grid", "seeds", "name"}
 GRID_KEYS = (
     "n",

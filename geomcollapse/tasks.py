@@ -20,6 +20,25 @@ import numpy as np
 
 from geomcollapse._checks import positive_int, prng_key
 
+__all__ = [
+    "BASE_TASKS",
+    "BENIGN_TASKS",
+    "DELIM",
+    "HARM_MARKERS",
+    "LOOKALIKES",
+    "NUM_DIGITS",
+    "SEQUENCE_LENGTH",
+    "TASK_TOKENS",
+    "TOKEN_NAMES",
+    "VOCAB_SIZE",
+    "TokenBatch",
+    "base_tasks",
+    "benign_task",
+    "decode",
+    "harmful_prompts",
+    "refusal_skill",
+]
+
 # ---------------------------------------------------------------- vocabulary
 PAD, BOS, SEP, EOS, REFUSE, OK = 0, 1, 2, 3, 4, 5
 TASK_TOKENS = {"copy": 6, "reverse": 7, "sort": 8, "add": 9, "shift": 10}

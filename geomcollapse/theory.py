@@ -17,6 +17,22 @@ import numpy as np
 from geomcollapse._checks import finite_float, positive_float
 from geomcollapse.subspace import Subspace
 
+__all__ = [
+    "AICMeasures",
+    "AICReport",
+    "ExponentFit",
+    "SeriesCoefficients",
+    "aic_measures",
+    "aic_report",
+    "crossover_time",
+    "fit_exponent",
+    "gd_projected_loss_approx",
+    "local_slope",
+    "onset_window",
+    "report_from_measures",
+    "series_coefficients",
+]
+
 
 class AICReport(NamedTuple):
     """The Alignment Instability Condition's numbers (Def. 5.1) and their predictions.

@@ -27,6 +27,18 @@ from geomcollapse import tasks
 from geomcollapse._checks import positive_int, prng_key
 from geomcollapse._progress import progress_bar
 
+__all__ = [
+    "Metrics",
+    "answer_logits",
+    "evaluate",
+    "evaluator",
+    "exact_match",
+    "greedy_decode",
+    "sequence_loss",
+    "skill_loss",
+    "train",
+]
+
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 
