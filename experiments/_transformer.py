@@ -86,7 +86,7 @@ def skill_fisher(
     logits = models.transformer_logits(graphdef)
     harmful = tasks.harmful_prompts(prompt_key, num_prompts)
     fvp = pipeline.skill_fisher_vp(logits, params, harmful)
-    pairs = linalg.top_eigenpairs(fvp, params, k, key=lanczos_key, tol=tol)
+    pairs = linalg.top_eigenpairs(fvp, params, k, key=lanczos_key, tol=tol, progress=True)
     return SkillFisher(
         params,
         logits,

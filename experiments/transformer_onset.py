@@ -157,7 +157,9 @@ def _reports(s: _Setup, data, key) -> tuple:
 
 def _variant(s: _Setup, config: Config, ts, data, corr, window) -> dict:
     """One flow from ``θ*`` (correction ``corr``): projected loss, Δu and their onset fits."""
-    path = flow.ode_flow(s.loss, s.sf.params, ts, args=(*data, corr), rtol=config.rtol)
+    path = flow.ode_flow(
+        s.loss, s.sf.params, ts, args=(*data, corr), rtol=config.rtol, progress=True
+    )
     projected = np.asarray(s.projected_loss(path.displacement), np.float64)
     delta_u = np.asarray(s.skill_change(path.displacement).delta_u, np.float64)
     first_order = rows(path.displacement) @ s.grad_u  # ∇u(θ*)ᵀx
