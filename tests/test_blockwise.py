@@ -6,15 +6,30 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import curvature, linalg
+from geomcollapse import curvature, linalg, models
 from tests.conftest import rel_err
 
 
-def _dense_fisher(problem):
-    J = problem.dense_jacobian  # (N, C, n)
-    p = jax.nn.softmax(problem.dense_logits, axis=-1)
-    Lam = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
-    return np.asarray(jnp.einsum("nci,ncd,ndj->ij", J, Lam, J) / J.shape[0])
+class _MLP:
+    """A 6-12-4 tanh MLP (136 parameters) on 24 float64 mixture points, with its dense Fisher."""
+
+    def __init__(self):
+        self.params = models.mlp_init(jax.random.key(3), (6, 12, 4), jnp.float64)
+        self.batch = models.gaussian_mixture(jax.random.key(4), 24, 6, 4, dtype=jnp.float64)
+        flat, unravel = ravel_pytree(self.params)
+        J = jax.jit(jax.jacfwd(lambda w: self.logits(unravel(w), self.batch)))(flat)
+        p = jax.nn.softmax(self.logits(self.params, self.batch), axis=-1)
+        Lam = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
+        self.fisher = np.asarray(jnp.einsum("nci,ncd,ndj->ij", J, Lam, J) / J.shape[0])
+
+    @staticmethod
+    def logits(params, batch):
+        return models.mlp_apply(params, batch.x)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    return _MLP()
 
 
 def _flat_group_ids(params, groups):
@@ -52,24 +67,24 @@ def test_layer_key_and_leaf_groups():
 
 
 @pytest.mark.parametrize("by", ["tensor", "layer"])
-def test_block_diagonal_fisher_equals_the_dense_fisher_with_off_blocks_zeroed(mlp64, by):
-    params = mlp64.params
-    F = _dense_fisher(mlp64)
+def test_block_diagonal_fisher_equals_the_dense_fisher_with_off_blocks_zeroed(mlp, by):
+    params = mlp.params
+    F = mlp.fisher
     ids = _flat_group_ids(params, curvature.leaf_groups(params, by))
     F_bd = np.where(ids[:, None] == ids[None, :], F, 0.0)
     assert np.abs(F - F_bd).max() > 1e-3 * np.abs(F).max()  # the cross blocks matter
 
-    bd = jax.jit(curvature.block_diagonal(curvature.fisher_vp(mlp64.logits), by))
+    bd = jax.jit(curvature.block_diagonal(curvature.fisher_vp(mlp.logits), by))
     flat, unravel = ravel_pytree(params)
     for k in range(3):
         v = jax.random.normal(jax.random.key(k), flat.shape, jnp.float64)
-        out = ravel_pytree(bd(params, unravel(v), mlp64.batch))[0]
+        out = ravel_pytree(bd(params, unravel(v), mlp.batch))[0]
         assert rel_err(out, F_bd @ np.asarray(v)) < 1e-12
 
 
-def test_per_tensor_top_eigenpairs_are_the_union_of_the_block_spectra(mlp64):
-    params = mlp64.params
-    F = _dense_fisher(mlp64)
+def test_per_tensor_top_eigenpairs_are_the_union_of_the_block_spectra(mlp):
+    params = mlp.params
+    F = mlp.fisher
     groups = curvature.leaf_groups(params, "tensor")
     ids = _flat_group_ids(params, groups)
     union = []  # (eigenvalue, eigenvector embedded in R^n) of every block, by dense eigh
@@ -85,11 +100,11 @@ def test_per_tensor_top_eigenpairs_are_the_union_of_the_block_spectra(mlp64):
     top = np.array([lam for lam, _ in union[:k]])
     assert np.all(np.diff(top) < -1e-6 * top[0])  # simple eigenvalues: vectors comparable
 
-    bd = jax.jit(curvature.block_diagonal(curvature.fisher_vp(mlp64.logits), "tensor"))
+    bd = jax.jit(curvature.block_diagonal(curvature.fisher_vp(mlp.logits), "tensor"))
     flat, unravel = ravel_pytree(params)
 
     def matvec(v):
-        return ravel_pytree(bd(params, unravel(v), mlp64.batch))[0]
+        return ravel_pytree(bd(params, unravel(v), mlp.batch))[0]
 
     pairs = linalg.top_eigenpairs(matvec, flat, k, key=jax.random.key(0), tol=1e-10)
     assert bool(jnp.all(pairs.converged))
