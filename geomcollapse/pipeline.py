@@ -9,6 +9,9 @@
 * :func:`skill_fisher_vp` / :func:`skill_per_example_gradients`: the skill
   Fisher at ``θ*`` — the true Fisher (labels from the model; default) and the
   empirical one (observed ``REFUSE`` labels).
+* :func:`skill_reference`: the aligned model's own first-answer logits on the
+  skill prompts, the fixed reference of the KL skill loss
+  (``training.kl_skill_loss``; docs/theory.md §5.3).
 
 Every random choice comes from ``seed`` through ``jax.random`` keys: the same
 config gives the same model, bit for bit, on the same machine.
@@ -352,3 +355,33 @@ def skill_fisher_trace(
             part(params, harmful.tokens[lo : lo + chunk], harmful.answer_start[lo : lo + chunk])
         )
     return total / harmful.num
+
+
+class SkillReference(NamedTuple):
+    """The KL skill loss's fixed data: prompts and the aligned model's logits on them.
+
+    ``training.kl_skill_loss(logits_fn)(params, *ref)`` is ``u(params)`` and
+    ``training.kl_skill_change(logits_fn)(theta_star, x, *ref)`` its ``Δu``.
+
+    Attributes:
+      tokens: ``(N, T)`` int32 prompts, cut after the longest (``prompts_only``).
+      answer_start: ``(N,)`` int32 first answer positions.
+      logits: ``(N, V)`` first-answer logits at ``θ*``, in the dtype of ``params``.
+    """
+
+    tokens: jax.Array
+    answer_start: jax.Array
+    logits: jax.Array
+
+
+def skill_reference(logits_fn, params: PyTree, harmful: tasks.TokenBatch) -> SkillReference:
+    """:class:`SkillReference` of ``θ* = params`` on the ``harmful`` prompts (docs/theory.md §5.3).
+
+    With it, ``u(θ) = mean KL(p_{θ*} ‖ p_θ)`` has ``u(θ*) = 0``, ``∇u(θ*) = 0``
+    and ``∇²u(θ*) = F`` = :func:`skill_fisher_vp` on the same prompts.
+    """
+    harmful = harmful.prompts_only()
+    tokens, start = jnp.asarray(harmful.tokens), jnp.asarray(harmful.answer_start)
+    first = training.answer_logits(logits_fn)
+    z = jax.jit(lambda p, t, s: first(p, t, s))(params, tokens, start)
+    return SkillReference(tokens, start, z)

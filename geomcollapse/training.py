@@ -10,6 +10,11 @@ All functions take ``logits_fn(params, tokens) -> (N, T, V)`` (e.g.
 * ``answer_logits``: the ``(N, V)`` logits at the first answer position; the
   skill Fisher ``F`` is the Fisher of this categorical output over harmful
   prompts (``curvature.fisher_vp(answer_logits(...))``).
+* ``kl_skill_loss``: the skill loss with an exact minimum at ``θ*``,
+  ``u(θ) = mean KL(p_{θ*} ‖ p_θ)`` over the first answer position, whose
+  Hessian at ``θ*`` is exactly ``F`` (docs/theory.md §5.3);
+  ``kl_skill_change`` gives its ``Δu`` at a displacement ``x`` without
+  cancellation; ``kl_from_logit_change`` is the per-row formula behind both.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from geomcollapse import tasks
+from geomcollapse import flow, tasks
 from geomcollapse._checks import positive_int, prng_key
 from geomcollapse._progress import progress_bar
 
@@ -77,6 +82,81 @@ def skill_loss(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
         return _refuse_nll(first(params, tokens, answer_start))
 
     return u
+
+
+def kl_from_logit_change(reference_logits: jax.Array, delta: jax.Array) -> jax.Array:
+    """``KL(softmax(z) ‖ softmax(z + δ))`` per row, with no cancellation at small ``δ``.
+
+    With ``p = softmax(z)`` and ``δ̃ = δ − E_p δ`` (so ``E_p δ̃ = 0``),
+    ``KL = log E_p e^{δ̃} − E_p δ̃ = log1p(E_p[δ̃² φ₂(δ̃)])``, ``φ₂(s) = (eˢ − 1 − s)/s² > 0``
+    (docs/theory.md §5.1, §5.3). Every term of the sum is non-negative, so the
+    result keeps its relative accuracy however small ``δ`` is, where
+    ``Σ p (log p − log q)`` loses it below ``eps`` (``KL = O(δ²)``). At ``δ = 0``
+    the value and its gradient in ``δ`` are exactly zero and its Hessian in
+    ``δ`` is exactly ``diag p − ppᵀ``.
+
+    Args:
+      reference_logits: ``(..., C)`` logits ``z`` of the reference distribution.
+      delta: ``(..., C)`` logit change ``δ`` (same shape).
+
+    Returns:
+      ``(...)`` the divergences.
+    """
+    if jnp.shape(reference_logits) != jnp.shape(delta):
+        raise ValueError(
+            f"reference_logits {jnp.shape(reference_logits)} and delta {jnp.shape(delta)} "
+            "must have the same shape"
+        )
+    p = jax.nn.softmax(reference_logits, axis=-1)
+    centred = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
+    return jnp.log1p(jnp.sum(p * centred**2 * flow.phi2(centred), axis=-1))
+
+
+def kl_skill_loss(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
+    """``u(params, tokens, answer_start, reference_logits)``: mean ``KL(p_{θ*} ‖ p_θ)``.
+
+    The divergence of the first-answer-token distribution from the aligned
+    model's own, ``reference_logits`` ``(N, V)`` = :func:`answer_logits` at
+    ``θ*`` (``pipeline.skill_reference``). ``u(θ*) = 0`` and ``∇u(θ*) = 0``
+    exactly, and ``∇²u(θ*) = F``, the true skill Fisher (docs/theory.md §5.3), so
+    ``θ*`` is an exact minimum and the series of docs/theory.md §6 applies with
+    ``c₁ = 0``. Evaluated by :func:`kl_from_logit_change` on ``δ = z_θ − z_{θ*}``,
+    so the value is ``Δu`` itself, free of an ``O(u)`` cancellation; only the
+    rounding of ``δ`` (``eps·|z|``) remains, see :func:`kl_skill_change`.
+    """
+    first = answer_logits(logits_fn)
+
+    def u(params, tokens, answer_start, reference_logits):
+        z = first(params, tokens, answer_start)
+        return jnp.mean(kl_from_logit_change(reference_logits, z - reference_logits))
+
+    return u
+
+
+def kl_skill_change(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
+    """``Δu(theta_star, x, tokens, answer_start, reference_logits)`` of :func:`kl_skill_loss`.
+
+    Takes the displacement ``x = θ − θ*`` itself (a pytree like ``theta_star``),
+    never ``θ``: forming ``θ = fl(θ* + x)`` drops ``r = x − (θ − θ*)``
+    (``|r| ≤ eps|θ*|``, computed exactly), which would be a relative error
+    ``eps|θ*|/|x|`` in ``δ``. So the logit change is taken back to the exact
+    displacement to first order, ``δ = z(θ) − z(θ*) + J(θ) r`` (one ``jvp``),
+    then ``Δu = mean KL`` by :func:`kl_from_logit_change` — no ``O(1)`` term
+    cancels. What remains is the rounding of ``z(θ) − z(θ*)``, relative
+    ``≈ eps·|z|/|δ|``: at ``‖x‖ = 1e-7`` on the tiny transformer ``Δu`` keeps
+    about 8 digits where ``u(θ) − u(θ*)`` from the direct KL keeps none.
+    Equal to ``kl_skill_loss(θ* + x)`` up to that rounding.
+    """
+    first = answer_logits(logits_fn)
+
+    def du(theta_star, x, tokens, answer_start, reference_logits):
+        theta = jax.tree.map(jnp.add, theta_star, x)
+        r = jax.tree.map(lambda xi, th, ts: xi - (th - ts), x, theta, theta_star)
+        z, jr = jax.jvp(lambda p: first(p, tokens, answer_start), (theta,), (r,))
+        delta = (z - reference_logits) + jr
+        return jnp.mean(kl_from_logit_change(reference_logits, delta))
+
+    return du
 
 
 class Metrics(NamedTuple):
