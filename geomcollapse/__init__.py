@@ -10,8 +10,9 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
-:mod:`geomcollapse.checkpoint` (orbax save/restore), :mod:`geomcollapse.pipeline`
-(pretrain → align → fine-tune, skill Fisher).
+:mod:`geomcollapse.checkpoint` (orbax save/restore, verified), :mod:`geomcollapse.pipeline`
+(pretrain → align → fine-tune, skill Fisher, the KL skill reference),
+:mod:`geomcollapse.representation` (representation-space gradients of dense layers).
 """
 
 from geomcollapse import (

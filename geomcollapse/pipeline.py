@@ -46,12 +46,14 @@ __all__ = [
     "AlignmentConfig",
     "FinetuneConfig",
     "FinetuneRun",
+    "SkillReference",
     "align_model",
     "evaluation_sets",
     "finetune",
     "skill_fisher_trace",
     "skill_fisher_vp",
     "skill_per_example_gradients",
+    "skill_reference",
 ]
 
 PyTree = Any
