@@ -127,11 +127,39 @@ def main(quick: bool = False, skip_closure: bool = False, outdir: Path = RESULTS
     return result
 
 
+def markdown_table(r: dict) -> str:
+    """The docs/benchmarks.md table of one result."""
+    m, p = r["machine"], r["problem"]
+    sizes = "-".join(map(str, p["sizes"]))
+    fvp_ms, grad_ms = 1e3 * r["fisher_vp_s"], 1e3 * r["gradient_s"]
+    rows = [
+        "| quantity | value |",
+        "|---|---|",
+        f"| parameters | {p['num_params']:,} (MLP {sizes}, {p['dtype']}) |",
+        f"| one Fisher-VP / one gradient | {fvp_ms:.1f} ms / {grad_ms:.1f} ms |",
+        f"| Fisher matvecs (Lanczos incl. certification + trace + tail) | {r['fisher_matvecs']} "
+        f"({r['lanczos_matvecs']} Lanczos) |",
+        f"| wall, warm / cold | {r['wall_warm_s']:.2f} s / {r['wall_cold_s']:.2f} s |",
+        f"| wall / (matvecs × Fisher-VP), warm / cold | {r['ratio_warm']:.2f} / "
+        f"{r['ratio_cold']:.2f} (target ≤ {r['target_ratio']}) |",
+    ]
+    if "closure_wall_s" in r:
+        rows.append(f"| closure-constant matvec, cold | {r['closure_wall_s']:.2f} s |")
+    rows.append(f"| converged, max ‖Fv − λv‖/λ₁ | {r['converged']}, {r['max_rel_residual']:.1e} |")
+    rows.append(f"\n{m['cpu_count']}-core {m['platform'].upper()}, jax {m['jax']}, {m['date']}.")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 3,600-parameter MLP (seconds)")
     parser.add_argument(
         "--skip-closure", action="store_true", help="skip the closure-constant comparison"
     )
+    parser.add_argument(
+        "--readme", action="store_true", help="also rewrite the table of docs/benchmarks.md"
+    )
     args = parser.parse_args()
-    main(quick=args.quick, skip_closure=args.skip_closure)
+    result = main(quick=args.quick, skip_closure=args.skip_closure)
+    if args.readme and not args.quick:
+        _common.replace_table("aic-large-table", markdown_table(result))
