@@ -77,7 +77,11 @@ def logistic_case():
     return ModelCase(
         ls.theta_star,
         ls.task_loss,
-        {"min": (ls.skill_loss, ls.delta_u), "nonmin": (off.skill_loss, off.delta_u)},
+        {
+            # delta_u takes displacements; the flow's positions are θ* + x
+            "min": (ls.skill_loss, lambda thetas: ls.delta_u(thetas - ls.theta_star)),
+            "nonmin": (off.skill_loss, lambda thetas: off.delta_u(thetas - off.theta_star)),
+        },
     )
 
 
