@@ -19,7 +19,7 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.curvature_speed
