@@ -30,6 +30,7 @@ __all__ = [
     "fisher_trace",
     "gradient_and_hg",
     "measure_aic",
+    "rademacher_probes",
     "tail_quadratic",
 ]
 
@@ -104,6 +105,20 @@ def _flat_fvp(matvec: _FlatFisher, v: jax.Array, params: PyTree, args: tuple) ->
     return matvec(v, params, args)
 
 
+@partial(jax.jit, static_argnums=(1, 2, 3))
+def rademacher_probes(key: jax.Array, num: int, n: int, dtype) -> jax.Array:
+    """``(num, n)`` independent ±1 entries, 32 from each random ``uint32`` word.
+
+    Same distribution as ``jax.random.rademacher``, which spends one threefry
+    draw per entry: on the 2-core CPU, 64 probes of 1,068,810 entries took
+    1.4 s that way against 0.2 s here, more than their 64 Fisher matvecs.
+    """
+    words = -(-n // 32)
+    bits = jax.random.bits(key, (num, words), jnp.uint32)
+    signs = (bits[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return (2 * signs.reshape(num, words * 32)[:, :n].astype(dtype) - 1).astype(dtype)
+
+
 def fisher_trace(
     matvec: Callable[[jax.Array], jax.Array],
     n: int,
@@ -149,7 +164,7 @@ def fisher_trace(
     num_probes = positive_int(num_probes, "num_probes")
     if num_probes < 2:
         raise ValueError("num_probes must be ≥ 2 for a standard error")
-    z = jax.random.rademacher(key, (num_probes, n), dtype)
+    z = rademacher_probes(key, num_probes, n, dtype)
     if deflate is not None:
         Vd = jnp.asarray(deflate, dtype)
         z = z - (z @ Vd.T) @ Vd

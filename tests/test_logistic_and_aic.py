@@ -280,3 +280,15 @@ def test_measure_aic_takes_an_unhashable_fisher_vp_and_loss():
         hash(Fisher(q.F))
     m = aic.measure_aic(Fisher(q.F), Quadratic(q.A, q.c), jnp.zeros(q.n), 2, key=jax.random.key(1))
     assert math.isclose(m.report.coupling, q.aic(2).coupling, rel_tol=1e-9)
+
+
+def test_rademacher_probes_are_independent_signs():
+    z = np.asarray(aic.rademacher_probes(jax.random.key(0), 64, 1000, jnp.float64))
+    assert z.shape == (64, 1000) and set(np.unique(z)) == {-1.0, 1.0}
+    # mean 0 and unit variance per entry; entries (and the 32 bits of a word) uncorrelated
+    assert abs(z.mean()) < 4 / np.sqrt(z.size)
+    gram = z.T @ z / 64  # (1000, 1000): identity up to sampling noise 1/8
+    off = gram - np.diag(np.diag(gram))
+    assert np.all(np.diag(gram) == 1.0) and np.abs(off).mean() < 0.11
+    other = np.asarray(aic.rademacher_probes(jax.random.key(1), 64, 1000, jnp.float64))
+    assert np.mean(other == z) < 0.55
