@@ -455,9 +455,8 @@ def top_eigenpairs(
     op_scale = float(jnp.max(jnp.abs(first)))
     if not np.isfinite(op_scale):
         raise ValueError("matvec returned non-finite values (at matvec 1)")
-    if op_scale < float(jnp.finfo(dtype).tiny) / float(jnp.finfo(dtype).eps):
-        # Zero, or so small that A q₀ itself is subnormal: nothing to rescale.
-        op_scale = 1.0 if op_scale == 0 else op_scale
+    if op_scale == 0.0:  # A q₀ = 0 (a zero operator; XLA flushes subnormal outputs to 0 too)
+        op_scale = 1.0
     inv_scale = jnp.asarray(1.0 / op_scale, dtype)
 
     def scaled_matvec(v: jax.Array) -> jax.Array:
