@@ -27,6 +27,7 @@ jax.config.update("jax_enable_x64", True)
 matplotlib.use("Agg")
 
 from geomcollapse import tasks  # noqa: E402
+from geomcollapse.cli import runtime_help  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,7 +112,8 @@ def outputs_help(name: str) -> str:
     """The files an experiment writes, for ``--help``."""
     return (
         f"writes OUTDIR/figures/{name}.png (+ .pdf) and OUTDIR/experiments/results/{name}.json; "
-        "--full runs of the transformer experiments write <name>_small.* beside them"
+        "--full runs of the transformer experiments write <name>_small.* beside them. "
+        + runtime_help(name)
     )
 
 

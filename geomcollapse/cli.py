@@ -28,24 +28,35 @@ from pathlib import Path
 
 import jax
 
-EXPERIMENTS = (
-    "spectrum_mlp",
-    "quartic_quadratic",
-    "crossover",
-    "aic_phase",
-    "logistic_onset",
-    "gd_vs_flow",
-    "transformer_finetune",
-    "transformer_fisher",
-    "transformer_onset",
-)
+# Wall time of each experiment's --quick configuration in the main job on the
+# 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
+# about 1-2 minutes), from the stage lines of `make reproduce`.
+QUICK_RUNTIME_S = {
+    "spectrum_mlp": 35,
+    "quartic_quadratic": 4,
+    "crossover": 4,
+    "aic_phase": 4,
+    "logistic_onset": 15,
+    "gd_vs_flow": 3,
+    "transformer_finetune": 76,
+    "transformer_fisher": 40,
+    "transformer_onset": 114,
+}
+EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
-# Measured on the 2-core CPU (the quick configurations of the main job).
-RUNTIMES = (
-    "quick: seconds to a minute each (the whole main job takes about 3-4 minutes on a 2-core "
-    "CPU); full: minutes for the landscape experiments, hours on a CPU for the 1M-parameter "
-    "transformer (meant for a GPU)"
-)
+
+
+def runtime_help(name: str | None = None) -> str:
+    """What ``--help`` says about run time (one experiment, or all of them)."""
+    full = (
+        "--full: the landscape experiments' long configurations are not timed; the "
+        "1M-parameter transformer runs take 11-18 minutes each on that CPU (meant for a GPU)"
+    )
+    if name is None:
+        quick = ", ".join(f"{k} {v} s" for k, v in QUICK_RUNTIME_S.items())
+        total = sum(QUICK_RUNTIME_S.values())
+        return f"--quick on a 2-core CPU: {quick} (about {total // 60 + 1} minutes in all); {full}."
+    return f"--quick takes about {QUICK_RUNTIME_S[name]} s on a 2-core CPU; {full}."
 
 
 def _sweep(args: argparse.Namespace) -> int:
@@ -117,14 +128,14 @@ def _parser() -> argparse.ArgumentParser:
             "reproduce",
             "run every experiment and regenerate paper_repro.md",
             "writes OUTDIR/paper_repro.md (paper_repro_full.md with --full), "
-            "OUTDIR/figures/ and OUTDIR/experiments/results/. " + RUNTIMES,
+            "OUTDIR/figures/ and OUTDIR/experiments/results/. " + runtime_help(),
         ),
         (
             "run",
             "run one experiment",
             "writes OUTDIR/figures/EXPERIMENT.png (+ .pdf) and "
             "OUTDIR/experiments/results/EXPERIMENT.json (EXPERIMENT_small.* for --full "
-            "transformer runs). " + RUNTIMES,
+            "transformer runs). " + runtime_help(),
         ),
     ):
         sub = commands.add_parser(name, help=help_text, description=help_text, epilog=epilog)
