@@ -5,6 +5,7 @@ file, the manifest included) and saves are SIGKILLed at fixed points and at
 timed moments in a child process; the old checkpoint must survive each kill.
 """
 
+import inspect
 import json
 import os
 import re
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from geomcollapse import checkpoint, curvature, landscapes, models
+from geomcollapse import checkpoint, curvature, landscapes, models, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 NAN, INF = float("nan"), float("inf")
@@ -274,20 +275,12 @@ def test_quadratic_landscape_names_its_non_finite_array():
 
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
-@pytest.mark.parametrize(
-    "name",
-    [
-        "n",
-        "d",
-        "top",
-        "tail_mass",
-        "epsilon",
-        "coupling",
-        "kappa",
-        "c_perp_norm",
-        "curvature_scale",
-    ],
-)
+def test_sweep_grid_keys_are_the_quadratic_makers_numeric_arguments():
+    params = inspect.signature(landscapes.make_quadratic_landscape).parameters
+    assert set(sweep.GRID_KEYS) == set(params) - {"key", "dtype"}
+
+
+@pytest.mark.parametrize("name", sweep.GRID_KEYS)  # = every numeric argument of the maker
 def test_make_quadratic_landscape_names_the_non_finite_argument(name, value):
     kwargs = {"n": 6, "d": 2, **QUADRATIC}
     if name == "kappa":
