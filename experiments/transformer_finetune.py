@@ -25,6 +25,16 @@ NAME = "transformer_finetune"
 FULL_FLAG = True
 
 
+def early_dense(steps: int, fine: int = 5, until: int = 50, coarse: int = 25) -> tuple[int, ...]:
+    """Evaluation steps every ``fine`` steps up to ``until``, then every ``coarse``, to ``steps``.
+
+    ``Δu`` starts as a high power of the training time, so the early steps are
+    where its shape is decided: evaluate them densely.
+    """
+    early = range(fine, min(until, steps) + 1, fine)
+    return (*early, *range(until + coarse, steps + 1, coarse))
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Frozen experiment configuration."""
@@ -33,17 +43,19 @@ class Config:
     tasks: tuple[str, ...] = tuple(tasks.BENIGN_TASKS)
     methods: tuple[str, ...] = ("full", "lora")
     finetune: pipeline.FinetuneConfig = dataclasses.field(  # its method is overridden
-        default_factory=pipeline.FinetuneConfig
+        default_factory=lambda: pipeline.FinetuneConfig(eval_steps=early_dense(300))
     )
     refusal_target: float = 0.95
     accuracy_target: float = 0.90
 
 
-QUICK = Config(size="tiny", finetune=pipeline.FinetuneConfig(steps=150, eval_every=50))
+QUICK = Config(
+    size="tiny", finetune=pipeline.FinetuneConfig(steps=150, eval_steps=early_dense(150))
+)
 TINY = Config(
     size="tiny-fast",
     tasks=("shift", "always_answer"),
-    finetune=pipeline.FinetuneConfig(steps=20, eval_every=10),
+    finetune=pipeline.FinetuneConfig(steps=20, eval_steps=early_dense(20)),
 )
 
 

@@ -20,6 +20,8 @@ config gives the same model, bit for bit, on the same machine.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -205,6 +207,8 @@ class FinetuneConfig:
     batch_size: int = 64
     num_examples: int = 4000
     eval_every: int = 25
+    # explicit evaluation steps (strictly increasing, in [1, steps]); empty: every eval_every
+    eval_steps: tuple[int, ...] = ()
     lora_rank: int = 4
     lora_alpha: float = 8.0
     seed: int = 1
@@ -216,6 +220,21 @@ class FinetuneConfig:
             positive_int(getattr(self, name), name)
         positive_float(self.lr, "lr")
         positive_float(self.lora_alpha, "lora_alpha")
+        given = [positive_int(k, "eval_steps") for k in self.eval_steps]
+        if any(b <= a for a, b in itertools.pairwise(given)) or any(k > self.steps for k in given):
+            raise ValueError(
+                f"eval_steps must increase strictly within [1, steps={self.steps}], "
+                f"got {self.eval_steps}"
+            )
+
+    def schedule(self) -> tuple[int, ...]:
+        """The steps after which metrics are taken (besides step 0); the last is ``steps``.
+
+        ``eval_steps`` (plus ``steps``) when given, else every ``eval_every`` steps.
+        """
+        if self.eval_steps:
+            return tuple(sorted({*self.eval_steps, self.steps}))
+        return (*range(self.eval_every, self.steps, self.eval_every), self.steps)
 
 
 class FinetuneRun(NamedTuple):
@@ -246,7 +265,12 @@ def finetune(
     *,
     progress: bool = True,
 ) -> FinetuneRun:
-    """Fine-tune ``θ*`` on the benign task ``task``; record metrics every ``eval_every`` steps."""
+    """Fine-tune ``θ*`` on the benign task ``task``; record metrics at ``config.schedule()``.
+
+    Training runs in compiled chunks of the gcd of the gaps between evaluation
+    steps; the minibatch order depends only on the key, so the trajectory is
+    the same whatever the schedule.
+    """
     if task not in tasks.BENIGN_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(tasks.BENIGN_TASKS)}")
     key = jax.random.fold_in(jax.random.key(config.seed), sorted(tasks.BENIGN_TASKS).index(task))
@@ -273,9 +297,12 @@ def finetune(
     steps, metrics = [], []
     evaluate = training.evaluator(logits)
 
+    schedule = config.schedule()
+
     def measure(step, p):
-        steps.append(step)
-        metrics.append(evaluate(to_full(p), harm, task_eval))
+        if step == 0 or step in schedule:
+            steps.append(step)
+            metrics.append(evaluate(to_full(p), harm, task_eval))
 
     measure(0, start)
     final, losses = training.train(
@@ -286,7 +313,7 @@ def finetune(
         num_steps=config.steps,
         batch_size=config.batch_size,
         key=k_order,
-        chunk=config.eval_every,
+        chunk=math.gcd(*np.diff((0, *schedule)).tolist()),
         progress=progress,
         desc=f"fine-tune {task} ({config.method})",
         callback=measure,

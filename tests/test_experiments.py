@@ -108,6 +108,9 @@ def test_transformer_numbers(tiny_run):
         )
     finetune = json.loads((out / "experiments/results/transformer_finetune.json").read_text())
     assert finetune["aligned_metrics"]["harmfulness"] <= 0.05
+    # dense early evaluation: every 5 steps of the 20
+    for curve in finetune["curves"]["full"].values():
+        assert curve["steps"] == [0, 5, 10, 15, 20]
 
 
 def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):

@@ -134,6 +134,14 @@ def test_finetuning_is_deterministic_and_lora_moves_only_adapted_weights(aligned
     np.testing.assert_array_equal(ravel_pytree(a.params)[0], ravel_pytree(b.params)[0])
     assert list(a.steps) == [0, 8, 16] and a.harmfulness[0] == aligned.metrics.harmfulness
     assert a.skill_loss[-1] > a.skill_loss[0]  # compliance training raises the refusal NLL
+    # an evaluation schedule changes when metrics are taken, not the trajectory
+    dense = pipeline.finetune(
+        aligned, "always_answer", dataclasses.replace(cfg, eval_steps=(2, 4, 8, 12)), progress=False
+    )
+    assert list(dense.steps) == [0, 2, 4, 8, 12, 16]
+    np.testing.assert_allclose(dense.losses, a.losses, rtol=1e-6)
+    for field in ("skill_loss", "harmfulness", "accuracy"):
+        np.testing.assert_allclose(getattr(dense, field)[[0, 3, 5]], getattr(a, field), rtol=1e-5)
     lora = pipeline.finetune(
         aligned, "always_answer", dataclasses.replace(cfg, method="lora"), progress=False
     )
@@ -155,6 +163,9 @@ def test_bad_pipeline_inputs_raise(aligned):
         pipeline.finetune(aligned, "poetry", progress=False)
     with pytest.raises(ValueError, match="method"):
         pipeline.FinetuneConfig(method="adapter")
+    for bad in ((10, 5), (5, 5), (0, 5), (5, 400)):
+        with pytest.raises(ValueError, match="eval_steps"):
+            pipeline.FinetuneConfig(eval_steps=bad)
     with pytest.raises(ValueError, match="unknown transformer size"):
         pipeline.AlignmentConfig(size="huge")
     with pytest.raises(ValueError, match="context"):
