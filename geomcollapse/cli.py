@@ -32,15 +32,15 @@ import jax
 # 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
 # about 1-2 minutes), from the stage lines of `make reproduce`.
 QUICK_RUNTIME_S = {
-    "spectrum_mlp": 35,
-    "quartic_quadratic": 4,
+    "spectrum_mlp": 24,
+    "quartic_quadratic": 5,
     "crossover": 4,
-    "aic_phase": 4,
-    "logistic_onset": 15,
+    "aic_phase": 5,
+    "logistic_onset": 13,
     "gd_vs_flow": 3,
-    "transformer_finetune": 76,
-    "transformer_fisher": 40,
-    "transformer_onset": 114,
+    "transformer_finetune": 55,
+    "transformer_fisher": 57,
+    "transformer_onset": 115,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
