@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -152,10 +153,18 @@ def config_from_args(name: str, full, quick, args: argparse.Namespace) -> tuple[
 
 
 def run_from_args(name: str, main: Callable, full, quick, args: argparse.Namespace) -> list[Claim]:
-    """Run one experiment as its parsed ``args`` say; return its claims."""
+    """Run one experiment as its parsed ``args`` say; return its claims.
+
+    Prints a start and an end line (with the wall time), as the main job does
+    for each experiment, so an unwatched run says where it is.
+    """
     config, command = config_from_args(name, full, quick, args)
     outdir = args.outdir if args.outdir is not None else default_outdir()
-    return main(config, outdir, command=command)["claims"]
+    print(f"== {name} ==", flush=True)
+    start = time.perf_counter()
+    claims = main(config, outdir, command=command)["claims"]
+    print(f"== {name}: {time.perf_counter() - start:.0f} s ==", flush=True)
+    return claims
 
 
 def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:

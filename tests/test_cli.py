@@ -32,6 +32,7 @@ def test_run_writes_into_outdir_from_any_working_directory(tmp_path):
     proc = _run("run", "gd_vs_flow", "--quick", "--outdir", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "[reproduced]" in proc.stdout
+    assert "== gd_vs_flow ==" in proc.stdout and "== gd_vs_flow: " in proc.stdout  # stage lines
     assert (out / "figures" / "gd_vs_flow.png").is_file()
     assert (out / "experiments" / "results" / "gd_vs_flow.json").is_file()
 
