@@ -65,12 +65,19 @@ def require_x64(name: str) -> None:
 
 
 GPU_SIZES = ("small",)  # configs a ``--full`` run selects
+TAGS = ("all_tasks", "tasks")  # a config's ``tag``: a --tasks run beside the main files
 
 
 def result_name(name: str, config) -> str:
-    """``name``, or ``<name>_<size>`` for a GPU-sized config (see :func:`finish`)."""
+    """``name``, ``<name>_<size>`` for a GPU-sized config (see :func:`finish`), then ``_<tag>``.
+
+    A config's ``tag`` (set by :func:`config_from_args` for a ``--tasks`` run
+    whose tasks differ from the config's) keeps that run beside the main files.
+    """
     size = getattr(config, "size", None)
-    return f"{name}_{size}" if size in GPU_SIZES else name
+    stem = f"{name}_{size}" if size in GPU_SIZES else name
+    tag = getattr(config, "tag", "")
+    return f"{stem}_{tag}" if tag else stem
 
 
 def finish(
@@ -140,14 +147,20 @@ def add_run_arguments(parser: argparse.ArgumentParser, *, tasks_option: bool) ->
         "of this checkout, else the working directory)",
     )
     if tasks_option:
-        parser.add_argument("--tasks", help="comma-separated benign tasks (default: the config's)")
+        parser.add_argument(
+            "--tasks", help="comma-separated benign tasks, or all (default: the config's)"
+        )
 
 
 def config_from_args(name: str, full, quick, args: argparse.Namespace) -> tuple[object, str]:
     """The config and the command line that ``args`` select; ``ValueError`` for bad ``--tasks``."""
     config, flag = (full, " --full") if args.full else (quick, " --quick")
     if getattr(args, "tasks", None):
-        config = dataclasses.replace(config, tasks=task_subset(args.tasks))
+        chosen = task_subset(args.tasks)
+        if "tag" in {f.name for f in dataclasses.fields(config)} and chosen != config.tasks:
+            tag = "all_tasks" if set(chosen) == set(tasks.BENIGN_TASKS) else "tasks"
+            config = dataclasses.replace(config, tag=tag)
+        config = dataclasses.replace(config, tasks=chosen)
         flag += f" --tasks {args.tasks}"
     return config, f"python -m experiments.{name}{flag}"
 
@@ -190,7 +203,9 @@ def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = F
 
 
 def task_subset(text: str) -> tuple[str, ...]:
-    """``'a,b'`` → ``('a', 'b')``, each a benign task; ``ValueError`` names any other."""
+    """``'a,b'`` → ``('a', 'b')``, each a benign task (``'all'``: all six); ``ValueError`` else."""
+    if text.strip() == "all":
+        return tuple(tasks.BENIGN_TASKS)
     names = tuple(t.strip() for t in text.split(",") if t.strip())
     unknown = [t for t in names if t not in tasks.BENIGN_TASKS]
     if not names or unknown:

@@ -16,18 +16,24 @@ import json
 from pathlib import Path
 
 from experiments import reproduce
-from experiments._common import GPU_SIZES, ROOT
+from experiments._common import GPU_SIZES, ROOT, TAGS
 
 MODULES = {module.NAME: module for module in reproduce.EXPERIMENTS}
 
 
 def module_for(stem: str):
-    """The experiment module of results file ``<stem>.json`` (``<name>`` or ``<name>_<size>``)."""
-    if stem in MODULES:
-        return MODULES[stem]
-    name, _, size = stem.rpartition("_")
-    if size in GPU_SIZES and name in MODULES:
-        return MODULES[name]
+    """The experiment module of results file ``<stem>.json``.
+
+    ``<name>``, ``<name>_<size>`` or either with ``_<tag>`` (a config's ``tag``,
+    one of ``TAGS``); ``None`` for any other stem.
+    """
+    bases = [stem] + [stem[: -len(t) - 1] for t in TAGS if stem.endswith(f"_{t}")]
+    for base in bases:
+        if base in MODULES:
+            return MODULES[base]
+        name, _, size = base.rpartition("_")
+        if size in GPU_SIZES and name in MODULES:
+            return MODULES[name]
     return None
 
 

@@ -45,7 +45,7 @@ class Config:
 
     size: str = "small"  # a key of experiments._transformer.ALIGNMENT
     tasks: tuple[str, ...] = tuple(tasks.BENIGN_TASKS)
-    d: int = 10
+    dims: tuple[int, ...] = (10, 50)  # dim M; the first is the figure's and the onset rows' d
     num_prompts: int = 128  # harmful prompts defining F and u
     task_examples: int = 64  # the fine-tuning loss is full-batch over these
     t_min: float = 1e-5
@@ -59,15 +59,20 @@ class Config:
     cubic_tolerance: float = 0.05  # r/‖x‖³ vs ⅙∇³u[x̂,x̂,x̂] at the smallest t
     forecast_tolerance: float = 0.01  # order-4 Taylor forecast / Δu at the smallest times
     forecast_times: int = 3  # how many of the smallest times the forecast is checked at
+    # with Pg removed: KL Δu on the tail's floor ½qt², and the crossover to the M-part
+    floor_tolerance: float = 0.02  # Δu / (½qt²) at t_min
+    crossover_tolerance: float = 0.2  # measured / predicted crossover 2q^{1/2}/γ̃, in the window
     stationarity_tolerance: float = 1e-10  # ‖∇u(θ*)‖ of the KL skill loss
     hessian_fisher_tolerance: float = 1e-8  # ‖∇²u v − F v‖/‖F v‖ on a random probe
     seed: int = 0
+    tag: str = ""  # results as transformer_onset[_small]_<tag>.json (set by --tasks)
 
 
 QUICK = Config(size="tiny", tasks=("lookalike", "shift"))
 TINY = Config(
     size="tiny-fast",
     tasks=("lookalike",),
+    dims=(10, 20),
     num_prompts=32,
     task_examples=16,
     t_min=1e-6,
@@ -194,18 +199,18 @@ class _Setup(NamedTuple):
     loss: Callable  # L̃(θ, tokens, targets, mask, corr)
     hvp: Callable
     skill_change: Callable  # displacements → Δu of the REFUSE NLL (flow.skill_change)
-    projected_loss: Callable  # displacements → ½‖F^{1/2}Px‖²
+    projected_loss: Callable  # (subspace, displacements) → ½‖F^{1/2}Px‖²
     grad_u: np.ndarray  # ∇u(θ*) of the REFUSE NLL, raveled
     kl: _KL  # the KL skill loss, the theory rows' u
 
 
 def _setup(config: Config, outdir: Path, k_prompts, k_eig) -> _Setup:
-    """The skill Fisher's top-``d`` at ``θ*``, ``∇u(θ*)`` and the jitted measurements."""
+    """The skill Fisher's top ``max(dims)`` at ``θ*``, ``∇u(θ*)`` and the jitted measurements."""
     sf = skill_fisher(
         config.size,
         outdir,
         num_prompts=config.num_prompts,
-        k=config.d,
+        k=max(config.dims),
         prompt_key=k_prompts,
         lanczos_key=k_eig,
         tol=1e-8,
@@ -214,63 +219,118 @@ def _setup(config: Config, outdir: Path, k_prompts, k_eig) -> _Setup:
     u = training.skill_loss(sf.logits)
     # Δu = u(θ* + x) − u(θ*) by the cancellation-free line integral (flow.skill_change)
     skill_change = jax.jit(
-        lambda xs: flow.skill_change(u, params, xs, args=(short.tokens, short.answer_start))
+        lambda xs: flow.skill_change(
+            u, params, xs, args=(short.tokens, short.answer_start), nodes=4
+        )
     )
     grad_u = np.asarray(
         ravel_pytree(jax.jit(jax.grad(u))(params, short.tokens, short.answer_start))[0]
     )
     loss = _loss_with_correction(sf.logits)
+    # the subspace is an argument, not a closure constant: one compile for every d
+    projected = jax.jit(jax.vmap(lambda sub, x: sub.projected_loss(x), in_axes=(None, 0)))
     return _Setup(
         sf,
         loss,
         curvature.hessian_vp(training.sequence_loss(sf.logits)),
         skill_change,
-        jax.jit(jax.vmap(sf.subspace.projected_loss)),
+        lambda sub, xs: np.asarray(projected(sub, xs), np.float64),
         grad_u,
         _kl(sf, loss, jax.random.fold_in(k_eig, 1)),
     )
 
 
-def _reports(s: _Setup, data, key) -> tuple:
-    """``P g(θ*)``, the AIC reports of the raw and corrected losses, and ``‖H‖`` at ``θ*``."""
-    params, sf = s.sf.params, s.sf
-    zero = jax.tree.map(jnp.zeros_like, params)
-    g, Hg = aic.gradient_and_hg(s.loss, params, (*data, zero))
-    g = np.asarray(g, np.float64)
-    corr = sf.subspace.project(ravel_pytree(params)[1](jnp.asarray(g)))  # P g(θ*)
-    g_t, Hg_t = aic.gradient_and_hg(s.loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
-    tail_mass = sf.trace - sf.values.sum()
-    raw = theory.aic_report(sf.subspace, g, np.asarray(Hg), tail_mass=tail_mass)
-    ortho = theory.aic_report(sf.subspace, np.asarray(g_t), np.asarray(Hg_t), tail_mass=tail_mass)
-    top = linalg.top_eigenpairs(
-        jax.jit(lambda v: s.hvp(params, v, *data)), params, 1, key=key, tol=1e-3, which="magnitude"
+class _Path(NamedTuple):
+    """One flow from ``θ*`` and what is measured along it, independent of ``d``.
+
+    ``kl_delta_u``, ``kl_quad`` (``xᵀFx``), ``cubic`` (``⅙∇³u(θ*)[x̂,x̂,x̂]``)
+    and ``forecast`` (order-4 coefficients) are of the KL skill loss;
+    ``nll_delta_u`` and ``first_order`` (``∇u(θ*)ᵀx``) of the REFUSE NLL, measured
+    only where the behavioural row reads them (``None`` elsewhere).
+    """
+
+    displacement: object
+    norm: np.ndarray
+    kl_delta_u: np.ndarray
+    kl_quad: np.ndarray
+    cubic: np.ndarray
+    forecast: np.ndarray
+    nll_delta_u: np.ndarray | None
+    first_order: np.ndarray | None
+
+
+def _path(s: _Setup, config: Config, ts, data, corr, behavioural: bool) -> _Path:
+    """The float64 flow of ``L̃`` (correction ``corr``) from ``θ*`` and its d-free measurements.
+
+    ``behavioural``: also ``Δu`` of the REFUSE NLL and ``∇u(θ*)ᵀx``.
+    """
+    x = flow.ode_flow(
+        s.loss, s.sf.params, ts, args=(*data, corr), rtol=config.rtol, progress=True
+    ).displacement
+
+    def f64(a):
+        return np.asarray(a, np.float64)
+
+    return _Path(
+        x,
+        np.linalg.norm(rows(x), axis=1),
+        f64(s.kl.change(x)),
+        f64(s.kl.quad(x)),
+        f64(s.kl.cubic(x)) / 6,
+        f64(s.kl.forecast((*data, corr))),
+        f64(s.skill_change(x).delta_u) if behavioural else None,
+        rows(x) @ s.grad_u if behavioural else None,
     )
-    return zero, corr, raw, ortho, float(np.abs(top.values[0]))
 
 
-def _thm61(s: _Setup, ts, path: flow.Flow, projected, task_args, radius) -> dict:
+def _reports(s: _Setup, data, g, d: int) -> tuple:
+    """``M``, ``P g(θ*)``, the AIC reports raw and corrected, and ``q = g̃ᵀ(I−P)F(I−P)g̃``.
+
+    ``q`` (the tail's quadratic, ``g̃ = (I−P)g``) sets the corrected report's
+    ``tail_crossover_time``.
+    """
+    params, sf = s.sf.params, s.sf
+    sub = sf.subspace.leading(d)
+    unravel = ravel_pytree(params)[1]
+    corr = sub.project(unravel(jnp.asarray(g)))  # P g(θ*)
+    g_t, Hg_t = aic.gradient_and_hg(s.loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
+    _, Hg = aic.gradient_and_hg(s.loss, params, (*data, jax.tree.map(jnp.zeros_like, params)))
+    tail_mass = sf.trace - sf.values[:d].sum()
+
+    def report(grad, hg):
+        q = aic.tail_quadratic(_flat_fvp(sf, unravel), sf.basis[:d], grad, jnp.float64)
+        return theory.aic_report(
+            sub, grad, np.asarray(hg), tail_mass=tail_mass, tail_quadratic=q
+        ), q
+
+    raw, _ = report(g, Hg)
+    ortho, q = report(np.asarray(g_t, np.float64), Hg_t)
+    return sub, corr, raw, ortho, q
+
+
+def _flat_fvp(sf: SkillFisher, unravel) -> Callable:
+    """``v ↦ F v`` on raveled vectors."""
+    return lambda v: ravel_pytree(sf.fvp(unravel(v)))[0]
+
+
+def _thm61(ts, p: _Path, projected, radius) -> dict:
     """Thm 6.1 on the KL ``Δu`` along one flow: remainder, cubic term, bound, Taylor forecast.
 
-    ``r = Δu − ½xᵀFx`` against ``‖x‖³`` (fitted in the times ``≤ radius``,
-    inside the series radius) and against ``⅙∇³u(θ*)[x̂,x̂,x̂]``; the lower bound
-    ``Δu ≥ ½‖F^{1/2}Px‖² − C‖x‖³``, ``C = max_t |⅙∇³u[x̂,x̂,x̂]|``; and the order-4
-    forecast ``series.delta_u_series`` against the realised ``Δu``.
+    ``r = Δu − ½xᵀFx`` against ``‖x‖³`` (fitted in the local window ``t ≤
+    radius``) and against ``⅙∇³u(θ*)[x̂,x̂,x̂]``; the lower bound
+    ``Δu ≥ ½‖F^{1/2}Px‖² − C‖x‖³``, ``C = max_t |⅙∇³u[x̂,x̂,x̂]|`` (violations
+    counted in the local window and beyond it); the order-4 forecast against ``Δu``.
     """
-    kl, x = s.kl, path.displacement
-    delta_u = np.asarray(kl.change(x), np.float64)
-    remainder = delta_u - 0.5 * np.asarray(kl.quad(x), np.float64)
-    norm = np.linalg.norm(rows(x), axis=1)
-    cubic = np.asarray(kl.cubic(x), np.float64) / 6  # ⅙∇³u(θ*)[x̂,x̂,x̂]
-    scaled = remainder / norm**3
+    delta_u, norm, cubic = p.kl_delta_u, p.norm, p.cubic
+    remainder = delta_u - 0.5 * p.kl_quad
     bound = projected - np.max(np.abs(cubic)) * norm**3
-    coeffs = np.asarray(kl.forecast(task_args), np.float64)
-    ratio = np.polynomial.polynomial.polyval(ts, coeffs) / delta_u
     inside = ts <= radius
     fit = (
         theory.fit_exponent(norm, np.abs(remainder), (norm[0], norm[inside][-1])).exponent
         if inside.sum() >= 3 and np.all(remainder[inside] != 0)
         else float("nan")
     )
+    violated = delta_u < bound
     return {
         "delta_u": delta_u.tolist(),
         "remainder": remainder.tolist(),
@@ -279,33 +339,34 @@ def _thm61(s: _Setup, ts, path: flow.Flow, projected, task_args, radius) -> dict
         "remainder_sign_changes": int(np.sum(np.diff(np.sign(remainder[inside])) != 0)),
         # x̂ turns along the flow, so the cubic "constant" of r ≈ ⅙∇³u[x̂,x̂,x̂]‖x‖³ moves too
         "cubic_drift_in_window": float(cubic[inside][-1] / cubic[0]),
-        "remainder_over_cubic": (scaled / cubic).tolist(),
+        "remainder_over_cubic": (remainder / norm**3 / cubic).tolist(),
         "cubic_term": cubic.tolist(),
-        "bound_violations": int(np.sum(delta_u < bound)),
-        "bound_violation_times": ts[delta_u < bound].tolist(),
-        "bound_min_margin": float(np.min((delta_u - bound) / np.abs(delta_u))),
-        "forecast_ratio": ratio.tolist(),
+        "bound_violations": int(np.sum(violated & inside)),
+        "bound_violations_beyond_window": int(np.sum(violated & ~inside)),
+        "bound_violation_times": ts[violated].tolist(),
+        "bound_min_margin": float(np.min((delta_u - bound)[inside] / np.abs(delta_u[inside]))),
+        "forecast_ratio": (np.polynomial.polynomial.polyval(ts, p.forecast) / delta_u).tolist(),
     }
 
 
-def _variant(s: _Setup, config: Config, ts, data, corr, window, radius) -> dict:
-    """One flow from ``θ*`` (correction ``corr``): projected loss, Δu and their onset fits."""
-    path = flow.ode_flow(
-        s.loss, s.sf.params, ts, args=(*data, corr), rtol=config.rtol, progress=True
-    )
-    projected = np.asarray(s.projected_loss(path.displacement), np.float64)
-    kl = _thm61(s, ts, path, projected, (*data, corr), radius)
-    delta_u = np.asarray(s.skill_change(path.displacement).delta_u, np.float64)
-    first_order = rows(path.displacement) @ s.grad_u  # ∇u(θ*)ᵀx
+def _variant(s: _Setup, sub, ts, p: _Path, window, radius) -> dict:
+    """One flow's numbers against ``M`` of dimension ``d``: projected loss, Δu and their fits."""
+    projected = s.projected_loss(sub, p.displacement)
     entry = {
         "window": list(window),
         "projected": projected.tolist(),
-        "delta_u": delta_u.tolist(),
-        "first_order_delta_u": first_order.tolist(),
         "projected_exponent": theory.fit_exponent(ts, projected, window).exponent,
         "local_slope_projected": theory.local_slope(ts, projected).tolist(),
-        "kl": kl,
+        "kl": _thm61(ts, p, projected, radius),
     }
+    if p.nll_delta_u is not None:
+        entry.update(_behavioural(ts, p.nll_delta_u, p.first_order, window))
+    return entry
+
+
+def _behavioural(ts, delta_u, first_order, window) -> dict:
+    """``Δu`` of the REFUSE NLL against its first-order term ``∇u(θ*)ᵀx``, in ``window``."""
+    entry = {"delta_u": delta_u.tolist(), "first_order_delta_u": first_order.tolist()}
     in_window = (ts >= window[0]) & (ts <= window[1])
     # Relative to the window's largest |Δu|, not pointwise: Δu can cross
     # zero inside a window, where a pointwise ratio blows up.
@@ -321,48 +382,116 @@ def _variant(s: _Setup, config: Config, ts, data, corr, window, radius) -> dict:
     return entry
 
 
-def _task(s: _Setup, config: Config, grid, task: str, k_task, k_norm) -> dict:
-    """Both flows (raw and with ``P g(θ*)`` removed) of one benign task's loss."""
+def _tail_to_m(ts, o: dict, report, q: float, radius) -> dict:
+    """With ``Pg = 0``: KL ``Δu`` starts on the tail's floor ``½t²q``, ``q = gᵀ(I−P)F(I−P)g``.
+
+    Its M-part ``½‖F^{1/2}Px‖²`` (``≈ ⅛γ̃²t⁴``) overtakes the rest ``Δu − M``
+    at the measured crossover; predicted ``2q^{1/2}/γ̃`` (``tail_crossover_time``).
+    """
+    delta_u, m_part = np.asarray(o["kl"]["delta_u"]), np.asarray(o["projected"])
+    rest = delta_u - m_part
+    ok = np.cumprod((rest > 0) & (m_part > 0)).astype(bool)  # the prefix where both are > 0
+    measured = theory.first_crossing(ts[ok], m_part[ok], rest[ok]) if ok.sum() >= 2 else np.nan
+    return {
+        "floor_ratio": float(delta_u[0] / (0.5 * q * ts[0] ** 2)),
+        "tail_quadratic": float(q),
+        "crossover_measured": float(measured),
+        "crossover_predicted": float(report.tail_crossover_time),
+        "crossover_in_window": bool(np.isfinite(measured) and measured <= radius),
+    }
+
+
+class _TaskSetup(NamedTuple):
+    """One benign task at ``θ*``: its data, ``‖H‖`` and, per ``d``, ``M``, ``P g`` and reports."""
+
+    data: tuple
+    H_norm: float
+    reports: dict  # d -> (subspace, P g(θ*), raw report, corrected report, q)
+    windows: dict  # d -> {"orthogonalized": (lo, hi), "raw": (lo, hi)}
+
+
+def _task_setup(s: _Setup, config: Config, task: str, k_task, k_norm) -> _TaskSetup:
+    """The task's batch, ``‖H‖`` (Lanczos), the AIC reports for every ``d`` and the fit windows."""
     batch = tasks.benign_task(k_task, task, config.task_examples)
     data = (jnp.asarray(batch.tokens), jnp.asarray(batch.targets), jnp.asarray(batch.mask))
-    zero, corr, raw, ortho, H_norm = _reports(s, data, k_norm)
-    variants = (("orthogonalized", corr, ortho, "quartic"), ("raw", zero, raw, "quadratic"))
+    params = s.sf.params
+    zero = jax.tree.map(jnp.zeros_like, params)
+    g = np.asarray(aic.gradient_and_hg(s.loss, params, (*data, zero))[0], np.float64)
+    top = linalg.top_eigenpairs(
+        jax.jit(lambda v: s.hvp(params, v, *data)),
+        params,
+        1,
+        key=k_norm,
+        tol=1e-3,
+        which="magnitude",
+    )
+    H_norm = float(np.abs(top.values[0]))
+    reports = {d: _reports(s, data, g, d) for d in config.dims}
     windows = {
-        name: theory.onset_window(report, H_norm, t_min=config.t_min, regime=regime)
-        for name, _, report, regime in variants
+        d: {
+            "orthogonalized": theory.onset_window(ortho, H_norm, t_min=config.t_min),
+            "raw": theory.onset_window(raw, H_norm, t_min=config.t_min, regime="quadratic"),
+        }
+        for d, (_, _, raw, ortho, _) in reports.items()
     }
-    ts = times_for_windows(grid, windows.values())
-    out = {
-        "report_raw": raw._asdict(),
-        "report_orthogonalized": ortho._asdict(),
-        "H_norm": H_norm,
-        "times": ts.tolist(),
-    }
-    for name, c, _, _ in variants:
-        out[name] = _variant(s, config, ts, data, c, windows[name], windows["orthogonalized"][1])
-    o = out["orthogonalized"]
-    o["coefficient_ratio"] = float(o["projected"][0] / (ortho.quartic_coefficient * ts[0] ** 4))
+    return _TaskSetup(data, H_norm, reports, windows)
+
+
+def _task(s: _Setup, config: Config, ts, t: _TaskSetup) -> dict:
+    """The raw flow and, per ``d``, the flow with ``P g(θ*)`` removed, of one benign task's loss.
+
+    The REFUSE NLL (behavioural row) is measured on the raw flow and the first
+    ``d``'s corrected one.
+    """
+    first = config.dims[0]
+    radius = 0.1 / t.H_norm  # the local window [t_min, 1/(10‖H‖)]
+    zero = jax.tree.map(jnp.zeros_like, s.sf.params)
+    raw_path = _path(s, config, ts, t.data, zero, behavioural=True)
+    out = {"H_norm": t.H_norm, "times": ts.tolist(), "local_window": [config.t_min, radius]}
+    for d, (sub, corr, raw, ortho, q) in t.reports.items():
+        path = _path(s, config, ts, t.data, corr, behavioural=d == first)
+        o = _variant(s, sub, ts, path, t.windows[d]["orthogonalized"], radius)
+        o["coefficient_ratio"] = float(o["projected"][0] / (ortho.quartic_coefficient * ts[0] ** 4))
+        o.update(_tail_to_m(ts, o, ortho, q, radius))
+        raw_path_d = raw_path if d == first else raw_path._replace(nll_delta_u=None)
+        out[f"d{d}"] = {
+            "report_raw": raw._asdict(),
+            "report_orthogonalized": ortho._asdict(),
+            "raw": _variant(s, sub, ts, raw_path_d, t.windows[d]["raw"], radius),
+            "orthogonalized": o,
+        }
     return out
 
 
 def compute(config: Config, outdir: Path) -> dict:
-    """Both flows of every task from ``θ*`` and what they measure; the results payload."""
+    """Both flows of every task from ``θ*`` and what they measure; the results payload.
+
+    Every task's flows share one time grid (the grid plus extra times in every
+    thinly sampled window of every task), so the flow and its measurements compile once.
+    """
     k_prompts, k_eig, k_tasks, k_norm = jax.random.split(jax.random.key(config.seed + 2000), 4)
     s = _setup(config, outdir, k_prompts, k_eig)
     grid = np.logspace(np.log10(config.t_min), np.log10(config.t_max), config.num_times)
-    results = {
-        task: _task(
-            s, config, grid, task, jax.random.fold_in(k_tasks, i), jax.random.fold_in(k_norm, i)
+    setups = {
+        task: _task_setup(
+            s, config, task, jax.random.fold_in(k_tasks, i), jax.random.fold_in(k_norm, i)
         )
         for i, task in enumerate(config.tasks)
     }
+    windows = [w for t in setups.values() for by in t.windows.values() for w in by.values()]
+    ts = times_for_windows(grid, windows)
+    results = {task: _task(s, config, ts, t) for task, t in setups.items()}
     grad_u_norm = float(np.linalg.norm(s.grad_u))
     return {
         "times": grid.tolist(),
+        "dims": list(config.dims),
         "eigenvalues": s.sf.values.tolist(),
         "trace": s.sf.trace,
         "grad_u_norm": grad_u_norm,
-        "grad_u_fraction_in_M": float(np.linalg.norm(s.sf.basis @ s.grad_u) / grad_u_norm),
+        "grad_u_fraction_in_M": {
+            str(d): float(np.linalg.norm(s.sf.basis[:d] @ s.grad_u) / grad_u_norm)
+            for d in config.dims
+        },
         "kl_grad_u_norm": s.kl.grad_norm,
         "kl_hessian_fisher_gap": s.kl.hessian_fisher_gap,
         "tasks": results,
@@ -377,26 +506,43 @@ def _spans(windows: dict) -> str:
     return ", ".join(f"{t} [{w[0]:.0e}, {w[1]:.1e}]" for t, w in windows.items())
 
 
+def _by(results: dict, variant: str, fn, dims=None) -> dict:
+    """``fn(entry, task result)`` per task and ``d`` for one flow variant, keyed ``task d=…``."""
+    dims = results["dims"] if dims is None else dims
+    return {
+        f"{t} d={d}": fn(r[f"d{d}"][variant], r) for t, r in results["tasks"].items() for d in dims
+    }
+
+
+def _flows(results: dict, fn) -> dict:
+    """``fn(kl entry, task result)`` per distinct flow: each ``d``'s corrected one, and the raw one.
+
+    The raw flow does not depend on ``d``; its d-free numbers are shown once.
+    """
+    first = results["dims"][0]
+    out = {}
+    for t, r in results["tasks"].items():
+        for d in results["dims"]:
+            out[f"{t}/ortho d={d}"] = fn(r[f"d{d}"]["orthogonalized"]["kl"], r)
+        out[f"{t}/raw"] = fn(r[f"d{first}"]["raw"]["kl"], r)
+    return out
+
+
 def claims(results: dict, config: Config, command: str) -> list[Claim]:
     """Quartic onset and its coefficient with the correction, quadratic without; Δu reported."""
-    tol, by_task = config.exponent_tolerance, results["tasks"]
-    exp4 = {t: r["orthogonalized"]["projected_exponent"] for t, r in by_task.items()}
-    exp2 = {t: r["raw"]["projected_exponent"] for t, r in by_task.items()}
-    ratio = {t: r["orthogonalized"]["coefficient_ratio"] for t, r in by_task.items()}
-    variants = ("orthogonalized", "raw")
-    du_exp = {(t, v): r[v]["delta_u_exponent"] for t, r in by_task.items() for v in variants}
-    windows = {t: r["orthogonalized"]["window"] for t, r in by_task.items()}
-    windows_raw = {t: r["raw"]["window"] for t, r in by_task.items()}
-    first_order_err = max(
-        r[v]["first_order_max_rel_error"] for r in by_task.values() for v in variants
-    )
-
+    tol = config.exponent_tolerance
+    exp4 = _by(results, "orthogonalized", lambda o, r: o["projected_exponent"])
+    exp2 = _by(results, "raw", lambda o, r: o["projected_exponent"])
+    ratio = _by(results, "orthogonalized", lambda o, r: o["coefficient_ratio"])
+    windows = _by(results, "orthogonalized", lambda o, r: o["window"], results["dims"][:1])
+    windows_raw = _by(results, "raw", lambda o, r: o["window"])
     return [
         Claim(
             f"Cor. 6.3 on the {config.size} transformer: with P g(θ*) removed the projected "
             "alignment loss ½‖F^{1/2}P(θ(t)−θ*)‖² starts as t⁴",
             command,
-            f"exponent 4 ± {tol} (d = {config.d}; windows [t_min, 1/(10‖H‖)]: {_spans(windows)})",
+            f"exponent 4 ± {tol} (d ∈ {set(config.dims)}; windows [t_min, 1/(10‖H‖)]: "
+            f"{_spans(windows)})",
             _fmt(exp4),
             all(abs(v - 4) <= tol for v in exp4.values()),
         ),
@@ -416,33 +562,40 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
             _fmt(exp2),
             all(abs(v - 2) <= tol for v in exp2.values()),
         ),
-        Claim(
-            "Behavioural: Δu of the hard-target REFUSE NLL along the transformer flows "
-            "(θ* is not a stationary point of that u)",
-            command,
-            "reported: Δu ≈ ∇u(θ*)ᵀx + …, so a first-order term can hide the t⁴ onset",
-            f"‖∇u(θ*)‖ = {results['grad_u_norm']:.3g} "
-            f"(‖P∇u‖/‖∇u‖ = {results['grad_u_fraction_in_M']:.4f}); Δu = ∇u(θ*)ᵀx to "
-            f"within {first_order_err:.1%} of max |Δu| in each window; Δu exponent there: "
-            + ", ".join(
-                f"{t}/{'ortho' if v == 'orthogonalized' else 'raw'} "
-                + (f"{e:.2f}" if np.isfinite(e) else "n/a (Δu changes sign)")
-                for (t, v), e in du_exp.items()
-            ),
-            True,
-            labels=("measured", "measured"),
-        ),
+        _behavioural_claim(results, command),
         *_kl_claims(results, config, command),
     ]
 
 
-def _per_flow(by_task: dict, fn) -> dict:
-    """``fn(kl entry)`` for every task and flow, keyed ``task/ortho`` and ``task/raw``."""
-    return {
-        f"{t}/{'ortho' if v == 'orthogonalized' else 'raw'}": fn(r[v]["kl"], r)
-        for t, r in by_task.items()
+def _behavioural_claim(results: dict, command: str) -> Claim:
+    """``Δu`` of the hard-target REFUSE NLL: first-order at ``θ*`` (reported)."""
+    first = results["dims"][0]
+    entries = {
+        f"{t}/{'ortho' if v == 'orthogonalized' else 'raw'}": r[f"d{first}"][v]
+        for t, r in results["tasks"].items()
         for v in ("orthogonalized", "raw")
     }
+    first_order_err = max(e["first_order_max_rel_error"] for e in entries.values())
+    return Claim(
+        "Behavioural: Δu of the hard-target REFUSE NLL along the transformer flows "
+        "(θ* is not a stationary point of that u)",
+        command,
+        "reported: Δu ≈ ∇u(θ*)ᵀx + …, so a first-order term can hide the t⁴ onset",
+        f"‖∇u(θ*)‖ = {results['grad_u_norm']:.3g} (‖P∇u‖/‖∇u‖ = "
+        f"{results['grad_u_fraction_in_M'][str(first)]:.4f}, d = {first}); Δu = ∇u(θ*)ᵀx to "
+        f"within {first_order_err:.1%} of max |Δu| in each window; Δu exponent there: "
+        + ", ".join(
+            f"{k} "
+            + (
+                f"{e['delta_u_exponent']:.2f}"
+                if np.isfinite(e["delta_u_exponent"])
+                else "n/a (Δu changes sign)"
+            )
+            for k, e in entries.items()
+        ),
+        True,
+        labels=("measured", "measured"),
+    )
 
 
 def _stationarity_claim(results: dict, c: Config, command: str) -> Claim:
@@ -459,24 +612,68 @@ def _stationarity_claim(results: dict, c: Config, command: str) -> Claim:
     )
 
 
+def _bound_claim(results: dict, command: str) -> Claim:
+    """Thm 6.1's lower bound, violations counted in the local window (and beyond it, reported)."""
+    by = {}
+    for t, r in results["tasks"].items():
+        for d in results["dims"]:
+            for v, short in (("orthogonalized", "ortho"), ("raw", "raw")):
+                by[f"{t}/{short} d={d}"] = r[f"d{d}"][v]["kl"]
+    beyond = {k: e["bound_violations_beyond_window"] for k, e in by.items()}
+    return Claim(
+        "Thm 6.1, lower bound: Δu ≥ ½‖F^{1/2}Px‖² − C‖x‖³, C = max over the flow's "
+        "directions of |⅙∇³u(θ*)[x̂,x̂,x̂]|",
+        command,
+        "0 violations in the local window t ∈ [t_min, 1/(10‖H‖)]",
+        _fmt({k: e["bound_violations"] for k, e in by.items()}, "d")
+        + "; beyond the window (reported, up to t_max): "
+        + (_fmt({k: n for k, n in beyond.items() if n}, "d") or "none"),
+        all(e["bound_violations"] == 0 for e in by.values()),
+    )
+
+
+def _tail_claims(results: dict, c: Config, command: str) -> list[Claim]:
+    """With ``Pg = 0``, KL ``Δu`` on the tail's ``t²`` floor, then the crossover to the M-part."""
+    floor = _by(results, "orthogonalized", lambda o, r: o["floor_ratio"])
+    cross = _by(
+        results,
+        "orthogonalized",
+        lambda o, r: (o["crossover_measured"], o["crossover_predicted"], o["crossover_in_window"]),
+    )
+    inside = {k: m / p for k, (m, p, w) in cross.items() if w}
+    return [
+        Claim(
+            "With P g(θ*) removed, KL Δu itself starts as t²: the tail's floor ½t²gᵀ(I−P)F(I−P)g",
+            command,
+            f"Δu / (½qt²) = 1 ± {c.floor_tolerance} at t = {results['times'][0]:.0e}",
+            _fmt(floor),
+            all(abs(v - 1) <= c.floor_tolerance for v in floor.values()),
+        ),
+        Claim(
+            "With P g(θ*) removed, the M-part ½‖F^{1/2}Px‖² (t⁴) overtakes the rest of Δu at "
+            "2(gᵀ(I−P)F(I−P)g)^{1/2}/γ̃",
+            command,
+            f"where the crossover falls in the local window: measured / predicted = 1 ± "
+            f"{c.crossover_tolerance}",
+            "measured / predicted crossover: "
+            + ", ".join(
+                f"{k} {m:.2e}/{p:.2e}" + (" (in window)" if w else " (beyond window)")
+                for k, (m, p, w) in cross.items()
+            ),
+            bool(inside) and all(abs(q - 1) <= c.crossover_tolerance for q in inside.values()),
+            labels=("reproduced", "NOT reproduced") if inside else ("measured", "measured"),
+        ),
+    ]
+
+
 def _kl_claims(results: dict, config: Config, command: str) -> list[Claim]:
     """Thm 6.1 on ``Δu`` of the KL skill loss (θ* an exact minimum, ∇²u(θ*) = F)."""
-    by_task, c = results["tasks"], config
-    exps = _per_flow(by_task, lambda k, r: k["remainder_exponent"])
-    drift = _per_flow(by_task, lambda k, r: k["cubic_drift_in_window"])
-    cubic = _per_flow(by_task, lambda k, r: k["remainder_over_cubic"][0])
-    violations = _per_flow(
-        by_task,
-        lambda k, r: (
-            f"{k['bound_violations']}"
-            + "".join(
-                f" (t = {t:.1e}, 1/‖H‖ = {1 / r['H_norm']:.1e})"
-                for t in k["bound_violation_times"][:1]
-            )
-        ),
-    )
+    c = config
+    exps = _flows(results, lambda k, r: k["remainder_exponent"])
+    drift = _flows(results, lambda k, r: k["cubic_drift_in_window"])
+    cubic = _flows(results, lambda k, r: k["remainder_over_cubic"][0])
     n = c.forecast_times
-    forecast = _per_flow(by_task, lambda k, r: max(abs(q - 1) for q in k["forecast_ratio"][:n]))
+    forecast = _flows(results, lambda k, r: max(abs(q - 1) for q in k["forecast_ratio"][:n]))
     return [
         _stationarity_claim(results, config, command),
         Claim(
@@ -495,18 +692,8 @@ def _kl_claims(results: dict, config: Config, command: str) -> list[Claim]:
             _fmt(cubic),
             all(abs(q - 1) <= c.cubic_tolerance for q in cubic.values()),
         ),
-        Claim(
-            "Thm 6.1, lower bound: Δu ≥ ½‖F^{1/2}Px‖² − C‖x‖³, C = max over the flow's "
-            "directions of |⅙∇³u(θ*)[x̂,x̂,x̂]|",
-            command,
-            "0 violations at every saved time",
-            _fmt(violations, "s") + " (first violating time shown)",
-            all(
-                r[v]["kl"]["bound_violations"] == 0
-                for r in by_task.values()
-                for v in ("raw", "orthogonalized")
-            ),
-        ),
+        _bound_claim(results, command),
+        *_tail_claims(results, c, command),
         Claim(
             "§6 Taylor forecast of the KL Δu (series.delta_u_series, order 4) along the "
             "float64 flows",
@@ -518,22 +705,28 @@ def _kl_claims(results: dict, config: Config, command: str) -> list[Claim]:
     ]
 
 
-FIGURE_NEEDS = ("tasks",)
-TASKS_PER_ROW = 2  # 3 curves per task in panel (a): at most 6 per panel
+FIGURE_NEEDS = ("tasks", "dims")
+TASKS_PER_ROW = 2  # 3 curves per task in panels (a) and (c): at most 6 per panel
 VARIANTS = (
     ("-", r"$Pg(\theta^*)$ removed"),
     ("--", "raw"),
     (":", r"$\frac{1}{8}\tilde\gamma^2t^4$"),
 )
+KL_CURVES = (
+    ("-", r"KL $\Delta u$, $Pg$ removed"),
+    ("--", r"tail floor $\frac{1}{2}qt^2$"),
+    ("-.", r"M-part $\frac{1}{2}\|F^{1/2}Px\|^2$"),
+)
 
 
-def _onset_row(ax1, ax2, tasks_: list, first: int) -> None:
+def _onset_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
     """Panels (a) projected loss and (b) its local slope for up to ``TASKS_PER_ROW`` tasks."""
     for i, (_, r) in enumerate(tasks_, start=first):
         color = style.PALETTE[i % len(style.PALETTE)]
-        o, w = r["orthogonalized"], r["raw"]
+        by_d = r[f"d{d}"]
+        o, w = by_d["orthogonalized"], by_d["raw"]
         ts = np.asarray(r["times"])
-        quartic = r["report_orthogonalized"]["quartic_coefficient"] * ts**4
+        quartic = by_d["report_orthogonalized"]["quartic_coefficient"] * ts**4
         for ys, (ls, _) in zip((o["projected"], w["projected"], quartic), VARIANTS, strict=True):
             ax1.loglog(ts, ys, ls, color=color, lw=0.9 if ls == ":" else None)
         ax2.semilogx(ts, o["local_slope_projected"], "-", color=color)
@@ -544,23 +737,47 @@ def _onset_row(ax1, ax2, tasks_: list, first: int) -> None:
     ax2.set_ylabel(r"local slope $d\log(\cdot)/d\log t$")
 
 
+def _kl_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
+    """Panels (c) KL ``Δu`` with ``Pg`` removed, its ``t²`` floor and M-part; (d) cubic term."""
+    for i, (_, r) in enumerate(tasks_, start=first):
+        color = style.PALETTE[i % len(style.PALETTE)]
+        o = r[f"d{d}"]["orthogonalized"]
+        ts = np.asarray(r["times"])
+        floor = 0.5 * o["tail_quadratic"] * ts**2
+        for ys, (ls, _) in zip((o["kl"]["delta_u"], floor, o["projected"]), KL_CURVES, strict=True):
+            ax1.loglog(ts, ys, ls, color=color, lw=0.9 if ls != "-" else None)
+        if np.isfinite(o["crossover_predicted"]):
+            ax1.axvline(o["crossover_predicted"], color=color, lw=0.5, ls=":")
+        for v, ls in (("orthogonalized", "-"), ("raw", "--")):
+            ax2.semilogx(ts, r[f"d{d}"][v]["kl"]["remainder_over_cubic"], ls, color=color)
+        ax2.axvline(r["local_window"][1], color=color, lw=0.5, ls=":")
+    ax1.set_ylabel(r"KL $\Delta u$ and its parts")
+    ax2.axhline(1, color="gray", lw=0.5)
+    ax2.set_ylabel(r"$r / (\frac{1}{6}\nabla^3u[\hat x,\hat x,\hat x]\|x\|^3)$")
+
+
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """Projected loss of both flows per task against ⅛γ̃²t⁴, and its local log-log slope."""
+    """Per task: projected loss and slope (odd rows), KL ``Δu``'s parts and cubic term (even)."""
     items, config = list(results["tasks"].items()), results["config"]
+    d = results["dims"][0]
     chunks = range(0, len(items), TASKS_PER_ROW)
-    fig, axes = style.subplots(2, len(chunks), height=2.8 * len(chunks) + 0.5)
-    for (ax1, ax2), first in zip(axes, chunks, strict=True):
-        _onset_row(ax1, ax2, items[first : first + TASKS_PER_ROW], first)
+    fig, axes = style.subplots(2, 2 * len(chunks), height=2.6 * 2 * len(chunks) + 0.6)
+    for k, first in enumerate(chunks):
+        chunk = items[first : first + TASKS_PER_ROW]
+        _onset_row(*axes[2 * k], chunk, first, d)
+        _kl_row(*axes[2 * k + 1], chunk, first, d)
     for ax in axes[-1]:
         ax.set_xlabel(r"gradient-flow time $t$")
-    axes[0, 0].set_title(f"(a) {config['size']} transformer, $d = {config['d']}$", loc="left")
+    axes[0, 0].set_title(f"(a) {config['size']} transformer, $d = {d}$", loc="left")
     axes[0, 1].set_title("(b) onset exponent: 4 corrected, 2 raw", loc="left")
+    axes[1, 0].set_title(r"(c) KL $\Delta u$: $t^2$ floor, then $t^4$", loc="left")
+    axes[1, 1].set_title("(d) Thm 6.1 cubic term: 1 at small t", loc="left")
     handles = [
         Line2D([], [], color=style.PALETTE[i % len(style.PALETTE)], label=t.replace("_", " "))
         for i, (t, _) in enumerate(items)
-    ] + [Line2D([], [], color="gray", ls=ls, label=label) for ls, label in VARIANTS]
-    style.legend_below(fig, handles, [h.get_label() for h in handles], ncol=min(len(handles), 5))
+    ] + [Line2D([], [], color="gray", ls=ls, label=label) for ls, label in VARIANTS + KL_CURVES]
+    style.legend_below(fig, handles, [h.get_label() for h in handles], ncol=4)
     return style.save(fig, path)
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "aic_measures",
     "aic_report",
     "crossover_time",
+    "first_crossing",
     "fit_exponent",
     "gd_projected_loss_approx",
     "local_slope",
@@ -287,6 +288,34 @@ def fit_exponent(
         num_points=int(mask.sum()),
         max_abs_residual=float(np.max(np.abs(resid))),
     )
+
+
+def first_crossing(ts: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    """First time ``a(t)`` overtakes ``b(t)``, interpolated linearly in ``log t``.
+
+    ``log(a/b)`` is interpolated between the last saved time with ``a < b`` and
+    the next one with ``a ≥ b`` (exact for power laws ``a = αtᵖ``, ``b = βt^q``).
+    Returns NaN when ``a < b`` at every time, and ``ts[0]`` when ``a ≥ b`` from
+    the start. ``ts`` ``(T,)`` increasing; ``a``, ``b`` ``(T,)`` positive.
+    """
+    ts, a, b = (np.asarray(v, np.float64) for v in (ts, a, b))
+    if ts.ndim != 1 or a.shape != ts.shape or b.shape != ts.shape:
+        raise ValueError(
+            f"ts, a, b must be 1-D of equal length, got {ts.shape}, {a.shape}, {b.shape}"
+        )
+    if not (np.all(np.isfinite(ts)) and np.all(ts > 0) and np.all(np.diff(ts) > 0)):
+        raise ValueError("ts must be finite, positive and increasing")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b)) and np.all(a > 0) and np.all(b > 0)):
+        raise ValueError("a and b must be finite and positive (the crossing is found in log-log)")
+    gap = np.log(a) - np.log(b)
+    above = np.flatnonzero(gap >= 0)
+    if above.size == 0:
+        return float("nan")
+    i = int(above[0])
+    if i == 0:
+        return float(ts[0])
+    frac = -gap[i - 1] / (gap[i] - gap[i - 1])
+    return float(np.exp(np.log(ts[i - 1]) + frac * np.log(ts[i] / ts[i - 1])))
 
 
 def onset_window(

@@ -381,6 +381,21 @@ CASES = [
         r"^subspace basis has 9 parameters, params have 10",
     ),
     # theory
+    (
+        "first_crossing-ts-decreasing",
+        lambda: theory.first_crossing(np.array([2.0, 1.0, 3.0]), np.ones(3), np.ones(3)),
+        r"^ts must be finite, positive and increasing",
+    ),
+    (
+        "first_crossing-a-zero",
+        lambda: theory.first_crossing(np.arange(1.0, 4.0), np.zeros(3), np.ones(3)),
+        r"^a and b must be finite and positive",
+    ),
+    (
+        "first_crossing-b-shape",
+        lambda: theory.first_crossing(np.arange(1.0, 4.0), np.ones(3), np.ones(2)),
+        r"^ts, a, b must be 1-D",
+    ),
     ("fit_exponent-window-reversed", lambda: fit(window=(5.0, 2.0)), r"^window must satisfy"),
     ("fit_exponent-window-negative", lambda: fit(window=(-1.0, 5.0)), r"^window must satisfy"),
     ("fit_exponent-window-nan", lambda: fit(window=(NAN, 5.0)), r"^window must satisfy"),

@@ -1,5 +1,6 @@
 """The main job and its experiments run end to end (tiny configs) and write what they claim."""
 
+import argparse
 import ast
 import json
 import shutil
@@ -21,6 +22,7 @@ from experiments import (
     transformer_onset,
 )
 from experiments._transformer import checkpoint_dir
+from geomcollapse import tasks
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +99,28 @@ def test_transformer_numbers(tiny_run):
     assert set(fisher["aic_table"]) == set(transformer_fisher.TINY.tasks)
     assert (out / "experiments/results/transformer_fisher_aic_table.md").exists()
     onset = json.loads((out / "experiments/results/transformer_onset.json").read_text())
+    assert onset["dims"] == list(transformer_onset.TINY.dims)
     for task in onset["tasks"].values():
-        assert abs(task["orthogonalized"]["projected_exponent"] - 4) <= 0.05
-        assert abs(task["raw"]["projected_exponent"] - 2) <= 0.05
-        assert abs(task["orthogonalized"]["coefficient_ratio"] - 1) <= 0.02
-        # removing P g(θ*) leaves the gradient orthogonal to M
-        assert (
-            task["report_orthogonalized"]["orthogonality"]
-            <= 1e-10 * task["report_raw"]["orthogonality"] + 1e-12
-        )
+        ts = np.asarray(task["times"])
+        for d in onset["dims"]:
+            by_d = task[f"d{d}"]
+            o = by_d["orthogonalized"]
+            assert abs(o["projected_exponent"] - 4) <= 0.05
+            assert abs(by_d["raw"]["projected_exponent"] - 2) <= 0.05
+            assert abs(o["coefficient_ratio"] - 1) <= 0.02
+            # removing P g(θ*) leaves the gradient orthogonal to M
+            report, raw = by_d["report_orthogonalized"], by_d["report_raw"]
+            assert report["orthogonality"] <= 1e-10 * raw["orthogonality"] + 1e-12
+            # KL Δu starts on the tail's floor ½qt², q from 2q^{1/2}/γ̃ = t×
+            q = (report["tail_crossover_time"] * report["coupling"] / 2) ** 2
+            assert o["floor_ratio"] == pytest.approx(o["kl"]["delta_u"][0] / (0.5 * q * ts[0] ** 2))
+            assert abs(o["floor_ratio"] - 1) <= 0.02
+        # the raw flow does not depend on d: its KL Δu is the same numbers for every d
+        raws = [task[f"d{d}"]["raw"]["kl"]["delta_u"] for d in onset["dims"]]
+        assert all(r == raws[0] for r in raws)
+        # a larger M holds more of ½xᵀFx: the projected loss grows with d on the raw flow
+        small, large = (np.asarray(task[f"d{d}"]["raw"]["projected"]) for d in onset["dims"][:2])
+        assert np.all(large >= small * (1 - 1e-12))
     finetune = json.loads((out / "experiments/results/transformer_finetune.json").read_text())
     assert finetune["aligned_metrics"]["harmfulness"] <= 0.05
     # dense early evaluation: every 5 steps of the 20
@@ -217,3 +232,36 @@ def test_figures_command_redraws_every_results_file(tiny_run, tmp_path):
         assert written == [str(tmp_path / f"{stem}.png"), str(tmp_path / f"{stem}.pdf")]
     assert figures.module_for("transformer_onset_small") is reproduce.EXPERIMENTS[-1]
     assert figures.module_for("transformer_fisher_aic_table") is None
+
+
+def test_task_runs_write_beside_the_main_jobs_files():
+    """``--tasks`` other than the config's tags the results (``_all_tasks``, ``_tasks``)."""
+    parser = argparse.ArgumentParser()
+    _common.add_run_arguments(parser, tasks_option=True)
+    full, quick = transformer_onset.Config(), transformer_onset.QUICK
+    cases = (
+        ([], "transformer_onset"),
+        (["--tasks", "all"], "transformer_onset_all_tasks"),
+        (["--tasks", "shift"], "transformer_onset_tasks"),
+        (["--tasks", "lookalike,shift"], "transformer_onset"),  # the quick config's own
+        (["--full"], "transformer_onset_small"),
+        (["--full", "--tasks", "lookalike,shift"], "transformer_onset_small_tasks"),
+    )
+    for argv, stem in cases:
+        config, command = _common.config_from_args(
+            transformer_onset.NAME, full, quick, parser.parse_args(argv)
+        )
+        assert _common.result_name(transformer_onset.NAME, config) == stem, argv
+        assert command.endswith(" ".join(argv[-2:]) if "--tasks" in argv else "")
+        assert figures.module_for(stem) is transformer_onset
+    all_tasks = _common.config_from_args("x", full, quick, parser.parse_args(["--tasks", "all"]))
+    assert all_tasks[0].tasks == tuple(tasks.BENIGN_TASKS)
+    # experiments without a tag field keep one file per size
+    fisher = _common.config_from_args(
+        "x",
+        transformer_fisher.Config(),
+        transformer_fisher.QUICK,
+        parser.parse_args(["--tasks", "shift"]),
+    )[0]
+    assert _common.result_name(transformer_fisher.NAME, fisher) == "transformer_fisher"
+    assert figures.module_for("transformer_onset_big") is None

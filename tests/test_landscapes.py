@@ -250,3 +250,17 @@ def test_jitted_quadratic_summary_does_not_recompile_for_a_new_landscape():
         np.testing.assert_allclose(out.projected_loss, L.projected_loss(ts, 3), rtol=1e-10)
         assert math.isclose(float(out.coupling), L.aic(3).coupling, rel_tol=1e-10)
     assert not np.allclose(outs[0][0].projected_loss, outs[1][0].projected_loss)
+
+
+def test_first_crossing_is_exact_for_power_laws():
+    """``a = αt⁴`` overtakes ``b = βt²`` at ``(β/α)^{1/2}``: log-log interpolation is exact."""
+    ts = np.logspace(-4, 0, 9)  # coarse: the crossing falls between grid points
+    for alpha, beta in ((1e6, 3.0), (2.5, 1e-3), (7.0, 0.2)):
+        t_cross = np.sqrt(beta / alpha)
+        got = theory.first_crossing(ts, alpha * ts**4, beta * ts**2)
+        assert abs(got / t_cross - 1) < 1e-12, (alpha, beta)
+    # not linear in t: a t⁴ against a t³ law, crossing at β/α
+    got = theory.first_crossing(ts, 50.0 * ts**4, 2.0 * ts**3)
+    assert abs(got / (2.0 / 50.0) - 1) < 1e-12
+    assert np.isnan(theory.first_crossing(ts, ts**4, 1.0 + ts))  # never overtakes
+    assert theory.first_crossing(ts, 2.0 + ts, 1.0 + ts) == ts[0]  # above from the start
