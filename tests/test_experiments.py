@@ -86,6 +86,62 @@ def test_logistic_and_phase_numbers(tiny_run):
     assert du[0, 0] < 1e-28 and np.all(du.ravel()[1:] > 1e-28)
 
 
+def _check_representation(fisher: dict) -> None:
+    """Per dense layer: δ energy fractions and the eigenvector blocks' output fractions are sane."""
+    rep, config = fisher["representation"], fisher["config"]
+    layers, r = rep["layers"], rep["rank"]
+    assert r == config["rep_rank"] and rep["prompts"] == config["num_prompts"]
+    assert len(layers) == 9  # qkv, out, fc1, fc2 per block and the head
+    for name, v in layers.items():
+        energy = np.asarray(v["energy_fraction"])
+        assert energy.size == v["out"] and np.all(np.diff(energy) >= -1e-12), name
+        assert energy[-1] == pytest.approx(1.0, abs=1e-12) and 0 < energy[0] <= 1
+        assert v["energy_at_rank"] == pytest.approx(energy[min(r, v["out"]) - 1], abs=1e-12)
+        frac, block = np.asarray(v["output_fraction"]), np.asarray(v["block_energy"])
+        assert frac.size == block.size == config["d"] and np.all((frac >= 0) & (frac <= 1 + 1e-12))
+        weighted = np.dot(block, frac) / block.sum()
+        assert v["weighted_output_fraction"] == pytest.approx(weighted, rel=1e-12)
+        assert v["baseline"] == pytest.approx(min(r, v["out"]) / v["out"])
+        # a Fisher eigenvector's block is a combination of per-example gradients Σ_t h_tᵀ δ_t:
+        # its output side lies in span δ (fraction 1 at the rank of δ, to Lanczos' residual)
+        assert 1 <= v["delta_rank"] <= v["out"]
+        assert min(v["output_fraction_at_delta_rank"]) >= 1 - 1e-6, name
+        assert max(v["output_fraction_at_delta_rank"]) <= 1 + 1e-10
+    verdicts = {c["claim"].split(" (")[0]: c["verdict"] for c in fisher["claims"]}
+    low_rank = min(v["energy_at_rank"] for v in layers.values()) >= config["rep_energy_target"]
+    assert verdicts["Representation gradients are low-rank"] == (
+        "reproduced" if low_rank else "NOT reproduced"
+    )
+
+
+def _check_blockwise(fisher: dict, out: Path) -> None:
+    """Block-wise relative errors are ``|block − full|/|full|`` of the stored numbers."""
+    table, numbers = fisher["aic_table"], transformer_fisher.NUMBERS
+    assert set(fisher["blockwise"]) == set(transformer_fisher.BLOCKINGS)
+    for by, b in fisher["blockwise"].items():
+        assert 0 <= b["overlap"] <= 1 + 1e-12 and len(b["eigenvalues"]) == fisher["config"]["d"]
+        for k in numbers:
+            errors = []
+            for task, row in table.items():
+                full, block = row[k], row["blockwise"][by][k]
+                expected = abs(block - full) / abs(full)
+                assert b["relative_error"][k][task] == pytest.approx(expected, rel=1e-12)
+                errors.append(expected)
+            assert b["median_relative_error"][k] == pytest.approx(np.median(errors), rel=1e-12)
+            assert b["max_relative_error"][k] == pytest.approx(max(errors), rel=1e-12)
+        # a block-diagonal F keeps the diagonal, so the trace: its tail is tr F − Σ λ_block
+        for row in table.values():
+            tail = fisher["trace"] - sum(b["eigenvalues"])
+            assert row["blockwise"][by]["tail_mass"] == pytest.approx(tail, rel=1e-12)
+            assert row["blockwise"][by]["lambda_d"] == b["eigenvalues"][-1]
+    for row in table.values():  # the forecast is ⅛γ̃² of the orthogonalised loss
+        assert row["forecast_coefficient"] == pytest.approx(
+            row["orthogonalized_coupling"] ** 2 / 8, rel=1e-12
+        )
+    text = (out / "experiments/results/transformer_fisher_blockwise_table.md").read_text()
+    assert text.count("\n| tensor |") == len(table) + 2  # a row per task, median and max
+
+
 def test_transformer_numbers(tiny_run):
     out, _ = tiny_run
     fisher = json.loads((out / "experiments/results/transformer_fisher.json").read_text())
@@ -96,6 +152,8 @@ def test_transformer_numbers(tiny_run):
     assert fractions == sorted(fractions) and fractions[-1] <= 1 + 1e-9
     assert set(fisher["aic_table"]) == set(transformer_fisher.TINY.tasks)
     assert (out / "experiments/results/transformer_fisher_aic_table.md").exists()
+    _check_representation(fisher)
+    _check_blockwise(fisher, out)
     onset = json.loads((out / "experiments/results/transformer_onset.json").read_text())
     for task in onset["tasks"].values():
         assert abs(task["orthogonalized"]["projected_exponent"] - 4) <= 0.05
