@@ -53,6 +53,7 @@ class SkillFisher(NamedTuple):
 
     Attributes:
       params, logits: float64 ``θ*`` and its logits function.
+      graphdef: the model's graph (``logits`` is ``models.transformer_logits(graphdef)``).
       harmful: the harmful prompts that define ``F`` and ``u``.
       fvp: ``v ↦ F v`` (jitted, pytree in and out).
       pairs: the Lanczos :class:`Eigenpairs`; ``subspace`` the same as a certified
@@ -62,6 +63,7 @@ class SkillFisher(NamedTuple):
 
     params: Any
     logits: Any
+    graphdef: Any
     harmful: tasks.TokenBatch
     fvp: Any
     pairs: Any
@@ -90,6 +92,7 @@ def skill_fisher(
     return SkillFisher(
         params,
         logits,
+        graphdef,
         harmful,
         fvp,
         pairs,

@@ -8,9 +8,9 @@ gradient. So every gradient of ``W`` — and every Fisher eigenvector's
 ``W``-block, a combination of per-example gradients — has its output side
 (the row space of the ``(in, out)`` block) inside the span of the ``δ_p``.
 Issue 13, item 3: how concentrated the stacked ``δ`` are
-(:func:`output_spectrum`), and how much of an eigenvector's ``W``-block lies
-in their top-``r`` subspace (:func:`output_fraction`; random baseline
-``r/out``).
+(:func:`output_spectrum`, or :func:`gram_spectrum` from ``δᵀδ``), and how
+much of an eigenvector's ``W``-block lies in their top-``r`` subspace
+(:func:`output_fraction`; random baseline ``r/out``).
 
 The factors are read from the unchanged model: each ``nnx.Linear`` of the
 merged module gets a ``dot_general`` (a flax constructor argument, so no
@@ -33,6 +33,7 @@ __all__ = [
     "DenseFactors",
     "OutputSpectrum",
     "dense_factors",
+    "gram_spectrum",
     "output_fraction",
     "output_spectrum",
     "skill_fisher_factors",
@@ -190,6 +191,22 @@ def output_spectrum(output_grads) -> OutputSpectrum:
     rows = rows.reshape(-1, rows.shape[-1])
     _, s, vt = np.linalg.svd(rows, full_matrices=False)
     return OutputSpectrum(s, vt.T)
+
+
+def gram_spectrum(gram) -> OutputSpectrum:
+    """:class:`OutputSpectrum` of stacked rows ``δ`` from their Gram matrix ``δᵀδ`` ``(out, out)``.
+
+    The same singular values (``√`` of the Gram's eigenvalues, clipped at 0)
+    and right singular vectors as :func:`output_spectrum` of the rows, without
+    holding them: the Gram of many prompts is a sum over chunks of prompts.
+    Squaring costs accuracy only in the smallest singular values (below
+    ``√eps·σ₁``), not in energy fractions or the leading directions.
+    """
+    G = np.asarray(gram, np.float64)
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"gram must be a square (out, out) matrix, got shape {G.shape}")
+    w, U = np.linalg.eigh(0.5 * (G + G.T))
+    return OutputSpectrum(np.sqrt(np.maximum(w[::-1], 0.0)), U[:, ::-1])
 
 
 def output_fraction(block, basis) -> float:

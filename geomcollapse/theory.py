@@ -30,6 +30,7 @@ __all__ = [
     "gd_projected_loss_approx",
     "local_slope",
     "onset_window",
+    "orthogonalized_report",
     "report_from_measures",
     "series_coefficients",
 ]
@@ -153,6 +154,37 @@ def aic_report(
         if np.all(np.isfinite(residuals))
         else (),
     )
+
+
+def orthogonalized_report(
+    subspace: Subspace,
+    g: Any,
+    Hg: Any,
+    HPg: Any,
+    *,
+    tail_mass: float,
+    tail_quadratic: float = float("nan"),
+) -> AICReport:
+    """The :class:`AICReport` of the orthogonalised loss ``L̃ = L − ⟨P g(θ*), θ − θ*⟩``.
+
+    docs/theory.md §5.2: ``∇L̃(θ*) = (I−P)g`` and ``H̃ = H``, so ``L̃``'s gradient
+    is ``g − Pg`` and its ``H̃∇L̃`` is ``Hg − H(Pg)``. Its ``coupling`` is
+    ``γ̃ = ‖F^{1/2}PH(I−P)g‖`` and its ``quartic_coefficient`` ``⅛γ̃²``, the ``t⁴``
+    coefficient of the projected loss of the flow of ``L̃`` (Cor. 6.3; the
+    forecast ``experiments.transformer_onset`` tests); its ``orthogonality`` is
+    ``‖P(I−P)g‖ = 0`` to rounding. ``tail_quadratic`` is the one of ``g``:
+    ``(I−P)(g − Pg) = (I−P)g``.
+
+    Args:
+      subspace: the top-``d`` eigenpairs of ``F`` (``P`` and ``F^{1/2}P``).
+      g: ``(n,)`` (or a pytree) gradient of ``L`` at ``θ*``.
+      Hg: ``H(θ*) g`` like ``g``.
+      HPg: ``H(θ*) (P g)`` like ``g`` (one more Hessian-vector product).
+      tail_mass, tail_quadratic: as in :func:`aic_report`.
+    """
+    g_perp = jax.tree_util.tree_map(jnp.subtract, g, subspace.project(g))
+    Hg_perp = jax.tree_util.tree_map(jnp.subtract, Hg, HPg)
+    return aic_report(subspace, g_perp, Hg_perp, tail_mass=tail_mass, tail_quadratic=tail_quadratic)
 
 
 def report_from_measures(

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geomcollapse import aic, curvature, landscapes, models
+from geomcollapse import aic, curvature, landscapes, models, theory
 from tests.conftest import rel_err
 
 
@@ -47,6 +47,37 @@ def test_orthogonalized_correction_zeroes_pg_and_keeps_the_hessian(logistic):
     assert rel_err(jax.jit(jax.hessian(ortho.task_loss))(logistic.theta_star), H0) < 1e-14
     # the tail-free skill Fisher: the onset is the quartic γ²/8 t⁴ (Cor. 6.3)
     assert r.tail_mass < 1e-14 and r.coupling > 0
+
+
+def test_orthogonalized_report_from_g_hg_and_hpg_matches_the_dense_orthogonalized_landscape(
+    logistic,
+):
+    """``theory.orthogonalized_report(g, Hg, H(Pg))`` is the AIC of ``L̃`` (docs/theory.md §5.2).
+
+    Dense twins: the landscape with the correction built in (its own dense
+    ``aic``), and ``γ̃ = ‖F^{1/2}PH(I−P)g‖`` from explicit matrices.
+    """
+    d = 4
+    sub = logistic.subspace(d)
+    theta = logistic.theta_star
+    g = jax.grad(logistic.task_loss)(theta)
+    H = jax.jit(jax.hessian(logistic.task_loss))(theta)
+    P = np.asarray(sub.rows).T @ np.asarray(sub.rows)
+    tail = float(jnp.trace(logistic.fisher())) - float(jnp.sum(sub.values))
+    got = theory.orthogonalized_report(sub, g, H @ g, H @ (P @ g), tail_mass=tail)
+    want = logistic.orthogonalized(d).aic(d)
+    assert logistic.aic(d).orthogonality > 1e-3  # the raw gradient is not orthogonal to M
+    assert got.orthogonality < 1e-14
+    for field in ("coupling", "quartic_coefficient", "tail_mass", "lambda_d"):
+        assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-12), field
+    lam, V = np.linalg.eigh(np.asarray(logistic.fisher()))
+    F_half = (V * np.sqrt(np.maximum(lam, 0.0))) @ V.T
+    n = logistic.n
+    dense = np.linalg.norm(F_half @ P @ np.asarray(H) @ (np.eye(n) - P) @ np.asarray(g))
+    assert got.coupling == pytest.approx(dense, rel=1e-10)
+    assert got.quartic_coefficient == pytest.approx(dense**2 / 8, rel=1e-10)
+    # with Pg ≠ 0 the raw γ differs: the extra H(Pg) matters here
+    assert abs(logistic.aic(d).coupling - dense) > 1e-3 * dense
 
 
 def test_logistic_landscape_rejects_bad_input(logistic):

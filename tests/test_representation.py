@@ -77,6 +77,17 @@ def test_skill_fisher_factors_rebuild_the_fisher_kernel_block(rep_setup):
     assert spectrum.energy_fraction(n_out) == pytest.approx(1.0)
     assert spectrum.energy_fraction(3) == pytest.approx(np.sum(s[:3] ** 2) / np.sum(s**2))
 
+    # the same spectrum from the Gram matrix δᵀδ (what chunks of prompts sum to)
+    from_gram = representation.gram_spectrum(rows.T @ rows)
+    np.testing.assert_allclose(from_gram.singular_values, s, rtol=1e-8, atol=1e-7 * s[0])
+    for r in (1, 3, rank):
+        assert from_gram.energy_fraction(r) == pytest.approx(spectrum.energy_fraction(r), rel=1e-12)
+    for r in (1, 3):  # leading directions agree as projectors (simple singular values)
+        Qg, Qs = from_gram.basis(r), spectrum.basis(r)
+        assert np.linalg.norm(Qg @ Qg.T - Qs @ Qs.T) < 1e-8
+    with pytest.raises(ValueError, match="square"):
+        representation.gram_spectrum(rows)
+
     # top eigenvector of the kernel block GᵀG of F (4,096 × 4,096), from the SVD of G
     top = np.linalg.svd(G, full_matrices=False)[2][0].reshape(n_in, n_out)
     assert representation.output_fraction(top, spectrum.basis(rank)) == pytest.approx(1, abs=1e-10)
