@@ -323,3 +323,47 @@ def test_rademacher_probes_are_independent_signs():
     assert np.all(np.diag(gram) == 1.0) and np.abs(off).mean() < 0.11
     other = np.asarray(aic.rademacher_probes(jax.random.key(1), 64, 1000, jnp.float64))
     assert np.mean(other == z) < 0.55
+
+
+@pytest.mark.parametrize("num_probes", [37, 16, 2])
+def test_hutchinson_samples_are_deflated_probe_quadratics(num_probes, monkeypatch):
+    """Dense twin: each Hutchinson sample is ``zᵀ(I−P)A(I−P)z`` for the documented probes.
+
+    Probe batch ``c`` is ``rademacher_probes(fold_in(key, c), chunk, n)``; 37 probes
+    in batches of 16 leave a remainder of 5. The trace and its standard error
+    are the sample mean and standard error of exactly these numbers.
+    """
+    monkeypatch.setattr(aic, "_PROBE_CHUNK", 16)
+    n, d = 40, 3
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((n, n))
+    A = B @ B.T
+    V = np.linalg.qr(rng.standard_normal((n, d)))[0].T
+    key = jax.random.key(7)
+    chunk = min(16, num_probes)
+    probes = []
+    for c in range(-(-num_probes // chunk)):
+        size = min(chunk, num_probes - c * chunk)
+        probes.append(
+            np.asarray(aic.rademacher_probes(jax.random.fold_in(key, c), size, n, jnp.float64))
+        )
+    z = np.concatenate(probes)
+    z = z - (z @ V.T) @ V
+    expected = np.einsum("pi,ij,pj->p", z, A, z)
+    A_j = jnp.asarray(A)
+    mean, stderr, count = aic.fisher_trace(
+        lambda v: A_j @ v,
+        n,
+        jnp.float64,
+        method="hutchinson",
+        key=key,
+        num_probes=num_probes,
+        deflate=V,
+    )
+    assert count == num_probes
+    assert mean == pytest.approx(expected.mean(), rel=1e-12)
+    assert stderr == pytest.approx(expected.std(ddof=1) / np.sqrt(num_probes), rel=1e-10)
+    with pytest.raises(ValueError, match=r"deflate must have shape \(d, 40\)"):
+        aic.fisher_trace(
+            lambda v: A_j @ v, n, jnp.float64, method="hutchinson", key=key, deflate=V[:, :5]
+        )
