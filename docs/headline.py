@@ -3,9 +3,11 @@
 Run ``python docs/headline.py`` after ``make reproduce`` to rewrite the table
 between the README's ``<!-- headline`` markers; ``tests/test_docs.py`` fails
 while the README's table differs from what this produces from the current
-``paper_repro.md``. One row per claim: the experiment, the claim, the
-prediction and the measurement (each abridged to ``CELL_CHARS`` characters;
-the full text is in ``paper_repro.md``) and the verdict.
+``paper_repro.md``. One row per claim with a computed verdict: the
+experiment, the claim, the prediction and the measurement (each abridged to
+``CELL_CHARS`` characters; the full text is in ``paper_repro.md``) and the
+verdict. Rows that only report a measurement (verdict ``measured``) are
+counted under the table, not shown: the README stays one screen as they grow.
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ def headline_table(text: str) -> str:
         "|---|---|---|---|---|",
     ]
     previous = None
-    for row in parse_rows(text):
+    rows = parse_rows(text)
+    reported = [r for r in rows if r["verdict"].strip("*") == "measured"]
+    for row in rows:
+        if row in reported:
+            continue
         match = _EXPERIMENT.search(row["command"])
         name = match.group(1) if match else row["command"].strip("`")
         shown = f"`{name}`" if name != previous else ""
@@ -90,6 +96,12 @@ def headline_table(text: str) -> str:
     footer = _FOOTER.search(text)
     if footer:
         out += ["", footer.group(0)]
+    if reported:
+        out += [
+            "",
+            f"Not shown: {len(reported)} row{'s' * (len(reported) != 1)} that report"
+            f"{'s' * (len(reported) == 1)} a measurement without a verdict (in paper_repro.md).",
+        ]
     return "\n".join(out)
 
 

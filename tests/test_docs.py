@@ -205,3 +205,24 @@ def test_the_checks_catch_what_they_are_for(tmp_path):
     )
     assert not _flag_defined("experiments.crossover", "--no-such-flag")
     assert _TRACKER.findall("as in issue #4 and #12") == ["issue #4", "#12"]
+
+
+def test_headline_shows_verdict_rows_and_counts_the_reported_ones():
+    headline = _load_headline()
+    text = "\n".join(
+        [
+            "| claim | command | predicted | measured | verdict |",
+            "|---|---|---|---|---|",
+            "| A holds | `python -m experiments.a` | 1 | 1.0 | **reproduced** |",
+            "| B reported | `python -m experiments.a` | reported | 2.0 | **measured** |",
+            "| C fails | `python -m experiments.b` | 3 | 4.0 | **NOT reproduced** |",
+            "",
+            "1 of 2 claims reproduced; main job wall time 1 s on CPU.",
+        ]
+    )
+    table = headline.headline_table(text)
+    assert "| `a` | A holds |" in table and "| `b` | C fails |" in table
+    assert "B reported" not in table
+    assert table.endswith(
+        "Not shown: 1 row that reports a measurement without a verdict (in paper_repro.md)."
+    )
