@@ -40,7 +40,7 @@ QUICK_RUNTIME_S = {
     "gd_vs_flow": 3,
     "transformer_finetune": 55,
     "transformer_fisher": 57,
-    "transformer_onset": 165,
+    "transformer_onset": 95,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
