@@ -283,18 +283,17 @@ def _path(s: _Setup, config: Config, ts, data, corr, behavioural: bool) -> _Path
     )
 
 
-def _reports(s: _Setup, data, g, d: int) -> tuple:
+def _reports(s: _Setup, data, g, Hg, d: int) -> tuple:
     """``M``, ``P g(θ*)``, the AIC reports raw and corrected, and ``q = g̃ᵀ(I−P)F(I−P)g̃``.
 
-    ``q`` (the tail's quadratic, ``g̃ = (I−P)g``) sets the corrected report's
-    ``tail_crossover_time``.
+    ``g``, ``Hg``: the raw loss's, raveled (float64). ``q`` (the tail's
+    quadratic, ``g̃ = (I−P)g``) sets the corrected report's ``tail_crossover_time``.
     """
     params, sf = s.sf.params, s.sf
     sub = sf.subspace.leading(d)
     unravel = ravel_pytree(params)[1]
     corr = sub.project(unravel(jnp.asarray(g)))  # P g(θ*)
     g_t, Hg_t = aic.gradient_and_hg(s.loss, params, (*data, corr))  # g̃ = (I−P)g, H g̃
-    _, Hg = aic.gradient_and_hg(s.loss, params, (*data, jax.tree.map(jnp.zeros_like, params)))
     tail_mass = sf.trace - sf.values[:d].sum()
 
     def report(grad, hg):
@@ -416,7 +415,7 @@ def _task_setup(s: _Setup, config: Config, task: str, k_task, k_norm) -> _TaskSe
     data = (jnp.asarray(batch.tokens), jnp.asarray(batch.targets), jnp.asarray(batch.mask))
     params = s.sf.params
     zero = jax.tree.map(jnp.zeros_like, params)
-    g = np.asarray(aic.gradient_and_hg(s.loss, params, (*data, zero))[0], np.float64)
+    g, Hg = (np.asarray(a, np.float64) for a in aic.gradient_and_hg(s.loss, params, (*data, zero)))
     top = linalg.top_eigenpairs(
         jax.jit(lambda v: s.hvp(params, v, *data)),
         params,
@@ -426,7 +425,7 @@ def _task_setup(s: _Setup, config: Config, task: str, k_task, k_norm) -> _TaskSe
         which="magnitude",
     )
     H_norm = float(np.abs(top.values[0]))
-    reports = {d: _reports(s, data, g, d) for d in config.dims}
+    reports = {d: _reports(s, data, g, Hg, d) for d in config.dims}
     windows = {
         d: {
             "orthogonalized": theory.onset_window(ortho, H_norm, t_min=config.t_min),
