@@ -80,6 +80,17 @@ def result_name(name: str, config) -> str:
     return f"{stem}_{tag}" if tag else stem
 
 
+def conclude(
+    name: str, config, outdir: Path, command: str | None, results: dict, figure, claims
+) -> dict:
+    """``finish`` an experiment run: its ``claims(results, config, command)`` and files.
+
+    ``command`` defaults to ``python -m experiments.<name>`` (a direct ``main()`` call).
+    """
+    command = command or f"python -m experiments.{name}"
+    return finish(name, config, outdir, figure, claims(results, config, command), **results)
+
+
 def finish(
     name: str, config, outdir: Path, figure: Callable, claims: list[Claim], **payload
 ) -> dict:

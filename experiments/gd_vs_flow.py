@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, finish, require_x64
+from experiments._common import ROOT, Claim, cli, conclude, require_x64
 from geomcollapse import landscapes, theory
 
 NAME = "gd_vs_flow"
@@ -120,7 +120,7 @@ def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = N
     """Run the comparison; write results and figure under ``outdir``."""
     require_x64(NAME)
     results = compute(config)
-    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
+    return conclude(NAME, config, outdir, command, results, figure, claims)
 
 
 if __name__ == "__main__":

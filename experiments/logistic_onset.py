@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, finish, require_x64
+from experiments._common import ROOT, Claim, cli, conclude, require_x64
 from geomcollapse import flow, landscapes, theory
 from geomcollapse.subspace import Subspace
 
@@ -310,9 +310,8 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
     """Run the flows; write results and figure under ``outdir``."""
     require_x64(NAME)
-    command = command or f"python -m experiments.{NAME}"
     results = compute(config)
-    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
+    return conclude(NAME, config, outdir, command, results, figure, claims)
 
 
 if __name__ == "__main__":

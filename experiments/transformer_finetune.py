@@ -17,7 +17,7 @@ import dataclasses
 from pathlib import Path
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, finish
+from experiments._common import ROOT, Claim, cli, conclude
 from experiments._transformer import aligned_model
 from geomcollapse import pipeline, tasks
 
@@ -174,9 +174,8 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 
 def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
     """Align (or restore) ``θ*`` and fine-tune it on every task; write results and figure."""
-    command = command or f"python -m experiments.{NAME}"
     results = compute(config, outdir)
-    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
+    return conclude(NAME, config, outdir, command, results, figure, claims)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, finish, require_x64, result_name
+from experiments._common import ROOT, Claim, cli, conclude, require_x64, result_name
 from experiments._transformer import flat, rows, skill_fisher
 from geomcollapse import (
     aic,
@@ -726,7 +726,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     _write_blockwise_table(
         stem.with_name(f"{stem.name}_blockwise_table.md"), results["blockwise"], config, command
     )
-    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
+    return conclude(NAME, config, outdir, command, results, figure, claims)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 from matplotlib.lines import Line2D
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, finish, require_x64
+from experiments._common import ROOT, Claim, cli, conclude, require_x64
 from experiments._transformer import SkillFisher, rows, skill_fisher
 from geomcollapse import aic, curvature, flow, linalg, pipeline, series, tasks, theory, training
 
@@ -783,9 +783,8 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
     """Run both flows per task; write results and figure under ``outdir``."""
     require_x64(NAME)
-    command = command or f"python -m experiments.{NAME}"
     results = compute(config, outdir)
-    return finish(NAME, config, outdir, figure, claims(results, config, command), **results)
+    return conclude(NAME, config, outdir, command, results, figure, claims)
 
 
 if __name__ == "__main__":
