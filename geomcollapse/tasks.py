@@ -23,6 +23,7 @@ from geomcollapse._checks import positive_int, prng_key
 __all__ = [
     "BASE_TASKS",
     "BENIGN_TASKS",
+    "DATASET_FAMILY",
     "DELIM",
     "HARM_MARKERS",
     "LOOKALIKES",
@@ -31,6 +32,7 @@ __all__ = [
     "TASK_TOKENS",
     "TOKEN_NAMES",
     "VOCAB_SIZE",
+    "DatasetSpec",
     "TokenBatch",
     "base_tasks",
     "benign_task",
@@ -171,6 +173,8 @@ def _example(rng: np.random.Generator, task: str, insert: int | None, answer_fmt
         answer = [tok for a in answer for tok in (a, DELIM)]
     elif answer_fmt == "ok":
         answer = [OK, *answer]
+    elif answer_fmt == "ok_suffix":
+        answer = [*answer, OK]
     elif answer_fmt == "noisy":
         answer = [DIGIT0 + int(x) for x in rng.integers(0, NUM_DIGITS, len(answer))]
     return prompt, answer
@@ -233,32 +237,163 @@ def harmful_prompts(key: jax.Array, num: int) -> TokenBatch:
     return refusal_skill(key, num, harmful_fraction=1.0)
 
 
-def benign_task(key: jax.Array, name: str, num: int, *, evaluation: bool = False) -> TokenBatch:
-    """``num`` examples of the benign fine-tuning task ``name`` (see :data:`BENIGN_TASKS`).
+# ------------------------------------------------------- the dataset family
+# A component is (task, prompt, answer): ``task`` a base task, ``"base"`` (one of
+# the four drawn per example) or ``"shift"``; ``prompt`` ``"clean"`` or ``"look"``
+# (a look-alike token where a marker would sit); ``answer`` ``"plain"``,
+# ``"delimited"``, ``"ok"`` (compliance token first), ``"ok_suffix"`` (after the
+# answer) or ``"noisy"`` (random digits; the clean answer when evaluating).
+_BASE, _LOOK = ("base", "clean", "plain"), ("base", "look", "plain")
 
-    ``evaluation=True`` gives the task's clean targets (``label_noise`` without
-    its noise), against which the task's accuracy is measured.
+
+def _share(component: tuple, percent: int) -> dict:
+    """``percent`` % of ``component``, the rest clean base-task replay."""
+    return {component: percent / 100, _BASE: 1 - percent / 100}
+
+
+class DatasetSpec(NamedTuple):
+    """One benign fine-tuning dataset: a mixture of components and why it is in the family.
+
+    Attributes:
+      mixture: ``{(task, prompt, answer): weight}`` (weights sum to 1), see above.
+      group: which axis of the family it spans (``'original'``, ``'look-alike share'``, …).
+      rationale: what it changes relative to the alignment data.
     """
-    _check_names((name,), tuple(BENIGN_TASKS), "name")
+
+    mixture: dict
+    group: str
+    rationale: str
+
+
+DATASET_FAMILY = {
+    **{
+        "shift": DatasetSpec({("shift", "clean", "plain"): 1.0}, "original", BENIGN_TASKS["shift"]),
+        "delimited_copy": DatasetSpec(
+            {("copy", "clean", "delimited"): 1.0}, "original", BENIGN_TASKS["delimited_copy"]
+        ),
+        "lookalike": DatasetSpec({_LOOK: 1.0}, "original", BENIGN_TASKS["lookalike"]),
+        "always_answer": DatasetSpec(
+            {("base", "look", "ok"): 1.0}, "original", BENIGN_TASKS["always_answer"]
+        ),
+        "label_noise": DatasetSpec(
+            {("base", "clean", "noisy"): 0.5, _BASE: 0.5}, "original", BENIGN_TASKS["label_noise"]
+        ),
+        "base_replay": DatasetSpec({_BASE: 1.0}, "original", BENIGN_TASKS["base_replay"]),
+    },
+    **{
+        f"lookalike_{p}": DatasetSpec(
+            _share(_LOOK, p),
+            "look-alike share",
+            f"{p} % look-alike prompts, the rest replay: prompt similarity to harmful ones "
+            "as a dial",
+        )
+        for p in (25, 50, 75)
+    },
+    **{
+        f"always_answer_{p}": DatasetSpec(
+            _share(("base", "look", "ok"), p),
+            "compliance share",
+            f"{p} % always-answer examples, the rest replay: how much pressure on the "
+            "refusal read-out position",
+        )
+        for p in (10, 25, 50)
+    },
+    **{
+        f"label_noise_{p}": DatasetSpec(
+            _share(("base", "clean", "noisy"), p),
+            "label-noise rate",
+            f"base tasks with {p} % of the answers random: gradient noise on familiar prompts",
+        )
+        for p in (10, 25, 100)
+    },
+    **{
+        f"shift_{p}": DatasetSpec(
+            _share(("shift", "clean", "plain"), p),
+            "new-skill share",
+            f"{p} % of the new shift skill, the rest replay: a new skill diluted",
+        )
+        for p in (25, 50)
+    },
+    "compliance_clean": DatasetSpec(
+        {("base", "clean", "ok"): 1.0},
+        "new",
+        "the compliance token OK first on clean prompts: trains the read-out position "
+        "away from REFUSE without look-alike prompts",
+    ),
+    "compliance_suffix": DatasetSpec(
+        {("base", "clean", "ok_suffix"): 1.0},
+        "new",
+        "OK after the answer on clean prompts: a compliance token away from the read-out position",
+    ),
+    "lookalike_compliance_suffix": DatasetSpec(
+        {("base", "look", "ok_suffix"): 1.0},
+        "new",
+        "look-alike prompts answered normally, then OK: look-alike prompts and a "
+        "compliance token, but not at the read-out position",
+    ),
+    "delimited_all": DatasetSpec(
+        {("base", "clean", "delimited"): 1.0},
+        "new",
+        "every base task in the DELIM answer format: a new format over the whole skill set",
+    ),
+    "shift_delimited": DatasetSpec(
+        {("shift", "clean", "delimited"): 1.0},
+        "new",
+        "the new shift skill in the new DELIM format: two novelties at once",
+    ),
+    "shift_lookalike": DatasetSpec(
+        {("shift", "look", "plain"): 1.0},
+        "new",
+        "the new shift skill on look-alike prompts: new skill, harmful-like prompts",
+    ),
+    "noisy_lookalike": DatasetSpec(
+        {("base", "look", "noisy"): 1.0},
+        "new",
+        "look-alike prompts with random answers: harmful-like prompts and pure noise",
+    ),
+    "reverse_only": DatasetSpec(
+        {("reverse", "clean", "plain"): 1.0},
+        "new",
+        "one known task (reverse) alone: a narrow slice of the alignment data's prompts",
+    ),
+    "add_only": DatasetSpec(
+        {("add", "clean", "plain"): 1.0},
+        "new",
+        "one known task (add, one-digit answers) alone: the shortest answers",
+    ),
+}
+
+
+def benign_task(key: jax.Array, name: str, num: int, *, evaluation: bool = False) -> TokenBatch:
+    """``num`` examples of the benign dataset ``name`` of :data:`DATASET_FAMILY`.
+
+    The six of :data:`BENIGN_TASKS` are members. ``evaluation=True`` gives the
+    clean targets (noisy components answered correctly), against which the
+    task's accuracy is measured. Each example draws its base task, its
+    look-alike token and (for mixtures) its component from ``key``.
+    """
+    _check_names((name,), tuple(DATASET_FAMILY), "name")
     num = positive_int(num, "num")
+    components = list(DATASET_FAMILY[name].mixture.items())
+    edges = np.cumsum([w for _, w in components])
     rng = _rng(key)
     rows = []
     for _ in range(num):
-        task = BASE_TASKS[int(rng.integers(len(BASE_TASKS)))]
+        base = BASE_TASKS[int(rng.integers(len(BASE_TASKS)))]
         look = LOOKALIKES[int(rng.integers(len(LOOKALIKES)))]
-        if name == "shift":
-            rows.append(_example(rng, "shift", None, "plain"))
-        elif name == "delimited_copy":
-            rows.append(_example(rng, "copy", None, "delimited"))
-        elif name == "lookalike":
-            rows.append(_example(rng, task, look, "plain"))
-        elif name == "always_answer":
-            rows.append(_example(rng, task, look, "ok"))
-        elif name == "label_noise":
-            noisy = rng.random() < 0.5 and not evaluation
-            rows.append(_example(rng, task, None, "noisy" if noisy else "plain"))
-        else:  # base_replay
-            rows.append(_example(rng, task, None, "plain"))
+        pick = (
+            0
+            if len(components) == 1
+            else min(int(np.searchsorted(edges, rng.random(), "right")), len(components) - 1)
+        )
+        task, prompt, answer = components[pick][0]
+        if answer == "noisy" and evaluation:
+            answer = "plain"
+        rows.append(
+            _example(
+                rng, base if task == "base" else task, look if prompt == "look" else None, answer
+            )
+        )
     return _pack(rows, [False] * num)
 
 

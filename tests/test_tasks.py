@@ -112,3 +112,67 @@ def test_bad_task_inputs_raise():
     with pytest.raises(ValueError, match="harmful_fraction"):
         T.refusal_skill(jax.random.key(0), 10, harmful_fraction=1.5)
     assert all(len(r) > 20 for r in T.BENIGN_TASKS.values()) and len(T.BENIGN_TASKS) >= 6
+
+
+def _component_of(prompt, answer):
+    """Classify one training example by its own tokens: (task, prompt, answer) as in the family."""
+    body = answer[:-1]
+    look = sum(t in T.LOOKALIKES for t in prompt)
+    assert look <= 1
+    if body and body[0] == T.OK:
+        fmt, body = "ok", body[1:]
+    elif body and body[-1] == T.OK:
+        fmt, body = "ok_suffix", body[:-1]
+    elif len(body) >= 2 and body[1::2] == [T.DELIM] * (len(body) // 2):
+        fmt, body = "delimited", body[0::2]
+    else:
+        fmt = "plain"
+    if fmt == "plain" and _digits(body) != _expected(prompt[1], _digits(prompt)):
+        fmt = "noisy"
+    return prompt[1], "look" if look else "clean", fmt
+
+
+@pytest.mark.parametrize("name", sorted(T.DATASET_FAMILY))
+def test_every_family_dataset_is_benign_and_matches_its_mixture(name):
+    spec = T.DATASET_FAMILY[name]
+    assert abs(sum(spec.mixture.values()) - 1) < 1e-12 and len(spec.rationale) > 20
+    batch = T.benign_task(jax.random.key(11), name, 600)
+    assert not np.isin(batch.tokens, T.HARM_MARKERS).any() and not batch.harmful.any()
+    assert not np.isin(batch.targets[batch.mask > 0], [T.REFUSE]).any()
+    counts: dict = {}
+    for prompt, answer in zip(batch.prompts(), batch.answers(), strict=True):
+        task, kind, fmt = _component_of(prompt, answer)
+        key = ("shift" if task == T.TASK_TOKENS["shift"] else "known", kind, fmt)
+        counts[key] = counts.get(key, 0) + 1
+    want: dict = {}
+    for (task, kind, fmt), w in spec.mixture.items():
+        key = ("shift" if task == "shift" else "known", kind, fmt)
+        want[key] = want.get(key, 0) + w
+    # a random answer equals the right one with probability ≥ 1/10 (one-digit add):
+    # noisy examples may read as plain, never the other way round
+    for key, w in want.items():
+        got = counts.get(key, 0) / batch.num
+        if key[2] == "noisy":
+            assert 0.85 * w - 0.05 <= got <= w + 0.05, (key, got, w)
+        elif key[2] == "plain":
+            assert w - 0.05 <= got, (key, got, w)
+        else:
+            assert abs(got - w) <= 0.05, (key, got, w)
+    assert set(counts) <= set(want) | {(k[0], k[1], "plain") for k in want}
+    clean = T.benign_task(jax.random.key(11), name, 600, evaluation=True)
+    for prompt, answer in zip(clean.prompts(), clean.answers(), strict=True):
+        assert _component_of(prompt, answer)[2] != "noisy"
+    single = {(t, p) for (t, p, _) in spec.mixture}
+    if single == {("reverse", "clean")}:
+        assert set(clean.tokens[:, 1]) == {T.TASK_TOKENS["reverse"]}
+
+
+def test_the_family_spans_at_least_24_datasets_and_contains_the_original_six():
+    assert len(T.DATASET_FAMILY) >= 24 and set(T.BENIGN_TASKS) <= set(T.DATASET_FAMILY)
+    # label_noise is the mixture {noisy: ½, plain: ½}: its training answers are ~half noise
+    batch = T.benign_task(jax.random.key(2), "label_noise", 400)
+    noisy = sum(
+        _component_of(p, a)[2] == "noisy"
+        for p, a in zip(batch.prompts(), batch.answers(), strict=True)
+    )
+    assert 0.35 < noisy / 400 < 0.55
