@@ -7,6 +7,7 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 (M, projections, overlap scores, the orthogonalising correction),
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
+:mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
@@ -23,6 +24,7 @@ from geomcollapse import (
     linalg,
     models,
     series,
+    stats,
     subspace,
     theory,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "linalg",
     "models",
     "series",
+    "stats",
     "subspace",
     "theory",
 ]
