@@ -7,6 +7,7 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 (M, projections, overlap scores, the orthogonalising correction),
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
+:mod:`geomcollapse.intruders` (LoRA intruder dimensions and the update along them),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
@@ -19,6 +20,7 @@ from geomcollapse import (
     aic,
     curvature,
     flow,
+    intruders,
     landscapes,
     linalg,
     models,
@@ -32,6 +34,7 @@ __all__ = [
     "aic",
     "curvature",
     "flow",
+    "intruders",
     "landscapes",
     "linalg",
     "models",
