@@ -8,6 +8,7 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
 :mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
+:mod:`geomcollapse.intruders` (LoRA intruder dimensions and the update along them),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
@@ -20,6 +21,7 @@ from geomcollapse import (
     aic,
     curvature,
     flow,
+    intruders,
     landscapes,
     linalg,
     models,
@@ -34,6 +36,7 @@ __all__ = [
     "aic",
     "curvature",
     "flow",
+    "intruders",
     "landscapes",
     "linalg",
     "models",
