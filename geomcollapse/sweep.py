@@ -31,8 +31,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +43,14 @@ from jax.sharding import PartitionSpec as P
 from geomcollapse import landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
+from geomcollapse._sweep_io import (
+    append,
+    read_config_file,
+    reject_non_finite,
+    reject_unknown,
+    rewrite,
+    whole_lines,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -88,37 +94,19 @@ class SweepConfig:
     digest: str  # sha256 of the canonical config: a resumed file must match it
 
 
-def _reject_unknown(found: dict, allowed, where: str) -> None:
-    unknown = sorted(set(found) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
-
-
-def _reject_non_finite(value: Any, where: str) -> None:
-    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _reject_non_finite(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _reject_non_finite(item, f"{where}[{i}]")
-    elif isinstance(value, float) and not np.isfinite(value):
-        raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
-
-
 def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
     """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``."""
     if not isinstance(raw, dict):
         raise ValueError("a sweep config must be a mapping")
-    _reject_non_finite(raw, "")
-    _reject_unknown(raw, TOP_KEYS, "the sweep config")
+    reject_non_finite(raw, "")
+    reject_unknown(raw, TOP_KEYS, "the sweep config")
     for key in ("output", "grid", "seeds", "times"):
         if key not in raw:
             raise ValueError(f"the sweep config needs {key!r}")
     grid = raw["grid"]
     if not isinstance(grid, dict):
         raise ValueError("grid must be a mapping of parameter name to a list of values")
-    _reject_unknown(grid, GRID_KEYS, "grid")
+    reject_unknown(grid, GRID_KEYS, "grid")
     missing = REQUIRED_GRID - set(grid)
     if missing:
         raise ValueError(f"grid needs {sorted(missing)}")
@@ -129,7 +117,7 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
             raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
     times = raw["times"]
     if isinstance(times, dict):
-        _reject_unknown(times, TIME_KEYS, "times")
+        reject_unknown(times, TIME_KEYS, "times")
         if set(times) != TIME_KEYS:
             raise ValueError(f"times needs {sorted(TIME_KEYS)} (log-spaced) or a list")
         start, stop = (
@@ -163,30 +151,7 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
 def load_config(path: str | os.PathLike) -> SweepConfig:
     """Read and validate a ``.json`` (or, on Python ≥ 3.11, ``.toml``) sweep config."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config {str(path)!r} is a directory, not a config file")
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read config file {str(path)!r}: {err}") from None
-    if path.suffix == ".toml":
-        if sys.version_info < (3, 11):
-            raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON")
-        import tomllib
-
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+    raw = read_config_file(path)
     return parse_config(raw, path.parent)
 
 
@@ -252,11 +217,7 @@ def _read_complete(
     """
     if not path.exists():
         return [], set()
-    text = path.read_text()
-    lines = text.split("\n")
-    if lines and lines[-1] != "":
-        lines = lines[:-1]  # a partial trailing line from a kill mid-write
-    lines = [line for line in lines if line]
+    lines = whole_lines(path.read_text())
     if not lines:
         return [], set()
     try:
@@ -297,28 +258,6 @@ def _read_complete(
             )
     kept = [lines[0]] + [line for b in sorted(done) for line in by_batch[b]]
     return kept, done
-
-
-def _rewrite(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _append(path: Path, lines: list[str]) -> None:
-    """One ``write`` of whole lines with ``O_APPEND``, then ``fsync``."""
-    data = "".join(line + "\n" for line in lines).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSummary) -> list[str]:
@@ -368,7 +307,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
                 "times": list(config.times),
             }
         )
-        _rewrite(path, kept or [header])  # drops partial lines and incomplete batches
+        rewrite(path, kept or [header])  # drops partial lines and incomplete batches
     except OSError as err:
         raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     ts = jnp.asarray(config.times, jnp.float64)
@@ -390,7 +329,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
         count = len(runs)
         summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
         try:
-            _append(path, _rows(b, runs, summary))
+            append(path, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     return path
