@@ -1,6 +1,25 @@
-"""Parameter sweeps over quadratic landscapes: vmapped, sharded over devices, resumable.
+"""Resumable parameter sweeps: over quadratic landscapes, or over any experiment's Config.
 
-A config (JSON, or TOML on Python ≥ 3.11) lists grids of
+**Experiment sweeps.** A config with an ``"experiment"`` key sweeps the
+frozen ``Config`` of an experiment module (``X`` is ``experiments.X``; a
+dotted name is imported as written)::
+
+    {"experiment": "my_claim", "output": "my_claim.jsonl",
+     "base": {"n": 48}, "grid": {"coupling": [0.5, 1.0], "seed": [0, 1, 2]}}
+
+The module defines ``sweep_cell(config, outdir) -> list[dict]`` (one cell's
+rows) and may define ``sweep_cells(configs, outdir) -> list[list[dict]]``
+(cells differing only in ``seed``, computed together; used off CPU) and
+``report(rows, outdir) -> list[Path]`` (run by :func:`report`). ``base`` and
+the grid's values replace ``Config()``'s fields (dicts into dataclass fields,
+lists into tuples); the grid's cartesian product, in its key order, gives the
+cells. Each cell's rows, tagged with ``cell``, ``cell_id``, ``cell_rows`` and
+the cell's grid values ``params``, are appended in one write, so a killed
+sweep resumes as a landscape sweep does, by whole cells. ``outdir`` (where an
+experiment keeps caches such as checkpoints) is the working directory. The
+details are in :mod:`geomcollapse._experiment_sweep` and docs/sweeps.md.
+
+**Landscape sweeps.** A config without ``"experiment"`` lists grids of
 :func:`geomcollapse.landscapes.make_quadratic_landscape` arguments and seeds::
 
     {"output": "sweep.jsonl", "batch_size": 64,
@@ -40,7 +59,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from geomcollapse import landscapes, theory
+from geomcollapse import _experiment_sweep, landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
@@ -54,15 +73,23 @@ from geomcollapse._sweep_io import (
 
 __all__ = [
     "FORMAT_VERSION",
+    "Cell",
+    "ExperimentSweepConfig",
     "SweepConfig",
+    "expand_cells",
     "expand_runs",
     "landscape_for",
     "load_config",
     "parse_config",
     "plan_batches",
     "read_rows",
+    "report",
     "run_sweep",
 ]
+
+ExperimentSweepConfig = _experiment_sweep.ExperimentSweepConfig
+Cell = _experiment_sweep.Cell
+expand_cells = _experiment_sweep.expand_cells
 
 TOP_KEYS = {"output", "batch_size", "times", "grid", "seeds", "name"}
 GRID_KEYS = (
@@ -94,10 +121,18 @@ class SweepConfig:
     digest: str  # sha256 of the canonical config: a resumed file must match it
 
 
-def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
-    """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``."""
+def parse_config(
+    raw: dict, base_dir: Path = Path()
+) -> SweepConfig | _experiment_sweep.ExperimentSweepConfig:
+    """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``.
+
+    A config with an ``"experiment"`` key is an experiment sweep's, and the
+    experiment is imported to check the fields its ``base`` and ``grid`` set.
+    """
     if not isinstance(raw, dict):
         raise ValueError("a sweep config must be a mapping")
+    if "experiment" in raw:
+        return _experiment_sweep.parse_config(raw, base_dir)
     reject_non_finite(raw, "")
     reject_unknown(raw, TOP_KEYS, "the sweep config")
     for key in ("output", "grid", "seeds", "times"):
@@ -148,7 +183,9 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
     )
 
 
-def load_config(path: str | os.PathLike) -> SweepConfig:
+def load_config(
+    path: str | os.PathLike,
+) -> SweepConfig | _experiment_sweep.ExperimentSweepConfig:
     """Read and validate a ``.json`` (or, on Python ≥ 3.11, ``.toml``) sweep config."""
     path = Path(path)
     raw = read_config_file(path)
@@ -281,13 +318,37 @@ def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSumma
     return out
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | None = None) -> Path:
+def run_sweep(
+    config: SweepConfig | _experiment_sweep.ExperimentSweepConfig,
+    *,
+    progress: bool = True,
+    devices: list | None = None,
+    outdir: Path | None = None,
+    batch_seeds: bool | None = None,
+) -> Path:
     """Run (or resume) ``config``; return the JSONL path.
 
-    The first line is a header (config digest, times); then one row per run:
-    its parameters, ``id``, ``seed``, ``batch``, the AIC numbers and the exact
-    ``delta_u`` and ``projected_loss`` at the config's times.
+    Landscape sweep: the first line is a header (config digest, times); then
+    one row per run: its parameters, ``id``, ``seed``, ``batch``, the AIC
+    numbers and the exact ``delta_u`` and ``projected_loss`` at the config's
+    times. ``devices`` (default: all) shard each batch.
+
+    Experiment sweep: the header records the experiment, ``base``, ``grid``
+    and the config digest; then each cell's rows as its ``sweep_cell`` returned
+    them, with ``cell``, ``cell_id``, ``cell_rows`` and ``params`` (the cell's
+    grid values) added. ``outdir`` (default: the working directory) is passed to
+    the experiment. ``batch_seeds`` (default: on when JAX's backend is not the
+    CPU) computes cells that differ only in ``seed`` by one ``sweep_cells`` call
+    where the experiment defines it; otherwise cells run one by one.
     """
+    if isinstance(config, _experiment_sweep.ExperimentSweepConfig):
+        if devices is not None:
+            raise ValueError("devices shards landscape sweeps; an experiment places its arrays")
+        return _experiment_sweep.run_sweep(
+            config, progress=progress, outdir=outdir, batch_seeds=batch_seeds
+        )
+    if outdir is not None or batch_seeds is not None:
+        raise ValueError("outdir and batch_seeds apply to experiment sweeps only")
     if not jax.config.jax_enable_x64:
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
     devices = list(jax.devices() if devices is None else devices)
@@ -336,7 +397,42 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
 
 
 def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """The header and the rows of a sweep's JSONL output, rows sorted by ``id``."""
-    lines = [line for line in Path(path).read_text().split("\n") if line]
+    """The header and the rows of a sweep's JSONL output.
+
+    Landscape sweep: every row, sorted by ``id``. Experiment sweep: the rows
+    of complete cells (a killed sweep's partial cell is left out), sorted by
+    ``cell``, each cell's rows in the order its experiment returned them.
+    """
+    path = Path(path)
+    text = path.read_text()
+    lines = [line for line in text.split("\n") if line]
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or "format" not in header:
+        raise ValueError(f"{path} is not a sweep output (its first line is not a sweep header)")
+    if "experiment" in header:
+        return _experiment_sweep.read_rows(path, text)
     rows = [json.loads(line) for line in lines[1:]]
-    return json.loads(lines[0]), sorted(rows, key=lambda r: r["id"])
+    return header, sorted(rows, key=lambda r: r["id"])
+
+
+def report(path: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
+    """Rebuild an experiment sweep's tables and figures from its rows; the paths written.
+
+    Calls the experiment's ``report(rows, outdir)`` on :func:`read_rows`'s rows
+    (complete cells only). ``outdir`` defaults to the working directory.
+    Raises ``ValueError`` if ``path`` does not exist, is not an experiment
+    sweep's output, holds no complete cell, or the experiment has no ``report``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep output {str(path)!r} does not exist")
+    header, rows = read_rows(path)
+    if "experiment" not in header:
+        raise ValueError(
+            f"{path} is a landscape sweep; report rebuilds an experiment sweep's tables"
+        )
+    outdir = Path.cwd() if outdir is None else Path(outdir)
+    return _experiment_sweep.report(header, rows, path, outdir)
