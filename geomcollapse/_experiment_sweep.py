@@ -103,12 +103,29 @@ def _sweepable(experiment: str) -> types.ModuleType:
     return module
 
 
-def _accepts_tuple(hint: Any) -> bool:
-    if hint is tuple or typing.get_origin(hint) is tuple:
-        return True
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_accepts_tuple(arg) for arg in typing.get_args(hint))
-    return False
+def _coerce(value: Any, hint: Any, current: Any) -> Any:
+    """A JSON value as the field's type wants it: lists → tuples, ints → floats."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if type(value) in args:
+            return value
+        for arg in args:  # the first member the value fits, e.g. tuple in `tuple[...] | None`
+            if (arg is float and isinstance(value, int | float)) or (
+                isinstance(value, list) and (arg is tuple or typing.get_origin(arg) is tuple)
+            ):
+                return _coerce(value, arg, current)
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, list) and (hint is tuple or origin is tuple):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], None) for v in value)
+        if args and len(args) == len(value):
+            return tuple(_coerce(v, a, None) for v, a in zip(value, args, strict=True))
+        return _as_tuple(value)
+    if isinstance(value, list) and isinstance(current, tuple):  # no usable annotation
+        return _as_tuple(value)
+    return value
 
 
 def _as_tuple(values: list) -> tuple:
@@ -116,7 +133,12 @@ def _as_tuple(values: list) -> tuple:
 
 
 def _with_fields(instance: Any, values: dict, where: str, experiment: str, path: str = "") -> Any:
-    """``dataclasses.replace(instance, **values)``, into nested dataclasses, lists → tuples."""
+    """``dataclasses.replace(instance, **values)`` with JSON values made the fields' types.
+
+    Dicts replace inside dataclass fields, lists become tuples in tuple fields and
+    ints floats in float fields (so ``1`` and ``1.0`` make the same cell). An
+    unknown key raises ``ValueError`` naming it, the experiment and the fields.
+    """
     fields = [f.name for f in dataclasses.fields(instance) if f.init]
     try:
         hints = typing.get_type_hints(type(instance))
@@ -132,10 +154,8 @@ def _with_fields(instance: Any, values: dict, where: str, experiment: str, path:
         current = getattr(instance, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = _with_fields(current, value, where, experiment, f"{path}{key}.")
-        elif isinstance(value, list) and (
-            _accepts_tuple(hints.get(key)) or isinstance(current, tuple)
-        ):
-            value = _as_tuple(value)
+        else:
+            value = _coerce(value, hints.get(key), current)
         changes[key] = value
     return dataclasses.replace(instance, **changes)
 
@@ -213,23 +233,28 @@ def _header(config: ExperimentSweepConfig, cells: int) -> str:
     )
 
 
-def _parse_lines(path: Path, lines: list[str]) -> tuple[dict, dict[int, list[tuple[str, dict]]]]:
-    """The header and, per cell, its ``(line, row)`` pairs in file order."""
+def _parse_header(path: Path, line: str) -> Any:
     try:
-        header = json.loads(lines[0])
+        return json.loads(line)
     except json.JSONDecodeError:
         raise ValueError(f"{path} is not a sweep output (its first line is not JSON)") from None
+
+
+def _parse_rows(path: Path, lines: list[str]) -> dict[int, list[tuple[str, dict]]]:
+    """Per cell, the ``(line, row)`` pairs of ``lines`` (the rows after the header)."""
     by_cell: dict[int, list[tuple[str, dict]]] = {}
-    for number, line in enumerate(lines[1:], start=2):
+    for number, line in enumerate(lines, start=2):
         try:
             row = json.loads(line)
-            cell, _, _ = row["cell"], row["cell_id"], row["cell_rows"]
+            cell, _, count = row["cell"], row["cell_id"], row["cell_rows"]
+            if not isinstance(cell, int) or not isinstance(count, int):
+                raise TypeError
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(
                 f"{path} line {number} is not an experiment sweep row; move the file away"
             ) from None
         by_cell.setdefault(cell, []).append((line, row))
-    return header, by_cell
+    return by_cell
 
 
 def _complete(by_cell: dict[int, list[tuple[str, dict]]]) -> list[int]:
@@ -251,11 +276,12 @@ def _read_complete(
     lines = whole_lines(path.read_text())
     if not lines:
         return [], set()
-    header, by_cell = _parse_lines(path, lines)
+    header = _parse_header(path, lines[0])
     if not isinstance(header, dict) or header.get("config_sha256") != config.digest:
         raise ValueError(
             f"{path} holds a sweep of a different config; move it away or change 'output'"
         )
+    by_cell = _parse_rows(path, lines[1:])
     done = _complete(by_cell)
     for c in done:
         written = by_cell[c][0][1]["cell_id"]
@@ -365,8 +391,9 @@ def read_rows(path: Path, text: str) -> tuple[dict, list[dict]]:
     A partial last line and the rows of an incomplete cell (a killed sweep's)
     are left out; the rows of one cell keep their order.
     """
-    header, by_cell = _parse_lines(path, whole_lines(text))
-    return header, [row for c in _complete(by_cell) for _, row in by_cell[c]]
+    lines = whole_lines(text)
+    by_cell = _parse_rows(path, lines[1:])
+    return _parse_header(path, lines[0]), [row for c in _complete(by_cell) for _, row in by_cell[c]]
 
 
 def report(header: dict, rows: list[dict], path: Path, outdir: Path) -> list[Path]:

@@ -144,9 +144,13 @@ def _parser() -> argparse.ArgumentParser:
         description="calls the experiment's report(rows, outdir) on the sweep's complete "
         "cells and prints the paths it wrote",
     )
-    report.add_argument("output", type=Path, help="the sweep's JSONL output")
+    report.add_argument("output", type=Path, metavar="SWEEP_OUTPUT", help="the sweep's JSONL")
     report.add_argument(
-        "--out", type=Path, default=None, help="where to write (default: the working directory)"
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where to write (default: the working directory)",
     )
     # the shared flags live with the experiments; added here by hand so --help works
     # without importing them

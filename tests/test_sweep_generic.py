@@ -87,6 +87,20 @@ def test_rows_equal_the_toys_closed_form_from_a_toml_config(tmp_path):
     assert [c.id for c in sweep.expand_cells(config)] == ids  # stable
 
 
+def test_json_values_take_the_fields_types(tmp_path):
+    ints = sweep.parse_config(
+        {**BASE, "output": "x.jsonl", "base": {"shifts": [1, 2]}, "grid": {"a": [3]}}, tmp_path
+    )
+    floats = sweep.parse_config(
+        {**BASE, "output": "x.jsonl", "base": {"shifts": [1.0, 2.0]}, "grid": {"a": [3.0]}},
+        tmp_path,
+    )
+    (cell,) = sweep.expand_cells(ints)
+    assert cell.config == sweep_toy.Config(a=3.0, shifts=(1.0, 2.0))
+    assert type(cell.config.a) is float and all(type(x) is float for x in cell.config.shifts)
+    assert cell.id == sweep.expand_cells(floats)[0].id
+
+
 def _complete_cells(path: Path) -> int:
     if not path.exists() or not path.read_text():
         return 0
@@ -152,6 +166,10 @@ def test_a_changed_config_or_experiment_refuses_to_resume(tmp_path):
     with pytest.raises(ValueError, match="different config"):
         sweep.run_sweep(other, progress=False, outdir=tmp_path)
     assert path.read_text() == written
+    landscape = {"sweep": "same", "config_sha256": "0" * 64, "format": 1, "batch_size": 2}
+    path.write_text(json.dumps(landscape) + '\n{"id": 0, "batch": 0, "batch_rows": 1}\n')
+    with pytest.raises(ValueError, match="different config"):  # a landscape sweep's file
+        sweep.run_sweep(config, progress=False, outdir=tmp_path)
     # a complete cell whose resolved fields differ (the Config's defaults changed)
     old_id = sweep.expand_cells(config)[0].id
     path.write_text(written.replace(old_id, "0-0123456789"))
