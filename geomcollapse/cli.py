@@ -2,9 +2,11 @@
 
 ``geomcollapse reproduce [--quick | --full] [--outdir DIR]`` runs the main job;
 ``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR]`` one
-experiment; ``geomcollapse sweep CONFIG`` a landscape sweep;
-``geomcollapse --version``. ``--quick`` (the default) is the CPU-minutes
-configuration of the main job, ``--full`` the long one, on every experiment.
+experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
+of an experiment's config); ``geomcollapse report SWEEP_OUTPUT [--out DIR]``
+an experiment sweep's tables and figures; ``geomcollapse --version``.
+``--quick`` (the default) is the CPU-minutes configuration of the main job,
+``--full`` the long one, on every experiment.
 
 This is an entry point, not library code: ``run`` and ``reproduce`` import the
 ``experiments`` package (installed beside the library) only when called.
@@ -73,6 +75,19 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from geomcollapse import sweep as sweep_module
+
+    try:
+        paths = sweep_module.report(args.output, args.out)
+    except (ValueError, OSError) as err:  # missing or foreign file: a message, no trace
+        print(f"geomcollapse report: error: {err}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _experiments_package():
     try:
         return importlib.import_module("experiments._common")
@@ -117,10 +132,26 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"geomcollapse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     sweep = commands.add_parser(
-        "sweep", help="run or resume a parameter sweep over quadratic landscapes"
+        "sweep",
+        help="run or resume a parameter sweep (of quadratic landscapes, or of an "
+        "experiment's config)",
     )
     sweep.add_argument("config", help="sweep config (.json, or .toml on Python ≥ 3.11)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    report = commands.add_parser(
+        "report",
+        help="rebuild an experiment sweep's tables and figures from its rows",
+        description="calls the experiment's report(rows, outdir) on the sweep's complete "
+        "cells and prints the paths it wrote",
+    )
+    report.add_argument("output", type=Path, metavar="SWEEP_OUTPUT", help="the sweep's JSONL")
+    report.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where to write (default: the working directory)",
+    )
     # the shared flags live with the experiments; added here by hand so --help works
     # without importing them
     for name, help_text, epilog in (
@@ -167,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
-    return {"sweep": _sweep, "run": _run, "reproduce": _reproduce}[args.command](args)
+    commands = {"sweep": _sweep, "report": _report, "run": _run, "reproduce": _reproduce}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,25 @@
-"""Parameter sweeps over quadratic landscapes: vmapped, sharded over devices, resumable.
+"""Resumable parameter sweeps: over quadratic landscapes, or over any experiment's Config.
 
-A config (JSON, or TOML on Python ≥ 3.11) lists grids of
+**Experiment sweeps.** A config with an ``"experiment"`` key sweeps the
+frozen ``Config`` of an experiment module (``X`` is ``experiments.X``; a
+dotted name is imported as written)::
+
+    {"experiment": "my_claim", "output": "my_claim.jsonl",
+     "base": {"n": 48}, "grid": {"coupling": [0.5, 1.0], "seed": [0, 1, 2]}}
+
+The module defines ``sweep_cell(config, outdir) -> list[dict]`` (one cell's
+rows) and may define ``sweep_cells(configs, outdir) -> list[list[dict]]``
+(cells differing only in ``seed``, computed together; used off CPU) and
+``report(rows, outdir) -> list[Path]`` (run by :func:`report`). ``base`` and
+the grid's values replace ``Config()``'s fields (dicts into dataclass fields,
+lists into tuples); the grid's cartesian product, in its key order, gives the
+cells. Each cell's rows, tagged with ``cell``, ``cell_id``, ``cell_rows`` and
+the cell's grid values ``params``, are appended in one write, so a killed
+sweep resumes as a landscape sweep does, by whole cells. ``outdir`` (where an
+experiment keeps caches such as checkpoints) is the working directory. The
+details are in :mod:`geomcollapse._experiment_sweep` and docs/sweeps.md.
+
+**Landscape sweeps.** A config without ``"experiment"`` lists grids of
 :func:`geomcollapse.landscapes.make_quadratic_landscape` arguments and seeds::
 
     {"output": "sweep.jsonl", "batch_size": 64,
@@ -31,8 +50,6 @@ import hashlib
 import itertools
 import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +59,37 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from geomcollapse import landscapes, theory
+from geomcollapse import _experiment_sweep, landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
+from geomcollapse._sweep_io import (
+    append,
+    read_config_file,
+    reject_non_finite,
+    reject_unknown,
+    rewrite,
+    whole_lines,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "Cell",
+    "ExperimentSweepConfig",
     "SweepConfig",
+    "expand_cells",
     "expand_runs",
     "landscape_for",
     "load_config",
     "parse_config",
     "plan_batches",
     "read_rows",
+    "report",
     "run_sweep",
 ]
+
+ExperimentSweepConfig = _experiment_sweep.ExperimentSweepConfig
+Cell = _experiment_sweep.Cell
+expand_cells = _experiment_sweep.expand_cells
 
 TOP_KEYS = {"output", "batch_size", "times", "grid", "seeds", "name"}
 GRID_KEYS = (
@@ -88,37 +121,27 @@ class SweepConfig:
     digest: str  # sha256 of the canonical config: a resumed file must match it
 
 
-def _reject_unknown(found: dict, allowed, where: str) -> None:
-    unknown = sorted(set(found) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+def parse_config(
+    raw: dict, base_dir: Path = Path()
+) -> SweepConfig | _experiment_sweep.ExperimentSweepConfig:
+    """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``.
 
-
-def _reject_non_finite(value: Any, where: str) -> None:
-    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            _reject_non_finite(item, f"{where}.{key}" if where else str(key))
-    elif isinstance(value, list | tuple):
-        for i, item in enumerate(value):
-            _reject_non_finite(item, f"{where}[{i}]")
-    elif isinstance(value, float) and not np.isfinite(value):
-        raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
-
-
-def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
-    """Validate a config dict (module docstring); a relative ``output`` is under ``base_dir``."""
+    A config with an ``"experiment"`` key is an experiment sweep's, and the
+    experiment is imported to check the fields its ``base`` and ``grid`` set.
+    """
     if not isinstance(raw, dict):
         raise ValueError("a sweep config must be a mapping")
-    _reject_non_finite(raw, "")
-    _reject_unknown(raw, TOP_KEYS, "the sweep config")
+    if "experiment" in raw:
+        return _experiment_sweep.parse_config(raw, base_dir)
+    reject_non_finite(raw, "")
+    reject_unknown(raw, TOP_KEYS, "the sweep config")
     for key in ("output", "grid", "seeds", "times"):
         if key not in raw:
             raise ValueError(f"the sweep config needs {key!r}")
     grid = raw["grid"]
     if not isinstance(grid, dict):
         raise ValueError("grid must be a mapping of parameter name to a list of values")
-    _reject_unknown(grid, GRID_KEYS, "grid")
+    reject_unknown(grid, GRID_KEYS, "grid")
     missing = REQUIRED_GRID - set(grid)
     if missing:
         raise ValueError(f"grid needs {sorted(missing)}")
@@ -129,7 +152,7 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
             raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
     times = raw["times"]
     if isinstance(times, dict):
-        _reject_unknown(times, TIME_KEYS, "times")
+        reject_unknown(times, TIME_KEYS, "times")
         if set(times) != TIME_KEYS:
             raise ValueError(f"times needs {sorted(TIME_KEYS)} (log-spaced) or a list")
         start, stop = (
@@ -160,33 +183,12 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> SweepConfig:
     )
 
 
-def load_config(path: str | os.PathLike) -> SweepConfig:
+def load_config(
+    path: str | os.PathLike,
+) -> SweepConfig | _experiment_sweep.ExperimentSweepConfig:
     """Read and validate a ``.json`` (or, on Python ≥ 3.11, ``.toml``) sweep config."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config {str(path)!r} is a directory, not a config file")
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    if path.suffix not in (".json", ".toml"):
-        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"cannot read config file {str(path)!r}: {err}") from None
-    if path.suffix == ".toml":
-        if sys.version_info < (3, 11):
-            raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON")
-        import tomllib
-
-        try:
-            raw = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
-    else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+    raw = read_config_file(path)
     return parse_config(raw, path.parent)
 
 
@@ -252,11 +254,7 @@ def _read_complete(
     """
     if not path.exists():
         return [], set()
-    text = path.read_text()
-    lines = text.split("\n")
-    if lines and lines[-1] != "":
-        lines = lines[:-1]  # a partial trailing line from a kill mid-write
-    lines = [line for line in lines if line]
+    lines = whole_lines(path.read_text())
     if not lines:
         return [], set()
     try:
@@ -299,28 +297,6 @@ def _read_complete(
     return kept, done
 
 
-def _rewrite(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _append(path: Path, lines: list[str]) -> None:
-    """One ``write`` of whole lines with ``O_APPEND``, then ``fsync``."""
-    data = "".join(line + "\n" for line in lines).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        written = os.write(fd, data)
-        while written < len(data):
-            written += os.write(fd, data[written:])
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSummary) -> list[str]:
     out = []
     arrays = {k: np.asarray(v, np.float64) for k, v in summary._asdict().items()}
@@ -342,13 +318,37 @@ def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSumma
     return out
 
 
-def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | None = None) -> Path:
+def run_sweep(
+    config: SweepConfig | _experiment_sweep.ExperimentSweepConfig,
+    *,
+    progress: bool = True,
+    devices: list | None = None,
+    outdir: Path | None = None,
+    batch_seeds: bool | None = None,
+) -> Path:
     """Run (or resume) ``config``; return the JSONL path.
 
-    The first line is a header (config digest, times); then one row per run:
-    its parameters, ``id``, ``seed``, ``batch``, the AIC numbers and the exact
-    ``delta_u`` and ``projected_loss`` at the config's times.
+    Landscape sweep: the first line is a header (config digest, times); then
+    one row per run: its parameters, ``id``, ``seed``, ``batch``, the AIC
+    numbers and the exact ``delta_u`` and ``projected_loss`` at the config's
+    times. ``devices`` (default: all) shard each batch.
+
+    Experiment sweep: the header records the experiment, ``base``, ``grid``
+    and the config digest; then each cell's rows as its ``sweep_cell`` returned
+    them, with ``cell``, ``cell_id``, ``cell_rows`` and ``params`` (the cell's
+    grid values) added. ``outdir`` (default: the working directory) is passed to
+    the experiment. ``batch_seeds`` (default: on when JAX's backend is not the
+    CPU) computes cells that differ only in ``seed`` by one ``sweep_cells`` call
+    where the experiment defines it; otherwise cells run one by one.
     """
+    if isinstance(config, _experiment_sweep.ExperimentSweepConfig):
+        if devices is not None:
+            raise ValueError("devices shards landscape sweeps; an experiment places its arrays")
+        return _experiment_sweep.run_sweep(
+            config, progress=progress, outdir=outdir, batch_seeds=batch_seeds
+        )
+    if outdir is not None or batch_seeds is not None:
+        raise ValueError("outdir and batch_seeds apply to experiment sweeps only")
     if not jax.config.jax_enable_x64:
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
     devices = list(jax.devices() if devices is None else devices)
@@ -368,7 +368,7 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
                 "times": list(config.times),
             }
         )
-        _rewrite(path, kept or [header])  # drops partial lines and incomplete batches
+        rewrite(path, kept or [header])  # drops partial lines and incomplete batches
     except OSError as err:
         raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     ts = jnp.asarray(config.times, jnp.float64)
@@ -390,14 +390,49 @@ def run_sweep(config: SweepConfig, *, progress: bool = True, devices: list | Non
         count = len(runs)
         summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
         try:
-            _append(path, _rows(b, runs, summary))
+            append(path, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     return path
 
 
 def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """The header and the rows of a sweep's JSONL output, rows sorted by ``id``."""
-    lines = [line for line in Path(path).read_text().split("\n") if line]
+    """The header and the rows of a sweep's JSONL output.
+
+    Landscape sweep: every row, sorted by ``id``. Experiment sweep: the rows
+    of complete cells (a killed sweep's partial cell is left out), sorted by
+    ``cell``, each cell's rows in the order its experiment returned them.
+    """
+    path = Path(path)
+    text = path.read_text()
+    lines = [line for line in text.split("\n") if line]
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or "format" not in header:
+        raise ValueError(f"{path} is not a sweep output (its first line is not a sweep header)")
+    if "experiment" in header:
+        return _experiment_sweep.read_rows(path, text)
     rows = [json.loads(line) for line in lines[1:]]
-    return json.loads(lines[0]), sorted(rows, key=lambda r: r["id"])
+    return header, sorted(rows, key=lambda r: r["id"])
+
+
+def report(path: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
+    """Rebuild an experiment sweep's tables and figures from its rows; the paths written.
+
+    Calls the experiment's ``report(rows, outdir)`` on :func:`read_rows`'s rows
+    (complete cells only). ``outdir`` defaults to the working directory.
+    Raises ``ValueError`` if ``path`` does not exist, is not an experiment
+    sweep's output, holds no complete cell, or the experiment has no ``report``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"sweep output {str(path)!r} does not exist")
+    header, rows = read_rows(path)
+    if "experiment" not in header:
+        raise ValueError(
+            f"{path} is a landscape sweep; report rebuilds an experiment sweep's tables"
+        )
+    outdir = Path.cwd() if outdir is None else Path(outdir)
+    return _experiment_sweep.report(header, rows, path, outdir)

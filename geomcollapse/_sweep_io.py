@@ -1,0 +1,96 @@
+"""File handling shared by both kinds of sweep: configs in, JSONL rows out, atomically.
+
+A sweep's output is a JSONL file: a header line, then rows appended in groups
+(a batch of landscapes, or a cell of an experiment), each group in one
+``write`` followed by ``fsync``. A kill can therefore leave at most a partial
+last line and a group with only some of its rows; resuming keeps whole groups
+only and rewrites the file through a temporary file and ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def reject_unknown(found: dict, allowed, where: str) -> None:
+    """Raise naming the keys of ``found`` that are not in ``allowed``."""
+    unknown = sorted(set(found) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+def reject_non_finite(value: Any, where: str) -> None:
+    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            reject_non_finite(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            reject_non_finite(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not np.isfinite(value):
+        raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
+
+
+def read_config_file(path: Path) -> Any:
+    """The parsed contents of a ``.json`` (or, on Python ≥ 3.11, ``.toml``) config file."""
+    if path.is_dir():
+        raise ValueError(f"config {str(path)!r} is a directory, not a config file")
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    if path.suffix not in (".json", ".toml"):
+        raise ValueError(f"config must be .json or .toml, got {path.name!r}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"cannot read config file {str(path)!r}: {err}") from None
+    if path.suffix == ".toml":
+        if sys.version_info < (3, 11):
+            raise ValueError("TOML configs need Python ≥ 3.11 (tomllib); use JSON")
+        import tomllib
+
+        try:
+            return tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+
+
+def whole_lines(text: str) -> list[str]:
+    """The non-empty lines of ``text`` without a partial last line (one with no newline)."""
+    lines = text.split("\n")
+    if lines and lines[-1] != "":
+        lines = lines[:-1]  # a partial trailing line from a kill mid-write
+    return [line for line in lines if line]
+
+
+def rewrite(path: Path, lines: list[str]) -> None:
+    """Replace ``path`` by ``lines`` atomically (a temporary file, ``fsync``, ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def append(path: Path, lines: list[str]) -> None:
+    """One ``write`` of whole lines with ``O_APPEND``, then ``fsync``."""
+    data = "".join(line + "\n" for line in lines).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        while written < len(data):
+            written += os.write(fd, data[written:])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
