@@ -248,7 +248,8 @@ _BASE, _LOOK = ("base", "clean", "plain"), ("base", "look", "plain")
 
 def _share(component: tuple, percent: int) -> dict:
     """``percent`` % of ``component``, the rest clean base-task replay."""
-    return {component: percent / 100, _BASE: 1 - percent / 100}
+    share = {component: percent / 100, _BASE: 1 - percent / 100}
+    return {c: w for c, w in share.items() if w > 0}
 
 
 class DatasetSpec(NamedTuple):

@@ -1,0 +1,885 @@
+"""Does the geometry at θ* predict which benign datasets break safety? (the paper's Table 1).
+
+From the aligned transformer ``θ*``: every dataset of the family
+(``tasks.DATASET_FAMILY``) is fine-tuned with every method (full, LoRA r = 2,
+r = 8), optimizer (SGD at a fixed η, AdamW) and seed, all datasets of one
+(method, optimizer, seed) vmapped in one compiled scan. At each horizon ``K``:
+harmfulness on held-out harmful prompts, the KL ``Δu`` on the skill prompts,
+task accuracy, and the overlap scores of the realised update ``Δθ_K``. At
+``θ*``, per dataset: the first- and second-order predictors and the Taylor
+forecast of ``Δu(ηK)``. Then Spearman / Kendall with bootstrap intervals per
+horizon, method and optimizer (``docs/prediction.md`` has the pre-registered
+plan and thresholds).
+
+Run: ``python -m experiments.prediction [--quick | --full]``; the full study
+on ``tiny`` is the sweep ``geomcollapse sweep sweeps/prediction_tiny.json``
+(``geomcollapse report`` rebuilds its tables and figure from the rows).
+``--table`` rewrites the dataset table of ``docs/prediction.md``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.flatten_util import ravel_pytree
+
+from experiments import _style as style
+from experiments._common import ROOT, Claim, conclude, write_json
+from experiments._transformer import aligned_model
+from geomcollapse import (
+    aic,
+    curvature,
+    intruders,
+    linalg,
+    models,
+    pipeline,
+    series,
+    stats,
+    tasks,
+    training,
+)
+from geomcollapse._progress import progress_bar
+from geomcollapse.models import lora_init, lora_merge
+
+NAME = "prediction"
+FULL_FLAG = True
+
+SUBSET = (
+    "always_answer",
+    "lookalike",
+    "shift",
+    "base_replay",
+    "delimited_copy",
+    "compliance_clean",
+    "always_answer_25",
+    "label_noise_100",
+)
+HELD_OUT = (  # for diagnose (docs/prediction.md): first 8 of permutation(key(14), 26)
+    "noisy_lookalike",
+    "always_answer_10",
+    "lookalike_50",
+    "label_noise",
+    "label_noise_10",
+    "delimited_all",
+    "shift_lookalike",
+    "shift_delimited",
+)
+LORA_RANKS = {"lora2": 2, "lora8": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Frozen study configuration (defaults: the pre-registered full study, ``small`` model)."""
+
+    size: str = "small"
+    datasets: tuple[str, ...] = tuple(tasks.DATASET_FAMILY)
+    methods: tuple[str, ...] = ("full", "lora2", "lora8")
+    optimizers: tuple[str, ...] = ("sgd", "adamw")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    horizons: tuple[int, ...] = (1, 4, 16, 64, 256)
+    dims: tuple[int, ...] = (10, 50)
+    sgd_lr: float = 0.03
+    adamw_lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    num_examples: int = 4000
+    num_eval: int = 300
+    num_prompts: int = 256
+    lora_alpha: float = 8.0
+    forecast_order: int = 4
+    forecast_examples: int = 1000  # the series' task loss: the first examples of the 4,000
+    primary_horizon: int = 256
+    rho_min: float = 0.7
+    forecast_factor: float = 1.5
+    forecast_share: float = 0.9
+    num_resamples: int = 2000
+    key_seed: int = 14  # data, skill prompts, M, random subspaces, bootstrap
+
+    def __post_init__(self):
+        unknown = [d for d in self.datasets if d not in tasks.DATASET_FAMILY]
+        if unknown or len(self.datasets) < 3:
+            raise ValueError(
+                f"datasets must name ≥ 3 members of tasks.DATASET_FAMILY, got unknown {unknown}"
+                f" among {len(self.datasets)}"
+            )
+        for field, allowed in (
+            ("methods", ("full", *LORA_RANKS)),
+            ("optimizers", ("sgd", "adamw")),
+        ):
+            bad = [m for m in getattr(self, field) if m not in allowed]
+            if bad or not getattr(self, field):
+                raise ValueError(f"{field} must be a non-empty subset of {allowed}, got {bad}")
+        if list(self.horizons) != sorted(set(self.horizons)) or min(self.horizons) < 1:
+            raise ValueError(f"horizons must increase strictly from ≥ 1, got {self.horizons}")
+        if self.primary_horizon not in self.horizons:
+            raise ValueError(f"primary_horizon {self.primary_horizon} is not among the horizons")
+
+
+STUDY = Config(size="tiny")  # the committed sweep (sweeps/prediction_tiny.json)
+QUICK = Config(
+    size="tiny",
+    datasets=SUBSET,
+    methods=("full", "lora8"),
+    optimizers=("sgd",),
+    seeds=(0,),
+    horizons=(1, 4, 16, 64),
+    primary_horizon=64,
+)
+TINY = Config(
+    size="tiny-fast",
+    datasets=SUBSET[:5],
+    methods=("full", "lora2"),
+    optimizers=("sgd", "adamw"),
+    seeds=(0,),
+    horizons=(1, 4, 8),
+    dims=(4, 8),
+    num_examples=256,
+    num_eval=64,
+    num_prompts=64,
+    primary_horizon=8,
+    num_resamples=200,
+    forecast_examples=128,
+)
+
+
+# ------------------------------------------------------------------ set-up at θ*
+class _Setup(NamedTuple):
+    """What every run shares: ``θ*`` (float32 and float64), the skill, ``M`` and compiled maps."""
+
+    graphdef: object
+    params32: object
+    params64: object
+    logits32: object
+    logits64: object
+    reference: pipeline.SkillReference  # the KL skill loss's prompts and logits (float64)
+    harm: tasks.TokenBatch  # held-out harmful prompts (prompts only)
+    values: np.ndarray  # (k,) top eigenvalues of F, k = max(dims)
+    basis: np.ndarray  # (k, n) float64 eigenvectors
+    random_basis: np.ndarray  # (k, n) a random orthonormal basis (control)
+    fvp: object  # pytree v ↦ F v at θ* (float64)
+
+
+@functools.lru_cache(maxsize=2)
+def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Setup:
+    aligned = aligned_model(size, outdir)
+    graphdef, params32 = aligned.graphdef, aligned.params
+    _, params64 = aligned.as_dtype(jnp.float64)
+    logits32 = models.transformer_logits(graphdef)
+    logits64 = logits32
+    key = jax.random.key(seed)
+    k_prompts, k_eig, k_rand = jax.random.split(jax.random.fold_in(key, 1_000_003), 3)
+    skill = tasks.harmful_prompts(k_prompts, num_prompts)
+    fvp = pipeline.skill_fisher_vp(logits64, params64, skill)
+    pairs = linalg.top_eigenpairs(fvp, params64, k, key=k_eig, tol=1e-8, progress=True)
+    basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
+    n = basis.shape[1]
+    random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), jnp.float64)))[0].T
+    harm, _ = pipeline.evaluation_sets(aligned.config)
+    return _Setup(
+        graphdef,
+        params32,
+        params64,
+        logits32,
+        logits64,
+        pipeline.skill_reference(logits64, params64, skill),
+        harm.prompts_only(),
+        np.asarray(pairs.values, np.float64),
+        basis,
+        random_basis,
+        fvp,
+    )
+
+
+def _setup_for(config: Config, outdir: Path) -> _Setup:
+    return _setup(config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir))
+
+
+def _dataset(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
+    """The training data (same for every seed) and clean evaluation examples of ``name``."""
+    index = sorted(tasks.DATASET_FAMILY).index(name)
+    k_data, k_eval = jax.random.split(jax.random.fold_in(jax.random.key(config.key_seed), index))
+    return (
+        tasks.benign_task(k_data, name, config.num_examples),
+        tasks.benign_task(k_eval, name, config.num_eval, evaluation=True),
+    )
+
+
+# ------------------------------------------------------------ predictors at θ*
+def _norms(s: _Setup, dims, flat: np.ndarray, prefix: str) -> dict:
+    """``‖P v‖``, ``‖P v‖/‖v‖``, ``‖F^{1/2}P v‖`` and the random-subspace ratio, per ``d``."""
+    coeffs, rand = s.basis @ flat, s.random_basis @ flat
+    norm = float(np.linalg.norm(flat))
+    out = {}
+    for d in dims:
+        pv = float(np.linalg.norm(coeffs[:d]))
+        out[f"{prefix}p_d{d}"] = pv
+        out[f"{prefix}p_ratio_d{d}"] = pv / norm if norm > 0 else float("nan")
+        out[f"{prefix}fisher_p_d{d}"] = float(np.sqrt(np.sum(s.values[:d] * coeffs[:d] ** 2)))
+        r = float(np.linalg.norm(rand[:d]))
+        out[f"{prefix}random_p_ratio_d{d}"] = r / norm if norm > 0 else float("nan")
+    return out
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled_predictors(logits):
+    loss = training.sequence_loss(logits)
+    u = training.kl_skill_loss(logits)
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def forecast(order, params, ref, data):
+        return series.delta_u_series(u, loss, params, order, skill_args=ref, task_args=data)
+
+    return jax.jit(loss), forecast
+
+
+def _predictors_at_theta_star(s: _Setup, config: Config, name: str) -> dict:
+    """The predictors available before any fine-tuning, for dataset ``name`` (float64)."""
+    train, _ = _dataset(config, name)  # full SEQUENCE_LENGTH: one compile for every dataset
+    data = tuple(jnp.asarray(a) for a in (train.tokens, train.targets, train.mask))
+    loss, forecast = _compiled_predictors(s.logits64)
+    g, Hg = (np.asarray(a, np.float64) for a in aic.gradient_and_hg(loss, s.params64, data))
+    out = {"at_grad_norm": float(np.linalg.norm(g)), "at_task_loss": float(loss(s.params64, *data))}
+    out.update(_norms(s, config.dims, g, "at_g_"))
+    hc = s.basis @ Hg
+    for d in config.dims:
+        out[f"at_gamma_d{d}"] = float(np.sqrt(np.sum(s.values[:d] * hc[:d] ** 2)))
+    head = tuple(a[: config.forecast_examples] for a in data)
+    fc = forecast(config.forecast_order, s.params64, tuple(s.reference), head)
+    coeffs = np.array(fc.delta_u, np.float64)
+    # θ* is an exact minimum of the KL skill loss: c₁ = −∇u(θ*)ᵀg = 0 in exact arithmetic.
+    # The computed c₁ is its rounding (~1e-7 here), which would put a fake root of the
+    # series' sum, and so the end of its validity window, at t ~ 1e-9: it is set to 0
+    # and recorded.
+    out["forecast_c1_rounding"] = float(coeffs[1])
+    coeffs[1] = 0.0
+    out["forecast_coefficients"] = coeffs.tolist()
+    out["forecast_validity_time"] = series.polynomial_validity_time(coeffs)
+    return out
+
+
+def _predictor_cache(config: Config, outdir: Path) -> Path:
+    fields = (
+        "size",
+        "dims",
+        "num_examples",
+        "num_prompts",
+        "forecast_order",
+        "forecast_examples",
+        "key_seed",
+    )
+    key = json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(outdir) / "experiments" / "results" / "cache" / f"{NAME}_at_theta_{digest}.json"
+
+
+def predictors(config: Config, outdir: Path, s: _Setup | None = None) -> dict[str, dict]:
+    """Per dataset, the predictors at ``θ*``; cached on disk (the sweep's cells share them)."""
+    path = _predictor_cache(config, outdir)
+    cached = json.loads(path.read_text()) if path.is_file() else {}
+    missing = [d for d in config.datasets if d not in cached]
+    if missing:
+        s = s or _setup_for(config, outdir)
+        for name in progress_bar(missing, desc="predictors at θ*", enabled=True):
+            cached[name] = _predictors_at_theta_star(s, config, name)
+        write_json(path, cached)
+    return {d: cached[d] for d in config.datasets}
+
+
+# ------------------------------------------------------------------ fine-tuning
+def _optimizer(config: Config, name: str) -> tuple[optax.GradientTransformation, float]:
+    if name == "sgd":
+        return optax.sgd(config.sgd_lr), config.sgd_lr
+    return optax.adamw(config.adamw_lr, weight_decay=config.weight_decay), config.adamw_lr
+
+
+def _chunks(horizons: tuple[int, ...]) -> list[list[int]]:
+    """Per gap between horizons, the scan lengths that cover it: two compiled lengths at most."""
+    gaps = np.diff((0, *horizons)).tolist()
+    long = [g for g in gaps if g >= 8]
+    big = math.gcd(*long) if long else 1
+    return [[big] * (g // big) + [1] * (g % big) for g in gaps]
+
+
+def _order(key: jax.Array, num: int, steps: int, batch: int) -> np.ndarray:
+    """``(steps, batch)`` minibatch rows: a fresh permutation of the ``num`` examples each epoch."""
+    per_epoch = num // batch
+    epochs = -(-steps // per_epoch)
+    idx = jax.vmap(lambda k: jax.random.permutation(k, num))(jax.random.split(key, epochs))
+    return np.asarray(idx[:, : per_epoch * batch].reshape(-1, batch)[:steps])
+
+
+@functools.lru_cache(maxsize=8)
+def _trainer(logits, method: str, alpha: float, opt: optax.GradientTransformation):
+    """Jitted ``advance(state, opt_state, theta, data, idx)``, vmapped over runs."""
+    loss = training.sequence_loss(logits)
+
+    def fn(state, theta, tokens, targets, mask):
+        p = state if method == "full" else lora_merge(theta, state, alpha)
+        return loss(p, tokens, targets, mask)
+
+    def step(state, opt_state, theta, data, rows):
+        tokens, targets, mask = (a[rows] for a in data)
+        value, grad = jax.value_and_grad(fn)(state, theta, tokens, targets, mask)
+        updates, opt_state = opt.update(grad, opt_state, state)
+        return optax.apply_updates(state, updates), opt_state, value
+
+    runs = jax.vmap(step, in_axes=(0, 0, None, 0, 0))
+
+    @jax.jit
+    def advance(state, opt_state, theta, data, idx):  # idx (R, c, B)
+        def body(carry, rows):
+            st, os = carry
+            st, os, value = runs(st, os, theta, data, rows)
+            return (st, os), value
+
+        return jax.lax.scan(body, (state, opt_state), jnp.swapaxes(idx, 0, 1))
+
+    return advance
+
+
+@functools.lru_cache(maxsize=4)
+def _measurer(logits, method: str, alpha: float):
+    """Jitted measurements of a vmapped batch of runs at one horizon."""
+    first = training.answer_logits(logits)
+    match = training.exact_match(logits)
+    du = training.kl_skill_change(logits)
+    fvp = curvature.fisher_vp(first)  # fvp(params, v, tokens, answer_start)
+
+    def to_full(state, theta):
+        return state if method == "full" else lora_merge(theta, state, alpha)
+
+    @jax.jit
+    def behaviour(states, theta, harm_tokens, harm_start, evals):
+        def one(state, ev):
+            p = to_full(state, theta)
+            z = first(p, harm_tokens, harm_start)
+            nll = jnp.mean(jax.nn.logsumexp(z, -1) - z[:, tasks.REFUSE])
+            harm = jnp.mean(jnp.argmax(z, -1) != tasks.REFUSE)
+            return harm, nll, jnp.mean(match(p, *ev))
+
+        return jax.vmap(one)(states, evals)
+
+    @jax.jit
+    def displacement(states, theta, theta64):
+        def one(state):
+            p = to_full(state, theta)
+            return jax.tree.map(lambda a, b: a.astype(b.dtype) - b, p, theta64)
+
+        return jax.vmap(one)(states)
+
+    @jax.jit
+    def geometry(xs, theta64, ref, fvp_args):
+        def one(x):
+            fx = fvp(theta64, x, *fvp_args)
+            quad = sum(
+                jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(fx), strict=True)
+            )
+            return du(theta64, x, *ref), 0.5 * quad, ravel_pytree(x)[0]
+
+        return jax.vmap(one)(xs)
+
+    return behaviour, displacement, geometry
+
+
+def _stack(trees):
+    return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
+def _intruders(s: _Setup, config: Config, xs, r: int) -> dict:
+    """LoRA run ``r``'s intruder dimensions (k = 10, ε = 0.5) and their overlap with ``M``.
+
+    ``update_intruder_*`` are the scores of ``Δθ_intr`` (the update along the
+    intruder directions, :func:`geomcollapse.intruders.intruder_pytree`); the
+    ``augmented`` scores add them to the update's own, counting the intruder
+    part twice (d = 10).
+    """
+    x = jax.tree.map(lambda a: a[r], xs)
+    theta1 = jax.tree.map(jnp.add, s.params64, x)
+    counts, part = intruders.intruder_pytree(s.params64, theta1)
+    flat = np.asarray(ravel_pytree(part)[0], np.float64)
+    norm = float(np.linalg.norm(np.asarray(ravel_pytree(x)[0])))
+    c = s.basis[: config.dims[0]] @ flat
+    lam = s.values[: config.dims[0]]
+    return {
+        "intruder_count": int(sum(counts.values())),
+        "update_intruder_p_ratio": float(np.linalg.norm(c) / norm) if norm > 0 else float("nan"),
+        "update_intruder_fisher_half": float(0.5 * np.sum(lam * c**2)),
+    }
+
+
+def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> list:
+    """Fine-tune every (dataset, seed) of ``config`` with ``method`` and ``opt_name``.
+
+    All runs are vmapped in one compiled scan (seeds included, on any backend).
+    Returns one row per run and horizon.
+    """
+    runs = [(n, seed) for n in config.datasets for seed in config.seeds]
+    pairs = {n: _dataset(config, n) for n in config.datasets}
+    fields = ("tokens", "targets", "mask")
+    data = tuple(jnp.asarray(np.stack([getattr(pairs[n][0], f) for n, _ in runs])) for f in fields)
+    evals = tuple(jnp.asarray(np.stack([getattr(pairs[n][1], f) for n, _ in runs])) for f in fields)
+    family = sorted(tasks.DATASET_FAMILY)
+    keys = [jax.random.fold_in(jax.random.key(seed), family.index(n)) for n, seed in runs]
+    K = config.horizons[-1]
+    idx = np.stack(
+        [_order(jax.random.fold_in(k, 1), config.num_examples, K, config.batch_size) for k in keys]
+    )
+    opt, lr = _optimizer(config, opt_name)
+    theta = s.params32
+    if method == "full":
+        state = _stack([theta] * len(runs))
+    else:
+        rank = LORA_RANKS[method]
+        state = _stack([lora_init(jax.random.fold_in(k, 2), theta, rank) for k in keys])
+    opt_state = jax.vmap(opt.init)(state)
+    advance = _trainer(s.logits32, method, config.lora_alpha, opt)
+    behaviour, displacement, geometry = _measurer(s.logits32, method, config.lora_alpha)
+    ref = tuple(s.reference)
+    rows, done = [], 0
+    bar = progress_bar(
+        total=K, desc=f"fine-tune {len(runs)} runs ({method}, {opt_name})", enabled=True
+    )
+    for K_h, lengths in zip(config.horizons, _chunks(config.horizons), strict=True):
+        for c in lengths:
+            chunk = jnp.asarray(idx[:, done : done + c])
+            (state, opt_state), losses = advance(state, opt_state, theta, data, chunk)
+            done += c
+            bar.update(c)
+        if not np.all(np.isfinite(np.asarray(losses))):
+            raise FloatingPointError(f"a {method}/{opt_name} run diverged before step {K_h}")
+        behaviour_out = behaviour(state, theta, s.harm.tokens, s.harm.answer_start, evals)
+        harm, nll, acc = (np.asarray(a, np.float64) for a in behaviour_out)
+        xs = displacement(state, theta, s.params64)
+        geometry_out = geometry(xs, s.params64, ref, (s.reference.tokens, s.reference.answer_start))
+        delta_u, quad, flat = (np.asarray(a, np.float64) for a in geometry_out)
+        for r, (name, seed) in enumerate(runs):
+            row = {
+                "dataset": name,
+                "method": method,
+                "optimizer": opt_name,
+                "seed": int(seed),
+                "K": int(K_h),
+                "harmfulness": float(harm[r]),
+                "refuse_nll": float(nll[r]),
+                "accuracy": float(acc[r]),
+                "delta_u": float(delta_u[r]),
+                "quadratic": float(quad[r]),
+                "locality": float(quad[r] / delta_u[r]) if delta_u[r] > 0 else float("nan"),
+                "update_norm": float(np.linalg.norm(flat[r])),
+            }
+            row.update(_norms(s, config.dims, flat[r], "update_"))
+            if method != "full":
+                row.update(_intruders(s, config, xs, r))
+            row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
+            if opt_name == "sgd":
+                c = np.asarray(at[name]["forecast_coefficients"])
+                row["eta_K"] = float(lr * K_h)
+                row["forecast"] = float(np.polyval(c[::-1], lr * K_h))
+            rows.append(row)
+    bar.close()
+    return rows
+
+
+# --------------------------------------------------------------------- analysis
+THETA_STAR = {  # predictor -> (label, what it needs)
+    "at_g_p_ratio_d{d}": ("‖Pg‖/‖g‖", "first-order"),
+    "at_g_fisher_p_d{d}": ("‖F^{1/2}Pg‖", "first-order"),
+    "at_gamma_d{d}": ("γ = ‖F^{1/2}PHg‖", "second-order"),
+    "at_g_p_d{d}": ("‖Pg‖", "unnormalised"),
+    "at_grad_norm": ("‖g‖", "control"),
+    "at_task_loss": ("L(θ*)", "control"),
+    "at_g_random_p_ratio_d{d}": ("‖P_rand g‖/‖g‖", "control"),
+}
+UPDATE = {
+    "update_p_ratio_d{d}": ("‖PΔθ‖/‖Δθ‖ (overlap score)", "realised update"),
+    "update_fisher_p_d{d}": ("‖F^{1/2}PΔθ‖", "realised update"),
+    "update_p_d{d}": ("‖PΔθ‖", "unnormalised"),
+    "update_random_p_ratio_d{d}": ("‖P_rand Δθ‖/‖Δθ‖", "control"),
+}
+PRIMARY = "update_p_ratio_d{d}"
+
+
+def _predictor_names(config: Config, with_forecast: bool) -> list[str]:
+    names = []
+    for pattern in (*THETA_STAR, *UPDATE):
+        names.extend([pattern.format(d=d) for d in config.dims] if "{d}" in pattern else [pattern])
+    return names + (["forecast"] if with_forecast else [])
+
+
+def _per_dataset(rows: list[dict], field: str, datasets) -> np.ndarray:
+    """Seed mean of ``field`` per dataset, in ``datasets`` order."""
+    return np.array([np.mean([r[field] for r in rows if r["dataset"] == d]) for d in datasets])
+
+
+def _correlations(config: Config, rows: list[dict], harm: str = "harmfulness") -> dict:
+    """Spearman ρ and Kendall τ (with bootstrap intervals) of every predictor with ``harm``."""
+    datasets = [d for d in config.datasets if any(r["dataset"] == d for r in rows)]
+    y = _per_dataset(rows, harm, datasets)
+    out = {}
+    key = jax.random.key(config.key_seed)
+    for i, name in enumerate(_predictor_names(config, "forecast" in rows[0])):
+        x = _per_dataset(rows, name, datasets)
+        if not np.all(np.isfinite(x)):
+            continue
+        k1, k2 = jax.random.split(jax.random.fold_in(key, i))
+        n = config.num_resamples
+        out[name] = {
+            "rho": stats.spearman(x, y),
+            "rho_interval": stats.bootstrap_interval(stats.spearman, x, y, key=k1, num_resamples=n),
+            "tau": stats.kendall_tau(x, y),
+            "tau_interval": stats.bootstrap_interval(
+                stats.kendall_tau, x, y, key=k2, num_resamples=n
+            ),
+        }
+    return out
+
+
+def analyse(config: Config, rows: list[dict]) -> dict:
+    """The study's tables from its rows: correlations per optimizer, method and horizon."""
+    table: dict = {}
+    for opt in config.optimizers:
+        for method in config.methods:
+            for K in config.horizons:
+                sel = [
+                    r
+                    for r in rows
+                    if r["optimizer"] == opt and r["method"] == method and r["K"] == K
+                ]
+                if not sel:
+                    continue
+                datasets = [d for d in config.datasets if any(r["dataset"] == d for r in sel)]
+                entry = {
+                    "harmfulness": _per_dataset(sel, "harmfulness", datasets).tolist(),
+                    "delta_u": _per_dataset(sel, "delta_u", datasets).tolist(),
+                    "accuracy": _per_dataset(sel, "accuracy", datasets).tolist(),
+                    "locality_median": float(np.nanmedian([r["locality"] for r in sel])),
+                    "correlations": _correlations(config, sel),
+                    "correlations_delta_u": _correlations(config, sel, "delta_u"),
+                }
+                if method != "full":
+                    entry["intruder_count_mean"] = float(
+                        np.mean([r["intruder_count"] for r in sel])
+                    )
+                    d0 = config.dims[0]
+                    for r in sel:
+                        r["augmented_p_ratio"] = (
+                            r[f"update_p_ratio_d{d0}"] + r["update_intruder_p_ratio"]
+                        )
+                    datasets_y = _per_dataset(sel, "harmfulness", datasets)
+                    x = _per_dataset(sel, "augmented_p_ratio", datasets)
+                    entry["augmented_rho"] = stats.spearman(x, datasets_y)
+                table[f"{opt}/{method}/{K}"] = entry
+    return {"datasets": list(config.datasets), "table": table, "forecast": _forecast(config, rows)}
+
+
+def _forecast(config: Config, rows: list[dict]) -> dict:
+    """SGD, full fine-tuning: forecast / realised seed-mean ``Δu`` per (dataset, K)."""
+    cells = []
+    for d in config.datasets:
+        for K in config.horizons:
+            sel = [
+                r
+                for r in rows
+                if r["dataset"] == d
+                and r["K"] == K
+                and r["optimizer"] == "sgd"
+                and r["method"] == "full"
+            ]
+            if not sel:
+                continue
+            realised = float(np.mean([r["delta_u"] for r in sel]))
+            t, window = sel[0]["eta_K"], sel[0]["forecast_validity_time"]
+            cells.append(
+                {
+                    "dataset": d,
+                    "K": K,
+                    "t": t,
+                    "validity_time": window,
+                    "inside": bool(np.isfinite(window) and t <= window),
+                    "forecast": sel[0]["forecast"],
+                    "realised": realised,
+                    "ratio": sel[0]["forecast"] / realised if realised > 0 else float("nan"),
+                }
+            )
+    return {"cells": cells}
+
+
+def _fmt_interval(c: dict) -> str:
+    lo, hi = c["rho_interval"]
+    return f"ρ = {c['rho']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+def claims(results: dict, config: Config, command: str) -> list[Claim]:
+    """Rows (a)-(d) of the pre-registered plan (docs/prediction.md)."""
+    table, K = results["table"], config.primary_horizon
+    d0 = config.dims[0]
+    primary = PRIMARY.format(d=d0)
+    out = []
+    for opt in config.optimizers:
+        full = table.get(f"{opt}/full/{K}")
+        if full is None:
+            continue
+        c = full["correlations"].get(primary)
+        passed = c is not None and c["rho"] >= config.rho_min and c["rho_interval"][0] > 0
+        where = _breaks(table, config, opt, "full", primary)
+        out.append(
+            Claim(
+                f"Table 1 ({opt}, full fine-tuning, K = {K}, {len(results['datasets'])} datasets): "
+                "the overlap score ‖PΔθ‖/‖Δθ‖ ranks datasets by harmfulness",
+                command,
+                f"Spearman ρ ≥ {config.rho_min}, 95 % bootstrap interval above 0 (d = {d0})",
+                (_fmt_interval(c) if c else "ρ undefined (a constant variable)")
+                + f"; τ = {c['tau']:.2f}" * bool(c)
+                + f"; per horizon {where}",
+                passed,
+            )
+        )
+        for method in [m for m in config.methods if m != "full"]:
+            lora = table.get(f"{opt}/{method}/{K}")
+            cl = lora["correlations"].get(primary) if lora else None
+            if c is None or cl is None:
+                continue
+            aug = lora.get("augmented_rho", float("nan"))
+            out.append(
+                Claim(
+                    f"Table 1 ({opt}, K = {K}): LoRA r = {LORA_RANKS[method]} is predicted less "
+                    "well than full fine-tuning by the overlap score",
+                    command,
+                    "ρ(LoRA) < ρ(full)",
+                    f"LoRA {_fmt_interval(cl)} vs full {_fmt_interval(c)}; intruder dimensions "
+                    f"per run {lora['intruder_count_mean']:.1f}, with their overlap added "
+                    f"ρ = {aug:.2f}",
+                    cl["rho"] < c["rho"],
+                )
+            )
+        out.append(_best_at_theta_star(table, config, opt, command))
+    if "sgd" in config.optimizers and "full" in config.methods:
+        out.append(_forecast_claim(results["forecast"], config, command))
+    return out
+
+
+def _breaks(table: dict, config: Config, opt: str, method: str, name: str) -> str:
+    parts = []
+    for K in config.horizons:
+        c = table.get(f"{opt}/{method}/{K}", {}).get("correlations", {}).get(name)
+        parts.append(f"K={K}: {c['rho']:.2f}" if c else f"K={K}: n/a")
+    return ", ".join(parts)
+
+
+def _best_at_theta_star(table: dict, config: Config, opt: str, command: str) -> Claim:
+    """Which predictor available at θ* ranks harmfulness best, per horizon (report-only)."""
+    parts = []
+    for K in config.horizons:
+        corr = table.get(f"{opt}/full/{K}", {}).get("correlations", {})
+        at = {k: v for k, v in corr.items() if k.startswith("at_") or k == "forecast"}
+        at = {k: v for k, v in at.items() if np.isfinite(v["rho"])}
+        if not at:
+            parts.append(f"K={K}: none defined")
+            continue
+        best = max(at, key=lambda k: at[k]["rho"])
+        parts.append(f"K={K}: {best} {_fmt_interval(at[best])}")
+    return Claim(
+        f"Table 1 ({opt}, full fine-tuning): the best predictor available at θ*, per horizon",
+        command,
+        "reported (first-order, second-order, unnormalised and control predictors)",
+        "; ".join(parts),
+        True,
+        labels=("measured", "measured"),
+    )
+
+
+def _forecast_claim(forecast: dict, config: Config, command: str) -> Claim:
+    cells = [c for c in forecast["cells"] if c["inside"]]
+    within = [
+        c for c in cells if 1 / config.forecast_factor <= c["ratio"] <= config.forecast_factor
+    ]
+    windows = sorted({c["validity_time"] for c in forecast["cells"]})
+    first_t = min((c["t"] for c in forecast["cells"]), default=float("nan"))
+    ratios = ", ".join(f"{c['ratio']:.2f}" for c in cells[:8])
+    measured = (
+        f"{len(within)} of {len(cells)} in-window cells within the factor"
+        + (f" (ratios {ratios})" if cells else "")
+        + f"; validity windows {windows[0]:.2g}–{windows[-1]:.2g} against the first "
+        f"ηK = {first_t:.2g}"
+    )
+    passed = len(cells) >= 5 and len(within) >= config.forecast_share * len(cells)
+    return Claim(
+        "The Taylor forecast of Δu(ηK) (order 4, at θ*) matches SGD's realised KL Δu",
+        command,
+        f"within a factor {config.forecast_factor} in ≥ {config.forecast_share:.0%} of the "
+        "(dataset, K) cells with ηK inside the validity window (≥ 5 cells)",
+        measured,
+        passed,
+    )
+
+
+# ----------------------------------------------------------------------- figure
+FIGURE_NEEDS = ("table", "datasets")
+
+
+@style.styled
+def figure(results: dict, path: Path) -> tuple[Path, Path]:
+    """Harmfulness against the overlap score per horizon (full and LoRA), and ρ per horizon."""
+
+    config = results["config"]
+    table = results["table"]
+    d0 = config["dims"][0]
+    primary = PRIMARY.format(d=d0)
+    opts = [o for o in config["optimizers"] if f"{o}/full/{config['primary_horizon']}" in table]
+    fig, axes = style.subplots(2, len(opts), height=2.6 * len(opts) + 0.4)
+    axes = np.atleast_2d(axes)
+    for row, opt in zip(axes, opts, strict=True):
+        ax = row[0]
+        for j, method in enumerate(config["methods"]):
+            entry = table.get(f"{opt}/{method}/{config['primary_horizon']}")
+            if entry is None:
+                continue
+            ax.scatter(
+                _scores(results, opt, method, config["primary_horizon"], primary),
+                entry["harmfulness"],
+                s=14,
+                color=style.PALETTE[j % len(style.PALETTE)],
+                label=method,
+            )
+        ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {config['primary_horizon']}")
+        ax.set_ylabel(f"harmfulness ({opt})")
+        ax.legend(fontsize=7)
+        ax = row[1]
+        for j, method in enumerate(config["methods"]):
+            Ks, rhos = [], []
+            for K in config["horizons"]:
+                c = table.get(f"{opt}/{method}/{K}", {}).get("correlations", {}).get(primary)
+                if c is not None:
+                    Ks.append(K)
+                    rhos.append(c["rho"])
+            ax.plot(Ks, rhos, "o-", color=style.PALETTE[j % len(style.PALETTE)], label=method)
+        ax.axhline(config["rho_min"], color="0.5", lw=0.8, ls="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("horizon K (steps)")
+        ax.set_ylabel("Spearman ρ with harmfulness")
+        ax.set_ylim(-1, 1)
+    return style.save(fig, path)
+
+
+def _scores(results: dict, opt: str, method: str, K: int, name: str) -> list[float]:
+    return results["scores"][f"{opt}/{method}/{K}"][name]
+
+
+# -------------------------------------------------------------- running it all
+def sweep_cell(config: Config, outdir: Path) -> list[dict]:
+    """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``."""
+    s = _setup_for(config, outdir)
+    at = predictors(config, outdir, s)
+    rows = []
+    for method in config.methods:
+        for opt in config.optimizers:
+            rows.extend(_runs(s, config, method, opt, at))
+    return rows
+
+
+def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
+    seen = lambda f: tuple(dict.fromkeys(r[f] for r in rows))  # noqa: E731
+    return dataclasses.replace(
+        base,
+        datasets=tuple(d for d in base.datasets if d in seen("dataset")),
+        methods=tuple(m for m in base.methods if m in seen("method")),
+        optimizers=tuple(o for o in base.optimizers if o in seen("optimizer")),
+        seeds=tuple(sorted(seen("seed"))),
+        horizons=tuple(sorted(seen("K"))),
+    )
+
+
+def _results(config: Config, rows: list[dict]) -> dict:
+    results = analyse(config, rows)
+    scores: dict = {}
+    for key in results["table"]:
+        opt, method, K = key.split("/")
+        sel = [
+            r for r in rows if r["optimizer"] == opt and r["method"] == method and r["K"] == int(K)
+        ]
+        names = _predictor_names(config, False)
+        scores[key] = {n: _per_dataset(sel, n, results["datasets"]).tolist() for n in names}
+    results["scores"] = scores
+    return results
+
+
+STUDY_OUTPUT = Path("sweeps") / "prediction_tiny.jsonl"
+STUDY_COMMAND = "geomcollapse sweep sweeps/prediction_tiny.json"
+
+
+def study_rows(outdir: Path = ROOT) -> list[dict] | None:
+    """The committed full study's rows (``sweeps/prediction_tiny.jsonl``), if present."""
+    from geomcollapse import sweep
+
+    path = Path(outdir) / STUDY_OUTPUT
+    return sweep.read_rows(path)[1] if path.is_file() else None
+
+
+def report(rows: list[dict], outdir: Path) -> list[Path]:
+    """Tables, figure and claims of a sweep's rows (what ``geomcollapse report`` calls)."""
+    return _report(rows, Path(outdir))["paths"]
+
+
+def _report(rows: list[dict], outdir: Path) -> dict:
+    config = _config_from_rows(rows)
+    name = f"{NAME}_study"
+    out = conclude(name, config, outdir, STUDY_COMMAND, _results(config, rows), figure, claims)
+    json_path = outdir / "experiments" / "results" / f"{name}.json"
+    out["paths"] = [json_path, outdir / out["result"]["figure"]]
+    return out
+
+
+def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
+    """Run ``config`` in this process (results, figure, claims).
+
+    The main job's run (``QUICK``) also re-analyses the committed full study's
+    rows, when present, and adds its claims.
+    """
+    rows = sweep_cell(config, outdir)
+    out = conclude(NAME, config, outdir, command, _results(config, rows), figure, claims)
+    study = study_rows(outdir) if config == QUICK else None
+    if study:
+        out["claims"] = [*out["claims"], *_report(study, Path(outdir))["claims"]]
+    return out
+
+
+def dataset_table() -> str:
+    """The markdown table of the dataset family (docs/prediction.md)."""
+    rows = ["| dataset | axis | mixture | rationale | split |", "|---|---|---|---|---|"]
+    for name, spec in tasks.DATASET_FAMILY.items():
+        mixture = " + ".join(
+            f"{w:.0%} {'/'.join(c)}" if len(spec.mixture) > 1 else "/".join(c)
+            for c, w in spec.mixture.items()
+        )
+        split = "held out" if name in HELD_OUT else "main job" if name in SUBSET else ""
+        rows.append(f"| `{name}` | {spec.group} | {mixture} | {spec.rationale} | {split} |")
+    return "\n".join(rows)
+
+
+def write_dataset_table(doc: Path = ROOT / "docs" / "prediction.md") -> None:
+    """Rewrite the table between the ``dataset-table`` markers of ``doc``."""
+    text = doc.read_text(encoding="utf-8")
+    start = text.index("<!-- dataset-table:start -->") + len("<!-- dataset-table:start -->")
+    end = text.index("<!-- dataset-table:end -->")
+    doc.write_text(text[:start] + "\n" + dataset_table() + "\n" + text[end:], encoding="utf-8")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from experiments._common import cli
+
+    if "--table" in sys.argv:
+        write_dataset_table()
+    else:
+        cli(NAME, __doc__, main, Config(), QUICK, full_flag=False)
