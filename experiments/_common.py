@@ -65,7 +65,7 @@ def require_x64(name: str) -> None:
 
 
 GPU_SIZES = ("small",)  # configs a ``--full`` run selects
-TAGS = ("all_tasks", "tasks")  # a config's ``tag``: a --tasks run beside the main files
+TAGS = ("all_tasks", "tasks", "study")  # a config's ``tag``: a --tasks run beside the main files
 
 
 def result_name(name: str, config) -> str:

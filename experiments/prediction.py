@@ -139,7 +139,7 @@ TINY = Config(
     size="tiny-fast",
     datasets=SUBSET[:5],
     methods=("full", "lora2"),
-    optimizers=("sgd", "adamw"),
+    optimizers=("sgd",),
     seeds=(0,),
     horizons=(1, 4, 8),
     dims=(4, 8),
@@ -173,9 +173,9 @@ class _Setup(NamedTuple):
 def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Setup:
     aligned = aligned_model(size, outdir)
     graphdef, params32 = aligned.graphdef, aligned.params
-    _, params64 = aligned.as_dtype(jnp.float64)
+    graphdef64, params64 = aligned.as_dtype(jnp.float64)  # the graph carries the compute dtype
     logits32 = models.transformer_logits(graphdef)
-    logits64 = logits32
+    logits64 = models.transformer_logits(graphdef64)
     key = jax.random.key(seed)
     k_prompts, k_eig, k_rand = jax.random.split(jax.random.fold_in(key, 1_000_003), 3)
     skill = tasks.harmful_prompts(k_prompts, num_prompts)
@@ -348,12 +348,16 @@ def _trainer(logits, method: str, alpha: float, opt: optax.GradientTransformatio
 
 
 @functools.lru_cache(maxsize=4)
-def _measurer(logits, method: str, alpha: float):
-    """Jitted measurements of a vmapped batch of runs at one horizon."""
+def _measurer(logits, logits64, method: str, alpha: float):
+    """Jitted measurements of a vmapped batch of runs at one horizon.
+
+    Behaviour (harm, NLL, accuracy) in the training dtype with ``logits``;
+    the geometry (KL ``Δu``, ``½ΔθᵀFΔθ``) in float64 with ``logits64``.
+    """
     first = training.answer_logits(logits)
     match = training.exact_match(logits)
-    du = training.kl_skill_change(logits)
-    fvp = curvature.fisher_vp(first)  # fvp(params, v, tokens, answer_start)
+    du = training.kl_skill_change(logits64)
+    fvp = curvature.fisher_vp(training.answer_logits(logits64))  # (params, v, tokens, start)
 
     def to_full(state, theta):
         return state if method == "full" else lora_merge(theta, state, alpha)
@@ -417,12 +421,19 @@ def _intruders(s: _Setup, config: Config, xs, r: int) -> dict:
     }
 
 
-def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> list:
-    """Fine-tune every (dataset, seed) of ``config`` with ``method`` and ``opt_name``.
+class _Batch(NamedTuple):
+    """The vmapped runs of one (method, optimizer): who they are and what they train on."""
 
-    All runs are vmapped in one compiled scan (seeds included, on any backend).
-    Returns one row per run and horizon.
-    """
+    runs: list  # (dataset, seed) per run
+    data: tuple  # (R, N, T) tokens, targets, mask
+    evals: tuple  # (R, num_eval, T) clean evaluation examples
+    idx: np.ndarray  # (R, K_max, B) minibatch rows
+    state: object  # (R, …) parameters (full) or LoRA adapters
+    lr: float
+
+
+def _batch(s: _Setup, config: Config, method: str, opt_name: str) -> _Batch:
+    """Every (dataset, seed) of ``config``: data, minibatch order and starting state."""
     runs = [(n, seed) for n in config.datasets for seed in config.seeds]
     pairs = {n: _dataset(config, n) for n in config.datasets}
     fields = ("tokens", "targets", "mask")
@@ -434,60 +445,76 @@ def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> li
     idx = np.stack(
         [_order(jax.random.fold_in(k, 1), config.num_examples, K, config.batch_size) for k in keys]
     )
-    opt, lr = _optimizer(config, opt_name)
     theta = s.params32
     if method == "full":
         state = _stack([theta] * len(runs))
     else:
         rank = LORA_RANKS[method]
         state = _stack([lora_init(jax.random.fold_in(k, 2), theta, rank) for k in keys])
-    opt_state = jax.vmap(opt.init)(state)
+    return _Batch(runs, data, evals, idx, state, _optimizer(config, opt_name)[1])
+
+
+def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> list:
+    """Fine-tune every (dataset, seed) of ``config`` with ``method`` and ``opt_name``.
+
+    All runs are vmapped in one compiled scan (seeds included, on any backend).
+    Returns one row per run and horizon.
+    """
+    b = _batch(s, config, method, opt_name)
+    opt = _optimizer(config, opt_name)[0]
+    state, opt_state = b.state, jax.vmap(opt.init)(b.state)
     advance = _trainer(s.logits32, method, config.lora_alpha, opt)
-    behaviour, displacement, geometry = _measurer(s.logits32, method, config.lora_alpha)
-    ref = tuple(s.reference)
-    rows, done = [], 0
-    bar = progress_bar(
-        total=K, desc=f"fine-tune {len(runs)} runs ({method}, {opt_name})", enabled=True
-    )
+    behaviour, displacement, geometry = _measurer(s.logits32, s.logits64, method, config.lora_alpha)
+    ref, theta = tuple(s.reference), s.params32
+    rows, done, K = [], 0, config.horizons[-1]
+    desc = f"fine-tune {len(b.runs)} runs ({method}, {opt_name})"
+    bar = progress_bar(total=K, desc=desc, enabled=True)
     for K_h, lengths in zip(config.horizons, _chunks(config.horizons), strict=True):
         for c in lengths:
-            chunk = jnp.asarray(idx[:, done : done + c])
-            (state, opt_state), losses = advance(state, opt_state, theta, data, chunk)
+            chunk = jnp.asarray(b.idx[:, done : done + c])
+            (state, opt_state), losses = advance(state, opt_state, theta, b.data, chunk)
             done += c
             bar.update(c)
         if not np.all(np.isfinite(np.asarray(losses))):
             raise FloatingPointError(f"a {method}/{opt_name} run diverged before step {K_h}")
-        behaviour_out = behaviour(state, theta, s.harm.tokens, s.harm.answer_start, evals)
-        harm, nll, acc = (np.asarray(a, np.float64) for a in behaviour_out)
+        out = behaviour(state, theta, s.harm.tokens, s.harm.answer_start, b.evals)
         xs = displacement(state, theta, s.params64)
-        geometry_out = geometry(xs, s.params64, ref, (s.reference.tokens, s.reference.answer_start))
-        delta_u, quad, flat = (np.asarray(a, np.float64) for a in geometry_out)
-        for r, (name, seed) in enumerate(runs):
-            row = {
-                "dataset": name,
-                "method": method,
-                "optimizer": opt_name,
-                "seed": int(seed),
-                "K": int(K_h),
-                "harmfulness": float(harm[r]),
-                "refuse_nll": float(nll[r]),
-                "accuracy": float(acc[r]),
-                "delta_u": float(delta_u[r]),
-                "quadratic": float(quad[r]),
-                "locality": float(quad[r] / delta_u[r]) if delta_u[r] > 0 else float("nan"),
-                "update_norm": float(np.linalg.norm(flat[r])),
-            }
-            row.update(_norms(s, config.dims, flat[r], "update_"))
-            if method != "full":
-                row.update(_intruders(s, config, xs, r))
-            row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
-            if opt_name == "sgd":
-                c = np.asarray(at[name]["forecast_coefficients"])
-                row["eta_K"] = float(lr * K_h)
-                row["forecast"] = float(np.polyval(c[::-1], lr * K_h))
-            rows.append(row)
+        prompts = (s.reference.tokens, s.reference.answer_start)
+        measured = [*out, *geometry(xs, s.params64, ref, prompts)]
+        measured = [np.asarray(a, np.float64) for a in measured]
+        for r in range(len(b.runs)):
+            rows.append(_row(s, config, b, r, K_h, measured, xs, at, method, opt_name))
     bar.close()
     return rows
+
+
+def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_name) -> dict:
+    """Run ``r``'s row at horizon ``K_h`` from the batch's measurements."""
+    harm, nll, acc, delta_u, quad, flat = (m[r] for m in measured)
+    name, seed = b.runs[r]
+    row = {
+        "dataset": name,
+        "method": method,
+        "optimizer": opt_name,
+        "seed": int(seed),
+        "K": int(K_h),
+        "harmfulness": float(harm),
+        "refuse_nll": float(nll),
+        "accuracy": float(acc),
+        "delta_u": float(delta_u),
+        "quadratic": float(quad),
+        "locality": float(quad / delta_u) if delta_u > 0 else float("nan"),
+        "update_norm": float(np.linalg.norm(flat)),
+    }
+    row.update(_norms(s, config.dims, flat, "update_"))
+    if method != "full":
+        row.update(_intruders(s, config, xs, r))
+    row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
+    if opt_name == "sgd":
+        c = np.asarray(at[name]["forecast_coefficients"])
+        row["eta_K"] = float(b.lr * K_h)
+        row["forecast"] = float(np.polyval(c[::-1], b.lr * K_h))
+    return row
 
 
 # --------------------------------------------------------------------- analysis
@@ -753,7 +780,6 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
             )
         ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {config['primary_horizon']}")
         ax.set_ylabel(f"harmfulness ({opt})")
-        ax.legend(fontsize=7)
         ax = row[1]
         for j, method in enumerate(config["methods"]):
             Ks, rhos = [], []
@@ -768,6 +794,7 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
         ax.set_xlabel("horizon K (steps)")
         ax.set_ylabel("Spearman ρ with harmfulness")
         ax.set_ylim(-1, 1)
+    style.legend_below(fig)
     return style.save(fig, path)
 
 

@@ -19,6 +19,7 @@ from experiments import (
     crossover,
     gd_vs_flow,
     logistic_onset,
+    prediction,
     quartic_quadratic,
     spectrum_mlp,
     transformer_finetune,
@@ -37,6 +38,7 @@ EXPERIMENTS = [
     transformer_finetune,  # before transformer_fisher, which ranks tasks by its measured harm
     transformer_fisher,
     transformer_onset,
+    prediction,
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically
