@@ -597,6 +597,9 @@ def analyse(config: Config, rows: list[dict]) -> dict:
                     entry["intruder_count_mean"] = float(
                         np.mean([r["intruder_count"] for r in sel])
                     )
+                    entry["intruder_fisher_mean"] = float(
+                        np.mean([r["update_intruder_fisher_half"] for r in sel])
+                    )
                     d0 = config.dims[0]
                     for r in sel:
                         r["augmented_p_ratio"] = (
@@ -684,7 +687,8 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
                     command,
                     "ρ(LoRA) < ρ(full)",
                     f"LoRA {_fmt_interval(cl)} vs full {_fmt_interval(c)}; intruder dimensions "
-                    f"per run {lora['intruder_count_mean']:.1f}, with their overlap added "
+                    f"per run {lora['intruder_count_mean']:.1f} (mean ½‖F^{{1/2}}PΔθ_intr‖² "
+                    f"{lora['intruder_fisher_mean']:.2g}), with their overlap added "
                     f"ρ = {aug:.2f}",
                     cl["rho"] < c["rho"],
                 )

@@ -91,6 +91,7 @@ def _synthetic_rows(config, harm_of_score, seed=0):
                         "locality": 0.1,
                         "intruder_count": 1,
                         "update_intruder_p_ratio": 0.0,
+                        "update_intruder_fisher_half": 0.0,
                         "eta_K": 0.03 * K,
                         "forecast_validity_time": 1.0,
                         "forecast": float(scores[i] * K * 1.2),
