@@ -856,6 +856,62 @@ def study_rows(outdir: Path = ROOT) -> list[dict] | None:
     return sweep.read_rows(path)[1] if path.is_file() else None
 
 
+TABLE_COLUMNS = {  # predictor -> column title (d = 10 unless named)
+    "update_p_ratio_d10": "‖PΔθ‖/‖Δθ‖",
+    "update_fisher_p_d10": "‖F^{1/2}PΔθ‖",
+    "update_p_d50": "‖P₅₀Δθ‖",
+    "at_g_p_ratio_d10": "‖Pg‖/‖g‖ (θ*)",
+    "at_g_p_d10": "‖Pg‖ (θ*)",
+    "at_gamma_d10": "γ (θ*)",
+    "forecast": "forecast (θ*)",
+    "update_random_p_ratio_d10": "random ‖P_rΔθ‖/‖Δθ‖",
+}
+
+
+def study_tables(results: dict) -> str:
+    """Markdown: ρ [95 % interval] of each predictor with harmfulness, and the forecast ratios."""
+    config, table = results["config"], results["table"]
+    cols = list(TABLE_COLUMNS)
+    head = "| method | K | harm (mean) | locality | " + " | ".join(TABLE_COLUMNS[c] for c in cols)
+    out = []
+    for opt in config["optimizers"]:
+        out += [f"\n**{opt}** — Spearman ρ [95 % interval] with harmfulness\n", head + " |"]
+        out.append("|" + "---|" * (4 + len(cols)))
+        for method in config["methods"]:
+            for K in config["horizons"]:
+                e = table.get(f"{opt}/{method}/{K}")
+                if e is None:
+                    continue
+                cells = []
+                for c in cols:
+                    r = e["correlations"].get(c)
+                    cells.append(
+                        f"{r['rho']:.2f} [{r['rho_interval'][0]:.2f}, {r['rho_interval'][1]:.2f}]"
+                        if r and np.isfinite(r["rho"])
+                        else "—"
+                    )
+                harm = float(np.mean(e["harmfulness"]))
+                out.append(
+                    f"| {method} | {K} | {harm:.2f} | {e['locality_median']:.2f} | "
+                    + " | ".join(cells)
+                    + " |"
+                )
+    cells = results["forecast"]["cells"]
+    if cells:
+        out += ["\n**SGD, full: Taylor forecast / realised KL Δu (seed mean)**\n"]
+        out += [
+            "| dataset | K | ηK | window | forecast | realised | ratio |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in cells:
+            mark = "" if c["inside"] else " (outside)"
+            out.append(
+                f"| {c['dataset']} | {c['K']} | {c['t']:.3g} | {c['validity_time']:.3g} | "
+                f"{c['forecast']:.3g} | {c['realised']:.3g} | {c['ratio']:.3g}{mark} |"
+            )
+    return "\n".join(out)
+
+
 def report(rows: list[dict], outdir: Path) -> list[Path]:
     """Tables, figure and claims of a sweep's rows (what ``geomcollapse report`` calls)."""
     return _report(rows, Path(outdir))["paths"]
@@ -865,8 +921,10 @@ def _report(rows: list[dict], outdir: Path) -> dict:
     config = _config_from_rows(rows)
     name = f"{NAME}_study"
     out = conclude(name, config, outdir, STUDY_COMMAND, _results(config, rows), figure, claims)
-    json_path = outdir / "experiments" / "results" / f"{name}.json"
-    out["paths"] = [json_path, outdir / out["result"]["figure"]]
+    results_dir = outdir / "experiments" / "results"
+    tables = results_dir / f"{name}_tables.md"
+    tables.write_text(study_tables(out["result"]) + "\n", encoding="utf-8")
+    out["paths"] = [results_dir / f"{name}.json", tables, outdir / out["result"]["figure"]]
     return out
 
 
