@@ -903,11 +903,17 @@ def study_tables(results: dict) -> str:
             "| dataset | K | ηK | window | forecast | realised | ratio |",
             "|---|---|---|---|---|---|---|",
         ]
-        for c in cells:
-            mark = "" if c["inside"] else " (outside)"
+        for c in [c for c in cells if c["inside"]]:
             out.append(
                 f"| {c['dataset']} | {c['K']} | {c['t']:.3g} | {c['validity_time']:.3g} | "
-                f"{c['forecast']:.3g} | {c['realised']:.3g} | {c['ratio']:.3g}{mark} |"
+                f"{c['forecast']:.3g} | {c['realised']:.3g} | {c['ratio']:.3g} |"
+            )
+        outside = [c["ratio"] for c in cells if not c["inside"]]
+        if outside:
+            out.append(
+                f"\n{len(outside)} of {len(cells)} cells lie outside the window "
+                f"(ratios {min(outside):.3g} to {max(outside):.3g}: the truncated series is "
+                "not a forecast there)."
             )
     return "\n".join(out)
 

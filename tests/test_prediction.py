@@ -126,7 +126,7 @@ def test_verdicts_follow_the_ranking_and_the_forecast_ratios():
     assert d.passed and "20 of 20" in d.measured
     text = P.study_tables(dict(up, config=dataclasses.asdict(config)))
     assert text.count("| full | ") == 2 and "| 1.00 [1.00, 1.00] |" in text
-    assert text.count(" | 1.2 |") == 20  # the forecast ratio of every cell
+    assert text.count(" | 1.2 |") == 20  # the forecast ratio of every (in-window) cell
     down = P._results(config, _synthetic_rows(config, lambda s: -s))
     (a,) = [c for c in P.claims(down, config, "cmd") if "ranks datasets" in c.claim]
     assert not a.passed and "ρ = -1.00" in a.measured
