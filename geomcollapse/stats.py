@@ -7,9 +7,12 @@
   ``stat`` over resamples of the pairs ``(x_i, y_i)`` with replacement
   (resampling datasets, not runs).
 
-All take 1-D sequences of equal length ``m ≥ 3`` of finite floats and return
-Python floats; ``nan`` when a variable is constant (no ranking to compare).
-Numpy only: no scipy at run time (the tests compare with ``scipy.stats``).
+The correlations take sequences of equal length ``m ≥ 3`` of finite floats
+and return a Python float; ``nan`` when a variable is constant (no ranking to
+compare). Given ``(B, m)`` arrays they return the ``(B,)`` correlations of the
+rows, which is how the bootstrap evaluates all its resamples in one call (2,000
+resamples of 26 pairs: ~1 ms instead of ~0.2 s one by one). Numpy only: no
+scipy at run time (the tests compare with ``scipy.stats``).
 """
 
 from __future__ import annotations
@@ -26,46 +29,48 @@ __all__ = ["bootstrap_interval", "kendall_tau", "mid_ranks", "spearman"]
 
 def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.ndim != 1 or y.ndim != 1 or x.shape != y.shape:
-        raise ValueError(f"x and y must be 1-D of equal length, got shapes {x.shape} and {y.shape}")
-    if x.size < 3:
-        raise ValueError(f"x and y need at least 3 pairs, got {x.size}")
+    if x.ndim not in (1, 2) or x.shape != y.shape:
+        raise ValueError(
+            f"x and y must be 1-D (or 2-D rows) of equal shape, got {x.shape} and {y.shape}"
+        )
+    if x.shape[-1] < 3:
+        raise ValueError(f"x and y need at least 3 pairs, got {x.shape[-1]}")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
         raise ValueError("x and y must be finite")
     return x, y
 
 
 def mid_ranks(x) -> np.ndarray:
-    """Ranks ``1 … m`` of a 1-D array, ties sharing the mean of their ranks: ``(m,)`` float64."""
+    """Ranks ``1 … m`` along the last axis, ties sharing the mean of their ranks (float64)."""
     x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(x.size)
-    sorted_x = x[order]
-    start = 0
-    for end in range(1, x.size + 1):
-        if end == x.size or sorted_x[end] != sorted_x[start]:
-            ranks[order[start:end]] = 0.5 * (start + end - 1) + 1.0
-            start = end
-    return ranks
+    less = np.sum(x[..., None, :] < x[..., :, None], axis=-1)
+    equal = np.sum(x[..., None, :] == x[..., :, None], axis=-1)
+    return less + 0.5 * (equal + 1)
 
 
-def spearman(x, y) -> float:
+def _result(num: np.ndarray, denom: np.ndarray):
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(denom > 0, num / np.where(denom > 0, denom, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
+
+
+def spearman(x, y):
     """Spearman's ρ of ``x`` and ``y`` (mid-ranks); ``nan`` if either is constant."""
     x, y = _pair(x, y)
-    rx, ry = mid_ranks(x) - (x.size + 1) / 2, mid_ranks(y) - (y.size + 1) / 2
-    denom = np.sqrt(np.sum(rx**2) * np.sum(ry**2))
-    return float(np.sum(rx * ry) / denom) if denom > 0 else float("nan")
+    m = x.shape[-1]
+    rx, ry = mid_ranks(x) - (m + 1) / 2, mid_ranks(y) - (m + 1) / 2
+    denom = np.sqrt(np.sum(rx**2, axis=-1) * np.sum(ry**2, axis=-1))
+    return _result(np.sum(rx * ry, axis=-1), denom)
 
 
-def kendall_tau(x, y) -> float:
+def kendall_tau(x, y):
     """Kendall's τ_b of ``x`` and ``y``; ``nan`` if either is constant."""
     x, y = _pair(x, y)
-    sx = np.sign(x[:, None] - x[None, :])
-    sy = np.sign(y[:, None] - y[None, :])
-    upper = np.triu_indices(x.size, 1)
-    sx, sy = sx[upper], sy[upper]
-    denom = np.sqrt(np.sum(sx != 0) * np.sum(sy != 0))
-    return float(np.sum(sx * sy) / denom) if denom > 0 else float("nan")
+    upper = np.triu(np.ones((x.shape[-1],) * 2, bool), 1)
+    sx = np.sign(x[..., :, None] - x[..., None, :]) * upper
+    sy = np.sign(y[..., :, None] - y[..., None, :]) * upper
+    denom = np.sqrt(np.sum(sx != 0, axis=(-2, -1)) * np.sum(sy != 0, axis=(-2, -1)))
+    return _result(np.sum(sx * sy, axis=(-2, -1)).astype(np.float64), denom.astype(np.float64))
 
 
 def bootstrap_interval(
@@ -79,7 +84,9 @@ def bootstrap_interval(
 ) -> tuple[float, float]:
     """Percentile interval of ``stat(x[idx], y[idx])`` over resamples of the pairs.
 
-    ``idx`` draws ``m`` indices with replacement (seeded by ``key``). Resamples
+    ``idx`` draws ``m`` indices with replacement (seeded by ``key``); ``stat``
+    is called once on the ``(num_resamples, m)`` resamples when it works on rows
+    (as :func:`spearman` and :func:`kendall_tau` do), else once per resample. Resamples
     on which ``stat`` is ``nan`` (a constant variable) are dropped; ``(nan,
     nan)`` when more than half are. Returns ``(low, high)``.
     """
@@ -89,7 +96,9 @@ def bootstrap_interval(
         raise ValueError(f"level must lie in (0, 1), got {level}")
     seed = np.asarray(jax.random.key_data(prng_key(key))).ravel()
     idx = np.random.default_rng(seed).integers(0, x.size, (num_resamples, x.size))
-    values = np.array([stat(x[i], y[i]) for i in idx])
+    values = np.asarray(stat(x[idx], y[idx]), np.float64)  # a row-wise stat: one call
+    if values.shape != (num_resamples,):  # a stat of 1-D inputs only
+        values = np.array([stat(x[i], y[i]) for i in idx])
     values = values[np.isfinite(values)]
     if values.size < num_resamples / 2:
         return float("nan"), float("nan")

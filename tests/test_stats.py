@@ -48,10 +48,10 @@ def test_bootstrap_interval_covers_the_statistic_and_is_seeded():
 @pytest.mark.parametrize(
     "args, match",
     [
-        ((np.ones(3), np.ones(4)), "equal length"),
+        ((np.ones(3), np.ones(4)), "equal shape"),
         ((np.ones(2), np.ones(2)), "at least 3"),
         ((np.array([1.0, np.nan, 2.0]), np.ones(3)), "finite"),
-        ((np.ones((3, 1)), np.ones((3, 1))), "1-D"),
+        ((np.ones((2, 3, 1)), np.ones((2, 3, 1))), "1-D"),
     ],
 )
 def test_bad_input_is_refused(args, match):
@@ -59,3 +59,16 @@ def test_bad_input_is_refused(args, match):
         stats.spearman(*args)
     with pytest.raises(ValueError, match="level"):
         stats.bootstrap_interval(stats.spearman, np.arange(4.0), np.arange(4.0), key=0, level=1.5)
+
+
+def test_row_wise_correlations_equal_the_one_dimensional_ones():
+    rng = np.random.default_rng(4)
+    x = np.round(rng.normal(size=(50, 9)), 1)
+    y = x + np.round(rng.normal(size=(50, 9)), 0)
+    y[3] = 1.0  # a constant row: nan there only
+    rho, tau = stats.spearman(x, y), stats.kendall_tau(x, y)
+    assert rho.shape == tau.shape == (50,) and np.isnan(rho[3]) and np.isnan(tau[3])
+    for i in range(50):
+        if i != 3:
+            assert rho[i] == pytest.approx(stats.spearman(x[i], y[i]), abs=1e-14)
+            assert tau[i] == pytest.approx(stats.kendall_tau(x[i], y[i]), abs=1e-14)
