@@ -5,7 +5,7 @@ it takes a Fisher matvec) over any parameter pytree; states are NamedTuples,
 everything jits. ``θ*`` is the ``params`` given to ``init``; transforms that
 measure ``x = θ − θ*`` need ``params`` in ``update``.
 
-Where a transform sits in an ``optax.chain`` matters:
+Where a transform sits in an ``optax.chain`` matters (docs/theory.md §7):
 
 - on the raw gradient, *before* the optimizer —
   ``optax.chain(defence, optax.sgd(lr))``: :func:`initial_orthogonalization`,
@@ -19,7 +19,8 @@ Where a transform sits in an ``optax.chain`` matters:
 
 Symbols follow docs/theory.md: ``M`` the top-``d`` eigenspace of the skill
 Fisher ``F``, ``P = VᵀV`` with ``V`` the ``(d, n)`` basis, ``λ_i`` its
-eigenvalues, ``g = ∇L``. A Fisher matvec follows the library's convention
+eigenvalues, ``g = ∇L``, ``δ`` an update in the chain (``θ ← θ + δ`` for the
+final one). A Fisher matvec follows the library's convention
 ``fisher_vp(params, v, *fisher_args)`` with ``v`` like ``params``;
 ``fisher_args`` given to the factory can be replaced per call by
 ``update(..., fisher_args=(batch,))`` (keeps data out of jit's constants).
@@ -176,7 +177,7 @@ class ProjectOutState(NamedTuple):
 
 
 def project_out(subspace: Subspace) -> optax.GradientTransformation:
-    """Every update ``u ← (I − P) u`` with ``M = M(θ*)`` fixed.
+    """Every update ``δ ← (I − P) δ`` with ``M = M(θ*)`` fixed.
 
     With SGD (or after any optimizer) ``P(θ_k − θ*) = 0`` for all ``k``: the
     projected loss of Thm 6.1 stays 0, while ``Δu`` can still grow through the
@@ -238,7 +239,7 @@ def project_out_tracking(
     current ``params`` are found by Lanczos inside ``jit``
     (:func:`geomcollapse.linalg.top_eigenpairs_traced`), started from
     ``Σ_i v_i`` of the previous basis plus a random unit vector (so a direction
-    rotating into ``M`` is not missed); then ``u ← (I − P(θ)) u``. Follows the
+    rotating into ``M`` is not missed); then ``δ ← (I − P(θ)) δ``. Follows the
     rotation of ``M`` that a static projection ignores (docs/theory.md §7); the
     tail and the part of ``M(θ)``'s motion between refreshes remain.
 
@@ -327,7 +328,7 @@ class FisherPenaltyState(NamedTuple):
 
 
 def fisher_penalty(subspace: Subspace, rho: float) -> optax.GradientTransformation:
-    """Add the gradient of ``½ρ‖F^{1/2}P(θ − θ*)‖²``: ``u ← g + ρ Σ_i λ_i v_i⟨v_i, θ − θ*⟩``.
+    """Add the gradient of ``½ρ‖F^{1/2}P(θ − θ*)‖²``: ``g ← g + ρ Σ_i λ_i v_i⟨v_i, θ − θ*⟩``.
 
     That gradient is ``ρPFP(θ − θ*)`` (``P`` commutes with ``F``): two
     ``(d, n)`` products, no Fisher matvec (docs/theory.md §7); ``λ_i`` clipped
@@ -359,7 +360,7 @@ def fisher_penalty(subspace: Subspace, rho: float) -> optax.GradientTransformati
 def full_fisher_penalty(
     fisher_vp: Callable[..., PyTree], rho: float, *, fisher_args: tuple = ()
 ) -> optax.GradientTransformationExtraArgs:
-    """Add the gradient of ``½ρ(θ − θ*)ᵀF(θ*)(θ − θ*)``: ``u ← g + ρF(θ*)(θ − θ*)``.
+    """Add the gradient of ``½ρ(θ − θ*)ᵀF(θ*)(θ − θ*)``: ``g ← g + ρF(θ*)(θ − θ*)``.
 
     EWC-style: the whole Fisher at ``θ*`` (``M`` and its tail), one matvec per
     step. Place it on the raw gradient, ``optax.chain(full_fisher_penalty(…), optax.sgd(lr))``.
@@ -416,25 +417,25 @@ def fisher_budget(
     """Keep the local model of ``Δu``, ``q(x) = ½xᵀF(θ*)x``, within ``budget`` (x = θ − θ*).
 
     A trust region of the skill's quadratic model (Thm 6.1 with the whole
-    Fisher, tail included; docs/theory.md §7). Acts on the *final* step ``u``
-    (``θ ← θ + u``), so place it last: ``optax.chain(optax.sgd(lr), fisher_budget(…))``.
+    Fisher, tail included; docs/theory.md §7). Acts on the *final* step ``δ``
+    (``θ ← θ + δ``), so place it last: ``optax.chain(optax.sgd(lr), fisher_budget(…))``.
     With ``w = F x``, the normal of the level set of ``q`` through ``x``:
 
-    1. if ``q(x + u) ≤ budget``, ``u`` passes unchanged;
+    1. if ``q(x + δ) ≤ budget``, ``δ`` passes unchanged;
     2. else the endpoint moves along the normal onto the boundary,
-       ``u ← u − a w`` with ``a`` the root nearest 0 of ``q(x + u − a w) = budget``;
+       ``δ ← δ − a w`` with ``a`` the root nearest 0 of ``q(x + δ − a w) = budget``;
     3. if that line misses the ellipsoid ``q ≤ budget`` (a step large against
        the budget), the step's outward part is removed first,
-       ``v = u − max(0, ⟨w, u⟩)/‖w‖² · w``, and ``v`` is shortened to ``s v``,
+       ``v = δ − max(0, ⟨w, δ⟩)/‖w‖² · w``, and ``v`` is shortened to ``s v``,
        ``s ∈ (0, 1]`` the largest (by bisection) for which rule 1 or 2 applies to it;
-    4. started outside the budget with no such ``s``: ``x + u`` is pulled back
+    4. started outside the budget with no such ``s``: ``x + δ`` is pulled back
        along the ray from ``θ*`` onto ``q = budget``.
 
     On the boundary the step never increases ``q`` to first order, directions
     ``F`` does not see are never shrunk (rules 1-2), and for steps small against
     the budget rule 3 never fires. ``q(θ_{k+1} − θ*) ≤ budget`` after every
-    step to rounding. Three Fisher matvecs at ``θ*`` per step (``F x``, ``F u``,
-    ``F w``); ``q`` is a quadratic in the step on ``span{x, u, w}``, so rules 2-3
+    step to rounding. Three Fisher matvecs at ``θ*`` per step (``F x``, ``F δ``,
+    ``F w``); ``q`` is a quadratic in the step on ``span{x, δ, w}``, so rules 2-3
     are scalar algebra.
 
     Args:
