@@ -5,6 +5,7 @@ Subpackages: :mod:`geomcollapse.curvature` (matrix-free curvature operators),
 landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow`
 (exact, ODE and optimizer flows, cancellation-free Δu), :mod:`geomcollapse.subspace`
 (M, projections, overlap scores, the orthogonalising correction),
+:mod:`geomcollapse.defences` (defences as optax gradient transformations),
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
 :mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
@@ -20,6 +21,7 @@ token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training 
 from geomcollapse import (
     aic,
     curvature,
+    defences,
     flow,
     intruders,
     landscapes,
@@ -35,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "aic",
     "curvature",
+    "defences",
     "flow",
     "intruders",
     "landscapes",
