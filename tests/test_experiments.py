@@ -44,7 +44,14 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
     # representation-gradient rows are findings about a trained θ* with thresholds fixed for
     # the tiny and small models: on the 1,200-step test model (top-8 δ energy 0.77 in 0/qkv)
     # test_transformer_numbers checks that their verdicts follow from their numbers instead
-    findings = ("Representation gradients are low-rank", "Top Fisher eigenvectors' W-blocks")
+    # the Table 1 rows (experiments.prediction) are findings too: their verdicts are checked
+    # against their numbers on synthetic rows in tests/test_prediction.py
+    findings = (
+        "Representation gradients are low-rank",
+        "Top Fisher eigenvectors' W-blocks",
+        "Table 1",
+        "The Taylor forecast of Δu(ηK)",
+    )
     assert all(
         c.passed
         for c in claims
