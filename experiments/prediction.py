@@ -932,6 +932,8 @@ def _report(rows: list[dict], outdir: Path) -> dict:
     results_dir = outdir / "experiments" / "results"
     tables = results_dir / f"{name}_tables.md"
     tables.write_text(study_tables(out["result"]) + "\n", encoding="utf-8")
+    if outdir.resolve() == ROOT:  # this checkout's docs carry the committed study's tables
+        _write_between(ROOT / "docs" / "prediction.md", "study-tables", study_tables(out["result"]))
     out["paths"] = [results_dir / f"{name}.json", tables, outdir / out["result"]["figure"]]
     return out
 
@@ -963,12 +965,17 @@ def dataset_table() -> str:
     return "\n".join(rows)
 
 
+def _write_between(doc: Path, marker: str, text: str) -> None:
+    """Replace what stands between ``<!-- marker:start -->`` and ``<!-- marker:end -->``."""
+    page = doc.read_text(encoding="utf-8")
+    start = page.index(f"<!-- {marker}:start -->") + len(f"<!-- {marker}:start -->")
+    end = page.index(f"<!-- {marker}:end -->")
+    doc.write_text(page[:start] + "\n" + text + "\n" + page[end:], encoding="utf-8")
+
+
 def write_dataset_table(doc: Path = ROOT / "docs" / "prediction.md") -> None:
     """Rewrite the table between the ``dataset-table`` markers of ``doc``."""
-    text = doc.read_text(encoding="utf-8")
-    start = text.index("<!-- dataset-table:start -->") + len("<!-- dataset-table:start -->")
-    end = text.index("<!-- dataset-table:end -->")
-    doc.write_text(text[:start] + "\n" + dataset_table() + "\n" + text[end:], encoding="utf-8")
+    _write_between(doc, "dataset-table", dataset_table())
 
 
 if __name__ == "__main__":
