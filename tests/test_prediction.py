@@ -165,3 +165,11 @@ def test_the_dataset_table_lists_every_member_and_the_splits_are_disjoint():
 def test_bad_configs_are_refused(change, match):
     with pytest.raises(ValueError, match=match):
         dataclasses.replace(P.QUICK, **change)
+
+
+def test_the_docs_dataset_table_is_current():
+    page = (P.ROOT / "docs" / "prediction.md").read_text(encoding="utf-8")
+    block = page.split("<!-- dataset-table:start -->")[1].split("<!-- dataset-table:end -->")[0]
+    assert block.strip() == P.dataset_table().strip(), (
+        "run python -m experiments.prediction --table"
+    )
