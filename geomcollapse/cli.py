@@ -43,7 +43,7 @@ QUICK_RUNTIME_S = {
     "transformer_finetune": 55,
     "transformer_fisher": 57,
     "transformer_onset": 95,
-    "prediction": 140,
+    "prediction": 145,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
