@@ -137,18 +137,18 @@ QUICK = Config(
 )
 TINY = Config(
     size="tiny-fast",
-    datasets=SUBSET[:5],
+    datasets=SUBSET[:4],
     methods=("full", "lora2"),
     optimizers=("sgd",),
     seeds=(0,),
-    horizons=(1, 4, 8),
+    horizons=(1, 4),
     dims=(4, 8),
-    num_examples=256,
+    num_examples=128,
     num_eval=64,
     num_prompts=64,
-    primary_horizon=8,
+    primary_horizon=4,
     num_resamples=200,
-    forecast_examples=128,
+    forecast_examples=64,
 )
 
 
@@ -771,7 +771,7 @@ def _forecast_claim(forecast: dict, config: Config, command: str) -> Claim:
 
 
 # ----------------------------------------------------------------------- figure
-FIGURE_NEEDS = ("table", "datasets")
+FIGURE_NEEDS = ("table", "scores")
 
 
 @style.styled

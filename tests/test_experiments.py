@@ -310,7 +310,7 @@ def test_figures_command_redraws_every_results_file(tiny_run, tmp_path):
     assert set(report) == {m.NAME for m in reproduce.EXPERIMENTS}
     for stem, written in report.items():
         assert written == [str(tmp_path / f"{stem}.png"), str(tmp_path / f"{stem}.pdf")]
-    assert figures.module_for("transformer_onset_small") is reproduce.EXPERIMENTS[-1]
+    assert figures.module_for("transformer_onset_small") is transformer_onset
     assert figures.module_for("transformer_fisher_aic_table") is None
 
 
