@@ -108,6 +108,23 @@ def _need_params(params: PyTree, name: str) -> None:
         )
 
 
+def _store_theta_star(state_type: type) -> Callable[[PyTree], Any]:
+    """``init(params)`` of a transform whose state is ``state_type(θ* = params)``."""
+
+    def init(params: PyTree):
+        finite_leaves(params, "params")
+        return state_type(params)
+
+    return init
+
+
+def _matvec_setup(params, theta_star, name: str, default_args: tuple, fisher_args):
+    """``(fisher_args, x = θ − θ*)`` for the update of a Fisher-matvec transform ``name``."""
+    _need_params(params, name)
+    args = default_args if fisher_args is None else _args(fisher_args)
+    return args, jax.tree_util.tree_map(jnp.subtract, params, theta_star)
+
+
 def _matvec_fn(fisher_vp: Any) -> Callable[..., PyTree]:
     if not callable(fisher_vp):
         raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
@@ -375,9 +392,7 @@ def full_fisher_penalty(
     rho = positive_float(rho, "rho")
     default_args = _args(fisher_args)
 
-    def init(params: PyTree) -> FisherPenaltyState:
-        finite_leaves(params, "params")
-        return FisherPenaltyState(params)
+    init = _store_theta_star(FisherPenaltyState)
 
     def update(
         updates: PyTree,
@@ -388,9 +403,9 @@ def full_fisher_penalty(
         **extra_args: Any,
     ):
         del extra_args
-        _need_params(params, "full_fisher_penalty")
-        args = default_args if fisher_args is None else _args(fisher_args)
-        x = jax.tree_util.tree_map(jnp.subtract, params, state.theta_star)
+        args, x = _matvec_setup(
+            params, state.theta_star, "full_fisher_penalty", default_args, fisher_args
+        )
         fx = fisher_vp(state.theta_star, x, *args)
         out = jax.tree_util.tree_map(lambda g, f: g + rho * f.astype(g.dtype), updates, fx)
         return out, state
@@ -448,9 +463,7 @@ def fisher_budget(
     budget = positive_float(budget, "budget")
     default_args = _args(fisher_args)
 
-    def init(params: PyTree) -> FisherBudgetState:
-        finite_leaves(params, "params")
-        return FisherBudgetState(params)
+    init = _store_theta_star(FisherBudgetState)
 
     def update(
         updates: PyTree,
@@ -461,10 +474,8 @@ def fisher_budget(
         **extra_args: Any,
     ):
         del extra_args
-        _need_params(params, "fisher_budget")
-        args = default_args if fisher_args is None else _args(fisher_args)
         theta_star = state.theta_star
-        x_tree = jax.tree_util.tree_map(jnp.subtract, params, theta_star)
+        args, x_tree = _matvec_setup(params, theta_star, "fisher_budget", default_args, fisher_args)
         x, unravel_x = ravel_pytree(x_tree)
         u0, unravel = ravel_pytree(updates)
         u = u0.astype(x.dtype)
