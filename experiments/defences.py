@@ -1032,8 +1032,12 @@ def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
     runs = [r for r in rows if r.get("kind") == "run"]
     seen = lambda f: tuple(dict.fromkeys(r[f] for r in runs))  # noqa: E731
     datasets = seen("dataset")
+    dims = tuple(sorted({int(k[8:]) for r in runs for k in r if k.startswith("m_part_d")}))
+    dims = dims or base.static_dims
     return dataclasses.replace(
         base,
+        static_dims=dims,
+        primary_dim=base.primary_dim if base.primary_dim in dims else dims[0],
         datasets=tuple(d for d in base.datasets if d in datasets)
         + tuple(d for d in datasets if d not in base.datasets),
         defences=tuple(d for d in DEFENCES if d in seen("defence")),
