@@ -59,6 +59,8 @@ def runtime_help(name: str | None = None) -> str:
         quick = ", ".join(f"{k} {v} s" for k, v in QUICK_RUNTIME_S.items())
         total = sum(QUICK_RUNTIME_S.values())
         return f"--quick on a 2-core CPU: {quick} (about {total // 60 + 1} minutes in all); {full}."
+    if name not in QUICK_RUNTIME_S:  # an experiment the main job does not run (yet)
+        return f"--quick is not part of the main job and not timed here; {full}."
     return f"--quick takes about {QUICK_RUNTIME_S[name]} s on a 2-core CPU; {full}."
 
 
