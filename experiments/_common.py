@@ -224,3 +224,11 @@ def task_subset(text: str) -> tuple[str, ...]:
             f"--tasks must list benign tasks from {sorted(tasks.BENIGN_TASKS)}, got {text!r}"
         )
     return names
+
+
+def committed_sweep_rows(outdir: Path, output: Path) -> list[dict] | None:
+    """The rows of a committed sweep output ``outdir / output`` (complete cells), if present."""
+    from geomcollapse import sweep
+
+    path = Path(outdir) / output
+    return sweep.read_rows(path)[1] if path.is_file() else None

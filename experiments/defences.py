@@ -35,7 +35,7 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
 from experiments import prediction as P
-from experiments._common import ROOT, Claim, conclude
+from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
 from geomcollapse import aic, curvature, flow, tasks, theory, training
 from geomcollapse import defences as transforms
 from geomcollapse._progress import progress_bar
@@ -1022,10 +1022,7 @@ STUDY_COMMAND = "geomcollapse sweep sweeps/defences_tiny.json"
 
 def study_rows(outdir: Path = ROOT) -> list[dict] | None:
     """The committed full study's rows (``sweeps/defences_tiny.jsonl``), if present."""
-    from geomcollapse import sweep
-
-    path = Path(outdir) / STUDY_OUTPUT
-    return sweep.read_rows(path)[1] if path.is_file() else None
+    return committed_sweep_rows(outdir, STUDY_OUTPUT)
 
 
 def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:

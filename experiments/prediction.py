@@ -34,7 +34,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, conclude, write_json
+from experiments._common import ROOT, Claim, committed_sweep_rows, conclude, write_json
 from experiments._transformer import aligned_model
 from geomcollapse import (
     aic,
@@ -866,10 +866,7 @@ STUDY_COMMAND = "geomcollapse sweep sweeps/prediction_tiny.json"
 
 def study_rows(outdir: Path = ROOT) -> list[dict] | None:
     """The committed full study's rows (``sweeps/prediction_tiny.jsonl``), if present."""
-    from geomcollapse import sweep
-
-    path = Path(outdir) / STUDY_OUTPUT
-    return sweep.read_rows(path)[1] if path.is_file() else None
+    return committed_sweep_rows(outdir, STUDY_OUTPUT)
 
 
 TABLE_COLUMNS = {  # predictor -> column title (d = 10 unless named)
