@@ -1,10 +1,19 @@
 """Shared test set-up: float64 enabled once, dtype-scaled tolerances, small models."""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread beside XLA's pool
+# One XLA compilation cache per test run, shared by the xdist workers and the
+# subprocesses they start: the same programs (the aligned transformer's training,
+# the fine-tuning scans, the Fisher matvecs) are compiled by several test files,
+# and compilation is about half of the suite's time. Results do not depend on it.
+_OWN_CACHE = os.path.join(tempfile.gettempdir(), f"geomcollapse-xla-{os.getpid()}")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE)  # workers inherit the controller's
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -127,3 +136,10 @@ def aligned(aligned_root):
     from experiments._transformer import aligned_model
 
     return aligned_model("tiny-fast", aligned_root, progress=False)
+
+
+def pytest_sessionfinish(session):
+    """The controller (not an xdist worker) removes the run's compilation cache."""
+    if not hasattr(session.config, "workerinput"):  # only the cache this file created
+        if os.environ["JAX_COMPILATION_CACHE_DIR"] == _OWN_CACHE:
+            shutil.rmtree(_OWN_CACHE, ignore_errors=True)
