@@ -17,7 +17,8 @@ Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthe
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
 :mod:`geomcollapse.checkpoint` (orbax save/restore, verified), :mod:`geomcollapse.pipeline`
 (pretrain → align → fine-tune, skill Fisher, the KL skill reference),
-:mod:`geomcollapse.representation` (representation-space gradients of dense layers).
+:mod:`geomcollapse.representation` (representation-space gradients of dense layers),
+:mod:`geomcollapse.token_files` (token files and :func:`diagnose` of a transformer checkpoint).
 """
 
 from geomcollapse import (

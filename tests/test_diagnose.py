@@ -282,8 +282,8 @@ def _dense_fisher(logits_fn, flat, unravel, *args):
         z = logits_fn(unravel(f), *args)
         return z.reshape(-1, z.shape[-1])
 
-    z = np.asarray(jax.jit(rows)(flat), np.float64)  # (m, C)
-    J = np.asarray(jax.jit(jax.jacfwd(rows))(flat), np.float64)  # (m, C, n)
+    z, J = jax.jit(lambda f: (rows(f), jax.jacfwd(rows)(f)))(flat)
+    z, J = np.asarray(z, np.float64), np.asarray(J, np.float64)  # (m, C), (m, C, n)
     p = np.exp(z - z.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
     lam = p[:, :, None] * np.eye(p.shape[1]) - p[:, :, None] * p[:, None, :]
@@ -315,18 +315,29 @@ def test_readme_example_on_a_user_flax_nnx_classifier(tmp_path, monkeypatch):
     assert abs(dg.delta_u_coefficients[1]) < 1e-12 * dg.delta_u_coefficients[2]
     assert rel_err(dg.delta_u_coefficients[2], 0.5 * g @ F @ g) < 1e-9
     assert dg.aic.converged and math.isnan(dg.first_order_time)
-    # the README's claim: with the hard-target skill loss, c₁ ≠ 0 and a warning says so
+    # the README's claim: with the hard-target skill loss, c₁ ≠ 0 and a warning says so;
+    # here with the empirical Fisher GᵀG/m of its per-example gradients (dense twin below)
+    x_y = (x_skill, ns["y_skill"])
     hard = geomcollapse.diagnose(
         ns["nll"],
         ns["nll"],
         params,
-        skill_args=(x_skill, ns["y_skill"]),
+        skill_args=x_y,
         task_args=(ns["x_task"], ns["y_task"]),
-        skill_logits=lambda p, x, y: ns["logits"](p, x),
+        fisher="empirical",
         key=jax.random.key(0),
     )
-    np.testing.assert_allclose(hard.eigenvalues, dg.eigenvalues, rtol=1e-12)  # the same F
-    assert hard.delta_u_coefficients[1] != 0 and "not a minimum" in hard.warnings[0]
+    assert hard.fisher == "empirical" and "not a minimum" in hard.warnings[0]
+
+    def losses(f):  # the per-example skill losses ℓ_i(θ)
+        return jax.vmap(lambda x, y: ns["nll"](unravel(f), x[None], y[None]))(*x_y)
+
+    G = np.asarray(jax.jit(jax.jacrev(losses))(flat))  # (m, n) per-example gradients
+    lam_emp = np.linalg.eigvalsh(G.T @ G / G.shape[0])[::-1]
+    k = len(hard.eigenvalues)
+    np.testing.assert_allclose(hard.eigenvalues, lam_emp[:k], rtol=1e-9, atol=1e-12 * lam_emp[0])
+    grad_u = G.mean(axis=0)
+    assert rel_err(hard.delta_u_coefficients[1], -grad_u @ g) < 1e-10  # c₁ = −∇u(θ*)ᵀg
     # the default is the true Fisher because the empirical one vanishes at the KL minimum
     with pytest.raises(ValueError, match="vanishes at params"):
         geomcollapse.diagnose(
@@ -350,9 +361,12 @@ def ckpt(tmp_path_factory):
     """A one-block transformer checkpoint (n = 249), its skill (.npz) and task (.jsonl) files,
     and an orbax checkpoint of something that is not a transformer."""
     root = tmp_path_factory.mktemp("diagnose_cli")
-    _, params = models.transformer_init(jax.random.key(0), CONFIG)
-    checkpoint.save_checkpoint(root / "ckpt", params, CONFIG)
     rng = np.random.default_rng(0)
+    _, abstract = models.transformer_abstract(CONFIG)  # random weights without eager init ops
+    params = jax.tree.map(
+        lambda a: jnp.asarray(0.5 * rng.standard_normal(a.shape), a.dtype), abstract
+    )
+    checkpoint.save_checkpoint(root / "ckpt", params, CONFIG)
     np.savez(
         root / "skill.npz",
         tokens=rng.integers(0, CONFIG.vocab, (6, 4)),
