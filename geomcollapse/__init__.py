@@ -11,11 +11,14 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 :mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
 :mod:`geomcollapse.intruders` (LoRA intruder dimensions and the update along them),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
+:func:`geomcollapse.diagnose` measures all of it at ``θ*`` in one call and returns a
+:class:`geomcollapse.Diagnosis` (JSON, Markdown, a one-page figure).
 Imported on demand (they pull in optax/orbax): :mod:`geomcollapse.tasks` (synthetic
 token tasks), :mod:`geomcollapse.training` (losses, metrics, decoding, training loop),
 :mod:`geomcollapse.checkpoint` (orbax save/restore, verified), :mod:`geomcollapse.pipeline`
 (pretrain → align → fine-tune, skill Fisher, the KL skill reference),
-:mod:`geomcollapse.representation` (representation-space gradients of dense layers).
+:mod:`geomcollapse.representation` (representation-space gradients of dense layers),
+:mod:`geomcollapse.token_files` (token files and :func:`diagnose` of a transformer checkpoint).
 """
 
 from geomcollapse import (
@@ -32,12 +35,15 @@ from geomcollapse import (
     subspace,
     theory,
 )
+from geomcollapse._diagnose import Diagnosis, diagnose
 
 __version__ = "0.1.0"
 __all__ = [
+    "Diagnosis",
     "aic",
     "curvature",
     "defences",
+    "diagnose",
     "flow",
     "intruders",
     "landscapes",

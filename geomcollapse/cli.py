@@ -4,7 +4,9 @@
 ``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR]`` one
 experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
 of an experiment's config); ``geomcollapse report SWEEP_OUTPUT [--out DIR]``
-an experiment sweep's tables and figures; ``geomcollapse --version``.
+an experiment sweep's tables and figures; ``geomcollapse diagnose --checkpoint DIR
+--skill FILE --task FILE`` a transformer checkpoint's diagnosis (docs/diagnose.md);
+``geomcollapse --version``.
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
 ``--full`` the long one, on every experiment.
 
@@ -91,6 +93,34 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnose(args: argparse.Namespace) -> int:
+    from geomcollapse import token_files
+
+    try:
+        diagnosis = token_files.diagnose_checkpoint(
+            args.checkpoint,
+            args.skill,
+            args.task,
+            key=jax.random.key(args.seed),
+            d=args.d,
+            lr=args.lr,
+            steps=args.steps,
+            threshold=args.threshold,
+            order=args.order,
+            progress=not args.no_progress,
+        )
+        paths = diagnosis.save(args.out)
+    except (ValueError, OSError) as err:  # malformed input: one line naming the file, no trace
+        message = " ".join(str(err).split())
+        print(f"geomcollapse diagnose: error: {message}", file=sys.stderr)
+        return 2
+    for warning in diagnosis.warnings:
+        print(f"warning: {warning}")
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _experiments_package():
     try:
         return importlib.import_module("experiments._common")
@@ -155,6 +185,46 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write (default: the working directory)",
     )
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="diagnose a transformer checkpoint for a skill and a fine-tuning task: AIC, "
+        "spectrum, forecast of Δu, overlap, warnings",
+        description="writes report.json, report.md and report.png (token-file formats: "
+        "docs/diagnose.md)",
+    )
+    diagnose.add_argument(
+        "--checkpoint", type=Path, required=True, metavar="DIR", help="a transformer checkpoint"
+    )
+    diagnose.add_argument(
+        "--skill",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="skill prompts (.npy, .npz or .jsonl token ids)",
+    )
+    diagnose.add_argument(
+        "--task",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="fine-tuning sequences (.npy, .npz or .jsonl token ids)",
+    )
+    diagnose.add_argument(
+        "--d", type=int, default=None, help="dim M (default: the 90%%-of-tr F rule)"
+    )
+    diagnose.add_argument("--lr", type=float, default=None, help="SGD learning rate (t = lr·k)")
+    diagnose.add_argument("--steps", type=int, default=None, metavar="K", help="planned steps")
+    diagnose.add_argument(
+        "--threshold", type=float, default=None, help="Δu level whose crossing step is forecast"
+    )
+    diagnose.add_argument(
+        "--order", type=int, default=4, help="forecast order K (raise it for a longer window)"
+    )
+    diagnose.add_argument("--seed", type=int, default=0, help="random seed (Lanczos, probes)")
+    diagnose.add_argument(
+        "--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default: .)"
+    )
+    diagnose.add_argument("--no-progress", action="store_true", help="no progress bar")
     # the shared flags live with the experiments; added here by hand so --help works
     # without importing them
     for name, help_text, epilog in (
@@ -201,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
-    commands = {"sweep": _sweep, "report": _report, "run": _run, "reproduce": _reproduce}
+    commands = {
+        "sweep": _sweep,
+        "report": _report,
+        "run": _run,
+        "reproduce": _reproduce,
+        "diagnose": _diagnose,
+    }
     return commands[args.command](args)
 
 

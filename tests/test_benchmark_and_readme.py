@@ -1,4 +1,6 @@
-"""The benchmarks run (on tiny problems), their doc tables are current, and doc examples execute."""
+"""The benchmarks run (on tiny problems), their doc tables are current, and doc examples execute.
+
+The README's "Use on your own model" example runs in tests/test_diagnose.py."""
 
 import json
 import re
@@ -81,30 +83,6 @@ def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
 def _python_blocks(path: Path) -> list[str]:
     """The ```python blocks of a Markdown file (```py blocks are illustrative: they train)."""
     return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
-
-
-def test_readme_python_examples_execute():
-    """The "Use on your own model" example runs, and its forecast matches its flow."""
-    blocks = _python_blocks(ROOT / "README.md")
-    assert blocks, "README has no python example"
-    for code in blocks:
-        namespace: dict = {}
-        exec(compile(code, "README.md", "exec"), namespace)
-    report, s, x = namespace["m"].report, namespace["s"], namespace["x"]
-    assert report.converged and report.coupling > 0 and np.isfinite(s.validity_time)
-    # at the smallest time, far inside the series' validity, forecast = integrated flow
-    flow_du = (
-        namespace["flow"]
-        .skill_change(
-            namespace["nll"],
-            namespace["params"],
-            x,
-            args=(namespace["x_skill"], namespace["y_skill"]),
-        )
-        .delta_u
-    )
-    forecast = s.evaluate(namespace["ts"]).delta_u
-    np.testing.assert_allclose(forecast[0], flow_du[0], rtol=1e-6)
 
 
 def test_docs_python_examples_execute():

@@ -1,0 +1,1169 @@
+"""One call that diagnoses a model before fine-tuning: AIC, spectrum, forecast, overlap, warnings.
+
+:func:`diagnose` composes the library's measurements at ``θ*`` for one skill
+and one fine-tuning task (docs/theory.md §2, §5, §6): the skill Fisher's top
+eigenpairs and trace (:func:`geomcollapse.linalg.top_eigenpairs`,
+:func:`geomcollapse.aic.fisher_trace`), the AIC report of Def. 5.1
+(:func:`geomcollapse.theory.aic_report`), the Taylor forecast of ``Δu(t)`` and
+of the projected loss ``½‖F^{1/2}Px(t)‖²`` with its validity window
+(:func:`geomcollapse.series.delta_u_series`), the overlap of the forecast
+update with ``M`` (:class:`geomcollapse.subspace.Subspace`), the SGD step at
+which ``Δu`` is forecast to cross a threshold (``t = lr·k``), and warnings in
+plain words. The result is a :class:`Diagnosis`: JSON round trip, Markdown,
+a one-page figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+import json
+import math
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import aic, curvature, linalg, series, theory
+from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
+from geomcollapse._progress import progress_bar
+from geomcollapse.subspace import Subspace
+
+__all__ = [
+    "DEFAULT_SHARE",
+    "Diagnosis",
+    "crossing_step",
+    "diagnose",
+    "first_order_time",
+    "projected_coefficients",
+]
+
+PyTree = Any
+
+DEFAULT_SHARE = 0.9  # d=None: the top-d eigenvalues must hold this share of tr F
+DEFAULT_MAX_D = 64  # d=None: the largest d the rule may pick
+DENSE_MAX_N = 2048  # spectrum='auto': F formed densely (n matvecs, eigh) up to this n
+FIRST_K = 8  # d=None: eigenpairs computed first (then doubled until the share is reached)
+NUM_FORECAST_TIMES = 96  # points of the stored forecast curve
+_FISHERS = ("true", "empirical")
+# The series and the dense F are computed once per diagnosis, so their compile time is
+# what counts: XLA's backend at optimisation level 0 compiled the order-4 series of a
+# one-block transformer in 7 s of CPU instead of 12 s (2-core CPU), equal to rounding.
+_ONE_SHOT = {"xla_backend_optimization_level": 0}
+
+
+# --------------------------------------------------------------------------- the result
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` measured at ``θ*``, and what it forecasts.
+
+    Times ``t`` are gradient-flow times; SGD at learning rate ``lr`` reaches
+    ``t = lr·k`` after ``k`` steps. Floats that are not finite are kept as
+    such (``inf``: unbounded, ``nan``: unknown) and written as strings in JSON.
+
+    Attributes:
+      n: number of parameters.
+      dtype: their dtype.
+      fisher: ``'true'``, ``'empirical'`` or ``'custom'`` (a matvec passed in).
+      d: ``dim M``.
+      d_rule: how ``d`` was chosen (the rule, or ``'given'``).
+      share: the share of ``tr F`` the rule asks the top ``d`` to hold.
+      lr, steps, threshold: the plan given (``None`` where not given).
+      order: ``K``, the highest power of the forecast.
+      aic: the :class:`geomcollapse.theory.AICReport` at ``d`` (Def. 5.1), with
+        ``converged`` and ``eigen_residuals`` certifying ``M``.
+      eigenvalues: every top eigenvalue computed (``≥ d`` of them), descending.
+      eigen_residuals: their ``‖Fv − λv‖``.
+      trace: ``tr F`` (exact, or Hutchinson on the deflated tail plus the top eigenvalues).
+      trace_stderr: its standard error (0 when exact).
+      trace_method: ``'exact'`` or ``'hutchinson'``.
+      spectrum_method: ``'dense'`` (``F`` formed from ``n`` matvecs, ``eigh``) or ``'lanczos'``.
+      top_share: ``Σ_{i≤d} λ_i / tr F``.
+      skill_gradient_norm: ``‖∇u(θ*)‖`` (0 at a minimum of ``u``).
+      task_gradient_norm: ``‖g(θ*)‖``.
+      delta_u_coefficients: ``c₀ … c_K`` of ``Δu(t)`` (docs/theory.md §6; ``c₁ = −∇u(θ*)ᵀg``).
+      projected_coefficients: the same for ``½‖F^{1/2}Px(t)‖²``.
+      validity_time: where the last term of ``Δu``'s series reaches 10 % of the sum.
+      projected_validity_time: the same for the projected series.
+      time_scale: the flow's own time unit ``τ`` (:attr:`geomcollapse.series.Series.time_scale`).
+      first_order_time: ``t₁`` where ``|c₁|t = Σ_{k≥2}|c_k|t^k``: the first-order term
+        dominates ``Δu`` for ``t < t₁`` (``inf``: always); ``nan`` when ``c₁`` is at
+        rounding level (``θ*`` a minimum of ``u``).
+      forecast_t, forecast_delta_u, forecast_projected: the two series on a
+        log-spaced grid of times (for the figure).
+      horizon_time: the time at which the update's overlap is taken: the
+        planned ``lr·steps`` clipped to the window, or the window's end.
+      overlap_gradient: ``‖Pg‖/‖g‖``, the first update's share in ``M``.
+      overlap_baseline: ``(d/n)^{1/2}``, the share of a random direction.
+      overlap_geometric: ``‖Px‖/‖x‖`` of the forecast update ``x(horizon_time)``.
+      overlap_fisher: ``½‖F^{1/2}Px‖²`` of it (Thm 6.1's bound).
+      crossing_step: the smallest SGD step ``k`` with forecast ``Δu(lr·k) ≥ threshold``
+        inside the window, else ``None``.
+      crossing_time: ``lr·crossing_step``, or ``None``.
+      warnings: plain-language warnings (empty when none applies).
+      num_matvecs: skill-Fisher matvecs used.
+    """
+
+    n: int
+    dtype: str
+    fisher: str
+    d: int
+    d_rule: str
+    share: float
+    lr: float | None
+    steps: int | None
+    threshold: float | None
+    order: int
+    aic: theory.AICReport
+    eigenvalues: tuple[float, ...]
+    eigen_residuals: tuple[float, ...]
+    trace: float
+    trace_stderr: float
+    trace_method: str
+    spectrum_method: str
+    top_share: float
+    skill_gradient_norm: float
+    task_gradient_norm: float
+    delta_u_coefficients: tuple[float, ...]
+    projected_coefficients: tuple[float, ...]
+    validity_time: float
+    projected_validity_time: float
+    time_scale: float
+    first_order_time: float
+    forecast_t: tuple[float, ...]
+    forecast_delta_u: tuple[float, ...]
+    forecast_projected: tuple[float, ...]
+    horizon_time: float | None
+    overlap_gradient: float
+    overlap_baseline: float
+    overlap_geometric: float | None
+    overlap_fisher: float | None
+    crossing_step: int | None
+    crossing_time: float | None
+    warnings: tuple[str, ...]
+    num_matvecs: int
+
+    @property
+    def planned_time(self) -> float | None:
+        """``lr·steps``, the flow time the planned fine-tuning reaches (``None`` without a plan)."""
+        if self.lr is None or self.steps is None:
+            return None
+        return self.lr * self.steps
+
+    @property
+    def window_steps(self) -> float | None:
+        """``validity_time / lr``: SGD steps the forecast covers (``None`` without ``lr``)."""
+        return None if self.lr is None else self.validity_time / self.lr
+
+    def forecast(self, ts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(Δu, projected loss)`` of the truncated series at times ``ts`` (float64 numpy)."""
+        ts = np.asarray(ts, np.float64)
+        return (
+            np.polynomial.polynomial.polyval(ts, np.asarray(self.delta_u_coefficients)),
+            np.polynomial.polynomial.polyval(ts, np.asarray(self.projected_coefficients)),
+        )
+
+    # ---------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (non-finite floats as ``'inf'``, ``'-inf'``, ``'nan'``)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = _encode(value._asdict() if field.name == "aic" else value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Diagnosis:
+        """The inverse of :meth:`to_dict`; ``ValueError`` on missing or unknown fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            got = set(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"data must hold exactly the fields {sorted(names)}, got {got}")
+        values = {}
+        for name, value in data.items():
+            if name == "aic":
+                report = {k: _decode(v) for k, v in value.items()}
+                report["d"] = int(report["d"])
+                report["converged"] = bool(report["converged"])
+                values[name] = theory.AICReport(**report)
+            elif name in _TEXT_FIELDS:
+                values[name] = tuple(value) if isinstance(value, list) else value
+            elif name in _INT_FIELDS:
+                values[name] = None if value is None else int(value)
+            else:
+                values[name] = _decode(value)
+        return cls(**values)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """Strict JSON (no bare NaN/Infinity)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Diagnosis:
+        """The inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    # ---------------------------------------------------------------- reports
+
+    def to_markdown(self, figure: str | None = None) -> str:
+        """A one-page Markdown report; ``figure`` (a path) is linked when given."""
+        return _markdown(self, figure)
+
+    def figure(self):
+        """A one-page :class:`matplotlib.figure.Figure`: spectrum, forecast with window, AIC bars.
+
+        Built without ``pyplot`` (no global figure state); matplotlib is imported here.
+        """
+        from geomcollapse._diagnose_plot import diagnosis_figure
+
+        return diagnosis_figure(self)
+
+    def save(self, directory: str | Path) -> tuple[Path, Path, Path]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = (out / "report.json", out / "report.md", out / "report.png")
+        paths[0].write_text(self.to_json() + "\n", encoding="utf-8")
+        paths[1].write_text(self.to_markdown(figure=paths[2].name), encoding="utf-8")
+        self.figure().savefig(paths[2], dpi=150)
+        return paths
+
+
+_TEXT_FIELDS = {"dtype", "fisher", "d_rule", "trace_method", "spectrum_method", "warnings"}
+_INT_FIELDS = {"n", "d", "steps", "order", "crossing_step", "num_matvecs"}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    if isinstance(value, str):
+        return float(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    return float(value)
+
+
+# --------------------------------------------------------------------------- crossing step
+
+
+def crossing_step(
+    coefficients: Any, threshold: float, lr: float, t_max: float = math.inf
+) -> int | None:
+    """The smallest SGD step ``k ≥ 1`` with ``Σ_j c_j (lr·k)^j ≥ threshold`` and ``lr·k ≤ t_max``.
+
+    Found exactly from the real roots of ``Σ_j c_j t^j − threshold`` (each
+    interval where the polynomial lies above the threshold is entered at its
+    first step), not by scanning ``k``. ``None`` when no such step exists.
+    """
+    c = np.array(coefficients, np.float64)
+    threshold, lr = float(threshold), positive_float(lr, "lr")
+    c[0] -= threshold
+
+    def above(t: float) -> bool:
+        return float(np.polynomial.polynomial.polyval(t, c)) >= 0
+
+    nonzero = np.flatnonzero(c)
+    if nonzero.size == 0:  # the forecast equals the threshold everywhere
+        return 1 if lr <= t_max else None
+    roots = np.roots(c[: nonzero[-1] + 1][::-1]) if nonzero[-1] > 0 else np.array([])
+    real = np.sort(roots[np.abs(roots.imag) <= 1e-9 * np.maximum(np.abs(roots), 1e-300)].real)
+    edges = [0.0, *[r for r in real if r > 0], math.inf]
+    for a, b in itertools.pairwise(edges):
+        first = max(1, math.ceil(a / lr) - 1)  # one step early: the root is rounded
+        for k in range(first, first + 4):
+            t = lr * k
+            if t > t_max or t > b * (1 + 1e-12) + 1e-300:
+                break
+            if above(t):
+                return k
+        if lr * first > t_max:
+            return None
+    return None
+
+
+def first_order_time(coefficients: Any, time_scale: float, dtype: Any = np.float64) -> float:
+    """``t₁ > 0`` with ``|c₁|t₁ = Σ_{k≥2}|c_k|t₁^k``: where Δu's first-order term stops dominating.
+
+    ``nan`` when ``c₁`` is at rounding level: its term ``|c₁|τ`` at the flow's
+    time scale ``τ`` is below ``√eps`` × the largest ``|c_k|τ^k`` (the test
+    :func:`geomcollapse.series.polynomial_validity_time` applies); ``inf`` when
+    no higher coefficient is non-zero.
+    """
+    c = np.abs(np.asarray(coefficients, np.float64))
+    if c.size < 2 or c[1] == 0:
+        return math.nan
+    if math.isfinite(time_scale) and time_scale > 0:
+        terms = c * time_scale ** np.arange(c.size)
+        if terms[1] <= float(np.sqrt(np.finfo(dtype).eps)) * float(np.max(terms)):
+            return math.nan
+    higher = c[2:]
+    if not np.any(higher > 0):
+        return math.inf
+    # |c₁| = Σ_{k≥2} |c_k| t^{k−1}: the right side increases on t > 0, one positive root
+    poly = np.r_[-c[1], higher]  # coefficient of t^j, j = 0 … K−1
+    top = np.flatnonzero(poly)[-1]
+    roots = np.roots(poly[: top + 1][::-1])
+    real = roots[np.abs(roots.imag) <= 1e-9 * np.maximum(np.abs(roots), 1e-300)].real
+    return float(np.min(real[real > 0]))
+
+
+# --------------------------------------------------------------------------- operators
+
+
+def _cached(factory: Callable, fn: Callable) -> Callable:
+    """``factory(fn)``, the same object for the same ``fn`` (one compile per user function)."""
+    try:
+        return _CACHED_FACTORIES[factory](fn)
+    except TypeError:  # an unhashable function: built (and compiled) per call
+        return factory(fn)
+
+
+def _true_fvp(skill_logits: Callable) -> Callable:
+    return curvature.fisher_vp(skill_logits)
+
+
+def _empirical_fvp(skill_loss: Callable) -> Callable:
+    def example_loss(params, example):
+        return skill_loss(params, *jax.tree.map(lambda a: a[None], example))
+
+    efvp = curvature.empirical_fisher_vp(example_loss)
+
+    def fvp(params, v, *skill_args):
+        return efvp(params, v, tuple(skill_args))
+
+    return fvp
+
+
+def _flat_operator(fvp: Callable) -> Callable:
+    """``(v (n,), params, args) -> ravel(fvp(params, unravel(v), *args))``, jitted."""
+
+    def matvec(v, params, args):
+        unravel = ravel_pytree(params)[1]
+        return ravel_pytree(fvp(params, unravel(v), *args))[0]
+
+    return jax.jit(matvec)
+
+
+_CACHED_FACTORIES = {
+    f: functools.lru_cache(maxsize=32)(f) for f in (_true_fvp, _empirical_fvp, _flat_operator)
+}
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _args_tuple(args: Any, name: str) -> tuple:
+    if not isinstance(args, (tuple, list)):
+        raise ValueError(
+            f"{name} must be a tuple of the loss's extra arguments, got {type(args).__name__} "
+            f"(wrap a single array as ({name[:-5]}_array,))"
+        )
+    return tuple(args)
+
+
+def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str) -> None:
+    if not callable(fn):
+        raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+    out = jax.eval_shape(fn, params, *args)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must return a floating scalar, got {getattr(out, 'shape', type(out))} "
+            f"{getattr(out, 'dtype', '')}".rstrip()
+        )
+
+
+def _fisher_operator(
+    fisher: Any, skill_loss: Callable, skill_logits: Any, params: PyTree, skill_args: tuple
+) -> tuple[Callable, str]:
+    """The skill Fisher's matvec ``fvp(params, v, *skill_args)`` and its label."""
+    if callable(fisher):
+        return fisher, "custom"
+    if fisher not in _FISHERS:
+        raise ValueError(
+            f"fisher must be 'true', 'empirical' or a matvec fisher_vp(params, v, *skill_args), "
+            f"got {fisher!r}"
+        )
+    if fisher == "true":
+        if skill_logits is None or not callable(skill_logits):
+            raise ValueError(
+                "skill_logits is required for fisher='true': the logits whose softmax is the "
+                "skill's output distribution, skill_logits(params, *skill_args) -> (..., C)"
+            )
+        out = jax.eval_shape(skill_logits, params, *skill_args)
+        if getattr(out, "ndim", 0) < 1 or not jnp.issubdtype(out.dtype, jnp.floating):
+            raise ValueError(
+                f"skill_logits must return floating logits of shape (..., C), got "
+                f"{getattr(out, 'shape', type(out))}"
+            )
+        return _cached(_true_fvp, skill_logits), "true"
+    leaves = jax.tree.leaves(skill_args)
+    sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
+    if not leaves or len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            "skill_args must hold arrays sharing one leading example axis for fisher="
+            f"'empirical' (per-example gradients), got leading sizes {sorted(map(str, sizes))}"
+        )
+    return _cached(_empirical_fvp, skill_loss), "empirical"
+
+
+# --------------------------------------------------------------------------- the diagnosis
+
+
+def diagnose(
+    skill_loss: Callable[..., jax.Array],
+    task_loss: Callable[..., jax.Array],
+    params: PyTree,
+    *,
+    skill_args: tuple = (),
+    task_args: tuple = (),
+    skill_logits: Callable[..., jax.Array] | None = None,
+    fisher: str | Callable[..., PyTree] = "true",
+    d: int | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    threshold: float | None = None,
+    order: int = 4,
+    share: float = DEFAULT_SHARE,
+    max_d: int = DEFAULT_MAX_D,
+    key: jax.Array,
+    tol: float | None = None,
+    max_matvecs: int | None = None,
+    num_probes: int = 64,
+    trace: str = "auto",
+    spectrum: str = "auto",
+    progress: bool = False,
+) -> Diagnosis:
+    """Diagnose ``θ* = params`` for a skill to keep and a fine-tuning task (docs/theory.md §2-§6).
+
+    Measures the skill Fisher's spectrum and trace, the AIC of Def. 5.1, the
+    Taylor forecast of ``Δu(t)`` and of ``½‖F^{1/2}Px(t)‖²`` along gradient
+    flow on the task with its validity window, the overlap of the forecast
+    update with ``M``, the SGD step at which ``Δu`` crosses ``threshold``
+    (``t = lr·k``), and says in words what to distrust.
+
+    The skill Fisher ``F`` (``fisher``):
+
+    * ``'true'`` (default): ``Jᵀ(diag p − ppᵀ)J`` of the softmax of
+      ``skill_logits(params, *skill_args)`` (:func:`geomcollapse.curvature.fisher_vp`):
+      the Fisher of the model's output distribution the paper defines. It is
+      the default because the *empirical* Fisher ``(1/m)Σ ∇ℓ_i∇ℓ_iᵀ`` vanishes
+      at a minimum of a soft-label skill loss: for the loss whose Hessian at
+      ``θ*`` is ``F`` (``u = mean KL(p_{θ*} ‖ p_θ)``, docs/theory.md §5.3) every
+      per-example gradient is zero at ``θ*``, so the empirical ``F`` is 0 and
+      there is no ``M`` to find.
+    * ``'empirical'``: from per-example gradients of ``skill_loss``
+      (:func:`geomcollapse.curvature.empirical_fisher_vp`); every array in
+      ``skill_args`` must carry the example axis first and ``skill_loss`` must
+      be the mean of the per-example losses.
+    * a matvec ``fisher(params, v, *skill_args) -> F v`` (``v`` like ``params``).
+
+    The spectrum (``spectrum``): ``'dense'`` forms ``F`` from its ``n`` columns
+    ``F e_i`` (one compiled, batched call) and diagonalises it with
+    ``numpy.linalg.eigh``: exact, and cheaper than Lanczos for small models;
+    ``'lanczos'`` finds the top eigenpairs by
+    :func:`geomcollapse.linalg.top_eigenpairs` (certified by residuals) and
+    ``tr F`` by :func:`geomcollapse.aic.fisher_trace`; ``'auto'`` is dense for
+    ``n ≤ 2048``.
+
+    The rule for ``d=None``: the smallest ``d ≤ max_d`` whose top-``d``
+    eigenvalues hold at least ``share`` (90 %) of ``tr F``, the trace measured
+    on ``F`` itself (the diagonal of the dense ``F``; or exactly by ``n``
+    matvecs for ``n ≤ 4096``, else by Hutchinson probes on ``(I−P)F(I−P)``
+    plus the top eigenvalues), never on the truncated spectrum. With Lanczos,
+    eigenpairs are computed for ``k = 8`` first, then ``k`` doubles until the
+    share is reached or ``k = max_d``. If even ``max_d`` falls short,
+    ``d = max_d`` and a tail warning says so.
+
+    Warnings (each a stated rule):
+
+    * *θ* is not a minimum of u*: ``c₁ = −∇u(θ*)ᵀg`` is above rounding
+      (:func:`first_order_time`): Δu starts linearly, the first-order term
+      dominating up to ``t₁`` where ``|c₁|t₁ = Σ_{k≥2}|c_k|t₁^k``.
+    * *tail mass large, condition 1 fails*: ``Σ_{i≤d}λ_i < share · tr F``.
+    * *forecast window shorter than the plan*: ``lr·steps > validity_time``.
+    * *no crossing inside the window*, *eigenpairs not converged*.
+
+    Args:
+      skill_loss: ``u(params, *skill_args) -> scalar``, the skill to keep.
+      task_loss: ``L(params, *task_args) -> scalar``, the fine-tuning loss.
+      params: ``θ*``, any pytree of finite floating arrays (flax nnx ``State`` included).
+      skill_args, task_args: tuples of the losses' extra arguments (data).
+      skill_logits: ``(params, *skill_args) -> (..., C)`` logits, for ``fisher='true'``.
+      fisher: ``'true'``, ``'empirical'`` or a Fisher matvec (above).
+      d: ``dim M`` (``1 ≤ d < n``), or ``None`` for the rule above.
+      lr: SGD learning rate: maps steps to flow time, ``t = lr·k``.
+      steps: planned number of SGD steps (needs ``lr``).
+      threshold: ``Δu`` level whose crossing step is forecast (needs ``lr``).
+      order: ``K ≥ 2``, the forecast's highest power.
+      share: the rule's share of ``tr F``, in ``(0, 1)``.
+      max_d: the rule's largest ``d``.
+      key: ``jax.random`` key (Lanczos starts, Hutchinson probes).
+      tol: Lanczos eigenpair tolerance (default as :func:`geomcollapse.aic.measure_aic`).
+      max_matvecs: Lanczos budget per run.
+      num_probes: Hutchinson probes (Lanczos route with ``n > 4096`` or ``trace='hutchinson'``).
+      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'`` (the Lanczos route's trace).
+      spectrum: ``'auto'``, ``'dense'`` or ``'lanczos'``.
+      progress: a progress bar over the stages.
+
+    Returns:
+      A :class:`Diagnosis`.
+
+    Raises:
+      ValueError: a bad argument (named in the message), non-finite ``params``,
+        a loss that is not a scalar, or a skill Fisher that vanishes at ``θ*``.
+    """
+    finite_leaves(params, "params")
+    key = prng_key(key)
+    skill_args = _args_tuple(skill_args, "skill_args")
+    task_args = _args_tuple(task_args, "task_args")
+    flat, _ = ravel_pytree(params)
+    n, dtype = int(flat.size), flat.dtype
+    if n < 2:
+        raise ValueError(
+            f"params must hold at least 2 numbers (M must be a proper subspace), got {n}"
+        )
+    order = positive_int(order, "order")
+    if order < 2:
+        raise ValueError(f"order must be >= 2 (a validity window needs two terms), got {order}")
+    if d is not None:
+        d = positive_int(d, "d")
+        if d >= n:
+            raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
+    max_d = min(positive_int(max_d, "max_d"), n - 1)
+    share = float(share) if isinstance(share, (int, float)) else share
+    if not isinstance(share, float) or not 0.0 < share < 1.0:
+        raise ValueError(f"share must be a number in (0, 1), got {share!r}")
+    lr = None if lr is None else positive_float(lr, "lr")
+    steps = None if steps is None else positive_int(steps, "steps")
+    threshold = None if threshold is None else positive_float(threshold, "threshold")
+    if lr is None and (steps is not None or threshold is not None):
+        which = "steps" if steps is not None else "threshold"
+        raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    _scalar_loss(skill_loss, params, skill_args, "skill_loss")
+    _scalar_loss(task_loss, params, task_args, "task_loss")
+    fvp, fisher_name = _fisher_operator(fisher, skill_loss, skill_logits, params, skill_args)
+    if tol is None:
+        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+    if spectrum not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
+    if spectrum == "dense" and n > DENSE_MAX_N:
+        raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
+
+    stages = ("spectrum", "forecast", "AIC")
+    bar = progress_bar(total=len(stages), desc="diagnose", enabled=progress)
+
+    def done(stage: str) -> None:
+        bar.update(1)
+        bar.set_postfix(stage=stage)
+
+    try:
+        # ---- spectrum and trace of F
+        op = _cached(_flat_operator, fvp)
+        fargs = (params, skill_args)
+        use_dense = spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N)
+        if use_dense:
+            sp = _dense_spectrum(op, n, fargs, fisher_name, share, max_d, d)
+        else:
+            sp = _krylov_spectrum(
+                op,
+                n,
+                flat,
+                fargs,
+                fisher_name,
+                share,
+                max_d,
+                d,
+                key=key,
+                tol=tol,
+                max_matvecs=max_matvecs,
+                num_probes=num_probes,
+                trace="exact"
+                if trace == "exact" or (trace == "auto" and n <= aic.EXACT_TRACE_MAX_N)
+                else "hutchinson",
+                progress=progress,
+            )
+        lam, V, tr, d_final = sp.values, sp.vectors, sp.trace, sp.d
+        done("spectrum")
+
+        # ---- the flow's Taylor coefficients, Δu's series and ∇u(θ*), in one compiled call
+        s, grad_u = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
+        c_du = np.asarray(s.delta_u, np.float64)
+        xs = np.concatenate(  # x₁ … x_K as (K, n) rows, ravel_pytree order
+            [np.reshape(a, (order, -1)) for a in jax.tree.leaves(s.displacement)], axis=1
+        ).astype(np.float64)
+        grad_u = np.asarray(grad_u, np.float64)
+        g, Hg = -xs[0], 2.0 * xs[1]  # x₁ = −g, x₂ = ½Hg (docs/theory.md §6)
+        for name, vec in (("task_loss", xs), ("skill_loss", grad_u), ("skill_loss", c_du)):
+            if not np.all(np.isfinite(vec)):
+                raise ValueError(f"{name} has non-finite derivatives at params")
+        done("forecast")
+
+        # ---- AIC at d
+        converged = sp.converged
+        subspace = Subspace(
+            values=jnp.asarray(lam[:d_final], dtype),
+            basis=jnp.asarray(V[:d_final], dtype),
+            residuals=jnp.asarray(sp.residuals[:d_final]),
+            converged=jnp.asarray(bool(np.all(converged[:d_final]))),
+        )
+        tail_mass = sp.tail + float(lam[d_final:].sum())
+        report = theory.aic_report(
+            subspace,
+            g,
+            Hg,
+            tail_mass=tail_mass,
+            tail_quadratic=aic.tail_quadratic(sp.matvec, V[:d_final], g, dtype),
+        )
+        done("AIC")
+
+        c_proj = projected_coefficients(lam[:d_final], V[:d_final], xs)
+        validity, tau = s.validity_time, s.time_scale
+        p_validity = series.polynomial_validity_time(c_proj, time_scale=tau)
+        t_plan = None if lr is None or steps is None else lr * steps
+        window = validity if math.isfinite(validity) else None
+        horizon = None
+        if t_plan is not None:
+            horizon = t_plan if window is None or t_plan <= window else window
+        elif window is not None:
+            horizon = window
+        if horizon is not None and not np.isnan(validity):
+            # x(t_h) = Σ_k x_k t_h^k in numpy: eager jnp ops would each compile
+            x_h = (horizon ** np.arange(1, order + 1)) @ xs
+            coords = V[:d_final] @ x_h
+            x_norm = float(np.linalg.norm(x_h))
+            ov_geo = float(np.linalg.norm(coords) / x_norm) if x_norm > 0 else 0.0
+            ov_fisher = float(0.5 * np.sum(np.maximum(lam[:d_final], 0.0) * coords**2))
+        else:
+            horizon, ov_geo, ov_fisher = None, None, None
+        crossing = None
+        if threshold is not None and lr is not None and not np.isnan(validity):
+            crossing = crossing_step(c_du, threshold, lr, validity)
+        ts = _forecast_grid(t_plan, validity, p_validity, tau)
+        polyval = np.polynomial.polynomial.polyval
+    finally:  # the bar's end line, also when a stage raises
+        bar.close()
+
+    g_norm = float(np.linalg.norm(g))
+    t_linear = first_order_time(c_du, tau, dtype)
+    warnings = _warnings(
+        c_du=c_du,
+        first_order_time=t_linear,
+        grad_u_norm=float(np.linalg.norm(grad_u)),
+        top_share=float(lam[:d_final].sum() / tr),
+        share=share,
+        report=report,
+        trace=tr,
+        d_rule=sp.d_rule,
+        max_d=max_d,
+        validity=validity,
+        t_plan=t_plan,
+        lr=lr,
+        steps=steps,
+        threshold=threshold,
+        crossing=crossing,
+        converged=converged,
+        d=d_final,
+        lambda_1=float(lam[0]),
+    )
+    return Diagnosis(
+        n=n,
+        dtype=str(np.dtype(dtype)),
+        fisher=fisher_name,
+        d=d_final,
+        d_rule=sp.d_rule,
+        share=share,
+        lr=lr,
+        steps=steps,
+        threshold=threshold,
+        order=order,
+        aic=report,
+        eigenvalues=tuple(float(x) for x in lam),
+        eigen_residuals=tuple(float(x) for x in sp.residuals),
+        trace=float(tr),
+        trace_stderr=float(sp.trace_stderr),
+        trace_method=sp.trace_method,
+        spectrum_method=sp.method,
+        top_share=float(lam[:d_final].sum() / tr),
+        skill_gradient_norm=float(np.linalg.norm(grad_u)),
+        task_gradient_norm=g_norm,
+        delta_u_coefficients=tuple(float(x) for x in c_du),
+        projected_coefficients=tuple(float(x) for x in c_proj),
+        validity_time=float(validity),
+        projected_validity_time=float(p_validity),
+        time_scale=float(tau),
+        forecast_t=tuple(float(x) for x in ts),
+        forecast_delta_u=tuple(float(x) for x in polyval(ts, c_du)),
+        forecast_projected=tuple(float(x) for x in polyval(ts, c_proj)),
+        first_order_time=t_linear,
+        horizon_time=None if horizon is None else float(horizon),
+        overlap_gradient=float(report.orthogonality / g_norm) if g_norm > 0 else 0.0,
+        overlap_baseline=float(np.sqrt(d_final / n)),
+        overlap_geometric=ov_geo,
+        overlap_fisher=ov_fisher,
+        crossing_step=crossing,
+        crossing_time=None if crossing is None else float(lr * crossing),
+        warnings=tuple(warnings),
+        num_matvecs=sp.num_matvecs + (0 if sp.method == "dense" else 1),
+    )
+
+
+def _at_theta_star(skill_loss, task_loss, order, params, skill_args, task_args):
+    """The Taylor series (no subspace) and the raveled ``∇u(θ*)``."""
+    s = series.delta_u_series(
+        skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
+    )
+    return s, ravel_pytree(jax.grad(skill_loss)(params, *skill_args))[0]
+
+
+_JITTED_AT_THETA_STAR = jax.jit(
+    _at_theta_star, static_argnums=(0, 1, 2), compiler_options=_ONE_SHOT
+)
+
+
+def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
+    """:func:`series.delta_u_series` (no subspace) and ``∇u(θ*)``, compiled once per losses,
+    order and shapes.
+
+    ``g = −x₁`` and ``Hg = 2x₂`` come with the series, so the whole at-``θ*``
+    differentiation is one compiled call. ``delta_u_series`` alone compiles
+    afresh on every call; under this jit a second diagnosis with the same
+    losses and shapes reuses it, whatever its ``d`` (the projected series is
+    formed from ``x₁ … x_K`` outside, :func:`projected_coefficients`).
+    Unhashable losses: compiled per call.
+    """
+    try:
+        hash((skill_loss, task_loss))
+    except TypeError:
+        fn = jax.jit(
+            partial(_at_theta_star, skill_loss, task_loss, order), compiler_options=_ONE_SHOT
+        )
+        return fn(params, skill_args, task_args)
+    return _JITTED_AT_THETA_STAR(skill_loss, task_loss, order, params, skill_args, task_args)
+
+
+def projected_coefficients(values: Any, basis: Any, xs: Any) -> np.ndarray:
+    """``c₀ … c_K`` of ``½‖F^{1/2}Px(t)‖² = ½Σ_i λ_i⟨v_i, x(t)⟩²`` from ``x₁ … x_K``.
+
+    Args:
+      values: ``(d,)`` eigenvalues ``λ_i`` (clipped at 0).
+      basis: ``(d, n)`` orthonormal rows ``v_i``.
+      xs: ``(K, n)`` the flow's Taylor coefficients ``x₁ … x_K``.
+
+    Returns:
+      ``(K+1,)`` float64; ``c_m = ½ Σ_{j+l=m} Σ_i λ_i ⟨v_i,x_j⟩⟨v_i,x_l⟩`` (exact up to ``t^K``).
+    """
+    ys = np.asarray(xs, np.float64) @ np.asarray(basis, np.float64).T  # (K, d)
+    lam = np.maximum(np.asarray(values, np.float64), 0.0)
+    order = ys.shape[0]
+    out = np.zeros(order + 1)
+    for m in range(2, order + 1):
+        out[m] = 0.5 * sum(np.sum(lam * ys[j - 1] * ys[m - j - 1]) for j in range(1, m))
+    return out
+
+
+class _Spectrum(NamedTuple):
+    """The top of ``F``'s spectrum, its trace and the chosen ``d``."""
+
+    values: np.ndarray  # (k,) descending, k ≥ d
+    vectors: np.ndarray  # (k, n) orthonormal rows
+    residuals: np.ndarray  # (k,) ‖Fv − λv‖
+    converged: np.ndarray  # (k,) bool
+    trace: float
+    trace_stderr: float
+    tail: float  # tr F − Σ_{i≤k} λ_i
+    d: int
+    d_rule: str
+    method: str
+    trace_method: str
+    num_matvecs: int
+    matvec: Callable  # v (n,) ↦ F v
+
+
+def _rule(lam: np.ndarray, tr: float, share: float, max_d: int) -> int | None:
+    """The smallest ``d ≤ max_d`` with ``Σ_{i≤d} λ_i ≥ share · tr F``, else ``None``."""
+    reached = np.flatnonzero(np.cumsum(lam[:max_d]) >= share * tr)
+    return int(reached[0]) + 1 if reached.size else None
+
+
+def _rule_text(max_d: int, share: float, how: str) -> str:
+    return f"smallest d ≤ {max_d} whose top-d eigenvalues hold ≥ {share:.0%} of tr F ({how})"
+
+
+def _columns(op, n, params, args):
+    eye = jnp.eye(n, dtype=ravel_pytree(params)[0].dtype)
+    return jax.lax.map(lambda e: op(e, params, args), eye, batch_size=min(n, 256))
+
+
+_JITTED_COLUMNS = jax.jit(_columns, static_argnums=(0, 1), compiler_options=_ONE_SHOT)
+
+
+def _dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> _Spectrum:
+    """``F`` formed from its ``n`` columns ``F e_i`` (one compiled, batched call) and ``eigh``.
+
+    Exact spectrum and trace; cheaper than Lanczos plus a trace for small ``n``
+    (the one-block test transformer, n = 249: one compile instead of three).
+    """
+    try:
+        hash(op)
+        cols = _JITTED_COLUMNS(op, n, *fargs)
+    except TypeError:
+        cols = jax.jit(partial(_columns, op, n), compiler_options=_ONE_SHOT)(*fargs)
+    C = np.asarray(cols, np.float64)
+    if not np.all(np.isfinite(C)):
+        raise ValueError("fisher: the skill Fisher's matvec returned non-finite values at params")
+    tr = float(np.trace(C))
+    if not tr > 0:
+        raise ValueError(_vanishing_fisher(fisher_name, tr))
+    asym = float(np.max(np.abs(C - C.T)))
+    scale = float(np.max(np.abs(C)))
+    eps = float(np.finfo(cols.dtype).eps)
+    if asym > np.sqrt(eps) * scale:  # rounding noise (an empirical F at a minimum) is asymmetric
+        raise ValueError(
+            _vanishing_fisher(
+                fisher_name,
+                tr,
+                f"the matvec is not symmetric: max |F − Fᵀ| / max |F| = {asym / scale:.2g}",
+            )
+        )
+    F = 0.5 * (C + C.T)
+    lam, U = np.linalg.eigh(F)
+    lam, U = lam[::-1], U[:, ::-1]
+    if d is None:
+        found = _rule(lam, tr, share, max_d)
+        d, rule = (max_d if found is None else found), _rule_text(max_d, share, "dense eigh")
+    else:
+        rule = "given"
+    k = min(n - 1, max(2 * d, 2 * FIRST_K))
+    V = U[:, :k].T
+    residuals = np.linalg.norm(V @ F - lam[:k, None] * V, axis=1)
+    return _Spectrum(
+        values=lam[:k],
+        vectors=V,
+        residuals=residuals,
+        converged=np.ones(k, bool),
+        trace=tr,
+        trace_stderr=0.0,
+        tail=tr - float(lam[:k].sum()),
+        d=d,
+        d_rule=rule,
+        method="dense",
+        trace_method="exact",
+        num_matvecs=n,
+        matvec=lambda v: F @ np.asarray(v, np.float64),
+    )
+
+
+def _krylov_spectrum(
+    op,
+    n,
+    flat,
+    fargs,
+    fisher_name,
+    share,
+    max_d,
+    d,
+    *,
+    key,
+    tol,
+    max_matvecs,
+    num_probes,
+    trace,
+    progress,
+) -> _Spectrum:
+    """Top eigenpairs by Lanczos (``k = 8, 16, …`` until the rule is met) and ``tr F``.
+
+    The trace is exact (``n`` matvecs) or Hutchinson on ``(I−P)F(I−P)`` deflated by
+    the ``k`` pairs found, plus their eigenvalues (:func:`geomcollapse.aic.fisher_trace`).
+    """
+    dtype = flat.dtype
+
+    def matvec(v):
+        return op(v, *fargs)
+
+    k_eig, k_trace = jax.random.split(key)
+    trace_matvecs = lanczos_matvecs = 0
+    exact_trace = None
+    if trace == "exact":
+        exact_trace, _, trace_matvecs = aic.fisher_trace(op, n, dtype, method="exact", args=fargs)
+        if not exact_trace > 0:
+            raise ValueError(_vanishing_fisher(fisher_name, exact_trace))
+    k = d if d is not None else min(FIRST_K, max_d)
+    while True:
+        try:
+            pairs = linalg.top_eigenpairs(
+                matvec,
+                flat,
+                k,
+                key=jax.random.fold_in(k_eig, k),
+                tol=tol,
+                max_matvecs=max_matvecs,
+                progress=progress,
+            )
+        except ValueError as err:  # a matvec of pure rounding noise is caught as non-symmetric
+            if "not symmetric" not in str(err):
+                raise
+            raise ValueError(_vanishing_fisher(fisher_name, exact_trace, str(err))) from None
+        lanczos_matvecs += int(pairs.num_matvecs)
+        lam = np.asarray(pairs.values, np.float64)
+        V = np.asarray(pairs.vectors, np.float64)
+        if exact_trace is not None:
+            tr, tr_se, tail = exact_trace, 0.0, exact_trace - lam.sum()
+        else:
+            tail, tr_se, used = aic.fisher_trace(
+                op,
+                n,
+                dtype,
+                method="hutchinson",
+                key=jax.random.fold_in(k_trace, k),
+                num_probes=num_probes,
+                deflate=V,
+                args=fargs,
+            )
+            trace_matvecs += used
+            tr = tail + lam.sum()
+            if not tr > 0:
+                raise ValueError(_vanishing_fisher(fisher_name, tr))
+        if d is not None:
+            break
+        found = _rule(lam, tr, share, max_d)
+        if found is not None or k == max_d:
+            break
+        k = min(2 * k, max_d)
+    if d is None:
+        d, rule = (max_d if found is None else found), _rule_text(max_d, share, f"{trace} trace")
+    else:
+        rule = "given"
+    return _Spectrum(
+        values=lam,
+        vectors=V,
+        residuals=np.asarray(pairs.residuals, np.float64),
+        converged=np.asarray(pairs.converged, bool),
+        trace=float(tr),
+        trace_stderr=float(tr_se),
+        tail=float(tail),
+        d=d,
+        d_rule=rule,
+        method="lanczos",
+        trace_method=trace,
+        num_matvecs=trace_matvecs + lanczos_matvecs,
+        matvec=matvec,
+    )
+
+
+def _vanishing_fisher(fisher_name: str, tr: float | None, detail: str = "") -> str:
+    """The message for a skill Fisher that is zero (or rounding noise) at ``θ*``."""
+    hint = (
+        ": the empirical Fisher vanishes at a minimum of the skill loss it is built from "
+        "(every per-example gradient is 0 there, up to rounding); use fisher='true' with "
+        "skill_logits"
+        if fisher_name == "empirical"
+        else ""
+    )
+    size = "" if tr is None else f"tr F = {tr:.3g}"
+    if detail:
+        size = f"{size}; {detail}" if size else detail
+    return f"fisher: the skill Fisher vanishes at params ({size}){hint}"
+
+
+def _forecast_grid(t_plan, validity, p_validity, tau) -> np.ndarray:
+    """Log-spaced times up to 1.5 × the larger of the plan and the window (else ``τ``)."""
+    finite = [t for t in (t_plan, validity, p_validity) if t is not None and math.isfinite(t)]
+    top = 1.5 * max(finite) if finite else (tau if math.isfinite(tau) else 1.0)
+    return np.geomspace(top * 1e-4, top, NUM_FORECAST_TIMES)
+
+
+def _warnings(
+    *,
+    c_du,
+    first_order_time,
+    grad_u_norm,
+    top_share,
+    share,
+    report,
+    trace,
+    d_rule,
+    max_d,
+    validity,
+    t_plan,
+    lr,
+    steps,
+    threshold,
+    crossing,
+    converged,
+    d,
+    lambda_1,
+) -> list[str]:
+    """The plain-language warnings, each from the rule stated in :func:`diagnose`."""
+    out = []
+    # θ* not a minimum of u: c₁ = −∇u(θ*)ᵀg above rounding; it dominates Δu for t < t₁
+    if math.isfinite(first_order_time) or first_order_time == math.inf:
+        until = (
+            "at every t (no higher term)"
+            if first_order_time == math.inf
+            else f"for t < {first_order_time:.3g}"
+            + ("" if lr is None else f" (k < {first_order_time / lr:.3g} SGD steps)")
+        )
+        out.append(
+            f"θ* is not a minimum of the skill loss u: ∇u(θ*) ≠ 0 (‖∇u‖ = {grad_u_norm:.3g}) "
+            f"and the first-order term c₁t (c₁ = −∇u(θ*)ᵀg = {c_du[1]:.3g}) dominates the "
+            f"forecast {until}: Δu starts linearly, not as the t²/t⁴ onset of Thm 6.2. Use a "
+            "skill loss minimised at θ*, e.g. the KL from θ*'s own outputs."
+        )
+    if lambda_1 <= 0:
+        out.append(f"the skill Fisher's top eigenvalue is {lambda_1:.3g} ≤ 0: it is not PSD")
+    if top_share < share:
+        capped = " (the rule's cap max_d)" if d_rule != "given" and d == max_d else ""
+        out.append(
+            f"tail mass large: condition 1 of the AIC (low-rank concentration) fails: the top "
+            f"d = {d}{capped} eigenvalues hold {top_share:.1%} of tr F = {trace:.3g} (< "
+            f"{share:.0%}; tail mass {report.tail_mass:.3g}). M misses much of F: Δu also grows "
+            "through the tail's t² floor ½t²gᵀ(I−P)F(I−P)g, beyond the projected loss."
+        )
+    if not np.all(converged):
+        out.append(
+            f"{int(np.sum(~converged))} of {converged.size} eigenpairs did not converge: "
+            "M and the numbers measured against it are not certified (raise max_matvecs)"
+        )
+    if math.isnan(validity):
+        out.append(
+            "the forecast window is unknown: Δu's series has a single non-zero term (raise order)"
+        )
+    elif t_plan is not None and t_plan > validity:
+        out.append(
+            f"forecast window shorter than the plan: the series is trusted up to t = "
+            f"{validity:.3g} (k ≈ {validity / lr:.3g} SGD steps at lr = {lr:g}), the plan runs "
+            f"steps = {steps} (t = {t_plan:.3g}); beyond the window it is no forecast "
+            "(raise order, or diagnose again at an intermediate checkpoint)"
+        )
+    if threshold is not None and crossing is None:
+        where = "" if math.isnan(validity) else f" (t ≤ {validity:.3g}, k ≤ {validity / lr:.3g})"
+        out.append(
+            f"no crossing: the forecast Δu does not reach threshold = {threshold:g} inside the "
+            f"validity window{where}; crossing_step is None"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------- Markdown
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{float(x):.4g}"
+
+
+def _markdown(dg: Diagnosis, figure: str | None) -> str:
+    r = dg.aic
+    lines = ["# geomcollapse diagnosis", ""]
+    plan = []
+    if dg.lr is not None:
+        plan.append(f"SGD at lr = {dg.lr:g} (t = lr·k)")
+    if dg.steps is not None:
+        plan.append(f"{dg.steps} planned steps (t = {dg.planned_time:.4g})")
+    if dg.threshold is not None:
+        plan.append(f"threshold Δu = {dg.threshold:g}")
+    lines += [
+        f"n = {dg.n} parameters ({dg.dtype}), {dg.fisher} skill Fisher, d = {dg.d} "
+        f"({dg.d_rule}), forecast order {dg.order}"
+        + (": " + ", ".join(plan) if plan else "")
+        + ".",
+        "",
+        "## Warnings",
+        "",
+    ]
+    lines += [f"- {w}" for w in dg.warnings] if dg.warnings else ["None."]
+    crossing = (
+        f"step {dg.crossing_step} (t = {_fmt(dg.crossing_time)})"
+        if dg.crossing_step is not None
+        else "—"
+    )
+    lines += [
+        "",
+        "## Alignment Instability Condition (Def. 5.1)",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| tail mass Σ_{{j>d}} λ_j | {_fmt(r.tail_mass)} |",
+        f"| λ_d | {_fmt(r.lambda_d)} |",
+        f"| ‖Pg‖ (orthogonality) | {_fmt(r.orthogonality)} |",
+        f"| ‖F^{{1/2}}Pg‖ | {_fmt(r.fisher_orthogonality)} |",
+        f"| γ = ‖F^{{1/2}}PHg‖ (coupling) | {_fmt(r.coupling)} |",
+        f"| quartic coefficient γ²/8 | {_fmt(r.quartic_coefficient)} |",
+        f"| crossover t_c = 2‖F^{{1/2}}Pg‖/γ | {_fmt(r.crossover_time)} |",
+        f"| tail crossover 2(gᵀ(I−P)F(I−P)g)^{{1/2}}/γ | {_fmt(r.tail_crossover_time)} |",
+        f"| eigenpairs converged | {r.converged} (max residual "
+        f"{_fmt(max(r.eigen_residuals) if r.eigen_residuals else None)}) |",
+        "",
+        "## Skill spectrum",
+        "",
+        f"tr F = {_fmt(dg.trace)} ± {_fmt(dg.trace_stderr)} ({dg.trace_method}); the top d = "
+        f"{dg.d} hold {dg.top_share:.1%}.",
+        "",
+        "| i | λ_i | share of tr F (cumulative) | residual |",
+        "|---|---|---|---|",
+    ]
+    cum = np.cumsum(dg.eigenvalues) / dg.trace
+    for i, (lam, c, res) in enumerate(
+        zip(dg.eigenvalues, cum, dg.eigen_residuals, strict=True), start=1
+    ):
+        mark = " ← d" if i == dg.d else ""
+        lines.append(f"| {i}{mark} | {_fmt(lam)} | {c:.1%} | {_fmt(res)} |")
+    lines += [
+        "",
+        "## Forecast along gradient flow (docs/theory.md §6)",
+        "",
+        "| k | c_k of Δu(t) | c_k of ½‖F^{1/2}Px(t)‖² |",
+        "|---|---|---|",
+    ]
+    for k, (a, b) in enumerate(
+        zip(dg.delta_u_coefficients, dg.projected_coefficients, strict=True)
+    ):
+        lines.append(f"| {k} | {_fmt(a)} | {_fmt(b)} |")
+    window_steps = "" if dg.lr is None else f" (k ≈ {_fmt(dg.window_steps)} SGD steps)"
+    lines += [
+        "",
+        f"- validity window of Δu: t ≤ {_fmt(dg.validity_time)}{window_steps}; of the "
+        f"projected loss: t ≤ {_fmt(dg.projected_validity_time)}",
+        f"- ‖∇u(θ*)‖ = {_fmt(dg.skill_gradient_norm)}, ‖g(θ*)‖ = {_fmt(dg.task_gradient_norm)}",
+        f"- Δu crosses the threshold at: {crossing}",
+        "",
+        "## Overlap with M (Section 7)",
+        "",
+        f"- first update ‖Pg‖/‖g‖ = {_fmt(dg.overlap_gradient)} (a random direction: "
+        f"(d/n)^{{1/2}} = {_fmt(dg.overlap_baseline)})",
+        f"- forecast update x(t) at t = {_fmt(dg.horizon_time)}: ‖Px‖/‖x‖ = "
+        f"{_fmt(dg.overlap_geometric)}, ½‖F^{{1/2}}Px‖² = {_fmt(dg.overlap_fisher)}",
+        "",
+    ]
+    if figure is not None:
+        lines += [f"![spectrum, forecast and AIC]({figure})", ""]
+    return "\n".join(lines)

@@ -1,0 +1,353 @@
+"""Token files for the transformer family; :func:`diagnose_checkpoint` (``geomcollapse diagnose``).
+
+A token file holds ``N`` sequences of token ids (docs/diagnose.md):
+
+* ``.npy``: an integer array ``(N, T)``; every row is a whole sequence.
+* ``.npz``: an integer array ``tokens`` ``(N, T)``, optionally ``answer_start``
+  ``(N,)`` and, for a task file, ``targets`` ``(N, T)`` and ``mask`` ``(N, T)``
+  (a :class:`geomcollapse.tasks.TokenBatch` saved by ``np.savez(path,
+  **batch._asdict())`` is one); other arrays are ignored.
+* ``.jsonl``: one sequence per line, a JSON list of ids or an object
+  ``{"tokens": [...], "answer_start": s}`` (``answer_start`` optional); rows
+  of different lengths are right-padded with id 0, which no loss or skill
+  position ever reads (the model is causal).
+
+A *skill* file gives the prompts whose next-token distribution at position
+``answer_start`` (default: each row's last token) is the skill; the skill loss
+is the divergence from the aligned model's own distribution there,
+``u(θ) = mean KL(p_{θ*} ‖ p_θ)`` (docs/theory.md §5.3: exactly minimal at
+``θ*`` with ``∇²u(θ*) = F``). A *task* file gives the fine-tuning data; the
+loss is the mean next-token cross-entropy over the positions ``p`` with
+``answer_start ≤ p ≤ (row length) − 2`` (default: all), or over ``mask`` when
+the file has one (``targets`` default to the tokens shifted left by one).
+
+Every malformed input raises ``ValueError`` whose one-line message starts with
+the file's path and says what is wrong, before anything is computed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from geomcollapse._diagnose import Diagnosis, diagnose
+from geomcollapse.models import TransformerConfig
+
+__all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]
+
+SUFFIXES = (".npy", ".npz", ".jsonl")
+ROLES = ("skill", "task")
+
+
+class TokenFile(NamedTuple):
+    """A validated token file.
+
+    Attributes:
+      tokens: ``(N, T)`` int32 ids (rows right-padded with 0 where shorter).
+      targets: ``(N, T)`` int32 next-token labels (task files).
+      mask: ``(N, T)`` float loss weights over ``targets`` (task files).
+      answer_start: ``(N,)`` int32 skill positions (skill files) or first loss positions.
+      lengths: ``(N,)`` int32 row lengths.
+    """
+
+    tokens: np.ndarray
+    targets: np.ndarray
+    mask: np.ndarray
+    answer_start: np.ndarray
+    lengths: np.ndarray
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _ids(values: Any, path: Path, what: str, where: str = "") -> np.ndarray:
+    arr = np.asarray(values)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"{path}: {where}{what} must be integer token ids, got dtype {arr.dtype}")
+    return arr
+
+
+def _read_npy(path: Path) -> dict:
+    try:
+        arr = np.load(path, allow_pickle=False)
+    except Exception as err:  # numpy raises several types for a damaged file
+        raise ValueError(f"{path}: not a readable .npy file ({_one_line(err)})") from None
+    if isinstance(arr, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: is an .npz archive; name it .npz")
+    return {"tokens": arr}
+
+
+def _read_npz(path: Path) -> dict:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if not isinstance(archive, np.lib.npyio.NpzFile):
+                raise ValueError(f"{path}: is not an .npz archive")
+            data = {k: archive[k] for k in archive.files if k in _NPZ_KEYS}
+            found = sorted(archive.files)
+    except ValueError:
+        raise
+    except Exception as err:
+        raise ValueError(f"{path}: not a readable .npz file ({_one_line(err)})") from None
+    if "tokens" not in data:
+        raise ValueError(f"{path}: no 'tokens' array (the archive holds {found})")
+    return data
+
+
+_NPZ_KEYS = ("tokens", "answer_start", "targets", "mask")
+
+
+def _read_jsonl(path: Path) -> dict:
+    rows, starts = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a UTF-8 text file") from None
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"line {number}: "
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: {where}not valid JSON ({err.msg})") from None
+        start = None
+        if isinstance(value, dict):
+            if "tokens" not in value:
+                raise ValueError(f"{path}: {where}an object must have a 'tokens' list")
+            start = value.get("answer_start")
+            value = value["tokens"]
+        if not isinstance(value, list):
+            raise ValueError(
+                f"{path}: {where}expected a list of token ids or an object with a 'tokens' "
+                f"list, got {type(value).__name__}"
+            )
+        if not value:
+            raise ValueError(f"{path}: {where}empty sequence")
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+            raise ValueError(f"{path}: {where}token ids must be integers")
+        if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
+            raise ValueError(f"{path}: {where}answer_start must be an integer, got {start!r}")
+        rows.append(value)
+        starts.append(start)
+    if not rows:
+        raise ValueError(f"{path}: holds no sequences")
+    width = max(len(r) for r in rows)
+    tokens = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)] = r
+    data = {"tokens": tokens, "lengths": np.array([len(r) for r in rows])}
+    if any(s is not None for s in starts):
+        data["answer_start"] = np.array([0 if s is None else s for s in starts])
+        data["start_missing"] = np.array([s is None for s in starts])
+    return data
+
+
+def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> TokenFile:
+    """Read and validate a skill or task token file for a transformer of ``config``.
+
+    Args:
+      path: a ``.npy``, ``.npz`` or ``.jsonl`` file (formats in the module docstring).
+      role: ``'skill'`` or ``'task'``.
+      config: the checkpoint's architecture (its ``vocab`` and ``context`` bound the ids).
+
+    Raises:
+      ValueError: one line, starting with ``path``: missing or empty file,
+        unknown format, wrong shape or dtype, ids out of ``[0, vocab)``, rows
+        past the context, a bad ``answer_start``/``targets``/``mask``.
+    """
+    if role not in ROLES:
+        raise ValueError(f"role must be 'skill' or 'task', got {role!r}")
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+    if path.suffix not in SUFFIXES:
+        raise ValueError(
+            f"{path}: unsupported format {path.suffix or '(no suffix)'!r} "
+            f"(use {', '.join(SUFFIXES)})"
+        )
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: empty file")
+    data = {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl}[path.suffix](path)
+    tokens = _ids(data["tokens"], path, "tokens")
+    if tokens.ndim != 2:
+        raise ValueError(
+            f"{path}: tokens must be a 2-D (N, T) array of token ids, got shape {tokens.shape}"
+        )
+    N, T = tokens.shape
+    if N == 0 or T == 0:
+        raise ValueError(f"{path}: holds no tokens (shape {tokens.shape})")
+    lengths = np.asarray(data.get("lengths", np.full(N, T)))
+    if T > config.context:
+        raise ValueError(
+            f"{path}: sequences of {T} tokens exceed the checkpoint's context of "
+            f"{config.context} tokens"
+        )
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= config.vocab:
+        raise ValueError(
+            f"{path}: token ids must lie in [0, {config.vocab}) (the checkpoint's vocabulary), "
+            f"got ids in [{lo}, {hi}]"
+        )
+    start = None
+    if "answer_start" in data:
+        start = _ids(data["answer_start"], path, "answer_start")
+        if start.shape != (N,):
+            raise ValueError(
+                f"{path}: answer_start must have shape (N,) = ({N},), got {start.shape}"
+            )
+        bad = np.flatnonzero((start < 0) | (start >= lengths))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"{path}: answer_start must lie in [0, row length), got {int(start[i])} in row "
+                f"{i} of length {int(lengths[i])}"
+            )
+    default = lengths - 1 if role == "skill" else np.zeros(N, lengths.dtype)
+    if "answer_start" in data and "start_missing" in data:  # .jsonl rows without one
+        start = np.where(data["start_missing"], default, start)
+    elif "answer_start" not in data:
+        start = default
+    positions = np.arange(T)[None, :]
+    if role == "skill":
+        targets = np.zeros((N, T), np.int32)
+        mask = np.zeros((N, T), np.float32)
+    else:
+        if int(lengths.max()) < 2:
+            raise ValueError(
+                f"{path}: task sequences need at least 2 tokens (a next-token target), "
+                f"got rows of length {int(lengths.max())}"
+            )
+        if "targets" in data:
+            targets = _ids(data["targets"], path, "targets")
+            if targets.shape != (N, T):
+                raise ValueError(
+                    f"{path}: targets must have the tokens' shape {(N, T)}, got {targets.shape}"
+                )
+            t_lo, t_hi = int(targets.min()), int(targets.max())
+            if t_lo < 0 or t_hi >= config.vocab:
+                raise ValueError(
+                    f"{path}: targets must lie in [0, {config.vocab}) (the checkpoint's "
+                    f"vocabulary), got ids in [{t_lo}, {t_hi}]"
+                )
+        else:
+            targets = np.concatenate([tokens[:, 1:], np.zeros((N, 1), tokens.dtype)], axis=1)
+        if "mask" in data:
+            mask = np.asarray(data["mask"])
+            if mask.shape != (N, T):
+                raise ValueError(
+                    f"{path}: mask must have the tokens' shape {(N, T)}, got {mask.shape}"
+                )
+            if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool) or not np.all(
+                np.isin(mask, (0, 1))
+            ):
+                raise ValueError(f"{path}: mask must hold only 0 and 1")
+            mask = mask.astype(np.float32)
+        else:
+            mask = ((positions >= start[:, None]) & (positions <= lengths[:, None] - 2)).astype(
+                np.float32
+            )
+        if not np.any(mask):
+            raise ValueError(f"{path}: the loss mask selects no target position")
+    return TokenFile(
+        tokens.astype(np.int32),
+        np.asarray(targets, np.int32),
+        mask,
+        np.asarray(start, np.int32),
+        lengths.astype(np.int32),
+    )
+
+
+def read_checkpoint_config(directory: str | Path) -> TransformerConfig:
+    """The architecture stored in a transformer checkpoint, verified (no arrays read).
+
+    Raises ``ValueError`` (one line, starting with ``directory``): missing
+    directory, not a geomcollapse transformer checkpoint, damaged files.
+    """
+    from geomcollapse import checkpoint
+
+    path = Path(directory)
+    if not path.exists():
+        raise ValueError(f"{path}: no such checkpoint directory")
+    try:
+        meta = checkpoint.read_metadata(path)
+        return TransformerConfig(**meta["config"])
+    except (ValueError, TypeError, KeyError) as err:
+        message = _one_line(err).replace(str(path.resolve()), "").replace(str(path), "")
+        raise ValueError(f"{path}: {' '.join(message.split()) or 'not a checkpoint'}") from None
+
+
+def diagnose_checkpoint(
+    checkpoint_dir: str | Path,
+    skill: str | Path,
+    task: str | Path,
+    *,
+    key: jax.Array,
+    d: int | None = None,
+    lr: float | None = None,
+    steps: int | None = None,
+    threshold: float | None = None,
+    dtype: Any = jnp.float64,
+    progress: bool = False,
+    **options: Any,
+) -> Diagnosis:
+    """:func:`geomcollapse.diagnose` of a transformer checkpoint on a skill and a task file.
+
+    The skill loss is ``u = mean KL(p_{θ*} ‖ p_θ)`` of the next-token
+    distribution at the skill file's positions (``training.kl_skill_loss``), its
+    Fisher the true one of that output (``fisher='true'``); the task loss is
+    ``training.sequence_loss`` over the task file's masked targets. Everything
+    is validated (checkpoint metadata, then both files) before the weights
+    load. Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset
+    is far below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
+    """
+    from geomcollapse import checkpoint, training
+    from geomcollapse.models import transformer_abstract, transformer_logits
+
+    config = read_checkpoint_config(checkpoint_dir)
+    skill_file = read_token_file(skill, "skill", config)
+    task_file = read_token_file(task, "task", config)
+    try:
+        _, params, _ = checkpoint.load_checkpoint(checkpoint_dir, config)
+    except ValueError as err:
+        raise ValueError(f"{checkpoint_dir}: {_one_line(err)}") from None
+    graphdef, _ = transformer_abstract(config, dtype)
+    params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
+    logits = transformer_logits(graphdef)
+    first = training.answer_logits(logits)
+    s_len = int(np.max(skill_file.answer_start)) + 1  # causal: later tokens change nothing
+    s_tokens = jnp.asarray(skill_file.tokens[:, :s_len])
+    s_start = jnp.asarray(skill_file.answer_start)
+    reference = jax.jit(first)(params, s_tokens, s_start)
+    skill_args = (s_tokens, s_start, reference)
+    task_args = tuple(jnp.asarray(a) for a in (task_file.tokens, task_file.targets, task_file.mask))
+    return diagnose(
+        training.kl_skill_loss(logits),
+        training.sequence_loss(logits),
+        params,
+        skill_args=skill_args,
+        task_args=task_args,
+        skill_logits=_skill_logits(first),
+        d=d,
+        lr=lr,
+        steps=steps,
+        threshold=threshold,
+        key=key,
+        progress=progress,
+        **options,
+    )
+
+
+def _skill_logits(first):
+    def skill_logits(params, tokens, answer_start, reference_logits):
+        return first(params, tokens, answer_start)
+
+    return skill_logits
