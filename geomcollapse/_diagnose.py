@@ -52,10 +52,17 @@ DENSE_MAX_N = 2048  # spectrum='auto': F formed densely (n matvecs, eigh) up to 
 FIRST_K = 8  # d=None: eigenpairs computed first (then doubled until the share is reached)
 NUM_FORECAST_TIMES = 96  # points of the stored forecast curve
 _FISHERS = ("true", "empirical")
-# The series and the dense F are computed once per diagnosis, so their compile time is
-# what counts: XLA's backend at optimisation level 0 compiled the order-4 series of a
-# one-block transformer in 7 s of CPU instead of 12 s (2-core CPU), equal to rounding.
+# The series and the dense F are computed once per diagnosis, so for a small model their
+# compile time is what counts: XLA's backend at optimisation level 0 compiled the order-4
+# series of a one-block transformer in 7 s of CPU instead of 12 s (2-core CPU), equal to
+# rounding. Used only on the CPU and up to DENSE_MAX_N parameters: for a large model the
+# run time of unoptimised code would cost more than the compile time saved.
 _ONE_SHOT = {"xla_backend_optimization_level": 0}
+
+
+def _one_shot_options(n: int) -> dict:
+    """Compiler options for a once-per-diagnosis program on ``n`` parameters."""
+    return _ONE_SHOT if n <= DENSE_MAX_N and jax.default_backend() == "cpu" else {}
 
 
 # --------------------------------------------------------------------------- the result
@@ -741,9 +748,12 @@ def _at_theta_star(skill_loss, task_loss, order, params, skill_args, task_args):
     return s, ravel_pytree(jax.grad(skill_loss)(params, *skill_args))[0]
 
 
-_JITTED_AT_THETA_STAR = jax.jit(
-    _at_theta_star, static_argnums=(0, 1, 2), compiler_options=_ONE_SHOT
-)
+_JITTED_AT_THETA_STAR = {
+    small: jax.jit(
+        _at_theta_star, static_argnums=(0, 1, 2), compiler_options=_ONE_SHOT if small else {}
+    )
+    for small in (True, False)
+}
 
 
 def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
@@ -757,14 +767,16 @@ def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
     formed from ``x₁ … x_K`` outside, :func:`projected_coefficients`).
     Unhashable losses: compiled per call.
     """
+    options = _one_shot_options(ravel_pytree(params)[0].size)
     try:
         hash((skill_loss, task_loss))
     except TypeError:
         fn = jax.jit(
-            partial(_at_theta_star, skill_loss, task_loss, order), compiler_options=_ONE_SHOT
+            partial(_at_theta_star, skill_loss, task_loss, order), compiler_options=options
         )
         return fn(params, skill_args, task_args)
-    return _JITTED_AT_THETA_STAR(skill_loss, task_loss, order, params, skill_args, task_args)
+    jitted = _JITTED_AT_THETA_STAR[bool(options)]
+    return jitted(skill_loss, task_loss, order, params, skill_args, task_args)
 
 
 def projected_coefficients(values: Any, basis: Any, xs: Any) -> np.ndarray:
