@@ -154,14 +154,15 @@ def run_pipeline(
         learning_rate=learning_rate,
     )
     pipeline = ar.AlignmentRiskPipeline(config)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     report = pipeline.run(model, safety_batches, safety_loss, [task_batch], task_loss)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     lam = report.subspace.fisher_eigenvalues.double()
     # the λ_min its forecast multiplies by: the 10 % lower quantile of the kept eigenvalues
     lambda_min = float(pipeline._stable_lambda_min(report.subspace))
     return {
         "wall_s": wall,
+        "cpu_s": cpu,
         "d": int(lam.numel()),
         "eigenvalues": [float(v) for v in lam],
         "lambda_d": float(lam[-1]) if lam.numel() else float("nan"),
