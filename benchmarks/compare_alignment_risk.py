@@ -575,7 +575,7 @@ def main(quick: bool = False, outdir: Path = RESULTS) -> dict | None:
 
 
 def _mb(b: float) -> str:
-    return f"{b / 2**20:,.0f} MB"
+    return f"{b / 2**20:,.0f} MiB"
 
 
 def _ratio(x: float) -> str:
