@@ -1,11 +1,14 @@
 # Two commands: `make reproduce` (main job) and `make test` (tests + lint).
 # Both create .venv on first use and install the pinned versions of constraints.txt.
+# `make compare` (not part of `make test`) runs the side-by-side with alignment-risk in
+# its own .venv-compare (torch); without torch it prints one line and exits 0.
 PYTHON ?= python3
 VENV := .venv
+COMPARE_VENV := .venv-compare
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test benchmark
+.PHONY: reproduce test benchmark compare
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +27,12 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.curvature_speed
 	$(BIN)/python -m benchmarks.landscape_batch
+
+# alignment-risk 1.14.1 declares torch<2.7 and matplotlib<3.11 (stricter than it needs):
+# installed with --no-deps beside the `compare` extra's torch 2.13.0. A failed install is
+# not an error: the benchmark then says what is missing and exits 0.
+compare:
+	test -x $(COMPARE_VENV)/bin/python || $(PYTHON) -m venv $(COMPARE_VENV)
+	-$(COMPARE_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[compare]' \
+	  && $(COMPARE_VENV)/bin/python -m pip install --quiet --no-deps alignment-risk==1.14.1
+	$(COMPARE_VENV)/bin/python -m benchmarks.compare_alignment_risk
