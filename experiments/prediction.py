@@ -169,6 +169,16 @@ class _Setup(NamedTuple):
     fvp: object  # pytree v ↦ F v at θ* (float64)
 
 
+def _setup_keys(seed: int) -> jax.Array:
+    """The keys of the skill prompts, the Lanczos start and the random control basis."""
+    return jax.random.split(jax.random.fold_in(jax.random.key(seed), 1_000_003), 3)
+
+
+def skill_prompts(num_prompts: int, seed: int) -> tasks.TokenBatch:
+    """The KL skill loss's harmful prompts (the same for every experiment on this ``θ*``)."""
+    return tasks.harmful_prompts(_setup_keys(seed)[0], num_prompts)
+
+
 @functools.lru_cache(maxsize=2)
 def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Setup:
     aligned = aligned_model(size, outdir)
@@ -176,9 +186,8 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Set
     graphdef64, params64 = aligned.as_dtype(jnp.float64)  # the graph carries the compute dtype
     logits32 = models.transformer_logits(graphdef)
     logits64 = models.transformer_logits(graphdef64)
-    key = jax.random.key(seed)
-    k_prompts, k_eig, k_rand = jax.random.split(jax.random.fold_in(key, 1_000_003), 3)
-    skill = tasks.harmful_prompts(k_prompts, num_prompts)
+    _, k_eig, k_rand = _setup_keys(seed)
+    skill = skill_prompts(num_prompts, seed)
     fvp = pipeline.skill_fisher_vp(logits64, params64, skill)
     pairs = linalg.top_eigenpairs(fvp, params64, k, key=k_eig, tol=1e-8, progress=True)
     basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
