@@ -17,6 +17,7 @@ import jax
 from experiments import (
     aic_phase,
     crossover,
+    defences,
     gd_vs_flow,
     logistic_onset,
     prediction,
@@ -39,6 +40,7 @@ EXPERIMENTS = [
     transformer_fisher,
     transformer_onset,
     prediction,
+    defences,
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically

@@ -46,6 +46,7 @@ QUICK_RUNTIME_S = {
     "transformer_fisher": 57,
     "transformer_onset": 95,
     "prediction": 145,
+    "defences": 155,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}

@@ -45,12 +45,14 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
     # the tiny and small models: on the 1,200-step test model (top-8 δ energy 0.77 in 0/qkv)
     # test_transformer_numbers checks that their verdicts follow from their numbers instead
     # the Table 1 rows (experiments.prediction) are findings too: their verdicts are checked
-    # against their numbers on synthetic rows in tests/test_prediction.py
+    # against their numbers on synthetic rows in tests/test_prediction.py, and the defence
+    # rows (experiments.defences) against theirs in tests/test_defences_study.py
     findings = (
         "Representation gradients are low-rank",
         "Top Fisher eigenvectors' W-blocks",
         "Table 1",
         "The Taylor forecast of Δu(ηK)",
+        "Defences",
     )
     assert all(
         c.passed
