@@ -3,7 +3,7 @@
 Every ``every`` steps the monitor measures, at the current ``θ_k``:
 
 * the realised projected loss ``½‖F^{1/2}P(θ_k − θ*)‖²`` (Thm 6.1's lower bound
-  on ``Δu``, with ``F`` and ``P`` of ``M(θ*)``; two ``(d, n)`` products);
+  on ``Δu``, with ``F`` and ``P`` of ``M(θ*)``; one ``(d, n)`` product);
 * the overlap score ``‖P(θ_k − θ*)‖/‖θ_k − θ*‖`` (Section 7);
 * the rotation of ``M``: the top-``d`` eigenspace ``M(θ_k)`` of ``F(θ_k)``
   found by traced Lanczos warm-started from the previous measurement's
@@ -31,7 +31,7 @@ warns or stops. Three entry points share one measurement:
   ``training.train(..., callback=MonitorCallback(...))``; it warns or raises
   at the measurement itself.
 
-Cost of one measurement: the two products above, plus (with a ``fisher_vp``)
+Cost of one measurement: the product above, plus (with a ``fisher_vp``)
 one Lanczos run of ``F(θ_k)`` matvecs (``num_matvecs`` is logged); without a
 ``fisher_vp`` the rotation is not measured (NaN) and the monitor costs almost
 nothing. ``benchmarks/monitor_overhead.py`` measures the overhead.
@@ -658,12 +658,13 @@ def monitor_log(state: MonitorState) -> Measurement:
 
 
 def check_monitor(state: MonitorState) -> bool:
-    """Surface the monitor's budget on the host; returns ``state.stopped``.
+    """Surface the monitor's budget on the host: whether a measurement went past it.
 
     Past the budget with ``on_exceed='warn'``: a :class:`BudgetWarning` with the
-    numbers of the first offending measurement. With ``on_exceed='stop'``:
-    raises :class:`BudgetExceeded` (training has already halted inside ``jit``).
-    Call it between compiled chunks of steps.
+    numbers of the first offending measurement, and ``True``. With
+    ``on_exceed='stop'``: raises :class:`BudgetExceeded` (training has already
+    halted inside ``jit``). ``False`` otherwise. Call it between compiled chunks
+    of steps.
     """
     if not isinstance(state, MonitorState):
         raise ValueError(f"state must be a MonitorState, got {type(state).__name__}")
@@ -674,7 +675,7 @@ def check_monitor(state: MonitorState) -> bool:
     if bool(state.stopped):
         raise BudgetExceeded(message + "; training stopped there", first)
     warnings.warn(message, BudgetWarning, stacklevel=2)
-    return False
+    return True
 
 
 # --------------------------------------------------------------------------- host callback
