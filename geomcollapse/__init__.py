@@ -6,6 +6,7 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 (exact, ODE and optimizer flows, cancellation-free Δu), :mod:`geomcollapse.subspace`
 (M, projections, overlap scores, the orthogonalising correction),
 :mod:`geomcollapse.defences` (defences as optax gradient transformations),
+:mod:`geomcollapse.monitor` (watching a training run: projected loss, overlap, rotation of M),
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
 :mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
@@ -30,6 +31,7 @@ from geomcollapse import (
     landscapes,
     linalg,
     models,
+    monitor,
     series,
     stats,
     subspace,
@@ -49,6 +51,7 @@ __all__ = [
     "landscapes",
     "linalg",
     "models",
+    "monitor",
     "series",
     "stats",
     "subspace",

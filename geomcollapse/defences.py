@@ -43,7 +43,7 @@ from geomcollapse._checks import (
     prng_key,
     subspace_dim,
 )
-from geomcollapse.linalg import top_eigenpairs_traced
+from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -129,6 +129,33 @@ def _matvec_fn(fisher_vp: Any) -> Callable[..., PyTree]:
     if not callable(fisher_vp):
         raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
     return fisher_vp
+
+
+def _warm_eigenpairs(
+    fisher_vp: Callable[..., PyTree],
+    params: PyTree,
+    args: tuple,
+    previous: jax.Array,
+    d: int,
+    keys: tuple[jax.Array, jax.Array],
+    tol: float | None,
+    max_steps: int | None,
+) -> TracedEigenpairs:
+    """Top-``d`` eigenpairs of ``F(params)`` by traced Lanczos, warm-started from ``previous``.
+
+    The start vector is ``Σ_i v_i`` of the ``(d, n)`` rows ``previous`` plus a
+    random unit vector (from ``keys[0]``), so a direction rotating into ``M`` is
+    not missed; ``keys[1]`` drives restarts. Shared by :func:`project_out_tracking`
+    and :func:`geomcollapse.monitor.monitor`.
+    """
+    theta, unravel_params = ravel_pytree(params)
+
+    def matvec(v: jax.Array) -> jax.Array:
+        return ravel_pytree(fisher_vp(params, unravel_params(v), *args))[0]
+
+    noise = jax.random.normal(keys[0], theta.shape, theta.dtype)
+    v0 = jnp.sum(previous.astype(theta.dtype), axis=0) + noise / jnp.linalg.norm(noise)
+    return top_eigenpairs_traced(matvec, v0, d, key=keys[1], tol=tol, max_steps=max_steps)
 
 
 def _args(fisher_args: Any) -> tuple:
@@ -303,18 +330,12 @@ def project_out_tracking(
         del extra_args
         _need_params(params, "project_out_tracking")
         args = default_args if fisher_args is None else _args(fisher_args)
-        theta, unravel_params = ravel_pytree(params)
         u, unravel = ravel_pytree(updates)
         next_key, k_start, k_restart = jax.random.split(state.key, 3)
 
         def refresh():
-            def matvec(v: jax.Array) -> jax.Array:
-                return ravel_pytree(fisher_vp(params, unravel_params(v), *args))[0]
-
-            noise = jax.random.normal(k_start, theta.shape, theta.dtype)
-            v0 = jnp.sum(state.basis, axis=0) + noise / jnp.linalg.norm(noise)
-            pairs = top_eigenpairs_traced(
-                matvec, v0, d, key=k_restart, tol=tol, max_steps=max_steps
+            pairs = _warm_eigenpairs(
+                fisher_vp, params, args, state.basis, d, (k_start, k_restart), tol, max_steps
             )
             return pairs.vectors, pairs.values, pairs.converged
 

@@ -1,0 +1,288 @@
+"""The training monitor against dense twins (eigh of the explicit Fisher), float64."""
+
+import itertools
+import re
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import curvature, models
+from geomcollapse import monitor as mon
+from geomcollapse.series import Series
+from geomcollapse.subspace import Subspace
+
+D, LR, STEPS = 2, 0.5, 7
+
+
+class Setup:
+    """A 4-6-3 tanh MLP (51 parameters): skill Fisher on one batch, SGD on shifted labels."""
+
+    def __init__(self):
+        # numpy-made weights and data: eager jax.random calls would compile one op at a time
+        rng = np.random.default_rng(7)
+        sizes = (4, 6, 3)
+        params = [
+            {"w": rng.standard_normal((a, b)) / np.sqrt(a), "b": 0.1 * rng.standard_normal(b)}
+            for a, b in itertools.pairwise(sizes)
+        ]
+        y = rng.integers(0, 3, 20)
+        x = rng.standard_normal((3, 4))[y] + rng.standard_normal((20, 4))
+        p = models.MLPProblem(jax.tree.map(jnp.asarray, params), models.Batch(x, y), "tanh")
+        self.problem, self.params, self.skill = p, p.params, p.batch
+        self.task = models.Batch(x, (y + 1) % 3)
+        self.flat, self.unravel = ravel_pytree(p.params)
+        self.fvp = curvature.fisher_vp(p.logits)
+        self.grad = jax.jit(jax.grad(p.loss))
+        self.dense_fisher = jax.jit(self._dense_fisher)
+        lam, V = self.top(self.flat)
+        self.subspace = Subspace.exact(lam, V)
+        self.thetas, self.updates, _ = run(optax.sgd(LR), self)
+
+    def _dense_fisher(self, flat):
+        """``Jᵀ(diag p − ppᵀ)J / N`` from the explicit Jacobian of the logits."""
+
+        def logits(f):
+            return self.problem.logits(self.unravel(f), self.skill)
+
+        J = jax.jacfwd(logits)(flat)
+        q = jax.nn.softmax(logits(flat), axis=-1)
+        W = jax.vmap(lambda r: jnp.diag(r) - jnp.outer(r, r))(q)
+        return jnp.einsum("kci,kcd,kdj->ij", J, W, J) / q.shape[0]
+
+    def top(self, flat):
+        """Top-``D`` eigenpairs of the dense Fisher at ``flat``: ``(λ (D,), rows (D, n))``."""
+        lam, V = np.linalg.eigh(np.asarray(self.dense_fisher(flat)))
+        return lam[::-1][:D], V[:, ::-1][:, :D].T
+
+    def dense(self, k: int) -> dict:
+        """The monitor's quantities at ``θ_k`` of the plain SGD run, from dense ``eigh``."""
+        theta = flat(self.thetas[k])
+        x = theta - np.asarray(self.flat)
+        lam, V = np.asarray(self.subspace.values), np.asarray(self.subspace.basis)
+        c = V @ x
+        _, Vk = self.top(theta)
+        return {
+            "projected_loss": 0.5 * np.sum(lam * c**2),
+            "overlap": np.linalg.norm(c) / np.linalg.norm(x),
+            "angle": np.max(scipy.linalg.subspace_angles(Vk.T, V.T)),
+            "mean_cos2": np.sum((Vk @ V.T) ** 2) / D,
+            "rows": Vk,
+        }
+
+
+def run(opt, setup, steps: int = STEPS):
+    """``steps`` jitted SGD-gradient steps of ``opt``: iterates θ_0 … θ_K, updates, states."""
+
+    @jax.jit
+    def step(p, s):
+        u, s = opt.update(setup.grad(p, setup.task), s, p)
+        return optax.apply_updates(p, u), s, u
+
+    params, state = setup.params, opt.init(setup.params)
+    thetas, updates, states = [params], [], []
+    for _ in range(steps):
+        params, state, u = step(params, state)
+        thetas.append(params)
+        updates.append(u)
+        states.append(state)
+    assert step._cache_size() == 1  # no recompilation after the first call
+    return thetas, updates, states
+
+
+def flat(tree) -> np.ndarray:
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+def bitwise_equal(a, b) -> bool:
+    return all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return Setup()
+
+
+def test_rotation_equals_scipy_principal_angles_down_to_tiny_angles():
+    rng = np.random.default_rng(7)
+    n, d = 40, 3
+    A = np.linalg.qr(rng.standard_normal((n, d)))[0].T
+    B = np.linalg.qr(rng.standard_normal((n, d)))[0].T
+    # a rotation by 1e-9 in the plane of a₁ and a unit vector w ⊥ A
+    w = rng.standard_normal(n)
+    w -= A.T @ (A @ w)
+    w /= np.linalg.norm(w)
+    R = A.copy()
+    R[0] = np.cos(1e-9) * A[0] + np.sin(1e-9) * w
+    angle, cos2 = jax.jit(jax.vmap(mon.rotation))(jnp.stack([A, R]), jnp.stack([B, A]))
+    reference = scipy.linalg.subspace_angles(A.T, B.T)
+    np.testing.assert_allclose(angle[0], np.max(reference), rtol=1e-12)
+    np.testing.assert_allclose(cos2[0], np.sum(np.cos(reference) ** 2) / d, rtol=1e-12)
+    # the tiny angle keeps its relative accuracy (arccos of a cosine would give ~1e-8)
+    np.testing.assert_allclose(angle[1], 1e-9, rtol=1e-6)
+    np.testing.assert_allclose(cos2[1], 1 - np.sin(1e-9) ** 2 / d, rtol=1e-15)
+
+
+def test_monitor_measures_every_k_steps_like_the_dense_twin_and_leaves_training_alone(setup):
+    """Measured at θ₃, θ₆ (every 3) = dense eigh; updates = SGD's bit for bit; warns at θ₆."""
+    d3, d6 = setup.dense(3), setup.dense(6)
+    assert d3["projected_loss"] < d6["projected_loss"]
+    budget = 0.5 * (d3["projected_loss"] + d6["projected_loss"])
+    tx = mon.monitor(
+        optax.sgd(LR),
+        setup.subspace,
+        every=3,
+        fisher_vp=setup.fvp,
+        key=jax.random.key(0),
+        fisher_args=(setup.skill,),
+        budget=budget,
+        max_steps=16,
+    )
+    thetas, updates, states = run(tx, setup)
+    for ours, plain in zip(updates, setup.updates, strict=True):
+        assert bitwise_equal(ours, plain)  # monitoring does not change training
+    assert bitwise_equal(thetas[-1], setup.thetas[-1])
+
+    log = mon.monitor_log(states[-1])
+    np.testing.assert_array_equal(log.step, [3, 6])
+    for i, ref in enumerate((d3, d6)):
+        rec = mon.Measurement(*(field[i] for field in log))
+        assert rec.converged and 0 < rec.num_matvecs <= 16
+        for name in ("projected_loss", "overlap", "mean_cos2"):
+            np.testing.assert_allclose(getattr(rec, name), ref[name], rtol=1e-12, err_msg=name)
+        np.testing.assert_allclose(rec.angle, ref["angle"], rtol=1e-8)
+        assert np.isnan(rec.forecast) and not rec.in_window
+    assert d6["angle"] > 0.1  # M really rotated: a stale basis would fail above
+    # the warm start of the next run is M(θ₆), as eigh finds it
+    assert scipy.linalg.subspace_angles(np.asarray(states[-1].basis).T, d6["rows"].T).max() < 1e-8
+    np.testing.assert_array_equal(log.exceeded, [False, True])
+
+    # the budget surfaces at the first measurement past it, not before
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mon.check_monitor(states[4]) is False  # θ₅: only θ₃ measured
+    number = re.escape(f"= {d6['projected_loss']:.4g}, overlap ‖PΔθ‖/‖Δθ‖ = {d6['overlap']:.4g}")
+    with pytest.warns(mon.BudgetWarning, match="step 6: projected loss .*" + number):
+        assert mon.check_monitor(states[-1]) is True
+
+
+def test_stop_halts_training_at_the_first_measurement_past_the_budget(setup):
+    """``on_exceed='stop'``: SGD's updates until θ₆ is measured, zeros after; raises on the host."""
+    d4, d6 = setup.dense(4), setup.dense(6)
+    # A hand-made forecast, to check that the monitor evaluates it at t = lr·k and windows it:
+    # Δu = t² + b t⁴ (its t⁴ term reaches 10 % of the sum at t² = 1/(9b) = 2.5²) and a
+    # one-term projected loss 0.1 t⁴, whose window falls back to Δu's.
+    b = 1 / 56.25
+    series = Series(
+        jnp.asarray([0.0, 0.0, 1.0, 0.0, b]),
+        jnp.asarray([0.0, 0.0, 0.0, 0.0, 0.1]),
+        jnp.stack([jnp.ones(3), jnp.full(3, 0.5)]),  # x₁, x₂: time scale 2
+    )
+    tx = mon.monitor(
+        optax.sgd(LR),
+        setup.subspace,
+        every=2,
+        budget=0.5 * (d4["projected_loss"] + d6["projected_loss"]),
+        on_exceed="stop",
+        series=series,
+        time_per_step=LR,
+        capacity=2,
+    )
+    thetas, updates, states = run(tx, setup)
+    for k in range(6):
+        assert bitwise_equal(updates[k], setup.updates[k])
+    assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(updates[6]))
+    assert bitwise_equal(thetas[-1], setup.thetas[6])  # halted at θ₆
+    assert mon.check_monitor(states[5]) is False  # θ₆ is measured by update 6 (states[6])
+    with pytest.raises(mon.BudgetExceeded, match="step 6") as err:
+        mon.check_monitor(states[6])
+    np.testing.assert_allclose(err.value.measurement.projected_loss, d6["projected_loss"])
+
+    log = mon.monitor_log(states[-1])  # capacity 2: the last two measurements
+    np.testing.assert_array_equal(log.step, [4, 6])
+    np.testing.assert_allclose(log.projected_loss, [d4["projected_loss"], d6["projected_loss"]])
+    assert np.all(np.isnan(log.angle))  # no fisher_vp: rotation not measured
+    t = LR * np.array([4.0, 6.0])
+    np.testing.assert_allclose(log.forecast, 0.1 * t**4, rtol=1e-15)
+    np.testing.assert_allclose(log.forecast_delta_u, t**2 + b * t**4, rtol=1e-15)
+    np.testing.assert_allclose(mon.forecast_window(series), 2.5, rtol=1e-12)
+    np.testing.assert_array_equal(log.in_window, [True, False])  # t = 2, 3
+
+
+def test_callback_warns_at_the_first_measured_step_past_the_budget(setup):
+    d3, d6 = setup.dense(3), setup.dense(6)
+    cb = mon.MonitorCallback(
+        setup.params,
+        setup.subspace,
+        every=3,
+        budget=0.5 * (d3["projected_loss"] + d6["projected_loss"]),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(6):
+            cb(k, setup.thetas[k])
+    with pytest.warns(mon.BudgetWarning, match="step 6"):
+        cb(6, setup.thetas[6])
+    log = mon.monitor_log(cb.state)
+    np.testing.assert_array_equal(log.step, [3, 6])
+    np.testing.assert_allclose(log.overlap, [d3["overlap"], d6["overlap"]], rtol=1e-12)
+    stopping = mon.MonitorCallback(
+        setup.params, setup.subspace, every=3, budget=d3["projected_loss"] / 2, on_exceed="stop"
+    )
+    with pytest.raises(mon.BudgetExceeded, match="step 3"):
+        stopping(3, setup.thetas[3])
+
+
+def test_monitor_measure_with_a_given_basis_is_the_dense_twin(setup):
+    ref = setup.dense(6)
+
+    @jax.jit
+    def measure(theta, basis):
+        return mon.monitor_measure(theta, setup.params, setup.subspace, step=6, basis=basis)
+
+    m = measure(setup.thetas[6], jnp.asarray(ref["rows"]))
+    for name in ("projected_loss", "overlap", "angle", "mean_cos2"):
+        np.testing.assert_allclose(getattr(m, name), ref[name], rtol=1e-10, err_msg=name)
+    m = mon.monitor_measure(setup.params, setup.params, setup.subspace)
+    assert m.projected_loss == 0 and m.overlap == 0 and np.isnan(m.angle)
+
+
+def test_bad_inputs_raise_naming_the_argument(setup):
+    s, sgd, key = setup.subspace, optax.sgd(0.1), jax.random.key(0)
+    cases = [
+        (lambda: mon.monitor(sgd, s, every=0), "every"),
+        (lambda: mon.monitor(sgd, s, every=2, on_exceed="halt"), "on_exceed"),
+        (lambda: mon.monitor(sgd, s, every=2, budget=-1.0), "budget"),
+        (lambda: mon.monitor(sgd, s, every=2, angle_budget=0.0), "angle_budget"),
+        (lambda: mon.monitor(sgd, s, every=2, fisher_vp=setup.fvp), "key"),
+        (lambda: mon.monitor(sgd, s, every=2, fisher_vp=3, key=key), "fisher_vp"),
+        (lambda: mon.monitor(sgd, s, every=2, rotation_every=0), "rotation_every"),
+        (lambda: mon.monitor(sgd, s, every=2, fisher_vp=setup.fvp, key=key, max_steps=1), "max_"),
+        (lambda: mon.monitor(sgd, s, every=2, capacity=0), "capacity"),
+        (lambda: mon.monitor(sgd, s, every=2, series="forecast", time_per_step=0.1), "series"),
+        (lambda: mon.monitor(sgd, "M", every=2), "subspace"),
+        (lambda: mon.monitor(sgd, s.leading(1)._replace(values=s.values), every=2), "subspace"),
+        (lambda: mon.monitor(sgd, s, every=2).init({"w": jnp.zeros(3)}), "parameters"),
+        (lambda: mon.monitor(sgd, s, every=2).update(setup.params, None), "params"),
+        (lambda: mon.monitor_measure(setup.params, {"w": jnp.zeros(51)}, s), "theta_star"),
+        (lambda: mon.monitor_measure(setup.params, setup.params, s, basis=jnp.ones(51)), "basis"),
+        (lambda: mon.monitor_measure(setup.params, setup.params, s, basis=s.basis[:1]), "basis"),
+        (lambda: mon.check_monitor(None), "state"),
+        (lambda: mon.monitor_log({}), "state"),
+        (lambda: mon.MonitorCallback(setup.params, s, every=-1), "every"),
+    ]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=name):
+            make()
+    series = Series(jnp.zeros(3), None, jnp.zeros((2, 51)))
+    with pytest.raises(ValueError, match="time_per_step"):
+        mon.monitor(sgd, s, every=2, series=series)
+    with pytest.raises(ValueError, match="time_per_step"):
+        mon.monitor(sgd, s, every=2, series=series, time_per_step=-0.1)
