@@ -26,6 +26,7 @@ from experiments import (
     transformer_finetune,
     transformer_fisher,
     transformer_onset,
+    validation,
 )
 from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
 
@@ -41,6 +42,7 @@ EXPERIMENTS = [
     transformer_onset,
     prediction,
     defences,
+    validation,
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically

@@ -47,6 +47,7 @@ QUICK_RUNTIME_S = {
     "transformer_onset": 95,
     "prediction": 145,
     "defences": 155,
+    "validation": 5,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}

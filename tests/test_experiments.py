@@ -46,13 +46,15 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
     # test_transformer_numbers checks that their verdicts follow from their numbers instead
     # the Table 1 rows (experiments.prediction) are findings too: their verdicts are checked
     # against their numbers on synthetic rows in tests/test_prediction.py, and the defence
-    # rows (experiments.defences) against theirs in tests/test_defences_study.py
+    # rows (experiments.defences) against theirs in tests/test_defences_study.py and the
+    # held-out validation of diagnose (experiments.validation) in tests/test_validation.py
     findings = (
         "Representation gradients are low-rank",
         "Top Fisher eigenvectors' W-blocks",
         "Table 1",
         "The Taylor forecast of Δu(ηK)",
         "Defences",
+        "diagnose on",
     )
     assert all(
         c.passed
