@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test benchmark
+.PHONY: reproduce test benchmark accelerator-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,3 +24,10 @@ test: $(STAMP)
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.curvature_speed
 	$(BIN)/python -m benchmarks.landscape_batch
+
+# On a GPU/TPU machine: the --full experiments, the sweeps and the benchmarks, in resumable
+# stages (docs/accelerators.md). Uses .venv when there is one, else the machine's python3
+# (an accelerator image with JAX already installed); ARGS="--budget-s 540" etc. pass through.
+ACCEL_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+accelerator-check:
+	PYTHONPATH=. $(ACCEL_PY) -m benchmarks.accelerator_check $(ARGS)
