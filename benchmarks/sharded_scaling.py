@@ -7,8 +7,8 @@ by rows, ``b₂`` replicated) and its examples sharded along the example axis.
 :func:`geomcollapse.aic.measure_aic` with ``d = 5`` on the true Fisher of the
 first 256 examples, the loss of the other 256, Hutchinson with 16 probes.
 
-* strong scaling: ``h = 256`` (85,002 parameters) on ``D = 1, 2, 4``;
-* weak scaling: ``h`` chosen so that ``n ≈ D × 26,378`` (``h = 128`` at ``D = 1``);
+* strong scaling: ``h = 1024`` (1,126,410 parameters) on ``D = 1, 2, 4``;
+* weak scaling: ``h`` chosen so that ``n ≈ D × 301,066`` (``h = 512`` at ``D = 1``);
 * memory of the Lanczos basis: the bytes one device holds per parameter and
   per stored basis vector, read from the blocks' shards on device 0 after 16
   Lanczos steps (ideal: ``4 / D`` for float32 when every leaf splits evenly).
@@ -39,8 +39,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 DEVICES = (1, 2, 4)
-STRONG_WIDTH = 256
-WEAK_BASE_WIDTH = 128
+STRONG_WIDTH = 1024
+WEAK_BASE_WIDTH = 512
 INPUTS, CLASSES = 64, 10
 D_SUBSPACE, PROBES, BASIS_STEPS, REPEATS = 5, 16, 16, 3
 

@@ -39,6 +39,14 @@ or duplicated and every row equals the uninterrupted run's. Resuming with
 another ``batch_size`` (which regroups the runs) is refused, as is a file whose
 complete batches are not this config's runs.
 
+**Several processes.** Under ``jax.distributed`` (``geomcollapse sweep CONFIG
+--coordinator HOST:PORT --num-processes N --process-id I``), process ``i``
+computes the cells (batches) whose index is ``i`` mod ``N`` into its own part
+file ``OUTPUT.part-i-of-N``; after a barrier, process 0 merges the output and
+the parts into the output (index order, each group once) and deletes them.
+Groups done in the output or in any part are never recomputed, so a killed
+job resumes when all its processes are restarted (see docs/sweeps.md).
+
 Every number in a config must be finite; a bad config, an unreadable config
 file or an unwritable output raise ``ValueError`` naming the key or path.
 """

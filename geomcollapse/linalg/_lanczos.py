@@ -149,7 +149,7 @@ class _Basis(NamedTuple):
         ``(k, n)`` in the flat layout; a stack of ``k`` parameter-shaped
         vectors (sharded like them) in the sharded one.
         """
-        ops = _FLAT if self.ops is None else self.ops
+        ops = _FlatOps(0, self.blocks[0].dtype) if self.ops is None else self.ops
         padded = np.zeros((len(self.blocks) * _CHUNK, coeffs.shape[1]))
         padded[: coeffs.shape[0]] = coeffs
         out = None
@@ -276,9 +276,6 @@ class _FlatOps:
 
     def coefficients(self, c: np.ndarray) -> jax.Array:
         return jnp.asarray(c, self.dtype)
-
-
-_FLAT = _FlatOps()
 
 
 # Kernels of the sharded layout: a vector is a pytree like the parameters, a
