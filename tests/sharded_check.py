@@ -227,6 +227,14 @@ def main() -> dict:
     out["ode_flow_sharded"] = sharded_like(f_got.displacement, layout, True)
 
     marks.append(("ode_flow", time.process_time()))
+    # Bad input: a sharded pytree of two dtypes is refused, naming the argument.
+    mixed = {"a": params[0]["w"], "b": params[0]["b"].astype(jnp.float32)}
+    try:
+        linalg.top_eigenpairs(lambda u: u, mixed, 1, key=key)
+        out["mixed_dtypes_error"] = ""
+    except ValueError as err:
+        out["mixed_dtypes_error"] = str(err)
+
     # Hook for #16: geomcollapse.diagnose on the same sharded parameters.
     out["diagnose"] = "missing" if not hasattr(geomcollapse, "diagnose") else "not checked"
 

@@ -72,6 +72,10 @@ def test_vectors_stay_sharded_and_only_scalars_reach_the_host(measured):
     assert measured["lanczos_kernels_all_reduce"] > 0
 
 
+def test_a_sharded_pytree_of_two_dtypes_is_refused_by_name(measured):
+    assert measured["mixed_dtypes_error"].startswith("like mixes dtypes")
+
+
 def test_diagnose_hook(measured):
     """Hook for #16: ``diagnose`` on sharded parameters belongs in tests/sharded_check.py."""
     if not hasattr(geomcollapse, "diagnose"):

@@ -103,3 +103,15 @@ def test_two_processes_share_the_cells_survive_a_sigkill_and_merge_row_for_row(
     assert merged.read_text() == reference.read_text()
     _, rows = sweep.read_rows(merged)
     assert [(r["cell"], r["j"]) for r in rows] == [(c, j) for c in range(8) for j in range(2)]
+
+
+def test_process_flags_go_together(tmp_path, capsys):
+    from geomcollapse import cli
+
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({**CONFIG, "output": "c.jsonl"}))
+    assert cli.main(["sweep", str(config), "--coordinator", "localhost:1"]) == 2
+    assert "go together" in capsys.readouterr().err
+    args = ["--coordinator", "localhost:1", "--num-processes", "2", "--process-id", "2"]
+    assert cli.main(["sweep", str(config), *args]) == 2
+    assert "--process-id must be in [0, 2)" in capsys.readouterr().err
