@@ -16,8 +16,10 @@ over a sharded axis needs an explicit output sharding on meshes with
 
 Small arrays the library makes on the host (coefficients, eigenvalues) are put
 on the mesh explicitly, replicated (``jax.device_put``), so that no array
-created on the default device is moved implicitly next to sharded ones: runs
-pass under ``jax.transfer_guard("disallow")``.
+created on the default device is moved implicitly next to sharded ones, and
+the numbers the host needs come back through ``jax.device_get``: runs pass
+under ``jax.transfer_guard_device_to_device("disallow")`` and
+``jax.transfer_guard_device_to_host("disallow")`` (tests/test_sharding.py).
 """
 
 from __future__ import annotations

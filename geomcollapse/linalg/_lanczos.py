@@ -58,6 +58,15 @@ The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
 user's matvec is called as given and should be jitted by the caller.
 
+For a ``like`` whose leaves are sharded over a device mesh the same driver runs
+on another layout (:class:`_TreeOps`): every vector is a pytree sharded like
+``like`` and a block is its leaves with a leading ``_CHUNK`` axis, so no
+vector of size ``n`` is raveled (a ravel of sharded leaves reshuffles every
+parameter across devices, or gathers them on one); dot products are
+per-device partial sums and an all-reduce of at most 8 numbers. The start
+vector is the flat path's, laid out like ``like``, so both layouts return the
+same pairs to rounding.
+
 Known limit, shared by every single-vector Krylov method (ARPACK included): an
 eigenvalue of multiplicity ``r`` is found ``r`` times only once rounding has
 seeded its other copies, or after an invariant subspace is exhausted (the
