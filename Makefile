@@ -8,7 +8,7 @@ COMPARE_VENV := .venv-compare
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test benchmark compare
+.PHONY: reproduce test benchmark compare accelerator-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,10 @@ compare:
 	-$(COMPARE_VENV)/bin/python -m pip install --quiet -c constraints.txt -e '.[compare]' \
 	  && $(COMPARE_VENV)/bin/python -m pip install --quiet --no-deps alignment-risk==1.14.1
 	$(COMPARE_VENV)/bin/python -m benchmarks.compare_alignment_risk
+
+# On a GPU/TPU machine: the --full experiments, the sweeps and the benchmarks, in resumable
+# stages (docs/accelerators.md). Uses .venv when there is one, else the machine's python3
+# (an accelerator image with JAX already installed); ARGS="--budget-s 540" etc. pass through.
+ACCEL_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+accelerator-check:
+	PYTHONPATH=. $(ACCEL_PY) -m benchmarks.accelerator_check $(ARGS)

@@ -21,6 +21,11 @@ def floating_leaves(tree: Any, name: str) -> list:
     return leaves
 
 
+@jax.jit
+def _count_non_finite(leaves: list) -> list:
+    return [jnp.sum(~jnp.isfinite(x)) for x in leaves]
+
+
 def finite_leaves(tree: Any, name: str) -> list:
     """Return the floating leaves of ``tree``; raise if any holds NaN or ±inf.
 
@@ -28,12 +33,26 @@ def finite_leaves(tree: Any, name: str) -> list:
     keep working; the check runs at the library's eager entry points.
     """
     leaves = floating_leaves(tree, name)
+    spread = [
+        i
+        for i, leaf in enumerate(leaves)
+        if isinstance(leaf, jax.Array)
+        and not isinstance(leaf, jax.core.Tracer)
+        and len(leaf.sharding.device_set) > 1
+    ]
+    # Leaves spread over several devices are counted where they live, in one
+    # compiled call: one integer per leaf comes back, never the leaf itself.
+    counts = jax.device_get(_count_non_finite([leaves[i] for i in spread])) if spread else []
+    on_mesh = dict(zip(spread, counts, strict=True))
     for i, leaf in enumerate(leaves):
         if isinstance(leaf, jax.core.Tracer):
             continue
-        arr = np.asarray(leaf)
-        if not np.all(np.isfinite(arr)):
-            bad = int(np.sum(~np.isfinite(arr)))
+        if i in on_mesh:
+            bad = int(on_mesh[i])
+        else:
+            arr = np.asarray(leaf)
+            bad = 0 if np.all(np.isfinite(arr)) else int(np.sum(~np.isfinite(arr)))
+        if bad:
             where = f" (leaf {i})" if len(leaves) > 1 else ""
             raise ValueError(f"{name} has {bad} non-finite (NaN or inf) entries{where}")
     return leaves

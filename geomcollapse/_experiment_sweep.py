@@ -36,7 +36,14 @@ import jax
 import numpy as np
 
 from geomcollapse._progress import progress_bar
-from geomcollapse._sweep_io import append, reject_non_finite, reject_unknown, rewrite, whole_lines
+from geomcollapse._sweep_io import (
+    append,
+    merge_parts,
+    reject_non_finite,
+    reject_unknown,
+    start_output,
+    whole_lines,
+)
 
 TOP_KEYS = {"experiment", "output", "base", "grid", "name"}
 FORMAT_VERSION = 1
@@ -262,20 +269,21 @@ def _complete(by_cell: dict[int, list[tuple[str, dict]]]) -> list[int]:
     return sorted(c for c, rows in by_cell.items() if len(rows) == rows[0][1]["cell_rows"])
 
 
-def _read_complete(
+def _read_groups(
     path: Path, config: ExperimentSweepConfig, cells: list[Cell]
-) -> tuple[list[str], set[int]]:
-    """Lines of complete cells in ``path`` (header first) and the cell indices done.
+) -> tuple[str | None, dict[int, list[str]]]:
+    """The header line of ``path`` and the lines of its complete cells, by cell index.
 
-    Raises ``ValueError`` if the file is another config's sweep, or holds a
-    complete cell whose id is not the one this config gives that cell (the
-    experiment's ``Config`` defaults changed since it was written).
+    ``(None, {})`` for a missing or empty file. Raises ``ValueError`` if the
+    file is another config's sweep, or holds a complete cell whose id is not
+    the one this config gives that cell (the experiment's ``Config`` defaults
+    changed since it was written).
     """
     if not path.exists():
-        return [], set()
+        return None, {}
     lines = whole_lines(path.read_text())
     if not lines:
-        return [], set()
+        return None, {}
     header = _parse_header(path, lines[0])
     if not isinstance(header, dict) or header.get("config_sha256") != config.digest:
         raise ValueError(
@@ -291,8 +299,20 @@ def _read_complete(
                 f"{path} cell {c} has id {written!r}, but this config's cell {c} is {planned!r} "
                 f"(did {config.module}.Config's defaults change?); move the file away"
             )
-    kept = [lines[0]] + [line for c in done for line, _ in by_cell[c]]
-    return kept, set(done)
+    return lines[0], {c: [line for line, _ in by_cell[c]] for c in done}
+
+
+def processes() -> tuple[int, int]:
+    """``(this process's index, process count)`` of the JAX runtime (``(0, 1)`` alone)."""
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Wait until every JAX process reaches ``name`` (nothing to wait for alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _json_default(value: Any) -> Any:
@@ -346,15 +366,21 @@ def run_sweep(
     path = config.output
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; 'output' must name a file")
+    process, count = processes()
+    header = _header(config, len(cells))
+
+    def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
+        return _read_groups(p, config, cells)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept, done = _read_complete(path, config, cells)
-        rewrite(path, kept or [_header(config, len(cells))])  # drops partial lines and cells
+        # drops partial lines and cells; several processes: each writes its own part
+        target, done = start_output(path, header, read, process, count)
     except OSError as err:
         raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     if batch_seeds is None:
         batch_seeds = jax.default_backend() != "cpu"
-    todo = [cell for cell in cells if cell.index not in done]
+    todo = [c for c in cells if c.index not in done and c.index % count == process]
     if batch_seeds and callable(getattr(module, "sweep_cells", None)):
         groups = _seed_groups(todo)
     else:
@@ -376,12 +402,16 @@ def run_sweep(
                 for line in _cell_lines(cell, rows, config)
             ]
             try:
-                append(path, lines)  # a group's cells in one write
+                append(target, lines)  # a group's cells in one write
             except OSError as err:
                 raise ValueError(
-                    f"cannot write the sweep output {path} ('output'): {err}"
+                    f"cannot write the sweep output {target} ('output'): {err}"
                 ) from None
             bar.update(len(group))
+    barrier("geomcollapse-sweep-computed")
+    if process == 0:
+        merge_parts(path, header, read)
+    barrier("geomcollapse-sweep-merged")
     return path
 
 

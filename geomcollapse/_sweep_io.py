@@ -4,15 +4,20 @@ A sweep's output is a JSONL file: a header line, then rows appended in groups
 (a batch of landscapes, or a cell of an experiment), each group in one
 ``write`` followed by ``fsync``. A kill can therefore leave at most a partial
 last line and a group with only some of its rows; resuming keeps whole groups
-only and rewrites the file through a temporary file and ``os.replace``.
+only and rewrites the file through a temporary file and ``os.replace``. Under
+``jax.distributed`` each process writes its own part file the same way, and
+process 0 merges the parts into the output (:func:`start_output`,
+:func:`merge_parts`).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +99,75 @@ def append(path: Path, lines: list[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ------------------------------------------------------------ sweeps over several processes
+#
+# Under ``jax.distributed`` (N processes), process i computes the groups (cells
+# or batches) whose index is i mod N and appends them to its own part file,
+# ``<output>.part-<i>-of-<N>``, with the same header, atomic appends and
+# resume rules as the output itself. After a barrier, process 0 merges the
+# output and every part into the output (groups in index order, each once,
+# through ``rewrite``) and deletes the parts. Every process counts as done the
+# complete groups of the output and of all parts, so a restart (with any N, or
+# a single process) computes only what is missing.
+
+
+def part_path(path: Path, process: int, count: int) -> Path:
+    """Process ``process`` of ``count``'s part file of the output ``path``."""
+    return path.with_name(f"{path.name}.part-{process}-of-{count}")
+
+
+def part_paths(path: Path) -> list[Path]:
+    """Every part file of the output ``path`` (of any process count), sorted."""
+    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.part-*-of-*"))
+
+
+Groups = dict  # group index -> its lines, complete groups only
+
+
+def start_output(
+    path: Path,
+    header: str,
+    read_groups: Callable[[Path], tuple[str | None, Groups]],
+    process: int,
+    count: int,
+) -> tuple[Path, set[int]]:
+    """Prepare the file this process appends to; return it and the groups done anywhere.
+
+    ``read_groups(p)`` returns ``(header line or None, {group: lines})`` for the
+    complete groups of ``p`` (validated against the config; missing file:
+    ``(None, {})``). The file this process writes (the output itself for one
+    process, else its part) is rewritten with its complete groups only,
+    dropping a partial line and an incomplete group left by a kill.
+    """
+    target = path if count == 1 else part_path(path, process, count)
+    done: set[int] = set()
+    for p in [path, *part_paths(path)]:
+        done |= set(read_groups(p)[1])
+    own_header, own = read_groups(target)
+    rewrite(target, [own_header or header, *(line for g in sorted(own) for line in own[g])])
+    return target, done
+
+
+def merge_parts(
+    path: Path, header: str, read_groups: Callable[[Path], tuple[str | None, Groups]]
+) -> None:
+    """Merge the output and its part files into the output; delete the parts.
+
+    Groups are written in index order, each once; a group found in two files
+    with different lines raises ``ValueError`` (it cannot happen by design:
+    each group has one owner). Nothing is done when there is no part.
+    """
+    parts = part_paths(path)
+    if not parts:
+        return
+    main_header, groups = read_groups(path)
+    for p in parts:
+        for g, lines in read_groups(p)[1].items():
+            if g in groups and groups[g] != lines:
+                raise ValueError(f"{p} holds group {g} with other rows than {path}; move it away")
+            groups.setdefault(g, lines)
+    rewrite(path, [main_header or header, *(line for g in sorted(groups) for line in groups[g])])
+    for p in parts:
+        p.unlink()

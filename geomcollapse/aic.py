@@ -21,6 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
 from geomcollapse._checks import finite_leaves, positive_int, prng_key, subspace_dim
+from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
 from geomcollapse.curvature import hessian_vp
 from geomcollapse.subspace import Subspace
 
@@ -45,7 +46,9 @@ class AICMeasurement(NamedTuple):
     Attributes:
       report: the :class:`geomcollapse.theory.AICReport` (Def. 5.1 numbers and predictions).
       eigenpairs: the top-``d`` :class:`geomcollapse.linalg.Eigenpairs` of ``F``, vectors
-        raveled to ``(d, n)`` (``jax.flatten_util.ravel_pytree`` order of ``params``).
+        raveled to ``(d, n)`` (``jax.flatten_util.ravel_pytree`` order of ``params``);
+        for ``params`` sharded over a mesh, a pytree like ``params`` with a
+        leading ``d`` axis, sharded like them.
       trace: ``tr F`` (exact, or the Hutchinson mean).
       trace_stderr: standard error of ``trace`` and of the tail mass (0 when exact).
       gradient_norm: ``‖g(θ*)‖``.
@@ -239,7 +242,180 @@ def tail_quadratic(
     return float(g_perp @ np.asarray(flat_fvp(jnp.asarray(g_perp, dtype)), np.float64))
 
 
+@partial(jax.jit, static_argnums=(0, 1))
+def _tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
+    """``F v`` laid out like the parameters (a reduce-scatter, not a replicated result)."""
+    return jax.lax.with_sharding_constraint(fisher_vp(params, v, *args), layout.shardings)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _tree_gradient_and_hg(loss_fn, layout: Layout, params: PyTree, loss_args: tuple):
+    """``g`` and ``Hg`` as pytrees laid out like the parameters."""
+    g = jax.lax.with_sharding_constraint(jax.grad(loss_fn)(params, *loss_args), layout.shardings)
+    Hg = hessian_vp(loss_fn)(params, g, *loss_args)
+    return g, jax.lax.with_sharding_constraint(Hg, layout.shardings)
+
+
 _JITTED = {fn: jax.jit(fn, static_argnums=0) for fn in (_probe, _flat_fvp, _gradient_and_hg)}
+
+
+# ----------------------------------------------------------------- parameters sharded on a mesh
+
+
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _tree_exact_trace(fisher_vp, layout: Layout, rows: int, start: jax.Array, params, args):
+    """``Σ_{i∈[start, start+rows)} e_iᵀ F e_i``, ``e_i`` one-hot in ``ravel_pytree`` order.
+
+    Each leaf's block of the one-hot rows is built from an iota on its own
+    devices: no ``(rows, n)`` array is formed.
+    """
+    idx = start + jnp.arange(rows)
+    offsets = np.cumsum((0, *layout.sizes))
+    leaves = [
+        (jnp.arange(size)[None, :] == (idx[:, None] - offsets[i]))
+        .astype(layout.dtype)
+        .reshape(rows, *shape)
+        for i, (size, shape) in enumerate(zip(layout.sizes, layout.shapes, strict=True))
+    ]
+    z = jax.lax.with_sharding_constraint(
+        jax.tree_util.tree_unflatten(layout.treedef, leaves), layout.stacked
+    )
+    fz = jax.vmap(lambda v: fisher_vp(params, v, *args))(z)
+    return tree_dot(z, fz)
+
+
+@partial(jax.jit, static_argnums=(0, 1, 5, 6))
+def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, chunk: int, args):
+    """As :func:`_hutchinson_samples` with probes and basis laid out like the parameters.
+
+    The probes are the flat path's (same key, same values), unraveled per batch
+    and deflated by the stacked basis: ``z − Σ_i ⟨v_i, z⟩ v_i``.
+    """
+
+    def batch(c, size):
+        z = rademacher_probes(jax.random.fold_in(key, c), size, layout.n, layout.dtype)
+        z = jax.lax.with_sharding_constraint(layout.unravel(z), layout.stacked)
+        coeffs = jax.vmap(lambda v: stack_dot(basis, v))(z)  # (size, d)
+        z = jax.tree_util.tree_map(jnp.subtract, z, stack_combine(coeffs, basis))
+        fz = jax.vmap(lambda v: fisher_vp(params, v, *args))(z)
+        return jax.vmap(tree_dot)(z, fz)
+
+    full, rest = divmod(num, chunk)
+    if full == 1:  # one batch: no loop to compile
+        out = batch(0, chunk)
+    else:
+        out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1)
+    return jnp.concatenate([out, batch(full, rest)]) if rest else out
+
+
+@partial(jax.jit, static_argnums=2)
+def _tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
+    """``(I−P)g`` laid out like the parameters (``basis`` a stack of ``d`` vectors)."""
+    g_perp = jax.tree_util.tree_map(jnp.subtract, g, stack_combine(stack_dot(basis, g), basis))
+    return jax.lax.with_sharding_constraint(g_perp, layout.shardings)
+
+
+@jax.jit
+def _tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
+    """``[gᵀ(I−P)F(I−P)g, ‖g‖]`` from ``(I−P)g`` and ``F(I−P)g``."""
+    return jnp.stack([tree_dot(g_perp, f_g_perp), jnp.sqrt(tree_dot(g, g))])
+
+
+def _measure_aic_sharded(
+    fisher_vp,
+    loss_fn,
+    params,
+    d,
+    key,
+    fisher_args,
+    loss_args,
+    trace,
+    num_probes,
+    tol,
+    max_matvecs,
+    allow_unconverged,
+) -> AICMeasurement:
+    """:func:`measure_aic` for parameters sharded on a mesh: every vector stays sharded.
+
+    The eigenvectors, ``g``, ``Hg``, the probes and the tail's ``(I−P)g`` are
+    pytrees laid out like ``params``; only scalars and ``(d,)`` coordinates
+    come back to the host. Same numbers as the flat path (same start vector
+    and probes), to rounding.
+    """
+    layout = Layout(params, "params")
+    n, dtype = layout.n, layout.dtype
+    d = subspace_dim(d, n)
+    if tol is None:
+        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+    static_fvp = _hashable(fisher_vp)
+
+    def matvec(v: PyTree) -> PyTree:
+        return _tree_fvp(static_fvp, layout, params, v, fisher_args)
+
+    k_eig, k_trace = jax.random.split(key)
+    pairs = linalg.top_eigenpairs(matvec, params, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
+    subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
+    lam = np.asarray(jax.device_get(pairs.values), np.float64)
+    g, Hg = _tree_gradient_and_hg(_hashable(loss_fn), layout, params, loss_args)
+    trace = _trace_method(trace, n)
+    if trace == "exact":
+        rows, tail, trace_se = 256, 0.0, 0.0
+        for start in range(0, n, rows):
+            size = min(rows, n - start)
+            part = _tree_exact_trace(
+                static_fvp, layout, size, layout.put(np.int32(start)), params, fisher_args
+            )
+            tail += float(jax.device_get(part))
+        trace_matvecs, tr = n, tail
+    else:
+        num_probes = positive_int(num_probes, "num_probes")
+        if num_probes < 2:
+            raise ValueError("num_probes must be ≥ 2 for a standard error")
+        chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
+        samples = _tree_hutchinson(
+            static_fvp,
+            layout,
+            jax.device_put(k_trace, layout.replicated),
+            pairs.vectors,
+            params,
+            num_probes,
+            min(chunk, num_probes),
+            fisher_args,
+        )
+        samples = np.asarray(jax.device_get(samples), np.float64)
+        tail, trace_se = float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes))
+        trace_matvecs, tr = num_probes, tail + lam.sum()
+    g_perp = _tree_deflate(pairs.vectors, g, layout)
+    tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, matvec(g_perp), g))
+    report = theory.aic_report(
+        subspace, g, Hg, tail_mass=tr - lam.sum(), tail_quadratic=float(tail_q), compiled=True
+    )
+    return AICMeasurement(
+        report=report,
+        eigenpairs=pairs,
+        trace=tr,
+        trace_stderr=trace_se,
+        gradient_norm=float(g_norm),
+        num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
+    )
+
+
+class _Unhashable:
+    """A static wrapper hashed by identity, for a ``fisher_vp`` that cannot be hashed."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
+def _hashable(fn: Callable) -> Callable:
+    try:
+        hash(fn)
+    except TypeError:
+        return _Unhashable(fn)
+    return fn
 
 
 def measure_aic(
@@ -264,7 +440,11 @@ def measure_aic(
         ``fisher_vp(params, v, *fisher_args) -> F(params) v`` (true or empirical,
         e.g. :func:`geomcollapse.curvature.fisher_vp`), ``v`` a pytree like ``params``.
       loss_fn: the fine-tuning loss ``L(θ, *loss_args)``.
-      params: ``θ*`` (finite floating arrays).
+      params: ``θ*`` (finite floating arrays). Leaves sharded over a device
+        mesh (``NamedSharding``, one dtype) keep every vector of the
+        measurement sharded like them (eigenvectors, ``g``, ``Hg``, probes);
+        only scalars and ``(d,)`` coordinates reach the host. Data in
+        ``fisher_args``/``loss_args`` may be sharded along the example axis.
       d: ``dim M`` (``1 ≤ d < n``).
       key: ``jax.random`` key (Lanczos start vectors, Hutchinson probes).
       fisher_args, loss_args: data for the two functions. They enter the
@@ -293,6 +473,23 @@ def measure_aic(
     """
     finite_leaves(params, "params")
     key = prng_key(key)
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    if is_sharded(params):
+        return _measure_aic_sharded(
+            fisher_vp,
+            loss_fn,
+            params,
+            d,
+            key,
+            tuple(fisher_args),
+            tuple(loss_args),
+            trace,
+            num_probes,
+            tol,
+            max_matvecs,
+            allow_unconverged,
+        )
     flat, _ = ravel_pytree(params)
     n = flat.size
     d = subspace_dim(d, n)

@@ -3,10 +3,17 @@
 ``geomcollapse reproduce [--quick | --full] [--outdir DIR]`` runs the main job;
 ``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR]`` one
 experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
+<<<<<<< HEAD
 of an experiment's config); ``geomcollapse report SWEEP_OUTPUT [--out DIR]``
 an experiment sweep's tables and figures; ``geomcollapse diagnose --checkpoint DIR
 --skill FILE --task FILE`` a transformer checkpoint's diagnosis (docs/diagnose.md);
 ``geomcollapse --version``.
+=======
+of an experiment's config; over several processes with ``--coordinator HOST:PORT
+--num-processes N --process-id I`` or ``--distributed``);
+``geomcollapse report SWEEP_OUTPUT [--out DIR]``
+an experiment sweep's tables and figures; ``geomcollapse --version``.
+>>>>>>> scale
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
 ``--full`` the long one, on every experiment.
 
@@ -68,9 +75,31 @@ def runtime_help(name: str | None = None) -> str:
     return f"--quick takes about {QUICK_RUNTIME_S[name]} s on a 2-core CPU; {full}."
 
 
+def _distributed(args: argparse.Namespace) -> str | None:
+    """Start JAX's multi-controller runtime as the flags ask; an error message or None."""
+    explicit = [args.coordinator, args.num_processes, args.process_id]
+    if any(v is not None for v in explicit):
+        if any(v is None for v in explicit):
+            return "--coordinator, --num-processes and --process-id go together"
+        if not 0 <= args.process_id < args.num_processes:
+            return f"--process-id must be in [0, {args.num_processes}), got {args.process_id}"
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+    elif args.distributed:  # the cluster's own variables (Slurm, Open MPI, Cloud TPU, ...)
+        jax.distributed.initialize()
+    return None
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from geomcollapse import sweep as sweep_module
 
+    problem = _distributed(args)
+    if problem is not None:
+        print(f"geomcollapse sweep: error: {problem}", file=sys.stderr)
+        return 2
     try:
         config = sweep_module.load_config(args.config)
         path = sweep_module.run_sweep(config, progress=not args.no_progress)
@@ -78,7 +107,10 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"geomcollapse sweep: error: {err}", file=sys.stderr)
         return 2
     _, rows = sweep_module.read_rows(path)
-    print(f"{len(rows)} rows in {path} ({len(jax.devices())} device(s))")
+    where = f"{len(jax.devices())} device(s)"
+    if jax.process_count() > 1:
+        where += f", process {jax.process_index()} of {jax.process_count()}"
+    print(f"{len(rows)} rows in {path} ({where})")
     return 0
 
 
@@ -173,6 +205,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("config", help="sweep config (.json, or .toml on Python ≥ 3.11)")
     sweep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    many = sweep.add_argument_group(
+        "several processes",
+        "run the same command in every process: each computes its share of the cells "
+        "(batches) into its own part file, and process 0 merges the parts into the output; "
+        "after a kill, restart every process (see docs/sweeps.md)",
+    )
+    many.add_argument(
+        "--distributed",
+        action="store_true",
+        help="jax.distributed.initialize() from the cluster's environment (Slurm, MPI, TPU)",
+    )
+    many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
+    many.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
+    many.add_argument("--process-id", type=int, metavar="I", help="this process, 0 ≤ I < N")
     report = commands.add_parser(
         "report",
         help="rebuild an experiment sweep's tables and figures from its rows",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import diffrax
@@ -32,6 +33,7 @@ from geomcollapse._checks import (
     prng_key,
 )
 from geomcollapse._progress import progress_bar
+from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -283,6 +285,7 @@ class _GradientField(eqx.Module):
     of_displacement: bool = eqx.field(static=True)
     theta0: PyTree
     args: tuple
+    layout: Layout | None = eqx.field(static=True, default=None)
 
     def __call__(self, t, x, _):
         if self.of_displacement:
@@ -290,7 +293,10 @@ class _GradientField(eqx.Module):
         else:
             theta = jax.tree_util.tree_map(jnp.add, self.theta0, x)
             grad = jax.grad(self.loss_fn)(theta, *self.args)
-        return jax.tree_util.tree_map(jnp.negative, grad)
+        field = jax.tree_util.tree_map(jnp.negative, grad)
+        if self.layout is not None:  # the state keeps θ0's sharding through the solve
+            field = jax.lax.with_sharding_constraint(field, self.layout.shardings)
+        return field
 
 
 def ode_flow(
@@ -353,13 +359,26 @@ def ode_flow(
     rtol = positive_float(rtol, "rtol")
     max_steps = positive_int(max_steps, "max_steps")
     atol = 1e-4 * rtol if atol is None else positive_float(atol, "atol")
+    layout = Layout(theta0, "theta0") if is_sharded(theta0) else None
+    if layout is not None:
+        # θ0 on a mesh: the state x starts sharded like θ0 and the times are put
+        # on the mesh explicitly, so nothing moves between devices implicitly.
+        x0 = _zeros_on(theta0, layout)
+
+        def as_array(value: Any) -> jax.Array:
+            return layout.put(np.asarray(value, dtype))
+    else:
+        x0 = jax.tree_util.tree_map(jnp.zeros_like, theta0)
+
+        def as_array(value: Any) -> jax.Array:
+            return jnp.asarray(value, dtype)
+
     if dt is None:
         controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), None
     else:
-        controller, dt0 = diffrax.ConstantStepSize(), jnp.asarray(positive_float(dt, "dt"), dtype)
-    x0 = jax.tree_util.tree_map(jnp.zeros_like, theta0)
-    field = _GradientField(loss_fn, bool(loss_of_displacement), theta0, tuple(args))
-    save = jnp.asarray(times, dtype)
+        controller, dt0 = diffrax.ConstantStepSize(), as_array(positive_float(dt, "dt"))
+    field = _GradientField(loss_fn, bool(loss_of_displacement), theta0, tuple(args), layout)
+    save = as_array(times)
     # Times, step and arrays enter as traced values and the vector field is a
     # module whose only static parts are ``loss_fn`` and the flag: diffrax's
     # compiled solve is reused across calls with the same loss (new times, steps
@@ -369,8 +388,8 @@ def ode_flow(
         sol = diffrax.diffeqsolve(
             diffrax.ODETerm(field),
             diffrax.Dopri8() if solver is None else solver,
-            t0=jnp.zeros((), dtype),
-            t1=jnp.asarray(times[-1], dtype),
+            t0=as_array(0.0),
+            t1=as_array(times[-1]),
             dt0=dt0,
             y0=x0,
             saveat=diffrax.SaveAt(ts=save),
@@ -383,8 +402,27 @@ def ode_flow(
         if progress and not on_terminal:
             jax.block_until_ready(sol.ys)
             stage.update(1)
-    theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, sol.ys)
-    return Flow(ts=save, displacement=sol.ys, theta=theta)
+    if layout is None:
+        ys = sol.ys
+        theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, ys)
+    else:
+        ys, theta = _restack(sol.ys, theta0, layout)
+    return Flow(ts=save, displacement=ys, theta=theta)
+
+
+@partial(jax.jit, static_argnums=1)
+def _zeros_on(tree: PyTree, layout: Layout) -> PyTree:
+    """Zeros like ``tree``, laid out like it on its mesh (made there, not moved there)."""
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, tree)
+    return jax.lax.with_sharding_constraint(zeros, layout.shardings)
+
+
+@partial(jax.jit, static_argnums=2)
+def _restack(ys: PyTree, theta0: PyTree, layout: Layout) -> tuple[PyTree, PyTree]:
+    """Saved ``x(t)`` and ``θ0 + x(t)`` laid out like ``θ0`` (diffrax may give them replicated)."""
+    ys = jax.lax.with_sharding_constraint(ys, layout.stacked)
+    theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, ys)
+    return ys, jax.lax.with_sharding_constraint(theta, layout.stacked)
 
 
 def optimizer_trajectory(

@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
-from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves, positive_int
+from geomcollapse._sharding import Layout, is_sharded, stack_dot
 
 __all__ = [
     "Series",
@@ -272,13 +272,13 @@ def polynomial_validity_time(
       never reaches the fraction; ``nan`` when only one term is non-zero (a
       single term cannot bound its own error: raise the order).
     """
-    c = np.asarray(coeffs, np.float64)
+    c = np.asarray(jax.device_get(coeffs), np.float64)
     if c.ndim != 1 or not np.all(np.isfinite(c)):
         raise ValueError(f"coeffs must be a finite 1-D array, got shape {c.shape}")
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     if rtol is None:
-        rtol = float(np.sqrt(np.finfo(np.asarray(coeffs).dtype).eps))
+        rtol = float(np.sqrt(np.finfo(np.asarray(jax.device_get(coeffs)).dtype).eps))
     keep = _significant(c, np.inf if time_scale is None else time_scale, rtol)
     c = np.where(keep, c, 0.0)
     nonzero = np.flatnonzero(c)
@@ -350,10 +350,8 @@ class Series(NamedTuple):
         Used only to tell rounding-level coefficients from real ones;
         ``inf`` when every ``x_k``, ``k ≥ 2``, vanishes (a straight-line flow).
         """
-        norms = np.linalg.norm(
-            np.asarray(jax.vmap(lambda x: ravel_pytree(x)[0])(self.displacement), np.float64),
-            axis=1,
-        )
+        # ‖x_k‖ leaf by leaf: only K numbers come back (a sharded x_k is never gathered)
+        norms = np.sqrt(np.asarray(jax.device_get(_squared_norms(self.displacement)), np.float64))
         if norms[0] == 0:
             return float("inf")
         scales = [(norms[0] / norms[k]) ** (1.0 / k) for k in range(1, norms.size) if norms[k] > 0]
@@ -379,8 +377,23 @@ class Series(NamedTuple):
         return polynomial_validity_time(self.projected, time_scale=self.time_scale)
 
 
-def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, jax.Array]:
-    """``(λ (d,), basis (d, n))`` from a Subspace-like object or a ``(values, basis)`` tuple."""
+@jax.jit
+def _squared_norms(stack: PyTree) -> jax.Array:
+    """``(K,)`` ``‖x_k‖²`` of a stack of vectors (leaves with a leading ``K`` axis)."""
+    squares = [
+        jnp.sum(jnp.square(leaf), axis=tuple(range(1, leaf.ndim)))
+        for leaf in jax.tree_util.tree_leaves(stack)
+    ]
+    return sum(squares[1:], squares[0])
+
+
+def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, list]:
+    """``(λ (d,), basis leaves (d, *leaf shape))`` from a Subspace-like object or a tuple.
+
+    A ``(d, n)`` basis of raveled rows is split into the parameters' leaves; a
+    pytree basis is used leaf by leaf as it is (a basis sharded like the
+    parameters stays sharded).
+    """
     if hasattr(subspace, "values") and hasattr(subspace, "basis"):
         values, basis = subspace.values, subspace.basis
     elif isinstance(subspace, (tuple, list)) and len(subspace) == 2:
@@ -395,28 +408,37 @@ def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, jax.Arra
         raise ValueError(f"subspace values must have shape (d,), got {values.shape}")
     finite_leaves(values, "subspace values")
     d = values.shape[0]
-    n = sum(int(np.size(leaf)) for leaf in leaves)
+    sizes = [int(np.size(leaf)) for leaf in leaves]
+    n = sum(sizes)
     if isinstance(basis, (np.ndarray, jax.Array)) and np.shape(basis) == (d, n):
         flat = jnp.asarray(basis)
-    else:
-        b_leaves, b_def = jax.tree_util.tree_flatten(basis)
-        shapes_ok = b_def == treedef and all(
-            np.shape(b) == (d, *np.shape(p)) for b, p in zip(b_leaves, leaves, strict=True)
+        finite_leaves(flat, "subspace basis")
+        offsets = np.cumsum([0, *sizes])
+        return values, [
+            flat[:, offsets[i] : offsets[i + 1]].reshape(d, *np.shape(leaf))
+            for i, leaf in enumerate(leaves)
+        ]
+    b_leaves, b_def = jax.tree_util.tree_flatten(basis)
+    shapes_ok = b_def == treedef and all(
+        np.shape(b) == (d, *np.shape(p)) for b, p in zip(b_leaves, leaves, strict=True)
+    )
+    if not shapes_ok:
+        raise ValueError(
+            f"subspace basis must be a (d, n) = ({d}, {n}) array of raveled rows or a "
+            f"pytree like params with a leading d={d} axis; got "
+            f"{jax.tree_util.tree_map(np.shape, basis)}"
         )
-        if not shapes_ok:
-            raise ValueError(
-                f"subspace basis must be a (d, n) = ({d}, {n}) array of raveled rows or a "
-                f"pytree like params with a leading d={d} axis; got "
-                f"{jax.tree_util.tree_map(np.shape, basis)}"
-            )
-        flat = jnp.concatenate([jnp.reshape(b, (d, -1)) for b in b_leaves], axis=1)
-    finite_leaves(flat, "subspace basis")
-    return values, flat
+    finite_leaves(b_leaves, "subspace basis")
+    return values, list(b_leaves)
 
 
 def _projected_coefficients(values, basis, xs) -> jax.Array:
-    """Coefficients of ``½Σ_i λ_i ⟨v_i, x(t)⟩²`` up to ``t^K`` from ``x₁ … x_K`` (exact)."""
-    ys = jnp.stack([basis @ jnp.concatenate([jnp.ravel(a) for a in x]) for x in xs])  # (K, d)
+    """Coefficients of ``½Σ_i λ_i ⟨v_i, x(t)⟩²`` up to ``t^K`` from ``x₁ … x_K`` (exact).
+
+    ``basis`` is a list of leaves ``(d, *leaf shape)``; ``⟨v_i, x_k⟩`` is summed
+    leaf by leaf, so nothing is raveled.
+    """
+    ys = jnp.stack([stack_dot(basis, list(x)) for x in xs])  # (K, d)
     lam = jnp.maximum(values, 0.0)
     order = len(xs)
     coeffs = [jnp.zeros((), ys.dtype), jnp.zeros((), ys.dtype)]
@@ -483,7 +505,10 @@ def delta_u_series(
             [jnp.zeros((), dtype)] + [jnp.asarray(c[0], dtype) for c in u_coeffs[1:]]
         )
         projected = None if sub is None else _projected_coefficients(*sub, xs).astype(dtype)
-        stacked = [jnp.stack([x[i] for x in xs]) for i in range(len(leaves))]
-        return Series(delta_u, projected, treedef.unflatten(stacked))
+        stacked = treedef.unflatten([jnp.stack([x[i] for x in xs]) for i in range(len(leaves))])
+        if layout is not None:  # x₁ … x_K stay sharded like θ*, not replicated
+            stacked = jax.lax.with_sharding_constraint(stacked, layout.stacked)
+        return Series(delta_u, projected, stacked)
 
+    layout = Layout(params, "params") if is_sharded(params) else None
     return _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))

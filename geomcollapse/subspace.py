@@ -31,6 +31,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves
+from geomcollapse._sharding import is_sharded, stack_combine, stack_dot, tree_dot, tree_norm
 
 __all__ = [
     "OverlapScore",
@@ -45,6 +46,22 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 
 def _flat(x: PyTree) -> jax.Array:
     return x if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1 else ravel_pytree(x)[0]
+
+
+def _is_vector(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1
+
+
+def _leafwise(basis: PyTree, x: PyTree) -> bool:
+    """A pytree basis against a pytree ``x`` of its structure: work leaf by leaf.
+
+    Nothing is raveled, so a basis sharded like the parameters (as
+    :func:`geomcollapse.linalg.top_eigenpairs` returns for sharded ``like``)
+    stays sharded and only ``(d,)`` coordinates are reduced across devices.
+    """
+    if isinstance(basis, (jax.Array, np.ndarray)) or _is_vector(x):
+        return False
+    return jax.tree_util.tree_structure(basis) == jax.tree_util.tree_structure(x)
 
 
 def flat_basis(basis: PyTree) -> jax.Array:
@@ -103,19 +120,24 @@ class Subspace(NamedTuple):
         ``allow_unconverged``: an uncertified ``M`` makes every number measured
         against it uncertified too.
         """
-        converged = np.asarray(pairs.converged)
-        found = np.asarray(getattr(pairs, "found", np.ones_like(converged, bool)))
+        converged = np.asarray(jax.device_get(pairs.converged))
+        found = np.asarray(jax.device_get(getattr(pairs, "found", np.ones_like(converged, bool))))
         ok = bool(np.all(converged[found] if converged.shape == found.shape else converged))
         if not ok and not allow_unconverged:
             raise ValueError(
                 "eigenpairs are not converged (residuals "
                 f"{np.asarray(pairs.residuals)}): pass allow_unconverged=True to use them anyway"
             )
+        values = jnp.asarray(pairs.values)
+        if is_sharded(values):  # next to the values on the mesh, put there explicitly
+            flag = jax.device_put(np.asarray(ok), values.sharding)
+        else:
+            flag = jnp.asarray(ok)
         return cls(
-            values=jnp.asarray(pairs.values),
+            values=values,
             basis=pairs.vectors,
             residuals=jnp.asarray(pairs.residuals),
-            converged=jnp.asarray(ok),
+            converged=flag,
         )
 
     @classmethod
@@ -156,13 +178,20 @@ class Subspace(NamedTuple):
         return self.sqrt_values[:, None] * self.rows
 
     def coordinates(self, x: PyTree) -> jax.Array:
-        """``(d,)`` ``⟨v_i, x⟩``: ``P x`` in ``M``'s basis."""
+        """``(d,)`` ``⟨v_i, x⟩``: ``P x`` in ``M``'s basis.
+
+        A pytree basis and a pytree ``x`` are contracted leaf by leaf (no ravel).
+        """
+        if _leafwise(self.basis, x):
+            return stack_dot(self.basis, x)
         return jnp.dot(self.rows, _flat(x), precision=_HIGHEST)
 
     def project(self, x: PyTree) -> PyTree:
         """``P x``, shaped like ``x`` (an ``(n,)`` array or a pytree like ``θ*``)."""
+        if _leafwise(self.basis, x):
+            return stack_combine(self.coordinates(x), self.basis)
         flat = jnp.dot(self.coordinates(x), self.rows, precision=_HIGHEST)
-        if isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1:
+        if _is_vector(x):
             return flat
         return ravel_pytree(x)[1](flat)
 
@@ -176,8 +205,11 @@ class Subspace(NamedTuple):
 
     def overlap_score(self, delta_theta: PyTree) -> OverlapScore:
         """:class:`OverlapScore` of an update ``Δθ = θ_K − θ*``."""
-        flat = _flat(delta_theta)
-        norm = jnp.linalg.norm(flat)
+        if _leafwise(self.basis, delta_theta):
+            flat, norm = delta_theta, tree_norm(delta_theta)
+        else:
+            flat = _flat(delta_theta)
+            norm = jnp.linalg.norm(flat)
         inside = jnp.linalg.norm(self.coordinates(flat))
         return OverlapScore(
             geometric=jnp.where(norm > 0, inside / jnp.where(norm > 0, norm, 1.0), 0.0),
@@ -194,6 +226,14 @@ def orthogonalized(
     ``θ* = params``; the returned loss takes ``(θ, *args)`` like ``loss_fn``.
     """
     finite_leaves(params, "params")
+    if _leafwise(subspace.basis, params):  # e.g. a basis sharded like the parameters
+        pg_tree = subspace.project(jax.grad(loss_fn)(params, *loss_args))
+
+        def corrected_tree(theta: PyTree, *args: Any) -> jax.Array:
+            x = jax.tree_util.tree_map(jnp.subtract, theta, params)
+            return loss_fn(theta, *args) - tree_dot(pg_tree, x)
+
+        return corrected_tree
     flat_star, _ = ravel_pytree(params)
     rows = subspace.rows
     if rows.shape[1] != flat_star.size:

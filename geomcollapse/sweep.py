@@ -39,6 +39,14 @@ or duplicated and every row equals the uninterrupted run's. Resuming with
 another ``batch_size`` (which regroups the runs) is refused, as is a file whose
 complete batches are not this config's runs.
 
+**Several processes.** Under ``jax.distributed`` (``geomcollapse sweep CONFIG
+--coordinator HOST:PORT --num-processes N --process-id I``), process ``i``
+computes the cells (batches) whose index is ``i`` mod ``N`` into its own part
+file ``OUTPUT.part-i-of-N``; after a barrier, process 0 merges the output and
+the parts into the output (index order, each group once) and deletes them.
+Groups done in the output or in any part are never recomputed, so a killed
+job resumes when all its processes are restarted (see docs/sweeps.md).
+
 Every number in a config must be finite; a bad config, an unreadable config
 file or an unwritable output raise ``ValueError`` naming the key or path.
 """
@@ -64,10 +72,11 @@ from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
+    merge_parts,
     read_config_file,
     reject_non_finite,
     reject_unknown,
-    rewrite,
+    start_output,
     whole_lines,
 )
 
@@ -242,21 +251,21 @@ def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
     return jax.jit(sharded), sharding
 
 
-def _read_complete(
+def _read_groups(
     path: Path, config: SweepConfig, batches: list[list[dict]]
-) -> tuple[list[str], set[int]]:
-    """Lines of complete batches in ``path`` (header first) and the batch indices done.
+) -> tuple[str | None, dict[int, list[str]]]:
+    """The header line of ``path`` and the lines of its complete batches, by batch index.
 
-    Raises ``ValueError`` if the file is another config's, was written with
-    another ``batch_size``, or holds a complete batch whose runs are not the ones
-    ``batches`` puts there (rows are matched to runs by ``id``, so no row is
-    duplicated or lost on resume).
+    ``(None, {})`` for a missing or empty file. Raises ``ValueError`` if the
+    file is another config's, was written with another ``batch_size``, or holds
+    a complete batch whose runs are not the ones ``batches`` puts there (rows
+    are matched to runs by ``id``, so no row is duplicated or lost on resume).
     """
     if not path.exists():
-        return [], set()
+        return None, {}
     lines = whole_lines(path.read_text())
     if not lines:
-        return [], set()
+        return None, {}
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError:
@@ -293,8 +302,7 @@ def _read_complete(
                 f"{path} batch {b} holds runs {ids[b]}, but this config's batch {b} is runs "
                 f"{planned} (was it written with another batch_size?); move it away"
             )
-    kept = [lines[0]] + [line for b in sorted(done) for line in by_batch[b]]
-    return kept, done
+    return lines[0], {b: by_batch[b] for b in sorted(done)}
 
 
 def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSummary) -> list[str]:
@@ -351,29 +359,36 @@ def run_sweep(
         raise ValueError("outdir and batch_seeds apply to experiment sweeps only")
     if not jax.config.jax_enable_x64:
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
-    devices = list(jax.devices() if devices is None else devices)
+    process, count = _experiment_sweep.processes()
+    if devices is None:  # several processes: each shards its batches over its own devices
+        devices = jax.devices() if count == 1 else jax.local_devices()
+    devices = list(devices)
     path = config.output
     batches = plan_batches(config)
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; 'output' must name a file")
+    header = json.dumps(
+        {
+            "sweep": config.name,
+            "config_sha256": config.digest,
+            "format": FORMAT_VERSION,
+            "batch_size": config.batch_size,
+            "times": list(config.times),
+        }
+    )
+
+    def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
+        return _read_groups(p, config, batches)
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        kept, done = _read_complete(path, config, batches)
-        header = json.dumps(
-            {
-                "sweep": config.name,
-                "config_sha256": config.digest,
-                "format": FORMAT_VERSION,
-                "batch_size": config.batch_size,
-                "times": list(config.times),
-            }
-        )
-        rewrite(path, kept or [header])  # drops partial lines and incomplete batches
+        # drops partial lines and incomplete batches; several processes: one part each
+        target, done = start_output(path, header, read, process, count)
     except OSError as err:
         raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     ts = jnp.asarray(config.times, jnp.float64)
     evaluators: dict[int, tuple] = {}
-    todo = [b for b in range(len(batches)) if b not in done]
+    todo = [b for b in range(len(batches)) if b not in done and b % count == process]
     for b in progress_bar(todo, desc=f"sweep {config.name}", enabled=progress):
         runs = batches[b]
         d = runs[0]["d"]
@@ -390,9 +405,13 @@ def run_sweep(
         count = len(runs)
         summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
         try:
-            append(path, _rows(b, runs, summary))
+            append(target, _rows(b, runs, summary))
         except OSError as err:
-            raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
+            raise ValueError(f"cannot write the sweep output {target} ('output'): {err}") from None
+    _experiment_sweep.barrier("geomcollapse-sweep-computed")
+    if process == 0:
+        merge_parts(path, header, read)
+    _experiment_sweep.barrier("geomcollapse-sweep-merged")
     return path
 
 

@@ -116,6 +116,12 @@ def aic_measures(
     )
 
 
+@jax.jit
+def _compiled_measures(values, basis, g, Hg, tail_mass, tail_quadratic) -> AICMeasures:
+    subspace = Subspace(values, basis, jnp.zeros_like(values), jnp.asarray(True))
+    return aic_measures(subspace, g, Hg, tail_mass=tail_mass, tail_quadratic=tail_quadratic)
+
+
 def crossover_time(fisher_orthogonality: float, coupling: float) -> float:
     """``t_c = 2‖F^{1/2}Pc‖ / γ`` (docs/theory.md §4); ``inf`` when ``γ = 0``."""
     if coupling == 0:
@@ -130,6 +136,7 @@ def aic_report(
     *,
     tail_mass: float,
     tail_quadratic: float = float("nan"),
+    compiled: bool = False,
 ) -> AICReport:
     """The :class:`AICReport` (Def. 5.1) from ``M``'s eigenpairs, ``g``, ``Hg`` and the tail.
 
@@ -143,13 +150,23 @@ def aic_report(
       tail_mass: ``Σ_{j>d} λ_j``.
       tail_quadratic: ``gᵀ(I−P)F(I−P)g`` when known (needs ``F`` beyond ``M``);
         it sets ``tail_crossover_time``, else NaN.
+      compiled: evaluate :func:`aic_measures` as one compiled call (for ``M``,
+        ``g`` and ``Hg`` sharded over a mesh: eager indexing would move index
+        arrays between devices); only the numbers come back, explicitly.
     """
-    m = aic_measures(subspace, g, Hg, tail_mass=tail_mass, tail_quadratic=tail_quadratic)
-    residuals = np.asarray(subspace.residuals, np.float64)
+    if compiled:
+        m = jax.device_get(
+            _compiled_measures(
+                subspace.values, subspace.basis, g, Hg, np.float64(tail_mass), tail_quadratic
+            )
+        )
+    else:
+        m = aic_measures(subspace, g, Hg, tail_mass=tail_mass, tail_quadratic=tail_quadratic)
+    residuals = np.asarray(jax.device_get(subspace.residuals), np.float64)
     return report_from_measures(
         subspace.dim,
         **{f: float(v) for f, v in m._asdict().items()},
-        converged=bool(subspace.converged),
+        converged=bool(jax.device_get(subspace.converged)),
         eigen_residuals=tuple(float(r) for r in residuals)
         if np.all(np.isfinite(residuals))
         else (),

@@ -9,7 +9,14 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from benchmarks import _common, block_lanczos, curvature_speed, landscape_batch, monitor_overhead
+from benchmarks import (
+    _common,
+    block_lanczos,
+    curvature_speed,
+    landscape_batch,
+    monitor_overhead,
+    sharded_scaling,
+)
 from geomcollapse import curvature, landscapes, models
 from tests.conftest import symmetric_with_spectrum
 
@@ -105,6 +112,8 @@ def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
     _common.replace_table("landscape-batch-table", landscape_batch.markdown_table(saved), doc)
     saved = json.loads((results / "monitor_overhead_cpu.json").read_text())
     _common.replace_table("monitor-overhead-table", monitor_overhead.markdown_table(saved), doc)
+    saved = json.loads((results / "sharded_scaling_cpu.json").read_text())
+    _common.replace_table("sharded-scaling-table", sharded_scaling.markdown_table(saved), doc)
     assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")
 
 

@@ -58,6 +58,15 @@ The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
 user's matvec is called as given and should be jitted by the caller.
 
+For a ``like`` whose leaves are sharded over a device mesh the same driver runs
+on another layout (:class:`_TreeOps`): every vector is a pytree sharded like
+``like`` and a block is its leaves with a leading ``_CHUNK`` axis, so no
+vector of size ``n`` is raveled (a ravel of sharded leaves reshuffles every
+parameter across devices, or gathers them on one); dot products are
+per-device partial sums and an all-reduce of at most 8 numbers. The start
+vector is the flat path's, laid out like ``like``, so both layouts return the
+same pairs to rounding.
+
 Known limit, shared by every single-vector Krylov method (ARPACK included): an
 eigenvalue of multiplicity ``r`` is found ``r`` times only once rounding has
 seeded its other copies, or after an invariant subspace is exhausted (the
@@ -86,6 +95,15 @@ from geomcollapse._checks import (
     same_structure,
 )
 from geomcollapse._progress import progress_bar
+from geomcollapse._sharding import (
+    Layout,
+    axpy,
+    is_sharded,
+    stack_combine,
+    stack_dot,
+    tree_dot,
+    tree_norm,
+)
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -99,7 +117,8 @@ class Eigenpairs(NamedTuple):
         ``which='magnitude'``), in the dtype of ``like``.
       vectors: unit eigenvectors stacked on a leading axis of size ``k``:
         ``(k, n)`` for a 1-D ``like``, else a pytree like ``like`` whose leaves
-        have a leading ``k`` axis.
+        have a leading ``k`` axis. For a ``like`` sharded over several devices
+        each leaf keeps its sharding (the ``k`` axis unsharded).
       residuals: ``(k,)`` true residual norms ``‖A v_i − λ_i v_i‖``, each from
         one more matvec (not the Lanczos estimate).
       converged: ``(k,)`` bool, ``found & (residuals ≤ tol·|λ₁|)``.
@@ -126,21 +145,26 @@ class _Basis(NamedTuple):
     last_beta: float
     scale: float
     null_complement: bool  # the operator vanishes outside the basis' span
+    ops: Any = None  # the vector layout's kernels (flat rows by default)
 
     @property
     def Q(self) -> jax.Array:
-        """The ``m`` basis rows as one ``(m, n)`` array."""
+        """The ``m`` basis rows as one ``(m, n)`` array (flat layout only)."""
         return jnp.concatenate(self.blocks)[: self.alphas.size]
 
-    def combine(self, coeffs: np.ndarray) -> jax.Array:
-        """``coeffsᵀ Q`` for ``coeffs`` of shape ``(m, k)``, block by block: ``(k, n)``."""
+    def combine(self, coeffs: np.ndarray) -> PyTree:
+        """``coeffsᵀ Q`` for ``coeffs`` of shape ``(m, k)``, block by block.
+
+        ``(k, n)`` in the flat layout; a stack of ``k`` parameter-shaped
+        vectors (sharded like them) in the sharded one.
+        """
+        ops = _FlatOps(0, self.blocks[0].dtype) if self.ops is None else self.ops
         padded = np.zeros((len(self.blocks) * _CHUNK, coeffs.shape[1]))
         padded[: coeffs.shape[0]] = coeffs
-        dtype = self.blocks[0].dtype
         out = None
         for b, block in enumerate(self.blocks):
-            c = jnp.asarray(padded[b * _CHUNK : (b + 1) * _CHUNK].T, dtype)
-            out = _accumulate(out, c, block) if out is not None else _first(c, block)
+            c = ops.coefficients(padded[b * _CHUNK : (b + 1) * _CHUNK].T)
+            out = ops.accumulate(out, c, block) if out is not None else ops.first(c, block)
         return out
 
 
@@ -203,23 +227,23 @@ class _BlockBasis:
     growing basis never triggers a compile.
     """
 
-    def __init__(self, n: int, dtype, max_rows: int):
-        self.n, self.dtype, self.size = n, dtype, 0
-        self.blocks: list[jax.Array] = []
+    def __init__(self, ops: Any, max_rows: int):
+        self.ops, self.size = ops, 0
+        self.blocks: list = []
         self.h_size = _CHUNK * -(-max_rows // _CHUNK)
 
-    def append(self, q: jax.Array) -> None:
+    def append(self, q: PyTree) -> None:
         row = self.size % _CHUNK
         if row == 0:
-            self.blocks.append(jnp.zeros((_CHUNK, self.n), self.dtype))
-        self.blocks[-1] = _put_row(self.blocks[-1], row, q)
+            self.blocks.append(self.ops.new_block())
+        self.blocks[-1] = self.ops.put_row(self.blocks[-1], row, q)
         self.size += 1
 
-    def orthogonalize(self, w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def orthogonalize(self, w: PyTree) -> tuple[PyTree, jax.Array]:
         """One block Gram-Schmidt pass; returns ``(w, h)`` with ``h[i] = ⟨q_i, w⟩``."""
-        h = jnp.zeros((self.h_size,), self.dtype)
+        h = self.ops.new_h(self.h_size)
         for b, block in enumerate(self.blocks):
-            w, h = _block_pass(block, w, h, b * _CHUNK)
+            w, h = self.ops.block_pass(block, w, h, b * _CHUNK)
         return w, h
 
 
@@ -231,6 +255,200 @@ def _first(c: jax.Array, block: jax.Array) -> jax.Array:
 @partial(jax.jit, donate_argnums=0)
 def _accumulate(out: jax.Array, c: jax.Array, block: jax.Array) -> jax.Array:
     return out + jnp.dot(c, block, precision=_HIGHEST)
+
+
+class _FlatOps:
+    """Kernels of the flat layout: vectors ``(n,)``, blocks ``(_CHUNK, n)`` on one device."""
+
+    def __init__(self, n: int = 0, dtype: Any = None):
+        self.n, self.dtype = n, dtype
+
+    local_step = staticmethod(_local_step)
+    block_pass = staticmethod(_block_pass)
+    pass_stats = staticmethod(_pass_stats)
+    put_row = staticmethod(_put_row)
+    normalize = staticmethod(_normalize)
+    first = staticmethod(_first)
+    accumulate = staticmethod(_accumulate)
+
+    def new_block(self) -> jax.Array:
+        return jnp.zeros((_CHUNK, self.n), self.dtype)
+
+    def new_h(self, size: int) -> jax.Array:
+        return jnp.zeros((size,), self.dtype)
+
+    def zeros_like(self, q: jax.Array) -> jax.Array:
+        return jnp.zeros_like(q)
+
+    def random_unit(self, key: jax.Array) -> jax.Array:
+        return _normalize(jax.random.normal(key, (self.n,), self.dtype))[0]
+
+    def coefficients(self, c: np.ndarray) -> jax.Array:
+        return jnp.asarray(c, self.dtype)
+
+
+# Kernels of the sharded layout: a vector is a pytree like the parameters, a
+# block the same leaves with a leading ``_CHUNK`` axis (see geomcollapse._sharding).
+# ``layout`` is static; outputs are pinned to the parameters' shardings.
+
+
+@partial(jax.jit, static_argnums=3)
+def _tree_local_step(w: PyTree, q_prev: PyTree, q: PyTree, layout: Layout):
+    w_norm = tree_norm(w)
+    c = tree_dot(q_prev, w)
+    w = axpy(-c, q_prev, w)
+    a = tree_dot(q, w)
+    w = axpy(-a, q, w)
+    w = jax.lax.with_sharding_constraint(w, layout.shardings)
+    return w, jnp.stack([c, a, w_norm, tree_norm(w)])
+
+
+@partial(jax.jit, static_argnums=4, donate_argnums=2)
+def _tree_block_pass(block: PyTree, w: PyTree, h: jax.Array, offset: jax.Array, layout: Layout):
+    coeffs = stack_dot(block, w)
+    w = jax.tree_util.tree_map(jnp.subtract, w, stack_combine(coeffs, block))
+    w = jax.lax.with_sharding_constraint(w, layout.shardings)
+    old = jax.lax.dynamic_slice_in_dim(h, offset, _CHUNK)
+    return w, jax.lax.dynamic_update_slice_in_dim(h, old + coeffs, offset, 0)
+
+
+@jax.jit
+def _tree_pass_stats(w: PyTree, h: jax.Array, j: jax.Array):
+    rows = jnp.arange(h.shape[0])
+    off = jnp.max(jnp.where(rows < j - 1, jnp.abs(h), 0.0))
+    prev = jnp.where(j > 0, h[jnp.maximum(j - 1, 0)], 0.0)
+    return jnp.stack([h[j], prev, off, tree_norm(w)])
+
+
+@partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _tree_put_row(block: PyTree, row: jax.Array, q: PyTree, layout: Layout) -> PyTree:
+    block = jax.tree_util.tree_map(
+        lambda b, x: jax.lax.dynamic_update_index_in_dim(b, x, row, axis=0), block, q
+    )
+    return jax.lax.with_sharding_constraint(block, layout.stacked)
+
+
+@jax.jit
+def _tree_normalize(w: PyTree) -> tuple[PyTree, jax.Array]:
+    norm = tree_norm(w)
+    return jax.tree_util.tree_map(lambda x: x / norm, w), norm
+
+
+@partial(jax.jit, static_argnums=2)
+def _tree_first(c: jax.Array, block: PyTree, layout: Layout) -> PyTree:
+    return jax.lax.with_sharding_constraint(stack_combine(c, block), layout.stacked)
+
+
+@partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _tree_accumulate(out: PyTree, c: jax.Array, block: PyTree, layout: Layout) -> PyTree:
+    out = jax.tree_util.tree_map(jnp.add, out, stack_combine(c, block))
+    return jax.lax.with_sharding_constraint(out, layout.stacked)
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _tree_zeros(layout: Layout, rows: int | None) -> PyTree:
+    lead = () if rows is None else (rows,)
+    zeros = layout.unravel(jnp.zeros((*lead, layout.n), layout.dtype))
+    return jax.lax.with_sharding_constraint(
+        zeros, layout.shardings if rows is None else layout.stacked
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _tree_zeros_h(layout: Layout, size: int) -> jax.Array:
+    return jax.lax.with_sharding_constraint(jnp.zeros((size,), layout.dtype), layout.replicated)
+
+
+@partial(jax.jit, static_argnums=1)
+def _tree_random_unit(key: jax.Array, layout: Layout) -> PyTree:
+    # Drawn as the flat path draws it, so both layouts start from the same vector.
+    q = layout.unravel(_random_unit(key, layout.n, layout.dtype))
+    return jax.lax.with_sharding_constraint(q, layout.shardings)
+
+
+@jax.jit
+def _tree_scale(v: PyTree, s: jax.Array) -> PyTree:
+    return jax.tree_util.tree_map(lambda x: x * s.astype(x.dtype), v)
+
+
+@jax.jit
+def _tree_abs_max(v: PyTree) -> jax.Array:
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in jax.tree_util.tree_leaves(v)]))
+
+
+@jax.jit
+def _tree_residual(Av: PyTree, v: PyTree, lam: jax.Array) -> jax.Array:
+    """``‖Av − λv‖``, in float64 when x64 is on (as the flat path's host computation)."""
+    wide = jnp.promote_types(jax.tree_util.tree_leaves(v)[0].dtype, float)
+    r = jax.tree_util.tree_map(
+        lambda a, x: a.astype(wide) - lam.astype(wide) * x.astype(wide), Av, v
+    )
+    return tree_norm(r)
+
+
+@partial(jax.jit, static_argnums=2)
+def _tree_row(stack: PyTree, i: jax.Array, layout: Layout) -> PyTree:
+    row = jax.tree_util.tree_map(lambda s: jax.lax.dynamic_index_in_dim(s, i, 0, False), stack)
+    return jax.lax.with_sharding_constraint(row, layout.shardings)
+
+
+class _TreeOps:
+    """Kernels of the sharded layout: vectors and blocks keep the parameters' shardings.
+
+    Small host values enter as explicitly replicated device arrays
+    (:meth:`Layout.put`), so no implicit transfer happens in the loop.
+    """
+
+    def __init__(self, layout: Layout):
+        self.layout = layout
+        self.n, self.dtype = layout.n, layout.dtype
+
+    def local_step(self, w, q_prev, q):
+        return _tree_local_step(w, q_prev, q, self.layout)
+
+    def block_pass(self, block, w, h, offset):
+        return _tree_block_pass(block, w, h, self.layout.put(np.int32(offset)), self.layout)
+
+    def pass_stats(self, w, h, j):
+        return _tree_pass_stats(w, h, self.layout.put(np.int32(j)))
+
+    def put_row(self, block, row, q):
+        return _tree_put_row(block, self.layout.put(np.int32(row)), q, self.layout)
+
+    normalize = staticmethod(_tree_normalize)
+
+    def first(self, c, block):
+        return _tree_first(c, block, self.layout)
+
+    def accumulate(self, out, c, block):
+        return _tree_accumulate(out, c, block, self.layout)
+
+    def new_block(self):
+        return _tree_zeros(self.layout, _CHUNK)
+
+    def new_h(self, size: int):
+        return _tree_zeros_h(self.layout, size)
+
+    def zeros_like(self, q):
+        return _tree_zeros(self.layout, None)
+
+    def random_unit(self, key):
+        return _tree_random_unit(jax.device_put(key, self.layout.replicated), self.layout)
+
+    def coefficients(self, c: np.ndarray) -> jax.Array:
+        return self.layout.put(np.asarray(c, self.dtype))
+
+    def scale(self, v, s: float):
+        return _tree_scale(v, self.layout.put(np.asarray(s, self.dtype)))
+
+    def abs_max(self, v) -> float:
+        return float(jax.device_get(_tree_abs_max(v)))
+
+    def residual(self, Av, v, lam: float) -> float:
+        return float(jax.device_get(_tree_residual(Av, v, self.layout.put(np.float64(lam)))))
+
+    def row(self, stack, i: int):
+        return _tree_row(stack, self.layout.put(np.int32(i)), self.layout)
 
 
 def _tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
@@ -266,6 +484,45 @@ def flat_operator(
     return flat_matvec, flat_like, unravel
 
 
+def sharded_operator(
+    matvec: Callable[[PyTree], PyTree], like: PyTree, layout: Layout
+) -> Callable[[PyTree], PyTree]:
+    """``matvec`` on pytrees sharded like ``like``, checked once against ``like``.
+
+    The first output is checked for ``like``'s structure, shapes and dtypes; if
+    its leaves are not sharded like ``like``'s (a jitted matvec without
+    ``out_shardings`` often returns replicated leaves), every output is
+    resharded there by a compiled identity, so the Lanczos basis keeps the
+    parameters' layout whatever the matvec returns. Constrain the matvec's
+    output (``jax.lax.with_sharding_constraint``) to spare that copy.
+    """
+    state: list[bool] = []
+
+    def tree_matvec(v: PyTree) -> PyTree:
+        out = matvec(v)
+        if not state:
+            same_structure(like, out, "like", "matvec output")
+            state.append(
+                all(
+                    isinstance(o, jax.Array) and o.sharding.is_equivalent_to(s, o.ndim)
+                    for o, s in zip(
+                        jax.tree_util.tree_leaves(out),
+                        jax.tree_util.tree_leaves(layout.shardings),
+                        strict=True,
+                    )
+                )
+            )
+        return out if state[0] else _tree_reshard(out, layout)
+
+    return tree_matvec
+
+
+@partial(jax.jit, static_argnums=1)
+def _tree_reshard(v: PyTree, layout: Layout) -> PyTree:
+    """``v`` laid out like the parameters by a compiled reshard (never through the host)."""
+    return jax.lax.with_sharding_constraint(v, layout.shardings)
+
+
 def _random_unit(key: jax.Array, n: int, dtype) -> jax.Array:
     q = jax.random.normal(key, (n,), dtype)
     return q / jnp.linalg.norm(q)
@@ -289,6 +546,7 @@ def _run_lanczos(
     restart_key: jax.Array | None,
     bar: Any = None,
     first_product: jax.Array | None = None,
+    ops: Any = None,
 ) -> _Basis:
     """Lanczos with full reorthogonalisation from unit ``q0``.
 
@@ -300,15 +558,19 @@ def _run_lanczos(
     from a random vector orthogonal to the basis when ``restart_key`` is given
     (``T`` stays block-diagonal), else it ends. It also ends when a restart
     vector is mapped to ~0 (the operator vanishes on the rest of the space).
-    ``first_product`` is ``A q0`` when the caller already has it.
+    ``first_product`` is ``A q0`` when the caller already has it. ``ops`` are
+    the kernels of the vector layout: flat ``(n,)`` rows (default) or
+    :class:`_TreeOps` for vectors sharded like the parameters.
     """
-    n = q0.shape[0]
-    dtype = q0.dtype
+    if ops is None:
+        ops = _FlatOps(q0.shape[0], q0.dtype)
+    n = ops.n
+    dtype = ops.dtype
     eps = float(jnp.finfo(dtype).eps)
     sym_tol = 10.0 * np.sqrt(eps)
-    basis = _BlockBasis(n, dtype, max_steps + 1)
+    basis = _BlockBasis(ops, max_steps + 1)
     basis.append(q0)
-    q_prev, q = jnp.zeros_like(q0), q0
+    q_prev, q = ops.zeros_like(q0), q0
     alphas: list[float] = []
     betas: list[float] = []
     scale = 0.0
@@ -317,13 +579,15 @@ def _run_lanczos(
     null_complement = False
     for j in range(max_steps):
         w = first_product if j == 0 and first_product is not None else flat_matvec(q)
-        w, local = _local_step(w, q_prev, q)
+        w, local = ops.local_step(w, q_prev, q)
         w, h = basis.orthogonalize(w)
-        h_j, h_prev, off, beta = np.asarray(_pass_stats(w, h, j), np.float64)
-        c, a, w_norm, local_norm = np.asarray(local, np.float64)
+        # Explicit fetches of 4 numbers each (allowed under jax.transfer_guard("disallow")).
+        h_j, h_prev, off, beta = np.asarray(jax.device_get(ops.pass_stats(w, h, j)), np.float64)
+        c, a, w_norm, local_norm = np.asarray(jax.device_get(local), np.float64)
         if beta < 0.7071 * local_norm:  # DGKS: one more pass
             w, h2 = basis.orthogonalize(w)
-            h2_j, h2_prev, _, beta = np.asarray(_pass_stats(w, h2, j), np.float64)
+            stats = jax.device_get(ops.pass_stats(w, h2, j))
+            h2_j, h2_prev, _, beta = np.asarray(stats, np.float64)
             h_j, h_prev = h_j + h2_j, h_prev + h2_prev
         alpha, coupling = float(a + h_j), float(c + h_prev)
         beta, w_norm, off = float(beta), float(w_norm), float(off)
@@ -351,7 +615,7 @@ def _run_lanczos(
         if m == n or m == max_steps or stop(np.array(alphas), np.array(betas), beta, scale):
             break
         if beta > thresh:
-            q_prev, (q, _) = q, _normalize(w)
+            q_prev, (q, _) = q, ops.normalize(w)
             basis.append(q)
             betas.append(beta)
             continue
@@ -359,13 +623,13 @@ def _run_lanczos(
         last_beta = 0.0
         if restart_key is None:
             break
-        r, _ = _normalize(jax.random.normal(jax.random.fold_in(restart_key, m), (n,), dtype))
+        r = ops.random_unit(jax.random.fold_in(restart_key, m))
         for _ in range(2):
             r, _ = basis.orthogonalize(r)
-        r, r_norm = _normalize(r)
-        if float(r_norm) <= 0.5:  # space numerically exhausted
+        r, r_norm = ops.normalize(r)
+        if float(jax.device_get(r_norm)) <= 0.5:  # space numerically exhausted
             break
-        q_prev, q = jnp.zeros_like(q0), r
+        q_prev, q = ops.zeros_like(q0), r
         basis.append(q)
         betas.append(0.0)
         restarted_at = m
@@ -377,6 +641,7 @@ def _run_lanczos(
         last_beta=last_beta,
         scale=scale,
         null_complement=null_complement,
+        ops=ops,
     )
 
 
@@ -415,7 +680,10 @@ def top_eigenpairs(
       matvec: ``v -> A v`` for a symmetric ``A``; ``v`` and ``A v`` are like
         ``like``. Jit it (with its data as arguments, not closures) for speed.
       like: an example vector: a 1-D array ``(n,)`` or a pytree of floating
-        arrays. Its dtype is the working and output dtype.
+        arrays. Its dtype is the working and output dtype. If its leaves are
+        sharded over a mesh (``NamedSharding``, one dtype), every Lanczos
+        vector is a pytree sharded like them: no vector of size ``n`` is
+        gathered to one device or the host, only scalars come back per step.
       k: number of eigenpairs, ``1 ≤ k ≤ n``.
       key: ``jax.random`` key for the start (and restart) vectors.
       tol: stop when every returned pair has ``‖A v − λ v‖ ≤ tol · |λ₁|``.
@@ -435,9 +703,16 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
-    flat_matvec, flat_like, unravel = flat_operator(matvec, like)
-    n = flat_like.size
-    dtype = flat_like.dtype
+    sharded = is_sharded(like)
+    if sharded:  # vectors stay pytrees sharded like `like` (geomcollapse._sharding)
+        ops = _TreeOps(Layout(like, "like"))
+        flat_matvec = sharded_operator(matvec, like, ops.layout)
+        n, dtype = ops.n, ops.dtype
+    else:
+        ops = None
+        flat_matvec, flat_like, unravel = flat_operator(matvec, like)
+        n = flat_like.size
+        dtype = flat_like.dtype
     k = positive_int(k, "k")
     if k > n:
         raise ValueError(f"k={k} exceeds the operator dimension n={n}")
@@ -468,17 +743,28 @@ def top_eigenpairs(
         return ratio <= tol
 
     init_key, restart_key = jax.random.split(key)
-    q0 = _random_unit(init_key, n, dtype)
-    first = flat_matvec(q0)
-    op_scale = float(jnp.max(jnp.abs(first)))
+    if sharded:
+        q0 = ops.random_unit(init_key)
+        first = flat_matvec(q0)
+        op_scale = ops.abs_max(first)
+    else:
+        q0 = _random_unit(init_key, n, dtype)
+        first = flat_matvec(q0)
+        op_scale = float(jnp.max(jnp.abs(first)))
     if not np.isfinite(op_scale):
         raise ValueError("matvec returned non-finite values (at matvec 1)")
     if op_scale == 0.0:  # A q₀ = 0 (a zero operator; XLA flushes subnormal outputs to 0 too)
         op_scale = 1.0
-    inv_scale = jnp.asarray(1.0 / op_scale, dtype)
+    if sharded:
 
-    def scaled_matvec(v: jax.Array) -> jax.Array:
-        return flat_matvec(v) * inv_scale
+        def scaled_matvec(v: PyTree) -> PyTree:
+            return ops.scale(flat_matvec(v), 1.0 / op_scale)
+
+    else:
+        inv_scale = jnp.asarray(1.0 / op_scale, dtype)
+
+        def scaled_matvec(v: jax.Array) -> jax.Array:
+            return flat_matvec(v) * inv_scale
 
     with progress_bar(total=max_matvecs, desc="lanczos", enabled=progress) as bar:
         basis = _run_lanczos(
@@ -488,7 +774,8 @@ def top_eigenpairs(
             stop=stop,
             restart_key=restart_key,
             bar=bar,
-            first_product=first * inv_scale,
+            first_product=ops.scale(first, 1.0 / op_scale) if sharded else first * inv_scale,
+            ops=ops,
         )
     m = basis.alphas.size
     theta, S, res = _ritz(basis.alphas, basis.betas, basis.last_beta)
@@ -505,6 +792,10 @@ def top_eigenpairs(
     # Certify: the true residuals ‖Av − λv‖, one matvec per found pair.
     residuals = np.zeros(k)
     for i in np.flatnonzero(found):
+        if sharded:  # on the devices: only the norm comes back
+            v = ops.row(flat_vectors, int(i))
+            residuals[i] = ops.residual(scaled_matvec(v), v, float(values[i]))
+            continue
         Av = np.asarray(scaled_matvec(flat_vectors[i]), np.float64)
         v = np.asarray(flat_vectors[i], np.float64)
         residuals[i] = np.linalg.norm(Av - values[i] * v)
@@ -523,11 +814,22 @@ def top_eigenpairs(
             RuntimeWarning,
             stacklevel=2,
         )
+    num_matvecs = m + int(basis.null_complement) + int(np.sum(found))
+    if sharded:
+        put = ops.layout.put
+        return Eigenpairs(
+            values=put(np.asarray(values * op_scale, dtype)),
+            vectors=flat_vectors,
+            residuals=put(np.asarray(residuals * op_scale, dtype)),
+            converged=put(converged),
+            found=put(found),
+            num_matvecs=num_matvecs,
+        )
     return Eigenpairs(
         values=jnp.asarray(values * op_scale, dtype),
         vectors=jax.vmap(unravel)(flat_vectors),
         residuals=jnp.asarray(residuals * op_scale, dtype),
         converged=jnp.asarray(converged),
         found=jnp.asarray(found),
-        num_matvecs=m + int(basis.null_complement) + int(np.sum(found)),
+        num_matvecs=num_matvecs,
     )
