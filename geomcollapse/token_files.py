@@ -132,8 +132,16 @@ def _read_jsonl(path: Path) -> dict:
             raise ValueError(f"{path}: {where}empty sequence")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
             raise ValueError(f"{path}: {where}token ids must be integers")
+        big = next((t for t in value if not -(2**31) <= t < 2**31), None)
+        if big is not None:  # beyond int32: no vocabulary has it, and numpy cannot hold it
+            raise ValueError(f"{path}: {where}token id {big} out of range")
         if start is not None and (not isinstance(start, int) or isinstance(start, bool)):
             raise ValueError(f"{path}: {where}answer_start must be an integer, got {start!r}")
+        if start is not None and not 0 <= start < len(value):
+            raise ValueError(
+                f"{path}: {where}answer_start must lie in [0, row length), got {start} "
+                f"(length {len(value)})"
+            )
         rows.append(value)
         starts.append(start)
     if not rows:
@@ -238,7 +246,7 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
                     f"{path}: targets must lie in [0, {config.vocab}) (the checkpoint's "
                     f"vocabulary), got ids in [{t_lo}, {t_hi}]"
                 )
-        else:
+        else:  # the next token; a row's last position (and padding) has none
             targets = np.concatenate([tokens[:, 1:], np.zeros((N, 1), tokens.dtype)], axis=1)
         if "mask" in data:
             mask = np.asarray(data["mask"])
@@ -251,6 +259,11 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
             ):
                 raise ValueError(f"{path}: mask must hold only 0 and 1")
             mask = mask.astype(np.float32)
+            if "targets" not in data and np.any(mask * (positions > lengths[:, None] - 2)):
+                raise ValueError(
+                    f"{path}: mask selects a position with no next token (a row's last "
+                    "token or its padding); give 'targets' or mask those positions out"
+                )
         else:
             mask = ((positions >= start[:, None]) & (positions <= lengths[:, None] - 2)).astype(
                 np.float32

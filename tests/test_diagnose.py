@@ -470,6 +470,13 @@ BAD_FILES = {
         "answer_start must lie in [0, row length)",
     ),
     "no target": ("task", "t.jsonl", "[1]\n[2]\n", "need at least 2 tokens"),
+    "huge id": ("task", "t.jsonl", "[1, 99999999999999999999]\n", "out of range"),
+    "mask past the end": (
+        "task",
+        "t.npz",
+        {"tokens": np.ones((1, 3), np.int64), "mask": np.array([[0, 0, 1]])},
+        "no next token",
+    ),
     "mask empty": (
         "task",
         "t.npz",
