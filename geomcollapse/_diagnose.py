@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import aic, curvature, linalg, series, theory
 from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
+from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_norm
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -494,7 +495,7 @@ def diagnose(
     ``'lanczos'`` finds the top eigenpairs by
     :func:`geomcollapse.linalg.top_eigenpairs` (certified by residuals) and
     ``tr F`` by :func:`geomcollapse.aic.fisher_trace`; ``'auto'`` is dense for
-    ``n ≤ 2048``.
+    ``n ≤ 2048`` unless ``params`` are sharded over several devices.
 
     The rule for ``d=None``: the smallest ``d ≤ max_d`` whose top-``d``
     eigenvalues hold at least ``share`` (90 %) of ``tr F``, the trace measured
@@ -518,6 +519,10 @@ def diagnose(
       skill_loss: ``u(params, *skill_args) -> scalar``, the skill to keep.
       task_loss: ``L(params, *task_args) -> scalar``, the fine-tuning loss.
       params: ``θ*``, any pytree of finite floating arrays (flax nnx ``State`` included).
+        Leaves sharded over a device mesh (``NamedSharding``, one dtype) take the
+        Lanczos route with every vector of ``R^n`` (basis, probes, ``x_k``, ``g``,
+        ``Hg``) a pytree sharded like them; only scalars and ``k``-, ``K``- or
+        ``(K, d)``-sized arrays reach the host (``spectrum='dense'`` is refused).
       skill_args, task_args: tuples of the losses' extra arguments (data).
       skill_logits: ``(params, *skill_args) -> (..., C)`` logits, for ``fisher='true'``.
       fisher: ``'true'``, ``'empirical'`` or a Fisher matvec (above).
@@ -547,8 +552,14 @@ def diagnose(
     key = prng_key(key)
     skill_args = _args_tuple(skill_args, "skill_args")
     task_args = _args_tuple(task_args, "task_args")
-    flat, _ = ravel_pytree(params)
-    n, dtype = int(flat.size), flat.dtype
+    # Parameters sharded over a mesh: every vector of R^n stays a pytree laid out like them
+    # (geomcollapse._sharding); only scalars and d- or K-sized arrays reach the host.
+    layout = Layout(params, "params") if is_sharded(params) else None
+    if layout is None:
+        flat, _ = ravel_pytree(params)
+        n, dtype = int(flat.size), flat.dtype
+    else:
+        flat, n, dtype = None, layout.n, layout.dtype
     if n < 2:
         raise ValueError(
             f"params must hold at least 2 numbers (M must be a proper subspace), got {n}"
@@ -581,6 +592,11 @@ def diagnose(
         raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
     if spectrum == "dense" and n > DENSE_MAX_N:
         raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
+    if spectrum == "dense" and layout is not None:
+        raise ValueError(
+            "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
+            "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
+        )
 
     stages = ("spectrum", "forecast", "AIC")
     bar = progress_bar(total=len(stages), desc="diagnose", enabled=progress)
@@ -591,66 +607,88 @@ def diagnose(
 
     try:
         # ---- spectrum and trace of F
-        op = _cached(_flat_operator, fvp)
-        fargs = (params, skill_args)
-        use_dense = spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N)
-        if use_dense:
-            sp = _dense_spectrum(op, n, fargs, fisher_name, share, max_d, d)
+        trace_method = (
+            "exact"
+            if trace == "exact" or (trace == "auto" and n <= aic.EXACT_TRACE_MAX_N)
+            else "hutchinson"
+        )
+        krylov = partial(
+            _krylov_spectrum,
+            fisher_name=fisher_name,
+            share=share,
+            max_d=max_d,
+            d=d,
+            key=key,
+            tol=tol,
+            max_matvecs=max_matvecs,
+            trace=trace_method,
+            progress=progress,
+        )
+        if layout is not None:  # Lanczos on pytrees laid out like params (no dense route)
+            static_fvp = aic._hashable(fvp)
+
+            def tree_matvec(v):
+                return aic._tree_fvp(static_fvp, layout, params, v, skill_args)
+
+            def tree_trace(method, k, deflate):
+                return aic._tree_fisher_trace(
+                    static_fvp,
+                    layout,
+                    params,
+                    skill_args,
+                    method,
+                    key=k,
+                    num_probes=num_probes,
+                    deflate=deflate,
+                )
+
+            sp = krylov(tree_matvec, params, tree_trace, host_vectors=False)
+        elif spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N):
+            op = _cached(_flat_operator, fvp)
+            sp = _dense_spectrum(op, n, (params, skill_args), fisher_name, share, max_d, d)
         else:
-            sp = _krylov_spectrum(
-                op,
-                n,
-                flat,
-                fargs,
-                fisher_name,
-                share,
-                max_d,
-                d,
-                key=key,
-                tol=tol,
-                max_matvecs=max_matvecs,
-                num_probes=num_probes,
-                trace="exact"
-                if trace == "exact" or (trace == "auto" and n <= aic.EXACT_TRACE_MAX_N)
-                else "hutchinson",
-                progress=progress,
-            )
-        lam, V, tr, d_final = sp.values, sp.vectors, sp.trace, sp.d
+            op = _cached(_flat_operator, fvp)
+            fargs = (params, skill_args)
+
+            def flat_matvec(v):
+                return op(v, *fargs)
+
+            def flat_trace(method, k, deflate):
+                return aic.fisher_trace(
+                    op,
+                    n,
+                    dtype,
+                    method=method,
+                    key=k,
+                    num_probes=num_probes,
+                    deflate=deflate,
+                    args=fargs,
+                )
+
+            sp = krylov(flat_matvec, flat, flat_trace, host_vectors=True)
+        lam, tr, d_final = sp.values, sp.trace, sp.d
+        converged = sp.converged
         done("spectrum")
 
-        # ---- the flow's Taylor coefficients, Δu's series and ∇u(θ*), in one compiled call
-        s, grad_u = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
-        c_du = np.asarray(s.delta_u, np.float64)
-        xs = np.concatenate(  # x₁ … x_K as (K, n) rows, ravel_pytree order
-            [np.reshape(a, (order, -1)) for a in jax.tree.leaves(s.displacement)], axis=1
-        ).astype(np.float64)
-        grad_u = np.asarray(grad_u, np.float64)
-        g, Hg = -xs[0], 2.0 * xs[1]  # x₁ = −g, x₂ = ½Hg (docs/theory.md §6)
-        for name, vec in (("task_loss", xs), ("skill_loss", grad_u), ("skill_loss", c_du)):
-            if not np.all(np.isfinite(vec)):
-                raise ValueError(f"{name} has non-finite derivatives at params")
-        done("forecast")
-
-        # ---- AIC at d
-        converged = sp.converged
-        subspace = Subspace(
-            values=jnp.asarray(lam[:d_final], dtype),
-            basis=jnp.asarray(V[:d_final], dtype),
-            residuals=jnp.asarray(sp.residuals[:d_final]),
-            converged=jnp.asarray(bool(np.all(converged[:d_final]))),
+        # ---- the flow's Taylor coefficients, Δu's series, the AIC at d and the coordinates
+        # ⟨v_i, x_k⟩ of the forecast update in M
+        measure = _at_d_flat if layout is None else partial(_at_d_sharded, layout)
+        m = measure(
+            sp,
+            skill_loss,
+            task_loss,
+            order,
+            params,
+            skill_args,
+            task_args,
+            dtype,
+            done=done,
         )
-        tail_mass = sp.tail + float(lam[d_final:].sum())
-        report = theory.aic_report(
-            subspace,
-            g,
-            Hg,
-            tail_mass=tail_mass,
-            tail_quadratic=aic.tail_quadratic(sp.matvec, V[:d_final], g, dtype),
-        )
+        c_du, report, tau = m.delta_u, m.report, m.time_scale
         done("AIC")
 
-        c_proj = projected_coefficients(lam[:d_final], V[:d_final], xs)
-        validity, tau = s.validity_time, s.time_scale
+        c_proj = _projected_from_coordinates(lam[:d_final], m.coordinates)
+        validity = m.validity_time
         p_validity = series.polynomial_validity_time(c_proj, time_scale=tau)
         t_plan = None if lr is None or steps is None else lr * steps
         window = validity if math.isfinite(validity) else None
@@ -660,10 +698,7 @@ def diagnose(
         elif window is not None:
             horizon = window
         if horizon is not None and not np.isnan(validity):
-            # x(t_h) = Σ_k x_k t_h^k in numpy: eager jnp ops would each compile
-            x_h = (horizon ** np.arange(1, order + 1)) @ xs
-            coords = V[:d_final] @ x_h
-            x_norm = float(np.linalg.norm(x_h))
+            coords, x_norm = m.overlap(horizon)
             ov_geo = float(np.linalg.norm(coords) / x_norm) if x_norm > 0 else 0.0
             ov_fisher = float(0.5 * np.sum(np.maximum(lam[:d_final], 0.0) * coords**2))
         else:
@@ -676,12 +711,12 @@ def diagnose(
     finally:  # the bar's end line, also when a stage raises
         bar.close()
 
-    g_norm = float(np.linalg.norm(g))
+    g_norm = m.task_gradient_norm
     t_linear = first_order_time(c_du, tau, dtype)
     warnings = _warnings(
         c_du=c_du,
         first_order_time=t_linear,
-        grad_u_norm=float(np.linalg.norm(grad_u)),
+        grad_u_norm=m.skill_gradient_norm,
         top_share=float(lam[:d_final].sum() / tr),
         share=share,
         report=report,
@@ -717,7 +752,7 @@ def diagnose(
         trace_method=sp.trace_method,
         spectrum_method=sp.method,
         top_share=float(lam[:d_final].sum() / tr),
-        skill_gradient_norm=float(np.linalg.norm(grad_u)),
+        skill_gradient_norm=m.skill_gradient_norm,
         task_gradient_norm=g_norm,
         delta_u_coefficients=tuple(float(x) for x in c_du),
         projected_coefficients=tuple(float(x) for x in c_proj),
@@ -738,6 +773,168 @@ def diagnose(
         warnings=tuple(warnings),
         num_matvecs=sp.num_matvecs + (0 if sp.method == "dense" else 1),
     )
+
+
+class _AtD(NamedTuple):
+    """What the forecast and the AIC at ``d`` hand on to the report (host numbers only)."""
+
+    delta_u: np.ndarray  # (K+1,) float64, c₀ … c_K of Δu(t)
+    time_scale: float
+    validity_time: float
+    report: theory.AICReport
+    coordinates: np.ndarray  # (K, d) float64, ⟨v_i, x_k⟩
+    skill_gradient_norm: float
+    task_gradient_norm: float
+    overlap: Callable[[float], tuple[np.ndarray, float]]  # t_h ↦ (Px(t_h) coordinates, ‖x(t_h)‖)
+
+
+def _check_derivatives(task_ok: bool, skill_gradient_ok: bool, delta_u: np.ndarray) -> None:
+    checks = (("task_loss", task_ok), ("skill_loss", skill_gradient_ok))
+    for name, ok in (*checks, ("skill_loss", bool(np.all(np.isfinite(delta_u))))):
+        if not ok:
+            raise ValueError(f"{name} has non-finite derivatives at params")
+
+
+def _at_d_flat(
+    sp, skill_loss, task_loss, order, params, skill_args, task_args, dtype, *, done
+) -> _AtD:
+    """The series, ``∇u(θ*)`` and the AIC at ``d`` with vectors as float64 ``(n,)`` host rows."""
+    s, grad_u = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
+    c_du = np.asarray(s.delta_u, np.float64)
+    xs = np.concatenate(  # x₁ … x_K as (K, n) rows, ravel_pytree order
+        [np.reshape(a, (order, -1)) for a in jax.tree.leaves(s.displacement)], axis=1
+    ).astype(np.float64)
+    grad_u = np.asarray(grad_u, np.float64)
+    g, Hg = -xs[0], 2.0 * xs[1]  # x₁ = −g, x₂ = ½Hg (docs/theory.md §6)
+    _check_derivatives(bool(np.all(np.isfinite(xs))), bool(np.all(np.isfinite(grad_u))), c_du)
+    done("forecast")
+    d, lam, Vd = sp.d, sp.values, sp.vectors[: sp.d]
+    subspace = Subspace(
+        values=jnp.asarray(lam[:d], dtype),
+        basis=jnp.asarray(Vd, dtype),
+        residuals=jnp.asarray(sp.residuals[:d]),
+        converged=jnp.asarray(bool(np.all(sp.converged[:d]))),
+    )
+    report = theory.aic_report(
+        subspace,
+        g,
+        Hg,
+        tail_mass=sp.tail + float(lam[d:].sum()),
+        tail_quadratic=aic.tail_quadratic(sp.matvec, Vd, g, dtype),
+    )
+
+    def overlap(horizon: float) -> tuple[np.ndarray, float]:
+        # x(t_h) = Σ_k x_k t_h^k in numpy: eager jnp ops would each compile
+        x_h = (horizon ** np.arange(1, order + 1)) @ xs
+        return Vd @ x_h, float(np.linalg.norm(x_h))
+
+    return _AtD(
+        delta_u=c_du,
+        time_scale=s.time_scale,
+        validity_time=s.validity_time,
+        report=report,
+        coordinates=xs @ Vd.T,
+        skill_gradient_norm=float(np.linalg.norm(grad_u)),
+        task_gradient_norm=float(np.linalg.norm(g)),
+        overlap=overlap,
+    )
+
+
+def _at_d_sharded(
+    layout, sp, skill_loss, task_loss, order, params, skill_args, task_args, dtype, *, done
+) -> _AtD:
+    """As :func:`_at_d_flat` for params sharded on a mesh: ``x_k``, ``g``, ``Hg`` and ``M``'s
+    basis stay pytrees laid out like them; only norms, ``(K+1,)`` coefficients and the
+    ``(K, d)`` and ``(d,)`` coordinates come back to the host (``jax.device_get``).
+    """
+    s = series.delta_u_series(
+        skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
+    )
+    grad_u_norm, grad_u_ok = jax.device_get(
+        _tree_skill_gradient(aic._hashable(skill_loss), layout, params, skill_args)
+    )
+    d, lam = sp.d, sp.values
+    basis = _tree_leading(sp.vectors, d, layout)
+    g, Hg, ys, xs_ok = _tree_task_vectors(s.displacement, basis, layout)
+    c_du = np.asarray(jax.device_get(s.delta_u), np.float64)
+    _check_derivatives(bool(jax.device_get(xs_ok)), bool(grad_u_ok), c_du)
+    done("forecast")
+    put = layout.put
+    subspace = Subspace(
+        values=put(np.asarray(lam[:d], dtype)),
+        basis=basis,
+        residuals=put(sp.residuals[:d]),
+        converged=put(np.asarray(bool(np.all(sp.converged[:d])))),
+    )
+    g_perp = aic._tree_deflate(basis, g, layout)
+    tail_q, g_norm = jax.device_get(aic._tree_tail_and_norm(g_perp, sp.matvec(g_perp), g))
+    report = theory.aic_report(
+        subspace,
+        g,
+        Hg,
+        tail_mass=sp.tail + float(lam[d:].sum()),
+        tail_quadratic=float(tail_q),
+        compiled=True,
+    )
+
+    def overlap(horizon: float) -> tuple[np.ndarray, float]:
+        powers = put(np.asarray(horizon ** np.arange(1, order + 1), dtype))
+        coords, x_norm = jax.device_get(_tree_overlap(s.displacement, basis, powers, layout))
+        return np.asarray(coords, np.float64), float(x_norm)
+
+    return _AtD(
+        delta_u=c_du,
+        time_scale=s.time_scale,
+        validity_time=s.validity_time,
+        report=report,
+        coordinates=np.asarray(jax.device_get(ys), np.float64),
+        skill_gradient_norm=float(grad_u_norm),
+        task_gradient_norm=float(g_norm),
+        overlap=overlap,
+    )
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    return functools.reduce(
+        jnp.logical_and, [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    )
+
+
+@partial(jax.jit, static_argnums=(0, 1))
+def _tree_skill_gradient(skill_loss, layout: Layout, params: PyTree, skill_args: tuple):
+    """``‖∇u(θ*)‖`` and whether ``∇u(θ*)`` is finite (``∇u`` laid out like ``params``)."""
+    grad = jax.grad(skill_loss)(params, *skill_args)
+    grad = jax.lax.with_sharding_constraint(grad, layout.shardings)
+    return tree_norm(grad), _all_finite(grad)
+
+
+@partial(jax.jit, static_argnums=(1, 2))
+def _tree_leading(stack: PyTree, d: int, layout: Layout) -> PyTree:
+    """The first ``d`` vectors of a stack, laid out like the parameters."""
+    return jax.lax.with_sharding_constraint(jax.tree.map(lambda b: b[:d], stack), layout.stacked)
+
+
+@partial(jax.jit, static_argnums=2)
+def _tree_task_vectors(displacement: PyTree, basis: PyTree, layout: Layout):
+    """``g = −x₁``, ``Hg = 2x₂`` (laid out like the parameters), the ``(K, d)``
+    coordinates ``⟨v_i, x_k⟩`` and whether every ``x_k`` is finite."""
+    g = jax.tree.map(lambda x: -x[0], displacement)
+    Hg = jax.tree.map(lambda x: 2.0 * x[1], displacement)
+    ys = jax.vmap(lambda x: stack_dot(basis, x))(displacement)
+    return (
+        jax.lax.with_sharding_constraint(g, layout.shardings),
+        jax.lax.with_sharding_constraint(Hg, layout.shardings),
+        ys,
+        _all_finite(displacement),
+    )
+
+
+@partial(jax.jit, static_argnums=3)
+def _tree_overlap(displacement: PyTree, basis: PyTree, powers: jax.Array, layout: Layout):
+    """``(⟨v_i, x(t_h)⟩ (d,), ‖x(t_h)‖)`` of ``x(t_h) = Σ_k t_h^k x_k`` (``powers`` ``(K,)``)."""
+    x_h = stack_combine(powers, displacement)
+    x_h = jax.lax.with_sharding_constraint(x_h, layout.shardings)
+    return stack_dot(basis, x_h), tree_norm(x_h)
 
 
 def _at_theta_star(skill_loss, task_loss, order, params, skill_args, task_args):
@@ -791,6 +988,12 @@ def projected_coefficients(values: Any, basis: Any, xs: Any) -> np.ndarray:
       ``(K+1,)`` float64; ``c_m = ½ Σ_{j+l=m} Σ_i λ_i ⟨v_i,x_j⟩⟨v_i,x_l⟩`` (exact up to ``t^K``).
     """
     ys = np.asarray(xs, np.float64) @ np.asarray(basis, np.float64).T  # (K, d)
+    return _projected_from_coordinates(values, ys)
+
+
+def _projected_from_coordinates(values: Any, ys: np.ndarray) -> np.ndarray:
+    """:func:`projected_coefficients` from the ``(K, d)`` coordinates ``⟨v_i, x_k⟩``."""
+    ys = np.asarray(ys, np.float64)
     lam = np.maximum(np.asarray(values, np.float64), 0.0)
     order = ys.shape[0]
     out = np.zeros(order + 1)
@@ -803,7 +1006,7 @@ class _Spectrum(NamedTuple):
     """The top of ``F``'s spectrum, its trace and the chosen ``d``."""
 
     values: np.ndarray  # (k,) descending, k ≥ d
-    vectors: np.ndarray  # (k, n) orthonormal rows
+    vectors: Any  # (k, n) orthonormal rows; sharded params: a stack laid out like them
     residuals: np.ndarray  # (k,) ‖Fv − λv‖
     converged: np.ndarray  # (k,) bool
     trace: float
@@ -814,7 +1017,7 @@ class _Spectrum(NamedTuple):
     method: str
     trace_method: str
     num_matvecs: int
-    matvec: Callable  # v (n,) ↦ F v
+    matvec: Callable  # v (n,) ↦ F v; sharded params: v like them ↦ F v like them
 
 
 def _rule(lam: np.ndarray, tr: float, share: float, max_d: int) -> int | None:
@@ -892,10 +1095,9 @@ def _dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> _Spectrum:
 
 
 def _krylov_spectrum(
-    op,
-    n,
-    flat,
-    fargs,
+    matvec,
+    like,
+    trace_of,
     fisher_name,
     share,
     max_d,
@@ -904,25 +1106,25 @@ def _krylov_spectrum(
     key,
     tol,
     max_matvecs,
-    num_probes,
     trace,
     progress,
+    host_vectors,
 ) -> _Spectrum:
     """Top eigenpairs by Lanczos (``k = 8, 16, …`` until the rule is met) and ``tr F``.
 
     The trace is exact (``n`` matvecs) or Hutchinson on ``(I−P)F(I−P)`` deflated by
-    the ``k`` pairs found, plus their eigenvalues (:func:`geomcollapse.aic.fisher_trace`).
+    the ``k`` pairs found, plus their eigenvalues: ``trace_of(method, key, deflate)``
+    returns ``(value, stderr, matvecs)`` as :func:`geomcollapse.aic.fisher_trace`.
+    ``matvec`` maps vectors like ``like`` (``(n,)``, or a pytree sharded like the
+    parameters); with ``host_vectors`` the eigenvectors come back as ``(k, n)``
+    float64 rows, else they stay a stack on the devices. Eigenvalues and
+    residuals are ``(k,)`` host arrays either way.
     """
-    dtype = flat.dtype
-
-    def matvec(v):
-        return op(v, *fargs)
-
     k_eig, k_trace = jax.random.split(key)
     trace_matvecs = lanczos_matvecs = 0
     exact_trace = None
     if trace == "exact":
-        exact_trace, _, trace_matvecs = aic.fisher_trace(op, n, dtype, method="exact", args=fargs)
+        exact_trace, _, trace_matvecs = trace_of("exact", None, None)
         if not exact_trace > 0:
             raise ValueError(_vanishing_fisher(fisher_name, exact_trace))
     k = d if d is not None else min(FIRST_K, max_d)
@@ -930,7 +1132,7 @@ def _krylov_spectrum(
         try:
             pairs = linalg.top_eigenpairs(
                 matvec,
-                flat,
+                like,
                 k,
                 key=jax.random.fold_in(k_eig, k),
                 tol=tol,
@@ -942,21 +1144,12 @@ def _krylov_spectrum(
                 raise
             raise ValueError(_vanishing_fisher(fisher_name, exact_trace, str(err))) from None
         lanczos_matvecs += int(pairs.num_matvecs)
-        lam = np.asarray(pairs.values, np.float64)
-        V = np.asarray(pairs.vectors, np.float64)
+        lam = np.asarray(jax.device_get(pairs.values), np.float64)
+        V = np.asarray(pairs.vectors, np.float64) if host_vectors else pairs.vectors
         if exact_trace is not None:
             tr, tr_se, tail = exact_trace, 0.0, exact_trace - lam.sum()
         else:
-            tail, tr_se, used = aic.fisher_trace(
-                op,
-                n,
-                dtype,
-                method="hutchinson",
-                key=jax.random.fold_in(k_trace, k),
-                num_probes=num_probes,
-                deflate=V,
-                args=fargs,
-            )
+            tail, tr_se, used = trace_of("hutchinson", jax.random.fold_in(k_trace, k), V)
             trace_matvecs += used
             tr = tail + lam.sum()
             if not tr > 0:
@@ -974,8 +1167,8 @@ def _krylov_spectrum(
     return _Spectrum(
         values=lam,
         vectors=V,
-        residuals=np.asarray(pairs.residuals, np.float64),
-        converged=np.asarray(pairs.converged, bool),
+        residuals=np.asarray(jax.device_get(pairs.residuals), np.float64),
+        converged=np.asarray(jax.device_get(pairs.converged), bool),
         trace=float(tr),
         trace_stderr=float(tr_se),
         tail=float(tail),

@@ -321,6 +321,61 @@ def _tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Arra
     return jnp.stack([tree_dot(g_perp, f_g_perp), jnp.sqrt(tree_dot(g, g))])
 
 
+def _tree_fisher_trace(
+    fisher_vp: Callable,
+    layout: Layout,
+    params: PyTree,
+    args: tuple,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    deflate: PyTree | None = None,
+) -> tuple[float, float, int]:
+    """:func:`fisher_trace` for parameters sharded on a mesh: ``(trace, stderr, matvecs)``.
+
+    ``fisher_vp(params, v, *args)`` is the library's matvec (``v`` like
+    ``params``; hashable: it is a static argument of the compiled kernels);
+    ``method`` is ``'exact'`` (``n`` one-hot rows built on each leaf's devices,
+    256 per compiled call) or ``'hutchinson'``, deflated by ``deflate``, a stack
+    of orthonormal vectors laid out like ``params`` (its value is then
+    ``tr((I−P)F(I−P))``). Same probes as the flat route; only the per-chunk
+    sums or the ``num_probes`` samples reach the host.
+    """
+    n, dtype = layout.n, layout.dtype
+    if method == "exact":
+        rows, total = 256, 0.0
+        for start in range(0, n, rows):
+            size = min(rows, n - start)
+            part = _tree_exact_trace(
+                fisher_vp, layout, size, layout.put(np.int32(start)), params, args
+            )
+            total += float(jax.device_get(part))
+        return total, 0.0, n
+    if method != "hutchinson":
+        raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+    if deflate is None:
+        raise ValueError("deflate (a stack of vectors laid out like params) is required")
+    key = prng_key(key)
+    num_probes = positive_int(num_probes, "num_probes")
+    if num_probes < 2:
+        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
+    samples = _tree_hutchinson(
+        fisher_vp,
+        layout,
+        jax.device_put(key, layout.replicated),
+        deflate,
+        params,
+        num_probes,
+        min(chunk, num_probes),
+        args,
+    )
+    samples = np.asarray(jax.device_get(samples), np.float64)
+    mean, stderr = float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes))
+    return mean, stderr, num_probes
+
+
 def _measure_aic_sharded(
     fisher_vp,
     loss_fn,
@@ -358,33 +413,17 @@ def _measure_aic_sharded(
     lam = np.asarray(jax.device_get(pairs.values), np.float64)
     g, Hg = _tree_gradient_and_hg(_hashable(loss_fn), layout, params, loss_args)
     trace = _trace_method(trace, n)
-    if trace == "exact":
-        rows, tail, trace_se = 256, 0.0, 0.0
-        for start in range(0, n, rows):
-            size = min(rows, n - start)
-            part = _tree_exact_trace(
-                static_fvp, layout, size, layout.put(np.int32(start)), params, fisher_args
-            )
-            tail += float(jax.device_get(part))
-        trace_matvecs, tr = n, tail
-    else:
-        num_probes = positive_int(num_probes, "num_probes")
-        if num_probes < 2:
-            raise ValueError("num_probes must be ≥ 2 for a standard error")
-        chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
-        samples = _tree_hutchinson(
-            static_fvp,
-            layout,
-            jax.device_put(k_trace, layout.replicated),
-            pairs.vectors,
-            params,
-            num_probes,
-            min(chunk, num_probes),
-            fisher_args,
-        )
-        samples = np.asarray(jax.device_get(samples), np.float64)
-        tail, trace_se = float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes))
-        trace_matvecs, tr = num_probes, tail + lam.sum()
+    tail, trace_se, trace_matvecs = _tree_fisher_trace(
+        static_fvp,
+        layout,
+        params,
+        fisher_args,
+        trace,
+        key=k_trace,
+        num_probes=num_probes,
+        deflate=pairs.vectors,
+    )
+    tr = tail if trace == "exact" else tail + lam.sum()
     g_perp = _tree_deflate(pairs.vectors, g, layout)
     tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, matvec(g_perp), g))
     report = theory.aic_report(

@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-import geomcollapse
-
 ROOT = Path(__file__).resolve().parent.parent
 TOL = 1e-10  # float64 results, single-device against sharded
 
@@ -45,6 +43,7 @@ def measured() -> dict:
         "top_eigenpairs",
         "series",
         "ode_flow",
+        "diagnose",
     ],
 )
 def test_sharded_results_equal_the_single_device_run(measured, entry):
@@ -76,12 +75,14 @@ def test_a_sharded_pytree_of_two_dtypes_is_refused_by_name(measured):
     assert measured["mixed_dtypes_error"].startswith("like mixes dtypes")
 
 
-def test_diagnose_hook(measured):
-    """Hook for #16: ``diagnose`` on sharded parameters belongs in tests/sharded_check.py."""
-    if not hasattr(geomcollapse, "diagnose"):
-        assert measured["diagnose"] == "missing"
-        pytest.skip("geomcollapse.diagnose does not exist yet (#16)")
-    pytest.xfail(
-        "geomcollapse.diagnose exists but tests/sharded_check.py does not run it on the "
-        "sharded MLP yet: add it there beside measure_aic and compare with one device"
-    )
+def test_diagnose_keeps_sharded_vectors_on_the_devices(measured):
+    """``diagnose`` on the sharded MLP: every number equal to one device (above), the same
+    text, integers and warnings, Lanczos (the dense route would gather ``F``), and no fetch
+    but explicit ones of at most ``K·k`` coordinates or the probes' samples (n = 420)."""
+    assert measured["diagnose_same_text_and_integers"]
+    assert measured["diagnose_spectrum_method"] == "lanczos"
+    assert measured["diagnose_horizon_time"] is not None
+    assert measured["diagnose_implicit_fetches"] == []
+    assert 0 < measured["diagnose_largest_explicit_fetch"] <= measured["diagnose_fetch_bound"]
+    assert measured["diagnose_fetch_bound"] < measured["n"] // 4
+    assert measured["diagnose_dense_error"].startswith("spectrum='dense'")
