@@ -48,6 +48,7 @@ __all__ = [
 PyTree = Any
 
 DEFAULT_SHARE = 0.9  # d=None: the top-d eigenvalues must hold this share of tr F
+MAX_ORDER = 12  # the highest series order accepted (its cost grows as 2^order)
 DEFAULT_MAX_D = 64  # d=None: the largest d the rule may pick
 DENSE_MAX_N = 2048  # spectrum='auto': F formed densely (n matvecs, eigh) up to this n
 FIRST_K = 8  # d=None: eigenpairs computed first (then doubled until the share is reached)
@@ -565,8 +566,11 @@ def diagnose(
             f"params must hold at least 2 numbers (M must be a proper subspace), got {n}"
         )
     order = positive_int(order, "order")
-    if order < 2:
-        raise ValueError(f"order must be >= 2 (a validity window needs two terms), got {order}")
+    if not 2 <= order <= MAX_ORDER:
+        raise ValueError(
+            f"order must lie in [2, {MAX_ORDER}] (a validity window needs two terms; the "
+            f"series costs about 2^order gradients), got {order}"
+        )
     if d is not None:
         d = positive_int(d, "d")
         if d >= n:
