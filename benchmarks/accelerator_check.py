@@ -61,7 +61,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_OUTDIR = RESULTS / "accelerator"
-FULL_EXPERIMENTS = (
+FULL_EXPERIMENTS = (  # geomcollapse.cli.EXPERIMENTS (tested equal; not imported: no jax here)
     "spectrum_mlp",
     "quartic_quadratic",
     "crossover",
@@ -73,6 +73,7 @@ FULL_EXPERIMENTS = (
     "transformer_onset",
     "prediction",
     "defences",
+    "validation",
 )
 SWEEPS = ("prediction", "defences")
 # Targets of the issue for one H100/H200-class GPU.

@@ -34,6 +34,7 @@ from geomcollapse._progress import progress_bar
 
 NAME = "validation"
 FULL_FLAG = False
+FIGURE_NEEDS = ("rows", "lr", "horizons", "cells")  # what figure() reads
 
 
 @dataclasses.dataclass(frozen=True)
