@@ -189,9 +189,13 @@ QUICK = Config(
     timing_repeats=1,
     quartic_datasets=2,
 )
+# The tests' run of the main job: one defence of each kind its rows need (first-order
+# ones, a curvature-aware one); every defence's runs are checked against the optax chain
+# in tests/test_defences_study.py.
 TINY = Config(
     size="tiny-fast",
-    datasets=("always_answer", "shift", "label_noise_100"),
+    datasets=("always_answer", "shift"),
+    defences=("none", "initial_orthogonalization", "project_out", "fisher_budget"),
     optimizers=("sgd",),
     seeds=(0,),
     horizons=(2, 4),
