@@ -295,30 +295,30 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
 
 
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """Forecast against realised ``Δu`` per dataset (GD and SGD), with each window."""
+    """Forecast / realised ``Δu`` at every (dataset, ``K``), in and beyond the window; ranking."""
     fig, axes = style.subplots(2, height=3.2)
     ax = axes[0][0]
     ts = results["lr"] * np.asarray(results["horizons"], np.float64)
-    for j, r in enumerate(results["rows"]):
-        color = style.PALETTE[j % len(style.PALETTE)]
-        ls = "-" if j < len(style.PALETTE) else "--"
-        grid = np.geomspace(ts[0], ts[-1], 64)
-        f = _evaluate(r["coefficients"], grid)
-        ax.loglog(
-            grid, np.where(f > 0, f, np.nan), color=color, ls=ls
-        )  # a negative forecast: not drawn
-        ax.loglog(ts, r["gd"], "o", color=color, ms=3, label=r["dataset"])
-        ax.loglog(ts, r["sgd"], "x", color=color, ms=3)
-        ax.axvline(r["validity_time"], color=color, lw=0.5, ls=":")
-    ax.set(xlabel="t = ηK", ylabel="Δu", title="forecast (lines), GD (o), SGD (x)")
-    ax.legend(fontsize=5)
+    inside, beyond = [], []
+    for r in results["rows"]:
+        for t, f, g in zip(ts, r["forecast"], r["gd"], strict=True):
+            if f > 0 and g > 0:
+                (inside if t <= r["validity_time"] else beyond).append((t, f / g))
+    for cells, color, marker in ((beyond, "0.6", "x"), (inside, style.PALETTE[0], "o")):
+        if cells:
+            ax.loglog(*np.array(cells).T, marker, color=color, ms=4, ls="none")
+    factor = results["config"]["factor"]
+    for level in (factor, 1 / factor):
+        ax.axhline(level, color="0.3", lw=0.8, ls=":")
+    ax.set(xlabel="t = ηK", ylabel="forecast / realised Δu (GD)")
+    ax.set_title("in window (o), beyond (x)")
     ax = axes[0][1]
     rank = results.get("ranking")
     if rank is not None:
-        ax.loglog(rank["forecast"], np.maximum(rank["harm"], 1e-3), "o")
+        ax.loglog(rank["forecast"], np.maximum(rank["harm"], 1e-3), "o", ls="none")
         for x, y, d in zip(rank["forecast"], rank["harm"], rank["datasets"], strict=True):
-            ax.annotate(d, (x, max(y, 1e-3)), fontsize=5)
-        ax.set(xlabel=f"forecast Δu(t₀ = {rank['t0']:.2g})", ylabel="harmfulness (Table 1 study)")
+            ax.annotate(d, (x, max(y, 1e-3)), fontsize=8)
+        ax.set(xlabel=f"forecast Δu(t₀ = {rank['t0']:.2g})", ylabel="harmfulness (Table 1)")
         ax.set_title(f"ρ = {rank['rho']:.2f}")
     return style.save(fig, path)
 
