@@ -53,8 +53,8 @@ QUICK_RUNTIME_S = {
     "transformer_fisher": 57,
     "transformer_onset": 95,
     "prediction": 145,
-    "defences": 155,
-    "validation": 5,
+    "defences": 102,
+    "validation": 1,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
 TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
