@@ -110,7 +110,9 @@ def positive_int(value: Any, name: str) -> int:
 
 
 def positive_float(value: Any, name: str) -> float:
-    """Return ``value`` as a float, raising unless it is finite and > 0."""
+    """Return ``value`` as a float, raising unless it is a finite number > 0 (not a string)."""
+    if isinstance(value, (str, bytes, bool)):
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         out = float(value)
     except (TypeError, ValueError):

@@ -410,6 +410,7 @@ def _fisher_operator(
 ) -> tuple[Callable, str]:
     """The skill Fisher's matvec ``fvp(params, v, *skill_args)`` and its label."""
     if callable(fisher):
+        _check_matvec_output(fisher, params, skill_args)
         return fisher, "custom"
     if fisher not in _FISHERS:
         raise ValueError(
@@ -423,10 +424,19 @@ def _fisher_operator(
                 "skill's output distribution, skill_logits(params, *skill_args) -> (..., C)"
             )
         out = jax.eval_shape(skill_logits, params, *skill_args)
-        if getattr(out, "ndim", 0) < 1 or not jnp.issubdtype(out.dtype, jnp.floating):
+        shape = getattr(out, "shape", None)
+        if shape is None or not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(
                 f"skill_logits must return floating logits of shape (..., C), got "
-                f"{getattr(out, 'shape', type(out))}"
+                f"{shape or type(out).__name__}"
+            )
+        if len(shape) < 2 or shape[-1] < 2:
+            # (N,) would be read as ONE categorical over N classes (e.g. a binary
+            # classifier's single logit per example): refuse rather than guess.
+            raise ValueError(
+                f"skill_logits must return logits of shape (N, ..., C) with an example axis "
+                f"and C ≥ 2 classes, got shape {shape}; for one logit z per example "
+                "(a binary classifier) return jnp.stack([jnp.zeros_like(z), z], -1)"
             )
         return _cached(_true_fvp, skill_logits), "true"
     leaves = jax.tree.leaves(skill_args)
@@ -437,6 +447,30 @@ def _fisher_operator(
             f"'empirical' (per-example gradients), got leading sizes {sorted(map(str, sizes))}"
         )
     return _cached(_empirical_fvp, skill_loss), "empirical"
+
+
+def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) -> None:
+    """A custom ``fisher(params, v, *skill_args)`` must return a pytree like ``params``."""
+    try:
+        out = jax.eval_shape(fisher, params, params, *skill_args)
+    except Exception as err:  # any failure of the user's matvec is reported in one line
+        raise ValueError(
+            f"fisher: calling fisher(params, v, *skill_args) failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from None
+    want = jax.tree_util.tree_structure(params)
+    got = jax.tree_util.tree_structure(out)
+
+    def leaves(tree) -> list[str]:
+        return [f"{jnp.dtype(a.dtype).name}{list(np.shape(a))}" for a in jax.tree.leaves(tree)]
+
+    if got != want or leaves(out) != leaves(params):
+        described = ", ".join(leaves(out))
+        raise ValueError(
+            "fisher must return F v as a pytree like params (same structure, shapes and "
+            f"dtypes): params have {want.num_leaves} leaves {', '.join(leaves(params))[:200]}; "
+            f"it returned {got.num_leaves}: {described[:200]}"
+        )
 
 
 # --------------------------------------------------------------------------- the diagnosis
@@ -670,6 +704,8 @@ def diagnose(
                 )
 
             sp = krylov(flat_matvec, flat, flat_trace, host_vectors=True)
+        if fisher_name == "empirical":
+            _refuse_rounding_noise(skill_loss, params, skill_args, sp, dtype)
         lam, tr, d_final = sp.values, sp.trace, sp.d
         converged = sp.converged
         done("spectrum")
@@ -691,7 +727,9 @@ def diagnose(
         c_du, report, tau = m.delta_u, m.report, m.time_scale
         done("AIC")
 
-        c_proj = _projected_from_coordinates(lam[:d_final], m.coordinates)
+        c_proj = series.projected_from_coordinates(
+            np.asarray(lam[:d_final], np.float64), np.asarray(m.coordinates, np.float64)
+        )
         validity = m.validity_time
         p_validity = series.polynomial_validity_time(c_proj, time_scale=tau)
         t_plan = None if lr is None or steps is None else lr * steps
@@ -992,18 +1030,7 @@ def projected_coefficients(values: Any, basis: Any, xs: Any) -> np.ndarray:
       ``(K+1,)`` float64; ``c_m = ½ Σ_{j+l=m} Σ_i λ_i ⟨v_i,x_j⟩⟨v_i,x_l⟩`` (exact up to ``t^K``).
     """
     ys = np.asarray(xs, np.float64) @ np.asarray(basis, np.float64).T  # (K, d)
-    return _projected_from_coordinates(values, ys)
-
-
-def _projected_from_coordinates(values: Any, ys: np.ndarray) -> np.ndarray:
-    """:func:`projected_coefficients` from the ``(K, d)`` coordinates ``⟨v_i, x_k⟩``."""
-    ys = np.asarray(ys, np.float64)
-    lam = np.maximum(np.asarray(values, np.float64), 0.0)
-    order = ys.shape[0]
-    out = np.zeros(order + 1)
-    for m in range(2, order + 1):
-        out[m] = 0.5 * sum(np.sum(lam * ys[j - 1] * ys[m - j - 1]) for j in range(1, m))
-    return out
+    return series.projected_from_coordinates(np.asarray(values, np.float64), ys)
 
 
 class _Spectrum(NamedTuple):
@@ -1058,21 +1085,18 @@ def _dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> _Spectrum:
         raise ValueError("fisher: the skill Fisher's matvec returned non-finite values at params")
     tr = float(np.trace(C))
     if not tr > 0:
-        raise ValueError(_vanishing_fisher(fisher_name, tr))
+        raise ValueError(_bad_fisher(fisher_name, tr))
     asym = float(np.max(np.abs(C - C.T)))
     scale = float(np.max(np.abs(C)))
     eps = float(np.finfo(cols.dtype).eps)
     if asym > np.sqrt(eps) * scale:  # rounding noise (an empirical F at a minimum) is asymmetric
-        raise ValueError(
-            _vanishing_fisher(
-                fisher_name,
-                tr,
-                f"the matvec is not symmetric: max |F − Fᵀ| / max |F| = {asym / scale:.2g}",
-            )
-        )
+        detail = f"max |F − Fᵀ| / max |F| = {asym / scale:.2g}"
+        raise ValueError(_bad_fisher(fisher_name, tr, asymmetry=detail))
     F = 0.5 * (C + C.T)
     lam, U = np.linalg.eigh(F)
     lam, U = lam[::-1], U[:, ::-1]
+    if lam[-1] < -np.sqrt(eps) * lam[0]:  # beyond rounding: an indefinite "Fisher"
+        raise ValueError(_bad_fisher(fisher_name, tr, min_eigenvalue=float(lam[-1])))
     if d is None:
         found = _rule(lam, tr, share, max_d)
         d, rule = (max_d if found is None else found), _rule_text(max_d, share, "dense eigh")
@@ -1130,7 +1154,7 @@ def _krylov_spectrum(
     if trace == "exact":
         exact_trace, _, trace_matvecs = trace_of("exact", None, None)
         if not exact_trace > 0:
-            raise ValueError(_vanishing_fisher(fisher_name, exact_trace))
+            raise ValueError(_bad_fisher(fisher_name, exact_trace))
     k = d if d is not None else min(FIRST_K, max_d)
     while True:
         try:
@@ -1146,7 +1170,7 @@ def _krylov_spectrum(
         except ValueError as err:  # a matvec of pure rounding noise is caught as non-symmetric
             if "not symmetric" not in str(err):
                 raise
-            raise ValueError(_vanishing_fisher(fisher_name, exact_trace, str(err))) from None
+            raise ValueError(_bad_fisher(fisher_name, exact_trace, asymmetry=str(err))) from None
         lanczos_matvecs += int(pairs.num_matvecs)
         lam = np.asarray(jax.device_get(pairs.values), np.float64)
         V = np.asarray(pairs.vectors, np.float64) if host_vectors else pairs.vectors
@@ -1157,7 +1181,7 @@ def _krylov_spectrum(
             trace_matvecs += used
             tr = tail + lam.sum()
             if not tr > 0:
-                raise ValueError(_vanishing_fisher(fisher_name, tr))
+                raise ValueError(_bad_fisher(fisher_name, tr))
         if d is not None:
             break
         found = _rule(lam, tr, share, max_d)
@@ -1183,6 +1207,63 @@ def _krylov_spectrum(
         num_matvecs=trace_matvecs + lanczos_matvecs,
         matvec=matvec,
     )
+
+
+def _refuse_rounding_noise(skill_loss, params, skill_args, sp, dtype) -> None:
+    """Refuse an empirical Fisher that is rounding noise beside the skill loss's curvature.
+
+    At a minimum of the loss it is built from every per-example gradient is 0 up
+    to rounding, so ``F`` is of order ``eps²`` against the Hessian ``∇²u`` (of
+    order 1 there; measured ``λ₁/‖∇²u v₁‖`` = 1.7e-31 in float64 and 2.1e-14 in
+    float32 on a softmax regression, ≈ 4·eps²), while a real empirical Fisher
+    with per-example residuals ``r`` gives about ``r²``. ``λ₁ ≤ eps^{3/2} ·
+    ‖∇²u v₁‖`` (one Hessian-vector product along the top eigenvector ``v₁``)
+    says ``F`` is rounding noise, whatever its symmetry.
+    """
+    if isinstance(sp.vectors, np.ndarray):
+        v1 = ravel_pytree(params)[1](jnp.asarray(sp.vectors[0], dtype))
+    else:  # a stack laid out like the sharded params
+        v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
+    hv = jax.jit(curvature.hessian_vp(skill_loss))(params, v1, *skill_args)
+    curvature_along = float(tree_norm(hv))
+    lam1, eps = float(sp.values[0]), float(jnp.finfo(dtype).eps)
+    if lam1 <= eps**1.5 * curvature_along:
+        raise ValueError(
+            _vanishing_fisher(
+                "empirical",
+                sp.trace,
+                f"λ₁ = {lam1:.3g} against the skill loss's curvature ‖∇²u v₁‖ = "
+                f"{curvature_along:.3g} along its top eigenvector",
+            )
+        )
+
+
+def _bad_fisher(
+    fisher_name: str, tr: float | None, asymmetry: str = "", min_eigenvalue: float | None = None
+) -> str:
+    """The message refusing a skill Fisher at ``θ*``: zero (or rounding noise), not
+    symmetric (``asymmetry`` says by how much) or not positive semidefinite.
+
+    An empirical Fisher that vanishes at a minimum is rounding noise, which is
+    neither symmetric nor of one sign: for it every failure reads as vanishing.
+    """
+    if fisher_name != "empirical":
+        if asymmetry:
+            return (
+                f"fisher: the skill Fisher's matvec is not symmetric at params ({asymmetry}); "
+                "it must compute F v for a symmetric positive semidefinite F"
+            )
+        if tr is not None and tr < 0:
+            return (
+                f"fisher: the skill Fisher is not positive semidefinite at params "
+                f"(tr F = {tr:.3g} < 0); a Fisher Jᵀ Λ J has no negative eigenvalue"
+            )
+        if min_eigenvalue is not None:
+            return (
+                f"fisher: the skill Fisher is not positive semidefinite at params (smallest "
+                f"eigenvalue {min_eigenvalue:.3g}, tr F = {tr:.3g})"
+            )
+    return _vanishing_fisher(fisher_name, tr, asymmetry)
 
 
 def _vanishing_fisher(fisher_name: str, tr: float | None, detail: str = "") -> str:

@@ -52,7 +52,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
 from geomcollapse.defences import _args, _matvec_fn, _subspace_arrays, _warm_eigenpairs
-from geomcollapse.series import Series
+from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -515,14 +515,63 @@ def _config(
     )
 
 
-def _key(cfg: _Config, key: Any, values: jax.Array) -> jax.Array:
-    """The Lanczos key (checked; a fixed unused one without ``fisher_vp``); checks ``max_steps``."""
+def _key(cfg: _Config, key: Any, values: jax.Array, given: dict) -> jax.Array:
+    """The Lanczos key (checked; a fixed unused one without ``fisher_vp``); checks ``max_steps``.
+
+    ``given``: the rotation's arguments as passed; without ``fisher_vp`` there is
+    no rotation, and any of them set is refused rather than silently ignored.
+    """
     if cfg.fisher_vp is None:
+        unused = [
+            name
+            for name, value in given.items()
+            if value is not None
+            and not (name == "fisher_args" and isinstance(value, (tuple, list)) and not value)
+            and not (name == "rotation_every" and value == 1)
+        ]
+        if unused:
+            raise ValueError(
+                f"{', '.join(unused)} only apply to the rotation of M, which needs fisher_vp; "
+                "pass fisher_vp or drop them"
+            )
         return jax.random.key(0)
     d = values.shape[0]
     if cfg.max_steps is not None and cfg.max_steps < d:
         raise ValueError(f"max_steps={cfg.max_steps} must be at least d={d}, the subspace's rank")
     return prng_key(key)
+
+
+def _check_series(series: Series | None, values: jax.Array, reference: jax.Array) -> None:
+    """A forecast must be of the projected loss on this very ``M``: made by
+    ``delta_u_series(..., subspace=subspace)`` with the monitor's ``subspace``.
+
+    Its projected coefficients are recomputed from its ``x₁ … x_K`` and the
+    subspace (float64, host-side) and must agree to rounding.
+    """
+    if series is None:
+        return
+    if series.projected is None:
+        raise ValueError(
+            "series has no projected-loss forecast: make it with "
+            "delta_u_series(..., subspace=<the monitor's subspace>)"
+        )
+    xs = jax.vmap(lambda x: ravel_pytree(x)[0])(series.displacement)
+    if xs.ndim != 2 or xs.shape[1] != reference.shape[1]:
+        raise ValueError(
+            f"series displacement has {xs.shape[-1] if xs.ndim else 0} parameters, the "
+            f"subspace {reference.shape[1]}: the series belongs to another model"
+        )
+    ys = np.asarray(xs, np.float64) @ np.asarray(reference, np.float64).T
+    expected = projected_from_coordinates(np.asarray(values, np.float64), ys)
+    got = np.asarray(series.projected, np.float64)
+    scale = max(float(np.max(np.abs(expected))), float(np.max(np.abs(got))), 1e-300)
+    eps = float(jnp.finfo(series.projected.dtype).eps)
+    if got.shape != expected.shape or np.max(np.abs(got - expected)) > 1e4 * eps * scale:
+        raise ValueError(
+            "series was made with another subspace: its projected-loss coefficients "
+            f"{np.array2string(got, precision=3)} differ from those of this subspace "
+            f"{np.array2string(expected, precision=3)}"
+        )
 
 
 def _init_state(inner_state, params: PyTree, values, reference, key, capacity: int) -> MonitorState:
@@ -611,7 +660,15 @@ def monitor(
         max_steps,
     )
     capacity = positive_int(capacity, "capacity")
-    key = _key(cfg, key, values)
+    rotation = dict(
+        key=key,
+        tol=tol,
+        max_steps=max_steps,
+        fisher_args=fisher_args,
+        rotation_every=rotation_every,
+    )
+    key = _key(cfg, key, values, rotation)
+    _check_series(cfg.series, values, reference)
 
     def init(params: PyTree) -> MonitorState:
         finite_leaves(params, "params")
@@ -729,7 +786,15 @@ class MonitorCallback:
             tol,
             max_steps,
         )
-        key = _key(cfg, key, values)
+        rotation = dict(
+            key=key,
+            tol=tol,
+            max_steps=max_steps,
+            fisher_args=fisher_args,
+            rotation_every=rotation_every,
+        )
+        key = _key(cfg, key, values, rotation)
+        _check_series(cfg.series, values, reference)
         finite_leaves(theta_star, "theta_star")
         self.every = cfg.every
         self.state = _init_state(

@@ -40,6 +40,7 @@ __all__ = [
     "delta_u_series",
     "flow_taylor",
     "polynomial_validity_time",
+    "projected_from_coordinates",
 ]
 
 PyTree = Any
@@ -432,6 +433,22 @@ def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, list]:
     return values, list(b_leaves)
 
 
+def projected_from_coordinates(values: Any, ys: Any) -> Any:
+    """Coefficients ``c₀ … c_K`` of ``½Σ_i λ_i ⟨v_i, x(t)⟩²`` from ``ys[k−1, i] = ⟨v_i, x_k⟩``.
+
+    ``values`` ``(d,)`` (clipped at 0), ``ys`` ``(K, d)``; ``t^m`` collects
+    ``y_j y_l`` with ``j + l = m``, ``j, l ≥ 1``, truncated at ``t^K``. Numpy
+    inputs give a float64 numpy array (host-side), jax inputs a jax array.
+    """
+    xp = np if isinstance(ys, np.ndarray) else jnp
+    lam = xp.maximum(values, 0.0)
+    order = ys.shape[0]
+    coeffs = [xp.zeros((), ys.dtype), xp.zeros((), ys.dtype)]
+    for m in range(2, order + 1):
+        coeffs.append(0.5 * sum(xp.sum(lam * ys[j - 1] * ys[m - j - 1]) for j in range(1, m)))
+    return xp.stack(coeffs)
+
+
 def _projected_coefficients(values, basis, xs) -> jax.Array:
     """Coefficients of ``½Σ_i λ_i ⟨v_i, x(t)⟩²`` up to ``t^K`` from ``x₁ … x_K`` (exact).
 
@@ -439,13 +456,7 @@ def _projected_coefficients(values, basis, xs) -> jax.Array:
     leaf by leaf, so nothing is raveled.
     """
     ys = jnp.stack([stack_dot(basis, list(x)) for x in xs])  # (K, d)
-    lam = jnp.maximum(values, 0.0)
-    order = len(xs)
-    coeffs = [jnp.zeros((), ys.dtype), jnp.zeros((), ys.dtype)]
-    for m in range(2, order + 1):
-        # t^m collects y_j y_l with j + l = m, j, l ≥ 1.
-        coeffs.append(0.5 * sum(jnp.sum(lam * ys[j - 1] * ys[m - j - 1]) for j in range(1, m)))
-    return jnp.stack(coeffs)
+    return projected_from_coordinates(values, ys)
 
 
 def delta_u_series(

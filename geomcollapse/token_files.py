@@ -28,6 +28,7 @@ the file's path and says what is wrong, before anything is computed.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -294,8 +295,16 @@ def read_checkpoint_config(directory: str | Path) -> TransformerConfig:
         meta = checkpoint.read_metadata(path)
         return TransformerConfig(**meta["config"])
     except (ValueError, TypeError, KeyError) as err:
-        message = _one_line(err).replace(str(path.resolve()), "").replace(str(path), "")
-        raise ValueError(f"{path}: {' '.join(message.split()) or 'not a checkpoint'}") from None
+        raise ValueError(f"{path}: {_without_path(_one_line(err), path)}") from None
+
+
+def _without_path(message: str, path: Path) -> str:
+    """``message`` with its mentions of ``path`` dropped (the caller prefixes it once):
+    ``no checkpoint at P`` → ``no checkpoint``, ``checkpoint P is corrupted`` →
+    ``checkpoint is corrupted``, ``P is not …`` → ``is not …``."""
+    for p in sorted({str(path.resolve()), str(path)}, key=len, reverse=True):
+        message = re.sub(rf"(\s+at)?\s*{re.escape(p)}(?![\w/-]|\.\w)", "", message)
+    return " ".join(message.split()) or "not a checkpoint"
 
 
 def diagnose_checkpoint(

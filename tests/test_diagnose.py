@@ -10,6 +10,7 @@ any compute, each with one line naming the file and the problem.
 import json
 import math
 import re
+import shutil
 from pathlib import Path
 
 import jax
@@ -227,6 +228,7 @@ GOOD = {
         ({"d": N}, rf"^d={N} must be smaller than n={N}"),
         ({"lr": -1.0}, r"^lr must be a finite number > 0"),
         ({"lr": float("nan")}, r"^lr must be"),
+        ({"lr": "0.01"}, r"^lr must be a positive number, got '0.01'"),
         ({"lr": 0.1, "steps": 0}, r"^steps must be an integer >= 1"),
         ({"steps": 10}, r"^lr is required with steps"),
         ({"threshold": 1.0}, r"^lr is required with threshold"),
@@ -236,6 +238,28 @@ GOOD = {
         (
             {"fisher": "true", "skill_logits": lambda p, *a: jnp.sum(p)},
             r"^skill_logits must return",
+        ),
+        (  # (N,) logits would read as one categorical over N classes
+            {"fisher": "true", "skill_logits": lambda p, *a: p},
+            r"^skill_logits must return logits of shape \(N, \.\.\., C\) .* got shape \(12,\)",
+        ),
+        ({"fisher": lambda p, v, *a: v[:3]}, r"^fisher must return F v as a pytree like params"),
+        (
+            {"fisher": lambda p, v, *a: v.astype(jnp.int32)},
+            r"^fisher must return F v as a pytree like params.* int32\[12\]",
+        ),
+        ({"fisher": lambda p, v, *a: -v}, r"^fisher: the skill Fisher is not positive semidef"),
+        (  # tr F > 0 but one eigenvalue −1
+            {"fisher": lambda p, v, *a: v * jnp.where(jnp.arange(N) == 0, -1.0, 1.0)},
+            r"^fisher: the skill Fisher is not positive semidefinite .*smallest eigenvalue -1",
+        ),
+        (
+            {"fisher": lambda p, v, *a: v.at[0].add(v[1])},
+            r"^fisher: the skill Fisher's matvec is not symmetric",
+        ),
+        (
+            {"fisher": lambda p, v, *a: v.at[0].add(v[1]), "spectrum": "lanczos"},
+            r"^fisher: the skill Fisher's matvec is not symmetric",
         ),
         (
             {
@@ -263,6 +287,25 @@ def test_bad_input_raises_naming_the_argument(change, pattern):
     skill, task = kw.pop("skill_loss", skill_u), kw.pop("task_loss", task_L)
     with pytest.raises(ValueError, match=pattern):
         geomcollapse.diagnose(skill, task, kw.pop("params", TS), **kw)
+
+
+def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
+    """λ₁ ≤ eps^{3/2}·‖∇²u v₁‖ is refused even for a symmetric (noise-free) spectrum."""
+    from types import SimpleNamespace
+
+    from geomcollapse._diagnose import _refuse_rounding_noise
+
+    F, b, theta_star = jnp.asarray(Q[0]), jnp.zeros(N), TS
+    V = np.linalg.eigh(Q[0])[1][:, ::-1].T  # ‖∇²u v₁‖ = ‖F v₁‖ = λ₁(F) = 5
+    eps = float(jnp.finfo(jnp.float32).eps)
+
+    def spectrum(lam1):
+        return SimpleNamespace(vectors=V[:2], values=np.array([lam1, 0.0]), trace=lam1)
+
+    args = (skill_u, theta_star.astype(jnp.float32), (F, b, theta_star))
+    with pytest.raises(ValueError, match=r"vanishes at params .*λ₁ = 1e-20 .* = 5"):
+        _refuse_rounding_noise(*args, spectrum(1e-20), jnp.float32)  # ~ eps² · 5: noise
+    _refuse_rounding_noise(*args, spectrum(10 * eps**1.5 * 5.0), jnp.float32)  # above: kept
 
 
 # ------------------------------------------------------------------ the README example
@@ -487,7 +530,9 @@ BAD_FILES = {
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_FILES, "missing checkpoint", "not a transformer"])
+@pytest.mark.parametrize(
+    "case", [*BAD_FILES, "missing checkpoint", "not a transformer", "damaged checkpoint"]
+)
 def test_cli_malformed_input_is_one_line_naming_the_file(case, ckpt, tmp_path, capsys):
     root = ckpt[0]
     files = {"checkpoint": root / "ckpt", "skill": root / "skill.npz", "task": root / "task.jsonl"}
@@ -496,6 +541,11 @@ def test_cli_malformed_input_is_one_line_naming_the_file(case, ckpt, tmp_path, c
     elif case == "not a transformer":
         role, files["checkpoint"] = "checkpoint", root / "other"
         problem = "not a geomcollapse transformer checkpoint"
+    elif case == "damaged checkpoint":  # its integrity manifest deleted
+        role, files["checkpoint"] = "checkpoint", tmp_path / "damaged"
+        shutil.copytree(root / "ckpt", files["checkpoint"])
+        next(files["checkpoint"].rglob(checkpoint._MANIFEST)).unlink()
+        problem = ": checkpoint has no integrity manifest"
     else:
         role, name, content, problem = BAD_FILES[case]
         files[role] = tmp_path / name if content is None else _write(tmp_path / name, content)

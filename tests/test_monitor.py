@@ -14,7 +14,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse import curvature, models
 from geomcollapse import monitor as mon
-from geomcollapse.series import Series
+from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace
 
 D, LR, STEPS = 2, 0.5, 7
@@ -178,12 +178,20 @@ def test_stop_halts_training_at_the_first_measurement_past_the_budget(setup):
     d4, d6 = setup.dense(4), setup.dense(6)
     # A hand-made forecast, to check that the monitor evaluates it at t = lr·k and windows it:
     # Δu = t² + b t⁴ (its t⁴ term reaches 10 % of the sum at t² = 1/(9b) = 2.5²) and a
-    # one-term projected loss 0.1 t⁴, whose window falls back to Δu's.
+    # one-term projected loss 0.1 t⁴, whose window falls back to Δu's. Its flow is made for
+    # this subspace (the monitor checks): x₁ = 2β w ⊥ M, x₂ = β v₁ with ½λ₁β² = 0.1, so
+    # ½Σλ_i⟨v_i, x(t)⟩² = 0.1 t⁴ exactly, and the time scale ‖x₁‖/‖x₂‖ is 2.
     b = 1 / 56.25
+    V, lam = np.asarray(setup.subspace.basis), np.asarray(setup.subspace.values)
+    w = np.random.default_rng(3).standard_normal(V.shape[1])
+    w -= V.T @ (V @ w)
+    w /= np.linalg.norm(w)
+    beta = np.sqrt(0.2 / lam[0])
+    zero = np.zeros_like(w)
     series = Series(
         jnp.asarray([0.0, 0.0, 1.0, 0.0, b]),
         jnp.asarray([0.0, 0.0, 0.0, 0.0, 0.1]),
-        jnp.stack([jnp.ones(3), jnp.full(3, 0.5)]),  # x₁, x₂: time scale 2
+        jnp.asarray(np.stack([2 * beta * w, beta * V[0], zero, zero])),  # x₁ … x₄
     )
     tx = mon.monitor(
         optax.sgd(LR),
@@ -286,3 +294,24 @@ def test_bad_inputs_raise_naming_the_argument(setup):
         mon.monitor(sgd, s, every=2, series=series)
     with pytest.raises(ValueError, match="time_per_step"):
         mon.monitor(sgd, s, every=2, series=series, time_per_step=-0.1)
+    # the rotation's arguments without fisher_vp are refused, not ignored
+    for extra in ({"key": key}, {"tol": 1e-3}, {"max_steps": 8}, {"rotation_every": 2}):
+        with pytest.raises(ValueError, match=f"{next(iter(extra))} only apply .* fisher_vp"):
+            mon.monitor(sgd, s, every=2, **extra)
+        with pytest.raises(ValueError, match=f"{next(iter(extra))} only apply .* fisher_vp"):
+            mon.MonitorCallback(setup.params, s, every=2, **extra)
+    # a forecast must be of this subspace's projected loss
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 51)))
+
+    def made(sub):
+        return Series(jnp.zeros(3), projected_from_coordinates(sub.values, x @ sub.rows.T), x)
+
+    mon.monitor(sgd, s, every=2, series=made(s), time_per_step=0.1)  # consistent: accepted
+    other = Subspace.exact(np.asarray(s.values), np.asarray(s.basis)[::-1])
+    for bad, what in (
+        (Series(jnp.zeros(3), None, x), "no projected-loss forecast"),
+        (Series(jnp.zeros(3), jnp.zeros(3), jnp.zeros((2, 50))), "50 parameters"),
+        (made(other), "another subspace"),
+    ):
+        with pytest.raises(ValueError, match=what):
+            mon.monitor(sgd, s, every=2, series=bad, time_per_step=0.1)
