@@ -746,69 +746,23 @@ class MonitorCallback:
     past the budget warns (:class:`BudgetWarning`, ``on_exceed='warn'``) or
     raises :class:`BudgetExceeded` (``'stop'``) right there. Fits
     ``training.train(..., callback=cb)`` (called after every chunk of steps;
-    use ``chunk = every``). ``cb.state`` is a :class:`MonitorState` (no inner
-    optimizer): :func:`monitor_log` reads its log. Its one mutable piece is
-    ``state``, replaced at each measurement (warm start and log).
+    use ``chunk = every``). ``cb.state`` is a :class:`MonitorState` (its inner
+    optimizer ``optax.identity``): :func:`monitor_log` reads its log. Its one
+    mutable piece is ``state``, replaced at each measurement (warm start and log).
 
-    Arguments as for :func:`monitor`, plus ``theta_star`` (the aligned parameters).
+    Arguments: ``theta_star`` (the aligned parameters), ``subspace`` and the
+    keyword options of :func:`monitor` (``every`` required), checked as there.
     """
 
-    def __init__(
-        self,
-        theta_star: PyTree,
-        subspace: Subspace,
-        *,
-        every: int,
-        fisher_vp: Callable[..., PyTree] | None = None,
-        key: jax.Array | None = None,
-        fisher_args: tuple = (),
-        budget: float | None = None,
-        angle_budget: float | None = None,
-        on_exceed: str = "warn",
-        series: Series | None = None,
-        time_per_step: float | None = None,
-        rotation_every: int = 1,
-        capacity: int = 256,
-        tol: float | None = None,
-        max_steps: int | None = None,
-    ):
-        values, reference = _subspace_arrays(subspace)
-        cfg = _config(
-            every,
-            rotation_every,
-            budget,
-            angle_budget,
-            on_exceed,
-            series,
-            time_per_step,
-            fisher_vp,
-            fisher_args,
-            tol,
-            max_steps,
-        )
-        rotation = dict(
-            key=key,
-            tol=tol,
-            max_steps=max_steps,
-            fisher_args=fisher_args,
-            rotation_every=rotation_every,
-        )
-        key = _key(cfg, key, values, rotation)
-        _check_series(cfg.series, values, reference)
-        finite_leaves(theta_star, "theta_star")
-        self.every = cfg.every
-        self.state = _init_state(
-            (), theta_star, values, reference, key, positive_int(capacity, "capacity")
-        )
+    def __init__(self, theta_star: PyTree, subspace: Subspace, **options: Any):
+        # the monitor itself around optax.identity: one validation, one compiled measurement
+        tx = monitor(optax.identity(), subspace, **options)
+        self.state = tx.init(theta_star)
+        self.every = int(options["every"])
+        self._stop = options.get("on_exceed", "warn") == "stop"
         self._treedef = jax.tree_util.tree_structure(theta_star)
-        self._stop = cfg.stop
-
-        @jax.jit
-        def observe(state, params, args):
-            return _observe(cfg, values, reference, state, params, args)
-
-        self._observe = observe
-        self._args = cfg.fisher_args
+        self._zeros = jax.tree_util.tree_map(jnp.zeros_like, theta_star)
+        self._update = jax.jit(tx.update)
 
     def __call__(self, step: int, params: PyTree, *, fisher_args: tuple | None = None):
         """Measure ``θ_step = params`` if ``step`` is due; warn or raise past the budget."""
@@ -817,9 +771,9 @@ class MonitorCallback:
             return
         if jax.tree_util.tree_structure(params) != self._treedef:
             raise ValueError("params do not have the pytree structure of theta_star")
-        args = self._args if fisher_args is None else _args(fisher_args)
         before = int(self.state.first_exceeded.step)
-        state = self._observe(self.state._replace(count=jnp.int32(step)), params, args)
+        due = self.state._replace(count=jnp.int32(step))  # update `step` measures θ_step
+        state = self._update(self._zeros, due, params, fisher_args=fisher_args)[1]
         self.state = state
         if before < 0 and int(state.first_exceeded.step) >= 0:
             first = jax.tree_util.tree_map(np.asarray, state.first_exceeded)

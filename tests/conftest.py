@@ -32,6 +32,34 @@ def rel_err(actual, expected) -> float:
     return float(np.linalg.norm(a - e) / max(np.linalg.norm(e), 1e-300))
 
 
+def run_optimizer(opt, params, grad, steps: int, *args):
+    """``steps`` jitted steps of the optax ``opt`` on ``grad(params, *args)``.
+
+    Returns the iterates ``θ_0 … θ_K``, the updates and the states; asserts one
+    compile (no recompilation after the first step).
+    """
+    import optax
+
+    @jax.jit
+    def step(p, s):
+        u, s = opt.update(grad(p, *args), s, p)
+        return optax.apply_updates(p, u), s, u
+
+    state, thetas, updates, states = opt.init(params), [params], [], []
+    for _ in range(steps):
+        params, state, u = step(params, state)
+        thetas.append(params)
+        updates.append(u)
+        states.append(state)
+    assert step._cache_size() == 1  # no recompilation after the first call
+    return thetas, updates, states
+
+
+def flat(tree) -> np.ndarray:
+    """A pytree raveled into one ``(n,)`` numpy array."""
+    return np.asarray(ravel_pytree(tree)[0])
+
+
 def eigensolver_spectra(n: int) -> dict[str, np.ndarray]:
     """Eigenvalue sets of size ``n`` the eigensolvers must handle (clustered, repeated, ...)."""
     return {

@@ -9,7 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse import curvature, defences, flow, models
 from geomcollapse.subspace import Subspace
-from tests.conftest import rel_err, symmetric_with_spectrum
+from tests.conftest import flat, rel_err, run_optimizer, symmetric_with_spectrum
 
 D = 3
 
@@ -52,28 +52,6 @@ def mlp():
     return Mlp()
 
 
-def run(opt, params, grad, steps, *args):
-    """``steps`` jitted steps of ``opt`` from ``params``; the iterates, the updates, the states."""
-
-    @jax.jit
-    def step(p, s):
-        u, s = opt.update(grad(p, *args), s, p)
-        return optax.apply_updates(p, u), s, u
-
-    state, thetas, updates, states = opt.init(params), [params], [], []
-    for _ in range(steps):
-        params, state, u = step(params, state)
-        thetas.append(params)
-        updates.append(u)
-        states.append(state)
-    assert step._cache_size() == 1  # no recompilation after the first call
-    return thetas, updates, states
-
-
-def flat(tree) -> np.ndarray:
-    return np.asarray(ravel_pytree(tree)[0])
-
-
 # --- initial orthogonalisation, static projection ----------------------------------------
 
 
@@ -86,14 +64,16 @@ def test_initial_orthogonalization_is_sgd_on_the_corrected_loss(mlp):
     def corrected(params, batch):
         return mlp.problem.loss(params, batch) - jnp.dot(c, ravel_pytree(params)[0])
 
-    ours, updates, _ = run(
+    ours, updates, _ = run_optimizer(
         optax.chain(defences.initial_orthogonalization(s), optax.sgd(0.5)),
         mlp.params,
         mlp.grad,
         6,
         mlp.task,
     )
-    twin, _, _ = run(optax.sgd(0.5), mlp.params, jax.jit(jax.grad(corrected)), 6, mlp.task)
+    twin, _, _ = run_optimizer(
+        optax.sgd(0.5), mlp.params, jax.jit(jax.grad(corrected)), 6, mlp.task
+    )
     for a, b in zip(ours, twin, strict=True):
         assert rel_err(flat(a) - mlp.flat, flat(b) - mlp.flat) < 1e-13
     inside = [np.linalg.norm(P @ flat(u)) / np.linalg.norm(flat(u)) for u in updates]
@@ -108,11 +88,11 @@ def test_project_out_keeps_the_displacement_out_of_M(mlp):
         optax.chain(defences.project_out(s), optax.sgd(0.5)),
         optax.chain(optax.adam(0.05), defences.project_out(s)),
     ):
-        thetas, _, _ = run(opt, mlp.params, mlp.grad, 20, mlp.task)
+        thetas, _, _ = run_optimizer(opt, mlp.params, mlp.grad, 20, mlp.task)
         x = flat(thetas[-1]) - mlp.flat
         assert jax.tree_util.tree_structure(thetas[-1]) == jax.tree_util.tree_structure(mlp.params)
         assert np.linalg.norm(rows @ x) < 1e-13 * np.linalg.norm(x)
-    thetas, _, _ = run(optax.sgd(0.5), mlp.params, mlp.grad, 20, mlp.task)
+    thetas, _, _ = run_optimizer(optax.sgd(0.5), mlp.params, mlp.grad, 20, mlp.task)
     x = flat(thetas[-1]) - mlp.flat
     assert np.linalg.norm(rows @ x) > 0.05 * np.linalg.norm(x)
 
@@ -127,7 +107,7 @@ def test_project_out_tracking_follows_the_dense_top_eigenspace(mlp, refresh_ever
         mlp.fvp, D, refresh_every, key=jax.random.key(0), fisher_args=(mlp.skill,)
     )
     steps = 2 * refresh_every + 1
-    thetas, updates, states = run(
+    thetas, updates, states = run_optimizer(
         optax.chain(tracker, optax.sgd(0.5)), mlp.params, mlp.grad, steps, mlp.task
     )
     for k in range(steps):
@@ -157,8 +137,10 @@ def test_fisher_penalty_adds_the_gradient_of_the_dense_penalty(mlp):
         return mlp.problem.loss(params, batch) + 0.5 * rho * x @ PFP @ x
 
     opt = optax.chain(defences.fisher_penalty(s, rho), optax.sgd(0.5))
-    ours, _, _ = run(opt, mlp.params, mlp.grad, 6, mlp.task)
-    twin, _, _ = run(optax.sgd(0.5), mlp.params, jax.jit(jax.grad(penalised)), 6, mlp.task)
+    ours, _, _ = run_optimizer(opt, mlp.params, mlp.grad, 6, mlp.task)
+    twin, _, _ = run_optimizer(
+        optax.sgd(0.5), mlp.params, jax.jit(jax.grad(penalised)), 6, mlp.task
+    )
     for a, b in zip(ours[1:], twin[1:], strict=True):
         assert rel_err(flat(a) - mlp.flat, flat(b) - mlp.flat) < 1e-12
 
@@ -193,8 +175,10 @@ def test_full_fisher_penalty_adds_the_gradient_of_the_dense_ewc_term(mlp):
     assert rel_err(flat(again), flat(got)) < 1e-14
 
     opt = optax.chain(t, optax.sgd(0.5))
-    ours, _, _ = run(opt, mlp.params, mlp.grad, 5, mlp.task)
-    twin, _, _ = run(optax.sgd(0.5), mlp.params, jax.jit(jax.grad(penalised)), 5, mlp.task)
+    ours, _, _ = run_optimizer(opt, mlp.params, mlp.grad, 5, mlp.task)
+    twin, _, _ = run_optimizer(
+        optax.sgd(0.5), mlp.params, jax.jit(jax.grad(penalised)), 5, mlp.task
+    )
     assert rel_err(flat(ours[-1]) - mlp.flat, flat(twin[-1]) - mlp.flat) < 1e-12
 
 
@@ -306,11 +290,11 @@ def test_fisher_budget_holds_q_under_the_budget_along_200_sgd_steps(quadratic, b
     def task_grad(theta):
         return theta - target
 
-    free, _, _ = run(optax.sgd(lr), theta_star, task_grad, 200)
+    free, _, _ = run_optimizer(optax.sgd(lr), theta_star, task_grad, 200)
     assert max(q_of(F, th - theta_star) for th in free) > 100 * budget
 
     opt = optax.chain(optax.sgd(lr), defences.fisher_budget(dense_fvp, budget, fisher_args=(F,)))
-    thetas, updates, _ = run(opt, theta_star, task_grad, 200)
+    thetas, updates, _ = run_optimizer(opt, theta_star, task_grad, 200)
     xs = [np.asarray(th - theta_star) for th in thetas]
     qs = np.array([q_of(F, x) for x in xs])
     assert qs.max() <= budget * (1 + 1e-12)
@@ -335,8 +319,10 @@ def test_fisher_budget_with_a_huge_budget_is_the_identity(quadratic):
     """Every step passes unchanged, bit for bit; the run is plain SGD's (to XLA's fusion)."""
     F, theta_star, target = quadratic
     t = defences.fisher_budget(dense_fvp, 1e12, fisher_args=(F,))
-    ours, updates, _ = run(optax.chain(optax.sgd(0.1), t), theta_star, lambda th: th - target, 30)
-    free, _, _ = run(optax.sgd(0.1), theta_star, lambda th: th - target, 30)
+    ours, updates, _ = run_optimizer(
+        optax.chain(optax.sgd(0.1), t), theta_star, lambda th: th - target, 30
+    )
+    free, _, _ = run_optimizer(optax.sgd(0.1), theta_star, lambda th: th - target, 30)
     for a, b in zip(ours, free, strict=True):
         assert rel_err(a - theta_star, b - theta_star) < 1e-14
     update = jax.jit(t.update)
@@ -349,7 +335,9 @@ def test_fisher_budget_on_the_mlp_after_adam(mlp):
     """A pytree model, the library's Fisher matvec, Adam before it: dense ``q ≤ budget``."""
     budget = 1e-3
     t = defences.fisher_budget(mlp.fvp, budget, fisher_args=(mlp.skill,))
-    thetas, _, _ = run(optax.chain(optax.adam(0.05), t), mlp.params, mlp.grad, 25, mlp.task)
+    thetas, _, _ = run_optimizer(
+        optax.chain(optax.adam(0.05), t), mlp.params, mlp.grad, 25, mlp.task
+    )
     qs = [q_of(mlp.F0, flat(th) - mlp.flat) for th in thetas]
     assert max(qs) <= budget * (1 + 1e-12) and max(qs) > 0.99 * budget
 

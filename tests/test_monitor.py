@@ -16,6 +16,7 @@ from geomcollapse import curvature, models
 from geomcollapse import monitor as mon
 from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace
+from tests.conftest import flat, run_optimizer
 
 D, LR, STEPS = 2, 0.5, 7
 
@@ -78,25 +79,7 @@ class Setup:
 
 def run(opt, setup, steps: int = STEPS):
     """``steps`` jitted SGD-gradient steps of ``opt``: iterates θ_0 … θ_K, updates, states."""
-
-    @jax.jit
-    def step(p, s):
-        u, s = opt.update(setup.grad(p, setup.task), s, p)
-        return optax.apply_updates(p, u), s, u
-
-    params, state = setup.params, opt.init(setup.params)
-    thetas, updates, states = [params], [], []
-    for _ in range(steps):
-        params, state, u = step(params, state)
-        thetas.append(params)
-        updates.append(u)
-        states.append(state)
-    assert step._cache_size() == 1  # no recompilation after the first call
-    return thetas, updates, states
-
-
-def flat(tree) -> np.ndarray:
-    return np.asarray(ravel_pytree(tree)[0])
+    return run_optimizer(opt, setup.params, setup.grad, steps, setup.task)
 
 
 def bitwise_equal(a, b) -> bool:
