@@ -137,7 +137,6 @@ def _dataset_row(config: Config, name: str, outdir: Path) -> dict:
     theta, logits, ref = _theta_star(config.size, config.num_prompts, config.key_seed, outdir)
     data, _ = _data(config, name)
     head = tuple(a[: config.forecast_examples] for a in data)
-    first = training.answer_logits(logits)
     K = config.horizons[-1]
     dg = diagnose(
         training.kl_skill_loss(logits),
@@ -145,7 +144,7 @@ def _dataset_row(config: Config, name: str, outdir: Path) -> dict:
         theta,
         skill_args=tuple(ref),
         task_args=head,
-        skill_logits=lambda p, tokens, start, _ref: first(p, tokens, start),
+        skill_logits=training.kl_skill_logits(logits),
         lr=config.lr,
         steps=K,
         key=jax.random.key(config.key_seed),
@@ -166,18 +165,12 @@ def _dataset_row(config: Config, name: str, outdir: Path) -> dict:
         "d": dg.d,
         "validity_time": dg.validity_time,
         "coefficients": [float(c) for c in dg.delta_u_coefficients],
-        "forecast": [float(v) for v in _evaluate(dg.delta_u_coefficients, ts)],
+        "forecast": [float(v) for v in dg.forecast(ts)[0]],
         "gd": gd[at].tolist(),
         "sgd": np.mean(np.stack(sgd), 0)[at].tolist(),
         "warnings": list(dg.warnings),
         "aic_converged": bool(dg.aic.converged),
     }
-
-
-def _evaluate(coefficients, ts) -> np.ndarray:
-    """``Σ_k c_k t^k`` at each ``t`` (float64)."""
-    c = np.asarray(coefficients, np.float64)
-    return np.polyval(c[::-1], np.asarray(ts, np.float64))
 
 
 def compute(config: Config, outdir: Path) -> dict:
@@ -234,7 +227,7 @@ def analyse(config: Config, computed: dict, harm: dict[str, float] | None) -> di
     if len(names) >= 3:
         t0 = min(r["validity_time"] for r in computed["rows"])
         by = {r["dataset"]: r for r in computed["rows"]}
-        x = np.array([_evaluate(by[d]["coefficients"], [t0])[0] for d in names])
+        x = np.array([np.polynomial.polynomial.polyval(t0, by[d]["coefficients"]) for d in names])
         y = np.array([harm[d] for d in names])
         key = jax.random.key(0)
         lo, hi = stats.bootstrap_interval(

@@ -357,7 +357,7 @@ def diagnose_checkpoint(
         params,
         skill_args=skill_args,
         task_args=task_args,
-        skill_logits=_skill_logits(first),
+        skill_logits=training.kl_skill_logits(logits),
         d=d,
         lr=lr,
         steps=steps,
@@ -366,10 +366,3 @@ def diagnose_checkpoint(
         progress=progress,
         **options,
     )
-
-
-def _skill_logits(first):
-    def skill_logits(params, tokens, answer_start, reference_logits):
-        return first(params, tokens, answer_start)
-
-    return skill_logits

@@ -41,6 +41,7 @@ __all__ = [
     "greedy_decode",
     "kl_from_logit_change",
     "kl_skill_change",
+    "kl_skill_logits",
     "kl_skill_loss",
     "sequence_loss",
     "skill_loss",
@@ -134,6 +135,19 @@ def kl_skill_loss(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
         return jnp.mean(kl_from_logit_change(reference_logits, z - reference_logits))
 
     return u
+
+
+def kl_skill_logits(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
+    """``z(params, tokens, answer_start, reference_logits)``: :func:`answer_logits` taking
+    :func:`kl_skill_loss`'s arguments (``reference_logits`` unused), so the same
+    ``skill_args`` serve the loss and its true Fisher (``diagnose(skill_logits=...)``)."""
+    first = answer_logits(logits_fn)
+
+    def z(params, tokens, answer_start, reference_logits):
+        del reference_logits
+        return first(params, tokens, answer_start)
+
+    return z
 
 
 def kl_skill_change(logits_fn: LogitsFn) -> Callable[..., jax.Array]:
