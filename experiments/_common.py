@@ -80,6 +80,21 @@ def result_name(name: str, config) -> str:
     return f"{stem}_{tag}" if tag else stem
 
 
+def float64_main(name: str, default, compute: Callable, figure, claims) -> Callable:
+    r"""``main(config=default, outdir=ROOT, command=None)`` of a float64 theory experiment.
+
+    Checks that float64 is on, runs ``compute(config)`` and :func:`conclude`\ s
+    it (results, figure and claims under ``outdir``); returns what that returns.
+    """
+
+    def main(config=default, outdir: Path = ROOT, command: str | None = None) -> dict:
+        require_x64(name)
+        return conclude(name, config, outdir, command, compute(config), figure, claims)
+
+    main.__doc__ = f"Run ``{name}``; write its results and figure under ``outdir``."
+    return main
+
+
 def conclude(
     name: str, config, outdir: Path, command: str | None, results: dict, figure, claims
 ) -> dict:

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, conclude, require_x64
+from experiments._common import Claim, cli, float64_main
 from geomcollapse import landscapes, theory
 from geomcollapse.subspace import Subspace
 
@@ -146,11 +146,7 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     return style.save(fig, path)
 
 
-def main(config: Config = Config(), outdir: Path = ROOT, command: str | None = None) -> dict:
-    """Run the experiment; write results and figure under ``outdir``."""
-    require_x64(NAME)
-    results = compute(config)
-    return conclude(NAME, config, outdir, command, results, figure, claims)
+main = float64_main(NAME, Config(), compute, figure, claims)
 
 
 if __name__ == "__main__":
