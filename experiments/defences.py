@@ -452,51 +452,47 @@ def _measure(s, config: Config, b, params, opt_state) -> list[dict]:
 def _cost(s, config: Config, spec: Spec, b, carry, aux) -> dict:
     """Seconds per step of ``spec`` and of the unprotected optimizer, and their ratio.
 
-    Each is the median of ``timing_repeats`` windows of at least 16 steps (for
-    the tracking projection a multiple of its refresh interval, so every
-    window holds the same number of refreshes) from the final state, all runs
-    vmapped; the plain step is timed once per process (the unprotected run's
-    own timing when it ran first).
+    Windows of at least 16 steps (for the tracking projection a multiple of its
+    refresh interval, so every window holds the same number of refreshes) from
+    the final state, all runs vmapped. The defended and the plain window are
+    timed in turn, ``timing_repeats`` pairs, and ``cost`` is the median of the
+    per-pair ratios: a ratio from one moment of a shared CPU, not two timings
+    taken hours apart under different loads.
     """
     chunk = P._chunks(config.horizons)[-1][0]
     base = chunk * math.ceil(16 / chunk)
     window = base
     if spec.defence == "project_out_tracking":
         window = math.lcm(base, int(spec.strength))
-    _, advance = trainer(s.logits32, spec)
-    timing = functools.partial(
-        _seconds_per_step, b=b, fargs=_fargs(s), chunk=chunk, repeats=config.timing_repeats
-    )
-    seconds = timing(advance, carry, aux, window=window, warm=True)  # compiled by training
-    none = spec_for(config, "none", 0, spec.optimizer)
-    key = (none, len(b.runs), chunk, base)
+    timed = functools.partial(_seconds_per_step, b=b, fargs=_fargs(s), chunk=chunk)
+    _, advance = trainer(s.logits32, spec)  # compiled by the training
+    defended = functools.partial(timed, advance, carry, aux, window=window)
     if spec.defence == "none":
-        _PLAIN[key] = seconds
-    elif key not in _PLAIN:
-        init, plain_advance = trainer(s.logits32, none)
-        plain_aux = _aux(s, none, jnp.float32)
-        start = (b.state, init(b.state, plain_aux))
-        _PLAIN[key] = timing(plain_advance, start, plain_aux, window=base, warm=False)
-    plain = _PLAIN[key]
-    return {"seconds_per_step": seconds, "plain_seconds_per_step": plain, "cost": seconds / plain}
+        seconds = float(np.median([defended() for _ in range(config.timing_repeats)]))
+        return {"seconds_per_step": seconds, "plain_seconds_per_step": seconds, "cost": 1.0}
+    none = spec_for(config, "none", 0, spec.optimizer)
+    init, plain_advance = trainer(s.logits32, none)
+    plain_aux = _aux(s, none, jnp.float32)
+    start = (b.state, init(b.state, plain_aux))
+    plain = functools.partial(timed, plain_advance, start, plain_aux, window=base)
+    plain()  # compile
+    pairs = np.array([(defended(), plain()) for _ in range(config.timing_repeats)])
+    return {
+        "seconds_per_step": float(np.median(pairs[:, 0])),
+        "plain_seconds_per_step": float(np.median(pairs[:, 1])),
+        "cost": float(np.median(pairs[:, 0] / pairs[:, 1])),
+    }
 
 
-_PLAIN: dict = {}  # seconds per plain step in this process, per (optimizer, runs, window)
-
-
-def _seconds_per_step(advance, carry, aux, *, b, fargs, chunk, window, repeats, warm) -> float:
+def _seconds_per_step(advance, carry, aux, *, b, fargs, chunk, window) -> float:
+    """Wall seconds per step of one window of ``window`` steps of ``advance`` from ``carry``."""
     idx = jnp.asarray(b.idx[:, :chunk])
-    if not warm:  # compile first
-        jax.block_until_ready(advance(*carry, aux, b.data, idx, fargs))
-    times = []
-    for _ in range(repeats):
-        p, st = carry
-        start = time.perf_counter()
-        for _ in range(window // chunk):
-            (p, st), _ = advance(p, st, aux, b.data, idx, fargs)
-        jax.block_until_ready(p)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) / window
+    p, st = carry
+    start = time.perf_counter()
+    for _ in range(window // chunk):
+        (p, st), _ = advance(p, st, aux, b.data, idx, fargs)
+    jax.block_until_ready(p)
+    return (time.perf_counter() - start) / window
 
 
 # ------------------------------------------------------------ rotation of M
