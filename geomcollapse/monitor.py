@@ -546,7 +546,11 @@ def _check_series(series: Series | None, values: jax.Array, reference: jax.Array
     ``delta_u_series(..., subspace=subspace)`` with the monitor's ``subspace``.
 
     Its projected coefficients are recomputed from its ``x₁ … x_K`` and the
-    subspace (float64, host-side) and must agree to rounding.
+    subspace (float64, host-side) and must agree to rounding: each coordinate
+    ``y_k = ⟨v_i, x_k⟩`` in the series' dtype is trusted to ``δ_k = 10√n·eps·‖x_k‖``
+    (a length-``n`` dot product's rounding, with room), which bounds
+    ``|Δc_m| ≤ ½Σ_i λ_i Σ_{j+l=m} (|y_j|δ_l + δ_j|y_l| + δ_jδ_l)``. A forecast of
+    another subspace differs by the size of the ``y`` themselves.
     """
     if series is None:
         return
@@ -556,17 +560,27 @@ def _check_series(series: Series | None, values: jax.Array, reference: jax.Array
             "delta_u_series(..., subspace=<the monitor's subspace>)"
         )
     xs = jax.vmap(lambda x: ravel_pytree(x)[0])(series.displacement)
-    if xs.ndim != 2 or xs.shape[1] != reference.shape[1]:
+    n = reference.shape[1]
+    if xs.ndim != 2 or xs.shape[1] != n:
         raise ValueError(
             f"series displacement has {xs.shape[-1] if xs.ndim else 0} parameters, the "
-            f"subspace {reference.shape[1]}: the series belongs to another model"
+            f"subspace {n}: the series belongs to another model"
         )
-    ys = np.asarray(xs, np.float64) @ np.asarray(reference, np.float64).T
-    expected = projected_from_coordinates(np.asarray(values, np.float64), ys)
+    xs = np.asarray(xs, np.float64)
+    lam = np.maximum(np.asarray(values, np.float64), 0.0)
+    ys = xs @ np.asarray(reference, np.float64).T  # (K, d)
+    expected = projected_from_coordinates(lam, ys)
     got = np.asarray(series.projected, np.float64)
-    scale = max(float(np.max(np.abs(expected))), float(np.max(np.abs(got))), 1e-300)
     eps = float(jnp.finfo(series.projected.dtype).eps)
-    if got.shape != expected.shape or np.max(np.abs(got - expected)) > 1e4 * eps * scale:
+    delta = 10 * np.sqrt(n) * eps * np.linalg.norm(xs, axis=1)  # (K,)
+    bound = np.zeros_like(expected)
+    for m in range(2, expected.size):  # t^m collects y_j y_l, j + l = m (as the series)
+        for j in range(1, m):
+            a, b = np.abs(ys[j - 1]), np.abs(ys[m - j - 1])
+            dj, dl = delta[j - 1], delta[m - j - 1]
+            bound[m] += 0.5 * np.sum(lam * (a * dl + dj * b + dj * dl))
+    tiny = 10 * eps * max(float(np.max(np.abs(expected))), np.finfo(np.float64).tiny)
+    if got.shape != expected.shape or np.any(np.abs(got - expected) > bound + tiny):
         raise ValueError(
             "series was made with another subspace: its projected-loss coefficients "
             f"{np.array2string(got, precision=3)} differ from those of this subspace "

@@ -12,10 +12,10 @@ import pytest
 import scipy.linalg
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import curvature, models
+from geomcollapse import curvature, models, series
 from geomcollapse import monitor as mon
 from geomcollapse.series import Series, projected_from_coordinates
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, orthogonalized
 from tests.conftest import flat, run_optimizer
 
 D, LR, STEPS = 2, 0.5, 7
@@ -298,3 +298,29 @@ def test_bad_inputs_raise_naming_the_argument(setup):
     ):
         with pytest.raises(ValueError, match=what):
             mon.monitor(sgd, s, every=2, series=bad, time_per_step=0.1)
+
+
+def test_a_float32_forecast_of_its_own_subspace_is_accepted_with_pg_zero(setup):
+    """``delta_u_series(..., subspace=M)`` in float32 with ``Pg = 0`` (``y₁`` at rounding,
+    the regime the theory is about) passes the series check; the same series is refused
+    for ``M`` with its eigenvalues reordered."""
+    f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), setup.params)
+    s32 = Subspace.exact(
+        jnp.asarray(setup.subspace.values, jnp.float32),
+        jnp.asarray(setup.subspace.basis, jnp.float32),
+    )
+    task = orthogonalized(setup.problem.loss, s32, f32, setup.task)  # P g̃(θ*) = 0
+    forecast = series.delta_u_series(
+        setup.problem.loss,
+        task,
+        f32,
+        4,
+        subspace=s32,
+        skill_args=(setup.skill,),
+        task_args=(setup.task,),
+    )
+    assert abs(float(forecast.projected[2])) < 1e-10 < float(forecast.projected[4])
+    mon.monitor(optax.sgd(LR), s32, every=2, series=forecast, time_per_step=LR)
+    swapped = Subspace.exact(s32.values[::-1], s32.basis)
+    with pytest.raises(ValueError, match="another subspace"):
+        mon.monitor(optax.sgd(LR), swapped, every=2, series=forecast, time_per_step=LR)
