@@ -33,7 +33,14 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import aic, curvature, linalg, series, theory
 from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
-from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_norm
+from geomcollapse._sharding import (
+    Layout,
+    is_sharded,
+    stack_combine,
+    stack_dot,
+    tree_dot,
+    tree_norm,
+)
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -377,8 +384,20 @@ def _flat_operator(fvp: Callable) -> Callable:
     return jax.jit(matvec)
 
 
+def _cast_output(fisher: Callable) -> Callable:
+    """``fisher`` with its output cast to the dtypes of ``params``."""
+
+    def cast(params, v, *args):
+        return jax.tree_util.tree_map(
+            lambda o, p: o.astype(p.dtype), fisher(params, v, *args), params
+        )
+
+    return cast
+
+
 _CACHED_FACTORIES = {
-    f: functools.lru_cache(maxsize=32)(f) for f in (_true_fvp, _empirical_fvp, _flat_operator)
+    f: functools.lru_cache(maxsize=32)(f)
+    for f in (_true_fvp, _empirical_fvp, _flat_operator, _cast_output)
 }
 
 
@@ -410,8 +429,7 @@ def _fisher_operator(
 ) -> tuple[Callable, str]:
     """The skill Fisher's matvec ``fvp(params, v, *skill_args)`` and its label."""
     if callable(fisher):
-        _check_matvec_output(fisher, params, skill_args)
-        return fisher, "custom"
+        return _check_matvec_output(fisher, params, skill_args), "custom"
     if fisher not in _FISHERS:
         raise ValueError(
             f"fisher must be 'true', 'empirical' or a matvec fisher_vp(params, v, *skill_args), "
@@ -435,8 +453,9 @@ def _fisher_operator(
             # classifier's single logit per example): refuse rather than guess.
             raise ValueError(
                 f"skill_logits must return logits of shape (N, ..., C) with an example axis "
-                f"and C ≥ 2 classes, got shape {shape}; for one logit z per example "
-                "(a binary classifier) return jnp.stack([jnp.zeros_like(z), z], -1)"
+                f"and C ≥ 2 classes, got shape {shape}; for one example return z[None], "
+                "for one logit z per example (a binary classifier) "
+                "jnp.stack([jnp.zeros_like(z), z], -1)"
             )
         return _cached(_true_fvp, skill_logits), "true"
     leaves = jax.tree.leaves(skill_args)
@@ -449,8 +468,10 @@ def _fisher_operator(
     return _cached(_empirical_fvp, skill_loss), "empirical"
 
 
-def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) -> None:
-    """A custom ``fisher(params, v, *skill_args)`` must return a pytree like ``params``."""
+def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) -> Callable:
+    """A custom ``fisher(params, v, *skill_args)`` must return floating arrays shaped like
+    ``params``; one of another floating dtype (a float64 ``F v`` for float32 params) is
+    cast to ``params``' dtypes. Returns the matvec to use."""
     try:
         out = jax.eval_shape(fisher, params, params, *skill_args)
     except Exception as err:  # any failure of the user's matvec is reported in one line
@@ -464,13 +485,20 @@ def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) ->
     def leaves(tree) -> list[str]:
         return [f"{jnp.dtype(a.dtype).name}{list(np.shape(a))}" for a in jax.tree.leaves(tree)]
 
-    if got != want or leaves(out) != leaves(params):
-        described = ", ".join(leaves(out))
+    shapes_ok = got == want and all(
+        np.shape(o) == np.shape(p) and jnp.issubdtype(o.dtype, jnp.floating)
+        for o, p in zip(jax.tree.leaves(out), jax.tree.leaves(params), strict=True)
+    )
+    if not shapes_ok:
         raise ValueError(
-            "fisher must return F v as a pytree like params (same structure, shapes and "
-            f"dtypes): params have {want.num_leaves} leaves {', '.join(leaves(params))[:200]}; "
-            f"it returned {got.num_leaves}: {described[:200]}"
+            "fisher must return F v as a pytree like params (same structure and shapes, "
+            f"floating): params have {want.num_leaves} leaves "
+            f"{', '.join(leaves(params))[:200]}; it returned {got.num_leaves}: "
+            f"{', '.join(leaves(out))[:200]}"
         )
+    if leaves(out) == leaves(params):
+        return fisher
+    return _cached(_cast_output, fisher)
 
 
 # --------------------------------------------------------------------------- the diagnosis
@@ -705,7 +733,20 @@ def diagnose(
 
             sp = krylov(flat_matvec, flat, flat_trace, host_vectors=True)
         if fisher_name == "empirical":
-            _refuse_rounding_noise(skill_loss, params, skill_args, sp, dtype)
+            if layout is None:
+                op = _cached(_flat_operator, fvp)
+                v1 = jnp.asarray(sp.vectors[0], dtype)
+
+                def along_v1(theta):  # ⟨v₁, F(θ) v₁⟩
+                    return float(jnp.vdot(v1, op(v1, theta, skill_args)))
+            else:
+                v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
+
+                def along_v1(theta):
+                    fv = aic._tree_fvp(static_fvp, layout, theta, v1, skill_args)
+                    return float(jax.device_get(tree_dot(v1, fv)))
+
+            _refuse_rounding_noise(along_v1, params, sp.trace, jax.random.fold_in(key, 7))
         lam, tr, d_final = sp.values, sp.trace, sp.d
         converged = sp.converged
         done("spectrum")
@@ -1209,31 +1250,34 @@ def _krylov_spectrum(
     )
 
 
-def _refuse_rounding_noise(skill_loss, params, skill_args, sp, dtype) -> None:
-    """Refuse an empirical Fisher that is rounding noise beside the skill loss's curvature.
+def _refuse_rounding_noise(along_v1: Callable, params: PyTree, trace: float, key) -> None:
+    """Refuse an empirical Fisher that is rounding noise, whatever its symmetry.
 
     At a minimum of the loss it is built from every per-example gradient is 0 up
-    to rounding, so ``F`` is of order ``eps²`` against the Hessian ``∇²u`` (of
-    order 1 there; measured ``λ₁/‖∇²u v₁‖`` = 1.7e-31 in float64 and 2.1e-14 in
-    float32 on a softmax regression, ≈ 4·eps²), while a real empirical Fisher
-    with per-example residuals ``r`` gives about ``r²``. ``λ₁ ≤ eps^{3/2} ·
-    ‖∇²u v₁‖`` (one Hessian-vector product along the top eigenvector ``v₁``)
-    says ``F`` is rounding noise, whatever its symmetry.
+    to rounding, and what is left is not a property of the model: moving ``θ*``
+    by four units in the last place of each entry (``θ_j(1 ± 4·eps)``) redraws
+    it. ``q(θ) = v₁ᵀF(θ)v₁`` along the top eigenvector then changes by ``O(q)``,
+    while a real empirical Fisher, with per-example residuals ``r`` well above
+    rounding (``r ≫ eps·|z|``, ``z`` the logits), changes by about ``8·eps·|z|/r``
+    of itself. A change above half of ``q`` is refused. Scale-free: the loss's
+    units and ``θ``'s cancel in the ratio (a loss scaled by 1e-12, far from its
+    minimum, is kept).
     """
-    if isinstance(sp.vectors, np.ndarray):
-        v1 = ravel_pytree(params)[1](jnp.asarray(sp.vectors[0], dtype))
-    else:  # a stack laid out like the sharded params
-        v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
-    hv = jax.jit(curvature.hessian_vp(skill_loss))(params, v1, *skill_args)
-    curvature_along = float(tree_norm(hv))
-    lam1, eps = float(sp.values[0]), float(jnp.finfo(dtype).eps)
-    if lam1 <= eps**1.5 * curvature_along:
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    moved = [
+        a + 4 * jnp.finfo(a.dtype).eps * jnp.abs(a) * jax.random.rademacher(k, a.shape, a.dtype)
+        for a, k in zip(leaves, keys, strict=True)
+    ]
+    q0 = along_v1(params)
+    q1 = along_v1(jax.tree_util.tree_unflatten(treedef, moved))
+    if not abs(q1 - q0) <= 0.5 * max(abs(q0), abs(q1)):
         raise ValueError(
             _vanishing_fisher(
                 "empirical",
-                sp.trace,
-                f"λ₁ = {lam1:.3g} against the skill loss's curvature ‖∇²u v₁‖ = "
-                f"{curvature_along:.3g} along its top eigenvector",
+                trace,
+                f"v₁ᵀFv₁ = {q0:.3g} becomes {q1:.3g} when θ* moves by 4 units in the last "
+                "place: rounding noise",
             )
         )
 

@@ -299,11 +299,14 @@ def read_checkpoint_config(directory: str | Path) -> TransformerConfig:
 
 
 def _without_path(message: str, path: Path) -> str:
-    """``message`` with its mentions of ``path`` dropped (the caller prefixes it once):
-    ``no checkpoint at P`` → ``no checkpoint``, ``checkpoint P is corrupted`` →
-    ``checkpoint is corrupted``, ``P is not …`` → ``is not …``."""
-    for p in sorted({str(path.resolve()), str(path)}, key=len, reverse=True):
-        message = re.sub(rf"(\s+at)?\s*{re.escape(p)}(?![\w/-]|\.\w)", "", message)
+    """``message`` without its mentions of ``path`` (the caller prefixes it once).
+
+    ``checkpoint`` names the directory by its absolute path: only that is
+    dropped (``no checkpoint at /abs/P`` → ``no checkpoint``), never a relative
+    spelling that could be an ordinary word (a directory named ``checkpoint``).
+    """
+    resolved = re.escape(str(path.resolve()))
+    message = re.sub(rf"(\s+at)?\s*{resolved}(?![\w/-]|\.\w)", "", message)
     return " ".join(message.split()) or "not a checkpoint"
 
 

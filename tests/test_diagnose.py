@@ -289,23 +289,48 @@ def test_bad_input_raises_naming_the_argument(change, pattern):
         geomcollapse.diagnose(skill, task, kw.pop("params", TS), **kw)
 
 
+def _softmax_regression(scale: float, soft: bool):
+    """Mean cross-entropy × ``scale`` of a 5 → 3 softmax regression on 20 points: against
+    the model's own probabilities at θ* (``soft``, θ* its minimum, every per-example
+    gradient 0 up to rounding) or against hard labels (far from a minimum)."""
+    rng = np.random.default_rng(4)
+    theta = {"W": jnp.asarray(rng.standard_normal((5, 3))), "b": jnp.asarray([0.1, -0.2, 0.3])}
+    x = jnp.asarray(rng.standard_normal((20, 5)))
+
+    def logits(p, x):
+        return x @ p["W"] + p["b"]
+
+    target = jax.nn.softmax(logits(theta, x)) if soft else jax.nn.one_hot(np.arange(20) % 3, 3)
+
+    def loss(p, x, q):
+        return -scale * jnp.mean(jnp.sum(q * jax.nn.log_softmax(logits(p, x)), -1))
+
+    return loss, theta, (x, target)
+
+
 def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
-    """λ₁ ≤ eps^{3/2}·‖∇²u v₁‖ is refused even for a symmetric (noise-free) spectrum."""
-    from types import SimpleNamespace
+    """The noise test alone (not the asymmetry check): ``v₁ᵀFv₁`` redrawn by a 4-ulp move
+    of θ* is refused; a real empirical Fisher, even of a loss scaled by 1e-12, is kept."""
+    from geomcollapse._diagnose import _empirical_fvp, _refuse_rounding_noise
 
-    from geomcollapse._diagnose import _refuse_rounding_noise
+    def along_top(loss, theta, args):
+        fvp = jax.jit(_empirical_fvp(loss))
+        flat, unravel = ravel_pytree(theta)
+        F = np.stack([ravel_pytree(fvp(theta, unravel(e), *args))[0] for e in jnp.eye(flat.size)])
+        v1 = unravel(jnp.asarray(np.linalg.eigh(0.5 * (F + F.T))[1][:, -1]))
+        return lambda p: float(ravel_pytree(v1)[0] @ ravel_pytree(fvp(p, v1, *args))[0])
 
-    F, b, theta_star = jnp.asarray(Q[0]), jnp.zeros(N), TS
-    V = np.linalg.eigh(Q[0])[1][:, ::-1].T  # ‖∇²u v₁‖ = ‖F v₁‖ = λ₁(F) = 5
-    eps = float(jnp.finfo(jnp.float32).eps)
-
-    def spectrum(lam1):
-        return SimpleNamespace(vectors=V[:2], values=np.array([lam1, 0.0]), trace=lam1)
-
-    args = (skill_u, theta_star.astype(jnp.float32), (F, b, theta_star))
-    with pytest.raises(ValueError, match=r"vanishes at params .*λ₁ = 1e-20 .* = 5"):
-        _refuse_rounding_noise(*args, spectrum(1e-20), jnp.float32)  # ~ eps² · 5: noise
-    _refuse_rounding_noise(*args, spectrum(10 * eps**1.5 * 5.0), jnp.float32)  # above: kept
+    loss, theta, args = _softmax_regression(1.0, soft=True)
+    with pytest.raises(ValueError, match=r"vanishes at params .*4 units in the last place"):
+        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1e-32, jax.random.key(0))
+    for scale in (1.0, 1e-12):
+        loss, theta, args = _softmax_regression(scale, soft=False)
+        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1.0, jax.random.key(0))
+        dg = geomcollapse.diagnose(
+            loss, loss, theta, skill_args=args, task_args=args, fisher="empirical", d=2,
+            key=jax.random.key(0),
+        )  # fmt: skip
+        assert dg.eigenvalues[0] > 0
 
 
 # ------------------------------------------------------------------ the README example
@@ -557,3 +582,22 @@ def test_cli_malformed_input_is_one_line_naming_the_file(case, ckpt, tmp_path, c
     assert err.count("\n") == 1 and err.startswith("geomcollapse diagnose: error: ")
     assert str(files[role]) in err and problem in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_custom_fisher_of_another_floating_dtype_is_cast_to_the_params():
+    """A float64 ``F v`` for float32 params (e.g. from a numpy ``F``) is cast, not refused."""
+    F = np.asarray(Q[0])
+    p32 = jnp.zeros(N, jnp.float32)
+    args32 = jax.tree.map(
+        lambda a: jnp.asarray(a, jnp.float32),
+        {"skill_args": GOOD["skill_args"], "task_args": GOOD["task_args"]},
+    )
+    runs = [
+        geomcollapse.diagnose(skill_u, task_L, p32, fisher=fisher, key=jax.random.key(0), **args32)
+        for fisher in (
+            lambda p, v, *a: jnp.asarray(F, jnp.float32) @ v,
+            lambda p, v, *a: jnp.asarray(F, jnp.float64) @ v.astype(jnp.float64),
+        )
+    ]
+    np.testing.assert_allclose(runs[1].eigenvalues, runs[0].eigenvalues, rtol=1e-5)
+    np.testing.assert_allclose(runs[1].eigenvalues[:3], np.linalg.eigvalsh(F)[::-1][:3], rtol=1e-5)

@@ -70,6 +70,19 @@ def test_rank_deficient_is_zero_filled_and_flagged():
     assert res.num_matvecs <= 8 + 3
 
 
+@pytest.mark.parametrize("k", [8, 11, 12])
+def test_a_multiple_eigenvalue_filling_most_of_the_space_is_found_in_full(k):
+    """The identity (one eigenvalue, n-fold): every Lanczos step breaks down and restarts;
+    the k requested pairs are all found once most of R^n is spanned (a restart that kept
+    less than half a random vector used to end the run at 7 of 8 pairs, with a shape error)."""
+    n = 12
+    res = linalg.top_eigenpairs(lambda v: v, jnp.zeros(n, jnp.float32), k, key=jax.random.key(k))
+    assert bool(np.all(np.asarray(res.found))) and bool(np.all(np.asarray(res.converged)))
+    np.testing.assert_allclose(res.values, np.ones(k), rtol=1e-6)
+    V = np.asarray(res.vectors, np.float64)
+    np.testing.assert_allclose(V @ V.T, np.eye(k), atol=1e-6)  # k orthonormal eigenvectors
+
+
 def test_zero_operator_returns_all_flagged():
     res = linalg.top_eigenpairs(lambda v: 0 * v, jnp.zeros(50), 3, key=jax.random.key(0))
     assert not np.any(np.asarray(res.found))
