@@ -1,5 +1,6 @@
 """Shared test set-up: float64 enabled once, dtype-scaled tolerances, small models."""
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -12,6 +13,10 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # one BLAS thread beside XLA
 _OWN_CACHE = os.path.join(tempfile.gettempdir(), f"geomcollapse-xla-{os.getpid()}")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _OWN_CACHE)  # workers inherit the controller's
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# The run's aligned tiny transformer, trained by the first worker that needs it; named
+# by the controller's pid (workers inherit it), so no run reuses another's.
+_RUN = os.environ.setdefault("GEOMCOLLAPSE_TEST_RUN", str(os.getpid()))
+_SHARED_ALIGNED = os.path.join(tempfile.gettempdir(), f"geomcollapse-aligned-{_RUN}")
 
 import jax  # noqa: E402
 
@@ -151,10 +156,21 @@ def aligned_root(tmp_path_factory):
     with ``ALIGNMENT['tiny-fast']``; experiments run with ``outdir`` = this root
     (or a copy) restore it instead of training.
     """
+    import fcntl
+    from pathlib import Path
+
     from experiments._transformer import aligned_model
 
+    # Trained once per test run, not once per xdist worker: the first worker to get
+    # here trains into a directory beside the run's compilation cache (under a file
+    # lock); the others restore it from there (seconds instead of half a minute).
+    shared = Path(_SHARED_ALIGNED)
+    shared.mkdir(exist_ok=True)
+    with open(shared.parent / f"{shared.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        aligned_model("tiny-fast", shared, progress=False)
     root = tmp_path_factory.mktemp("aligned_root")
-    aligned_model("tiny-fast", root, progress=False)
+    shutil.copytree(shared, root, dirs_exist_ok=True)
     return root
 
 
@@ -167,7 +183,11 @@ def aligned(aligned_root):
 
 
 def pytest_sessionfinish(session):
-    """The controller (not an xdist worker) removes the run's compilation cache."""
+    """The controller (not an xdist worker) removes the run's compilation cache and model."""
     if not hasattr(session.config, "workerinput"):  # only the cache this file created
         if os.environ["JAX_COMPILATION_CACHE_DIR"] == _OWN_CACHE:
             shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+        if _RUN == str(os.getpid()):
+            shutil.rmtree(_SHARED_ALIGNED, ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(_SHARED_ALIGNED + ".lock")
