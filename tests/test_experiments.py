@@ -306,14 +306,33 @@ def test_each_figure_redraws_from_its_results_as_png_and_pdf(
     assert width_px >= 200 * _style.SINGLE
 
 
-def test_figures_command_redraws_every_results_file(tiny_run, tmp_path):
+def test_figures_command_redraws_every_results_file(tiny_run, tmp_path, monkeypatch):
+    """The command hands each results file to its module's ``figure`` (drawing itself is
+    checked per module above, so here each ``figure`` only records what it was given)."""
     out, _ = tiny_run
+    given = {}
+
+    def recorder(module):
+        def figure(results, path):
+            given[module.NAME] = results
+            png = Path(path)
+            png.write_bytes(b"")
+            png.with_suffix(".pdf").write_bytes(b"")
+            return png, png.with_suffix(".pdf")
+
+        return figure
+
+    for module in reproduce.EXPERIMENTS:
+        monkeypatch.setattr(module, "figure", recorder(module))
     report = figures.main(
         ["--results", str(out / "experiments/results"), "--figures", str(tmp_path)]
     )
     assert set(report) == {m.NAME for m in reproduce.EXPERIMENTS}
     for stem, written in report.items():
         assert written == [str(tmp_path / f"{stem}.png"), str(tmp_path / f"{stem}.pdf")]
+        saved = json.loads((out / f"experiments/results/{stem}.json").read_text())
+        # the whole results file, as written by the run (compared as JSON: NaN ≠ NaN)
+        assert json.dumps(given[stem], sort_keys=True) == json.dumps(saved, sort_keys=True)
     assert figures.module_for("transformer_onset_small") is transformer_onset
     assert figures.module_for("transformer_fisher_aic_table") is None
 
