@@ -53,7 +53,7 @@ QUICK_RUNTIME_S = {
     "transformer_fisher": 57,
     "transformer_onset": 95,
     "prediction": 145,
-    "defences": 102,
+    "defences": 114,
     "validation": 1,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)
