@@ -515,20 +515,21 @@ def _config(
     )
 
 
-def _key(cfg: _Config, key: Any, values: jax.Array, given: dict) -> jax.Array:
+def _key(cfg: _Config, key: Any, values: jax.Array) -> jax.Array:
     """The Lanczos key (checked; a fixed unused one without ``fisher_vp``); checks ``max_steps``.
 
-    ``given``: the rotation's arguments as passed; without ``fisher_vp`` there is
-    no rotation, and any of them set is refused rather than silently ignored.
+    Without ``fisher_vp`` there is no rotation, and any of its arguments set is
+    refused rather than silently ignored.
     """
     if cfg.fisher_vp is None:
-        unused = [
-            name
-            for name, value in given.items()
-            if value is not None
-            and not (name == "fisher_args" and isinstance(value, (tuple, list)) and not value)
-            and not (name == "rotation_every" and value == 1)
-        ]
+        given = {
+            "key": key is not None,
+            "tol": cfg.tol is not None,
+            "max_steps": cfg.max_steps is not None,
+            "fisher_args": bool(cfg.fisher_args),
+            "rotation_every": cfg.rotation_every != 1,
+        }
+        unused = [name for name, set_ in given.items() if set_]
         if unused:
             raise ValueError(
                 f"{', '.join(unused)} only apply to the rotation of M, which needs fisher_vp; "
@@ -689,14 +690,7 @@ def monitor(
         max_steps,
     )
     capacity = positive_int(capacity, "capacity")
-    rotation = dict(
-        key=key,
-        tol=tol,
-        max_steps=max_steps,
-        fisher_args=fisher_args,
-        rotation_every=rotation_every,
-    )
-    key = _key(cfg, key, values, rotation)
+    key = _key(cfg, key, values)
     _check_series(cfg.series, values, reference)
 
     def init(params: PyTree) -> MonitorState:
