@@ -3,17 +3,11 @@
 ``geomcollapse reproduce [--quick | --full] [--outdir DIR]`` runs the main job;
 ``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR]`` one
 experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
-<<<<<<< HEAD
-of an experiment's config); ``geomcollapse report SWEEP_OUTPUT [--out DIR]``
-an experiment sweep's tables and figures; ``geomcollapse diagnose --checkpoint DIR
---skill FILE --task FILE`` a transformer checkpoint's diagnosis (docs/diagnose.md);
-``geomcollapse --version``.
-=======
 of an experiment's config; over several processes with ``--coordinator HOST:PORT
---num-processes N --process-id I`` or ``--distributed``);
-``geomcollapse report SWEEP_OUTPUT [--out DIR]``
-an experiment sweep's tables and figures; ``geomcollapse --version``.
->>>>>>> scale
+--num-processes N --process-id I`` or ``--distributed``); ``geomcollapse report
+SWEEP_OUTPUT [--out DIR]`` an experiment sweep's tables and figures;
+``geomcollapse diagnose --checkpoint DIR --skill FILE --task FILE`` a transformer
+checkpoint's diagnosis (docs/diagnose.md); ``geomcollapse --version``.
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
 ``--full`` the long one, on every experiment.
 
