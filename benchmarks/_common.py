@@ -24,6 +24,17 @@ def replace_table(marker: str, table: str, doc: Path = DOC) -> None:
     doc.write_text(text[:start] + table + "\n" + text[end:], encoding="utf-8")
 
 
+def median_time(fn, *args, repeats: int = 5) -> float:
+    """Median wall seconds of ``repeats`` calls ``fn(*args)`` (ready), after one untimed call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
 def machine_info() -> dict:
     """Platform, device, core count and library versions of this run."""
     dev = jax.devices()[0]

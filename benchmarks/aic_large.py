@@ -43,16 +43,6 @@ QUICK_SIZES = (64, 48, 10)
 WARM_REPEATS = 5  # warm wall = median of these calls (single calls vary ±15 % on the 2-core VM)
 
 
-def _median_time(fn, *args, repeats: int = 7) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
-
-
 def main(quick: bool = False, skip_closure: bool = False, outdir: Path = RESULTS) -> dict:
     """Run the benchmark; return (and write) the result dictionary."""
     sizes = QUICK_SIZES if quick else SIZES
@@ -71,8 +61,8 @@ def main(quick: bool = False, skip_closure: bool = False, outdir: Path = RESULTS
         return models.softmax_cross_entropy(logits(p, x), y)
 
     v = jax.tree_util.tree_map(jnp.ones_like, params)
-    fvp_time = _median_time(jax.jit(fvp), params, v, skill_x)
-    grad_time = _median_time(jax.jit(jax.grad(task_loss)), params, task.x, task.y)
+    fvp_time = _common.median_time(jax.jit(fvp), params, v, skill_x, repeats=7)
+    grad_time = _common.median_time(jax.jit(jax.grad(task_loss)), params, task.x, task.y, repeats=7)
 
     def run(fisher_vp, fisher_args):
         start = time.perf_counter()

@@ -399,6 +399,7 @@ def ours_child(path: str, d: int) -> dict:
     """``measure_aic`` on the weights and data of ``path``; this process's wall and peak memory."""
     import jax
 
+    from benchmarks import _common
     from benchmarks._alignment_risk_side import peak_rss_bytes
     from geomcollapse import aic, curvature, models
 
@@ -440,13 +441,7 @@ def ours_child(path: str, d: int) -> dict:
         reports.append(m)
     m = reports[-1]
     # one Fisher-VP alone (compiled, warm): what the call's matvecs cost without the rest
-    one_fvp = jax.jit(lambda p, v, x: fvp(p, v, x))
-    jax.block_until_ready(one_fvp(params, params, skill_x))
-    fvp_times = []
-    for _ in range(7):
-        start = time.perf_counter()
-        jax.block_until_ready(one_fvp(params, params, skill_x))
-        fvp_times.append(time.perf_counter() - start)
+    fvp_s = _common.median_time(jax.jit(fvp), params, params, skill_x, repeats=7)
     logit_diff = float(np.max(np.abs(np.asarray(_logits(params, skill_x)) - data["skill_logits"])))
     return {
         "wall_s": walls[0],
@@ -455,7 +450,7 @@ def ours_child(path: str, d: int) -> dict:
         "cpu_warm_s": cpus[1],
         "compile_s": compile_s[0],
         "compile_warm_s": compile_s[1],
-        "fisher_vp_s": float(np.median(fvp_times)),
+        "fisher_vp_s": fvp_s,
         "num_params": int(sum(p.size for p in jax.tree_util.tree_leaves(params))),
         "d": d,
         "num_matvecs": int(m.num_matvecs),

@@ -57,11 +57,6 @@ def _timed(fn, *args) -> tuple[float, object]:
     return time.perf_counter() - start, out
 
 
-def _median_time(fn, *args, repeats: int = 5) -> float:
-    jax.block_until_ready(fn(*args))
-    return float(np.median([_timed(fn, *args)[0] for _ in range(repeats)]))
-
-
 def main(
     quick: bool = False,
     *,
@@ -188,7 +183,7 @@ def main(
     fvp_s, lanczos_s = float(np.median(fvp_runs)), float(np.median(lanczos_runs))
     per_step = np.asarray(lanczos_runs) / int(alone.num_matvecs) - np.asarray(fvp_runs)
     cheap = jax.jit(lambda p: mon.monitor_measure(p, theta_star, subspace))
-    cheap_s = _median_time(cheap, params)
+    cheap_s = _common.median_time(cheap, params)
     # The floor of any rotation measurement: F(θ_k) applied once to the d rows of the
     # previous basis, as one vmapped block (XLA shares the forward pass); a method that
     # checks or updates a d-dimensional M(θ_k) cannot use fewer Fisher-VPs.
@@ -196,7 +191,7 @@ def main(
     block_fvp = jax.jit(
         lambda p, rows, a: jax.vmap(lambda r: ravel_pytree(fvp(p, unravel(r), *a))[0])(rows)
     )
-    block_s = _median_time(block_fvp, params, state.basis, fisher_args)
+    block_s = _common.median_time(block_fvp, params, state.basis, fisher_args)
 
     result = {
         "machine": _common.machine_info(),
