@@ -44,7 +44,7 @@ from geomcollapse._checks import (
     subspace_dim,
 )
 from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, check_orthonormal
 
 __all__ = [
     "FisherBudgetState",
@@ -88,6 +88,7 @@ def _subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
         )
     finite_leaves(values, "subspace.values")
     finite_leaves(rows, "subspace.basis")
+    check_orthonormal(rows, "subspace.basis")
     return values, rows
 
 

@@ -50,7 +50,13 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
+from geomcollapse._checks import (
+    finite_leaves,
+    positive_float,
+    positive_int,
+    prng_key,
+    same_structure,
+)
 from geomcollapse.defences import _args, _matvec_fn, _subspace_arrays, _warm_eigenpairs
 from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace
@@ -95,7 +101,9 @@ class Measurement(NamedTuple):
       forecast: the series' projected loss at ``t`` (NaN without a series).
       forecast_delta_u: the series' ``Δu`` at ``t`` (NaN without a series).
       in_window: bool, ``t`` ≤ the forecast's validity time (False without a series).
-      exceeded: bool, ``projected_loss > budget`` or ``angle > angle_budget``.
+      exceeded: bool, ``projected_loss > budget`` or ``angle > angle_budget``;
+        with a budget set, also a non-finite projected loss or displacement
+        (diverged parameters are past any budget).
     """
 
     step: jax.Array
@@ -226,6 +234,8 @@ def _measure_flat(
     forecast, forecast_du = _forecast(series, t, dtype)
     in_window = (series is not None) & (t <= validity_time)
     exceeded = (projected > budget) | (jnp.nan_to_num(angle, nan=-1.0) > angle_budget)
+    if budget < math.inf or angle_budget < math.inf:  # NaN > budget is False: diverged is past it
+        exceeded = exceeded | ~(jnp.isfinite(projected) & jnp.isfinite(norm))
     return Measurement(
         step=jnp.asarray(step, jnp.int32),
         time=t,
@@ -335,7 +345,7 @@ def _series(series: Any) -> Series | None:
 
 
 def _budget(value: Any, name: str) -> float:
-    if value is None or value == math.inf:
+    if value is None or (np.ndim(value) == 0 and value == math.inf):
         return math.inf
     return positive_float(value, name)
 
@@ -761,6 +771,17 @@ def check_monitor(state: MonitorState) -> bool:
 # --------------------------------------------------------------------------- host callback
 
 
+def _step(value: Any) -> int:
+    """A training step: a Python, numpy or 0-d array integer (not a bool, float or string)."""
+    if (
+        isinstance(value, (bool, np.bool_))
+        or np.ndim(value) != 0
+        or not np.issubdtype(np.asarray(value).dtype, np.integer)
+    ):
+        raise ValueError(f"step must be an integer, got {value!r}")
+    return int(value)
+
+
 class MonitorCallback:
     """The monitor for a Python training loop: ``callback(step, params)`` (host-side).
 
@@ -784,17 +805,15 @@ class MonitorCallback:
         self.state = tx.init(theta_star)
         self.every = int(options["every"])
         self._stop = options.get("on_exceed", "warn") == "stop"
-        self._treedef = jax.tree_util.tree_structure(theta_star)
         self._zeros = jax.tree_util.tree_map(jnp.zeros_like, theta_star)
         self._update = jax.jit(tx.update)
 
     def __call__(self, step: int, params: PyTree, *, fisher_args: tuple | None = None):
         """Measure ``θ_step = params`` if ``step`` is due; warn or raise past the budget."""
-        step = int(step)
+        step = _step(step)
         if step <= 0 or step % self.every:
             return
-        if jax.tree_util.tree_structure(params) != self._treedef:
-            raise ValueError("params do not have the pytree structure of theta_star")
+        same_structure(self._zeros, params, "theta_star", "params")
         before = int(self.state.first_exceeded.step)
         due = self.state._replace(count=jnp.int32(step))  # update `step` measures θ_step
         state = self._update(self._zeros, due, params, fisher_args=fisher_args)[1]

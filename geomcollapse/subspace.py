@@ -84,6 +84,27 @@ def flat_basis(basis: PyTree) -> jax.Array:
     return jax.vmap(lambda b: ravel_pytree(b)[0])(basis)
 
 
+def check_orthonormal(rows: jax.Array, name: str = "basis") -> None:
+    """Raise unless concrete ``(d, n)`` rows are orthonormal: ``max|VVᵀ − D| ≤ √eps``.
+
+    ``D`` is ``I`` except on rows of (near-)zero norm, which a solver uses for
+    pairs it could not reach (``found = False``) and which pass as zero rows.
+    ``√eps`` of the rows' dtype is far above the rounding of any solver's
+    orthonormal output and far below a basis that is not one. Tracers pass
+    (checked at the library's eager entry points).
+    """
+    if isinstance(rows, jax.core.Tracer):
+        return
+    gram = jnp.matmul(rows, rows.T, precision=_HIGHEST)
+    unit = (jnp.diagonal(gram) > 0.5).astype(gram.dtype)
+    error = float(jnp.max(jnp.abs(gram - jnp.diag(unit))))
+    tol = float(np.sqrt(jnp.finfo(gram.dtype).eps))
+    if not error <= tol:
+        raise ValueError(
+            f"{name} must have orthonormal rows: max |VVᵀ − I| = {error:.2e} > {tol:.1e} (√eps)"
+        )
+
+
 class OverlapScore(NamedTuple):
     """How much an update ``Δθ`` lies in ``M`` (Section 7; docs/theory.md §7).
 
@@ -142,8 +163,12 @@ class Subspace(NamedTuple):
 
     @classmethod
     def exact(cls, values: Any, basis: Any) -> Subspace:
-        """A subspace from exact (dense ``eigh``) pairs: residuals NaN, converged True."""
+        """A subspace from exact (dense ``eigh``) pairs: residuals NaN, converged True.
+
+        Raises ``ValueError`` when a concrete ``basis`` is not orthonormal.
+        """
         values = jnp.asarray(values)
+        check_orthonormal(flat_basis(basis), "basis")
         return cls(values, basis, jnp.full(values.shape, jnp.nan, values.dtype), jnp.asarray(True))
 
     def leading(self, d: int) -> Subspace:

@@ -324,3 +324,64 @@ def test_a_float32_forecast_of_its_own_subspace_is_accepted_with_pg_zero(setup):
     swapped = Subspace.exact(s32.values[::-1], s32.basis)
     with pytest.raises(ValueError, match="another subspace"):
         mon.monitor(optax.sgd(LR), swapped, every=2, series=forecast, time_per_step=LR)
+
+
+def test_diverged_parameters_are_past_any_budget_and_only_a_budget(setup):
+    """NaN/inf θ_k give a NaN projected loss, and ``NaN > budget`` is False: counted as past it."""
+    nan_params = jax.tree.map(lambda a: a * jnp.nan, setup.params)
+    stopping = mon.MonitorCallback(setup.params, setup.subspace, every=5, budget=1e3)
+    with pytest.warns(mon.BudgetWarning, match="step 5"):
+        stopping(5, nan_params)
+    for budgets in ({"budget": 1e3}, {"angle_budget": 1.0}):
+        tx = mon.monitor(optax.sgd(LR), setup.subspace, every=1, on_exceed="stop", **budgets)
+        state = tx.init(setup.params)
+        zeros = jax.tree.map(jnp.zeros_like, setup.params)
+        inf_params = jax.tree.map(lambda a: a + jnp.inf, setup.params)
+        update = jax.jit(tx.update)  # in a compiled step (eagerly, inf params are refused)
+        _, state = update(zeros, state, setup.params)  # θ₀: not measured
+        _, state = update(zeros, state, inf_params)
+        assert bool(state.stopped)
+        with pytest.raises(mon.BudgetExceeded, match="step 1"):
+            mon.check_monitor(state)
+    # without a budget nothing is "exceeded": the NaN is in the log for the user to read
+    measure = jax.jit(mon.monitor_measure, static_argnames="budget")  # eagerly NaN is refused
+    m = measure(nan_params, setup.params, setup.subspace)
+    assert np.isnan(m.projected_loss) and not bool(m.exceeded)
+    assert bool(measure(nan_params, setup.params, setup.subspace, budget=1.0).exceeded)
+    m = measure(setup.thetas[1], setup.params, setup.subspace, budget=1e3)
+    assert np.isfinite(m.projected_loss) and not bool(m.exceeded)  # finite, under the budget
+
+
+def test_callback_checks_params_and_step_like_the_optax_monitor(setup):
+    cb = mon.MonitorCallback(setup.params, setup.subspace, every=2)
+    wrong_shape = [dict(layer) for layer in setup.params]
+    wrong_shape[1]["b"] = jnp.zeros(4)
+    as_int = jax.tree.map(lambda a: a.astype(jnp.int32), setup.params)
+    for params, what in ((wrong_shape, "params leaf 2 has shape"), (as_int, "dtype")):
+        with pytest.raises(ValueError, match=what):
+            cb(2, params)
+    for step in (2.0, 10.7, "10", True, np.array([2])):
+        with pytest.raises(ValueError, match="step must be an integer"):
+            cb(step, setup.thetas[2])
+    assert mon.monitor_log(cb.state).step.size == 0
+    for step in (np.int64(2), jnp.int32(4)):  # integer scalars of numpy and jax are steps
+        cb(step, setup.thetas[int(step)])
+    np.testing.assert_array_equal(mon.monitor_log(cb.state).step, [2, 4])
+    with pytest.raises(ValueError, match="budget must be a positive number"):
+        mon.monitor(optax.sgd(LR), setup.subspace, every=2, budget=np.array([np.inf, 1.0]))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_a_basis_that_is_not_orthonormal_is_refused(setup, dtype):
+    """``Subspace.exact`` and every consumer of a Subspace (monitor, defences) check ``VVᵀ = I``."""
+    lam, V = np.asarray(setup.subspace.values), np.asarray(setup.subspace.basis)
+    Subspace.exact(lam.astype(dtype), V.astype(dtype))  # eigh's rows, rounded: accepted
+    for bad in (V + 1e-2 * V[::-1], np.ones_like(V), 2 * V):
+        with pytest.raises(ValueError, match="basis must have orthonormal rows"):
+            Subspace.exact(lam, bad.astype(dtype))
+        made = Subspace(jnp.asarray(lam), jnp.asarray(bad, dtype), jnp.full(2, jnp.nan), True)
+        with pytest.raises(ValueError, match=r"subspace\.basis must have orthonormal rows"):
+            mon.monitor(optax.sgd(LR), made, every=2)
+    # a zero row (a pair the solver could not reach, found = False) is not a defect
+    zero_row = np.concatenate([V[:1], np.zeros_like(V[1:])])
+    Subspace.exact(lam, zero_row.astype(dtype))
