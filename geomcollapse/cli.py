@@ -121,9 +121,25 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# jax.random.key takes a signed 64-bit seed (OverflowError beyond it), and a
+# negative seed aliases a large one (-1 and 2**64 - 1 give the same key bits).
+SEED_LIMIT = 2**63
+
+
+def _diagnose_args_problem(args: argparse.Namespace) -> str | None:
+    """Why ``diagnose``'s own arguments cannot work, checked before any compute; or None."""
+    if not 0 <= args.seed < SEED_LIMIT:
+        return f"--seed must be an integer in [0, 2**63), got {args.seed}"
+    return None
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from geomcollapse import token_files
 
+    problem = _diagnose_args_problem(args)
+    if problem is not None:
+        print(f"geomcollapse diagnose: error: {problem}", file=sys.stderr)
+        return 2
     try:
         diagnosis = token_files.diagnose_checkpoint(
             args.checkpoint,

@@ -1,0 +1,73 @@
+"""``geomcollapse diagnose``: malformed arguments stop it before any compute, in one line.
+
+Every case runs ``cli.main`` in-process on a one-block transformer checkpoint;
+where the argument alone is at fault the weights must never load
+(``checkpoint.load_checkpoint`` is replaced by one that fails the test).
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from geomcollapse import checkpoint, cli, models
+
+CONFIG = models.TransformerConfig(vocab=5, context=4, d_model=4, heads=2, layers=1, mlp_ratio=2)
+
+
+def _weights(rng, nan_fraction=0.0):
+    _, abstract = models.transformer_abstract(CONFIG)  # shapes only, no eager init ops
+
+    def draw(a):
+        w = 0.5 * rng.standard_normal(a.shape)
+        return jnp.asarray(np.where(rng.random(a.shape) < nan_fraction, np.nan, w), a.dtype)
+
+    return jax.tree.map(draw, abstract)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A one-block transformer checkpoint, one whose weights hold NaN, a skill and a task file."""
+    root = tmp_path_factory.mktemp("diagnose_inputs")
+    rng = np.random.default_rng(0)
+    checkpoint.save_checkpoint(root / "ckpt", _weights(rng), CONFIG)
+    checkpoint.save_checkpoint(root / "ckpt_nan", _weights(rng, nan_fraction=0.1), CONFIG)
+    np.savez(root / "skill.npz", tokens=rng.integers(0, CONFIG.vocab, (6, 4)))
+    rows = [list(map(int, rng.integers(0, CONFIG.vocab, 2 + i % 3))) for i in range(6)]
+    (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Loading the weights fails the test: the command must stop before it."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the checkpoint's weights were loaded")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", load)
+
+
+def _diagnose(files, tmp_path, *extra, ckpt="ckpt", out=None):
+    args = ["diagnose", "--no-progress", "--checkpoint", str(files / ckpt)]
+    args += ["--skill", str(files / "skill.npz"), "--task", str(files / "task.jsonl")]
+    args += ["--out", str(tmp_path / "out" if out is None else out), *extra]
+    return cli.main(args)
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("geomcollapse diagnose: error: "), err
+    return err
+
+
+@pytest.mark.parametrize("seed", [str(2**64), str(2**63), "-1", str(-(2**63))])
+def test_a_seed_jax_cannot_take_or_a_negative_one_is_refused_naming_seed(
+    seed, files, tmp_path, capsys, no_load
+):
+    assert _diagnose(files, tmp_path, "--seed", seed) == 2
+    err = _one_line(capsys)
+    assert "--seed must be an integer in [0, 2**63)" in err and seed in err
+    assert not (tmp_path / "out").exists()
