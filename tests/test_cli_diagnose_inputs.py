@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from geomcollapse import checkpoint, cli, models
+from geomcollapse import checkpoint, cli, models, token_files
 
 CONFIG = models.TransformerConfig(vocab=5, context=4, d_model=4, heads=2, layers=1, mlp_ratio=2)
 
@@ -71,3 +71,51 @@ def test_a_seed_jax_cannot_take_or_a_negative_one_is_refused_naming_seed(
     err = _one_line(capsys)
     assert "--seed must be an integer in [0, 2**63)" in err and seed in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "case", ["a file", "below a file", "a dangling link", "report a directory"]
+)
+def test_an_out_that_cannot_take_the_reports_is_refused_before_any_compute(
+    case, files, tmp_path, capsys, no_load
+):
+    (tmp_path / "file").write_text("x")
+    if case == "a file":
+        out, problem = tmp_path / "file", "exists and is not a directory"
+    elif case == "below a file":
+        out = tmp_path / "file" / "sub" / "out"
+        problem = f"cannot be created: {tmp_path / 'file'} is not a directory"
+    elif case == "a dangling link":
+        out, problem = tmp_path / "link", "exists and is not a directory"
+        out.symlink_to(tmp_path / "nowhere")
+    else:
+        out, problem = tmp_path / "out", "report.png there is a directory"
+        (out / "report.png").mkdir(parents=True)
+    assert _diagnose(files, tmp_path, out=out) == 2
+    err = _one_line(capsys)
+    assert f"--out {out}: {problem}" in err, err
+    assert (tmp_path / "file").read_text() == "x" and not (tmp_path / "nowhere").exists()
+
+
+def test_an_out_that_can_be_created_or_exists_is_accepted(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dir").mkdir()
+    for out in (tmp_path / "dir", tmp_path / "new" / "deeper", cli.Path("."), cli.Path("rel/x")):
+        assert cli._out_problem(out) is None, out
+    assert not (tmp_path / "new").exists() and not (tmp_path / "rel").exists()  # nothing created
+
+
+def test_a_failed_write_of_the_reports_names_out(tmp_path, capsys, monkeypatch):
+    """What the file system refuses after the checks (a full disk) is one line naming --out."""
+
+    class Refused:
+        warnings = ()
+
+        def save(self, directory):
+            raise OSError(28, "No space left on device", str(directory / "report.png"))
+
+    monkeypatch.setattr(token_files, "diagnose_checkpoint", lambda *a, **k: Refused())
+    args = ["diagnose", "--checkpoint", "c", "--skill", "s.npy", "--task", "t.npy"]
+    assert cli.main([*args, "--out", str(tmp_path)]) == 2
+    err = _one_line(capsys)
+    assert f"--out {tmp_path}: [Errno 28] No space left on device" in err, err
