@@ -310,6 +310,27 @@ def _without_path(message: str, path: Path) -> str:
     return " ".join(message.split()) or "not a checkpoint"
 
 
+def _finite_weights(params: Any, directory: str | Path) -> None:
+    """Raise, naming the checkpoint and its first bad array, if a weight is NaN or ±inf."""
+    from flax import nnx
+
+    from geomcollapse.checkpoint import _leaf_names
+
+    bad = [
+        (name, count)
+        for name, leaf in _leaf_names(nnx.to_pure_dict(params))
+        if (count := int(jnp.sum(~jnp.isfinite(leaf))))
+    ]
+    if bad:
+        name, count = bad[0]
+        others = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
+        total = sum(c for _, c in bad)
+        raise ValueError(
+            f"{directory}: the checkpoint's weights hold {total} non-finite (NaN or inf) "
+            f"entries ({count} in {name}{others})"
+        )
+
+
 def diagnose_checkpoint(
     checkpoint_dir: str | Path,
     skill: str | Path,
@@ -331,8 +352,9 @@ def diagnose_checkpoint(
     Fisher the true one of that output (``fisher='true'``); the task loss is
     ``training.sequence_loss`` over the task file's masked targets. Everything
     is validated (checkpoint metadata, then both files) before the weights
-    load. Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset
-    is far below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
+    load, and the weights must be finite (the error names the checkpoint).
+    Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset is far
+    below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
     """
     from geomcollapse import checkpoint, training
     from geomcollapse.models import transformer_abstract, transformer_logits
@@ -344,6 +366,7 @@ def diagnose_checkpoint(
         _, params, _ = checkpoint.load_checkpoint(checkpoint_dir, config)
     except ValueError as err:
         raise ValueError(f"{checkpoint_dir}: {_one_line(err)}") from None
+    _finite_weights(params, checkpoint_dir)
     graphdef, _ = transformer_abstract(config, dtype)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     logits = transformer_logits(graphdef)

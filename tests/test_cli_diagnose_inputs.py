@@ -119,3 +119,11 @@ def test_a_failed_write_of_the_reports_names_out(tmp_path, capsys, monkeypatch):
     assert cli.main([*args, "--out", str(tmp_path)]) == 2
     err = _one_line(capsys)
     assert f"--out {tmp_path}: [Errno 28] No space left on device" in err, err
+
+
+def test_a_checkpoint_whose_weights_hold_nan_is_named_in_the_error(files, tmp_path, capsys):
+    assert _diagnose(files, tmp_path, ckpt="ckpt_nan") == 2
+    err = _one_line(capsys)
+    assert f"error: {files / 'ckpt_nan'}: the checkpoint's weights hold " in err, err
+    assert "non-finite (NaN or inf) entries (" in err and " in " in err
+    assert not (tmp_path / "out").exists()
