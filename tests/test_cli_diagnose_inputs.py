@@ -127,3 +127,28 @@ def test_a_checkpoint_whose_weights_hold_nan_is_named_in_the_error(files, tmp_pa
     assert f"error: {files / 'ckpt_nan'}: the checkpoint's weights hold " in err, err
     assert "non-finite (NaN or inf) entries (" in err and " in " in err
     assert not (tmp_path / "out").exists()
+
+
+PLANS = {
+    "d past n": (["--d", "999"], "d=999 must be smaller than n="),
+    "d zero": (["--d", "0"], "d must be an integer >= 1, got 0"),
+    "lr nan": (["--lr", "nan"], "lr must be a finite number > 0, got nan"),
+    "lr negative": (["--lr", "-1"], "lr must be a finite number > 0, got -1.0"),
+    "steps zero": (["--lr", "0.1", "--steps", "0"], "steps must be an integer >= 1, got 0"),
+    "steps without lr": (["--steps", "5"], "lr is required with steps"),
+    "threshold without lr": (["--threshold", "0.1"], "lr is required with threshold"),
+    "threshold negative": (["--lr", "1", "--threshold", "-1"], "threshold must be a finite"),
+    "order too low": (["--order", "1"], "order must lie in [2, 12]"),
+    "order too high": (["--order", "13"], "order must lie in [2, 12]"),
+}
+
+
+@pytest.mark.parametrize("case", PLANS)
+def test_a_bad_plan_argument_is_refused_before_the_weights_load(
+    case, files, tmp_path, capsys, no_load
+):
+    flags, problem = PLANS[case]
+    assert _diagnose(files, tmp_path, *flags) == 2
+    err = _one_line(capsys)
+    assert problem in err, err
+    assert not (tmp_path / "out").exists()
