@@ -121,9 +121,51 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# jax.random.key takes a signed 64-bit seed (OverflowError beyond it), and a
+# negative seed aliases a large one (-1 and 2**64 - 1 give the same key bits).
+SEED_LIMIT = 2**63
+
+
+def _diagnose_args_problem(args: argparse.Namespace) -> str | None:
+    """Why ``diagnose``'s own arguments cannot work, checked before any compute; or None."""
+    if not 0 <= args.seed < SEED_LIMIT:
+        return f"--seed must be an integer in [0, 2**63), got {args.seed}"
+    problem = _out_problem(args.out)
+    if problem is not None:
+        return f"--out {args.out}: {problem}"
+    return None
+
+
+REPORTS = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
+
+
+def _out_problem(out: Path) -> str | None:
+    """Why the reports cannot be written into ``out`` (created if missing), or None.
+
+    Creates nothing: the nearest existing ancestor must be a writable directory.
+    """
+    if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nothing
+        return "exists and is not a directory"
+    target = out
+    while not os.path.lexists(target) and target != target.parent:
+        target = target.parent
+    if not target.is_dir():
+        return f"cannot be created: {target} is not a directory"
+    if not os.access(target, os.W_OK | os.X_OK):
+        return "is not writable" if target == out else f"cannot be created in {target}"
+    for name in REPORTS:
+        if (out / name).is_dir():
+            return f"{name} there is a directory"
+    return None
+
+
 def _diagnose(args: argparse.Namespace) -> int:
     from geomcollapse import token_files
 
+    problem = _diagnose_args_problem(args)
+    if problem is not None:
+        print(f"geomcollapse diagnose: error: {problem}", file=sys.stderr)
+        return 2
     try:
         diagnosis = token_files.diagnose_checkpoint(
             args.checkpoint,
@@ -137,10 +179,15 @@ def _diagnose(args: argparse.Namespace) -> int:
             order=args.order,
             progress=not args.no_progress,
         )
-        paths = diagnosis.save(args.out)
     except (ValueError, OSError) as err:  # malformed input: one line naming the file, no trace
         message = " ".join(str(err).split())
         print(f"geomcollapse diagnose: error: {message}", file=sys.stderr)
+        return 2
+    try:
+        paths = diagnosis.save(args.out)
+    except OSError as err:  # checked above, but the file system can still refuse (disk full)
+        message = " ".join(str(err).split())
+        print(f"geomcollapse diagnose: error: --out {args.out}: {message}", file=sys.stderr)
         return 2
     for warning in diagnosis.warnings:
         print(f"warning: {warning}")

@@ -28,6 +28,7 @@ the file's path and says what is wrong, before anything is computed.
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,7 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse._diagnose import Diagnosis, diagnose
+from geomcollapse._checks import positive_float, positive_int, prng_key
+from geomcollapse._diagnose import MAX_ORDER, Diagnosis, diagnose
 from geomcollapse.models import TransformerConfig
 
 __all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]
@@ -310,6 +312,52 @@ def _without_path(message: str, path: Path) -> str:
     return " ".join(message.split()) or "not a checkpoint"
 
 
+def _check_plan(n: int, *, d: Any, lr: Any, steps: Any, threshold: Any, order: Any) -> None:
+    """:func:`geomcollapse.diagnose`'s checks of these arguments, before the weights load.
+
+    The same rules and messages (``n`` from the checkpoint's architecture, so
+    no array is read); ``order=None`` is its default.
+    """
+    if order is not None:
+        order = positive_int(order, "order")
+        if not 2 <= order <= MAX_ORDER:
+            raise ValueError(
+                f"order must lie in [2, {MAX_ORDER}] (a validity window needs two terms; the "
+                f"series costs about 2^order gradients), got {order}"
+            )
+    if d is not None:
+        d = positive_int(d, "d")
+        if d >= n:
+            raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
+    lr = None if lr is None else positive_float(lr, "lr")
+    steps = None if steps is None else positive_int(steps, "steps")
+    threshold = None if threshold is None else positive_float(threshold, "threshold")
+    if lr is None and (steps is not None or threshold is not None):
+        which = "steps" if steps is not None else "threshold"
+        raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
+
+
+def _finite_weights(params: Any, directory: str | Path) -> None:
+    """Raise, naming the checkpoint and its first bad array, if a weight is NaN or ±inf."""
+    from flax import nnx
+
+    from geomcollapse.checkpoint import _leaf_names
+
+    bad = [
+        (name, count)
+        for name, leaf in _leaf_names(nnx.to_pure_dict(params))
+        if (count := int(jnp.sum(~jnp.isfinite(leaf))))
+    ]
+    if bad:
+        name, count = bad[0]
+        others = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
+        total = sum(c for _, c in bad)
+        raise ValueError(
+            f"{directory}: the checkpoint's weights hold {total} non-finite (NaN or inf) "
+            f"entries ({count} in {name}{others})"
+        )
+
+
 def diagnose_checkpoint(
     checkpoint_dir: str | Path,
     skill: str | Path,
@@ -330,9 +378,11 @@ def diagnose_checkpoint(
     distribution at the skill file's positions (``training.kl_skill_loss``), its
     Fisher the true one of that output (``fisher='true'``); the task loss is
     ``training.sequence_loss`` over the task file's masked targets. Everything
-    is validated (checkpoint metadata, then both files) before the weights
-    load. Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset
-    is far below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
+    is validated (checkpoint metadata, both files, then ``d``, ``lr``,
+    ``steps``, ``threshold``, ``order`` and ``key``) before the weights load,
+    and the weights must be finite (the error names the checkpoint).
+    Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset is far
+    below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
     """
     from geomcollapse import checkpoint, training
     from geomcollapse.models import transformer_abstract, transformer_logits
@@ -340,11 +390,15 @@ def diagnose_checkpoint(
     config = read_checkpoint_config(checkpoint_dir)
     skill_file = read_token_file(skill, "skill", config)
     task_file = read_token_file(task, "task", config)
+    graphdef, abstract = transformer_abstract(config, dtype)
+    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    _check_plan(n, d=d, lr=lr, steps=steps, threshold=threshold, order=options.get("order"))
+    key = prng_key(key)
     try:
         _, params, _ = checkpoint.load_checkpoint(checkpoint_dir, config)
     except ValueError as err:
         raise ValueError(f"{checkpoint_dir}: {_one_line(err)}") from None
-    graphdef, _ = transformer_abstract(config, dtype)
+    _finite_weights(params, checkpoint_dir)
     params = jax.tree.map(lambda a: jnp.asarray(a, dtype), params)
     logits = transformer_logits(graphdef)
     first = training.answer_logits(logits)
