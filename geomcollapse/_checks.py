@@ -131,12 +131,26 @@ def subspace_dim(value: Any, n: int) -> int:
 
 
 def prng_key(key: Any, name: str = "key") -> jax.Array:
-    """Raise unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
+    """Raise unless ``key`` is one JAX PRNG key: typed of shape ``()``, or raw uint32[2].
+
+    A batch of keys (``jax.random.split(key, 2)``) is refused: every consumer
+    splits or folds one key.
+    """
     if key is None:
         raise ValueError(f"{name} is required: pass a jax.random key")
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if np.shape(key) != ():
+            raise ValueError(
+                f"{name} must be a single jax.random key (shape ()), got a batch of keys of "
+                f"shape {np.shape(key)}"
+            )
         return key
     if dtype == jnp.uint32 and np.shape(key) == (2,):
         return key
+    if dtype == jnp.uint32 and np.shape(key)[-1:] == (2,):
+        raise ValueError(
+            f"{name} must be a single jax.random key (raw: uint32[2]), got a batch of raw keys "
+            f"of shape {np.shape(key)}"
+        )
     raise ValueError(f"{name} must be a jax.random key, got {type(key).__name__}")

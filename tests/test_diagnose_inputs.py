@@ -1,0 +1,84 @@
+"""``geomcollapse.diagnose`` on malformed input: one ``ValueError`` line naming the argument.
+
+A small float64 MLP (4 → 10 → 3, 83 parameters, dense route unless asked
+otherwise) with a KL skill loss minimal at ``θ*`` and a cross-entropy task.
+Each case is a defect a probe found: a raw JAX error from the user's own
+functions, a non-finite loss accepted, Lanczos-only options unchecked on the
+dense route, a numpy scalar refused, a batch of keys accepted, a malformed
+``aic`` entry in ``Diagnosis.from_dict``.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import geomcollapse
+from geomcollapse._checks import prng_key
+
+RNG = np.random.default_rng(0)
+D_IN, H, C = 4, 10, 3
+PARAMS = {
+    "W1": jnp.asarray(RNG.standard_normal((D_IN, H)) * 0.7),
+    "b1": jnp.asarray(RNG.standard_normal(H) * 0.1),
+    "W2": jnp.asarray(RNG.standard_normal((H, C)) * 0.7),
+    "b2": jnp.asarray(RNG.standard_normal(C) * 0.1),
+}
+XS = jnp.asarray(RNG.standard_normal((40, D_IN)))
+XT = jnp.asarray(RNG.standard_normal((40, D_IN)))
+YT = jnp.asarray(RNG.integers(0, C, 40))
+
+
+def logits(p, x):
+    return jnp.tanh(x @ p["W1"] + p["b1"]) @ p["W2"] + p["b2"]
+
+
+REF = logits(PARAMS, XS)
+
+
+def skill_kl(p, x, r):  # mean KL(p_θ* ‖ p_θ): minimal at θ*
+    lp, lq = jax.nn.log_softmax(r), jax.nn.log_softmax(logits(p, x))
+    return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - lq), -1))
+
+
+def nll(p, x, y):
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits(p, x)), y[:, None], 1))
+
+
+def skill_logits(p, x, *_):
+    return logits(p, x)
+
+
+GOOD = {
+    "skill_args": (XS, REF),
+    "task_args": (XT, YT),
+    "skill_logits": skill_logits,
+    "d": 3,
+    "order": 2,
+}
+
+
+def _diagnose(**change):
+    kw = {**GOOD, "key": jax.random.key(1), **change}
+    skill, task = kw.pop("skill_loss", skill_kl), kw.pop("task_loss", nll)
+    return geomcollapse.diagnose(skill, task, kw.pop("params", PARAMS), **kw)
+
+
+# ------------------------------------------------------------------ key
+
+
+@pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
+def test_a_batch_of_keys_is_refused_on_every_route(spectrum):
+    with pytest.raises(ValueError, match=r"^key must be a single jax.random key .*\(2,\)"):
+        _diagnose(key=jax.random.split(jax.random.key(0), 2), spectrum=spectrum)
+
+
+def test_prng_key_takes_one_key_typed_or_raw():
+    assert prng_key(jax.random.key(0)).shape == ()
+    assert prng_key(jax.random.PRNGKey(0)).shape == (2,)
+    with pytest.raises(ValueError, match=r"^key must be a single jax.random key .*\(3,\)"):
+        prng_key(jax.random.split(jax.random.key(0), 3))
+    with pytest.raises(ValueError, match=r"^seed must be a single jax.random key .*\(2, 2\)"):
+        prng_key(jax.random.split(jax.random.PRNGKey(0), 2), "seed")
+    with pytest.raises(ValueError, match=r"^key must be a jax.random key"):
+        prng_key(jnp.array([1.0, 2.0]))
