@@ -109,9 +109,12 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+_NOT_NUMBERS = (str, bytes, bool, np.bool_)  # float() reads them, but they are no numbers
+
+
 def positive_float(value: Any, name: str) -> float:
     """Return ``value`` as a float, raising unless it is a finite number > 0 (not a string)."""
-    if isinstance(value, (str, bytes, bool)):
+    if isinstance(value, _NOT_NUMBERS):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         out = float(value)
@@ -119,6 +122,23 @@ def positive_float(value: Any, name: str) -> float:
         raise ValueError(f"{name} must be a positive number, got {value!r}") from None
     if not np.isfinite(out) or out <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def open_unit_float(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a number in ``(0, 1)``.
+
+    Python and numpy numbers (``np.float32(0.9)``) alike; strings, bytes and
+    bools are refused.
+    """
+    out = None
+    if not isinstance(value, _NOT_NUMBERS):
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            pass
+    if out is None or not 0.0 < out < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return out
 
 

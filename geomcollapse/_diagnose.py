@@ -31,7 +31,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import aic, curvature, linalg, series, theory
-from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
+from geomcollapse._checks import (
+    finite_leaves,
+    open_unit_float,
+    positive_float,
+    positive_int,
+    prng_key,
+)
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import (
     Layout,
@@ -638,9 +644,7 @@ def diagnose(
         if d >= n:
             raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
     max_d = min(positive_int(max_d, "max_d"), n - 1)
-    share = float(share) if isinstance(share, (int, float)) else share
-    if not isinstance(share, float) or not 0.0 < share < 1.0:
-        raise ValueError(f"share must be a number in (0, 1), got {share!r}")
+    share = open_unit_float(share, "share")
     lr = None if lr is None else positive_float(lr, "lr")
     steps = None if steps is None else positive_int(steps, "steps")
     threshold = None if threshold is None else positive_float(threshold, "threshold")

@@ -82,3 +82,23 @@ def test_prng_key_takes_one_key_typed_or_raw():
         prng_key(jax.random.split(jax.random.PRNGKey(0), 2), "seed")
     with pytest.raises(ValueError, match=r"^key must be a jax.random key"):
         prng_key(jnp.array([1.0, 2.0]))
+
+
+# ------------------------------------------------------------------ numbers
+
+
+def test_numpy_scalars_are_numbers_strings_and_bools_are_not():
+    """``share=np.float32(0.9)`` reads as 0.9 (it was refused); ``'0.9'``, ``b'0.9'``,
+    ``True`` and ``np.True_`` stay refused, here and in ``positive_float``."""
+    kw = {"d": None, "spectrum": "dense"}
+    expected = _diagnose(share=0.9, **kw)
+    for share in (np.float32(0.9), np.float64(0.9), jnp.float32(0.9)):
+        dg = _diagnose(share=share, **kw)
+        assert dg.share == pytest.approx(0.9) and dg.d == expected.d
+    for share in ("0.9", b"0.9", True, np.True_, [0.9], None, 1.0, np.float32(0.0)):
+        with pytest.raises(ValueError, match=r"^share must be a number in \(0, 1\)"):
+            _diagnose(share=share, **kw)
+    for lr in ("0.1", b"0.1", True, np.True_):
+        with pytest.raises(ValueError, match=r"^lr must be a positive number"):
+            _diagnose(lr=lr)
+    assert _diagnose(lr=np.float32(0.5), steps=np.int64(2)).planned_time == pytest.approx(1.0)
