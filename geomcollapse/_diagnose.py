@@ -419,10 +419,29 @@ def _args_tuple(args: Any, name: str) -> tuple:
     return tuple(args)
 
 
-def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str) -> None:
+def _evaluate_abstractly(fn: Callable, args: tuple, name: str, call: str) -> Any:
+    """``jax.eval_shape(fn, *args)``: the user's function traced once, nothing computed.
+
+    Whatever it raises (a wrong feature size in the data, too few arguments, a
+    missing key in ``params``) becomes one ``ValueError`` line naming ``name``
+    and the ``call`` that failed, instead of a JAX traceback from deep inside
+    the diagnosis; the original is chained (``__cause__``) for debugging.
+    """
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as err:  # any failure of a user function is reported in one line
+        raise ValueError(
+            f"{name}: calling {call} failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from err
+
+
+def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str, call: str) -> None:
+    """Raise unless ``fn(params, *args)`` (``call`` in messages) runs and returns a
+    floating scalar."""
     if not callable(fn):
         raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
-    out = jax.eval_shape(fn, params, *args)
+    out = _evaluate_abstractly(fn, (params, *args), name, call)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(
             f"{name} must return a floating scalar, got {getattr(out, 'shape', type(out))} "
@@ -447,7 +466,9 @@ def _fisher_operator(
                 "skill_logits is required for fisher='true': the logits whose softmax is the "
                 "skill's output distribution, skill_logits(params, *skill_args) -> (..., C)"
             )
-        out = jax.eval_shape(skill_logits, params, *skill_args)
+        out = _evaluate_abstractly(
+            skill_logits, (params, *skill_args), "skill_logits", "skill_logits(params, *skill_args)"
+        )
         shape = getattr(out, "shape", None)
         if shape is None or not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(
@@ -471,6 +492,11 @@ def _fisher_operator(
             "skill_args must hold arrays sharing one leading example axis for fisher="
             f"'empirical' (per-example gradients), got leading sizes {sorted(map(str, sizes))}"
         )
+    # per-example gradients call skill_loss on batches of one example
+    first = tuple(jax.tree.map(lambda a: a[:1], skill_args))
+    _scalar_loss(
+        skill_loss, params, first, "skill_loss", "skill_loss(params, *skill_args) on one example"
+    )
     return _cached(_empirical_fvp, skill_loss), "empirical"
 
 
@@ -478,13 +504,9 @@ def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) ->
     """A custom ``fisher(params, v, *skill_args)`` must return floating arrays shaped like
     ``params``; one of another floating dtype (a float64 ``F v`` for float32 params) is
     cast to ``params``' dtypes. Returns the matvec to use."""
-    try:
-        out = jax.eval_shape(fisher, params, params, *skill_args)
-    except Exception as err:  # any failure of the user's matvec is reported in one line
-        raise ValueError(
-            f"fisher: calling fisher(params, v, *skill_args) failed: {type(err).__name__}: "
-            f"{' '.join(str(err).split())[:300]}"
-        ) from None
+    out = _evaluate_abstractly(
+        fisher, (params, params, *skill_args), "fisher", "fisher(params, v, *skill_args)"
+    )
     want = jax.tree_util.tree_structure(params)
     got = jax.tree_util.tree_structure(out)
 
@@ -653,9 +675,11 @@ def diagnose(
         raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
     if trace not in ("auto", "exact", "hutchinson"):
         raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
-    _scalar_loss(skill_loss, params, skill_args, "skill_loss")
-    _scalar_loss(task_loss, params, task_args, "task_loss")
+    # the Fisher first: fisher='empirical' names mismatched example axes before skill_loss
+    # trips over them
     fvp, fisher_name = _fisher_operator(fisher, skill_loss, skill_logits, params, skill_args)
+    _scalar_loss(skill_loss, params, skill_args, "skill_loss", "skill_loss(params, *skill_args)")
+    _scalar_loss(task_loss, params, task_args, "task_loss", "task_loss(params, *task_args)")
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
     if spectrum not in ("auto", "dense", "lanczos"):

@@ -102,3 +102,75 @@ def test_numpy_scalars_are_numbers_strings_and_bools_are_not():
         with pytest.raises(ValueError, match=r"^lr must be a positive number"):
             _diagnose(lr=lr)
     assert _diagnose(lr=np.float32(0.5), steps=np.int64(2)).planned_time == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ the user's functions
+
+
+def _raises(p, x, *_):
+    raise RuntimeError("boom")
+
+
+WITHOUT_B2 = {k: v for k, v in PARAMS.items() if k != "b2"}
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        (  # wrong feature size: the logits (evaluated first) and then the loss trip over it
+            {"skill_args": (XS[:, :3], REF)},
+            r"^skill_logits: calling skill_logits\(params, \*skill_args\) failed: TypeError: "
+            r"dot_general",
+        ),
+        (
+            {"skill_args": (XS[:, :3], REF), "fisher": "empirical"},
+            r"^skill_loss: calling skill_loss\(params, \*skill_args\) on one example failed: "
+            r"TypeError: dot_general",
+        ),
+        (
+            {"skill_args": (XS,)},
+            r"^skill_loss: calling skill_loss\(params, \*skill_args\) failed: TypeError: "
+            r"skill_kl\(\) missing 1 required positional argument: 'r'",
+        ),
+        (
+            {"task_args": (XT[:, :3], YT)},
+            r"^task_loss: calling task_loss\(params, \*task_args\) failed: TypeError: dot_general",
+        ),
+        (
+            {"task_args": (XT,)},
+            r"^task_loss: calling task_loss\(params, \*task_args\) failed: TypeError: nll\(\)",
+        ),
+        (
+            {"params": WITHOUT_B2},
+            r"^skill_logits: calling skill_logits\(params, \*skill_args\) failed: KeyError: 'b2'",
+        ),
+        (
+            {"params": WITHOUT_B2, "fisher": "empirical"},
+            r"^skill_loss: calling .* failed: KeyError: 'b2'",
+        ),
+        (
+            {"skill_logits": _raises},
+            r"^skill_logits: calling skill_logits\(params, \*skill_args\) failed: "
+            r"RuntimeError: boom$",
+        ),
+        ({"skill_loss": _raises}, r"^skill_loss: calling .* failed: RuntimeError: boom$"),
+        ({"task_loss": _raises}, r"^task_loss: calling .* failed: RuntimeError: boom$"),
+        (  # mismatched example axes are named before skill_loss trips over them
+            {"skill_args": (XS, REF[:10]), "fisher": "empirical"},
+            r"^skill_args must hold arrays sharing one leading example axis .*\['10', '40'\]",
+        ),
+        (
+            {"fisher": lambda p, v, *a: 1 / 0},
+            r"^fisher: calling fisher\(params, v, \*skill_args\) failed: ZeroDivisionError",
+        ),
+    ],
+)
+def test_a_failing_user_function_is_one_value_error_naming_it(change, pattern):
+    """Each user function is evaluated once abstractly up front (``jax.eval_shape``): what it
+    raises becomes one ``ValueError`` line (was a raw TypeError/KeyError from deep inside JAX),
+    chained from the original."""
+    with pytest.raises(ValueError, match=pattern) as info:
+        _diagnose(**change)
+    assert "\n" not in str(info.value)
+    if "calling" in str(info.value):
+        assert info.value.__cause__ is not None  # the original, for debugging
