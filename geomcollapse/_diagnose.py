@@ -637,7 +637,9 @@ def diagnose(
 
     Raises:
       ValueError: a bad argument (named in the message), non-finite ``params``,
-        a loss that is not a scalar, or a skill Fisher that vanishes at ``θ*``.
+        a user function that raises (evaluated once abstractly up front), a loss
+        that is not a scalar or whose value or derivatives at ``θ*`` are not
+        finite (the mean over an empty batch), or a skill Fisher that vanishes at ``θ*``.
     """
     finite_leaves(params, "params")
     key = prng_key(key)
@@ -899,7 +901,20 @@ class _AtD(NamedTuple):
     overlap: Callable[[float], tuple[np.ndarray, float]]  # t_h ↦ (Px(t_h) coordinates, ‖x(t_h)‖)
 
 
-def _check_derivatives(task_ok: bool, skill_gradient_ok: bool, delta_u: np.ndarray) -> None:
+def _check_derivatives(
+    values: tuple[float, float], task_ok: bool, skill_gradient_ok: bool, delta_u: np.ndarray
+) -> None:
+    """Raise unless the losses' values ``(u(θ*), L(θ*))`` and derivatives at ``θ*`` are finite.
+
+    The values first: a loss that is ``nan`` at ``θ*`` (the mean over an empty
+    batch) can still have finite, zero, derivatives, and would forecast nothing.
+    """
+    for name, value in zip(("skill_loss", "task_loss"), values, strict=True):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{name}: its value at params is {value}, not finite (e.g. a mean over an "
+                f"empty batch in {name[:-5]}_args)"
+            )
     checks = (("task_loss", task_ok), ("skill_loss", skill_gradient_ok))
     for name, ok in (*checks, ("skill_loss", bool(np.all(np.isfinite(delta_u))))):
         if not ok:
@@ -910,14 +925,19 @@ def _at_d_flat(
     sp, skill_loss, task_loss, order, params, skill_args, task_args, dtype, *, done
 ) -> _AtD:
     """The series, ``∇u(θ*)`` and the AIC at ``d`` with vectors as float64 ``(n,)`` host rows."""
-    s, grad_u = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
+    s, grad_u, values = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
     c_du = np.asarray(s.delta_u, np.float64)
     xs = np.concatenate(  # x₁ … x_K as (K, n) rows, ravel_pytree order
         [np.reshape(a, (order, -1)) for a in jax.tree.leaves(s.displacement)], axis=1
     ).astype(np.float64)
     grad_u = np.asarray(grad_u, np.float64)
     g, Hg = -xs[0], 2.0 * xs[1]  # x₁ = −g, x₂ = ½Hg (docs/theory.md §6)
-    _check_derivatives(bool(np.all(np.isfinite(xs))), bool(np.all(np.isfinite(grad_u))), c_du)
+    _check_derivatives(
+        tuple(float(v) for v in values),
+        bool(np.all(np.isfinite(xs))),
+        bool(np.all(np.isfinite(grad_u))),
+        c_du,
+    )
     done("forecast")
     d, lam, Vd = sp.d, sp.values, sp.vectors[: sp.d]
     subspace = Subspace(
@@ -961,14 +981,23 @@ def _at_d_sharded(
     s = series.delta_u_series(
         skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
     )
-    grad_u_norm, grad_u_ok = jax.device_get(
-        _tree_skill_gradient(aic._hashable(skill_loss), layout, params, skill_args)
+    grad_u_norm, grad_u_ok, values = jax.device_get(
+        _tree_skill_gradient(
+            aic._hashable(skill_loss),
+            aic._hashable(task_loss),
+            layout,
+            params,
+            skill_args,
+            task_args,
+        )
     )
     d, lam = sp.d, sp.values
     basis = _tree_leading(sp.vectors, d, layout)
     g, Hg, ys, xs_ok = _tree_task_vectors(s.displacement, basis, layout)
     c_du = np.asarray(jax.device_get(s.delta_u), np.float64)
-    _check_derivatives(bool(jax.device_get(xs_ok)), bool(grad_u_ok), c_du)
+    _check_derivatives(
+        tuple(float(v) for v in values), bool(jax.device_get(xs_ok)), bool(grad_u_ok), c_du
+    )
     done("forecast")
     put = layout.put
     subspace = Subspace(
@@ -1011,12 +1040,15 @@ def _all_finite(tree: PyTree) -> jax.Array:
     )
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _tree_skill_gradient(skill_loss, layout: Layout, params: PyTree, skill_args: tuple):
-    """``‖∇u(θ*)‖`` and whether ``∇u(θ*)`` is finite (``∇u`` laid out like ``params``)."""
-    grad = jax.grad(skill_loss)(params, *skill_args)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _tree_skill_gradient(
+    skill_loss, task_loss, layout: Layout, params: PyTree, skill_args: tuple, task_args: tuple
+):
+    """``‖∇u(θ*)‖``, whether ``∇u(θ*)`` is finite (``∇u`` laid out like ``params``) and the
+    losses' values ``(u(θ*), L(θ*))``."""
+    value, grad = jax.value_and_grad(skill_loss)(params, *skill_args)
     grad = jax.lax.with_sharding_constraint(grad, layout.shardings)
-    return tree_norm(grad), _all_finite(grad)
+    return tree_norm(grad), _all_finite(grad), (value, task_loss(params, *task_args))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -1049,11 +1081,16 @@ def _tree_overlap(displacement: PyTree, basis: PyTree, powers: jax.Array, layout
 
 
 def _at_theta_star(skill_loss, task_loss, order, params, skill_args, task_args):
-    """The Taylor series (no subspace) and the raveled ``∇u(θ*)``."""
+    """The Taylor series (no subspace), the raveled ``∇u(θ*)`` and ``(u(θ*), L(θ*))``.
+
+    ``u(θ*)`` comes with its gradient; ``L(θ*)`` is one forward pass in the same
+    compiled call (the series differentiates ``L`` but never returns its value).
+    """
     s = series.delta_u_series(
         skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
     )
-    return s, ravel_pytree(jax.grad(skill_loss)(params, *skill_args))[0]
+    value, grad = jax.value_and_grad(skill_loss)(params, *skill_args)
+    return s, ravel_pytree(grad)[0], (value, task_loss(params, *task_args))
 
 
 _JITTED_AT_THETA_STAR = {
@@ -1065,8 +1102,8 @@ _JITTED_AT_THETA_STAR = {
 
 
 def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
-    """:func:`series.delta_u_series` (no subspace) and ``∇u(θ*)``, compiled once per losses,
-    order and shapes.
+    """:func:`series.delta_u_series` (no subspace), ``∇u(θ*)`` and the losses' values at
+    ``θ*``, compiled once per losses, order and shapes.
 
     ``g = −x₁`` and ``Hg = 2x₂`` come with the series, so the whole at-``θ*``
     differentiation is one compiled call. ``delta_u_series`` alone compiles

@@ -174,3 +174,30 @@ def test_a_failing_user_function_is_one_value_error_naming_it(change, pattern):
     assert "\n" not in str(info.value)
     if "calling" in str(info.value):
         assert info.value.__cause__ is not None  # the original, for debugging
+
+
+# ------------------------------------------------------------------ non-finite losses
+
+
+@pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
+def test_a_loss_that_is_not_finite_at_params_is_refused(spectrum):
+    """An empty task batch makes the mean ``nan`` while its gradient is 0: diagnose returned
+    ``time_scale = inf`` and every coefficient 0. Now refused, naming the loss."""
+    with pytest.raises(ValueError, match=r"^task_loss: its value at params is nan, not finite"):
+        _diagnose(task_args=(XT[:0], YT[:0]), spectrum=spectrum)
+    with pytest.raises(ValueError, match=r"^skill_loss: its value at params is inf, not finite"):
+        _diagnose(skill_loss=lambda p, x, r: skill_kl(p, x, r) + jnp.inf, spectrum=spectrum)
+    # a finite value with an infinite slope (√ at 0): the derivative check, as before
+    with pytest.raises(ValueError, match=r"^task_loss has non-finite derivatives at params"):
+        _diagnose(task_loss=lambda p, x, y: nll(p, x, y) + jnp.sqrt(p["b2"][0] - PARAMS["b2"][0]))
+
+
+def test_a_correct_diagnosis_is_unchanged_by_the_checks():
+    """The values checked come with the forecast's compiled call; the numbers are those of
+    direct derivatives."""
+    dg = _diagnose(d=None, order=4, lr=0.05, steps=30)
+    g = jax.grad(nll)(PARAMS, XT, YT)
+    g_norm = float(np.sqrt(sum(float(jnp.sum(a**2)) for a in jax.tree.leaves(g))))
+    assert dg.task_gradient_norm == pytest.approx(g_norm, rel=1e-12)
+    assert dg.skill_gradient_norm < 1e-12  # θ* is the KL's minimum
+    assert np.all(np.isfinite(dg.delta_u_coefficients)) and np.isfinite(dg.time_scale)
