@@ -436,6 +436,60 @@ def _evaluate_abstractly(fn: Callable, args: tuple, name: str, call: str) -> Any
         ) from err
 
 
+def _dense_route(spectrum: Any, trace: Any, n: int, sharded: bool) -> bool:
+    """Whether ``F`` is formed densely (``spectrum``, ``n``, sharded ``params``); raises on
+    a bad ``spectrum`` or ``trace`` and on ``trace='hutchinson'`` with the dense route, whose
+    ``tr F`` is read exactly off ``F``'s diagonal (an estimate there would only add noise)."""
+    if spectrum not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    if spectrum == "dense" and n > DENSE_MAX_N:
+        raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
+    if spectrum == "dense" and sharded:
+        raise ValueError(
+            "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
+            "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
+        )
+    dense = not sharded and (spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N))
+    if dense and trace == "hutchinson":
+        raise ValueError(
+            f"trace='hutchinson' is the Lanczos route's estimate; the dense route (spectrum="
+            f"{spectrum!r}, n={n} ≤ {DENSE_MAX_N}) reads tr F exactly off F's diagonal: pass "
+            "spectrum='lanczos' for a Hutchinson trace"
+        )
+    return dense
+
+
+def _lanczos_options(
+    tol: Any, max_matvecs: Any, num_probes: Any, dtype: Any, n: int, first_k: int
+) -> tuple[float, int | None, int]:
+    """``(tol, max_matvecs, num_probes)`` checked as the Lanczos route checks them
+    (:func:`geomcollapse.linalg.top_eigenpairs`, :func:`geomcollapse.aic.fisher_trace`),
+    whatever the route, so that a bad value is refused on the dense route too; ``tol``
+    defaults to ``max(1e-8, 100·eps)``. ``first_k``: the pairs Lanczos computes first."""
+    if tol is None:
+        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+    tol = positive_float(tol, "tol")
+    if tol < linalg.min_certifiable_tol(dtype):
+        raise ValueError(
+            f"tol={tol:g} is below what {jnp.dtype(dtype).name} can certify "
+            f"(min_certifiable_tol = 8·eps = {linalg.min_certifiable_tol(dtype):.2g}): "
+            "raise tol or work in float64 (jax_enable_x64)"
+        )
+    if max_matvecs is not None:
+        max_matvecs = positive_int(max_matvecs, "max_matvecs")
+        if min(max_matvecs, n) < first_k:
+            raise ValueError(
+                f"max_matvecs={max_matvecs} is smaller than k={first_k}, the eigenpairs "
+                "Lanczos computes first"
+            )
+    num_probes = positive_int(num_probes, "num_probes")
+    if num_probes < 2:
+        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    return tol, max_matvecs, num_probes
+
+
 def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str, call: str) -> None:
     """Raise unless ``fn(params, *args)`` (``call`` in messages) runs and returns a
     floating scalar."""
@@ -628,7 +682,10 @@ def diagnose(
       tol: Lanczos eigenpair tolerance (default as :func:`geomcollapse.aic.measure_aic`).
       max_matvecs: Lanczos budget per run.
       num_probes: Hutchinson probes (Lanczos route with ``n > 4096`` or ``trace='hutchinson'``).
-      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'`` (the Lanczos route's trace).
+      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'``: the Lanczos route's trace. The
+        dense route reads ``tr F`` exactly off ``F``'s diagonal and refuses
+        ``'hutchinson'`` (pass ``spectrum='lanczos'`` with it). ``tol``, ``max_matvecs``
+        and ``num_probes`` are checked on every route, though only Lanczos reads them.
       spectrum: ``'auto'``, ``'dense'`` or ``'lanczos'``.
       progress: a progress bar over the stages.
 
@@ -675,24 +732,15 @@ def diagnose(
     if lr is None and (steps is not None or threshold is not None):
         which = "steps" if steps is not None else "threshold"
         raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
-    if trace not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    dense = _dense_route(spectrum, trace, n, layout is not None)
+    tol, max_matvecs, num_probes = _lanczos_options(
+        tol, max_matvecs, num_probes, dtype, n, d if d is not None else min(FIRST_K, max_d)
+    )
     # the Fisher first: fisher='empirical' names mismatched example axes before skill_loss
     # trips over them
     fvp, fisher_name = _fisher_operator(fisher, skill_loss, skill_logits, params, skill_args)
     _scalar_loss(skill_loss, params, skill_args, "skill_loss", "skill_loss(params, *skill_args)")
     _scalar_loss(task_loss, params, task_args, "task_loss", "task_loss(params, *task_args)")
-    if tol is None:
-        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
-    if spectrum not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
-    if spectrum == "dense" and n > DENSE_MAX_N:
-        raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
-    if spectrum == "dense" and layout is not None:
-        raise ValueError(
-            "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
-            "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
-        )
 
     stages = ("spectrum", "forecast", "AIC")
     bar = progress_bar(total=len(stages), desc="diagnose", enabled=progress)
@@ -739,7 +787,7 @@ def diagnose(
                 )
 
             sp = krylov(tree_matvec, params, tree_trace, host_vectors=False)
-        elif spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N):
+        elif dense:
             op = _cached(_flat_operator, fvp)
             sp = _dense_spectrum(op, n, (params, skill_args), fisher_name, share, max_d, d)
         else:

@@ -201,3 +201,40 @@ def test_a_correct_diagnosis_is_unchanged_by_the_checks():
     assert dg.task_gradient_norm == pytest.approx(g_norm, rel=1e-12)
     assert dg.skill_gradient_norm < 1e-12  # θ* is the KL's minimum
     assert np.all(np.isfinite(dg.delta_u_coefficients)) and np.isfinite(dg.time_scale)
+
+
+# ------------------------------------------------------------------ Lanczos-only options
+
+
+@pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"tol": -1.0}, r"^tol must be a finite number > 0, got -1.0"),
+        ({"tol": float("nan")}, r"^tol must be a finite number > 0"),
+        ({"tol": "1e-6"}, r"^tol must be a positive number, got '1e-6'"),
+        ({"tol": 1e-17}, r"^tol=1e-17 is below what float64 can certify"),
+        ({"max_matvecs": 0}, r"^max_matvecs must be an integer >= 1, got 0"),
+        ({"max_matvecs": 2.5}, r"^max_matvecs must be an integer >= 1"),
+        ({"max_matvecs": 2}, r"^max_matvecs=2 is smaller than k=3"),
+        ({"num_probes": 0}, r"^num_probes must be an integer >= 1, got 0"),
+        ({"num_probes": 1}, r"^num_probes must be ≥ 2 for a standard error"),
+    ],
+)
+def test_lanczos_options_are_checked_on_every_route(change, pattern, spectrum):
+    """The dense route reads none of them, but took invalid values silently."""
+    with pytest.raises(ValueError, match=pattern):
+        _diagnose(spectrum=spectrum, **change)
+
+
+@pytest.mark.parametrize("spectrum", ["auto", "dense"])
+def test_a_hutchinson_trace_is_refused_on_the_dense_route(spectrum):
+    """The dense route reads ``tr F`` exactly off ``F``'s diagonal; ``trace='hutchinson'`` was
+    ignored there (the result said ``trace_method='exact'``)."""
+    with pytest.raises(
+        ValueError, match=r"^trace='hutchinson' is the Lanczos route's .*spectrum='lanczos'"
+    ):
+        _diagnose(spectrum=spectrum, trace="hutchinson")
+    assert _diagnose(spectrum=spectrum, trace="exact").trace_method == "exact"
+    dg = _diagnose(spectrum="lanczos", trace="hutchinson", num_probes=8)
+    assert dg.trace_method == "hutchinson" and dg.spectrum_method == "lanczos"
