@@ -212,17 +212,10 @@ class Diagnosis:
             raise ValueError(f"data must hold exactly the fields {sorted(names)}, got {got}")
         values = {}
         for name, value in data.items():
-            if name == "aic":
-                report = {k: _decode(v) for k, v in value.items()}
-                report["d"] = int(report["d"])
-                report["converged"] = bool(report["converged"])
-                values[name] = theory.AICReport(**report)
-            elif name in _TEXT_FIELDS:
-                values[name] = tuple(value) if isinstance(value, list) else value
-            elif name in _INT_FIELDS:
-                values[name] = None if value is None else int(value)
-            else:
-                values[name] = _decode(value)
+            try:
+                values[name] = _decode_field(name, value)
+            except (TypeError, ValueError) as err:  # a malformed entry: one line naming it
+                raise ValueError(f"data[{name!r}] is malformed: {err}") from err
         return cls(**values)
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -277,6 +270,30 @@ def _encode(value: Any) -> Any:
     if math.isfinite(value):
         return value
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode_field(name: str, value: Any) -> Any:
+    """The field ``name`` of a :class:`Diagnosis` from its :meth:`Diagnosis.to_dict` form."""
+    if name == "aic":
+        fields = set(theory.AICReport._fields)
+        if not isinstance(value, dict) or set(value) != fields:
+            got = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(f"it must hold exactly the fields {sorted(fields)}, got {got}")
+        report = {k: _decode(v) for k, v in value.items()}
+        for k, v in report.items():  # eigen_residuals the one list, the rest single values
+            if isinstance(v, tuple) != (k == "eigen_residuals"):
+                raise ValueError(
+                    f"{k} must be {'a list' if k == 'eigen_residuals' else 'a number'}, "
+                    f"got {value[k]!r}"
+                )
+        report["d"] = int(report["d"])
+        report["converged"] = bool(report["converged"])
+        return theory.AICReport(**report)
+    if name in _TEXT_FIELDS:
+        return tuple(value) if isinstance(value, list) else value
+    if name in _INT_FIELDS:
+        return None if value is None else int(value)
+    return _decode(value)
 
 
 def _decode(value: Any) -> Any:

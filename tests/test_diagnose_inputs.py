@@ -238,3 +238,48 @@ def test_a_hutchinson_trace_is_refused_on_the_dense_route(spectrum):
     assert _diagnose(spectrum=spectrum, trace="exact").trace_method == "exact"
     dg = _diagnose(spectrum="lanczos", trace="hutchinson", num_probes=8)
     assert dg.trace_method == "hutchinson" and dg.spectrum_method == "lanczos"
+
+
+# ------------------------------------------------------------------ Diagnosis.from_dict
+
+
+def _drop(key):
+    return lambda aic: {k: v for k, v in aic.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "field, change, pattern",
+    [
+        ("aic", _drop("coupling"), r"^data\['aic'\] is malformed: it must hold exactly the fields"),
+        ("aic", lambda aic: {**aic, "extra": 1}, r"^data\['aic'\] is malformed: .*'extra'"),
+        ("aic", lambda aic: 3, r"^data\['aic'\] is malformed: .*got int$"),
+        ("aic", lambda aic: None, r"^data\['aic'\] is malformed: .*got NoneType$"),
+        ("aic", lambda aic: {**aic, "d": "three"}, r"^data\['aic'\] is malformed"),
+        (
+            "aic",
+            lambda aic: {**aic, "tail_mass": [1]},
+            r"^data\['aic'\] is malformed: tail_mass must be a number, got \[1\]$",
+        ),
+        (
+            "aic",
+            lambda aic: {**aic, "eigen_residuals": 0.0},
+            r"^data\['aic'\] is malformed: eigen_residuals must be a list, got 0.0$",
+        ),
+        ("n", lambda n: "x", r"^data\['n'\] is malformed"),
+        ("n", lambda n: [n], r"^data\['n'\] is malformed"),
+        ("trace", lambda t: {"value": t}, r"^data\['trace'\] is malformed"),
+        ("eigenvalues", lambda e: "abc", r"^data\['eigenvalues'\] is malformed"),
+    ],
+)
+def test_from_dict_refuses_a_malformed_entry_naming_it(diagnosis_dict, field, change, pattern):
+    """A malformed ``aic`` raised TypeError/AttributeError, not the documented ValueError."""
+    data = {**diagnosis_dict, field: change(diagnosis_dict[field])}
+    with pytest.raises(ValueError, match=pattern):
+        geomcollapse.Diagnosis.from_dict(data)
+    back = geomcollapse.Diagnosis.from_dict(diagnosis_dict)
+    assert back.to_dict() == diagnosis_dict
+
+
+@pytest.fixture(scope="module")
+def diagnosis_dict():
+    return _diagnose().to_dict()
