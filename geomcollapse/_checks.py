@@ -109,9 +109,12 @@ def positive_int(value: Any, name: str) -> int:
     return int(value)
 
 
+_NOT_NUMBERS = (str, bytes, bool, np.bool_)  # float() reads them, but they are no numbers
+
+
 def positive_float(value: Any, name: str) -> float:
     """Return ``value`` as a float, raising unless it is a finite number > 0 (not a string)."""
-    if isinstance(value, (str, bytes, bool)):
+    if isinstance(value, _NOT_NUMBERS):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     try:
         out = float(value)
@@ -119,6 +122,23 @@ def positive_float(value: Any, name: str) -> float:
         raise ValueError(f"{name} must be a positive number, got {value!r}") from None
     if not np.isfinite(out) or out <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return out
+
+
+def open_unit_float(value: Any, name: str) -> float:
+    """Return ``value`` as a float, raising unless it is a number in ``(0, 1)``.
+
+    Python and numpy numbers (``np.float32(0.9)``) alike; strings, bytes and
+    bools are refused.
+    """
+    out = None
+    if not isinstance(value, _NOT_NUMBERS):
+        try:
+            out = float(value)
+        except (TypeError, ValueError):
+            pass
+    if out is None or not 0.0 < out < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return out
 
 
@@ -131,12 +151,26 @@ def subspace_dim(value: Any, n: int) -> int:
 
 
 def prng_key(key: Any, name: str = "key") -> jax.Array:
-    """Raise unless ``key`` is a JAX PRNG key (typed or raw uint32[2])."""
+    """Raise unless ``key`` is one JAX PRNG key: typed of shape ``()``, or raw uint32[2].
+
+    A batch of keys (``jax.random.split(key, 2)``) is refused: every consumer
+    splits or folds one key.
+    """
     if key is None:
         raise ValueError(f"{name} is required: pass a jax.random key")
     dtype = getattr(key, "dtype", None)
     if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        if np.shape(key) != ():
+            raise ValueError(
+                f"{name} must be a single jax.random key (shape ()), got a batch of keys of "
+                f"shape {np.shape(key)}"
+            )
         return key
     if dtype == jnp.uint32 and np.shape(key) == (2,):
         return key
+    if dtype == jnp.uint32 and np.shape(key)[-1:] == (2,):
+        raise ValueError(
+            f"{name} must be a single jax.random key (raw: uint32[2]), got a batch of raw keys "
+            f"of shape {np.shape(key)}"
+        )
     raise ValueError(f"{name} must be a jax.random key, got {type(key).__name__}")

@@ -31,7 +31,13 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import aic, curvature, linalg, series, theory
-from geomcollapse._checks import finite_leaves, positive_float, positive_int, prng_key
+from geomcollapse._checks import (
+    finite_leaves,
+    open_unit_float,
+    positive_float,
+    positive_int,
+    prng_key,
+)
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import (
     Layout,
@@ -206,17 +212,10 @@ class Diagnosis:
             raise ValueError(f"data must hold exactly the fields {sorted(names)}, got {got}")
         values = {}
         for name, value in data.items():
-            if name == "aic":
-                report = {k: _decode(v) for k, v in value.items()}
-                report["d"] = int(report["d"])
-                report["converged"] = bool(report["converged"])
-                values[name] = theory.AICReport(**report)
-            elif name in _TEXT_FIELDS:
-                values[name] = tuple(value) if isinstance(value, list) else value
-            elif name in _INT_FIELDS:
-                values[name] = None if value is None else int(value)
-            else:
-                values[name] = _decode(value)
+            try:
+                values[name] = _decode_field(name, value)
+            except (TypeError, ValueError) as err:  # a malformed entry: one line naming it
+                raise ValueError(f"data[{name!r}] is malformed: {err}") from err
         return cls(**values)
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -271,6 +270,30 @@ def _encode(value: Any) -> Any:
     if math.isfinite(value):
         return value
     return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode_field(name: str, value: Any) -> Any:
+    """The field ``name`` of a :class:`Diagnosis` from its :meth:`Diagnosis.to_dict` form."""
+    if name == "aic":
+        fields = set(theory.AICReport._fields)
+        if not isinstance(value, dict) or set(value) != fields:
+            got = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(f"it must hold exactly the fields {sorted(fields)}, got {got}")
+        report = {k: _decode(v) for k, v in value.items()}
+        for k, v in report.items():  # eigen_residuals the one list, the rest single values
+            if isinstance(v, tuple) != (k == "eigen_residuals"):
+                raise ValueError(
+                    f"{k} must be {'a list' if k == 'eigen_residuals' else 'a number'}, "
+                    f"got {value[k]!r}"
+                )
+        report["d"] = int(report["d"])
+        report["converged"] = bool(report["converged"])
+        return theory.AICReport(**report)
+    if name in _TEXT_FIELDS:
+        return tuple(value) if isinstance(value, list) else value
+    if name in _INT_FIELDS:
+        return None if value is None else int(value)
+    return _decode(value)
 
 
 def _decode(value: Any) -> Any:
@@ -413,10 +436,83 @@ def _args_tuple(args: Any, name: str) -> tuple:
     return tuple(args)
 
 
-def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str) -> None:
+def _evaluate_abstractly(fn: Callable, args: tuple, name: str, call: str) -> Any:
+    """``jax.eval_shape(fn, *args)``: the user's function traced once, nothing computed.
+
+    Whatever it raises (a wrong feature size in the data, too few arguments, a
+    missing key in ``params``) becomes one ``ValueError`` line naming ``name``
+    and the ``call`` that failed, instead of a JAX traceback from deep inside
+    the diagnosis; the original is chained (``__cause__``) for debugging.
+    """
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as err:  # any failure of a user function is reported in one line
+        raise ValueError(
+            f"{name}: calling {call} failed: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from err
+
+
+def _dense_route(spectrum: Any, trace: Any, n: int, sharded: bool) -> bool:
+    """Whether ``F`` is formed densely (``spectrum``, ``n``, sharded ``params``); raises on
+    a bad ``spectrum`` or ``trace`` and on ``trace='hutchinson'`` with the dense route, whose
+    ``tr F`` is read exactly off ``F``'s diagonal (an estimate there would only add noise)."""
+    if spectrum not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
+    if trace not in ("auto", "exact", "hutchinson"):
+        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    if spectrum == "dense" and n > DENSE_MAX_N:
+        raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
+    if spectrum == "dense" and sharded:
+        raise ValueError(
+            "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
+            "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
+        )
+    dense = not sharded and (spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N))
+    if dense and trace == "hutchinson":
+        raise ValueError(
+            f"trace='hutchinson' is the Lanczos route's estimate; the dense route (spectrum="
+            f"{spectrum!r}, n={n} ≤ {DENSE_MAX_N}) reads tr F exactly off F's diagonal: pass "
+            "spectrum='lanczos' for a Hutchinson trace"
+        )
+    return dense
+
+
+def _lanczos_options(
+    tol: Any, max_matvecs: Any, num_probes: Any, dtype: Any, n: int, first_k: int
+) -> tuple[float, int | None, int]:
+    """``(tol, max_matvecs, num_probes)`` checked as the Lanczos route checks them
+    (:func:`geomcollapse.linalg.top_eigenpairs`, :func:`geomcollapse.aic.fisher_trace`),
+    whatever the route, so that a bad value is refused on the dense route too; ``tol``
+    defaults to ``max(1e-8, 100·eps)``. ``first_k``: the pairs Lanczos computes first."""
+    if tol is None:
+        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
+    tol = positive_float(tol, "tol")
+    if tol < linalg.min_certifiable_tol(dtype):
+        raise ValueError(
+            f"tol={tol:g} is below what {jnp.dtype(dtype).name} can certify "
+            f"(min_certifiable_tol = 8·eps = {linalg.min_certifiable_tol(dtype):.2g}): "
+            "raise tol or work in float64 (jax_enable_x64)"
+        )
+    if max_matvecs is not None:
+        max_matvecs = positive_int(max_matvecs, "max_matvecs")
+        if min(max_matvecs, n) < first_k:
+            raise ValueError(
+                f"max_matvecs={max_matvecs} is smaller than k={first_k}, the eigenpairs "
+                "Lanczos computes first"
+            )
+    num_probes = positive_int(num_probes, "num_probes")
+    if num_probes < 2:
+        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    return tol, max_matvecs, num_probes
+
+
+def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str, call: str) -> None:
+    """Raise unless ``fn(params, *args)`` (``call`` in messages) runs and returns a
+    floating scalar."""
     if not callable(fn):
         raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
-    out = jax.eval_shape(fn, params, *args)
+    out = _evaluate_abstractly(fn, (params, *args), name, call)
     if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
         raise ValueError(
             f"{name} must return a floating scalar, got {getattr(out, 'shape', type(out))} "
@@ -441,7 +537,9 @@ def _fisher_operator(
                 "skill_logits is required for fisher='true': the logits whose softmax is the "
                 "skill's output distribution, skill_logits(params, *skill_args) -> (..., C)"
             )
-        out = jax.eval_shape(skill_logits, params, *skill_args)
+        out = _evaluate_abstractly(
+            skill_logits, (params, *skill_args), "skill_logits", "skill_logits(params, *skill_args)"
+        )
         shape = getattr(out, "shape", None)
         if shape is None or not jnp.issubdtype(out.dtype, jnp.floating):
             raise ValueError(
@@ -465,6 +563,11 @@ def _fisher_operator(
             "skill_args must hold arrays sharing one leading example axis for fisher="
             f"'empirical' (per-example gradients), got leading sizes {sorted(map(str, sizes))}"
         )
+    # per-example gradients call skill_loss on batches of one example
+    first = tuple(jax.tree.map(lambda a: a[:1], skill_args))
+    _scalar_loss(
+        skill_loss, params, first, "skill_loss", "skill_loss(params, *skill_args) on one example"
+    )
     return _cached(_empirical_fvp, skill_loss), "empirical"
 
 
@@ -472,13 +575,9 @@ def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) ->
     """A custom ``fisher(params, v, *skill_args)`` must return floating arrays shaped like
     ``params``; one of another floating dtype (a float64 ``F v`` for float32 params) is
     cast to ``params``' dtypes. Returns the matvec to use."""
-    try:
-        out = jax.eval_shape(fisher, params, params, *skill_args)
-    except Exception as err:  # any failure of the user's matvec is reported in one line
-        raise ValueError(
-            f"fisher: calling fisher(params, v, *skill_args) failed: {type(err).__name__}: "
-            f"{' '.join(str(err).split())[:300]}"
-        ) from None
+    out = _evaluate_abstractly(
+        fisher, (params, params, *skill_args), "fisher", "fisher(params, v, *skill_args)"
+    )
     want = jax.tree_util.tree_structure(params)
     got = jax.tree_util.tree_structure(out)
 
@@ -600,7 +699,10 @@ def diagnose(
       tol: Lanczos eigenpair tolerance (default as :func:`geomcollapse.aic.measure_aic`).
       max_matvecs: Lanczos budget per run.
       num_probes: Hutchinson probes (Lanczos route with ``n > 4096`` or ``trace='hutchinson'``).
-      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'`` (the Lanczos route's trace).
+      trace: ``'auto'``, ``'exact'`` or ``'hutchinson'``: the Lanczos route's trace. The
+        dense route reads ``tr F`` exactly off ``F``'s diagonal and refuses
+        ``'hutchinson'`` (pass ``spectrum='lanczos'`` with it). ``tol``, ``max_matvecs``
+        and ``num_probes`` are checked on every route, though only Lanczos reads them.
       spectrum: ``'auto'``, ``'dense'`` or ``'lanczos'``.
       progress: a progress bar over the stages.
 
@@ -609,7 +711,9 @@ def diagnose(
 
     Raises:
       ValueError: a bad argument (named in the message), non-finite ``params``,
-        a loss that is not a scalar, or a skill Fisher that vanishes at ``θ*``.
+        a user function that raises (evaluated once abstractly up front), a loss
+        that is not a scalar or whose value or derivatives at ``θ*`` are not
+        finite (the mean over an empty batch), or a skill Fisher that vanishes at ``θ*``.
     """
     finite_leaves(params, "params")
     key = prng_key(key)
@@ -638,31 +742,22 @@ def diagnose(
         if d >= n:
             raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
     max_d = min(positive_int(max_d, "max_d"), n - 1)
-    share = float(share) if isinstance(share, (int, float)) else share
-    if not isinstance(share, float) or not 0.0 < share < 1.0:
-        raise ValueError(f"share must be a number in (0, 1), got {share!r}")
+    share = open_unit_float(share, "share")
     lr = None if lr is None else positive_float(lr, "lr")
     steps = None if steps is None else positive_int(steps, "steps")
     threshold = None if threshold is None else positive_float(threshold, "threshold")
     if lr is None and (steps is not None or threshold is not None):
         which = "steps" if steps is not None else "threshold"
         raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
-    if trace not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
-    _scalar_loss(skill_loss, params, skill_args, "skill_loss")
-    _scalar_loss(task_loss, params, task_args, "task_loss")
+    dense = _dense_route(spectrum, trace, n, layout is not None)
+    tol, max_matvecs, num_probes = _lanczos_options(
+        tol, max_matvecs, num_probes, dtype, n, d if d is not None else min(FIRST_K, max_d)
+    )
+    # the Fisher first: fisher='empirical' names mismatched example axes before skill_loss
+    # trips over them
     fvp, fisher_name = _fisher_operator(fisher, skill_loss, skill_logits, params, skill_args)
-    if tol is None:
-        tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
-    if spectrum not in ("auto", "dense", "lanczos"):
-        raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
-    if spectrum == "dense" and n > DENSE_MAX_N:
-        raise ValueError(f"spectrum='dense' forms F as n × n: n={n} exceeds {DENSE_MAX_N}")
-    if spectrum == "dense" and layout is not None:
-        raise ValueError(
-            "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
-            "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
-        )
+    _scalar_loss(skill_loss, params, skill_args, "skill_loss", "skill_loss(params, *skill_args)")
+    _scalar_loss(task_loss, params, task_args, "task_loss", "task_loss(params, *task_args)")
 
     stages = ("spectrum", "forecast", "AIC")
     bar = progress_bar(total=len(stages), desc="diagnose", enabled=progress)
@@ -709,7 +804,7 @@ def diagnose(
                 )
 
             sp = krylov(tree_matvec, params, tree_trace, host_vectors=False)
-        elif spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N):
+        elif dense:
             op = _cached(_flat_operator, fvp)
             sp = _dense_spectrum(op, n, (params, skill_args), fisher_name, share, max_d, d)
         else:
@@ -871,7 +966,20 @@ class _AtD(NamedTuple):
     overlap: Callable[[float], tuple[np.ndarray, float]]  # t_h ↦ (Px(t_h) coordinates, ‖x(t_h)‖)
 
 
-def _check_derivatives(task_ok: bool, skill_gradient_ok: bool, delta_u: np.ndarray) -> None:
+def _check_derivatives(
+    values: tuple[float, float], task_ok: bool, skill_gradient_ok: bool, delta_u: np.ndarray
+) -> None:
+    """Raise unless the losses' values ``(u(θ*), L(θ*))`` and derivatives at ``θ*`` are finite.
+
+    The values first: a loss that is ``nan`` at ``θ*`` (the mean over an empty
+    batch) can still have finite, zero, derivatives, and would forecast nothing.
+    """
+    for name, value in zip(("skill_loss", "task_loss"), values, strict=True):
+        if not math.isfinite(value):
+            raise ValueError(
+                f"{name}: its value at params is {value}, not finite (e.g. a mean over an "
+                f"empty batch in {name[:-5]}_args)"
+            )
     checks = (("task_loss", task_ok), ("skill_loss", skill_gradient_ok))
     for name, ok in (*checks, ("skill_loss", bool(np.all(np.isfinite(delta_u))))):
         if not ok:
@@ -882,14 +990,19 @@ def _at_d_flat(
     sp, skill_loss, task_loss, order, params, skill_args, task_args, dtype, *, done
 ) -> _AtD:
     """The series, ``∇u(θ*)`` and the AIC at ``d`` with vectors as float64 ``(n,)`` host rows."""
-    s, grad_u = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
+    s, grad_u, values = _forecast(skill_loss, task_loss, order, params, skill_args, task_args)
     c_du = np.asarray(s.delta_u, np.float64)
     xs = np.concatenate(  # x₁ … x_K as (K, n) rows, ravel_pytree order
         [np.reshape(a, (order, -1)) for a in jax.tree.leaves(s.displacement)], axis=1
     ).astype(np.float64)
     grad_u = np.asarray(grad_u, np.float64)
     g, Hg = -xs[0], 2.0 * xs[1]  # x₁ = −g, x₂ = ½Hg (docs/theory.md §6)
-    _check_derivatives(bool(np.all(np.isfinite(xs))), bool(np.all(np.isfinite(grad_u))), c_du)
+    _check_derivatives(
+        tuple(float(v) for v in values),
+        bool(np.all(np.isfinite(xs))),
+        bool(np.all(np.isfinite(grad_u))),
+        c_du,
+    )
     done("forecast")
     d, lam, Vd = sp.d, sp.values, sp.vectors[: sp.d]
     subspace = Subspace(
@@ -933,14 +1046,23 @@ def _at_d_sharded(
     s = series.delta_u_series(
         skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
     )
-    grad_u_norm, grad_u_ok = jax.device_get(
-        _tree_skill_gradient(aic._hashable(skill_loss), layout, params, skill_args)
+    grad_u_norm, grad_u_ok, values = jax.device_get(
+        _tree_skill_gradient(
+            aic._hashable(skill_loss),
+            aic._hashable(task_loss),
+            layout,
+            params,
+            skill_args,
+            task_args,
+        )
     )
     d, lam = sp.d, sp.values
     basis = _tree_leading(sp.vectors, d, layout)
     g, Hg, ys, xs_ok = _tree_task_vectors(s.displacement, basis, layout)
     c_du = np.asarray(jax.device_get(s.delta_u), np.float64)
-    _check_derivatives(bool(jax.device_get(xs_ok)), bool(grad_u_ok), c_du)
+    _check_derivatives(
+        tuple(float(v) for v in values), bool(jax.device_get(xs_ok)), bool(grad_u_ok), c_du
+    )
     done("forecast")
     put = layout.put
     subspace = Subspace(
@@ -983,12 +1105,15 @@ def _all_finite(tree: PyTree) -> jax.Array:
     )
 
 
-@partial(jax.jit, static_argnums=(0, 1))
-def _tree_skill_gradient(skill_loss, layout: Layout, params: PyTree, skill_args: tuple):
-    """``‖∇u(θ*)‖`` and whether ``∇u(θ*)`` is finite (``∇u`` laid out like ``params``)."""
-    grad = jax.grad(skill_loss)(params, *skill_args)
+@partial(jax.jit, static_argnums=(0, 1, 2))
+def _tree_skill_gradient(
+    skill_loss, task_loss, layout: Layout, params: PyTree, skill_args: tuple, task_args: tuple
+):
+    """``‖∇u(θ*)‖``, whether ``∇u(θ*)`` is finite (``∇u`` laid out like ``params``) and the
+    losses' values ``(u(θ*), L(θ*))``."""
+    value, grad = jax.value_and_grad(skill_loss)(params, *skill_args)
     grad = jax.lax.with_sharding_constraint(grad, layout.shardings)
-    return tree_norm(grad), _all_finite(grad)
+    return tree_norm(grad), _all_finite(grad), (value, task_loss(params, *task_args))
 
 
 @partial(jax.jit, static_argnums=(1, 2))
@@ -1021,11 +1146,16 @@ def _tree_overlap(displacement: PyTree, basis: PyTree, powers: jax.Array, layout
 
 
 def _at_theta_star(skill_loss, task_loss, order, params, skill_args, task_args):
-    """The Taylor series (no subspace) and the raveled ``∇u(θ*)``."""
+    """The Taylor series (no subspace), the raveled ``∇u(θ*)`` and ``(u(θ*), L(θ*))``.
+
+    ``u(θ*)`` comes with its gradient; ``L(θ*)`` is one forward pass in the same
+    compiled call (the series differentiates ``L`` but never returns its value).
+    """
     s = series.delta_u_series(
         skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
     )
-    return s, ravel_pytree(jax.grad(skill_loss)(params, *skill_args))[0]
+    value, grad = jax.value_and_grad(skill_loss)(params, *skill_args)
+    return s, ravel_pytree(grad)[0], (value, task_loss(params, *task_args))
 
 
 _JITTED_AT_THETA_STAR = {
@@ -1037,8 +1167,8 @@ _JITTED_AT_THETA_STAR = {
 
 
 def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
-    """:func:`series.delta_u_series` (no subspace) and ``∇u(θ*)``, compiled once per losses,
-    order and shapes.
+    """:func:`series.delta_u_series` (no subspace), ``∇u(θ*)`` and the losses' values at
+    ``θ*``, compiled once per losses, order and shapes.
 
     ``g = −x₁`` and ``Hg = 2x₂`` come with the series, so the whole at-``θ*``
     differentiation is one compiled call. ``delta_u_series`` alone compiles
