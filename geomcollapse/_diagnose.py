@@ -37,6 +37,7 @@ from geomcollapse._checks import (
     positive_float,
     positive_int,
     prng_key,
+    subspace_dim,
 )
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import (
@@ -62,6 +63,7 @@ PyTree = Any
 
 DEFAULT_SHARE = 0.9  # d=None: the top-d eigenvalues must hold this share of tr F
 MAX_ORDER = 12  # the highest series order accepted (its cost grows as 2^order)
+DEFAULT_ORDER = 4  # diagnose's series order unless told
 DEFAULT_MAX_D = 64  # d=None: the largest d the rule may pick
 DENSE_MAX_N = 2048  # spectrum='auto': F formed densely (n matvecs, eigh) up to this n
 FIRST_K = 8  # d=None: eigenpairs computed first (then doubled until the share is reached)
@@ -603,6 +605,29 @@ def _check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) ->
 # --------------------------------------------------------------------------- the diagnosis
 
 
+def check_plan(n: int, *, d: Any, lr: Any, steps: Any, threshold: Any, order: Any) -> tuple:
+    """:func:`diagnose`'s ``(d, lr, steps, threshold, order)``, checked for ``n`` parameters.
+
+    Needs no array, so a caller that knows ``n`` (``diagnose_checkpoint``, from
+    the architecture) checks them before loading anything. ``d`` and ``lr``
+    may be ``None``; ``steps`` and ``threshold`` need ``lr`` (``t = lr·k``).
+    """
+    order = positive_int(order, "order")
+    if not 2 <= order <= MAX_ORDER:
+        raise ValueError(
+            f"order must lie in [2, {MAX_ORDER}] (a validity window needs two terms; the "
+            f"series costs about 2^order gradients), got {order}"
+        )
+    d = None if d is None else subspace_dim(d, n)
+    lr = None if lr is None else positive_float(lr, "lr")
+    steps = None if steps is None else positive_int(steps, "steps")
+    threshold = None if threshold is None else positive_float(threshold, "threshold")
+    if lr is None and (steps is not None or threshold is not None):
+        which = "steps" if steps is not None else "threshold"
+        raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
+    return d, lr, steps, threshold, order
+
+
 def diagnose(
     skill_loss: Callable[..., jax.Array],
     task_loss: Callable[..., jax.Array],
@@ -616,7 +641,7 @@ def diagnose(
     lr: float | None = None,
     steps: int | None = None,
     threshold: float | None = None,
-    order: int = 4,
+    order: int = DEFAULT_ORDER,
     share: float = DEFAULT_SHARE,
     max_d: int = DEFAULT_MAX_D,
     key: jax.Array,
@@ -731,24 +756,11 @@ def diagnose(
         raise ValueError(
             f"params must hold at least 2 numbers (M must be a proper subspace), got {n}"
         )
-    order = positive_int(order, "order")
-    if not 2 <= order <= MAX_ORDER:
-        raise ValueError(
-            f"order must lie in [2, {MAX_ORDER}] (a validity window needs two terms; the "
-            f"series costs about 2^order gradients), got {order}"
-        )
-    if d is not None:
-        d = positive_int(d, "d")
-        if d >= n:
-            raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
+    d, lr, steps, threshold, order = check_plan(
+        n, d=d, lr=lr, steps=steps, threshold=threshold, order=order
+    )
     max_d = min(positive_int(max_d, "max_d"), n - 1)
     share = open_unit_float(share, "share")
-    lr = None if lr is None else positive_float(lr, "lr")
-    steps = None if steps is None else positive_int(steps, "steps")
-    threshold = None if threshold is None else positive_float(threshold, "threshold")
-    if lr is None and (steps is not None or threshold is not None):
-        which = "steps" if steps is not None else "threshold"
-        raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
     dense = _dense_route(spectrum, trace, n, layout is not None)
     tol, max_matvecs, num_probes = _lanczos_options(
         tol, max_matvecs, num_probes, dtype, n, d if d is not None else min(FIRST_K, max_d)

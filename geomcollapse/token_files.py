@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse._checks import positive_float, positive_int, prng_key
-from geomcollapse._diagnose import MAX_ORDER, Diagnosis, diagnose
+from geomcollapse._checks import prng_key
+from geomcollapse._diagnose import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
 from geomcollapse.models import TransformerConfig
 
 __all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]
@@ -312,31 +312,6 @@ def _without_path(message: str, path: Path) -> str:
     return " ".join(message.split()) or "not a checkpoint"
 
 
-def _check_plan(n: int, *, d: Any, lr: Any, steps: Any, threshold: Any, order: Any) -> None:
-    """:func:`geomcollapse.diagnose`'s checks of these arguments, before the weights load.
-
-    The same rules and messages (``n`` from the checkpoint's architecture, so
-    no array is read); ``order=None`` is its default.
-    """
-    if order is not None:
-        order = positive_int(order, "order")
-        if not 2 <= order <= MAX_ORDER:
-            raise ValueError(
-                f"order must lie in [2, {MAX_ORDER}] (a validity window needs two terms; the "
-                f"series costs about 2^order gradients), got {order}"
-            )
-    if d is not None:
-        d = positive_int(d, "d")
-        if d >= n:
-            raise ValueError(f"d={d} must be smaller than n={n}, the number of parameters")
-    lr = None if lr is None else positive_float(lr, "lr")
-    steps = None if steps is None else positive_int(steps, "steps")
-    threshold = None if threshold is None else positive_float(threshold, "threshold")
-    if lr is None and (steps is not None or threshold is not None):
-        which = "steps" if steps is not None else "threshold"
-        raise ValueError(f"lr is required with {which}: SGD steps map to flow time as t = lr·k")
-
-
 def _finite_weights(params: Any, directory: str | Path) -> None:
     """Raise, naming the checkpoint and its first bad array, if a weight is NaN or ±inf."""
     from flax import nnx
@@ -392,7 +367,9 @@ def diagnose_checkpoint(
     task_file = read_token_file(task, "task", config)
     graphdef, abstract = transformer_abstract(config, dtype)
     n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
-    _check_plan(n, d=d, lr=lr, steps=steps, threshold=threshold, order=options.get("order"))
+    check_plan(
+        n, d=d, lr=lr, steps=steps, threshold=threshold, order=options.get("order", DEFAULT_ORDER)
+    )
     key = prng_key(key)
     try:
         _, params, _ = checkpoint.load_checkpoint(checkpoint_dir, config)
