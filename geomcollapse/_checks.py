@@ -69,8 +69,13 @@ def finite_float(value: Any, name: str) -> float:
     return out
 
 
-def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None:
-    """Raise unless ``other`` has the tree structure, shapes and dtypes of ``reference``."""
+def same_structure(
+    reference: Any, other: Any, ref_name: str, name: str, *, same_dtype: bool = True
+) -> None:
+    """Raise unless ``other`` has the tree structure, shapes and dtypes of ``reference``.
+
+    ``same_dtype=False``: any floating dtype (the caller casts).
+    """
     ref_def = jax.tree_util.tree_structure(reference)
     other_def = jax.tree_util.tree_structure(other)
     if ref_def != other_def:
@@ -83,6 +88,8 @@ def same_structure(reference: Any, other: Any, ref_name: str, name: str) -> None
             raise ValueError(
                 f"{name} leaf {i} has shape {np.shape(b)}, {ref_name} has {np.shape(a)}"
             )
+        if not same_dtype:
+            continue
         if getattr(b, "dtype", None) != a.dtype:
             raise ValueError(
                 f"{name} leaf {i} has dtype {getattr(b, 'dtype', type(b))}, "
@@ -110,6 +117,14 @@ def positive_int(value: Any, name: str) -> int:
 
 
 _NOT_NUMBERS = (str, bytes, bool, np.bool_)  # float() reads them, but they are no numbers
+
+
+def probe_count(value: Any, name: str = "num_probes") -> int:
+    """Return ``value`` as an int, raising unless it is an integer ≥ 2 (a standard error)."""
+    count = positive_int(value, name)
+    if count < 2:
+        raise ValueError(f"{name} must be ≥ 2 for a standard error")
+    return count
 
 
 def positive_float(value: Any, name: str) -> float:

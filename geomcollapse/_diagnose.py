@@ -37,6 +37,7 @@ from geomcollapse._checks import (
     positive_float,
     positive_int,
     prng_key,
+    probe_count,
     subspace_dim,
 )
 from geomcollapse._progress import progress_bar
@@ -64,6 +65,7 @@ PyTree = Any
 DEFAULT_SHARE = 0.9  # d=None: the top-d eigenvalues must hold this share of tr F
 MAX_ORDER = 12  # the highest series order accepted (its cost grows as 2^order)
 DEFAULT_ORDER = 4  # diagnose's series order unless told
+REPORT_FILES = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
 DEFAULT_MAX_D = 64  # d=None: the largest d the rule may pick
 DENSE_MAX_N = 2048  # spectrum='auto': F formed densely (n matvecs, eigh) up to this n
 FIRST_K = 8  # d=None: eigenpairs computed first (then doubled until the share is reached)
@@ -248,7 +250,7 @@ class Diagnosis:
         """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        paths = (out / "report.json", out / "report.md", out / "report.png")
+        paths = tuple(out / name for name in REPORT_FILES)
         paths[0].write_text(self.to_json() + "\n", encoding="utf-8")
         paths[1].write_text(self.to_markdown(figure=paths[2].name), encoding="utf-8")
         self.figure().savefig(paths[2], dpi=150)
@@ -282,12 +284,14 @@ def _decode_field(name: str, value: Any) -> Any:
             got = sorted(value) if isinstance(value, dict) else type(value).__name__
             raise ValueError(f"it must hold exactly the fields {sorted(fields)}, got {got}")
         report = {k: _decode(v) for k, v in value.items()}
-        for k, v in report.items():  # eigen_residuals the one list, the rest single values
-            if isinstance(v, tuple) != (k == "eigen_residuals"):
-                raise ValueError(
-                    f"{k} must be {'a list' if k == 'eigen_residuals' else 'a number'}, "
-                    f"got {value[k]!r}"
-                )
+        for k, v in report.items():  # eigen_residuals a list of numbers, converged a bool
+            kind = {"eigen_residuals": "a list of numbers", "converged": "true or false"}
+            items = v if isinstance(v, tuple) else (v,)
+            ok = isinstance(v, tuple) == (k == "eigen_residuals") and all(
+                isinstance(x, bool) if k == "converged" else isinstance(x, float) for x in items
+            )
+            if not ok:
+                raise ValueError(f"{k} must be {kind.get(k, 'a number')}, got {value[k]!r}")
         report["d"] = int(report["d"])
         report["converged"] = bool(report["converged"])
         return theory.AICReport(**report)
@@ -457,8 +461,8 @@ def _evaluate_abstractly(fn: Callable, args: tuple, name: str, call: str) -> Any
 
 def _dense_route(spectrum: Any, trace: Any, n: int, sharded: bool) -> bool:
     """Whether ``F`` is formed densely (``spectrum``, ``n``, sharded ``params``); raises on
-    a bad ``spectrum`` or ``trace`` and on ``trace='hutchinson'`` with the dense route, whose
-    ``tr F`` is read exactly off ``F``'s diagonal (an estimate there would only add noise)."""
+    a bad ``spectrum`` or ``trace`` and on ``trace='hutchinson'`` with ``spectrum='dense'``,
+    whose ``tr F`` is read exactly off ``F``'s diagonal (``'auto'`` then takes Lanczos)."""
     if spectrum not in ("auto", "dense", "lanczos"):
         raise ValueError(f"spectrum must be 'auto', 'dense' or 'lanczos', got {spectrum!r}")
     if trace not in ("auto", "exact", "hutchinson"):
@@ -470,7 +474,9 @@ def _dense_route(spectrum: Any, trace: Any, n: int, sharded: bool) -> bool:
             "spectrum='dense' forms F as n × n on the host, which gathers params sharded "
             "over several devices; use spectrum='lanczos' (what 'auto' picks for them)"
         )
-    dense = not sharded and (spectrum == "dense" or (spectrum == "auto" and n <= DENSE_MAX_N))
+    # 'auto' takes the dense route only where it can honour the trace asked for
+    small = n <= DENSE_MAX_N and trace != "hutchinson"
+    dense = not sharded and (spectrum == "dense" or (spectrum == "auto" and small))
     if dense and trace == "hutchinson":
         raise ValueError(
             f"trace='hutchinson' is the Lanczos route's estimate; the dense route (spectrum="
@@ -489,13 +495,7 @@ def _lanczos_options(
     defaults to ``max(1e-8, 100·eps)``. ``first_k``: the pairs Lanczos computes first."""
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
-    tol = positive_float(tol, "tol")
-    if tol < linalg.min_certifiable_tol(dtype):
-        raise ValueError(
-            f"tol={tol:g} is below what {jnp.dtype(dtype).name} can certify "
-            f"(min_certifiable_tol = 8·eps = {linalg.min_certifiable_tol(dtype):.2g}): "
-            "raise tol or work in float64 (jax_enable_x64)"
-        )
+    tol = linalg.certifiable_tol(tol, dtype)
     if max_matvecs is not None:
         max_matvecs = positive_int(max_matvecs, "max_matvecs")
         if min(max_matvecs, n) < first_k:
@@ -503,10 +503,7 @@ def _lanczos_options(
                 f"max_matvecs={max_matvecs} is smaller than k={first_k}, the eigenpairs "
                 "Lanczos computes first"
             )
-    num_probes = positive_int(num_probes, "num_probes")
-    if num_probes < 2:
-        raise ValueError("num_probes must be ≥ 2 for a standard error")
-    return tol, max_matvecs, num_probes
+    return tol, max_matvecs, probe_count(num_probes)
 
 
 def _scalar_loss(fn: Any, params: PyTree, args: tuple, name: str, call: str) -> None:

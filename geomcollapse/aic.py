@@ -20,7 +20,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
-from geomcollapse._checks import finite_leaves, positive_int, prng_key, subspace_dim
+from geomcollapse._checks import finite_leaves, positive_int, prng_key, probe_count, subspace_dim
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
 from geomcollapse.curvature import hessian_vp
 from geomcollapse.subspace import Subspace
@@ -164,9 +164,7 @@ def fisher_trace(
     if method != "hutchinson":
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
     key = prng_key(key)
-    num_probes = positive_int(num_probes, "num_probes")
-    if num_probes < 2:
-        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    num_probes = probe_count(num_probes)
     Vd = jnp.zeros((0, n), dtype) if deflate is None else jnp.asarray(deflate, dtype)
     if Vd.ndim != 2 or Vd.shape[1] != n:
         raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
@@ -357,9 +355,7 @@ def _tree_fisher_trace(
     if deflate is None:
         raise ValueError("deflate (a stack of vectors laid out like params) is required")
     key = prng_key(key)
-    num_probes = positive_int(num_probes, "num_probes")
-    if num_probes < 2:
-        raise ValueError("num_probes must be ≥ 2 for a standard error")
+    num_probes = probe_count(num_probes)
     chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
     samples = _tree_hutchinson(
         fisher_vp,

@@ -136,9 +136,6 @@ def _diagnose_args_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-REPORTS = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
-
-
 def _out_problem(out: Path) -> str | None:
     """Why the reports cannot be written into ``out`` (created if missing), or None.
 
@@ -153,7 +150,9 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    for name in REPORTS:
+    from geomcollapse._diagnose import REPORT_FILES
+
+    for name in REPORT_FILES:
         if (out / name).is_dir():
             return f"{name} there is a directory"
     return None

@@ -52,6 +52,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
     finite_leaves,
+    floating_leaves,
     positive_float,
     positive_int,
     prng_key,
@@ -813,7 +814,8 @@ class MonitorCallback:
         step = _step(step)
         if step <= 0 or step % self.every:
             return
-        same_structure(self._zeros, params, "theta_star", "params")
+        floating_leaves(params, "params")  # any floating dtype: cast as monitor() casts
+        same_structure(self._zeros, params, "theta_star", "params", same_dtype=False)
         before = int(self.state.first_exceeded.step)
         due = self.state._replace(count=jnp.int32(step))  # update `step` measures θ_step
         state = self._update(self._zeros, due, params, fisher_args=fisher_args)[1]

@@ -89,16 +89,17 @@ def check_orthonormal(rows: jax.Array, name: str = "basis") -> None:
 
     ``D`` is ``I`` except on rows of (near-)zero norm, which a solver uses for
     pairs it could not reach (``found = False``) and which pass as zero rows.
-    ``√eps`` of the rows' dtype is far above the rounding of any solver's
-    orthonormal output and far below a basis that is not one. Tracers pass
-    (checked at the library's eager entry points).
+    ``eps`` is float32's or the rows' dtype's, whichever is larger: a float32
+    solver's basis cast to float64 is orthonormal only to float32 rounding
+    (≈ 1e-6), and ``√eps`` is far above that and far below a basis that is not
+    one. Tracers pass (checked at the library's eager entry points).
     """
     if isinstance(rows, jax.core.Tracer):
         return
     gram = jnp.matmul(rows, rows.T, precision=_HIGHEST)
     unit = (jnp.diagonal(gram) > 0.5).astype(gram.dtype)
     error = float(jnp.max(jnp.abs(gram - jnp.diag(unit))))
-    tol = float(np.sqrt(jnp.finfo(gram.dtype).eps))
+    tol = float(np.sqrt(max(jnp.finfo(gram.dtype).eps, jnp.finfo(jnp.float32).eps)))
     if not error <= tol:
         raise ValueError(
             f"{name} must have orthonormal rows: max |VVᵀ − I| = {error:.2e} > {tol:.1e} (√eps)"

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse._checks import prng_key
+from geomcollapse._checks import finite_leaves, prng_key
 from geomcollapse._diagnose import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
 from geomcollapse.models import TransformerConfig
 
@@ -318,19 +318,11 @@ def _finite_weights(params: Any, directory: str | Path) -> None:
 
     from geomcollapse.checkpoint import _leaf_names
 
-    bad = [
-        (name, count)
-        for name, leaf in _leaf_names(nnx.to_pure_dict(params))
-        if (count := int(jnp.sum(~jnp.isfinite(leaf))))
-    ]
-    if bad:
-        name, count = bad[0]
-        others = f" and {len(bad) - 1} other array(s)" if len(bad) > 1 else ""
-        total = sum(c for _, c in bad)
-        raise ValueError(
-            f"{directory}: the checkpoint's weights hold {total} non-finite (NaN or inf) "
-            f"entries ({count} in {name}{others})"
-        )
+    for name, leaf in _leaf_names(nnx.to_pure_dict(params)):
+        try:
+            finite_leaves(leaf, name)
+        except ValueError as err:
+            raise ValueError(f"{directory}: the checkpoint's weights: {err}") from None
 
 
 def diagnose_checkpoint(

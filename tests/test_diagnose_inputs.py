@@ -227,17 +227,18 @@ def test_lanczos_options_are_checked_on_every_route(change, pattern, spectrum):
         _diagnose(spectrum=spectrum, **change)
 
 
-@pytest.mark.parametrize("spectrum", ["auto", "dense"])
-def test_a_hutchinson_trace_is_refused_on_the_dense_route(spectrum):
+def test_a_hutchinson_trace_takes_the_lanczos_route_and_is_refused_on_the_dense_one():
     """The dense route reads ``tr F`` exactly off ``F``'s diagonal; ``trace='hutchinson'`` was
-    ignored there (the result said ``trace_method='exact'``)."""
+    ignored there (the result said ``trace_method='exact'``). ``spectrum='auto'`` now takes
+    the route that honours it, ``spectrum='dense'`` refuses it."""
     with pytest.raises(
         ValueError, match=r"^trace='hutchinson' is the Lanczos route's .*spectrum='lanczos'"
     ):
-        _diagnose(spectrum=spectrum, trace="hutchinson")
-    assert _diagnose(spectrum=spectrum, trace="exact").trace_method == "exact"
-    dg = _diagnose(spectrum="lanczos", trace="hutchinson", num_probes=8)
-    assert dg.trace_method == "hutchinson" and dg.spectrum_method == "lanczos"
+        _diagnose(spectrum="dense", trace="hutchinson")
+    assert _diagnose(spectrum="dense", trace="exact").trace_method == "exact"
+    for spectrum in ("auto", "lanczos"):
+        dg = _diagnose(spectrum=spectrum, trace="hutchinson", num_probes=8)
+        assert dg.trace_method == "hutchinson" and dg.spectrum_method == "lanczos"
 
 
 # ------------------------------------------------------------------ Diagnosis.from_dict
@@ -263,7 +264,27 @@ def _drop(key):
         (
             "aic",
             lambda aic: {**aic, "eigen_residuals": 0.0},
-            r"^data\['aic'\] is malformed: eigen_residuals must be a list, got 0.0$",
+            r"^data\['aic'\] is malformed: eigen_residuals must be a list of numbers, got 0.0$",
+        ),
+        (
+            "aic",
+            lambda aic: {**aic, "eigen_residuals": [None]},
+            r"^data\['aic'\] is malformed: eigen_residuals must be a list of numbers",
+        ),
+        (
+            "aic",
+            lambda aic: {**aic, "tail_mass": None},
+            r"^data\['aic'\] is malformed: tail_mass must be a number, got None$",
+        ),
+        (
+            "aic",
+            lambda aic: {**aic, "coupling": True},
+            r"^data\['aic'\] is malformed: coupling must be a number, got True$",
+        ),
+        (
+            "aic",
+            lambda aic: {**aic, "converged": 1.0},
+            r"^data\['aic'\] is malformed: converged must be true or false, got 1.0$",
         ),
         ("n", lambda n: "x", r"^data\['n'\] is malformed"),
         ("n", lambda n: [n], r"^data\['n'\] is malformed"),

@@ -357,9 +357,16 @@ def test_callback_checks_params_and_step_like_the_optax_monitor(setup):
     wrong_shape = [dict(layer) for layer in setup.params]
     wrong_shape[1]["b"] = jnp.zeros(4)
     as_int = jax.tree.map(lambda a: a.astype(jnp.int32), setup.params)
-    for params, what in ((wrong_shape, "params leaf 2 has shape"), (as_int, "dtype")):
+    for params, what in ((wrong_shape, "params leaf 2 has shape"), (as_int, "floating-point")):
         with pytest.raises(ValueError, match=what):
             cb(2, params)
+    # another floating dtype is cast, as monitor() casts it: the float32 iterate is measured
+    as_f32 = jax.tree.map(lambda a: a.astype(jnp.float32), setup.thetas[2])
+    single = mon.MonitorCallback(setup.params, setup.subspace, every=2)
+    single(2, as_f32)
+    cast = jax.tree.map(lambda a: a.astype(jnp.float64), as_f32)
+    expected = mon.monitor_measure(cast, setup.params, setup.subspace).projected_loss
+    np.testing.assert_allclose(mon.monitor_log(single.state).projected_loss, [expected])
     for step in (2.0, 10.7, "10", True, np.array([2])):
         with pytest.raises(ValueError, match="step must be an integer"):
             cb(step, setup.thetas[2])
@@ -385,3 +392,7 @@ def test_a_basis_that_is_not_orthonormal_is_refused(setup, dtype):
     # a zero row (a pair the solver could not reach, found = False) is not a defect
     zero_row = np.concatenate([V[:1], np.zeros_like(V[1:])])
     Subspace.exact(lam, zero_row.astype(dtype))
+    # rows orthonormal only to float32 rounding (a float32 solver's, cast up): accepted
+    nearly = V + 3e-6 * V[::-1]
+    Subspace.exact(lam, nearly.astype(dtype))
+    mon.monitor(optax.sgd(LR), Subspace.exact(lam, nearly.astype(dtype)), every=2)

@@ -1,7 +1,12 @@
 """Spectra of symmetric operators: Lanczos top-k, SLQ densities, exact Gram route."""
 
 from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
-from geomcollapse.linalg._lanczos import Eigenpairs, min_certifiable_tol, top_eigenpairs
+from geomcollapse.linalg._lanczos import (
+    Eigenpairs,
+    certifiable_tol,
+    min_certifiable_tol,
+    top_eigenpairs,
+)
 from geomcollapse.linalg._slq import SpectralDensity, density_on_grid, spectral_density
 from geomcollapse.linalg._traced import (
     LanczosRun,
@@ -20,6 +25,7 @@ __all__ = [
     "Ritz",
     "SpectralDensity",
     "TracedEigenpairs",
+    "certifiable_tol",
     "default_tol",
     "density_on_grid",
     "empirical_fisher_eigenpairs",

@@ -537,6 +537,18 @@ def min_certifiable_tol(dtype) -> float:
     return 8.0 * float(jnp.finfo(dtype).eps)
 
 
+def certifiable_tol(tol: Any, dtype) -> float:
+    """``tol`` as a float, raising unless it is a number ``≥ min_certifiable_tol(dtype)``."""
+    tol = positive_float(tol, "tol")
+    if tol < min_certifiable_tol(dtype):
+        raise ValueError(
+            f"tol={tol:g} is below what {jnp.dtype(dtype).name} can certify "
+            f"(min_certifiable_tol = 8·eps = {min_certifiable_tol(dtype):.2g}): "
+            "raise tol or work in float64 (jax_enable_x64)"
+        )
+    return tol
+
+
 def _run_lanczos(
     flat_matvec: Callable[[jax.Array], jax.Array],
     q0: jax.Array,
@@ -720,13 +732,7 @@ def top_eigenpairs(
     k = positive_int(k, "k")
     if k > n:
         raise ValueError(f"k={k} exceeds the operator dimension n={n}")
-    tol = positive_float(tol, "tol")
-    if tol < min_certifiable_tol(dtype):
-        raise ValueError(
-            f"tol={tol:g} is below what {jnp.dtype(dtype).name} can certify "
-            f"(min_certifiable_tol = 8·eps = {min_certifiable_tol(dtype):.2g}): "
-            "raise tol or work in float64 (jax_enable_x64)"
-        )
+    tol = certifiable_tol(tol, dtype)
     if which not in ("largest", "magnitude"):
         raise ValueError(f"which must be 'largest' or 'magnitude', got {which!r}")
     if max_matvecs is None:
