@@ -722,9 +722,10 @@ def diagnose(
       max_matvecs: Lanczos budget per run.
       num_probes: Hutchinson probes (Lanczos route with ``n > 4096`` or ``trace='hutchinson'``).
       trace: ``'auto'``, ``'exact'`` or ``'hutchinson'``: the Lanczos route's trace. The
-        dense route reads ``tr F`` exactly off ``F``'s diagonal and refuses
-        ``'hutchinson'`` (pass ``spectrum='lanczos'`` with it). ``tol``, ``max_matvecs``
-        and ``num_probes`` are checked on every route, though only Lanczos reads them.
+        dense route reads ``tr F`` exactly off ``F``'s diagonal: ``'hutchinson'`` makes
+        ``spectrum='auto'`` take Lanczos and is refused with ``spectrum='dense'``.
+        ``tol``, ``max_matvecs`` and ``num_probes`` are checked on every route, though
+        only Lanczos reads them.
       spectrum: ``'auto'``, ``'dense'`` or ``'lanczos'``.
       progress: a progress bar over the stages.
 
