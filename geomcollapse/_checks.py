@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -88,9 +89,12 @@ def same_structure(
             raise ValueError(
                 f"{name} leaf {i} has shape {np.shape(b)}, {ref_name} has {np.shape(a)}"
             )
+        dtype = getattr(b, "dtype", None)
         if not same_dtype:
+            if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                raise ValueError(f"{name} leaf {i} has dtype {dtype}, not a floating-point one")
             continue
-        if getattr(b, "dtype", None) != a.dtype:
+        if dtype != a.dtype:
             raise ValueError(
                 f"{name} leaf {i} has dtype {getattr(b, 'dtype', type(b))}, "
                 f"{ref_name} has {a.dtype}"
@@ -146,13 +150,11 @@ def open_unit_float(value: Any, name: str) -> float:
     Python and numpy numbers (``np.float32(0.9)``) alike; strings, bytes and
     bools are refused.
     """
-    out = None
-    if not isinstance(value, _NOT_NUMBERS):
-        try:
-            out = float(value)
-        except (TypeError, ValueError):
-            pass
-    if out is None or not 0.0 < out < 1.0:
+    try:
+        out = positive_float(value, name)
+    except ValueError:
+        out = math.inf
+    if not out < 1.0:
         raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
     return out
 

@@ -284,17 +284,15 @@ def _decode_field(name: str, value: Any) -> Any:
             got = sorted(value) if isinstance(value, dict) else type(value).__name__
             raise ValueError(f"it must hold exactly the fields {sorted(fields)}, got {got}")
         report = {k: _decode(v) for k, v in value.items()}
+        kind = {"eigen_residuals": "a list of numbers", "converged": "true or false"}
         for k, v in report.items():  # eigen_residuals a list of numbers, converged a bool
-            kind = {"eigen_residuals": "a list of numbers", "converged": "true or false"}
             items = v if isinstance(v, tuple) else (v,)
             ok = isinstance(v, tuple) == (k == "eigen_residuals") and all(
                 isinstance(x, bool) if k == "converged" else isinstance(x, float) for x in items
             )
             if not ok:
                 raise ValueError(f"{k} must be {kind.get(k, 'a number')}, got {value[k]!r}")
-        report["d"] = int(report["d"])
-        report["converged"] = bool(report["converged"])
-        return theory.AICReport(**report)
+        return theory.AICReport(**{**report, "d": int(report["d"])})
     if name in _TEXT_FIELDS:
         return tuple(value) if isinstance(value, list) else value
     if name in _INT_FIELDS:

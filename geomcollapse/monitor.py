@@ -52,7 +52,6 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
     finite_leaves,
-    floating_leaves,
     positive_float,
     positive_int,
     prng_key,
@@ -814,7 +813,7 @@ class MonitorCallback:
         step = _step(step)
         if step <= 0 or step % self.every:
             return
-        floating_leaves(params, "params")  # any floating dtype: cast as monitor() casts
+        # any floating dtype: cast as monitor() casts it
         same_structure(self._zeros, params, "theta_star", "params", same_dtype=False)
         before = int(self.state.first_exceeded.step)
         due = self.state._replace(count=jnp.int32(step))  # update `step` measures θ_step

@@ -28,7 +28,6 @@ the file's path and says what is wrong, before anything is computed.
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -351,14 +350,14 @@ def diagnose_checkpoint(
     Parameters are cast to ``dtype`` (float64 by default: the t⁴ onset is far
     below float32 rounding). ``options`` go to :func:`geomcollapse.diagnose`.
     """
-    from geomcollapse import checkpoint, training
+    from geomcollapse import checkpoint, curvature, training
     from geomcollapse.models import transformer_abstract, transformer_logits
 
     config = read_checkpoint_config(checkpoint_dir)
     skill_file = read_token_file(skill, "skill", config)
     task_file = read_token_file(task, "task", config)
     graphdef, abstract = transformer_abstract(config, dtype)
-    n = sum(math.prod(a.shape) for a in jax.tree.leaves(abstract))
+    n = curvature.num_params(abstract)
     check_plan(
         n, d=d, lr=lr, steps=steps, threshold=threshold, order=options.get("order", DEFAULT_ORDER)
     )
