@@ -512,7 +512,7 @@ def _top_eigenspaces(logits64, k: int, tol: float, steps: int):
             k_start, k_restart = jax.random.split(key)
             v0 = jax.random.normal(k_start, flat.shape, flat.dtype)
             pairs = top_eigenpairs_traced(matvec, v0, k, key=k_restart, tol=tol, max_steps=steps)
-            return pairs.vectors, pairs.values, pairs.converged
+            return pairs.vectors, pairs.values, pairs.certified
 
         if jax.default_backend() == "cpu":  # batched eigh deadlocks there: see sequential_runs
             return jax.lax.map(one, params)

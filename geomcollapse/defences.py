@@ -338,7 +338,7 @@ def project_out_tracking(
             pairs = _warm_eigenpairs(
                 fisher_vp, params, args, state.basis, d, (k_start, k_restart), tol, max_steps
             )
-            return pairs.vectors, pairs.values, pairs.converged
+            return pairs.vectors, pairs.values, pairs.certified
 
         def keep():
             return state.basis, state.values, state.converged

@@ -446,7 +446,7 @@ def _observe(
                     cfg.tol,
                     cfg.max_steps,
                 )
-                return pairs.vectors.astype(state.basis.dtype), pairs.converged, pairs.num_matvecs
+                return pairs.vectors.astype(state.basis.dtype), pairs.certified, pairs.num_matvecs
 
             basis, converged, matvecs = jax.lax.cond(
                 measured, lanczos, lambda: (state.basis, jnp.bool_(False), zero)

@@ -9,7 +9,7 @@ import pytest
 
 from geomcollapse import curvature as cv
 from geomcollapse import linalg
-from geomcollapse.linalg._lanczos import _random_unit, _run_lanczos, _tridiagonal
+from geomcollapse.linalg._lanczos import _random_unit, run_lanczos, tridiagonal
 from tests.conftest import eigensolver_spectra, rel_err, symmetric_with_spectrum
 
 N = 240
@@ -95,9 +95,9 @@ def test_lanczos_identities():
     Aj = jnp.asarray(A)
     q0 = _random_unit(jax.random.key(0), 200, jnp.float64)
     for steps in (25, 200):
-        b = _run_lanczos(lambda v: Aj @ v, q0, steps, stop=lambda *_: False, restart_key=None)
+        b = run_lanczos(lambda v: Aj @ v, q0, steps, stop=lambda *_: False, restart_key=None)
         Q = np.asarray(b.Q)  # (m, n) rows
-        T = _tridiagonal(b.alphas, b.betas)
+        T = tridiagonal(b.alphas, b.betas)
         m = Q.shape[0]
         assert m == steps
         np.testing.assert_allclose(Q @ Q.T, np.eye(m), atol=1e-12)

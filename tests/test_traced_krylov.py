@@ -32,7 +32,7 @@ def test_top_eigenpairs_traced_match_eigh(name):
     evals, evecs = np.linalg.eigh(A)
     evals, evecs = evals[::-1], evecs[:, ::-1]
     res = _top(jnp.asarray(A), jax.random.key(1))
-    assert bool(res.converged)
+    assert bool(res.certified)
     np.testing.assert_allclose(res.values, evals[:6], atol=1e-13 * evals[0])
     V = np.asarray(res.vectors)
     np.testing.assert_allclose(V @ V.T, np.eye(6), atol=1e-12)
@@ -60,7 +60,7 @@ def test_repeated_eigenvalues_found_whole_through_restarts():
         )
     )(jnp.asarray(A))
     np.testing.assert_allclose(res.values, [5.0] * 3 + [2.0] * 3, atol=1e-13)
-    assert bool(res.converged)
+    assert bool(res.certified)
 
 
 def test_lanczos_identities_and_early_stop():
@@ -206,7 +206,7 @@ def test_top_eigenpairs_traced_flags_a_non_symmetric_matvec(skew):
     B = rng.standard_normal((N, N))
     B = jnp.asarray(A + skew * (B - B.T) / np.linalg.norm(B - B.T, 2))
     res = _top(B, jax.random.key(1))
-    assert not bool(res.converged)
+    assert not bool(res.certified)
     run = jax.jit(lambda M, v0: linalg.lanczos(lambda v: M @ v, v0, 30, lambda r: False))(
         B, jnp.ones(N)
     )
@@ -241,5 +241,5 @@ def test_jitted_top_eigenpairs_traced_does_not_retrace_for_a_new_operator():
     assert count > 0 and len(traces) == count, (count, len(traces))
     assert solve._cache_size() == 1
     for out, spectrum in results:  # the reused compile solved the new operator
-        assert bool(out.converged)
+        assert bool(out.certified)
         np.testing.assert_allclose(out.values, spectrum[:3], rtol=1e-10)

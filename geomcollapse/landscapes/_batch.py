@@ -159,7 +159,7 @@ def quadratic_summary_krylov(
         max_steps=max_steps,
     )
     path = flow.krylov_quadratic_flow(avp, c, ts, tol=tol, max_steps=max_steps)
-    subspace = Subspace(eig.values, eig.vectors, eig.residuals, eig.converged)
+    subspace = Subspace(eig.values, eig.vectors, eig.residuals, eig.certified)
     c_perp = c - subspace.project(c)
     measures = theory.aic_measures(
         subspace,
@@ -182,5 +182,5 @@ def quadratic_summary_krylov(
         flow_matvecs=path.num_matvecs,
         eig_residual=eig_residual,
         flow_error=flow_error,
-        converged=eig.converged & path.converged,
+        converged=eig.certified & path.converged,
     )

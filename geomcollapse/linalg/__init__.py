@@ -1,18 +1,19 @@
 """Spectra of symmetric operators: Lanczos top-k, SLQ densities, exact Gram route."""
 
-from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
-from geomcollapse.linalg._lanczos import (
+from geomcollapse.linalg._contract import (
     Eigenpairs,
     certifiable_tol,
+    certification_dtype,
+    default_tol,
     min_certifiable_tol,
-    top_eigenpairs,
 )
+from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
+from geomcollapse.linalg._lanczos import top_eigenpairs
 from geomcollapse.linalg._slq import SpectralDensity, density_on_grid, spectral_density
 from geomcollapse.linalg._traced import (
     LanczosRun,
     Ritz,
     TracedEigenpairs,
-    default_tol,
     is_symmetric_run,
     lanczos,
     ritz,
@@ -26,6 +27,7 @@ __all__ = [
     "SpectralDensity",
     "TracedEigenpairs",
     "certifiable_tol",
+    "certification_dtype",
     "default_tol",
     "density_on_grid",
     "empirical_fisher_eigenpairs",

@@ -16,12 +16,22 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves, positive_int
-from geomcollapse.linalg._lanczos import _HIGHEST, Eigenpairs
+from geomcollapse.linalg._contract import (
+    Eigenpairs,
+    certifiable_tol,
+    converged,
+    reference_scale,
+    residual_norms,
+)
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 PyTree = Any
 
 
-def empirical_fisher_eigenpairs(per_example_grads: PyTree, k: int) -> Eigenpairs:
+def empirical_fisher_eigenpairs(
+    per_example_grads: PyTree, k: int, *, tol: float | None = None
+) -> Eigenpairs:
     """Top-``k`` eigenpairs of ``F_emp = (1/m) Σ_i g_i g_iᵀ`` from per-example gradients.
 
     Args:
@@ -29,10 +39,14 @@ def empirical_fisher_eigenpairs(per_example_grads: PyTree, k: int) -> Eigenpairs
         leading axis ``m`` (as from ``curvature.per_example_gradients``).
       k: number of pairs, ``1 ≤ k ≤ n``; pairs beyond the rank are zero-filled
         with ``found = False``.
+      tol: relative residual tolerance, as for every solver here (default
+        ``100·eps``; :mod:`geomcollapse.linalg._contract`).
 
     Returns:
-      :class:`Eigenpairs` with exact residuals ``‖F_emp v − s v‖``; vectors as
-      ``(k, n)`` for an array input, else a pytree with a leading ``k`` axis.
+      :class:`Eigenpairs` with true residuals ``‖F_emp v − s v‖`` (two products
+      with ``G``, in float64 when x64 is on) and ``converged`` decided on them
+      against ``tol·s₁``; vectors as ``(k, n)`` for an array input, else a
+      pytree with a leading ``k`` axis.
     """
     leaves = finite_leaves(per_example_grads, "per_example_grads")
     m = int(np.shape(leaves[0])[0]) if np.ndim(leaves[0]) else 0
@@ -46,6 +60,7 @@ def empirical_fisher_eigenpairs(per_example_grads: PyTree, k: int) -> Eigenpairs
     if k > n:
         raise ValueError(f"k={k} exceeds the parameter dimension n={n}")
     dtype = G.dtype
+    tol = certifiable_tol(tol, dtype)
     K = jnp.dot(G, G.T, precision=_HIGHEST) / m
     s, U = np.linalg.eigh(np.asarray(K, np.float64))
     s, U = s[::-1], U[:, ::-1]
@@ -57,19 +72,22 @@ def empirical_fisher_eigenpairs(per_example_grads: PyTree, k: int) -> Eigenpairs
     V = jnp.dot(coeffs.T, G, precision=_HIGHEST)  # (kk, n)
     FV = jnp.dot(jnp.dot(V, G.T, precision=_HIGHEST), G, precision=_HIGHEST) / m
     values = jnp.asarray(np.where(found, s[:kk], 0.0), dtype)
-    residuals = jnp.linalg.norm(FV - values[:, None] * V, axis=1)
+    residuals = residual_norms(FV, V, values)
+    ok = converged(np.asarray(residuals), found, tol, reference_scale(s[:kk]))
+    residuals = residuals.astype(dtype)
     pad = k - kk
     values = jnp.concatenate([values, jnp.zeros(pad, dtype)])
     V = jnp.concatenate([V, jnp.zeros((pad, n), dtype)])
     residuals = jnp.concatenate([residuals, jnp.zeros(pad, dtype)])
     found = jnp.asarray(np.concatenate([found, np.zeros(pad, bool)]))
+    ok = jnp.asarray(np.concatenate([ok, np.zeros(pad, bool)]))
     return Eigenpairs(
         values=values,
         vectors=V
         if isinstance(per_example_grads, jax.Array | np.ndarray)
         else jax.vmap(unravel)(V),
         residuals=residuals,
-        converged=found,
+        converged=ok,
         found=found,
         num_matvecs=0,
     )

@@ -4,13 +4,19 @@ For a unit probe ``z``, Lanczos with ``T = S diag(θ) Sᵀ`` gives the Gauss
 quadrature ``zᵀ f(A) z ≈ Σ_j S_{0j}² f(θ_j)``; averaging over random probes
 estimates ``(1/n) Σ_i f(λ_i)``, i.e. the spectral density as nodes ``θ`` with
 weights ``S_{0j}²`` (each probe's weights sum to 1). Reuses the Lanczos core of
-:mod:`geomcollapse.linalg._lanczos`; a breakdown ends a probe early (the
-quadrature is then exact) and its missing nodes carry zero weight.
+:mod:`geomcollapse.linalg._lanczos` (any placement, sharded parameters
+included) and its operator scaling: each probe runs on ``A / s`` with
+``s = max|A z|`` and its nodes are multiplied back by ``s``, so ``c·A`` gives
+nodes ``c·θ`` and the same weights (float32 at ``c = 1e-30``: the unscaled
+recurrence underflowed and the top node was off by 45-96 %). A breakdown
+(the contract's zero level) ends a probe early (the quadrature is then
+exact) and its missing nodes carry zero weight.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -19,7 +25,14 @@ import numpy as np
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
-from geomcollapse.linalg._lanczos import _run_lanczos, _tridiagonal, flat_operator
+from geomcollapse.linalg._lanczos import (
+    Placement,
+    key_home,
+    placed_operator,
+    run_lanczos,
+    scaled_operator,
+    tridiagonal,
+)
 
 PyTree = Any
 
@@ -58,26 +71,35 @@ def spectral_density(
       :class:`SpectralDensity` (float64 numpy arrays).
     """
     key = prng_key(key)
-    flat_matvec, flat_like, _ = flat_operator(matvec, like)
-    n = flat_like.size
+    apply, at, _ = placed_operator(matvec, like)
     num_probes = positive_int(num_probes, "num_probes")
-    num_steps = min(positive_int(num_steps, "num_steps"), n)
+    num_steps = min(positive_int(num_steps, "num_steps"), at.n)
     nodes = np.zeros((num_probes, num_steps))
     weights = np.zeros((num_probes, num_steps))
     for p in progress_bar(range(num_probes), desc="slq", enabled=progress):
-        z = jax.random.rademacher(jax.random.fold_in(key, p), (n,), flat_like.dtype)
-        basis = _run_lanczos(
-            flat_matvec,
-            z / jnp.sqrt(jnp.asarray(n, flat_like.dtype)),
+        z = _probe(jax.device_put(jax.random.fold_in(key, p), key_home(at)), at)
+        scaled, first, s = scaled_operator(apply, apply(z), at)
+        basis = run_lanczos(
+            scaled,
+            z,
             num_steps,
             stop=lambda *_: False,
             restart_key=None,
+            first_product=first,
+            at=at,
         )
-        theta, S = np.linalg.eigh(_tridiagonal(basis.alphas, basis.betas))
+        theta, S = np.linalg.eigh(tridiagonal(basis.alphas, basis.betas))
         m = theta.size
-        nodes[p, :m] = theta
+        nodes[p, :m] = theta * s
         weights[p, :m] = S[0, :] ** 2
     return SpectralDensity(nodes=nodes, weights=weights)
+
+
+@partial(jax.jit, static_argnums=1)
+def _probe(key: jax.Array, at: Placement) -> PyTree:
+    """A unit Rademacher probe ``z/√n``, drawn flat and placed like the vectors."""
+    z = jax.random.rademacher(key, (at.n,), at.dtype)
+    return at.from_flat(z / jnp.sqrt(jnp.asarray(at.n, at.dtype)))
 
 
 def density_on_grid(density: SpectralDensity, grid: np.ndarray, *, sigma: float) -> np.ndarray:

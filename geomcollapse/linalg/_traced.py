@@ -12,11 +12,16 @@ from the tridiagonal ``T`` (one small ``eigh``, :func:`ritz`).
 
 Each step is ``w = A q_j − α_j q_j − β_{j−1} q_{j−1}`` followed by two full
 Gram-Schmidt passes against the buffer ("twice is enough"; zero rows past the
-current step contribute nothing). A breakdown ``β_j ≤ ε·‖T‖`` means the Krylov
-space is invariant: without ``restart_key`` the run is then exhausted (and
-exact); with it a random vector orthogonal to the basis continues the run
-(``β_j = 0``, so ``T`` splits into blocks) — needed to find every copy of a
-repeated eigenvalue, as in the host-driven solver.
+current step contribute nothing). A breakdown ``β_j ≤ zero_level`` (the rule
+of :mod:`geomcollapse.linalg._contract`, shared with the host-driven solver)
+means the Krylov space is invariant: without ``restart_key`` the run is then
+exhausted (and exact); with it a random vector orthogonal to the basis
+continues the run (``β_j = 0``, so ``T`` splits into blocks) — needed to find
+every copy of a repeated eigenvalue, as in the host-driven solver.
+:func:`top_eigenpairs_traced` follows the same contract as
+:func:`top_eigenpairs`: tolerance relative to ``‖A‖ = max|θ|``, true
+residuals from ``k`` more matvecs, ``converged`` decided on them, the same
+:class:`Eigenpairs` result.
 
 Batching: ``lax.map`` on CPU; ``vmap`` on GPU. A vmapped batch lowers the
 small ``eigh`` of ``T`` to batched LAPACK calls inside the while loop, which
@@ -35,6 +40,14 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import float_vector, positive_float_or_traced, positive_int, prng_key
+from geomcollapse.linalg._contract import (
+    Eigenpairs,
+    converged,
+    default_tol,
+    reference_scale,
+    residual_norms,
+    zero_level,
+)
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -56,6 +69,8 @@ class LanczosRun(NamedTuple):
         by the full re-orthogonalisation over the run, relative to ``‖T‖``: at
         rounding level for a symmetric ``A``, ``O(1)`` for a non-symmetric one
         (whose Ritz pairs are then meaningless; see :func:`is_symmetric_run`).
+      norm: ``()`` ``max_j ‖A q_j‖`` over the run, the scale of the breakdown
+        and zero levels (:func:`geomcollapse.linalg._contract.zero_level`).
     """
 
     basis: jax.Array
@@ -65,6 +80,7 @@ class LanczosRun(NamedTuple):
     restarted: jax.Array
     exhausted: jax.Array
     asymmetry: jax.Array
+    norm: jax.Array
 
     @property
     def residual_norm(self) -> jax.Array:
@@ -140,11 +156,6 @@ def is_symmetric_run(run: LanczosRun) -> jax.Array:
     return run.asymmetry <= 10.0 * jnp.sqrt(jnp.finfo(run.basis.dtype).eps)
 
 
-def default_tol(dtype) -> float:
-    """``100·eps``: residual/error tolerance the traced solvers reach in ``dtype``."""
-    return 100 * float(jnp.finfo(dtype).eps)
-
-
 def lanczos(
     matvec: Callable[[jax.Array], jax.Array],
     v0: jax.Array,
@@ -201,6 +212,7 @@ def lanczos(
         q = run.basis[j]
         beta_prev = jnp.where(j > 0, run.beta[jnp.maximum(j - 1, 0)], 0.0)
         w = matvec(q)
+        norm = jnp.maximum(run.norm, jnp.linalg.norm(w))
         a = dot(q, w)
         # For symmetric A, ⟨q_{j−1}, A q_j⟩ = β_{j−1} and the three-term w is
         # already orthogonal to the older rows; both gaps measure asymmetry.
@@ -213,7 +225,7 @@ def lanczos(
         asymmetry = jnp.maximum(
             run.asymmetry, gap / jnp.maximum(jnp.maximum(scale, b), jnp.finfo(dtype).tiny)
         )
-        breakdown = b <= 8 * eps * jnp.maximum(scale, jnp.finfo(dtype).tiny)
+        breakdown = b <= zero_level(dtype, norm, j + 1)
         if restart_key is None:
             fresh = jnp.zeros_like(w)
         else:
@@ -241,6 +253,7 @@ def lanczos(
             restarted=breakdown & can_restart,
             exhausted=exhausted,
             asymmetry=asymmetry,
+            norm=norm,
         ), q
 
     def active(run: LanczosRun):
@@ -262,41 +275,27 @@ def lanczos(
 
     basis = jnp.zeros((max_steps, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
     zeros = jnp.zeros((max_steps,), dtype)
+    scalar = jnp.zeros((), dtype)
     start = LanczosRun(
-        basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False), jnp.zeros((), dtype)
+        basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False), scalar, scalar
     )
     run, _ = jax.lax.while_loop(lambda c: ~c[1], block, (start, jnp.bool_(False)))
     return run
 
 
-class TracedEigenpairs(NamedTuple):
-    """Top-``k`` eigenpairs from :func:`top_eigenpairs_traced` (all arrays; vmaps).
-
-    Attributes:
-      values: ``(k,)`` descending.
-      vectors: ``(k, n)`` unit rows.
-      residuals: ``(k,)`` ``‖A v − λ v‖`` (the Lanczos estimate ``β_m |s_{m,i}|``,
-        equal to the true residual to rounding under full reorthogonalisation).
-      converged: ``()`` bool, every residual ``≤ tol·|λ₁|`` and the operator
-        behaved as a symmetric one (:func:`is_symmetric_run`).
-      num_matvecs: ``()`` int32.
-    """
-
-    values: jax.Array
-    vectors: jax.Array
-    residuals: jax.Array
-    converged: jax.Array
-    num_matvecs: jax.Array
+TracedEigenpairs = Eigenpairs  # the one result type (kept under its former name)
 
 
 def _top(run: LanczosRun, k: int):
+    """Top-``k`` Ritz values, ``T``'s vectors ``(m, k)``, estimated residuals, found, ``‖A‖``."""
     r = ritz(run)
     last = jnp.maximum(run.num_steps - 1, 0)
     top = r.vectors[:, -k:][:, ::-1]  # (m, k) descending
-    residuals = jnp.abs(run.residual_norm * top[last])
+    estimates = jnp.abs(run.residual_norm * top[last])
     values = r.values[-k:][::-1]
-    found = r.valid[-k:][::-1]
-    return values, top, residuals, found
+    level = zero_level(run.basis.dtype, run.norm, run.num_steps)
+    found = r.valid[-k:][::-1] & (jnp.abs(values) > level)
+    return values, top, estimates, found, r.valid[-k:][::-1], reference_scale(r.values, r.valid)
 
 
 def top_eigenpairs_traced(
@@ -308,13 +307,15 @@ def top_eigenpairs_traced(
     tol: float | None = None,
     max_steps: int | None = None,
     check_every: int = 4,
-) -> TracedEigenpairs:
+) -> Eigenpairs:
     """Top-``k`` (algebraic) eigenpairs of a symmetric ``matvec``, inside ``jit``/``vmap``.
 
-    Stops once every top-``k`` Ritz pair has ``β_m |s_{m,i}| ≤ tol·|θ₁|`` (checked
-    every ``check_every`` steps) or after ``max_steps`` (``converged`` False,
-    values still finite). Restarts from ``key`` at a breakdown, so repeated and
-    rank-deficient spectra are found whole.
+    Stops once every top-``k`` Ritz pair has ``β_m |s_{m,i}| ≤ tol·‖A‖`` (checked
+    every ``check_every`` steps; ``‖A‖`` the largest ``|θ|``) or after
+    ``max_steps``. Restarts from ``key`` at a breakdown, so repeated and
+    rank-deficient spectra are found whole. Then certifies: the ``k`` true
+    residuals ``‖A v − λ v‖`` (``k`` more matvecs, in float64 when x64 is on)
+    decide ``converged``, as in :func:`geomcollapse.linalg.top_eigenpairs`.
 
     Args:
       matvec: symmetric ``(n,) -> (n,)``, traceable.
@@ -323,6 +324,11 @@ def top_eigenpairs_traced(
       key: restart key.
       tol: relative residual tolerance (default ``100·eps`` of ``v0``'s dtype).
       max_steps: static basis capacity (default ``min(n, max(4k, 64))``).
+
+    Returns:
+      :class:`Eigenpairs` (all arrays; vmaps): ``converged`` per pair also
+      requires a symmetric run (:func:`is_symmetric_run`);
+      ``pairs.certified`` is the one flag for the whole set.
     """
     float_vector(v0, "v0")
     key = prng_key(key)
@@ -335,20 +341,20 @@ def top_eigenpairs_traced(
     if not 1 <= k <= max_steps <= n:
         raise ValueError(f"need 1 ≤ k ≤ max_steps ≤ n, got k={k}, max_steps={max_steps}, n={n}")
 
-    def certified(values, residuals, found):
-        return jnp.all(found) & jnp.all(residuals <= tol * jnp.abs(values[0]))
-
     def stop(run: LanczosRun):
-        values, _, residuals, found = _top(run, k)
-        return certified(values, residuals, found)
+        _, _, estimates, _, valid, scale = _top(run, k)
+        return jnp.all(converged(estimates, valid, tol, scale))
 
     run = lanczos(matvec, v0, max_steps, stop, check_every=check_every, restart_key=key)
-    values, top, residuals, found = _top(run, k)
-    vectors = jnp.dot(top.T, run.basis, precision=_HIGHEST)
-    return TracedEigenpairs(
-        values=jnp.where(found, values, 0.0),
-        vectors=jnp.where(found[:, None], vectors, 0.0),
-        residuals=jnp.where(found, residuals, 0.0),
-        converged=certified(values, residuals, found) & is_symmetric_run(run),
-        num_matvecs=run.num_steps,
+    values, top, _, found, _, scale = _top(run, k)
+    values = jnp.where(found, values, 0.0)
+    vectors = jnp.where(found[:, None], jnp.dot(top.T, run.basis, precision=_HIGHEST), 0.0)
+    residuals = residual_norms(jax.lax.map(matvec, vectors), vectors, values)
+    return Eigenpairs(
+        values=values,
+        vectors=vectors,
+        residuals=jnp.where(found, residuals, 0.0).astype(v0.dtype),
+        converged=converged(residuals, found, tol, scale) & is_symmetric_run(run),
+        found=found,
+        num_matvecs=run.num_steps + k,
     )
