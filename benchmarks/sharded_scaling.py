@@ -72,12 +72,10 @@ def _measure(devices: int, h: int, quick: bool) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.flatten_util import ravel_pytree
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from geomcollapse import aic, curvature, models
-    from geomcollapse._sharding import Layout
     from geomcollapse.linalg import _lanczos
 
     problem = models.mlp_problem(jax.random.key(0), (INPUTS, h, h, CLASSES), 512, gd_steps=2)
@@ -119,21 +117,10 @@ def _measure(devices: int, h: int, quick: bool) -> dict:
         warm.append(time.perf_counter() - start)
     # The Lanczos basis after BASIS_STEPS steps: its bytes on device 0.
     jfvp = jax.jit(fvp)
-    if devices > 1:
-        layout = Layout(params)
-        ops = _lanczos._TreeOps(layout)
-        apply = _lanczos.sharded_operator(lambda v: jfvp(params, v, skill), params, layout)
-        q0 = ops.random_unit(jax.random.key(0))
-    else:
-        ops = None
-        flat, unravel = ravel_pytree(params)
-
-        def apply(v: jax.Array) -> jax.Array:
-            return ravel_pytree(jfvp(params, unravel(v), skill))[0]
-
-        q0 = _lanczos._random_unit(jax.random.key(0), flat.size, flat.dtype)
-    basis = _lanczos._run_lanczos(
-        apply, q0, BASIS_STEPS, stop=lambda *_: False, restart_key=None, ops=ops
+    apply, at, _ = _lanczos.placed_operator(lambda v: jfvp(params, v, skill), params)
+    q0 = _lanczos._random_vector(jax.random.key(0), at, start=True)
+    basis = _lanczos.run_lanczos(
+        apply, q0, BASIS_STEPS, stop=lambda *_: False, restart_key=None, at=at
     )
     device0 = jax.devices()[0]
     on_device0 = sum(
