@@ -379,3 +379,89 @@ def test_slq_quadrature_is_exact_per_probe_up_to_degree_2m_minus_1(num_steps):
         for k in range(2 * m):  # k = 0 … 2m−1, degrees up to 7 (m = 4) and 11 (m = 6)
             assert abs(quad[k] - moments[k]) <= 1e-12 * moments[k], (p, k, quad[k], moments[k])
         assert abs(quad[2 * m] - moments[2 * m]) > 1e-9 * moments[2 * m], (p, quad[2 * m])
+
+
+def test_slq_is_scale_invariant_in_float32():
+    """``1e-30·A`` in float32: nodes ``1e-30·θ`` and the same weights as ``A`` (the top
+    node was off by 45 %: the recurrence's squares underflowed), the top node at eigh's."""
+    spectrum = np.linspace(1.0, 10.0, 200)
+    A = jnp.asarray(symmetric_with_spectrum(spectrum, seed=0), jnp.float32)
+
+    def run(s):
+        As = A * jnp.float32(s)
+        return linalg.spectral_density(
+            lambda v: As @ v,
+            jnp.zeros(200, jnp.float32),
+            key=jax.random.key(0),
+            num_probes=4,
+            num_steps=40,
+        )
+
+    base, scaled = run(1.0), run(1e-30)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    top = float(np.max(base.nodes))
+    assert np.max(np.abs(scaled.nodes / 1e-30 - base.nodes)) <= 100 * eps * top
+    assert np.max(np.abs(scaled.weights - base.weights)) <= 1e-4
+    np.testing.assert_allclose(np.max(scaled.nodes, axis=1) / 1e-30, spectrum[-1], rtol=1e-4)
+
+
+def test_gram_route_decides_converged_on_true_residuals():
+    """float32 ``G`` (m = 10, n = 3000) with eigenvalues down to 1.3e-5·s₁: a pair found
+    by the Gram route can miss ``100·eps·s₁``; ``converged`` says so (it was ``found``)."""
+    m, n = 10, 3000
+    rng = np.random.default_rng(1)
+    U, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    W, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    G = jnp.asarray((U * np.sqrt(m * np.logspace(0, -4.9, m))) @ W.T, jnp.float32)
+    pairs = linalg.empirical_fisher_eigenpairs(G, m)
+    G64 = np.asarray(G, np.float64)
+    V = np.asarray(pairs.vectors, np.float64)
+    lam = np.asarray(pairs.values, np.float64)
+    true = np.linalg.norm(((V @ G64.T) @ G64) / m - lam[:, None] * V, axis=1)
+    found, conv = np.asarray(pairs.found), np.asarray(pairs.converged)
+    eps = float(jnp.finfo(jnp.float32).eps)
+    tol = linalg.default_tol(jnp.float32) * lam[0]
+    # the float32 product F v rounds at a few eps·s₁; the rest is float64
+    reported = np.asarray(pairs.residuals, np.float64)
+    np.testing.assert_allclose(reported, true, atol=2 * eps * lam[0])
+    assert np.all(conv == (found & (reported <= tol)))
+    assert np.all(true[conv] <= tol + 2 * eps * lam[0])
+    assert np.any(found & ~conv) and np.any(true[found & ~conv] > tol)  # not vacuous
+
+
+def test_host_and_traced_solvers_share_one_contract():
+    """Same default tolerance (``100·eps``), the same rule and the same result type: the
+    host driver's default was 1e-6, so a float64 run stopped at residuals ~1e-7·‖A‖."""
+    A = _operator(SPECTRA["decaying"])
+    Aj = jnp.asarray(A)
+    host = linalg.top_eigenpairs(lambda v: Aj @ v, jnp.zeros(N), 4, key=jax.random.key(0))
+    traced = jax.jit(
+        lambda A: linalg.top_eigenpairs_traced(
+            lambda v: A @ v, jnp.ones(N), 4, key=jax.random.key(0), max_steps=120
+        )
+    )(Aj)
+    assert type(host) is type(traced) is linalg.Eigenpairs
+    norm = np.max(np.abs(np.linalg.eigvalsh(A)))
+    tol = linalg.default_tol(jnp.float64)
+    for pairs in (host, traced):
+        true = _true_residuals(A, pairs.values, pairs.vectors)
+        np.testing.assert_allclose(pairs.residuals, true, atol=1e-14 * norm)
+        assert bool(pairs.certified) and np.all(true <= tol * norm)
+    np.testing.assert_allclose(traced.values, host.values, rtol=1e-12)
+
+
+def test_traced_float32_residuals_are_the_true_ones():
+    """float32 traced pairs report ``‖Av − λv‖`` from one more matvec each, not the Lanczos
+    estimate ``|β_m s_{m,i}|``, which falls below what float32 represents."""
+    A32 = jnp.asarray(_operator(SPECTRA["decaying"], seed=7), jnp.float32)
+    A64 = np.asarray(A32, np.float64)
+    res = jax.jit(
+        lambda A: linalg.top_eigenpairs_traced(
+            lambda v: A @ v, jnp.ones(N, jnp.float32), 4, key=jax.random.key(2), max_steps=120
+        )
+    )(A32)
+    true = _true_residuals(A64, np.asarray(res.values, np.float64), res.vectors)
+    lam1 = float(np.max(np.abs(res.values)))
+    eps = float(jnp.finfo(jnp.float32).eps)
+    np.testing.assert_allclose(np.asarray(res.residuals, np.float64), true, atol=eps * lam1 / 4)
+    assert res.num_matvecs > 4  # the run, plus one certifying matvec per pair
