@@ -28,10 +28,12 @@ from geomcollapse.subspace import Subspace
 __all__ = [
     "EXACT_TRACE_MAX_N",
     "AICMeasurement",
+    "TailMass",
     "fisher_trace",
     "gradient_and_hg",
     "measure_aic",
     "rademacher_probes",
+    "tail_mass",
     "tail_quadratic",
 ]
 
@@ -53,6 +55,8 @@ class AICMeasurement(NamedTuple):
       trace_stderr: standard error of ``trace`` and of the tail mass (0 when exact).
       gradient_norm: ``‖g(θ*)‖``.
       num_matvecs: Fisher matvecs used in total.
+      tail_rounding: a bound on the rounding error of ``report.tail_mass``
+        (:class:`TailMass`), beside its statistical ``trace_stderr``.
     """
 
     report: theory.AICReport
@@ -61,6 +65,7 @@ class AICMeasurement(NamedTuple):
     trace_stderr: float
     gradient_norm: float
     num_matvecs: int
+    tail_rounding: float = float("nan")
 
 
 def _trace_method(method: str, n: int) -> str:
@@ -85,8 +90,68 @@ def _compiled(fn: Callable, static: Callable) -> Callable:
 
 
 def _probe(matvec: Callable, vs: jax.Array, args: tuple) -> jax.Array:
-    """``(zᵀ matvec(z, *args))`` for each row ``z`` of ``vs``."""
-    return jax.vmap(lambda v: jnp.vdot(v, matvec(v, *args)))(vs)
+    """``(p, 4)`` :func:`_quadratic_terms` for each row ``z`` of ``vs``."""
+    return jax.vmap(lambda v: _quadratic_terms(v, matvec(v, *args)))(vs)
+
+
+def _quadratic_terms(z: PyTree, fz: PyTree) -> jax.Array:
+    """``[q, |z|ᵀ|Fz|, √(max(q, 0)·zᵀz), zᵀz]``, ``q = zᵀFz``: a probe's quadratic and the
+    terms of its rounding bound (:class:`TailMass`)."""
+    q, zz = tree_dot(z, fz), tree_dot(z, z)
+    return jnp.stack([q, tree_dot(_abs(z), _abs(fz)), jnp.sqrt(jnp.maximum(q, 0.0) * zz), zz])
+
+
+def _abs(tree: PyTree) -> PyTree:
+    return jax.tree_util.tree_map(jnp.abs, tree)
+
+
+class TailMass(NamedTuple):
+    """The tail mass ``tr((I−P)F(I−P)) = Σ_{j>d} λ_j``, computed directly (no ``tr F − Σλ``).
+
+    Each probe ``z`` (one-hot rows, exact; Rademacher, Hutchinson) is deflated,
+    ``z ← z − Vᵀ(Vz)``, and contributes ``zᵀFz``: the value's rounding then scales
+    with the tail itself, not with ``tr F`` (the round trip ``(tail + Σλ) − Σλ``
+    cancelled in float32 where condition 1 holds: ``tail ≪ Σλ``).
+
+    Attributes:
+      value: the exact sum, or the Hutchinson mean.
+      stderr: its standard error (0 when exact).
+      rounding: a first-order bound on its rounding error in the working dtype's
+        ``eps``: per probe ``eps·(√n·|z|ᵀ|Fz| + 2√(λ₁·zᵀFz)·‖z‖ + d·eps·λ₁·zᵀz)``,
+        summed (exact) or averaged (Hutchinson). The terms: the dot product
+        ``zᵀ(Fz)`` (probabilistic ``√n`` growth); ``F`` applied as ``JᵀΛJ`` (every
+        Fisher and GGN here), whose rounding ``δ`` moves ``zᵀFz`` by at most
+        ``eps·‖Λ^{1/2}J‖·‖z‖·‖Λ^{1/2}Jz‖ = eps·√(λ₁·zᵀFz)·‖z‖`` per product
+        (a generic matvec backward-stable to ``eps·‖F‖`` can reach
+        ``eps·λ₁·‖z‖²``); and the ``O(eps·√d)`` the deflation leaves on ``M``.
+      num_matvecs: Fisher matvecs used.
+    """
+
+    value: float
+    stderr: float
+    rounding: float
+    num_matvecs: int
+
+
+def _deflation(z: jax.Array, Vd: jax.Array) -> jax.Array:
+    """``(zVdᵀ)Vd``: the rows of ``z`` projected on ``M``."""
+    highest = jax.lax.Precision.HIGHEST
+    return jnp.dot(jnp.dot(z, Vd.T, precision=highest), Vd, precision=highest)
+
+
+def _tail_mass(sums: np.ndarray, samples: np.ndarray | None, n: int, dtype, d: int, lam1: float):
+    """:class:`TailMass` from the probes' summed terms (``(4,)``) and, for Hutchinson, samples."""
+    eps = float(jnp.finfo(dtype).eps)
+    sums = np.asarray(sums, np.float64)
+    lam1 = abs(lam1)
+    rounding = eps * (
+        np.sqrt(n) * sums[1] + 2.0 * np.sqrt(lam1) * sums[2] + d * eps * lam1 * sums[3]
+    )
+    if samples is None:
+        return TailMass(float(sums[0]), 0.0, float(rounding), n)
+    count = samples.size
+    stderr = float(samples.std(ddof=1) / np.sqrt(count))
+    return TailMass(float(samples.mean()), stderr, float(rounding / count), count)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,45 +203,65 @@ def fisher_trace(
     ``method='exact'`` sums ``e_iᵀ F e_i`` (``n`` matvecs, vmapped in chunks);
     ``'hutchinson'`` averages ``zᵀ F z`` over Rademacher ``z`` (unbiased; the
     standard error is the sample one); ``'auto'`` is exact for ``n ≤ 4096``.
-    With ``deflate`` (``(d, n)`` orthonormal rows spanning ``M``) Hutchinson
-    estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
-    by the tail, not by the top eigenvalues it would otherwise have to subtract.
+    With ``deflate`` (``(d, n)`` orthonormal rows spanning ``M``) every probe is
+    deflated first and the value is ``tr((I−P)F(I−P))``, the tail mass itself
+    (:func:`tail_mass`): never the difference ``tr F − Σλ``, and for Hutchinson
+    a variance set by the tail, not by the top eigenvalues.
     ``args`` (weights, data) enter the compiled probe loop as arguments, not
     as constants folded into it; the probe is compiled once per ``matvec``
     (pass the same function object to reuse it).
     """
+    t = tail_mass(
+        matvec, n, dtype, method=method, key=key, num_probes=num_probes, deflate=deflate, args=args
+    )
+    return t.value, t.stderr, t.num_matvecs
+
+
+def tail_mass(
+    matvec: Callable[[jax.Array], jax.Array],
+    n: int,
+    dtype,
+    *,
+    method: str = "auto",
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    deflate: np.ndarray | None = None,
+    args: tuple = (),
+    top_eigenvalue: float = 0.0,
+) -> TailMass:
+    """:class:`TailMass` ``tr((I−P)F(I−P))`` of a flat ``matvec`` deflated by ``deflate``.
+
+    Arguments as :func:`fisher_trace` (``deflate=None``: ``tr F`` itself);
+    ``top_eigenvalue`` (``λ₁ ≈ ‖F‖``) scales the matvec's share of the
+    rounding bound.
+    """
     n = positive_int(n, "n")
     method = _trace_method(method, n)
-    args = tuple(args)
-    probe = _compiled(_probe, matvec)
-
-    def batched(vs):
-        return probe(vs, args)
-
-    if method == "exact":
-        if deflate is not None:
-            raise ValueError("deflate applies to method='hutchinson' only")
-        total, eye_rows = 0.0, 256
-        for start in range(0, n, eye_rows):
-            idx = jnp.arange(start, min(start + eye_rows, n))
-            total += float(jnp.sum(batched(jax.nn.one_hot(idx, n, dtype=dtype))))
-        return total, 0.0, n
-    if method != "hutchinson":
+    if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
-    key = prng_key(key)
-    num_probes = probe_count(num_probes)
+    args = tuple(args)
     Vd = jnp.zeros((0, n), dtype) if deflate is None else jnp.asarray(deflate, dtype)
     if Vd.ndim != 2 or Vd.shape[1] != n:
         raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
+    d = Vd.shape[0]
+    if method == "exact":
+        probe, sums, eye_rows = _compiled(_probe, matvec), np.zeros(4), 256
+        for start in range(0, n, eye_rows):
+            e = jax.nn.one_hot(jnp.arange(start, min(start + eye_rows, n)), n, dtype=dtype)
+            if d:
+                e = e - _deflation(e, Vd)
+            sums += np.asarray(jnp.sum(probe(e, args), axis=0), np.float64)
+        return _tail_mass(sums, None, n, dtype, d, top_eigenvalue)
+    key = prng_key(key)
+    num_probes = probe_count(num_probes)
     chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
     try:
         hash(matvec)
         hutchinson = partial(_JITTED_HUTCHINSON, matvec)
     except TypeError:  # an unhashable matvec cannot key the jit cache: compiled per call
         hutchinson = jax.jit(partial(_hutchinson_samples, matvec), static_argnums=(3, 4))
-    samples = hutchinson(key, Vd, args, num_probes, min(chunk, num_probes))
-    samples = np.asarray(samples, np.float64)
-    return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes)), num_probes
+    terms = np.asarray(hutchinson(key, Vd, args, num_probes, min(chunk, num_probes)), np.float64)
+    return _tail_mass(terms.sum(axis=0), terms[:, 0], n, dtype, d, top_eigenvalue)
 
 
 # Hutchinson probes per compiled batch, and the most memory one batch of probes may take.
@@ -191,7 +276,7 @@ _PROBE_CHUNK_BYTES = 1 << 26
 def _hutchinson_samples(
     matvec: Callable, key: jax.Array, Vd: jax.Array, args: tuple, num: int, chunk: int
 ) -> jax.Array:
-    """``zᵀ A z`` for ``num`` Rademacher probes deflated by ``Vd``, ``chunk`` per batch.
+    """``(num, 4)`` :func:`_probe` terms of ``num`` Rademacher probes deflated by ``Vd``.
 
     Probe batch ``c`` is :func:`rademacher_probes` of ``fold_in(key, c)``, made
     and deflated (``z − (zVdᵀ)Vd``) inside the compiled loop, so the ``(num, n)``
@@ -205,7 +290,7 @@ def _hutchinson_samples(
         return _probe(matvec, z, args)
 
     full, rest = divmod(num, chunk)
-    out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1)
+    out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1, 4)
     return jnp.concatenate([out, batch(full, rest)]) if rest else out
 
 
@@ -261,11 +346,12 @@ _JITTED = {fn: jax.jit(fn, static_argnums=0) for fn in (_probe, _flat_fvp, _grad
 
 
 @partial(jax.jit, static_argnums=(0, 1, 2))
-def _tree_exact_trace(fisher_vp, layout: Layout, rows: int, start: jax.Array, params, args):
-    """``Σ_{i∈[start, start+rows)} e_iᵀ F e_i``, ``e_i`` one-hot in ``ravel_pytree`` order.
+def _tree_exact_trace(fisher_vp, layout: Layout, rows: int, start: jax.Array, basis, params, args):
+    """``(4,)`` :func:`_probe` terms summed over ``(I−P)e_i``, ``i ∈ [start, start+rows)``.
 
-    Each leaf's block of the one-hot rows is built from an iota on its own
-    devices: no ``(rows, n)`` array is formed.
+    ``e_i`` one-hot in ``ravel_pytree`` order, each leaf's block built from an
+    iota on its own devices (no ``(rows, n)`` array is formed), deflated by the
+    stacked ``basis`` (``d`` may be 0).
     """
     idx = start + jnp.arange(rows)
     offsets = np.cumsum((0, *layout.sizes))
@@ -278,8 +364,23 @@ def _tree_exact_trace(fisher_vp, layout: Layout, rows: int, start: jax.Array, pa
     z = jax.lax.with_sharding_constraint(
         jax.tree_util.tree_unflatten(layout.treedef, leaves), layout.stacked
     )
+    return jnp.sum(_tree_probe_terms(fisher_vp, layout, z, basis, params, args), axis=0)
+
+
+@partial(jax.jit, static_argnums=0)
+def _tree_no_rows(layout: Layout) -> PyTree:
+    """An empty stack (``d = 0``) laid out like the parameters: no deflation."""
+    empty = layout.unravel(jnp.zeros((0, layout.n), layout.dtype))
+    return jax.lax.with_sharding_constraint(empty, layout.stacked)
+
+
+def _tree_probe_terms(fisher_vp, layout: Layout, z, basis, params, args) -> jax.Array:
+    """``(p, 4)`` :func:`_quadratic_terms` of the stacked probes ``z`` deflated by ``basis``."""
+    coeffs = jax.vmap(lambda v: stack_dot(basis, v))(z)  # (p, d)
+    z = jax.tree_util.tree_map(jnp.subtract, z, stack_combine(coeffs, basis))
+    z = jax.lax.with_sharding_constraint(z, layout.stacked)
     fz = jax.vmap(lambda v: fisher_vp(params, v, *args))(z)
-    return tree_dot(z, fz)
+    return jax.vmap(_quadratic_terms)(z, fz)
 
 
 @partial(jax.jit, static_argnums=(0, 1, 5, 6))
@@ -287,23 +388,22 @@ def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, ch
     """As :func:`_hutchinson_samples` with probes and basis laid out like the parameters.
 
     The probes are the flat path's (same key, same values), unraveled per batch
-    and deflated by the stacked basis: ``z − Σ_i ⟨v_i, z⟩ v_i``.
+    and deflated by the stacked basis: ``z − Σ_i ⟨v_i, z⟩ v_i``. Returns the
+    ``(num,)`` samples and the ``(4,)`` terms summed over probes.
     """
 
     def batch(c, size):
         z = rademacher_probes(jax.random.fold_in(key, c), size, layout.n, layout.dtype)
         z = jax.lax.with_sharding_constraint(layout.unravel(z), layout.stacked)
-        coeffs = jax.vmap(lambda v: stack_dot(basis, v))(z)  # (size, d)
-        z = jax.tree_util.tree_map(jnp.subtract, z, stack_combine(coeffs, basis))
-        fz = jax.vmap(lambda v: fisher_vp(params, v, *args))(z)
-        return jax.vmap(tree_dot)(z, fz)
+        return _tree_probe_terms(fisher_vp, layout, z, basis, params, args)
 
     full, rest = divmod(num, chunk)
     if full == 1:  # one batch: no loop to compile
         out = batch(0, chunk)
     else:
-        out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1)
-    return jnp.concatenate([out, batch(full, rest)]) if rest else out
+        out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1, 4)
+    out = jnp.concatenate([out, batch(full, rest)]) if rest else out
+    return out[:, 0], jnp.sum(out, axis=0)
 
 
 @partial(jax.jit, static_argnums=2)
@@ -335,41 +435,63 @@ def _tree_fisher_trace(
     ``fisher_vp(params, v, *args)`` is the library's matvec (``v`` like
     ``params``; hashable: it is a static argument of the compiled kernels);
     ``method`` is ``'exact'`` (``n`` one-hot rows built on each leaf's devices,
-    256 per compiled call) or ``'hutchinson'``, deflated by ``deflate``, a stack
-    of orthonormal vectors laid out like ``params`` (its value is then
-    ``tr((I−P)F(I−P))``). Same probes as the flat route; only the per-chunk
-    sums or the ``num_probes`` samples reach the host.
+    256 per compiled call) or ``'hutchinson'`` (``deflate`` required), deflated
+    by ``deflate``, a stack of orthonormal vectors laid out like ``params``
+    (its value is then ``tr((I−P)F(I−P))``). Same probes as the flat route;
+    only the per-chunk sums or the ``num_probes`` samples reach the host.
     """
+    t = _tree_tail_mass(
+        fisher_vp, layout, params, args, method, key=key, num_probes=num_probes, deflate=deflate
+    )
+    return t.value, t.stderr, t.num_matvecs
+
+
+def _tree_tail_mass(
+    fisher_vp: Callable,
+    layout: Layout,
+    params: PyTree,
+    args: tuple,
+    method: str,
+    *,
+    key: jax.Array | None = None,
+    num_probes: int = 64,
+    deflate: PyTree | None = None,
+    top_eigenvalue: float = 0.0,
+) -> TailMass:
+    """:func:`tail_mass` for parameters sharded on a mesh (see :func:`_tree_fisher_trace`)."""
     n, dtype = layout.n, layout.dtype
+    if deflate is None:
+        if method == "hutchinson":
+            raise ValueError("deflate (a stack of vectors laid out like params) is required")
+        deflate = _tree_no_rows(layout)
+    d = int(jax.tree_util.tree_leaves(deflate)[0].shape[0])
     if method == "exact":
-        rows, total = 256, 0.0
+        rows, sums = 256, np.zeros(4)
         for start in range(0, n, rows):
             size = min(rows, n - start)
             part = _tree_exact_trace(
-                fisher_vp, layout, size, layout.put(np.int32(start)), params, args
+                fisher_vp, layout, size, layout.put(np.int32(start)), deflate, params, args
             )
-            total += float(jax.device_get(part))
-        return total, 0.0, n
+            sums += np.asarray(jax.device_get(part), np.float64)
+        return _tail_mass(sums, None, n, dtype, d, top_eigenvalue)
     if method != "hutchinson":
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
-    if deflate is None:
-        raise ValueError("deflate (a stack of vectors laid out like params) is required")
     key = prng_key(key)
     num_probes = probe_count(num_probes)
     chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
-    samples = _tree_hutchinson(
-        fisher_vp,
-        layout,
-        jax.device_put(key, layout.replicated),
-        deflate,
-        params,
-        num_probes,
-        min(chunk, num_probes),
-        args,
+    samples, sums = jax.device_get(
+        _tree_hutchinson(
+            fisher_vp,
+            layout,
+            jax.device_put(key, layout.replicated),
+            deflate,
+            params,
+            num_probes,
+            min(chunk, num_probes),
+            args,
+        )
     )
-    samples = np.asarray(jax.device_get(samples), np.float64)
-    mean, stderr = float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes))
-    return mean, stderr, num_probes
+    return _tail_mass(sums, np.asarray(samples, np.float64), n, dtype, d, top_eigenvalue)
 
 
 def _measure_aic_sharded(
@@ -409,7 +531,7 @@ def _measure_aic_sharded(
     lam = np.asarray(jax.device_get(pairs.values), np.float64)
     g, Hg = _tree_gradient_and_hg(_hashable(loss_fn), layout, params, loss_args)
     trace = _trace_method(trace, n)
-    tail, trace_se, trace_matvecs = _tree_fisher_trace(
+    tail = _tree_tail_mass(
         static_fvp,
         layout,
         params,
@@ -418,20 +540,21 @@ def _measure_aic_sharded(
         key=k_trace,
         num_probes=num_probes,
         deflate=pairs.vectors,
+        top_eigenvalue=float(np.max(np.abs(lam))),
     )
-    tr = tail if trace == "exact" else tail + lam.sum()
     g_perp = _tree_deflate(pairs.vectors, g, layout)
     tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, matvec(g_perp), g))
     report = theory.aic_report(
-        subspace, g, Hg, tail_mass=tr - lam.sum(), tail_quadratic=float(tail_q), compiled=True
+        subspace, g, Hg, tail_mass=tail.value, tail_quadratic=float(tail_q), compiled=True
     )
     return AICMeasurement(
         report=report,
         eigenpairs=pairs,
-        trace=tr,
-        trace_stderr=trace_se,
+        trace=tail.value + lam.sum(),
+        trace_stderr=tail.stderr,
         gradient_norm=float(g_norm),
-        num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
+        num_matvecs=int(pairs.num_matvecs) + tail.num_matvecs + 1,
+        tail_rounding=tail.rounding,
     )
 
 
@@ -499,7 +622,9 @@ def measure_aic(
       An :class:`AICMeasurement`. ``report.orthogonality`` is ``‖Pg‖`` as
       Def. 5.1 states it; ``report.fisher_orthogonality`` is ``‖F^{1/2}Pg‖``;
       ``report.coupling`` is ``γ = ‖F^{1/2}PHg‖`` from one HVP; the tail mass is
-      ``tr F − Σ_{i≤d} λ_i``; ``report.converged`` and ``report.eigen_residuals``
+      ``tr F − Σ_{i≤d} λ_i``, computed directly as ``tr((I−P)F(I−P))`` on
+      deflated probes (:func:`tail_mass`; its rounding bound is
+      ``tail_rounding``); ``report.converged`` and ``report.eigen_residuals``
       certify ``M``.
 
     Raises:
@@ -547,30 +672,31 @@ def measure_aic(
     lam = np.asarray(pairs.values, np.float64)
     g, Hg = gradient_and_hg(loss_fn, params, loss_args)
     trace = _trace_method(trace, n)
-    tail, tr_se, trace_matvecs = fisher_trace(
+    tail = tail_mass(
         flat_fvp_at,
         n,
         flat.dtype,
         method=trace,
         key=k_trace,
         num_probes=num_probes,
-        deflate=V if trace == "hutchinson" else None,
+        deflate=V,
         args=(params, fisher_args),
+        top_eigenvalue=float(np.max(np.abs(lam))),
     )
-    tr = tail + lam.sum() if trace == "hutchinson" else tail
     g64 = np.asarray(g, np.float64)
     report = theory.aic_report(
         subspace,
         g64,
         np.asarray(Hg, np.float64),
-        tail_mass=tr - lam.sum(),
+        tail_mass=tail.value,
         tail_quadratic=tail_quadratic(flat_fvp, V, g64, flat.dtype),
     )
     return AICMeasurement(
         report=report,
         eigenpairs=pairs,
-        trace=tr,
-        trace_stderr=tr_se,
+        trace=tail.value + lam.sum(),
+        trace_stderr=tail.stderr,
         gradient_norm=float(np.linalg.norm(g64)),
-        num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
+        num_matvecs=int(pairs.num_matvecs) + tail.num_matvecs + 1,
+        tail_rounding=tail.rounding,
     )
