@@ -668,31 +668,27 @@ def top_eigenpairs(
     q0 = _random_vector(init_key, at, start=True)
     scaled, first, op_scale = scaled_operator(apply, apply(q0), at)
     with progress_bar(total=max_matvecs, desc="lanczos", enabled=progress) as bar:
-
-        def stop(alphas, betas, last_beta, scale):
-            if alphas.size < k:
-                return False
-            theta, _, res = _ritz(alphas, betas, last_beta)
-            ratio = float(np.max(res[_select(theta, k, which, 0)])) / reference_scale(theta)
-            bar.set_postfix(max_rel_residual=f"{ratio:.2e}", refresh=False)
-            return ratio <= tol
-
+        stop = partial(_estimates_converged, k=k, which=which, tol=tol, bar=bar)
         basis = run_lanczos(
-            scaled,
-            q0,
-            max_matvecs,
-            stop=stop,
-            restart_key=restart_key,
-            bar=bar,
-            first_product=first,
-            at=at,
-        )
+            scaled, q0, max_matvecs, stop=stop, restart_key=restart_key, bar=bar,
+            first_product=first, at=at,
+        )  # fmt: skip
     pairs = _extract(basis, k, which, tol, scaled, max_matvecs)
     return pairs._replace(
         values=at.put(np.asarray(pairs.values * op_scale, dtype)),
         vectors=to_like(pairs.vectors),
         residuals=at.put(np.asarray(pairs.residuals * op_scale, dtype)),
     )
+
+
+def _estimates_converged(alphas, betas, last_beta, scale, *, k, which, tol, bar) -> bool:
+    """The stopping rule: every top-``k`` Lanczos estimate ``|β_m s_{m,i}| ≤ tol·‖A‖``."""
+    if alphas.size < k:
+        return False
+    theta, _, res = _ritz(alphas, betas, last_beta)
+    ratio = float(np.max(res[_select(theta, k, which, 0)])) / reference_scale(theta)
+    bar.set_postfix(max_rel_residual=f"{ratio:.2e}", refresh=False)
+    return ratio <= tol
 
 
 def _extract(basis: _Basis, k: int, which: str, tol: float, apply, max_matvecs: int):
