@@ -668,7 +668,6 @@ def measure_aic(
     k_eig, k_trace = jax.random.split(key)
     pairs = linalg.top_eigenpairs(flat_fvp, flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
     subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
-    V = np.asarray(pairs.vectors, np.float64)
     lam = np.asarray(pairs.values, np.float64)
     g, Hg = gradient_and_hg(loss_fn, params, loss_args)
     trace = _trace_method(trace, n)
@@ -679,7 +678,7 @@ def measure_aic(
         method=trace,
         key=k_trace,
         num_probes=num_probes,
-        deflate=V,
+        deflate=pairs.vectors,  # on the device, in the working dtype: no copy
         args=(params, fisher_args),
         top_eigenvalue=float(np.max(np.abs(lam))),
     )
@@ -689,7 +688,7 @@ def measure_aic(
         g64,
         np.asarray(Hg, np.float64),
         tail_mass=tail.value,
-        tail_quadratic=tail_quadratic(flat_fvp, V, g64, flat.dtype),
+        tail_quadratic=tail_quadratic(flat_fvp, pairs.vectors, g64, flat.dtype),
     )
     return AICMeasurement(
         report=report,
