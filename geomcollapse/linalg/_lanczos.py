@@ -703,6 +703,7 @@ def _extract(basis: _Basis, k: int, which: str, tol: float, apply, max_matvecs: 
     found = (idx >= 0) & (np.abs(theta[safe]) > level)
     values = np.where(found, theta[safe], 0.0)
     vectors = basis.combine(np.where(found[None, :], S[:, safe], 0.0))  # (m, k) coefficients
+    basis.blocks.clear()  # spent: free the m basis rows before the k certifying matvecs
     residuals = _certify(apply, vectors, values, found, at)
     ref = reference_scale(theta)
     ok = converged(residuals, found, tol, ref)
@@ -730,6 +731,16 @@ def _extract(basis: _Basis, k: int, which: str, tol: float, apply, max_matvecs: 
     )
 
 
+def _host_residual(Av: np.ndarray, v: np.ndarray, lam: float, chunk: int = 1 << 16) -> float:
+    """:func:`residual_norms` of one flat pair on the host in float64, ``chunk`` entries at a
+    time (whole float64 copies of ``Av`` and ``v`` were 4 temporaries of ``8n`` bytes)."""
+    total = 0.0
+    for s in range(0, v.size, chunk):
+        r = residual_norms(Av[s : s + chunk], v[s : s + chunk], np.float64(lam))
+        total += float(r) ** 2
+    return float(np.sqrt(total))
+
+
 def _certify(apply, vectors: PyTree, values: np.ndarray, found, at: Placement) -> np.ndarray:
     """True residuals ``‖A v_i − θ_i v_i‖`` of the found pairs, one matvec each.
 
@@ -742,7 +753,7 @@ def _certify(apply, vectors: PyTree, values: np.ndarray, found, at: Placement) -
         v = _row(vectors, at.put(np.int32(i)), at)
         Av = apply(v)
         if at.layout is None and not jax.config.jax_enable_x64:
-            residuals[i] = residual_norms(np.asarray(Av), np.asarray(v), np.float64(values[i]))
+            residuals[i] = _host_residual(np.asarray(Av), np.asarray(v), float(values[i]))
         else:
             lam = at.put(np.asarray(values[i], certification_dtype(at.dtype)))
             residuals[i] = float(jax.device_get(_residual(Av, v, lam)))
