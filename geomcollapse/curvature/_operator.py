@@ -3,22 +3,26 @@
 Every curvature factory of :mod:`geomcollapse.curvature` returns a
 :class:`VectorProduct` (still called ``fvp(params, v, *args)``), whose
 ``bind(params, *args)`` is a :class:`LinearOperator`; a user's own function
-enters once, through :func:`as_operator`. The operator is an ``equinox.Module``:
-the function is static (it keys ``jax.jit``'s cache), the parameters and data
-are leaves (traced arguments, never constants folded into the program), and
-the vectors' structure (shapes, dtypes and, on a device mesh, shardings) is
-static too. So ``jax.jit(f)(op, v)`` compiles once per function and shapes,
-and no hand-made hash cache is needed.
+enters once, through :func:`as_operator`. The operator is a frozen dataclass
+registered as a pytree: the function is static (it keys ``jax.jit``'s cache),
+the parameters and data are leaves (traced arguments, never constants folded
+into the program), and the vectors' structure (shapes, dtypes and, on a device
+mesh, shardings) is static too. So ``jax.jit(f)(op, v)`` compiles once per
+function and shapes, and no hand-made hash cache is needed.
 
 Why our own type and not lineax's ``FunctionLinearOperator`` (measured by
 ``benchmarks/operator_overhead.py``, ``docs/benchmarks.md`` "One operator
-type"): both add nothing measurable to a jitted matvec, but lineax's default
-construction closure-converts the function (traces it to a jaxpr held as a
-static field), so every operator built at new parameters is a new jit key and
-recompiles; with ``closure_convert=False`` it needs the parameters packed in a
-``jax.tree_util.Partial`` by hand and still exposes neither the parameters (to
-rebind them: :meth:`LinearOperator.at`) nor the data, and lineax is not one of
-our declared dependencies (diffrax pulls it in).
+type"): applied to a fixed operator, all cost the same as the raw jitted
+function within noise; but lineax's default construction closure-converts the
+function (traces it to a jaxpr held in the operator), so every operator built
+at new parameters is a new program: traced and compiled again at each
+rebuild. With ``closure_convert=False`` the parameters must be packed in a
+``jax.tree_util.Partial`` by hand, it needs ``equinox.filter_jit``, and it still
+exposes neither the parameters (to rebind them: :meth:`LinearOperator.at`) nor
+the data; and lineax is not one of our declared dependencies (diffrax pulls it
+in). Of our own two candidates, the registered dataclass is built in ~4 µs
+against ~60 µs for the same fields as an ``equinox.Module`` (whose ``__init__``
+runs field checks), paid at every rebuild (a new checkpoint, a monitor step).
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,8 +40,16 @@ from geomcollapse._sharding import stack_combine, stack_dot
 PyTree = Any
 
 
+class Leaf(NamedTuple):
+    """One leaf of a :class:`Space`: shape, dtype and the sharding (``None`` on one device)."""
+
+    shape: tuple
+    dtype: np.dtype
+    sharding: Any = None
+
+
 class Space(NamedTuple):
-    """The static structure of an operator's vectors: treedef, one ``ShapeDtypeStruct`` per leaf.
+    """The static structure of an operator's vectors: a treedef and one :class:`Leaf` per leaf.
 
     ``leaves[i].sharding`` is the leaf's ``NamedSharding`` when the example
     vector was spread over several devices, else ``None``. Hashable.
@@ -64,7 +75,8 @@ class Space(NamedTuple):
 
     def shapes(self) -> PyTree:
         """The vectors as a pytree of ``jax.ShapeDtypeStruct`` (for ``jax.eval_shape``)."""
-        return jax.tree_util.tree_unflatten(self.treedef, list(self.leaves))
+        structs = [jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=s.sharding) for s in self.leaves]
+        return jax.tree_util.tree_unflatten(self.treedef, structs)
 
 
 def space_of(like: PyTree) -> Space:
@@ -72,21 +84,19 @@ def space_of(like: PyTree) -> Space:
     leaves, treedef = jax.tree_util.tree_flatten(like)
     out = []
     for leaf in leaves:
-        dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+        dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else jnp.result_type(leaf)
         spread = (
             isinstance(leaf, jax.Array)
             and not isinstance(leaf, jax.core.Tracer)
             and len(leaf.sharding.device_set) > 1
         )
-        out.append(
-            jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=leaf.sharding)
-            if spread
-            else jax.ShapeDtypeStruct(np.shape(leaf), dtype)
-        )
+        out.append(Leaf(tuple(np.shape(leaf)), dtype, leaf.sharding if spread else None))
     return Space(treedef, tuple(out))
 
 
-class LinearOperator(eqx.Module):
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LinearOperator:
     """A symmetric linear operator ``v ↦ fn(params, v, *args)`` on vectors of one :class:`Space`.
 
     Attributes:
@@ -101,10 +111,10 @@ class LinearOperator(eqx.Module):
     layout (a reduce-scatter, not a replicated result). docs/library.md "Operators".
     """
 
-    fn: Callable = eqx.field(static=True)
+    fn: Callable = dataclasses.field(metadata={"static": True})
     params: PyTree
     args: tuple
-    space: Space = eqx.field(static=True)
+    space: Space = dataclasses.field(metadata={"static": True})
 
     def __call__(self, v: PyTree) -> PyTree:
         out = self.fn(self.params, v, *self.args)
@@ -137,10 +147,7 @@ class LinearOperator(eqx.Module):
         """The same operator on flat ``(n,)`` vectors (``ravel_pytree`` order and dtype)."""
         if self.space.treedef.num_leaves == 1 and len(self.space.leaves[0].shape) == 1:
             return self
-        flat = Space(
-            jax.tree_util.tree_structure(0),
-            (jax.ShapeDtypeStruct((self.n,), self.dtype),),
-        )
+        flat = Space(jax.tree_util.tree_structure(0), (Leaf((self.n,), np.dtype(self.dtype)),))
         return LinearOperator(_Raveled(self.fn, self.space), self.params, self.args, flat)
 
 
@@ -262,10 +269,14 @@ def _signature(space: Space) -> tuple:
     return space.treedef, tuple((tuple(s.shape), jnp.dtype(s.dtype)) for s in space.leaves)
 
 
+def _call(op: LinearOperator, v: PyTree) -> PyTree:
+    return op(v)
+
+
 def _check_output(op: LinearOperator, name: str) -> None:
     """Probe ``op`` once by ``jax.eval_shape``: its output must be like its input."""
     try:
-        out = jax.eval_shape(lambda o, v: o(v), op, op.space.shapes())
+        out = jax.eval_shape(_call, op, op.space.shapes())  # cached per function and shapes
     except (TypeError, ValueError) as err:
         raise ValueError(f"{name} cannot be applied to a vector like `like`: {err}") from err
     leaves, treedef = jax.tree_util.tree_flatten(out)
