@@ -15,7 +15,9 @@ applied through one ``jax.jit`` whose arguments are the operator and ``v``:
 * ``lineax_partial``: the same with ``closure_convert=False`` and the parameters
   and data packed in a ``jax.tree_util.Partial`` (so they are leaves, not constants).
 
-Two regimes, for the HVP and the Fisher-VP: ``fixed`` (the operator built once,
+Two regimes, for the HVP, the Fisher-VP and an identity operator (no arithmetic:
+its time is the dispatch overhead alone, which the matvecs' run-to-run noise on
+a shared machine would hide): ``fixed`` (the operator built once,
 applied repeatedly: the Lanczos loop) and ``rebuilt`` (a new operator at new
 parameters of the same shapes every call: a measurement per checkpoint, a
 monitor step), where the traces of the applying jit during the timing are counted.
@@ -165,6 +167,8 @@ def main() -> None:
     factories = {
         "hvp": cv.hessian_vp(problem.loss),
         "fisher_vp": cv.fisher_vp(problem.logits),
+        # no arithmetic: the per-call dispatch overhead itself, free of the matvec's noise
+        "identity": cv.VectorProduct(lambda params, v, batch: v),
     }
     result = {
         "problem": {"model": "mlp 784-128-10 tanh", "n": int(flat.size), "examples": 512},

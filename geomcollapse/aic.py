@@ -93,7 +93,7 @@ def _fisher_operator(fisher_vp: Any, params: PyTree, fisher_args: tuple) -> Line
     """:func:`measure_aic`'s ``fisher_vp`` (the factories' form or an operator) at ``params``."""
     if isinstance(fisher_vp, LinearOperator) and fisher_args:
         raise ValueError(
-            "fisher_args apply to a fisher_vp(params, v, *args); an operator has its data"
+            "fisher_args must be empty when fisher_vp is a LinearOperator (it has its data)"
         )
     return as_operator(fisher_vp, params, params=params, args=fisher_args, name="fisher_vp")
 

@@ -184,3 +184,33 @@ def test_consumers_take_the_operator(mlp64):
     trace, stderr, matvecs = aic.fisher_trace(op.raveled(), p.flat.size, jnp.float64)
     assert trace == pytest.approx(float(np.trace(F)), rel=1e-10)
     assert stderr == 0.0 and matvecs == p.flat.size
+
+
+def test_measure_aic_takes_an_operator_and_gives_the_factory_forms_numbers():
+    """``measure_aic`` with a bound operator equals the ``fisher_vp(params, v, *args)`` form."""
+    from geomcollapse import landscapes
+
+    q = landscapes.make_quadratic_landscape(
+        jax.random.key(5), 30, 3, top=(3.0, 2.0, 1.0), tail_mass=0.3, epsilon=0.03, coupling=0.8
+    )
+    theta = jnp.zeros(q.n)
+
+    def fisher(_, v, F):
+        return F @ v
+
+    def loss(t, A, c):
+        return 0.5 * t @ A @ t + c @ t
+
+    common = dict(key=jax.random.key(1), loss_args=(q.A, q.c), tol=1e-12, trace="exact")
+    old = aic.measure_aic(fisher, loss, theta, 3, fisher_args=(q.F,), **common)
+    op = cv.as_operator(fisher, params=theta, args=(q.F,))
+    new = aic.measure_aic(op, loss, theta, 3, **common)
+    assert new.report.coupling == pytest.approx(old.report.coupling, rel=1e-12)
+    assert new.trace == pytest.approx(old.trace, rel=1e-12)
+    assert new.report.coupling == pytest.approx(q.aic(3).coupling, rel=1e-9)
+    with pytest.raises(ValueError, match="fisher_args must be empty"):
+        aic.measure_aic(op, loss, theta, 3, fisher_args=(q.F,), **common)
+    with pytest.raises(ValueError, match="fisher_vp must be callable"):
+        aic.measure_aic("F", loss, theta, 3, **common)
+    with pytest.raises(ValueError, match="fisher_vp must return a vector like"):
+        aic.measure_aic(lambda _, v: v[:2], loss, theta, 3, **common)
