@@ -82,8 +82,13 @@ def test_jit_of_an_operator_compiles_once_for_new_params_and_data(mlp64):
     c = quad(cv.linear_operator(fvp, p.params, p.batch), v)
     assert len(traces) == 1
     assert float(a) != float(b) and float(a) == pytest.approx(float(c), rel=1e-12)
-    F2 = cv.fisher_vp(p.logits)  # a new factory is a new function: a new program
-    quad(F2.bind(p.params, p.batch), v)
+    again = cv.fisher_vp(p.logits)  # the same factory on the same function: one program
+    assert again == fvp and hash(again) == hash(fvp)
+    quad(again.bind(p.params, p.batch), v)
+    assert len(traces) == 1
+    other = cv.fisher_vp(lambda q, b: p.logits(q, b))  # another function: another program
+    assert other != fvp
+    quad(other.bind(p.params, p.batch), v)
     assert len(traces) == 2
 
 

@@ -140,4 +140,5 @@ def block_diagonal(operator_vp: Callable[..., PyTree], by: Grouping = "tensor") 
         acc, _ = jax.lax.scan(step, zeros, masks)
         return jax.tree_util.tree_unflatten(treedef, acc)
 
-    return VectorProduct(bd)
+    groups = by if isinstance(by, str) or callable(by) else tuple(tuple(g) for g in by)
+    return VectorProduct(bd, ("block_diagonal", operator_vp, groups))

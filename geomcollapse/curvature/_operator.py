@@ -252,10 +252,21 @@ class VectorProduct:
     What every factory returns (:func:`hessian_vp`, :func:`ggn_vp`,
     :func:`fisher_vp`, :func:`empirical_fisher_vp`, :func:`block_diagonal`):
     called as before, or ``fvp.bind(params, *args)`` for the operator at
-    ``params``. Hashable (by its function): a static ``jax.jit`` argument.
+    ``params``. Equal and hashed by ``key`` (the factory and its inputs, e.g.
+    ``('fisher_vp', logits_fn)``; default the function itself), so two calls
+    of a factory on the same function are one program to ``jax.jit``.
     """
 
-    fn: Callable[..., PyTree]
+    fn: Callable[..., PyTree] = dataclasses.field(compare=False)
+    key: Any = None
+
+    def __post_init__(self):
+        try:
+            hash(self.key)
+        except TypeError:  # inputs that cannot be hashed: equal only to itself
+            object.__setattr__(self, "key", None)
+        if self.key is None:  # equal only to a product of the same function
+            object.__setattr__(self, "key", self.fn)
 
     def __call__(self, params: PyTree, v: PyTree, *args: Any) -> PyTree:
         return self.fn(params, v, *args)

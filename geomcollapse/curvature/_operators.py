@@ -45,7 +45,7 @@ def hessian_vp(loss_fn: Callable[..., jax.Array]) -> VectorProduct:
         same_structure(params, v, "params", "v")
         return jax.jvp(lambda p: grad_fn(p, *args), (params,), (v,))[1]
 
-    return VectorProduct(hvp)
+    return VectorProduct(hvp, ("hessian_vp", loss_fn))
 
 
 def _jvp_and_vjp(
@@ -86,7 +86,7 @@ def ggn_vp(
         hjv = jax.jvp(out_grad, (z,), (jv,))[1]
         return jt(hjv)
 
-    return VectorProduct(ggn)
+    return VectorProduct(ggn, ("ggn_vp", predict_fn, output_loss_fn))
 
 
 def fisher_vp(logits_fn: Callable[..., jax.Array]) -> VectorProduct:
@@ -112,7 +112,7 @@ def fisher_vp(logits_fn: Callable[..., jax.Array]) -> VectorProduct:
         u = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
         return jt(u / num_rows)
 
-    return VectorProduct(fvp)
+    return VectorProduct(fvp, ("fisher_vp", logits_fn))
 
 
 def per_example_gradients(
@@ -158,4 +158,4 @@ def empirical_fisher_vp(
         _, gv, gt = _jvp_and_vjp(losses, params, v, (batch, *args))
         return gt(gv / gv.shape[0])
 
-    return VectorProduct(efvp)
+    return VectorProduct(efvp, ("empirical_fisher_vp", example_loss_fn))
