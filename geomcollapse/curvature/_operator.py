@@ -95,7 +95,7 @@ def space_of(like: PyTree) -> Space:
 
 
 @jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class LinearOperator:
     """A symmetric linear operator ``v ↦ fn(params, v, *args)`` on vectors of one :class:`Space`.
 
@@ -115,6 +115,9 @@ class LinearOperator:
     params: PyTree
     args: tuple
     space: Space = dataclasses.field(metadata={"static": True})
+
+    def __repr__(self) -> str:  # never the arrays: printing one would fetch it to the host
+        return f"LinearOperator({_name(self.fn)}, n={self.n}, dtype={self.dtype})"
 
     def __call__(self, v: PyTree) -> PyTree:
         out = self.fn(self.params, v, *self.args)
@@ -151,6 +154,13 @@ class LinearOperator:
         return LinearOperator(_Raveled(self.fn, self.space), self.params, self.args, flat)
 
 
+def _name(fn: Any) -> str:
+    """A short, array-free name for a function (reprs must not fetch arrays to the host)."""
+    if isinstance(fn, (VectorProduct, _Raveled, _Plain)):
+        return f"{type(fn).__name__}({_name(fn.fn)})"
+    return getattr(fn, "__qualname__", type(fn).__name__)
+
+
 def _unravel(space: Space, x: jax.Array) -> PyTree:
     sizes = [int(np.prod(s.shape, dtype=np.int64)) for s in space.leaves]
     offsets = np.cumsum((0, *sizes))
@@ -165,7 +175,7 @@ def _ravel(tree: PyTree, dtype) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree_util.tree_leaves(tree)])
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class _Raveled:
     """``(params, x, *args) ↦ ravel(fn(params, unravel(x), *args))``; equal by ``fn``, ``space``."""
 
@@ -176,7 +186,7 @@ class _Raveled:
         return _ravel(self.fn(params, _unravel(self.space, x), *args), x.dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class _Plain:
     """A user's ``v ↦ A v`` (or ``(v, *args) ↦ A v``) in the ``(params, v, *args)`` form."""
 
@@ -245,7 +255,7 @@ def flat_matvec(matvec: Any) -> Callable[[jax.Array], jax.Array]:
     return matvec
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)
 class VectorProduct:
     """A curvature matvec ``fvp(params, v, *args) -> A v`` binding into a :class:`LinearOperator`.
 
@@ -267,6 +277,9 @@ class VectorProduct:
             object.__setattr__(self, "key", None)
         if self.key is None:  # equal only to a product of the same function
             object.__setattr__(self, "key", self.fn)
+
+    def __repr__(self) -> str:  # jax.jit(fvp) calls str(fvp): never print the key's arrays
+        return f"VectorProduct({_name(self.fn)})"
 
     def __call__(self, params: PyTree, v: PyTree, *args: Any) -> PyTree:
         return self.fn(params, v, *args)
