@@ -77,7 +77,7 @@ def _probe(op: LinearOperator, vs: jax.Array) -> jax.Array:
 _JITTED_PROBE = jax.jit(_probe)
 
 
-def _flat_operator(matvec: Any, n: int, dtype, args: tuple) -> LinearOperator:
+def _trace_operator(matvec: Any, n: int, dtype, args: tuple) -> LinearOperator:
     """:func:`fisher_trace`'s ``matvec`` as an operator on ``(n,)`` vectors (wrapped once here)."""
     if isinstance(matvec, LinearOperator):
         if args:
@@ -143,7 +143,7 @@ def fisher_trace(
     method = _trace_method(method, n)
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
-    op = _flat_operator(matvec, n, dtype, args)
+    op = _trace_operator(matvec, n, dtype, args)
 
     def batched(vs):
         return _JITTED_PROBE(op, vs)
