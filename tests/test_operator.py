@@ -180,6 +180,10 @@ def test_consumers_take_the_operator(mlp64):
     assert rel_err(pairs.values, lam[:3]) <= 1e-9
     flat_pairs = linalg.top_eigenpairs(op.raveled(), p.flat, 3, key=key, tol=1e-10)
     assert rel_err(flat_pairs.values, lam[:3]) <= 1e-9
+    same = linalg.top_eigenpairs(op, p.flat, 3, key=key, tol=1e-10)  # raveled against a 1-D like
+    assert rel_err(same.values, flat_pairs.values) <= 1e-12
+    with pytest.raises(ValueError, match="unlike `like`"):
+        linalg.top_eigenpairs(op, p.flat[:-1], 3, key=key)
     traced = jax.jit(lambda o, v0: linalg.top_eigenpairs_traced(o, v0, 3, key=key))(
         op, jnp.ones_like(p.flat)
     )

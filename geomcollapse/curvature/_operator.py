@@ -237,15 +237,23 @@ def apply(op: LinearOperator, v: PyTree) -> PyTree:
     return op(v)
 
 
-def host_matvec(matvec: Any) -> Callable[[PyTree], PyTree]:
+def host_matvec(matvec: Any, like: PyTree = None) -> Callable[[PyTree], PyTree]:
     """For host-driven solvers: a :class:`LinearOperator` as its compiled ``v ↦ apply(op, v)``.
 
-    Any other callable is returned as given (called eagerly, as documented by
-    those solvers; its output is checked there).
+    Against a 1-D ``like`` a pytree operator is raveled; its vectors must then
+    be like ``like`` (structure, shapes, dtypes), else ``ValueError`` naming
+    ``matvec``. Any other callable is returned as given (called eagerly, as
+    documented by those solvers; its output is checked there).
     """
-    if isinstance(matvec, LinearOperator):
-        return lambda v: apply(matvec, v)
-    return matvec
+    if not isinstance(matvec, LinearOperator):
+        return matvec
+    op = matvec
+    if like is not None:
+        if isinstance(like, (jax.Array, np.ndarray)) and np.ndim(like) == 1:
+            op = op.raveled()
+        if _signature(space_of(like)) != _signature(op.space):
+            raise ValueError("matvec (a LinearOperator) acts on vectors unlike `like`")
+    return lambda v: apply(op, v)
 
 
 def flat_matvec(matvec: Any) -> Callable[[jax.Array], jax.Array]:

@@ -722,7 +722,7 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
-    matvec = host_matvec(matvec)  # a LinearOperator runs compiled; a plain matvec as given
+    matvec = host_matvec(matvec, like)  # a LinearOperator runs compiled; a plain matvec as given
     sharded = is_sharded(like)
     if sharded:  # vectors stay pytrees sharded like `like` (geomcollapse._sharding)
         ops = _TreeOps(Layout(like, "like"))

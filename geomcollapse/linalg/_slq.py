@@ -60,7 +60,7 @@ def spectral_density(
       :class:`SpectralDensity` (float64 numpy arrays).
     """
     key = prng_key(key)
-    flat_matvec, flat_like, _ = flat_operator(host_matvec(matvec), like)
+    flat_matvec, flat_like, _ = flat_operator(host_matvec(matvec, like), like)
     n = flat_like.size
     num_probes = positive_int(num_probes, "num_probes")
     num_steps = min(positive_int(num_steps, "num_steps"), n)
