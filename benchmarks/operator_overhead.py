@@ -25,7 +25,8 @@ Timings are per call, the median over interleaved rounds (each round times every
 variant once, so machine load hits all alike), and ratios to ``raw`` in the same run.
 
 Run: ``.venv/bin/python -m benchmarks.operator_overhead [--quick]``; writes
-``benchmarks/results/operator_overhead.json``.
+``benchmarks/results/operator_overhead.json``. ``--readme`` rewrites the table in
+``docs/benchmarks.md`` from that file without rerunning anything.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 import lineax as lx
 import numpy as np
 
-from benchmarks._common import machine_info
+from benchmarks._common import machine_info, replace_table
 from geomcollapse import curvature as cv
 from geomcollapse import models
 
@@ -155,10 +156,69 @@ def measure(fvp, params, batch, v, rounds: int, calls: int) -> dict:
     return out
 
 
+NAMES = {
+    "ours": "ours (registered dataclass)",
+    "eqx_module": "`equinox.Module`",
+    "lineax": "lineax `FunctionLinearOperator`",
+    "lineax_partial": "lineax, `closure_convert=False` + `Partial`",
+}
+
+
+def _range(values) -> str:
+    lo, hi = min(values), max(values)
+    fmt = (lambda x: f"{x / 1e3:.1f} ms") if hi >= 1e3 else (lambda x: f"{x:.0f} µs")
+    return fmt(lo) if fmt(lo) == fmt(hi) else f"{fmt(lo)}–{fmt(hi)}"
+
+
+def _ratio(regime: dict, name: str) -> str:
+    x = regime["ratio_to_raw"][name]
+    return f"**{x:.0f}**" if x >= 10 else f"{x:.2f}"
+
+
+def markdown_table(result: dict) -> str:
+    """The docs/benchmarks.md table of a saved result."""
+    products = ("hvp", "fisher_vp", "identity")
+    head = "| per call | raw `jit(fvp)` | " + " | ".join(NAMES.values()) + " |"
+    rows = [head, "|" + "---|" * (len(NAMES) + 2)]
+    builds = [_range([result[f]["build_us"][k] for f in products]) for k in NAMES]
+    rows.append("| build one operator | — | " + " | ".join(builds) + " |")
+    for f, label in (("hvp", "HVP"), ("fisher_vp", "Fisher-VP")):
+        fixed, rebuilt = result[f]["fixed"], result[f]["rebuilt"]
+        raw = f"{1e3 * fixed['seconds']['raw']:.2f} / {1e3 * rebuilt['seconds']['raw']:.2f} ms"
+        cells = [f"{_ratio(fixed, k)} / {_ratio(rebuilt, k)}" for k in NAMES]
+        rows.append(f"| {label}, fixed / rebuilt (× raw) | {raw} | " + " | ".join(cells) + " |")
+    ident = result["identity"]["fixed"]["seconds"]
+    cells = [f"{1e6 * ident[k]:.0f} µs" for k in ("raw", *NAMES)]
+    rows.append("| identity, fixed (dispatch alone) | " + " | ".join(cells) + " |")
+    traces = [
+        max(result[f]["rebuilt"]["traces_during_timing"][k] for f in products)
+        for k in ("raw", *NAMES)
+    ]
+    calls = result["rounds"] * result["calls_per_round"]
+    rows.append(
+        f"| traces while timing rebuilt ({calls} calls) | "
+        + " | ".join(str(t) for t in traces)
+        + " |"
+    )
+    m = result["machine"]
+    rows.append("")
+    rows.append(
+        f"{m['platform'].upper()}, {m['cpu_count']} cores, jax {m['jax']}, {m['date']}; "
+        f"{result['problem']['model']}, n = {result['problem']['n']:,}, "
+        f"{result['problem']['examples']} examples, float32."
+    )
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run)")
+    parser.add_argument("--readme", action="store_true", help="rewrite the docs table only")
     cli = parser.parse_args()
+    if cli.readme:
+        saved = json.loads((RESULTS / "operator_overhead.json").read_text())
+        replace_table("operator-overhead-table", markdown_table(saved))
+        return
     rounds, calls = (3, 2) if cli.quick else (15, 5)
     problem = models.mlp_problem(jax.random.key(0), (784, 128, 10), 512, dtype=jnp.float32)
     params, batch = problem.params, problem.batch

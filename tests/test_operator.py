@@ -223,3 +223,24 @@ def test_measure_aic_takes_an_operator_and_gives_the_factory_forms_numbers():
         aic.measure_aic("F", loss, theta, 3, **common)
     with pytest.raises(ValueError, match="fisher_vp must return a vector like"):
         aic.measure_aic(lambda _, v: v[:2], loss, theta, 3, **common)
+
+
+def test_the_operator_overhead_table_in_the_docs_is_generated_from_the_results(tmp_path):
+    """docs/benchmarks.md's "One operator type" table is what ``--readme`` makes of the JSON."""
+    import json
+    from pathlib import Path
+
+    from benchmarks import _common, operator_overhead
+
+    root = Path(__file__).resolve().parent.parent
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(_common.DOC.read_text(encoding="utf-8"), encoding="utf-8")
+    saved = json.loads((root / "benchmarks" / "results" / "operator_overhead.json").read_text())
+    _common.replace_table("operator-overhead-table", operator_overhead.markdown_table(saved), doc)
+    assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")
+    # the decision the module docstring states: ours builds fastest and never retraces
+    for product in ("hvp", "fisher_vp"):
+        build = saved[product]["build_us"]
+        assert build["ours"] < min(build["eqx_module"], build["lineax"], build["lineax_partial"])
+        assert saved[product]["rebuilt"]["traces_during_timing"]["ours"] == 0
+        assert saved[product]["rebuilt"]["traces_during_timing"]["lineax"] > 0
