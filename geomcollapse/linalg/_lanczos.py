@@ -94,6 +94,7 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse._checks import floating_leaves, positive_int, prng_key, same_structure
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
+from geomcollapse.curvature import host_matvec
 from geomcollapse.linalg._contract import (
     Eigenpairs,
     certifiable_tol,
@@ -623,8 +624,10 @@ def top_eigenpairs(
     """Top-``k`` eigenpairs of a symmetric operator, stopped on Ritz residuals.
 
     Args:
-      matvec: ``v -> A v`` for a symmetric ``A``; ``v`` and ``A v`` are like
-        ``like``. Jit it (with its data as arguments, not closures) for speed.
+      matvec: a :class:`geomcollapse.curvature.LinearOperator` (applied
+        compiled), or ``v -> A v`` for a symmetric ``A``, called as given;
+        ``v`` and ``A v`` are like ``like``. Jit a plain one (with its data as
+        arguments, not closures) for speed.
       like: an example vector: a 1-D array ``(n,)`` or a pytree of floating
         arrays. Its dtype is the working and output dtype. If its leaves are
         sharded over a mesh (``NamedSharding``, one dtype), every Lanczos
@@ -651,6 +654,7 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
+    matvec = host_matvec(matvec, like)  # a LinearOperator runs compiled; a plain matvec as given
     apply, at, to_like = placed_operator(matvec, like)
     n, dtype = at.n, at.dtype
     k = positive_int(k, "k")

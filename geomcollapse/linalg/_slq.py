@@ -25,6 +25,7 @@ import numpy as np
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
+from geomcollapse.curvature import host_matvec
 from geomcollapse.linalg._lanczos import (
     Placement,
     key_home,
@@ -60,7 +61,8 @@ def spectral_density(
     """SLQ quadrature nodes and weights of a symmetric operator.
 
     Args:
-      matvec: ``v -> A v`` on vectors like ``like`` (1-D array or pytree).
+      matvec: a :class:`geomcollapse.curvature.LinearOperator`, or ``v -> A v``
+        on vectors like ``like`` (1-D array or pytree).
       like: example vector fixing shape and dtype.
       key: ``jax.random`` key for the Rademacher probes.
       num_probes: number of random probes.
@@ -71,7 +73,7 @@ def spectral_density(
       :class:`SpectralDensity` (float64 numpy arrays).
     """
     key = prng_key(key)
-    apply, at, _ = placed_operator(matvec, like)
+    apply, at, _ = placed_operator(host_matvec(matvec, like), like)
     num_probes = positive_int(num_probes, "num_probes")
     num_steps = min(positive_int(num_steps, "num_steps"), at.n)
     nodes = np.zeros((num_probes, num_steps))

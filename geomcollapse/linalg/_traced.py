@@ -40,6 +40,7 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import float_vector, positive_float_or_traced, positive_int, prng_key
+from geomcollapse.curvature import flat_matvec
 from geomcollapse.linalg._contract import (
     Eigenpairs,
     converged,
@@ -168,7 +169,8 @@ def lanczos(
     """Lanczos with full reorthogonalisation until ``stop(run)`` or ``max_steps``; traced.
 
     Args:
-      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      matvec: symmetric ``(n,) -> (n,)``, traceable, or a
+        :class:`geomcollapse.curvature.LinearOperator` (applied raveled).
       v0: ``(n,)`` non-zero start vector (normalised here).
       max_steps: static capacity ``m_max ≤ n``.
       stop: ``LanczosRun -> bool`` scalar, evaluated after every
@@ -180,6 +182,7 @@ def lanczos(
     Returns:
       The :class:`LanczosRun`; ``num_steps < max_steps`` iff stopped or exhausted.
     """
+    matvec = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
     n = v0.shape[0]
     if not 1 <= max_steps <= n:
         raise ValueError(f"max_steps must be in [1, n={n}], got {max_steps}")
@@ -318,7 +321,8 @@ def top_eigenpairs_traced(
     decide ``converged``, as in :func:`geomcollapse.linalg.top_eigenpairs`.
 
     Args:
-      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      matvec: symmetric ``(n,) -> (n,)``, traceable, or a
+        :class:`geomcollapse.curvature.LinearOperator` (applied raveled).
       v0: ``(n,)`` start vector (e.g. ``jax.random.normal``).
       k: static number of pairs, ``≤ max_steps``.
       key: restart key.
@@ -331,6 +335,7 @@ def top_eigenpairs_traced(
       ``pairs.certified`` is the one flag for the whole set.
     """
     float_vector(v0, "v0")
+    matvec = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
     key = prng_key(key)
     k = positive_int(k, "k")
     n = v0.shape[0]
