@@ -1,0 +1,443 @@
+"""Forecast of the alignment loss under minibatch SGD (docs/theory.md §9).
+
+SGD with learning rate ``η`` and ``B`` examples per step,
+``θ_{k+1} = θ_k − η ĝ_k``, has ``E[ĝ] = g`` and ``Cov(ĝ) = Σ(θ)/B`` (times
+``(N − B)/(N − 1)`` without replacement), ``Σ`` the covariance of the
+per-example gradients. To first order in ``η`` at fixed ``t = ηk``::
+
+    E[Δu_k] = Δu_GD(k) + (η/B)·N(ηk) + O(η²),
+
+``Δu_GD`` the deterministic gradient-descent forecast and ``N(t) = Σ_j n_j t^j``
+the minibatch-noise series, ``n₁ = ½tr(FΣ)``. With ``C̃``, ``μ̃`` the noise's
+covariance and mean shift in units of ``η/B`` (§9)::
+
+    C̃' = Σ(x) − H C̃ − C̃ H,      μ̃' = −H μ̃ − ½∇H[C̃],
+    N(t) = ½tr(∇²u(x(t)) C̃(t)) + ∇u(x(t))·μ̃(t),
+
+along the flow ``x(t)``. ``C̃(t) = E_j ∫₀ᵗ Ψ(t)e_j(s) e_j(s)ᵀΨ(t)ᵀ ds`` with
+``Ψ`` the flow's Jacobian and ``e_j(s) = Ψ(s)⁻¹(∇ℓ_j − g)(x(s))``: each
+``e_j`` and each ``Ψ(t)e`` is a Taylor series of vectors, so the whole series
+is Hessian-, third-derivative- and skill-Hessian-vector products pushed
+through ``jax.experimental.jet`` along ``x(t)``, one batch per example; no
+``n×n`` matrix is formed. ``Δu_GD(k) = Σ_m η^m b_m(k)`` with ``b_m`` a
+polynomial of degree ``m`` in ``k``, read off the ``η``-Taylor coefficients of
+the first ``K`` GD steps by finite differences.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import jet
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse._checks import finite_leaves, positive_float, positive_int
+from geomcollapse.series import Series, delta_u_series, polynomial_validity_time
+
+__all__ = ["SGDForecast", "sgd_delta_u"]
+
+PyTree = Any
+
+
+# --------------------------------------------------------------------------- Taylor helpers
+
+
+def _taylor(fn: Callable, *series: jax.Array) -> jax.Array:
+    """``[t^c] fn(s₁(t), …)`` for ``c = 0 … K``; each ``s_i`` is ``(K+1, …)`` coefficients."""
+    order = series[0].shape[0] - 1
+    primals = tuple(s[0] for s in series)
+    terms = tuple([math.factorial(c) * s[c] for c in range(1, order + 1)] for s in series)
+    out0, outs = jet.jet(fn, primals, terms)
+    return jnp.stack([out0] + [outs[c - 1] / math.factorial(c) for c in range(1, order + 1)])
+
+
+def _binomial_basis(order: int, lr: float) -> np.ndarray:
+    """``Q[i, p]``: the ``t^p`` coefficient of ``η^i C(k, i) = Π_{j<i}(t − jη)/i!``, ``t = ηk``."""
+    q = np.zeros((order + 1, order + 1))
+    poly = np.array([1.0])  # highest power first
+    for i in range(order + 1):
+        q[i, : poly.size] = poly[::-1] / math.factorial(i)
+        poly = np.polymul(poly, [1.0, -i * lr])
+    return q
+
+
+def _forward_differences(order: int) -> np.ndarray:
+    """``D[i, k] = (−1)^{i−k} C(i, k)``: ``Δ^i f(0) = Σ_k D[i, k] f(k)``."""
+    d = np.zeros((order + 1, order + 1))
+    for i in range(order + 1):
+        for k in range(i + 1):
+            d[i, k] = (-1) ** (i - k) * math.comb(i, k)
+    return d
+
+
+class _Problem(NamedTuple):
+    """``u``, the per-example gradients, ``g``, ``Hv`` and ``∇H[p, q]`` on raveled parameters."""
+
+    skill: Callable
+    example_grads: Callable
+    grad: Callable
+    hvp: Callable
+    third: Callable
+
+
+def _problem(skill_loss, example_loss, unravel, task_data, skill_args) -> _Problem:
+    def skill(th):
+        return skill_loss(unravel(th), *skill_args)
+
+    def example_grads(th):
+        def one(*row):
+            return jax.grad(lambda p: example_loss(unravel(p), *row))(th)
+
+        return jax.vmap(one)(*task_data)
+
+    def grad(th):
+        return jnp.mean(example_grads(th), axis=0)
+
+    def hvp(th, v):
+        return jax.jvp(grad, (th,), (v,))[1]
+
+    def third(th, p, q):
+        return jax.jvp(lambda s: hvp(s, p), (th,), (q,))[1]
+
+    return _Problem(skill, example_grads, grad, hvp, third)
+
+
+# --------------------------------------------------------------------------- the noise series
+
+
+def _propagated_deviations(prob: _Problem, xs: jax.Array) -> jax.Array:
+    """``psi[c, a, j] = [t^c] Ψ(t) e_{j,a}``, ``(K+1, K, N, n)``; valid where ``a + c < K``.
+
+    ``e_j(s) = Σ_a e_{j,a} s^a = Ψ(s)⁻¹ d_j(s)``, ``d_j = ∇ℓ_j − g`` along the
+    flow, solved order by order from ``Ψ(s) e_j(s) = d_j(s)``:
+    ``e_a = d_a − Σ_{c≥1} [Ψ e_{a−c}]_c``; ``Ψ(t)e`` is the tangent flow
+    ``ψ' = −H(x(t))ψ``, ``ψ_{c+1} = −[H(x(t))ψ(t)]_c/(c+1)``. Level ``a + c``
+    needs only lower levels, so one batched ``jet`` per level serves every ``a``.
+    """
+    order = xs.shape[0] - 1
+    dev = _taylor(prob.example_grads, xs)  # (K+1, N, n)
+    dev = dev - jnp.mean(dev, axis=1, keepdims=True)
+    psi = jnp.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
+    batched = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # over a, then examples
+    for level in range(order):
+        if level:
+            prod = _taylor(batched, xs, psi)
+            for a in range(level):
+                psi = psi.at[level - a, a].set(-prod[level - a - 1, a] / (level - a))
+        e = dev[level] - sum((psi[level - a, a] for a in range(level)), jnp.zeros_like(dev[0]))
+        psi = psi.at[0, level].set(e)
+    return psi
+
+
+def _trace_weights(order: int) -> np.ndarray:
+    """``W[a, b, i, j, c] = [a+b+1+i+j = c]/(a+b+1)``: ``∫₀ᵗ s^{a+b} ds`` times ``t^{i+j}``."""
+    w = np.zeros((order, order, order + 1, order + 1, order + 1))
+    for a, b, i, j in np.ndindex(order, order, order + 1, order + 1):
+        c = a + b + 1 + i + j
+        if c <= order:
+            w[a, b, i, j, c] = 1.0 / (a + b + 1)
+    return w
+
+
+def _trace_series(prob: _Problem, xs: jax.Array, psi: jax.Array) -> jax.Array:
+    """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
+    order = xs.shape[0] - 1
+
+    def skill_hvp(th, v):
+        return jax.jvp(jax.grad(prob.skill), (th,), (v,))[1]
+
+    h = _taylor(jax.vmap(jax.vmap(skill_hvp, (None, 0)), (None, 0)), xs, psi)
+    dots = jnp.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
+    return jnp.einsum("abij,abijc->c", dots, jnp.asarray(_trace_weights(order), dots.dtype))
+
+
+def _source_weights(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs ``a ≤ b`` with ``a + b ≤ K − 2`` and ``W[p, i, c]`` (×2 off the diagonal)."""
+    pairs = [(a, b) for a in range(order) for b in range(a, order) if a + b <= order - 2]
+    w = np.zeros((len(pairs), order + 1, order + 1))
+    for p, (a, b) in enumerate(pairs):
+        for i in range(order + 1):
+            c = a + b + 1 + i
+            if c <= order:
+                w[p, i, c] = (1.0 if a == b else 2.0) / (a + b + 1)
+    pa = np.array([a for a, _ in pairs], int)
+    pb = np.array([b for _, b in pairs], int)
+    return pa, pb, w
+
+
+def _mean_shift_series(prob: _Problem, xs: jax.Array, psi: jax.Array) -> jax.Array:
+    """``[t^c] ∇u(x(t))·μ̃(t)`` with ``μ̃' = −Hμ̃ − ½∇H[C̃]``, ``μ̃(0) = 0``.
+
+    ``∇H[C̃] = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) ∇³L[Ψe_a, Ψe_b]``: third-derivative
+    products along the flow, one batched ``jet`` over (pair, example).
+    """
+    order = xs.shape[0] - 1
+    n = xs.shape[1]
+    source = jnp.zeros((order + 1, n), xs.dtype)
+    if order >= 2:
+        pa, pb, w = _source_weights(order)
+        third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
+        r = jnp.mean(_taylor(third, xs, psi[:, pa], psi[:, pb]), axis=2)  # (K+1, P, n)
+        source = 0.5 * jnp.einsum("ipx,pic->cx", r, jnp.asarray(w, xs.dtype))
+    mu = jnp.zeros((order + 1, n), xs.dtype)
+    for c in range(order):
+        hm = _taylor(prob.hvp, xs, mu)
+        mu = mu.at[c + 1].set(-(hm[c] + source[c]) / (c + 1))
+    gu = _taylor(jax.grad(prob.skill), xs)
+    prods = jnp.einsum("ix,jx->ij", gu, mu)
+    return jnp.stack([jnp.trace(prods[::-1], offset=c - order) for c in range(order + 1)])
+
+
+def _gd_values(prob: _Problem, theta: jax.Array, order: int) -> jax.Array:
+    """``V[m, k] = [η^m] (u(x_k(η)) − u(θ*))`` for GD ``x_{k+1} = x_k − ηg(x_k)``, ``k ≤ K``."""
+
+    def path(eta):
+        x, u0 = theta, prob.skill(theta)
+        out = [jnp.zeros_like(u0)]
+        for _ in range(order):
+            x = x - eta * prob.grad(x)
+            out.append(prob.skill(x) - u0)
+        return jnp.stack(out)
+
+    eta_series = jnp.zeros((order + 1,), theta.dtype).at[1].set(1.0)
+    return _taylor(path, eta_series)
+
+
+def _core(skill_loss, example_loss, order, params, rows, skill_args):
+    """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``.
+
+    Losses and ``order`` are static, so repeated calls with the same losses and
+    shapes (e.g. several learning rates: ``lr`` enters only afterwards) reuse
+    one compilation.
+    """
+
+    def task_loss(p, *data):
+        return jnp.mean(jax.vmap(lambda *row: example_loss(p, *row))(*data))
+
+    flow = delta_u_series(
+        skill_loss, task_loss, params, order, skill_args=skill_args, task_args=rows
+    )
+    flat, unravel = ravel_pytree(params)
+    prob = _problem(skill_loss, example_loss, unravel, rows, skill_args)
+    xs = jnp.concatenate([flat[None], jax.vmap(lambda d: ravel_pytree(d)[0])(flow.displacement)])
+    psi = _propagated_deviations(prob, xs)
+    noise = 0.5 * _trace_series(prob, xs, psi) + _mean_shift_series(prob, xs, psi)
+    return flow, noise, _gd_values(prob, flat, order)
+
+
+_compiled_core = eqx.filter_jit(_core)
+
+
+def _run_core(skill_loss, example_loss, order, params, rows, skill_args):
+    """:func:`_core`, compiled once per losses and shapes (afresh for unhashable losses)."""
+    try:
+        hash((skill_loss, example_loss))
+    except TypeError:
+        return eqx.filter_jit(functools.partial(_core, skill_loss, example_loss))(
+            order, params, rows, skill_args
+        )
+    return _compiled_core(skill_loss, example_loss, order, params, rows, skill_args)
+
+
+# --------------------------------------------------------------------------- the forecast
+
+
+class SGDForecast(NamedTuple):
+    """``E[Δu]`` under minibatch SGD after each of ``steps`` (docs/theory.md §9).
+
+    ``mean = deterministic + noise``, exact to first order in ``lr`` at fixed
+    ``t = lr·k`` inside the window (truncated at ``t^K``).
+
+    Attributes:
+      mean: ``(S,)`` ``E[Δu_k]``.
+      deterministic: ``(S,)`` ``Δu_GD(k) = Σ_{m≤K} lr^m b_m(k)``, the full-batch
+        gradient-descent forecast (``b_m`` a degree-``m`` polynomial in ``k``;
+        its leading terms are the flow series ``c_m t^m``).
+      noise: ``(S,)`` ``(lr/B)·N(lr·k)``.
+      steps: ``(S,)`` the step counts ``k``; t: ``(S,)`` ``lr·k``.
+      noise_coefficients: ``(K+1,)`` ``n₀ … n_K`` of ``N(t)`` (``n₀ = 0``,
+        ``n₁ = ½tr(∇²u Σ)``), the finite-population factor ``(N−B)/(N−1)``
+        included when sampling without replacement.
+      noise_rate: ``½(lr/B)·tr(∇²u Σ)`` (× the same factor): ``dE[Δu]/dt`` at ``t = 0``
+        from the noise alone.
+      deterministic_coefficients: ``(K+1,)`` ``Δu_GD`` as a polynomial in ``t`` at this ``lr``.
+      mean_coefficients: ``(K+1,)`` ``deterministic_coefficients + (lr/B)·noise_coefficients``.
+      flow: the gradient-flow :class:`~geomcollapse.series.Series` (``lr → 0``).
+      lr, batch_size: as given.
+    """
+
+    mean: jax.Array
+    deterministic: jax.Array
+    noise: jax.Array
+    steps: jax.Array
+    t: jax.Array
+    noise_coefficients: jax.Array
+    noise_rate: jax.Array
+    deterministic_coefficients: jax.Array
+    mean_coefficients: jax.Array
+    flow: Series
+    lr: float
+    batch_size: int
+
+    @property
+    def order(self) -> int:
+        """``K``, the highest power of ``t`` kept."""
+        return int(self.noise_coefficients.shape[0]) - 1
+
+    @property
+    def noise_validity_time(self) -> float:
+        """Where the last term of ``N(t)`` reaches 10 % of it (``inf``: no noise)."""
+        return polynomial_validity_time(self.noise_coefficients, time_scale=self.flow.time_scale)
+
+    @property
+    def validity_time(self) -> float:
+        """The window: the smaller of the flow series' and the noise series' windows.
+
+        ``nan`` where either series has a single non-zero term (raise the order),
+        as :attr:`Series.validity_time <geomcollapse.series.Series.validity_time>`.
+        """
+        times = (self.flow.validity_time, self.noise_validity_time)
+        return float("nan") if any(np.isnan(times)) else float(min(times))
+
+    @property
+    def validity_step(self) -> float:
+        """:attr:`validity_time` in steps, ``validity_time / lr``."""
+        return self.validity_time / self.lr
+
+    @property
+    def in_window(self) -> np.ndarray:
+        """``(S,)`` bool: ``t ≤ validity_time`` (all ``False`` when the window is ``nan``)."""
+        return np.asarray(self.t) <= self.validity_time
+
+
+def _checked_rows(task_data: Any, batch_size: int, replacement: bool) -> tuple:
+    """``task_data`` as a tuple of arrays sharing a leading axis ``N ≥ 2`` (``B ≤ N`` without)."""
+    if not isinstance(task_data, (tuple, list)) or not task_data:
+        raise ValueError(
+            "task_data must be a non-empty tuple of arrays with a leading example axis"
+        )
+    rows = tuple(jnp.asarray(a) for a in task_data)
+    sizes = {a.shape[0] if a.ndim else None for a in rows}
+    if None in sizes or len(sizes) != 1:
+        raise ValueError(
+            f"task_data arrays must share a leading axis, got {[a.shape for a in rows]}"
+        )
+    count = sizes.pop()
+    if count < 2:
+        raise ValueError(f"task_data must hold at least 2 examples, got {count}")
+    floating = [a for a in rows if jnp.issubdtype(a.dtype, jnp.floating)]
+    if floating:
+        finite_leaves(floating, "task_data")
+    if not replacement and batch_size > count:
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {count} examples (replacement=False)"
+        )
+    return rows
+
+
+def _checked_steps(steps: Any) -> np.ndarray:
+    arr = np.asarray(steps)
+    if arr.ndim != 1 or arr.size == 0 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"steps must be a non-empty 1-D sequence of integers, got {steps!r}")
+    if np.any(arr < 0):
+        raise ValueError(f"steps must be >= 0, got {arr.min()}")
+    return arr
+
+
+def _deterministic_coefficients(values: np.ndarray, lr: float) -> np.ndarray:
+    """``Δu_GD`` as a polynomial in ``t``: ``b_m(k) = Σ_{i≤m} Δ^i b_m(0) C(k, i)``."""
+    order = values.shape[0] - 1
+    diffs = values @ _forward_differences(order).T  # [m, i] = Δ^i b_m(0)
+    power = np.arange(order + 1)[:, None] - np.arange(order + 1)[None, :]  # m − i
+    # b_m has degree m: differences of order i > m are rounding, dropped
+    scaled = np.where(power >= 0, diffs * lr ** np.maximum(power, 0), 0.0)
+    return np.einsum("mi,ip->p", scaled, _binomial_basis(order, lr))
+
+
+def sgd_delta_u(
+    skill_loss: Callable[..., jax.Array],
+    example_loss: Callable[..., jax.Array],
+    params: PyTree,
+    task_data: Sequence[Any],
+    *,
+    lr: float,
+    batch_size: int,
+    steps: Sequence[int],
+    order: int = 4,
+    skill_args: tuple = (),
+    replacement: bool = True,
+) -> SGDForecast:
+    """Forecast ``E[Δu_k]`` under minibatch SGD from ``θ*`` (docs/theory.md §9).
+
+    ``E[Δu_k] = Δu_GD(k) + (lr/B)·N(lr·k) + O(lr²)`` at fixed ``t = lr·k``:
+    ``Δu_GD`` the full-batch GD forecast to ``lr^K``, ``N(t) = Σ_{j≤K} n_j t^j``
+    the minibatch-noise series, ``n₁ = ½tr(FΣ)``, ``n₂ = −½tr(F(HΣ + ΣH))/2 +
+    ½tr(F Σ̇) + …`` (``Σ̇`` the change of ``Σ`` along the flow; beyond quadratics
+    the mean shift ``∇u·μ̃`` of the task's third derivative on the covariance).
+    Matrix-free: ``K`` batched ``jet`` passes of Hessian-vector products over
+    the ``N`` per-example gradient deviations, one of skill-Hessian- and one of
+    third-derivative-vector products; memory ``O(K²·N·n)``. Not jit-able as a
+    whole (it checks concrete inputs); its core is compiled once per call.
+
+    Args:
+      skill_loss: ``skill_loss(params, *skill_args) -> scalar``, ``u``.
+      example_loss: ``example_loss(params, *row) -> scalar``, one example's task
+        loss; the task loss ``L`` is its mean over ``task_data``.
+      params: ``θ*``, a pytree of finite floating arrays.
+      task_data: a tuple of arrays whose leading axis (``N ≥ 2``) indexes examples.
+      lr: the learning rate ``η > 0``.
+      batch_size: ``B ≥ 1`` examples per step, drawn uniformly.
+      steps: step counts ``k ≥ 0`` at which to forecast.
+      order: ``K ≥ 1``, the power of ``t`` (and of ``lr``) kept.
+      skill_args: extra arguments of ``skill_loss``.
+      replacement: draw with replacement (``Cov(ĝ) = Σ/B``) or without
+        (``× (N − B)/(N − 1)``, needs ``B ≤ N``).
+
+    Returns:
+      An :class:`SGDForecast`.
+
+    Raises:
+      ValueError: naming the argument: non-finite ``params`` or ``task_data``,
+        ragged ``task_data``, ``lr ≤ 0``, ``batch_size < 1`` (or ``> N`` without
+        replacement), negative or non-integer ``steps``, ``order < 1``.
+    """
+    lr = positive_float(lr, "lr")
+    batch_size = positive_int(batch_size, "batch_size")
+    order = positive_int(order, "order")
+    if not isinstance(replacement, (bool, np.bool_)):
+        raise ValueError(f"replacement must be True or False, got {replacement!r}")
+    rows = _checked_rows(task_data, batch_size, bool(replacement))
+    steps = _checked_steps(steps)
+    skill_args = tuple(skill_args)
+    finite_leaves(params, "params")
+    flow, noise, values = _run_core(skill_loss, example_loss, order, params, rows, skill_args)
+    dtype = flow.delta_u.dtype
+    count = rows[0].shape[0]
+    factor = 1.0 if replacement else (count - batch_size) / (count - 1)
+    noise = noise * jnp.asarray(factor, dtype)
+    det = jnp.asarray(_deterministic_coefficients(np.asarray(values, np.float64), lr), dtype)
+    ts = jnp.asarray(lr * steps.astype(np.float64), dtype)
+    kappa = lr / batch_size
+    det_k = jnp.polyval(det[::-1], ts)
+    noise_k = kappa * jnp.polyval(noise[::-1], ts)
+    return SGDForecast(
+        mean=det_k + noise_k,
+        deterministic=det_k,
+        noise=noise_k,
+        steps=jnp.asarray(steps),
+        t=ts,
+        noise_coefficients=noise,
+        noise_rate=kappa * noise[1],
+        deterministic_coefficients=det,
+        mean_coefficients=det + kappa * noise,
+        flow=flow,
+        lr=lr,
+        batch_size=batch_size,
+    )
