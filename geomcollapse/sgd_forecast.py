@@ -26,7 +26,7 @@ the first ``K`` GD steps by finite differences.
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -36,7 +36,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
-from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves, positive_float, positive_int
 from geomcollapse.series import Series, delta_u_series, polynomial_validity_time
@@ -87,32 +86,116 @@ class _Problem(NamedTuple):
     third: Callable
 
 
-def _problem(skill_loss, example_loss, unravel, task_data, skill_args) -> _Problem:
-    def skill(th):
-        return skill_loss(unravel(th), *skill_args)
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Opaque:
+    """A loss compared by identity: lets an unhashable callable be a static argument."""
 
-    def example_grads(th):
-        def one(*row):
-            return jax.grad(lambda p: example_loss(unravel(p), *row))(th)
+    fn: Callable
 
-        return jax.vmap(one)(*task_data)
+    def __call__(self, *args):
+        return self.fn(*args)
 
-    def grad(th):
-        return jnp.mean(example_grads(th), axis=0)
 
-    def hvp(th, v):
-        return jax.jvp(grad, (th,), (v,))[1]
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    """The losses and the parameters' layout: the static part of every compiled stage.
 
-    def third(th, p, q):
-        return jax.jvp(lambda s: hvp(s, p), (th,), (q,))[1]
+    Hashed by value, so calls with the same losses and shapes (several learning
+    rates: ``lr`` enters only afterwards) reuse each stage's compilation.
+    """
 
-    return _Problem(skill, example_grads, grad, hvp, third)
+    skill_loss: Callable
+    example_loss: Callable
+    treedef: Any
+    shapes: tuple
+
+    @classmethod
+    def of(cls, skill_loss, example_loss, params) -> _Spec:
+        try:
+            hash((skill_loss, example_loss))
+        except TypeError:
+            skill_loss, example_loss = _Opaque(skill_loss), _Opaque(example_loss)
+        leaves, treedef = jax.tree_util.tree_flatten(params)
+        shapes = tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves)
+        return cls(skill_loss, example_loss, treedef, shapes)
+
+    def unravel(self, flat: jax.Array) -> PyTree:
+        sizes = [math.prod(shape) for shape, _ in self.shapes]
+        offsets = np.cumsum([0, *sizes])
+        leaves = [
+            flat[offsets[i] : offsets[i + 1]].reshape(shape).astype(dtype)
+            for i, (shape, dtype) in enumerate(self.shapes)
+        ]
+        return self.treedef.unflatten(leaves)
+
+    def problem(self, rows: tuple, skill_args: tuple) -> _Problem:
+        def skill(th):
+            return self.skill_loss(self.unravel(th), *skill_args)
+
+        def example_grads(th):
+            def one(*row):
+                return jax.grad(lambda p: self.example_loss(self.unravel(p), *row))(th)
+
+            return jax.vmap(one)(*rows)
+
+        def grad(th):
+            return jnp.mean(example_grads(th), axis=0)
+
+        def hvp(th, v):
+            return jax.jvp(grad, (th,), (v,))[1]
+
+        def third(th, p, q):
+            return jax.jvp(lambda s: hvp(s, p), (th,), (q,))[1]
+
+        return _Problem(skill, example_grads, grad, hvp, third)
+
+
+def _mean_loss(example_loss: Callable) -> Callable:
+    def task_loss(params, *rows):
+        return jnp.mean(jax.vmap(lambda *row: example_loss(params, *row))(*rows))
+
+    return task_loss
+
+
+@eqx.filter_jit
+def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, skill_args: tuple):
+    """One compiled ``jet`` pass along the flow series ``xs`` (``(K+1, n)``).
+
+    A separate compilation per ``kind`` (and shapes), reused across the
+    recursions' levels: one program holding every level compiles far slower
+    (minutes for a 26-parameter MLP at order 4) than these few small ones.
+    """
+    prob = spec.problem(rows, skill_args)
+    over_batch = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # (a, example) batches
+    if kind == "deviations":
+        dev = _taylor(prob.example_grads, xs)
+        return dev - jnp.mean(dev, axis=1, keepdims=True)
+    if kind == "tangent":
+        return _taylor(over_batch, xs, *extra)
+    if kind == "hvp":
+        return _taylor(prob.hvp, xs, *extra)
+    if kind == "skill_grad":
+        return _taylor(jax.grad(prob.skill), xs)
+    if kind == "skill_hvp":
+
+        def skill_hvp(th, v):
+            return jax.jvp(jax.grad(prob.skill), (th,), (v,))[1]
+
+        return _taylor(jax.vmap(jax.vmap(skill_hvp, (None, 0)), (None, 0)), xs, *extra)
+    if kind == "third":
+        third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
+        return jnp.mean(_taylor(third, xs, *extra), axis=2)
+    if kind == "grad":
+        return _taylor(prob.grad, xs)
+    if kind == "skill":
+        return _taylor(prob.skill, xs)
+    raise ValueError(f"unknown stage {kind!r}")
 
 
 # --------------------------------------------------------------------------- the noise series
 
 
-def _propagated_deviations(prob: _Problem, xs: jax.Array) -> jax.Array:
+def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     """``psi[c, a, j] = [t^c] Ψ(t) e_{j,a}``, ``(K+1, K, N, n)``; valid where ``a + c < K``.
 
     ``e_j(s) = Σ_a e_{j,a} s^a = Ψ(s)⁻¹ d_j(s)``, ``d_j = ∇ℓ_j − g`` along the
@@ -122,13 +205,11 @@ def _propagated_deviations(prob: _Problem, xs: jax.Array) -> jax.Array:
     needs only lower levels, so one batched ``jet`` per level serves every ``a``.
     """
     order = xs.shape[0] - 1
-    dev = _taylor(prob.example_grads, xs)  # (K+1, N, n)
-    dev = dev - jnp.mean(dev, axis=1, keepdims=True)
+    dev = stage("deviations", xs)  # (K+1, N, n)
     psi = jnp.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
-    batched = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # over a, then examples
     for level in range(order):
         if level:
-            prod = _taylor(batched, xs, psi)
+            prod = stage("tangent", xs, psi)
             for a in range(level):
                 psi = psi.at[level - a, a].set(-prod[level - a - 1, a] / (level - a))
         e = dev[level] - sum((psi[level - a, a] for a in range(level)), jnp.zeros_like(dev[0]))
@@ -146,16 +227,12 @@ def _trace_weights(order: int) -> np.ndarray:
     return w
 
 
-def _trace_series(prob: _Problem, xs: jax.Array, psi: jax.Array) -> jax.Array:
+def _trace_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
-    order = xs.shape[0] - 1
-
-    def skill_hvp(th, v):
-        return jax.jvp(jax.grad(prob.skill), (th,), (v,))[1]
-
-    h = _taylor(jax.vmap(jax.vmap(skill_hvp, (None, 0)), (None, 0)), xs, psi)
+    h = stage("skill_hvp", xs, psi)
     dots = jnp.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
-    return jnp.einsum("abij,abijc->c", dots, jnp.asarray(_trace_weights(order), dots.dtype))
+    weights = jnp.asarray(_trace_weights(xs.shape[0] - 1), dots.dtype)
+    return jnp.einsum("abij,abijc->c", dots, weights)
 
 
 def _source_weights(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,78 +249,61 @@ def _source_weights(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return pa, pb, w
 
 
-def _mean_shift_series(prob: _Problem, xs: jax.Array, psi: jax.Array) -> jax.Array:
+def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] ∇u(x(t))·μ̃(t)`` with ``μ̃' = −Hμ̃ − ½∇H[C̃]``, ``μ̃(0) = 0``.
 
     ``∇H[C̃] = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) ∇³L[Ψe_a, Ψe_b]``: third-derivative
     products along the flow, one batched ``jet`` over (pair, example).
     """
     order = xs.shape[0] - 1
-    n = xs.shape[1]
-    source = jnp.zeros((order + 1, n), xs.dtype)
+    source = jnp.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
-        third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
-        r = jnp.mean(_taylor(third, xs, psi[:, pa], psi[:, pb]), axis=2)  # (K+1, P, n)
+        r = stage("third", xs, psi[:, pa], psi[:, pb])  # (K+1, pairs, n)
         source = 0.5 * jnp.einsum("ipx,pic->cx", r, jnp.asarray(w, xs.dtype))
-    mu = jnp.zeros((order + 1, n), xs.dtype)
+    mu = jnp.zeros_like(xs)
     for c in range(order):
-        hm = _taylor(prob.hvp, xs, mu)
+        hm = stage("hvp", xs, mu)
         mu = mu.at[c + 1].set(-(hm[c] + source[c]) / (c + 1))
-    gu = _taylor(jax.grad(prob.skill), xs)
-    prods = jnp.einsum("ix,jx->ij", gu, mu)
+    prods = jnp.einsum("ix,jx->ij", stage("skill_grad", xs), mu)
     return jnp.stack([jnp.trace(prods[::-1], offset=c - order) for c in range(order + 1)])
 
 
-def _gd_values(prob: _Problem, theta: jax.Array, order: int) -> jax.Array:
-    """``V[m, k] = [η^m] (u(x_k(η)) − u(θ*))`` for GD ``x_{k+1} = x_k − ηg(x_k)``, ``k ≤ K``."""
+def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
+    """``V[m, k] = [η^m] (u(x_k(η)) − u(θ*))`` for GD ``x_{k+1} = x_k − ηg(x_k)``, ``k ≤ K``.
 
-    def path(eta):
-        x, u0 = theta, prob.skill(theta)
-        out = [jnp.zeros_like(u0)]
-        for _ in range(order):
-            x = x - eta * prob.grad(x)
-            out.append(prob.skill(x) - u0)
-        return jnp.stack(out)
-
-    eta_series = jnp.zeros((order + 1,), theta.dtype).at[1].set(1.0)
-    return _taylor(path, eta_series)
-
-
-def _core(skill_loss, example_loss, order, params, rows, skill_args):
-    """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``.
-
-    Losses and ``order`` are static, so repeated calls with the same losses and
-    shapes (e.g. several learning rates: ``lr`` enters only afterwards) reuse
-    one compilation.
+    ``x_k(η)`` as an ``η``-series: ``[x_{k+1}]_m = [x_k]_m − [g(x_k(η))]_{m−1}``,
+    one ``jet`` of ``g`` and one of ``u`` per step (each compiled once).
     """
+    x = jnp.zeros((order + 1, theta.size), theta.dtype).at[0].set(theta)
+    values = [jnp.zeros((order + 1,), theta.dtype)]
+    for _ in range(order):
+        x = x.at[1:].add(-stage("grad", x)[:-1])
+        values.append(stage("skill", x).at[0].set(0.0))
+    return jnp.stack(values, axis=1)
 
-    def task_loss(p, *data):
-        return jnp.mean(jax.vmap(lambda *row: example_loss(p, *row))(*data))
 
+def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
+    """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``."""
     flow = delta_u_series(
-        skill_loss, task_loss, params, order, skill_args=skill_args, task_args=rows
+        skill_loss,
+        _mean_loss(example_loss),
+        params,
+        order,
+        skill_args=skill_args,
+        task_args=rows,
     )
-    flat, unravel = ravel_pytree(params)
-    prob = _problem(skill_loss, example_loss, unravel, rows, skill_args)
-    xs = jnp.concatenate([flat[None], jax.vmap(lambda d: ravel_pytree(d)[0])(flow.displacement)])
-    psi = _propagated_deviations(prob, xs)
-    noise = 0.5 * _trace_series(prob, xs, psi) + _mean_shift_series(prob, xs, psi)
-    return flow, noise, _gd_values(prob, flat, order)
+    spec = _Spec.of(skill_loss, example_loss, params)
+    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(params)])
+    disp = [jnp.reshape(x, (order, -1)) for x in jax.tree_util.tree_leaves(flow.displacement)]
+    xs = jnp.concatenate([flat[None], jnp.concatenate(disp, axis=1).astype(flat.dtype)])
 
+    def stage(kind, xs, *extra):
+        return _stage(spec, kind, xs, extra, rows, skill_args)
 
-_compiled_core = eqx.filter_jit(_core)
-
-
-def _run_core(skill_loss, example_loss, order, params, rows, skill_args):
-    """:func:`_core`, compiled once per losses and shapes (afresh for unhashable losses)."""
-    try:
-        hash((skill_loss, example_loss))
-    except TypeError:
-        return eqx.filter_jit(functools.partial(_core, skill_loss, example_loss))(
-            order, params, rows, skill_args
-        )
-    return _compiled_core(skill_loss, example_loss, order, params, rows, skill_args)
+    psi = _propagated_deviations(stage, xs)
+    noise = 0.5 * _trace_series(stage, xs, psi) + _mean_shift_series(stage, xs, psi)
+    return flow, noise, _gd_values(stage, flat, order)
 
 
 # --------------------------------------------------------------------------- the forecast
@@ -417,7 +477,7 @@ def sgd_delta_u(
     steps = _checked_steps(steps)
     skill_args = tuple(skill_args)
     finite_leaves(params, "params")
-    flow, noise, values = _run_core(skill_loss, example_loss, order, params, rows, skill_args)
+    flow, noise, values = _coefficients(skill_loss, example_loss, params, order, rows, skill_args)
     dtype = flow.delta_u.dtype
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
