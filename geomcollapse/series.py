@@ -526,7 +526,7 @@ def delta_u_series(
 
 
 # --------------------------------------------------------------------------- minibatch SGD
-# The SGD forecast (docs/theory.md §9) lives in its own module, which builds on
+# The SGD forecast (docs/theory.md §8) lives in its own module, which builds on
 # this one; it is imported last so that both names resolve from here.
 from geomcollapse.sgd_forecast import SGDForecast, sgd_delta_u  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Forecast of the alignment loss under minibatch SGD (docs/theory.md §9).
+"""Forecast of the alignment loss under minibatch SGD (docs/theory.md §8).
 
 SGD with learning rate ``η`` and ``B`` examples per step,
 ``θ_{k+1} = θ_k − η ĝ_k``, has ``E[ĝ] = g`` and ``Cov(ĝ) = Σ(θ)/B`` (times
@@ -9,7 +9,7 @@ per-example gradients. To first order in ``η`` at fixed ``t = ηk``::
 
 ``Δu_GD`` the deterministic gradient-descent forecast and ``N(t) = Σ_j n_j t^j``
 the minibatch-noise series, ``n₁ = ½tr(FΣ)``. With ``C̃``, ``μ̃`` the noise's
-covariance and mean shift in units of ``η/B`` (§9)::
+covariance and mean shift in units of ``η/B`` (§8)::
 
     C̃' = Σ(x) − H C̃ − C̃ H,      μ̃' = −H μ̃ − ½∇H[C̃],
     N(t) = ½tr(∇²u(x(t)) C̃(t)) + ∇u(x(t))·μ̃(t),
@@ -310,7 +310,7 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
 
 
 class SGDForecast(NamedTuple):
-    """``E[Δu]`` under minibatch SGD after each of ``steps`` (docs/theory.md §9).
+    """``E[Δu]`` under minibatch SGD after each of ``steps`` (docs/theory.md §8).
 
     ``mean = deterministic + noise``, exact to first order in ``lr`` at fixed
     ``t = lr·k`` inside the window (truncated at ``t^K``).
@@ -434,13 +434,13 @@ def sgd_delta_u(
     skill_args: tuple = (),
     replacement: bool = True,
 ) -> SGDForecast:
-    """Forecast ``E[Δu_k]`` under minibatch SGD from ``θ*`` (docs/theory.md §9).
+    """Forecast ``E[Δu_k]`` under minibatch SGD from ``θ*`` (docs/theory.md §8).
 
     ``E[Δu_k] = Δu_GD(k) + (lr/B)·N(lr·k) + O(lr²)`` at fixed ``t = lr·k``:
     ``Δu_GD`` the full-batch GD forecast to ``lr^K``, ``N(t) = Σ_{j≤K} n_j t^j``
-    the minibatch-noise series, ``n₁ = ½tr(FΣ)``, ``n₂ = −½tr(F(HΣ + ΣH))/2 +
-    ½tr(F Σ̇) + …`` (``Σ̇`` the change of ``Σ`` along the flow; beyond quadratics
-    the mean shift ``∇u·μ̃`` of the task's third derivative on the covariance).
+    the minibatch-noise series, ``n₁ = ½tr(FΣ)``, ``n₂ = ¼tr(F(Σ̇ − HΣ − ΣH)) − ½tr(∇³u[g]Σ)`` at a
+    minimum of ``u`` (``Σ̇`` the change of ``Σ`` along the flow; beyond
+    quadratics also the mean shift ``∇u·μ̃`` of ``∇H`` acting on the covariance).
     Matrix-free: ``K`` batched ``jet`` passes of Hessian-vector products over
     the ``N`` per-example gradient deviations, one of skill-Hessian- and one of
     third-derivative-vector products; memory ``O(K²·N·n)``. Not jit-able as a

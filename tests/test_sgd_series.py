@@ -1,4 +1,4 @@
-"""Minibatch SGD forecast ``series.sgd_delta_u`` (docs/theory.md §9).
+"""Minibatch SGD forecast ``series.sgd_delta_u`` (docs/theory.md §8).
 
 Checks: on linear-regression tasks with a quadratic skill, against the exact
 moment recursion of ``E[x]``, ``E[xxᵀ]`` (with and without replacement) at
