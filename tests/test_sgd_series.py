@@ -404,3 +404,42 @@ def test_forecast_matches_minibatch_sgd_monte_carlo(general):
     raw = np.asarray(du)[:, steps - 1]
     raw_se = raw.std(0, ddof=1) / np.sqrt(runs)
     assert np.all(np.abs(raw.mean(0) - mean) <= 4 * raw_se)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+@pytest.mark.parametrize(
+    ("change", "name"),
+    [
+        ({"lr": 0.0}, "lr"),
+        ({"lr": float("nan")}, "lr"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 2.5}, "batch_size"),
+        ({"steps": [1, -2]}, "steps"),
+        ({"steps": [1.5]}, "steps"),
+        ({"steps": []}, "steps"),
+        ({"order": 0}, "order"),
+        ({"replacement": "no"}, "replacement"),
+        ({"replacement": False, "batch_size": 25}, "batch_size"),
+        ({"task_data": ()}, "task_data"),
+        ({"task_data": (np.ones((24, 6)), np.ones(23))}, "task_data"),
+        ({"task_data": (np.ones((1, 6)), np.ones(1))}, "task_data"),
+        ({"task_data": (np.full((24, 6), np.nan), np.ones(24))}, "task_data"),
+        ({"params": jnp.full(6, jnp.inf)}, "params"),
+    ],
+)
+def test_bad_inputs_name_the_argument(change, name):
+    a, y, _, _, f = regression(0)
+    kwargs = {
+        "params": jnp.zeros(6),
+        "task_data": (a, y),
+        "lr": 1e-3,
+        "batch_size": 4,
+        "steps": [1, 2],
+        "order": 2,
+        "replacement": True,
+    } | change
+    params, rows = kwargs.pop("params"), kwargs.pop("task_data")
+    with pytest.raises(ValueError, match=name):
+        series.sgd_delta_u(quad_skill, sq_loss, params, rows, skill_args=(f,), **kwargs)
