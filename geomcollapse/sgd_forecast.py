@@ -167,9 +167,8 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
     """
     prob = spec.problem(rows, skill_args)
     over_batch = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # (a, example) batches
-    if kind == "deviations":
-        dev = _taylor(prob.example_grads, xs)
-        return dev - jnp.mean(dev, axis=1, keepdims=True)
+    if kind == "example_grads":
+        return _taylor(prob.example_grads, xs)
     if kind == "tangent":
         return _taylor(over_batch, xs, *extra)
     if kind == "hvp":
@@ -185,8 +184,6 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
     if kind == "third":
         third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
         return jnp.mean(_taylor(third, xs, *extra), axis=2)
-    if kind == "grad":
-        return _taylor(prob.grad, xs)
     if kind == "skill":
         return _taylor(prob.skill, xs)
     raise ValueError(f"unknown stage {kind!r}")
@@ -205,15 +202,15 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     needs only lower levels, so one batched ``jet`` per level serves every ``a``.
     """
     order = xs.shape[0] - 1
-    dev = stage("deviations", xs)  # (K+1, N, n)
-    psi = jnp.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
+    dev = stage("example_grads", xs)  # (K+1, N, n)
+    dev -= np.mean(dev, axis=1, keepdims=True)
+    psi = np.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
     for level in range(order):
         if level:
             prod = stage("tangent", xs, psi)
             for a in range(level):
-                psi = psi.at[level - a, a].set(-prod[level - a - 1, a] / (level - a))
-        e = dev[level] - sum((psi[level - a, a] for a in range(level)), jnp.zeros_like(dev[0]))
-        psi = psi.at[0, level].set(e)
+                psi[level - a, a] = -prod[level - a - 1, a] / (level - a)
+        psi[0, level] = dev[level] - sum(psi[level - a, a] for a in range(level))
     return psi
 
 
@@ -230,9 +227,8 @@ def _trace_weights(order: int) -> np.ndarray:
 def _trace_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
     h = stage("skill_hvp", xs, psi)
-    dots = jnp.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
-    weights = jnp.asarray(_trace_weights(xs.shape[0] - 1), dots.dtype)
-    return jnp.einsum("abij,abijc->c", dots, weights)
+    dots = np.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
+    return np.einsum("abij,abijc->c", dots, _trace_weights(xs.shape[0] - 1))
 
 
 def _source_weights(order: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -256,17 +252,17 @@ def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Ar
     products along the flow, one batched ``jet`` over (pair, example).
     """
     order = xs.shape[0] - 1
-    source = jnp.zeros_like(xs)
+    source = np.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
         r = stage("third", xs, psi[:, pa], psi[:, pb])  # (K+1, pairs, n)
-        source = 0.5 * jnp.einsum("ipx,pic->cx", r, jnp.asarray(w, xs.dtype))
-    mu = jnp.zeros_like(xs)
+        source = 0.5 * np.einsum("ipx,pic->cx", r, w)
+    mu = np.zeros_like(xs)
     for c in range(order):
         hm = stage("hvp", xs, mu)
-        mu = mu.at[c + 1].set(-(hm[c] + source[c]) / (c + 1))
-    prods = jnp.einsum("ix,jx->ij", stage("skill_grad", xs), mu)
-    return jnp.stack([jnp.trace(prods[::-1], offset=c - order) for c in range(order + 1)])
+        mu[c + 1] = -(hm[c] + source[c]) / (c + 1)
+    prods = np.einsum("ix,jx->ij", stage("skill_grad", xs), mu)
+    return np.array([np.trace(prods[::-1], offset=c - order) for c in range(order + 1)])
 
 
 def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
@@ -275,12 +271,14 @@ def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
     ``x_k(η)`` as an ``η``-series: ``[x_{k+1}]_m = [x_k]_m − [g(x_k(η))]_{m−1}``,
     one ``jet`` of ``g`` and one of ``u`` per step (each compiled once).
     """
-    x = jnp.zeros((order + 1, theta.size), theta.dtype).at[0].set(theta)
-    values = [jnp.zeros((order + 1,), theta.dtype)]
+    x = np.zeros((order + 1, theta.size), theta.dtype)
+    x[0] = theta
+    values = [np.zeros((order + 1,), theta.dtype)]
     for _ in range(order):
-        x = x.at[1:].add(-stage("grad", x)[:-1])
-        values.append(stage("skill", x).at[0].set(0.0))
-    return jnp.stack(values, axis=1)
+        x[1:] -= np.mean(stage("example_grads", x), axis=1)[:-1]
+        values.append(stage("skill", x))
+        values[-1][0] = 0.0
+    return np.stack(values, axis=1)
 
 
 def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
@@ -294,12 +292,14 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
         task_args=rows,
     )
     spec = _Spec.of(skill_loss, example_loss, params)
-    flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(params)])
-    disp = [jnp.reshape(x, (order, -1)) for x in jax.tree_util.tree_leaves(flow.displacement)]
-    xs = jnp.concatenate([flat[None], jnp.concatenate(disp, axis=1).astype(flat.dtype)])
+    # the glue between compiled stages runs on the host in numpy: small arrays,
+    # and eager jax ops would compile one program per operation and shape
+    flat = np.concatenate([np.ravel(x) for x in jax.device_get(jax.tree_util.tree_leaves(params))])
+    disp = jax.device_get(jax.tree_util.tree_leaves(flow.displacement))
+    xs = np.concatenate([flat[None], np.concatenate([np.reshape(x, (order, -1)) for x in disp], 1)])
 
     def stage(kind, xs, *extra):
-        return _stage(spec, kind, xs, extra, rows, skill_args)
+        return np.array(_stage(spec, kind, xs, extra, rows, skill_args))
 
     psi = _propagated_deviations(stage, xs)
     noise = 0.5 * _trace_series(stage, xs, psi) + _mean_shift_series(stage, xs, psi)
@@ -481,23 +481,22 @@ def sgd_delta_u(
     dtype = flow.delta_u.dtype
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
-    noise = noise * jnp.asarray(factor, dtype)
-    det = jnp.asarray(_deterministic_coefficients(np.asarray(values, np.float64), lr), dtype)
-    ts = jnp.asarray(lr * steps.astype(np.float64), dtype)
+    noise = (noise * factor).astype(dtype)
+    det = _deterministic_coefficients(np.asarray(values, np.float64), lr).astype(dtype)
+    ts = (lr * steps.astype(np.float64)).astype(dtype)
     kappa = lr / batch_size
-    det_k = jnp.polyval(det[::-1], ts)
-    noise_k = kappa * jnp.polyval(noise[::-1], ts)
-    return SGDForecast(
-        mean=det_k + noise_k,
-        deterministic=det_k,
-        noise=noise_k,
-        steps=jnp.asarray(steps),
-        t=ts,
-        noise_coefficients=noise,
-        noise_rate=kappa * noise[1],
-        deterministic_coefficients=det,
-        mean_coefficients=det + kappa * noise,
-        flow=flow,
-        lr=lr,
-        batch_size=batch_size,
-    )
+    det_k = np.polyval(det[::-1], ts)
+    noise_k = kappa * np.polyval(noise[::-1], ts)
+    out = {
+        "mean": det_k + noise_k,
+        "deterministic": det_k,
+        "noise": noise_k,
+        "steps": steps,
+        "t": ts,
+        "noise_coefficients": noise,
+        "noise_rate": kappa * noise[1],
+        "deterministic_coefficients": det,
+        "mean_coefficients": det + kappa * noise,
+    }
+    arrays = {k: jnp.asarray(v, dtype if k != "steps" else None) for k, v in out.items()}
+    return SGDForecast(**arrays, flow=flow, lr=lr, batch_size=batch_size)

@@ -215,9 +215,8 @@ def mlp_example(params, x, y):
     return models.softmax_cross_entropy(models.mlp_apply(params, x[None]), y[None])
 
 
-def mlp_kl(params, star, x):
+def mlp_kl(params, x, lp_star):
     """``mean_x KL(p_{θ*} ‖ p_θ)``: a skill at its minimum with Hessian F (docs/theory.md §5)."""
-    lp_star = jax.nn.log_softmax(models.mlp_apply(star, x))
     lp = jax.nn.log_softmax(models.mlp_apply(params, x))
     return jnp.mean(jnp.sum(jnp.exp(lp_star) * (lp_star - lp), axis=-1))
 
@@ -245,7 +244,8 @@ def make_case(name):
     k_model, k_skill = jax.random.split(jax.random.key(4))
     p = models.mlp_problem(k_model, (3, 4, 2), 24, gd_steps=2, dtype=jnp.float64)
     skill_x = models.gaussian_mixture(k_skill, 8, 3, 2, dtype=jnp.float64).x
-    return mlp_kl, mlp_example, p.params, (p.batch.x, p.batch.y), (p.params, skill_x)
+    lp_star = jax.nn.log_softmax(models.mlp_apply(p.params, skill_x))
+    return mlp_kl, mlp_example, p.params, (p.batch.x, p.batch.y), (skill_x, lp_star)
 
 
 @pytest.fixture(scope="module", params=sorted(SETTINGS))
