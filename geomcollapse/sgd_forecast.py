@@ -202,12 +202,12 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     needs only lower levels, so one batched ``jet`` per level serves every ``a``.
     """
     order = xs.shape[0] - 1
-    dev = stage("example_grads", xs)  # (K+1, N, n)
+    dev = stage("example_grads", xs, keep=order)  # (K+1, N, n)
     dev -= np.mean(dev, axis=1, keepdims=True)
     psi = np.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
     for level in range(order):
         if level:
-            prod = stage("tangent", xs, psi)
+            prod = stage("tangent", xs, psi, keep=order - 1)
             for a in range(level):
                 psi[level - a, a] = -prod[level - a - 1, a] / (level - a)
         psi[0, level] = dev[level] - sum(psi[level - a, a] for a in range(level))
@@ -226,7 +226,7 @@ def _trace_weights(order: int) -> np.ndarray:
 
 def _trace_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
-    h = stage("skill_hvp", xs, psi)
+    h = stage("skill_hvp", xs, psi, keep=xs.shape[0] - 1)
     dots = np.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
     return np.einsum("abij,abijc->c", dots, _trace_weights(xs.shape[0] - 1))
 
@@ -255,13 +255,13 @@ def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Ar
     source = np.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
-        r = stage("third", xs, psi[:, pa], psi[:, pb])  # (K+1, pairs, n)
+        r = stage("third", xs, psi[:, pa], psi[:, pb], keep=order - 1)  # (K+1, pairs, n)
         source = 0.5 * np.einsum("ipx,pic->cx", r, w)
     mu = np.zeros_like(xs)
     for c in range(order):
-        hm = stage("hvp", xs, mu)
+        hm = stage("hvp", xs, mu, keep=order)
         mu[c + 1] = -(hm[c] + source[c]) / (c + 1)
-    prods = np.einsum("ix,jx->ij", stage("skill_grad", xs), mu)
+    prods = np.einsum("ix,jx->ij", stage("skill_grad", xs, keep=max(order - 1, 1)), mu)
     return np.array([np.trace(prods[::-1], offset=c - order) for c in range(order + 1)])
 
 
@@ -275,7 +275,7 @@ def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
     x[0] = theta
     values = [np.zeros((order + 1,), theta.dtype)]
     for _ in range(order):
-        x[1:] -= np.mean(stage("example_grads", x), axis=1)[:-1]
+        x[1:] -= np.mean(stage("example_grads", x, keep=order), axis=1)[:-1]
         values.append(stage("skill", x))
         values[-1][0] = 0.0
     return np.stack(values, axis=1)
@@ -298,8 +298,16 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
     disp = jax.device_get(jax.tree_util.tree_leaves(flow.displacement))
     xs = np.concatenate([flat[None], np.concatenate([np.reshape(x, (order, -1)) for x in disp], 1)])
 
-    def stage(kind, xs, *extra):
-        return np.array(_stage(spec, kind, xs, extra, rows, skill_args))
+    def stage(kind, xs, *extra, keep=order + 1):
+        """A compiled ``jet`` pass on the first ``keep`` coefficients, zero-padded to ``K+1``.
+
+        Each use needs only the low coefficients (e.g. ``∇H[C̃]`` to ``t^{K−2}``),
+        and a ``jet`` of fewer terms compiles much faster.
+        """
+        out = np.array(
+            _stage(spec, kind, xs[:keep], tuple(e[:keep] for e in extra), rows, skill_args)
+        )
+        return np.concatenate([out, np.zeros((order + 1 - keep, *out.shape[1:]), out.dtype)])
 
     psi = _propagated_deviations(stage, xs)
     noise = 0.5 * _trace_series(stage, xs, psi) + _mean_shift_series(stage, xs, psi)
