@@ -52,6 +52,8 @@ def _taylor(fn: Callable, *series: jax.Array) -> jax.Array:
     """``[t^c] fn(s₁(t), …)`` for ``c = 0 … K``; each ``s_i`` is ``(K+1, …)`` coefficients."""
     order = series[0].shape[0] - 1
     primals = tuple(s[0] for s in series)
+    if order == 0:  # jet needs at least one term
+        return fn(*primals)[None]
     terms = tuple([math.factorial(c) * s[c] for c in range(1, order + 1)] for s in series)
     out0, outs = jet.jet(fn, primals, terms)
     return jnp.stack([out0] + [outs[c - 1] / math.factorial(c) for c in range(1, order + 1)])

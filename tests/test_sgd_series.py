@@ -150,6 +150,15 @@ def test_noise_series_matches_dense_covariance_recursion(fg_zero):
     )
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_low_orders_match_the_dense_recursion(order):
+    problem = regression(0)
+    fc = forecast(problem, 1e-3, 4, [1], order=order)
+    np.testing.assert_allclose(
+        fc.noise_coefficients, dense_noise_coefficients(problem, order), rtol=1e-10, atol=1e-16
+    )
+
+
 @pytest.mark.parametrize("fg_zero", [False, True])
 def test_small_lr_matches_exact_moments(fg_zero):
     problem = regression(0, fg_zero=fg_zero)
