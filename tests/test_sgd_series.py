@@ -8,6 +8,7 @@ dense ODE of the covariance and mean shift (convergence order), and the
 forecast against the mean of independent minibatch SGD runs.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -157,6 +158,33 @@ def test_low_orders_match_the_dense_recursion(order):
     np.testing.assert_allclose(
         fc.noise_coefficients, dense_noise_coefficients(problem, order), rtol=1e-10, atol=1e-16
     )
+
+
+@dataclasses.dataclass
+class UnhashableSkill:
+    """A callable with ``__eq__`` and no hash (as losses held by mutable dataclasses are)."""
+
+    scale: float
+
+    def __call__(self, theta, f):
+        return self.scale * quad_skill(theta, f)
+
+
+def test_unhashable_losses_are_accepted():
+    problem = regression(0)
+    a, y, _, _, f = problem
+    fc = series.sgd_delta_u(
+        UnhashableSkill(1.0),
+        sq_loss,
+        jnp.zeros(6),
+        (a, y),
+        lr=1e-3,
+        batch_size=4,
+        steps=[1],
+        order=1,
+        skill_args=(jnp.asarray(f),),
+    )
+    np.testing.assert_allclose(fc.noise_coefficients, dense_noise_coefficients(problem, 1))
 
 
 @pytest.mark.parametrize("fg_zero", [False, True])
