@@ -48,6 +48,12 @@ PyTree = Any
 # --------------------------------------------------------------------------- Taylor helpers
 
 
+# What ``jet`` raises where it has no Taylor rule (``sort``) or breaks on
+# ``custom_jvp`` functions (``jax.nn.relu``, ``softplus``: jax-ml/jax#30352);
+# there the series come from nested ``jvp`` instead, as series.flow_taylor does.
+_JET_FAILURES = (KeyError, NotImplementedError, jax.errors.UnexpectedTracerError)
+
+
 def _taylor(fn: Callable, *series: jax.Array) -> jax.Array:
     """``[t^c] fn(s₁(t), …)`` for ``c = 0 … K``; each ``s_i`` is ``(K+1, …)`` coefficients."""
     order = series[0].shape[0] - 1
@@ -55,8 +61,39 @@ def _taylor(fn: Callable, *series: jax.Array) -> jax.Array:
     if order == 0:  # jet needs at least one term
         return fn(*primals)[None]
     terms = tuple([math.factorial(c) * s[c] for c in range(1, order + 1)] for s in series)
-    out0, outs = jet.jet(fn, primals, terms)
+    try:
+        out0, outs = jet.jet(fn, primals, terms)
+    except _JET_FAILURES:
+        return _taylor_by_jvp(fn, *series)
     return jnp.stack([out0] + [outs[c - 1] / math.factorial(c) for c in range(1, order + 1)])
+
+
+def _taylor_by_jvp(fn: Callable, *series: jax.Array) -> jax.Array:
+    """As :func:`_taylor`, by ``K`` nested ``jax.jvp`` in the scalar ``t`` (``2^K`` passes)."""
+    order = series[0].shape[0] - 1
+
+    def curve(t):
+        points = []
+        for s in series:  # Horner: s₀ + t(s₁ + t(s₂ + …))
+            acc = s[order]
+            for c in range(order - 1, -1, -1):
+                acc = s[c] + t * acc
+            points.append(acc)
+        return fn(*points)
+
+    def derivatives(level):
+        if level == 0:
+            return lambda t: (curve(t),)
+        inner = derivatives(level - 1)
+
+        def outer(t):
+            primal, tangent = jax.jvp(inner, (t,), (jnp.ones_like(t),))
+            return (*primal, tangent[-1])
+
+        return outer
+
+    derivs = derivatives(order)(jnp.zeros((), series[0].dtype))
+    return jnp.stack([d / math.factorial(k) for k, d in enumerate(derivs)])
 
 
 def _binomial_basis(order: int, lr: float) -> np.ndarray:

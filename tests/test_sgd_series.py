@@ -160,6 +160,28 @@ def test_low_orders_match_the_dense_recursion(order):
     )
 
 
+def relu_sq_loss(theta, a, y):
+    """``sq_loss`` through an active ``relu``: ``jet`` has no rule (``custom_jvp``)."""
+    return 0.5 * (jax.nn.relu(a @ theta - y + 10.0) - 10.0) ** 2
+
+
+def test_models_without_jet_rules_fall_back_to_nested_jvp():
+    problem = regression(0)
+    a, y, _, _, f = problem
+    fc = series.sgd_delta_u(
+        quad_skill,
+        relu_sq_loss,
+        jnp.zeros(6),
+        (a, y),
+        lr=1e-3,
+        batch_size=4,
+        steps=[1],
+        order=2,
+        skill_args=(jnp.asarray(f),),
+    )
+    np.testing.assert_allclose(fc.noise_coefficients, dense_noise_coefficients(problem, 2))
+
+
 @dataclasses.dataclass
 class UnhashableSkill:
     """A callable with ``__eq__`` and no hash (as losses held by mutable dataclasses are)."""
