@@ -47,9 +47,9 @@ def regression(seed: int, n: int = 6, count: int = 24, *, fg_zero: bool = False)
     return a, y, a.T @ a / count, c, f
 
 
-@functools.partial(jax.jit, static_argnames=("length", "replacement"))
-def exact_moments(a, y, f, lr, batch, *, length, replacement=True):
-    """Exact ``E[Δu_k]`` under SGD and ``Δu`` under GD, ``k = 0 … length`` (dense).
+@functools.partial(jax.jit, static_argnames=("replacement",))
+def exact_moments(a, y, f, lr, batch, steps, *, replacement=True):
+    """Exact ``E[Δu_k]`` under SGD and ``Δu`` under GD at the increasing ``steps`` (dense).
 
     ``x_{k+1} = x_k − η(Ĥx_k + b̂)`` with ``Ĥ``, ``b̂`` means of ``B`` rows; for
     the mean of ``B`` draws ``E[X̂ ⊗ Ŷ] = EX ⊗ EY + s·Cov(X, Y)``, ``s = 1/B``
@@ -60,7 +60,7 @@ def exact_moments(a, y, f, lr, batch, *, length, replacement=True):
     b = -a * y[:, None]
     h, c = a.T @ a / count, b.mean(0)
 
-    def step(carry, _):
+    def step(_, carry):
         m, sec, gd = carry
         hsh = h @ sec @ h
         e_hsh = hsh + s * (
@@ -73,13 +73,16 @@ def exact_moments(a, y, f, lr, batch, *, length, replacement=True):
         sec = sec - lr * (h @ sec + sec @ h + mc + mc.T) + lr**2 * (e_hsh + e_hmb + e_hmb.T + e_bb)
         m = m - lr * (h @ m + c)
         gd = gd - lr * (h @ gd + c)
-        return (m, sec, gd), (0.5 * jnp.trace(f @ sec), 0.5 * gd @ f @ gd)
+        return m, sec, gd
+
+    def segment(carry, target):  # run on to the next requested step (one compilation)
+        k, state = carry
+        _, sec, gd = state = jax.lax.fori_loop(k, target, step, state)
+        return (target, state), (0.5 * jnp.trace(f @ sec), 0.5 * gd @ f @ gd)
 
     zero = jnp.zeros(a.shape[1], a.dtype)
     init = (zero, jnp.zeros((a.shape[1],) * 2, a.dtype), zero)
-    _, (sgd, gd) = jax.lax.scan(step, init, None, length=length)
-    pad = jnp.zeros(1, a.dtype)
-    return jnp.concatenate([pad, sgd]), jnp.concatenate([pad, gd])
+    return jax.lax.scan(segment, (jnp.zeros((), steps.dtype), init), steps)[1]
 
 
 def forecast(problem, lr, batch, steps, *, replacement=True, order=ORDER):
@@ -104,8 +107,8 @@ def compare(problem, lr, batch, reach, *, replacement=True, points=6):
     last = round(reach / (np.linalg.norm(h, 2) * lr))
     steps = np.unique(np.linspace(1, last, points).astype(int))
     fc = forecast(problem, lr, batch, steps, replacement=replacement)
-    sgd, gd = exact_moments(a, y, f, lr, batch, length=last, replacement=replacement)
-    return fc, np.asarray(sgd)[steps], np.asarray(gd)[steps]
+    sgd, gd = exact_moments(a, y, f, lr, batch, steps, replacement=replacement)
+    return fc, np.asarray(sgd), np.asarray(gd)
 
 
 def rel(actual, expected):
