@@ -485,13 +485,15 @@ def sgd_delta_u(
 
     ``E[Δu_k] = Δu_GD(k) + (lr/B)·N(lr·k) + O(lr²)`` at fixed ``t = lr·k``:
     ``Δu_GD`` the full-batch GD forecast to ``lr^K``, ``N(t) = Σ_{j≤K} n_j t^j``
-    the minibatch-noise series, ``n₁ = ½tr(FΣ)``, ``n₂ = ¼tr(F(Σ̇ − HΣ − ΣH)) − ½tr(∇³u[g]Σ)`` at a
-    minimum of ``u`` (``Σ̇`` the change of ``Σ`` along the flow; beyond
-    quadratics also the mean shift ``∇u·μ̃`` of ``∇H`` acting on the covariance).
-    Matrix-free: ``K`` batched ``jet`` passes of Hessian-vector products over
-    the ``N`` per-example gradient deviations, one of skill-Hessian- and one of
-    third-derivative-vector products; memory ``O(K²·N·n)``. Not jit-able as a
-    whole (it checks concrete inputs); its core is compiled once per call.
+    the minibatch-noise series: ``n₁ = ½tr(FΣ)`` and, at a minimum of ``u``,
+    ``n₂ = ¼tr(F(Σ̇ − HΣ − ΣH)) − ½tr(∇³u[g]Σ)`` (``Σ̇``: ``Σ``'s change along
+    the flow); beyond quadratics ``∇H`` acting on the covariance shifts the mean.
+    Matrix-free: ``K`` batched ``jet`` passes (nested ``jvp`` where ``jet`` has
+    no rule) of Hessian-vector products over the ``N`` per-example gradient
+    deviations, one of skill-Hessian- and one of third-derivative-vector
+    products; memory ``O(K²·N·n)``. Not jit-able as a whole (it checks concrete
+    inputs; numpy glue); every pass but the flow series' is compiled once per
+    losses and shapes, so other ``lr``, ``batch_size`` and ``steps`` reuse it.
 
     Args:
       skill_loss: ``skill_loss(params, *skill_args) -> scalar``, ``u``.
@@ -499,8 +501,7 @@ def sgd_delta_u(
         loss; the task loss ``L`` is its mean over ``task_data``.
       params: ``θ*``, a pytree of finite floating arrays.
       task_data: a tuple of arrays whose leading axis (``N ≥ 2``) indexes examples.
-      lr: the learning rate ``η > 0``.
-      batch_size: ``B ≥ 1`` examples per step, drawn uniformly.
+      lr, batch_size: the learning rate ``η > 0``; ``B ≥ 1`` examples per step.
       steps: step counts ``k ≥ 0`` at which to forecast.
       order: ``K ≥ 1``, the power of ``t`` (and of ``lr``) kept.
       skill_args: extra arguments of ``skill_loss``.
@@ -511,7 +512,7 @@ def sgd_delta_u(
       An :class:`SGDForecast`.
 
     Raises:
-      ValueError: naming the argument: non-finite ``params`` or ``task_data``,
+      ValueError, naming the argument: non-finite ``params`` or ``task_data``,
         ragged ``task_data``, ``lr ≤ 0``, ``batch_size < 1`` (or ``> N`` without
         replacement), negative or non-integer ``steps``, ``order < 1``.
     """
