@@ -223,6 +223,15 @@ def test_small_lr_matches_exact_moments(fg_zero):
     assert np.all(fc.in_window)
 
 
+def test_gd_part_is_exact_for_the_first_steps():
+    """On a quadratic, ``Δu(x_k)`` is a polynomial of degree ``2k`` in lr: exact for ``2k ≤ K``."""
+    a, y, _, _, f = problem = regression(0)
+    steps = np.array([1, 2, 3])
+    fc = forecast(problem, 1e-2, 4, steps)
+    gd = exact_moments(a, y, f, 1e-2, 4, steps)[1]
+    np.testing.assert_allclose(fc.deterministic, gd, rtol=1e-11)
+
+
 def test_first_order_in_lr():
     """The noise part's error shrinks like lr (the forecast is exact to first order)."""
     problem = regression(0, fg_zero=True)
