@@ -124,3 +124,40 @@ def test_row_d_lists_every_in_window_ratio():
     (d,) = [c for c in claims if "Taylor forecast" in c.claim]
     listed = d.measured.split("(ratios ")[1].split(")")[0].split(", ")
     assert listed == [f"{c['ratio']:.2f}" for c in inside]
+
+
+def _validation_computed(n_rows=3):
+    """Validation rows: forecast = c₂t², GD ratio 1.1, SGD ratio 2 (1 on the last dataset)."""
+    from experiments import validation as V
+
+    lr, horizons = 0.01, [1, 2, 4, 8]
+    rows = []
+    for i in range(n_rows):
+        f = [(1.0 + i) * (lr * k) ** 2 for k in horizons]
+        sgd_ratio = 1.0 if i == n_rows - 1 else 2.0
+        rows.append(
+            {
+                "dataset": V.Config().datasets[i],
+                "d": 14,
+                "validity_time": 1.0,
+                "coefficients": [0.0, 0.0, 1.0 + i],
+                "forecast": f,
+                "gd": [x / 1.1 for x in f],
+                "sgd": [x / sgd_ratio for x in f],
+            }
+        )
+    return {"rows": rows, "lr": lr, "horizons": horizons}
+
+
+def test_validation_lists_every_ratio_and_the_sgd_comparison_at_every_horizon():
+    from experiments import validation as V
+
+    config = V.Config(resamples=50)
+    res = V.analyse(config, _validation_computed(), None)
+    (a,) = V.claims(res, config, "cmd")
+    listed = a.measured.split("ratios ")[1].split(";")[0].split(", ")
+    assert listed == ["1.1"] * 12  # all 12 in-window cells, not a prefix
+    text = V.results_table(res, config.factor)
+    head = text.splitlines()[0]
+    assert head.count("K=8") == 2  # forecast / GD and forecast / SGD at every horizon
+    assert text.count("| 1.1 | 2 | 2 | 2 | 2 |") == 2 and "0.693, 4 of 12 within ×1.5" in text
