@@ -161,3 +161,23 @@ def test_validation_lists_every_ratio_and_the_sgd_comparison_at_every_horizon():
     head = text.splitlines()[0]
     assert head.count("K=8") == 2  # forecast / GD and forecast / SGD at every horizon
     assert text.count("| 1.1 | 2 | 2 | 2 | 2 |") == 2 and "0.693, 4 of 12 within ×1.5" in text
+
+
+def test_identity_rows_are_control_rows_and_their_verdict_follows_the_numbers():
+    from experiments import quartic_quadratic as Q
+    from experiments import transformer_onset as T
+    from experiments._common import Claim
+
+    res = Q.compute(Q.TINY)
+    (row,) = [c for c in Q.claims(res, Q.TINY, "cmd") if "no cubic remainder" in c.claim]
+    assert row.labels != Claim.labels and row.verdict == "holds (control)"
+    broken = dict(res, decomposition_gap=1e-6)
+    (row,) = [c for c in Q.claims(broken, Q.TINY, "cmd") if "no cubic remainder" in c.claim]
+    assert row.verdict == "FAILS (control)"
+    # the other quartic rows stay claims of the paper
+    assert sum(c.labels == Claim.labels for c in Q.claims(res, Q.TINY, "cmd")) == 3
+    c = T.Config()
+    ok = {"kl_grad_u_norm": 0.0, "kl_hessian_fisher_gap": 0.0}
+    assert T._stationarity_claim(ok, c, "cmd").verdict == "holds (control)"
+    bad = dict(ok, kl_grad_u_norm=10 * c.stationarity_tolerance)
+    assert T._stationarity_claim(bad, c, "cmd").verdict == "FAILS (control)"
