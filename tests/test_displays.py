@@ -1,4 +1,4 @@
-"""Displays that do not select (issue 26): the prediction study's tables and rows (c), (d).
+"""Displays that do not select: the prediction study's tables and rows (c), (d).
 
 On synthetic rows: the tables show the pre-registered primary d = 10 column first, next
 to the d = 50 one; row (c) calls a predictor better than the controls only where every
