@@ -808,12 +808,22 @@ def _best_at_theta_star(table: dict, config: Config, opt: str, command: str) -> 
             parts.append(f"K={K}: none defined")
             continue
         best = max(at, key=lambda k: at[k]["rho"])
-        text = f"K={K}: {best} {_fmt_interval(at[best])}"
+        d = next((d for d in config.dims if best.endswith(f"_d{d}")), None)
+        if d is None:
+            text = f"K={K}: {best} {_fmt_interval(at[best])}"
+        else:  # the pre-registered d = 10 first, whichever d has the largest ρ
+            stem = best[: -len(f"_d{d}")]
+            shown = [
+                f"d = {e} {_fmt_interval(corr[f'{stem}_d{e}'])}"
+                for e in config.dims
+                if f"{stem}_d{e}" in corr
+            ]
+            text = f"K={K}: {stem} {', '.join(shown)} (largest at d = {d})"
         if best in versus:
             diffs = [
                 f"− ρ({CONTROL_TITLES[c]}) {_fmt_difference(v)}" for c, v in versus[best].items()
             ]
-            text += f" ({', '.join(diffs)})"
+            text += f" ({best}: {', '.join(diffs)})"
         elif _is_control(best):
             text += " (a control)"
         better = [k for k, v in versus.items() if _better(v)]

@@ -81,6 +81,18 @@ def test_the_tables_show_the_primary_d10_column_first_next_to_d50():
     assert titles.index("‖PΔθ‖ d=10") + 1 == titles.index("‖PΔθ‖ d=50")
 
 
+def test_row_c_shows_the_primary_d10_first_when_d50_ranks_best():
+    def fill(rng, harm, b):
+        b["at_g_p_ratio_d50"] = harm  # only the d = 50 column ranks harm
+
+    _, claims = _analysed(fill)
+    text = _row_c(claims).measured
+    assert "K=4: at_g_p_ratio d = 10 ρ = " in text
+    assert text.index("d = 10 ρ = ") < text.index(
+        "d = 50 ρ = 1.00 [1.00, 1.00] (largest at d = 50)"
+    )
+
+
 def test_a_control_plus_noise_is_not_called_better():
     def fill(rng, harm, b):
         b["at_task_loss"] = harm + rng.normal(0, 0.3, harm.size)  # a good control
