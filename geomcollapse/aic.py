@@ -241,7 +241,7 @@ def tail_quadratic(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
+def tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
     """``F v`` laid out like the parameters (a reduce-scatter, not a replicated result)."""
     return jax.lax.with_sharding_constraint(fisher_vp(params, v, *args), layout.shardings)
 
@@ -307,19 +307,19 @@ def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, ch
 
 
 @partial(jax.jit, static_argnums=2)
-def _tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
+def tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
     """``(I−P)g`` laid out like the parameters (``basis`` a stack of ``d`` vectors)."""
     g_perp = jax.tree_util.tree_map(jnp.subtract, g, stack_combine(stack_dot(basis, g), basis))
     return jax.lax.with_sharding_constraint(g_perp, layout.shardings)
 
 
 @jax.jit
-def _tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
+def tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
     """``[gᵀ(I−P)F(I−P)g, ‖g‖]`` from ``(I−P)g`` and ``F(I−P)g``."""
     return jnp.stack([tree_dot(g_perp, f_g_perp), jnp.sqrt(tree_dot(g, g))])
 
 
-def _tree_fisher_trace(
+def tree_fisher_trace(
     fisher_vp: Callable,
     layout: Layout,
     params: PyTree,
@@ -398,18 +398,18 @@ def _measure_aic_sharded(
     d = subspace_dim(d, n)
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
-    static_fvp = _hashable(fisher_vp)
+    static_fvp = hashable(fisher_vp)
 
     def matvec(v: PyTree) -> PyTree:
-        return _tree_fvp(static_fvp, layout, params, v, fisher_args)
+        return tree_fvp(static_fvp, layout, params, v, fisher_args)
 
     k_eig, k_trace = jax.random.split(key)
     pairs = linalg.top_eigenpairs(matvec, params, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
     subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
     lam = np.asarray(jax.device_get(pairs.values), np.float64)
-    g, Hg = _tree_gradient_and_hg(_hashable(loss_fn), layout, params, loss_args)
+    g, Hg = _tree_gradient_and_hg(hashable(loss_fn), layout, params, loss_args)
     trace = _trace_method(trace, n)
-    tail, trace_se, trace_matvecs = _tree_fisher_trace(
+    tail, trace_se, trace_matvecs = tree_fisher_trace(
         static_fvp,
         layout,
         params,
@@ -420,8 +420,8 @@ def _measure_aic_sharded(
         deflate=pairs.vectors,
     )
     tr = tail if trace == "exact" else tail + lam.sum()
-    g_perp = _tree_deflate(pairs.vectors, g, layout)
-    tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, matvec(g_perp), g))
+    g_perp = tree_deflate(pairs.vectors, g, layout)
+    tail_q, g_norm = jax.device_get(tree_tail_and_norm(g_perp, matvec(g_perp), g))
     report = theory.aic_report(
         subspace, g, Hg, tail_mass=tr - lam.sum(), tail_quadratic=float(tail_q), compiled=True
     )
@@ -445,7 +445,8 @@ class _Unhashable:
         return self.fn(*args)
 
 
-def _hashable(fn: Callable) -> Callable:
+def hashable(fn: Callable) -> Callable:
+    """``fn``, or a wrapper hashed by identity when ``fn`` cannot be hashed (a static jit arg)."""
     try:
         hash(fn)
     except TypeError:

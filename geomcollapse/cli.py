@@ -150,7 +150,7 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    from geomcollapse._diagnose import REPORT_FILES
+    from geomcollapse.diagnosis import REPORT_FILES
 
     for name in REPORT_FILES:
         if (out / name).is_dir():

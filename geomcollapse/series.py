@@ -21,6 +21,7 @@ Typical use::
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -31,13 +32,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from geomcollapse._checks import finite_leaves, positive_int
+from geomcollapse._checks import finite_leaves, positive_float, positive_int
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
 
 __all__ = [
     "Series",
     "SeriesValues",
+    "crossing_step",
     "delta_u_series",
+    "first_order_time",
     "flow_taylor",
     "polynomial_validity_time",
     "projected_from_coordinates",
@@ -250,6 +253,16 @@ def _significant(coeffs: np.ndarray, tau: float, tol: float) -> np.ndarray:
     return terms > tol * top if top > 0 else np.zeros(coeffs.size, bool)
 
 
+def _real_roots(coeffs: np.ndarray) -> np.ndarray:
+    """The real roots of ``Σ_j coeffs[j] t^j`` (lowest power first), float64, unsorted.
+
+    A root counts as real when its imaginary part is below ``1e-9`` of its modulus
+    (``numpy.roots`` returns a real double root as a conjugate pair at rounding level).
+    """
+    r = np.roots(np.asarray(coeffs, np.float64)[::-1])  # numpy wants the highest power first
+    return r[np.abs(r.imag) <= 1e-9 * np.maximum(np.abs(r), 1e-300)].real
+
+
 def polynomial_validity_time(
     coeffs: Any,
     fraction: float = 0.1,
@@ -294,10 +307,69 @@ def polynomial_validity_time(
         # |c_K| t^K = ±fraction · S(t)  ⇔  |c_K| t^K ∓ fraction · S(t) = 0
         poly = -sign * fraction * body
         poly[-1] += abs(body[-1])
-        r = np.roots(poly[::-1])  # numpy wants the highest power first
-        real = r[np.abs(r.imag) <= 1e-9 * np.maximum(np.abs(r), 1e-300)].real
+        real = _real_roots(poly)
         roots.extend(real[real > 0])
     return float(min(roots)) if roots else float("inf")
+
+
+def crossing_step(
+    coefficients: Any, threshold: float, lr: float, t_max: float = math.inf
+) -> int | None:
+    """The smallest SGD step ``k ≥ 1`` with ``Σ_j c_j (lr·k)^j ≥ threshold`` and ``lr·k ≤ t_max``.
+
+    Found exactly from the real roots of ``Σ_j c_j t^j − threshold`` (each
+    interval where the polynomial lies above the threshold is entered at its
+    first step), not by scanning ``k``. ``None`` when no such step exists.
+    ``coefficients``: ``c₀ … c_K`` of ``Δu(t)`` (docs/theory.md §6), float64 on the host.
+    """
+    c = np.array(coefficients, np.float64)
+    threshold, lr = float(threshold), positive_float(lr, "lr")
+    c[0] -= threshold
+
+    def above(t: float) -> bool:
+        return float(np.polynomial.polynomial.polyval(t, c)) >= 0
+
+    nonzero = np.flatnonzero(c)
+    if nonzero.size == 0:  # the forecast equals the threshold everywhere
+        return 1 if lr <= t_max else None
+    real = np.sort(_real_roots(c[: nonzero[-1] + 1]))
+    edges = [0.0, *[r for r in real if r > 0], math.inf]
+    for a, b in itertools.pairwise(edges):
+        first = max(1, math.ceil(a / lr) - 1)  # one step early: the root is rounded
+        for k in range(first, first + 4):
+            t = lr * k
+            if t > t_max or t > b * (1 + 1e-12) + 1e-300:
+                break
+            if above(t):
+                return k
+        if lr * first > t_max:
+            return None
+    return None
+
+
+def first_order_time(coefficients: Any, time_scale: float, dtype: Any = np.float64) -> float:
+    """``t₁ > 0`` with ``|c₁|t₁ = Σ_{k≥2}|c_k|t₁^k``: where Δu's first-order term stops dominating.
+
+    ``nan`` when ``c₁`` is at rounding level: its term ``|c₁|τ`` at the flow's
+    time scale ``τ`` is below ``√eps`` × the largest ``|c_k|τ^k`` (the test
+    :func:`geomcollapse.series.polynomial_validity_time` applies), ``eps`` of
+    ``dtype``, the model's; ``inf`` when no higher coefficient is non-zero
+    (docs/theory.md §6: ``c₁ = −∇u(θ*)ᵀg ≠ 0`` off a minimum of ``u``).
+    """
+    c = np.abs(np.asarray(coefficients, np.float64))
+    if c.size < 2 or c[1] == 0:
+        return math.nan
+    if math.isfinite(time_scale) and time_scale > 0:
+        terms = c * time_scale ** np.arange(c.size)
+        if terms[1] <= float(np.sqrt(np.finfo(dtype).eps)) * float(np.max(terms)):
+            return math.nan
+    higher = c[2:]
+    if not np.any(higher > 0):
+        return math.inf
+    # |c₁| = Σ_{k≥2} |c_k| t^{k−1}: the right side increases on t > 0, one positive root
+    poly = np.r_[-c[1], higher]  # coefficient of t^j, j = 0 … K−1
+    real = _real_roots(poly[: np.flatnonzero(poly)[-1] + 1])
+    return float(np.min(real[real > 0]))
 
 
 class Series(NamedTuple):

@@ -21,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 import geomcollapse
 from geomcollapse import checkpoint, cli, models, training
-from geomcollapse._diagnose import crossing_step, first_order_time
+from geomcollapse.series import crossing_step, first_order_time
 from tests.conftest import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -311,10 +311,10 @@ def _softmax_regression(scale: float, soft: bool):
 def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
     """The noise test alone (not the asymmetry check): ``v₁ᵀFv₁`` redrawn by a 4-ulp move
     of θ* is refused; a real empirical Fisher, even of a loss scaled by 1e-12, is kept."""
-    from geomcollapse._diagnose import _empirical_fvp, _refuse_rounding_noise
+    from geomcollapse.diagnosis.fisher import empirical_fvp, refuse_rounding_noise
 
     def along_top(loss, theta, args):
-        fvp = jax.jit(_empirical_fvp(loss))
+        fvp = jax.jit(empirical_fvp(loss))
         flat, unravel = ravel_pytree(theta)
         F = np.stack([ravel_pytree(fvp(theta, unravel(e), *args))[0] for e in jnp.eye(flat.size)])
         v1 = unravel(jnp.asarray(np.linalg.eigh(0.5 * (F + F.T))[1][:, -1]))
@@ -322,10 +322,10 @@ def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
 
     loss, theta, args = _softmax_regression(1.0, soft=True)
     with pytest.raises(ValueError, match=r"vanishes at params .*4 units in the last place"):
-        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1e-32, jax.random.key(0))
+        refuse_rounding_noise(along_top(loss, theta, args), theta, 1e-32, jax.random.key(0))
     for scale in (1.0, 1e-12):
         loss, theta, args = _softmax_regression(scale, soft=False)
-        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1.0, jax.random.key(0))
+        refuse_rounding_noise(along_top(loss, theta, args), theta, 1.0, jax.random.key(0))
         dg = geomcollapse.diagnose(
             loss, loss, theta, skill_args=args, task_args=args, fisher="empirical", d=2,
             key=jax.random.key(0),
