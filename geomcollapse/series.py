@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -38,6 +39,8 @@ from geomcollapse._sharding import Layout, is_sharded, stack_dot
 __all__ = [
     "Series",
     "SeriesValues",
+    "TaylorFallbackWarning",
+    "TaylorRoute",
     "crossing_step",
     "delta_u_series",
     "first_order_time",
@@ -56,6 +59,16 @@ _METHODS = ("auto", "jet", "jvp")
 # (jax-ml/jax#30352, open on jax 0.10), ``NotImplementedError`` for rules that
 # exist but refuse an input. ``method='auto'`` falls back to nested ``jvp``.
 _JET_FAILURES = (KeyError, NotImplementedError, jax.errors.UnexpectedTracerError)
+
+
+class TaylorFallbackWarning(UserWarning):
+    """``method='auto'``: ``jet`` could not expand a loss, nested ``jvp`` did (``2^k`` cost)."""
+
+
+@jax.tree_util.register_static
+class TaylorRoute(str):
+    """The Taylor engine a series used, ``'jet'`` or ``'jvp'``: a ``str`` that is static
+    data in a pytree (it passes through ``jit`` as part of the tree's structure)."""
 
 
 # --------------------------------------------------------------------------- Taylor engines
@@ -118,15 +131,32 @@ def _jvp_coefficients(
     return [tuple(leaf / math.factorial(k) for leaf in d) for k, d in enumerate(derivs)]
 
 
-def _coefficients(fn, leaves, xs, method: str) -> list:
+def _coefficients(fn, leaves, xs, method: str) -> tuple[list, str]:
+    """The Taylor coefficients of ``fn`` along the series ``xs`` and the engine that made them.
+
+    ``method='auto'`` tries ``jet`` and, where it fails, warns
+    (:class:`TaylorFallbackWarning`) and uses nested ``jvp``.
+    """
     if method == "jvp":
-        return _jvp_coefficients(fn, leaves, xs)
+        return _jvp_coefficients(fn, leaves, xs), "jvp"
     if method == "jet":
-        return _jet_coefficients(fn, leaves, xs)
+        return _jet_coefficients(fn, leaves, xs), "jet"
     try:
-        return _jet_coefficients(fn, leaves, xs)
-    except _JET_FAILURES:
-        return _jvp_coefficients(fn, leaves, xs)
+        return _jet_coefficients(fn, leaves, xs), "jet"
+    except _JET_FAILURES as err:
+        warnings.warn(
+            f"series: jax.experimental.jet cannot expand this loss ({type(err).__name__}); "
+            "falling back to nested jax.jvp, whose cost grows as 2^order "
+            "(Series.route == 'jvp'; pass method='jvp' to choose it without this warning)",
+            TaylorFallbackWarning,
+            stacklevel=2,
+        )
+        return _jvp_coefficients(fn, leaves, xs), "jvp"
+
+
+def _route(routes: Sequence[str]) -> TaylorRoute:
+    """``'jvp'`` if any expansion took nested ``jvp``, else ``'jet'``."""
+    return TaylorRoute("jvp" if "jvp" in routes else "jet")
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -148,19 +178,22 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method) -> list:
-    """``x₁ … x_order`` as lists of leaves (the recursion of :func:`flow_taylor`)."""
+def _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method) -> tuple:
+    """``(x₁ … x_order as lists of leaves, the engines used)`` (the recursion of
+    :func:`flow_taylor`)."""
 
     def gradient(*ls):
         grad = jax.grad(task_loss)(treedef.unflatten(ls), *loss_args)
         return tuple(treedef.flatten_up_to(grad))
 
-    xs = [tuple(-g for g in gradient(*leaves))]
+    xs, routes = [tuple(-g for g in gradient(*leaves))], []
     for k in range(1, order):
         # [g(θ* + x(t))]_k needs x₁ … x_k only, so the truncated series is exact here.
-        g_k = _coefficients(gradient, leaves, xs, method)[k]
-        xs.append(tuple(-a / (k + 1) for a in g_k))
-    return xs
+        coeffs, route = _coefficients(gradient, leaves, xs, method)
+        xs.append(tuple(-a / (k + 1) for a in coeffs[k]))
+        routes.append(route)
+        method = route if method == "auto" and route == "jvp" else method  # jet failed: once
+    return xs, routes
 
 
 def _params_leaves(params, name: str = "params"):
@@ -213,7 +246,7 @@ def flow_taylor(
     _check_method(method)
 
     def run(leaves, loss_args):
-        return _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method)
+        return _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method)[0]
 
     xs = _compiled(run)(leaves, loss_args)
     return tuple(treedef.unflatten(x) for x in xs)
@@ -389,11 +422,16 @@ class Series(NamedTuple):
         ``Pg = 0`` the first non-zero one is ``c₄ = ⅛γ²``, ``γ = ‖F^{1/2}PHg‖``.
       displacement: ``x₁ … x_K``: a pytree like the parameters with a leading
         ``(K,)`` axis (row ``k−1`` is ``x_k``).
+      route: the Taylor engine that computed the series, a :class:`TaylorRoute`:
+        ``'jet'``, or ``'jvp'`` (nested ``jax.jvp``, ``2^k`` cost) when asked for or
+        when ``method='auto'`` fell back with a :class:`TaylorFallbackWarning`;
+        ``None`` for a series assembled by hand.
     """
 
     delta_u: jax.Array
     projected: jax.Array | None
     displacement: PyTree
+    route: TaylorRoute | None = None
 
     @property
     def order(self) -> int:
@@ -577,12 +615,12 @@ def delta_u_series(
     sub = None if subspace is None else _subspace_parts(subspace, leaves, treedef)
 
     def run(leaves, sub, skill_args, task_args):
-        xs = _displacement_leaves(task_loss, leaves, treedef, order, task_args, method)
+        xs, routes = _displacement_leaves(task_loss, leaves, treedef, order, task_args, method)
 
         def skill(*ls):
             return (skill_loss(treedef.unflatten(ls), *skill_args),)
 
-        u_coeffs = _coefficients(skill, leaves, xs, method)
+        u_coeffs, u_route = _coefficients(skill, leaves, xs, method)
         dtype = jnp.result_type(*leaves)
         delta_u = jnp.stack(
             [jnp.zeros((), dtype)] + [jnp.asarray(c[0], dtype) for c in u_coeffs[1:]]
@@ -591,7 +629,7 @@ def delta_u_series(
         stacked = treedef.unflatten([jnp.stack([x[i] for x in xs]) for i in range(len(leaves))])
         if layout is not None:  # x₁ … x_K stay sharded like θ*, not replicated
             stacked = jax.lax.with_sharding_constraint(stacked, layout.stacked)
-        return Series(delta_u, projected, stacked)
+        return Series(delta_u, projected, stacked, _route([*routes, u_route]))
 
     layout = Layout(params, "params") if is_sharded(params) else None
     return _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))

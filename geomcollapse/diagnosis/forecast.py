@@ -43,6 +43,7 @@ class AtD(NamedTuple):
     skill_gradient_norm: float
     task_gradient_norm: float
     overlap: Callable[[float], tuple[np.ndarray, float]]  # t_h ↦ (Px(t_h) coordinates, ‖x(t_h)‖)
+    route: str  # the series' Taylor engine, 'jet' or 'jvp' (series.Series.route)
 
 
 def _check_derivatives(
@@ -112,6 +113,7 @@ def _at_d_flat(
         skill_gradient_norm=float(np.linalg.norm(grad_u)),
         task_gradient_norm=float(np.linalg.norm(g)),
         overlap=overlap,
+        route=str(s.route),
     )
 
 
@@ -175,6 +177,7 @@ def _at_d_sharded(
         skill_gradient_norm=float(grad_u_norm),
         task_gradient_norm=float(g_norm),
         overlap=overlap,
+        route=str(s.route),
     )
 
 

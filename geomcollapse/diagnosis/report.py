@@ -38,6 +38,9 @@ class Diagnosis:
       share: the share of ``tr F`` the rule asks the top ``d`` to hold.
       lr, steps, threshold: the plan given (``None`` where not given).
       order: ``K``, the highest power of the forecast.
+      taylor_route: the Taylor engine of the series (:attr:`geomcollapse.series.Series.route`):
+        ``'jet'``, or ``'jvp'`` where ``jax.experimental.jet`` could not expand a loss and
+        nested ``jvp`` (``2^K`` cost) did.
       aic: the :class:`geomcollapse.theory.AICReport` at ``d`` (Def. 5.1), with
         ``converged`` and ``eigen_residuals`` certifying ``M``.
       eigenvalues: every top eigenvalue computed (``≥ d`` of them), descending.
@@ -82,6 +85,7 @@ class Diagnosis:
     steps: int | None
     threshold: float | None
     order: int
+    taylor_route: str
     aic: theory.AICReport
     eigenvalues: tuple[float, ...]
     eigen_residuals: tuple[float, ...]
@@ -191,7 +195,15 @@ class Diagnosis:
         return paths
 
 
-_TEXT_FIELDS = {"dtype", "fisher", "d_rule", "trace_method", "spectrum_method", "warnings"}
+_TEXT_FIELDS = {
+    "dtype",
+    "fisher",
+    "d_rule",
+    "taylor_route",
+    "trace_method",
+    "spectrum_method",
+    "warnings",
+}
 _INT_FIELDS = {"n", "d", "steps", "order", "crossing_step", "num_matvecs"}
 
 
@@ -264,7 +276,7 @@ def _markdown(dg: Diagnosis, figure: str | None) -> str:
         plan.append(f"threshold Δu = {dg.threshold:g}")
     lines += [
         f"n = {dg.n} parameters ({dg.dtype}), {dg.fisher} skill Fisher, d = {dg.d} "
-        f"({dg.d_rule}), forecast order {dg.order}"
+        f"({dg.d_rule}), forecast order {dg.order} (Taylor route {dg.taylor_route})"
         + (": " + ", ".join(plan) if plan else "")
         + ".",
         "",

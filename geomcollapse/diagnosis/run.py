@@ -190,7 +190,9 @@ def _window(req: Request, sp: Spectrum, m: AtD) -> _Window:
     lam = np.asarray(sp.values[: sp.d], np.float64)
     c_proj = series.projected_from_coordinates(lam, np.asarray(m.coordinates, np.float64))
     validity, tau = m.validity_time, m.time_scale
-    p_validity = series.polynomial_validity_time(c_proj, time_scale=tau)
+    # c_proj is float64 on the host: its rounding level is the model's, not float64's
+    rtol = float(np.sqrt(np.finfo(req.dtype).eps))
+    p_validity = series.polynomial_validity_time(c_proj, time_scale=tau, rtol=rtol)
     t_plan = None if req.lr is None or req.steps is None else req.lr * req.steps
     horizon = _horizon(t_plan, validity)
     ov_geo = ov_fisher = None
@@ -233,6 +235,7 @@ def _assemble(req: Request, sp: Spectrum, m: AtD, f: _Window) -> Diagnosis:
         steps=req.steps,
         threshold=req.threshold,
         order=req.order,
+        taylor_route=m.route,
         aic=report,
         eigenvalues=tuple(float(x) for x in lam),
         eigen_residuals=tuple(float(x) for x in sp.residuals),
