@@ -10,7 +10,6 @@ module each: :mod:`~geomcollapse.diagnosis.plan` (the arguments, checked once),
 :mod:`~geomcollapse.diagnosis.plot` (its figure; imported on demand, it needs matplotlib).
 """
 
-from geomcollapse.diagnosis.forecast import projected_coefficients
 from geomcollapse.diagnosis.plan import (
     DEFAULT_MAX_D,
     DEFAULT_ORDER,
@@ -32,5 +31,4 @@ __all__ = [
     "Diagnosis",
     "check_plan",
     "diagnose",
-    "projected_coefficients",
 ]

@@ -27,7 +27,7 @@ from geomcollapse.diagnosis.plan import ONE_SHOT, Request, one_shot_options
 from geomcollapse.diagnosis.spectrum import Spectrum
 from geomcollapse.subspace import Subspace
 
-__all__ = ["AtD", "at_d", "projected_coefficients"]
+__all__ = ["AtD", "at_d"]
 
 PyTree = Any
 
@@ -256,7 +256,7 @@ def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
     differentiation is one compiled call. ``delta_u_series`` alone compiles
     afresh on every call; under this jit a second diagnosis with the same
     losses and shapes reuses it, whatever its ``d`` (the projected series is
-    formed from ``x₁ … x_K`` outside, :func:`projected_coefficients`).
+    formed from ``x₁ … x_K`` outside, :func:`geomcollapse.series.projected_from_coordinates`).
     Unhashable losses: compiled per call.
     """
     options = one_shot_options(ravel_pytree(params)[0].size)
@@ -269,21 +269,6 @@ def _forecast(skill_loss, task_loss, order, params, skill_args, task_args):
         return fn(params, skill_args, task_args)
     jitted = _JITTED_AT_THETA_STAR[bool(options)]
     return jitted(skill_loss, task_loss, order, params, skill_args, task_args)
-
-
-def projected_coefficients(values: Any, basis: Any, xs: Any) -> np.ndarray:
-    """``c₀ … c_K`` of ``½‖F^{1/2}Px(t)‖² = ½Σ_i λ_i⟨v_i, x(t)⟩²`` from ``x₁ … x_K``.
-
-    Args:
-      values: ``(d,)`` eigenvalues ``λ_i`` (clipped at 0).
-      basis: ``(d, n)`` orthonormal rows ``v_i``.
-      xs: ``(K, n)`` the flow's Taylor coefficients ``x₁ … x_K``.
-
-    Returns:
-      ``(K+1,)`` float64; ``c_m = ½ Σ_{j+l=m} Σ_i λ_i ⟨v_i,x_j⟩⟨v_i,x_l⟩`` (exact up to ``t^K``).
-    """
-    ys = np.asarray(xs, np.float64) @ np.asarray(basis, np.float64).T  # (K, d)
-    return series.projected_from_coordinates(np.asarray(values, np.float64), ys)
 
 
 def at_d(req: Request, sp: Spectrum, done: Callable[[str], None]) -> AtD:
