@@ -43,6 +43,7 @@ from geomcollapse._checks import (
     prng_key,
     subspace_dim,
 )
+from geomcollapse.curvature import LinearOperator, VectorProduct, linear_operator
 from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 from geomcollapse.subspace import Subspace, check_orthonormal
 
@@ -126,14 +127,26 @@ def _matvec_setup(params, theta_star, name: str, default_args: tuple, fisher_arg
     return args, jax.tree_util.tree_map(jnp.subtract, params, theta_star)
 
 
-def _matvec_fn(fisher_vp: Any) -> Callable[..., PyTree]:
+def _matvec_fn(fisher_vp: Any) -> VectorProduct:
+    """``fisher_vp(params, v, *args)`` as a :class:`VectorProduct`, checked once here.
+
+    A bound :class:`LinearOperator` is refused: these transforms take the
+    Fisher at moving parameters (``θ_k``, ``θ*``), so they need its unbound form.
+    """
+    if isinstance(fisher_vp, VectorProduct):
+        return fisher_vp
+    if isinstance(fisher_vp, LinearOperator):
+        raise ValueError(
+            "fisher_vp must be the unbound fisher_vp(params, v, *args) (e.g. "
+            "curvature.fisher_vp(logits)), not an operator bound to fixed params"
+        )
     if not callable(fisher_vp):
         raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
-    return fisher_vp
+    return VectorProduct(fisher_vp)
 
 
 def _warm_eigenpairs(
-    fisher_vp: Callable[..., PyTree],
+    fisher_vp: VectorProduct,
     params: PyTree,
     args: tuple,
     previous: jax.Array,
@@ -149,11 +162,8 @@ def _warm_eigenpairs(
     not missed; ``keys[1]`` drives restarts. Shared by :func:`project_out_tracking`
     and :func:`geomcollapse.monitor.monitor`.
     """
-    theta, unravel_params = ravel_pytree(params)
-
-    def matvec(v: jax.Array) -> jax.Array:
-        return ravel_pytree(fisher_vp(params, unravel_params(v), *args))[0]
-
+    theta = ravel_pytree(params)[0]
+    matvec = linear_operator(fisher_vp, params, *args).raveled()
     noise = jax.random.normal(keys[0], theta.shape, theta.dtype)
     v0 = jnp.sum(previous.astype(theta.dtype), axis=0) + noise / jnp.linalg.norm(noise)
     return top_eigenpairs_traced(matvec, v0, d, key=keys[1], tol=tol, max_steps=max_steps)

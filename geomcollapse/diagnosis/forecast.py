@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import aic, series, theory
+from geomcollapse import aic, curvature, series, theory
 from geomcollapse._sharding import Layout, stack_combine, stack_dot, tree_norm
 from geomcollapse.diagnosis.plan import ONE_SHOT, Request, one_shot_options
 from geomcollapse.diagnosis.spectrum import Spectrum
@@ -129,8 +129,8 @@ def _at_d_sharded(
     )
     grad_u_norm, grad_u_ok, values = jax.device_get(
         _tree_skill_gradient(
-            aic.hashable(skill_loss),
-            aic.hashable(task_loss),
+            curvature.keyed(skill_loss),
+            curvature.keyed(task_loss),
             layout,
             params,
             skill_args,

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import aic, linalg
+from geomcollapse import aic, curvature, linalg
 from geomcollapse._sharding import tree_dot
 from geomcollapse.diagnosis.fisher import (
     bad_fisher,
@@ -225,7 +225,7 @@ def _flat_route(req: Request) -> tuple[Callable, Any, Callable]:
 
 def _tree_route(req: Request) -> tuple[Callable, Any, Callable]:
     """``(matvec, like, trace_of)`` on pytrees laid out like the sharded params."""
-    static_fvp, layout = aic.hashable(req.fvp), req.layout
+    static_fvp, layout = curvature.keyed(req.fvp), req.layout
 
     def matvec(v):
         return aic.tree_fvp(static_fvp, layout, req.params, v, req.skill_args)
@@ -251,7 +251,7 @@ def _along_top(req: Request, sp: Spectrum) -> Callable:
         op = cached(flat_operator, req.fvp)
         v1 = jnp.asarray(sp.vectors[0], req.dtype)
         return lambda theta: float(jnp.vdot(v1, op(v1, theta, req.skill_args)))
-    static_fvp = aic.hashable(req.fvp)
+    static_fvp = curvature.keyed(req.fvp)
     v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
 
     def along_v1(theta):
