@@ -64,7 +64,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from geomcollapse import series
+from geomcollapse import compilation_cache, series
 from geomcollapse._progress import progress_bar
 from geomcollapse.diagnosis.forecast import AtD, at_d
 from geomcollapse.diagnosis.plan import (
@@ -146,6 +146,7 @@ def diagnose(
         its derivatives at ``θ*``, or a skill Fisher that vanishes at ``θ*`` (or is no Fisher).
     """
     req = check_request(**locals())
+    compilation_cache.enable()  # a second process loads these programs from disk
     bar = progress_bar(total=3, desc="diagnose", enabled=progress)
 
     def done(stage: str) -> None:
