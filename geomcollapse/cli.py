@@ -33,6 +33,8 @@ from pathlib import Path
 
 import jax
 
+from geomcollapse import compilation_cache
+
 # Wall time of each experiment's --quick configuration in the main job on the
 # 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
 # about 1-2 minutes), from the stage lines of `make reproduce`.
@@ -150,7 +152,7 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    from geomcollapse._diagnose import REPORT_FILES
+    from geomcollapse.diagnosis import REPORT_FILES
 
     for name in REPORT_FILES:
         if (out / name).is_dir():
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
+    compilation_cache.enable()  # before any compilation: a second run loads programs from disk
     commands = {
         "sweep": _sweep,
         "report": _report,

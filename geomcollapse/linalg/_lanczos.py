@@ -95,6 +95,7 @@ from geomcollapse._checks import floating_leaves, positive_int, prng_key, same_s
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.curvature import host_matvec
+from geomcollapse.errors import NotSymmetricError
 from geomcollapse.linalg._contract import (
     Eigenpairs,
     certifiable_tol,
@@ -385,7 +386,7 @@ def _step(w, q_prev, q, basis: _BlockBasis, j: int, at: Placement):
 def _check_symmetric(step: _Step, previous_beta: float, scale: float, eps: float, j: int):
     asym = max(abs(step.coupling - previous_beta), step.off)
     if asym > 10.0 * np.sqrt(eps) * scale:
-        raise ValueError(
+        raise NotSymmetricError(
             "matvec is not symmetric: <q_i, A q_j> differs from <A q_i, q_j> "
             f"by {asym:.3g} (relative {asym / scale:.3g}) at matvec {j + 1}"
         )
