@@ -43,8 +43,7 @@ from jax.flatten_util import ravel_pytree
 from benchmarks import _common
 from geomcollapse import curvature, linalg, models, tasks, training
 from geomcollapse import monitor as mon
-from geomcollapse.defences import _warm_eigenpairs
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, warm_eigenpairs
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 1.10
@@ -168,7 +167,7 @@ def main(
 
     @jax.jit
     def lanczos(p, basis, key, fisher_args):
-        return _warm_eigenpairs(
+        return warm_eigenpairs(
             fvp, p, fisher_args, basis, d, tuple(jax.random.split(key)), tol, max_steps
         )
 

@@ -32,6 +32,7 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
 )
+from geomcollapse._phi import phi2
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.subspace import Subspace
@@ -53,16 +54,6 @@ __all__ = [
 ]
 
 PyTree = Any
-
-_SERIES_BELOW = 1e-2  # |z| below which φ₁, φ₂ use their Taylor series (error < 1e-16)
-
-
-def phi2(z: jax.Array) -> jax.Array:
-    """``φ₂(z) = (eᶻ − 1 − z)/z²``, with ``φ₂(0) = ½``; elementwise, stable near 0."""
-    small = jnp.abs(z) < _SERIES_BELOW
-    zs = jnp.where(small, 1.0, z)
-    series = 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720 + z**5 / 5040
-    return jnp.where(small, series, (jnp.expm1(zs) - zs) / zs**2)
 
 
 def quadratic_flow(A: jax.Array, c: jax.Array, ts: jax.Array) -> jax.Array:

@@ -38,6 +38,7 @@ import numpy as np
 
 from geomcollapse._checks import finite_leaves, prng_key
 from geomcollapse._diagnose import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
+from geomcollapse.curvature import leaf_paths
 from geomcollapse.models import TransformerConfig
 
 __all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]
@@ -315,9 +316,8 @@ def _finite_weights(params: Any, directory: str | Path) -> None:
     """Raise, naming the checkpoint and its first bad array, if a weight is NaN or ±inf."""
     from flax import nnx
 
-    from geomcollapse.checkpoint import _leaf_names
-
-    for name, leaf in _leaf_names(nnx.to_pure_dict(params)):
+    pure = nnx.to_pure_dict(params)
+    for name, leaf in zip(leaf_paths(pure), jax.tree_util.tree_leaves(pure), strict=True):
         try:
             finite_leaves(leaf, name)
         except ValueError as err:

@@ -18,6 +18,7 @@ from geomcollapse import flow, theory
 from geomcollapse._checks import (
     finite_float,
     finite_leaves,
+    is_concrete,
     positive_float,
     positive_int,
     prng_key,
@@ -25,11 +26,6 @@ from geomcollapse._checks import (
 )
 from geomcollapse._precision import float_dtype
 from geomcollapse.subspace import Subspace
-
-
-def _is_concrete(x) -> bool:
-    """A real array (not a tracer, nor a placeholder JAX puts in while unflattening)."""
-    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
 def _check_symmetric(M, name: str, psd: bool) -> None:
@@ -75,7 +71,7 @@ class QuadraticLandscape:
     d: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     def __post_init__(self):
-        if not all(_is_concrete(x) for x in (self.A, self.c, self.F)):
+        if not all(is_concrete(x) for x in (self.A, self.c, self.F)):
             return
         for name in ("A", "c", "F"):
             finite_leaves(getattr(self, name), name)
