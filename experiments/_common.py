@@ -28,7 +28,7 @@ jax.config.update("jax_enable_x64", True)
 matplotlib.use("Agg")
 
 from geomcollapse import tasks  # noqa: E402
-from geomcollapse.cli import runtime_help  # noqa: E402
+from geomcollapse.registry import runtime_help  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -2,13 +2,16 @@
 
 Run: ``make reproduce`` (or ``python -m experiments.reproduce``, or
 ``geomcollapse reproduce``; ``--full`` for the long configurations, ``--outdir``
-to write elsewhere).
+to write elsewhere). :func:`run_command` and :func:`reproduce_command` are the
+``geomcollapse run`` and ``geomcollapse reproduce`` commands, registered with
+the library in ``pyproject.toml`` (:mod:`geomcollapse.registry`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import sys
 import time
 from pathlib import Path
 
@@ -28,7 +31,15 @@ from experiments import (
     transformer_onset,
     validation,
 )
-from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
+from experiments._common import (
+    ROOT,
+    Claim,
+    add_run_arguments,
+    config_from_args,
+    default_outdir,
+    quick_command,
+    run_from_args,
+)
 
 EXPERIMENTS = [
     spectrum_mlp,
@@ -109,6 +120,26 @@ def _update_headline() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main()
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR] [--tasks ...]``."""
+    module = {m.NAME: m for m in EXPERIMENTS}[args.experiment]
+    try:
+        config_from_args(module.NAME, module.Config(), module.QUICK, args)
+    except ValueError as err:
+        print(f"geomcollapse run: error: {err}", file=sys.stderr)
+        return 2
+    for c in run_from_args(module.NAME, module.main, module.Config(), module.QUICK, args):
+        print(f"[{c.verdict}] {c.claim}: {c.measured}")
+    return 0
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    """``geomcollapse reproduce [--quick | --full] [--outdir DIR]``: 1 if a claim failed."""
+    outdir = args.outdir if args.outdir is not None else default_outdir()
+    claims = main(outdir, full=args.full)
+    return 0 if all(c.passed for c in claims if c.labels == Claim.labels) else 1
 
 
 def cli(argv: list[str] | None = None) -> None:
