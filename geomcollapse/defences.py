@@ -248,10 +248,8 @@ def project_out_tracking(
     refresh_every = positive_int(refresh_every, "refresh_every")
     key = prng_key(key)
     default_args = tuple_arg(fisher_args, "fisher_args")
-    if tol is not None:
-        tol = positive_float(tol, "tol")
-    if max_steps is not None:
-        max_steps = positive_int(max_steps, "max_steps")
+    tol = None if tol is None else positive_float(tol, "tol")
+    max_steps = None if max_steps is None else positive_int(max_steps, "max_steps")
 
     def init(params: PyTree) -> ProjectOutTrackingState:
         flat = _theta_star(params)

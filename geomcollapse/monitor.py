@@ -39,6 +39,7 @@ nothing. ``benchmarks/monitor_overhead.py`` measures the overhead.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -708,33 +709,38 @@ def monitor(
         finite_leaves(params, "params")
         return _init_state(inner.init(params), params, values, reference, key, capacity)
 
-    def update(
-        updates: PyTree,
-        state: MonitorState,
-        params: PyTree = None,
-        *,
-        fisher_args: tuple | None = None,
-        **extra_args: Any,
-    ):
-        if params is None:
-            raise ValueError("monitor needs params in update: call update(updates, state, params)")
-        args = cfg.fisher_args if fisher_args is None else tuple_arg(fisher_args, "fisher_args")
-        observed = _observe(cfg, values, reference, state, params, args)
-        new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        if cfg.stop:
-            halt = observed.stopped
-            new_updates = jax.tree_util.tree_map(
-                lambda u: jnp.where(halt, jnp.zeros_like(u), u), new_updates
-            )
-            inner_state = jax.tree_util.tree_map(
-                lambda old, new: jnp.where(halt, old, new), state.inner, inner_state
-            )
-        new_state = observed._replace(
-            inner=inner_state, count=optax.safe_int32_increment(state.count)
-        )
-        return new_updates, new_state
-
+    update = functools.partial(_monitored_update, inner, cfg, values, reference)
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _monitored_update(
+    inner: optax.GradientTransformation,
+    cfg: _Config,
+    values: jax.Array,
+    reference: jax.Array,
+    updates: PyTree,
+    state: MonitorState,
+    params: PyTree = None,
+    *,
+    fisher_args: tuple | None = None,
+    **extra_args: Any,
+):
+    """:func:`monitor`'s ``update``: measure when due, then ``inner``'s (frozen once stopped)."""
+    if params is None:
+        raise ValueError("monitor needs params in update: call update(updates, state, params)")
+    args = cfg.fisher_args if fisher_args is None else tuple_arg(fisher_args, "fisher_args")
+    observed = _observe(cfg, values, reference, state, params, args)
+    new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    if cfg.stop:
+        halt = observed.stopped
+        new_updates = jax.tree_util.tree_map(
+            lambda u: jnp.where(halt, jnp.zeros_like(u), u), new_updates
+        )
+        inner_state = jax.tree_util.tree_map(
+            lambda old, new: jnp.where(halt, old, new), state.inner, inner_state
+        )
+    new_state = observed._replace(inner=inner_state, count=optax.safe_int32_increment(state.count))
+    return new_updates, new_state
 
 
 def monitor_log(state: MonitorState) -> Measurement:
