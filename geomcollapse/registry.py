@@ -10,10 +10,10 @@ package lists, in its ``pyproject.toml``:
   as ``"package.module:function"``, each ``function(args) -> exit status`` of
   the parsed command line (:mod:`geomcollapse.cli` parses it and hands it over).
 
-This repository registers its ``experiments`` package so. Installed, the
-entries come from :func:`importlib.metadata.entry_points`; a checkout run
-without installing (``PYTHONPATH=.``), or installed before an entry was added,
-is read from the ``pyproject.toml`` beside the library.
+This repository registers its ``experiments`` package so. The entries come
+from :func:`importlib.metadata.entry_points` (installed packages) and from the
+``pyproject.toml`` beside the library, if any: a checkout run without installing
+(``PYTHONPATH=.``), or installed before an entry was added, still finds them.
 
 It also holds what ``--help`` says about the main job's experiments (their
 names, in the main job's order, and their ``--quick`` run time), so that the CLI
@@ -93,14 +93,12 @@ def _checkout_table(group: str) -> dict[str, str]:
 
 
 def registered(group: str) -> dict[str, importlib.metadata.EntryPoint]:
-    """Every entry of the entry-point ``group`` by name (installed, else the checkout's table)."""
-    found = {ep.name: ep for ep in importlib.metadata.entry_points(group=group)}
-    if found:
-        return found
-    return {
+    """Every entry of the entry-point ``group`` by name: installed ones over the checkout's."""
+    table = {
         name: importlib.metadata.EntryPoint(name=name, value=value, group=group)
         for name, value in _checkout_table(group).items()
     }
+    return {**table, **{ep.name: ep for ep in importlib.metadata.entry_points(group=group)}}
 
 
 def experiment_module(name: str) -> str:

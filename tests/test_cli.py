@@ -72,6 +72,12 @@ def test_experiments_register_themselves_and_the_checkout_table_matches():
         registry.experiment_module("figures")
 
 
+def test_a_checkout_run_without_installing_reads_its_pyproject(monkeypatch):
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda group: [])
+    assert registry.command("run") is reproduce.run_command
+    assert registry.experiment_module("defences") == "experiments.defences"
+
+
 def test_without_registered_commands_run_says_what_to_install(monkeypatch, capsys):
     monkeypatch.setattr(registry, "registered", lambda group: {})
     assert cli.main(["run", "gd_vs_flow"]) == 2
