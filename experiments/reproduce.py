@@ -2,16 +2,14 @@
 
 Run: ``make reproduce`` (or ``python -m experiments.reproduce``, or
 ``geomcollapse reproduce``; ``--full`` for the long configurations, ``--outdir``
-to write elsewhere). :func:`run_command` and :func:`reproduce_command` are the
-``geomcollapse run`` and ``geomcollapse reproduce`` commands, registered with
-the library in ``pyproject.toml`` (:mod:`geomcollapse.registry`).
+to write elsewhere). :func:`reproduce_command` is ``geomcollapse reproduce``,
+registered with the library in ``pyproject.toml`` (:mod:`geomcollapse.registry`).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import sys
 import time
 from pathlib import Path
 
@@ -31,15 +29,7 @@ from experiments import (
     transformer_onset,
     validation,
 )
-from experiments._common import (
-    ROOT,
-    Claim,
-    add_run_arguments,
-    config_from_args,
-    default_outdir,
-    quick_command,
-    run_from_args,
-)
+from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
 
 EXPERIMENTS = [
     spectrum_mlp,
@@ -120,19 +110,6 @@ def _update_headline() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main()
-
-
-def run_command(args: argparse.Namespace) -> int:
-    """``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR] [--tasks ...]``."""
-    module = {m.NAME: m for m in EXPERIMENTS}[args.experiment]
-    try:
-        config_from_args(module.NAME, module.Config(), module.QUICK, args)
-    except ValueError as err:
-        print(f"geomcollapse run: error: {err}", file=sys.stderr)
-        return 2
-    for c in run_from_args(module.NAME, module.main, module.Config(), module.QUICK, args):
-        print(f"[{c.verdict}] {c.claim}: {c.measured}")
-    return 0
 
 
 def reproduce_command(args: argparse.Namespace) -> int:

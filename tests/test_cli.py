@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import reproduce
+from experiments import _common, reproduce
 from geomcollapse import cli, linalg, registry
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,7 +62,7 @@ def test_experiments_register_themselves_and_the_checkout_table_matches():
     assert set(entries) == set(modules) == set(cli.EXPERIMENTS)
     for name, module in modules.items():
         assert registry.load_experiment(name) is module
-    assert registry.command("run") is reproduce.run_command
+    assert registry.command("run") is _common.run_command
     assert registry.command("reproduce") is reproduce.reproduce_command
     assert registry.command("no_such_command") is None
     for group in (registry.EXPERIMENT_GROUP, registry.COMMAND_GROUP):  # installed == pyproject
@@ -74,7 +74,7 @@ def test_experiments_register_themselves_and_the_checkout_table_matches():
 
 def test_a_checkout_run_without_installing_reads_its_pyproject(monkeypatch):
     monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda group: [])
-    assert registry.command("run") is reproduce.run_command
+    assert registry.command("run") is _common.run_command
     assert registry.experiment_module("defences") == "experiments.defences"
 
 
