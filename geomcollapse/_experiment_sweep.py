@@ -40,7 +40,9 @@ from geomcollapse import registry
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
+    barrier,
     merge_parts,
+    processes,
     reject_non_finite,
     reject_unknown,
     start_output,
@@ -305,19 +307,6 @@ def _read_groups(
                 f"(did {config.module}.Config's defaults change?); move the file away"
             )
     return lines[0], {c: [line for line, _ in by_cell[c]] for c in done}
-
-
-def processes() -> tuple[int, int]:
-    """``(this process's index, process count)`` of the JAX runtime (``(0, 1)`` alone)."""
-    return jax.process_index(), jax.process_count()
-
-
-def barrier(name: str) -> None:
-    """Wait until every JAX process reaches ``name`` (nothing to wait for alone)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _json_default(value: Any) -> Any:

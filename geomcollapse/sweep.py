@@ -73,7 +73,9 @@ from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
+    barrier,
     merge_parts,
+    processes,
     read_config_file,
     reject_non_finite,
     reject_unknown,
@@ -385,7 +387,7 @@ def run_sweep(
         raise ValueError("outdir and batch_seeds apply to experiment sweeps only")
     if not jax.config.jax_enable_x64:
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
-    process, count = _experiment_sweep.processes()
+    process, count = processes()
     if devices is None:  # several processes: each shards its batches over its own devices
         devices = jax.devices() if count == 1 else jax.local_devices()
     devices = list(devices)
@@ -417,10 +419,10 @@ def run_sweep(
             append(target, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {target} ('output'): {err}") from None
-    _experiment_sweep.barrier("geomcollapse-sweep-computed")
+    barrier("geomcollapse-sweep-computed")
     if process == 0:
         merge_parts(path, header, read)
-    _experiment_sweep.barrier("geomcollapse-sweep-merged")
+    barrier("geomcollapse-sweep-merged")
     return path
 
 
