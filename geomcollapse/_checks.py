@@ -193,13 +193,6 @@ def prng_key(key: Any, name: str = "key") -> jax.Array:
     raise ValueError(f"{name} must be a jax.random key, got {type(key).__name__}")
 
 
-def callable_arg(value: Any, name: str) -> Any:
-    """Raise unless ``value`` is callable (a matvec or a loss given as ``name``)."""
-    if not callable(value):
-        raise ValueError(f"{name} must be callable, got {type(value).__name__}")
-    return value
-
-
 def tuple_arg(value: Any, name: str) -> tuple:
     """``value`` as a tuple of extra arguments (data); ``ValueError`` unless a tuple or list."""
     if not isinstance(value, (tuple, list)):

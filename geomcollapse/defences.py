@@ -37,7 +37,6 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
-    callable_arg,
     finite_leaves,
     positive_float,
     positive_int,
@@ -45,7 +44,7 @@ from geomcollapse._checks import (
     subspace_dim,
     tuple_arg,
 )
-from geomcollapse.subspace import Subspace, subspace_arrays, warm_eigenpairs
+from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
 __all__ = [
     "FisherBudgetState",
@@ -243,7 +242,7 @@ def project_out_tracking(
         ``min(n, max(4d, 64))`` matvecs per refresh). ``state.converged`` says
         whether the last refresh met ``tol``.
     """
-    fisher_vp = callable_arg(fisher_vp, "fisher_vp")
+    fisher_vp = fisher_product(fisher_vp)
     d = positive_int(d, "d")
     refresh_every = positive_int(refresh_every, "refresh_every")
     key = prng_key(key)
@@ -352,7 +351,7 @@ def full_fisher_penalty(
       fisher_args: default extra arguments of ``fisher_vp`` (replace per call with
         ``update(..., fisher_args=...)``).
     """
-    fisher_vp = callable_arg(fisher_vp, "fisher_vp")
+    fisher_vp = fisher_product(fisher_vp)
     rho = positive_float(rho, "rho")
     default_args = tuple_arg(fisher_args, "fisher_args")
 
@@ -423,7 +422,7 @@ def fisher_budget(
       fisher_args: default extra arguments of ``fisher_vp`` (replace per call with
         ``update(..., fisher_args=...)``).
     """
-    fisher_vp = callable_arg(fisher_vp, "fisher_vp")
+    fisher_vp = fisher_product(fisher_vp)
     budget = positive_float(budget, "budget")
     default_args = tuple_arg(fisher_args, "fisher_args")
 

@@ -52,7 +52,6 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
-    callable_arg,
     finite_leaves,
     positive_float,
     positive_int,
@@ -61,7 +60,7 @@ from geomcollapse._checks import (
     tuple_arg,
 )
 from geomcollapse.series import Series, projected_from_coordinates
-from geomcollapse.subspace import Subspace, subspace_arrays, warm_eigenpairs
+from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
 __all__ = [
     "BudgetExceeded",
@@ -520,7 +519,7 @@ def _config(
         time_per_step=None
         if time_per_step is None
         else positive_float(time_per_step, "time_per_step"),
-        fisher_vp=None if fisher_vp is None else callable_arg(fisher_vp, "fisher_vp"),
+        fisher_vp=None if fisher_vp is None else fisher_product(fisher_vp),
         fisher_args=tuple_arg(fisher_args, "fisher_args"),
         tol=_optional(tol, positive_float, "tol"),
         max_steps=_optional(max_steps, positive_int, "max_steps"),

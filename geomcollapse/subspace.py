@@ -37,6 +37,7 @@ from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 __all__ = [
     "OverlapScore",
     "Subspace",
+    "fisher_product",
     "flat_basis",
     "orthogonalized",
     "subspace_arrays",
@@ -300,6 +301,17 @@ def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
     finite_leaves(rows, "subspace.basis")
     check_orthonormal(rows, "subspace.basis")
     return values, rows
+
+
+def fisher_product(fisher_vp: Any) -> Callable[..., PyTree]:
+    """``fisher_vp(params, v, *args)`` as :func:`warm_eigenpairs` takes it, checked once.
+
+    The Fisher at moving parameters that the monitor and the tracking defence
+    re-find ``M`` with; ``ValueError`` naming ``fisher_vp`` unless it is callable.
+    """
+    if not callable(fisher_vp):
+        raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
+    return fisher_vp
 
 
 def warm_eigenpairs(

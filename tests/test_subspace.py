@@ -7,7 +7,13 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import aic, landscapes, linalg, models, theory
-from geomcollapse.subspace import Subspace, orthogonalized, subspace_arrays, warm_eigenpairs
+from geomcollapse.subspace import (
+    Subspace,
+    fisher_product,
+    orthogonalized,
+    subspace_arrays,
+    warm_eigenpairs,
+)
 from tests.conftest import rel_err, symmetric_with_spectrum
 
 N, D = 30, 4
@@ -183,3 +189,12 @@ def test_warm_eigenpairs_match_dense_eigh_from_a_stale_basis(dense):
     P = V[:, :D] @ V[:, :D].T
     Q = np.asarray(pairs.vectors).T
     assert np.max(np.abs(Q @ Q.T - P)) < 1e-8  # the same subspace, compared as projectors
+
+
+def test_fisher_product_refuses_what_is_not_callable():
+    def fvp(params, v):
+        return v
+
+    assert fisher_product(fvp) is fvp
+    with pytest.raises(ValueError, match=r"^fisher_vp must be callable, got int"):
+        fisher_product(3)
