@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves
 from geomcollapse._sharding import is_sharded, stack_combine, stack_dot, tree_dot, tree_norm
+from geomcollapse.curvature import LinearOperator, VectorProduct, linear_operator
 from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 
 __all__ = [
@@ -303,19 +304,28 @@ def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
     return values, rows
 
 
-def fisher_product(fisher_vp: Any) -> Callable[..., PyTree]:
-    """``fisher_vp(params, v, *args)`` as :func:`warm_eigenpairs` takes it, checked once.
+def fisher_product(fisher_vp: Any) -> VectorProduct:
+    """``fisher_vp(params, v, *args)`` as a curvature ``VectorProduct``, checked once.
 
-    The Fisher at moving parameters that the monitor and the tracking defence
-    re-find ``M`` with; ``ValueError`` naming ``fisher_vp`` unless it is callable.
+    The Fisher at moving parameters (``θ_k``, ``θ*``) that the monitor and the
+    tracking defence re-find ``M`` with, as :func:`warm_eigenpairs` takes it. A
+    bound :class:`~geomcollapse.curvature.LinearOperator` is refused (it holds
+    fixed params); ``ValueError`` naming ``fisher_vp`` unless it is callable.
     """
+    if isinstance(fisher_vp, VectorProduct):
+        return fisher_vp
+    if isinstance(fisher_vp, LinearOperator):
+        raise ValueError(
+            "fisher_vp must be the unbound fisher_vp(params, v, *args) (e.g. "
+            "curvature.fisher_vp(logits)), not an operator bound to fixed params"
+        )
     if not callable(fisher_vp):
         raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
-    return fisher_vp
+    return VectorProduct(fisher_vp)
 
 
 def warm_eigenpairs(
-    fisher_vp: Callable[..., PyTree],
+    fisher_vp: VectorProduct | Callable[..., PyTree],
     params: PyTree,
     args: tuple,
     previous: jax.Array,
@@ -339,11 +349,8 @@ def warm_eigenpairs(
       d: how many pairs; ``tol``, ``max_steps``: as
         :func:`geomcollapse.linalg.top_eigenpairs_traced` takes them.
     """
-    theta, unravel_params = ravel_pytree(params)
-
-    def matvec(v: jax.Array) -> jax.Array:
-        return ravel_pytree(fisher_vp(params, unravel_params(v), *args))[0]
-
+    theta = ravel_pytree(params)[0]
+    matvec = linear_operator(fisher_vp, params, *args).raveled()
     noise = jax.random.normal(keys[0], theta.shape, theta.dtype)
     v0 = jnp.sum(previous.astype(theta.dtype), axis=0) + noise / jnp.linalg.norm(noise)
     return top_eigenpairs_traced(matvec, v0, d, key=keys[1], tol=tol, max_steps=max_steps)

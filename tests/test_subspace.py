@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import aic, landscapes, linalg, models, theory
+from geomcollapse import aic, curvature, landscapes, linalg, models, theory
 from geomcollapse.subspace import (
     Subspace,
     fisher_product,
@@ -191,10 +191,15 @@ def test_warm_eigenpairs_match_dense_eigh_from_a_stale_basis(dense):
     assert np.max(np.abs(Q @ Q.T - P)) < 1e-8  # the same subspace, compared as projectors
 
 
-def test_fisher_product_refuses_what_is_not_callable():
+def test_fisher_product_wraps_a_function_and_refuses_a_bound_operator_or_a_non_callable():
     def fvp(params, v):
         return v
 
-    assert fisher_product(fvp) is fvp
+    wrapped = fisher_product(fvp)
+    assert isinstance(wrapped, curvature.VectorProduct) and wrapped.fn is fvp
+    assert fisher_product(wrapped) is wrapped
+    bound = curvature.linear_operator(fvp, {"w": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"^fisher_vp must be the unbound fisher_vp"):
+        fisher_product(bound)
     with pytest.raises(ValueError, match=r"^fisher_vp must be callable, got int"):
         fisher_product(3)
