@@ -229,7 +229,7 @@ def tail_quadratic(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
+def tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
     """``F v`` laid out like the parameters (a reduce-scatter, not a replicated result)."""
     return jax.lax.with_sharding_constraint(fisher_vp(params, v, *args), layout.shardings)
 
@@ -295,19 +295,19 @@ def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, ch
 
 
 @partial(jax.jit, static_argnums=2)
-def _tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
+def tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
     """``(I−P)g`` laid out like the parameters (``basis`` a stack of ``d`` vectors)."""
     g_perp = jax.tree_util.tree_map(jnp.subtract, g, stack_combine(stack_dot(basis, g), basis))
     return jax.lax.with_sharding_constraint(g_perp, layout.shardings)
 
 
 @jax.jit
-def _tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
+def tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
     """``[gᵀ(I−P)F(I−P)g, ‖g‖]`` from ``(I−P)g`` and ``F(I−P)g``."""
     return jnp.stack([tree_dot(g_perp, f_g_perp), jnp.sqrt(tree_dot(g, g))])
 
 
-def _tree_fisher_trace(
+def tree_fisher_trace(
     fisher_vp: Callable,
     layout: Layout,
     params: PyTree,
@@ -394,7 +394,7 @@ def _measure_aic_sharded(
     lam = np.asarray(jax.device_get(pairs.values), np.float64)
     g, Hg = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
     trace = _trace_method(trace, n)
-    tail, trace_se, trace_matvecs = _tree_fisher_trace(
+    tail, trace_se, trace_matvecs = tree_fisher_trace(
         op.fn,
         layout,
         op.params,
@@ -405,8 +405,8 @@ def _measure_aic_sharded(
         deflate=pairs.vectors,
     )
     tr = tail if trace == "exact" else tail + lam.sum()
-    g_perp = _tree_deflate(pairs.vectors, g, layout)
-    tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, apply(op, g_perp), g))
+    g_perp = tree_deflate(pairs.vectors, g, layout)
+    tail_q, g_norm = jax.device_get(tree_tail_and_norm(g_perp, apply(op, g_perp), g))
     report = theory.aic_report(
         subspace, g, Hg, tail_mass=tr - lam.sum(), tail_quadratic=float(tail_q), compiled=True
     )
@@ -418,10 +418,6 @@ def _measure_aic_sharded(
         gradient_norm=float(g_norm),
         num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
     )
-
-
-# geomcollapse._diagnose still imports this name; it should call curvature.keyed.
-_hashable = keyed
 
 
 def measure_aic(

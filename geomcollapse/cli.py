@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 
+from geomcollapse import compilation_cache
 from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
 
@@ -118,7 +119,7 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    from geomcollapse._diagnose import REPORT_FILES
+    from geomcollapse.diagnosis import REPORT_FILES
 
     for name in REPORT_FILES:
         if (out / name).is_dir():
@@ -319,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
+    compilation_cache.enable()  # before any compilation: a second run loads programs from disk
     commands = {"sweep": _sweep, "report": _report, "diagnose": _diagnose}
     if args.command in commands:
         return commands[args.command](args)

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse._checks import finite_leaves, prng_key
-from geomcollapse._diagnose import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
 from geomcollapse.curvature import leaf_paths
+from geomcollapse.diagnosis import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
 from geomcollapse.models import TransformerConfig
 
 __all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]

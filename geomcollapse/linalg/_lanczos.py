@@ -105,6 +105,7 @@ from geomcollapse._sharding import (
     tree_norm,
 )
 from geomcollapse.curvature import host_matvec
+from geomcollapse.errors import NotSymmetricError
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -616,7 +617,7 @@ def _run_lanczos(
         if j >= 1:
             asym = max(abs(coupling - betas[j - 1]), off)
             if asym > sym_tol * scale:
-                raise ValueError(
+                raise NotSymmetricError(
                     "matvec is not symmetric: <q_i, A q_j> differs from <A q_i, q_j> "
                     f"by {asym:.3g} (relative {asym / scale:.3g}) at matvec {j + 1}"
                 )
