@@ -150,7 +150,8 @@ class LinearOperator:
 
     def raveled(self) -> LinearOperator:
         """The same operator on flat ``(n,)`` vectors (``ravel_pytree`` order and dtype)."""
-        if self.space.treedef.num_leaves == 1 and len(self.space.leaves[0].shape) == 1:
+        bare = self.space.treedef == jax.tree_util.tree_structure(0)  # not {"w": v}
+        if bare and len(self.space.leaves[0].shape) == 1:
             return self
         flat = Space(jax.tree_util.tree_structure(0), (Leaf((self.n,), np.dtype(self.dtype)),))
         return LinearOperator(_Raveled(self.fn, self.space), self.params, self.args, flat)

@@ -38,7 +38,7 @@ import numpy as np
 from jax.experimental import jet
 
 from geomcollapse._checks import finite_leaves, positive_float, positive_int
-from geomcollapse.series import Series, delta_u_series, polynomial_validity_time
+from geomcollapse.series._flow import Series, delta_u_series, polynomial_validity_time
 
 __all__ = ["SGDForecast", "sgd_delta_u"]
 

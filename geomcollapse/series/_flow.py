@@ -633,11 +633,3 @@ def delta_u_series(
 
     layout = Layout(params, "params") if is_sharded(params) else None
     return _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))
-
-
-# --------------------------------------------------------------------------- minibatch SGD
-# The SGD forecast (docs/theory.md §8) lives in its own module, which builds on
-# this one; it is imported last so that both names resolve from here.
-from geomcollapse.sgd_forecast import SGDForecast, sgd_delta_u  # noqa: E402
-
-__all__ += ["SGDForecast", "sgd_delta_u"]
