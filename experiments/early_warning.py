@@ -368,8 +368,8 @@ def rows_b(model: dict | None, config: Config, command: str) -> list[Claim]:
 def row_c(model: dict | None, config: Config, command: str) -> Claim:
     """(c): LoRA r = 8 under SGD, paired ρ(E_1) − ρ(harm_1) with lower bound > 0."""
     claim = (
-        f"(c) tiny, fresh seeds (sgd, lora8): E_{config.first} warns earlier than "
-        f"harm_{config.first} of harm_{config.late}"
+        f"(c) tiny, fresh seeds (sgd, lora8): earlier than harm, E_{config.first} ranks "
+        f"harm_{config.late} better than harm_{config.first} does"
     )
     predicted = "paired ρ(E_1) − ρ(harm_1), lower bound > 0"
     cell = (model or {}).get("cells", {}).get("sgd/lora8")
