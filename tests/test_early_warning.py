@@ -1,5 +1,6 @@
 """The early-warning study (#27): its recorded column and its analysis on synthetic rows."""
 
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,3 +153,11 @@ def test_plan_thresholds_are_the_rule_on_the_exploration_rows():
 def test_config_refuses_bad_thresholds():
     with pytest.raises(ValueError, match="thresholds"):
         E.Config(thresholds=(("sgd", "lora2", 1.0, 1.0, 1.0),))
+
+
+def test_figure_draws_from_the_results_json(tmp_path):
+    exploration = synthetic_rows(4, (0, 1, 2))
+    results = E.analyse(FAST, exploration, None, None)
+    stored = json.loads(json.dumps(results, default=float))  # what figure() reads back
+    png, pdf = E.figure(stored, tmp_path / "early_warning.png")
+    assert png.is_file() and pdf.is_file()
