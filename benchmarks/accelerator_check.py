@@ -1,48 +1,10 @@
 """The accelerator runbook: experiments at ``--full``, the sweeps and the benchmarks, in stages.
 
-Run on a GPU (or TPU) machine::
-
-    python -m benchmarks.accelerator_check                 # every stage not done yet
-    python -m benchmarks.accelerator_check --list          # stages and their status
-    python -m benchmarks.accelerator_check STAGE ...       # only these
-    python -m benchmarks.accelerator_check --budget-s 540  # stop before a stage that would not fit
-
-``make accelerator-check`` runs the first form. Stages run one by one, each in
-its own Python process (a fresh JAX; the runbook itself never imports JAX, so
-the ``env`` stage can install the CUDA plugin first), and each finished stage
-is recorded in ``OUTDIR/stages.json`` with its command, exit status, wall
-time and output tail; a rerun skips the recorded successes (``--force`` to
-redo), so a machine that gives only ten minutes per command runs the list in
-chunks with ``--budget-s``. Stages:
-
-* ``env``: ``jax.devices()``, ``nvidia-smi`` and the library versions, into
-  ``stages.json``. When ``nvidia-smi`` finds a GPU that JAX does not see, it
-  installs ``jax[cuda12]`` at the installed JAX's version (pip; needs the
-  network) and checks again.
-* ``operators-mlp``, ``operators-transformer``: ``benchmarks.curvature_speed``
-  (HVP, GGN-VP, Fisher-VP per gradient; top-10 Hessian against eigsh) on the
-  MLP and the `small` transformer.
-* ``fisher-top10-small``: the top-10 true-Fisher eigenpairs of the `small`
-  transformer at tol 1e-3 (float32), warm wall time.
-* ``aic-large``, ``monitor-overhead``, ``sharded-scaling``: the 1M-parameter
-  AIC, the monitor's overhead (skipped with a message where
-  ``benchmarks/monitor_overhead.py`` does not exist) and the sharded AIC's
-  scaling over the machine's devices.
-* ``full-<experiment>``: ``python -m experiments.<experiment> --full`` for
-  every experiment of ``make reproduce`` and for ``defences``.
-* ``sweep-prediction``, ``sweep-defences``: ``sweeps/prediction_tiny.json`` and
-  ``sweeps/defences_tiny.json`` through ``geomcollapse sweep``, outputs under
-  ``OUTDIR/sweeps``.
-* ``report``: ``OUTDIR/report.json`` and ``report.md``: the device, every
-  stage's time and status, and the targets for one H100/H200-class GPU (the
-  whole ``--full`` suite ≤ 30 minutes, HVP ≤ 2 gradients, the `small` top-10
-  Fisher at tol 1e-3 ≤ 2 s).
-
-Benchmark results are written where the benchmarks write them
-(``benchmarks/results/<name>_<platform>.json``, never the CPU files) and
-copied into ``OUTDIR``; experiment results and figures go to
-``OUTDIR/full``. ``--archive FILE.tar.gz`` packs ``OUTDIR`` into one file (for
-a machine that returns few files). docs/accelerators.md is the guide.
+Run on a GPU (or TPU) machine: ``python -m benchmarks.accelerator_check``
+(every stage not done yet; ``--list``, ``STAGE ...``, ``--budget-s S``,
+``--force``, ``--archive FILE.tar.gz``). Each stage runs in its own process and
+is recorded in ``OUTDIR/stages.json``; this script never imports JAX. The
+stages, their targets and the way to run them in chunks: docs/accelerators.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """The AIC (d = 10) of a 1,068,810-parameter MLP: wall time against its Fisher matvecs.
 
-Problem: MLP 784-1024-256-10, tanh, float32, after 5 GD steps on a Gaussian
-mixture (:func:`geomcollapse.models.mlp_problem`); the skill Fisher is the true
-softmax Fisher on the first 256 examples, the fine-tuning loss the mean
-cross-entropy on the other 256. :func:`geomcollapse.aic.measure_aic` with
-``d = 10`` (Lanczos to its float32 default tolerance, 10 certifying matvecs,
-Hutchinson on the deflated tail with 64 probes, one matvec for the tail floor).
-
-Measured in one run, as ratios:
-
-* ``wall / (Fisher matvecs × one Fisher-VP time)``; target ≤ 1.3 (warm: the
-  median of 5 calls after the first, compiled code cached; cold: the first
-  call, compiles included);
-* the compile + first call of the Fisher matvec with weights and data as jit
-  arguments against the same with them captured as closure constants (the
-  pre-fix convention), which XLA constant-folds.
-
-Writes ``benchmarks/results/aic_large_<platform>.json``.
+Measures ``measure_aic``'s wall over (Fisher matvecs × one Fisher-VP), warm and
+cold, and the matvec's first call with weights as jit arguments against closure
+constants. Problem, protocol and results: docs/benchmarks.md, "The AIC of a
+1M-parameter model". Writes ``benchmarks/results/aic_large_<platform>.json``.
 Run: ``.venv/bin/python -m benchmarks.aic_large [--quick] [--skip-closure] [--readme]``.
 """
 

@@ -1,12 +1,8 @@
 """Matvec counts of block Lanczos, to compare with single-vector Lanczos (issue #2).
 
-A block of ``b`` vectors lets the HVPs run as one vmapped batch (cheaper per
-vector) and reads the basis once per ``b`` vectors in the reorthogonalisation.
-This module only counts how many matvecs a block method needs to certify the
-top-k at a tolerance, with the same stopping rule as
-:func:`geomcollapse.linalg.top_eigenpairs` (every returned Ritz pair has
-``‖A v − θ v‖ ≤ tol · |θ₁|``); it is a measuring tool for ``curvature_speed``,
-not a solver of the library (host numpy, float64 basis, no breakdown handling).
+A measuring tool for ``curvature_speed`` (the stopping rule of
+:func:`geomcollapse.linalg.top_eigenpairs`), not a solver of the library; see
+docs/benchmarks.md, "Curvature operators and the top-k eigensolver: MLP".
 """
 
 from __future__ import annotations

@@ -1,38 +1,12 @@
 """Side by side with alignment-risk 1.14.1: AIC numbers, forecasts, wall time and peak memory.
 
-alignment-risk (PyPI, torch) is the one other tool that measures the AIC of
-arXiv 2602.15799. This benchmark runs both on the same MLP with identical
-weights (JAX pytree here, ``torch.nn.Sequential`` there, logits compared):
-
-1. **AIC numbers, 1,540 parameters, float64** (MLP 40-30-10, tanh, 5 GD steps
-   on a Gaussian mixture; skill: 128 inputs, ``u = mean KL(p_{θ*} ‖ p_θ)``, an
-   exact minimum at ``θ*`` with ``∇²u(θ*) = F``; fine-tuning: cross-entropy on
-   128 other inputs with shifted labels; ``d = 10``). Truth: ``F = Jᵀ(diag p −
-   ppᵀ)J`` from ``jax.jacobian``, ``H`` from ``jax.hessian``, ``numpy.linalg.eigh``.
-   Ours: :func:`geomcollapse.aic.measure_aic` with the true Fisher matvec at its
-   defaults. Theirs twice: at its defaults (the empirical Fisher of the skill
-   loss on the first 128 samples, which vanishes at the minimum), and fed the
-   true Fisher exactly (one pseudo-sample ``√(C p_ic) log p_ic`` per input and
-   class, whose empirical Fisher is the true one; ``top_rank = d``).
-2. **Forecasts of Δu(t)** against the realised Δu of the float64 ODE flow
-   (:func:`geomcollapse.flow.ode_flow`, Δu by :func:`geomcollapse.flow.skill_change`),
-   for ``L`` and for the orthogonalised ``L̃ = L − ⟨Pg(θ*), θ − θ*⟩``: ours is
-   :func:`geomcollapse.series.delta_u_series` (order 6); theirs is the
-   pipeline's ``estimated_loss`` at step ``k`` with learning rate ``h``, i.e.
-   flow time ``t = h·k``.
-3. **Wall time and peak memory at 1,068,810 parameters** (MLP 784-1024-256-10,
-   float32, ``benchmarks.aic_large``'s problem): each tool in its own process
-   (peak = ``VmHWM``), one after the other: ours ``measure_aic`` (true Fisher
-   on 256 inputs, ``d = 10``, first call with compilation, then one warm call),
-   theirs the pipeline at its defaults with ``top_rank = 10`` (empirical Fisher
-   on 128 samples) and ``max_parameters`` raised to admit the model.
-
-The targets are fixed in ``TARGETS`` before the run. Writes
-``benchmarks/results/compare_alignment_risk.json`` and its table in
-docs/benchmarks.md (``--quick``: ``…_quick.json`` only). alignment-risk 1.14.1
-declares ``torch<2.7`` and ``matplotlib<3.11``; `make compare` installs it with
-``--no-deps`` beside torch 2.13 (the ``compare`` extra). Without torch or
-alignment-risk the script prints one line and exits 0.
+Both tools on the same MLP with identical weights: the AIC numbers against a
+dense truth (1,540 parameters, float64), the Δu forecasts against the ODE flow,
+and wall time and peak memory at 1,068,810 parameters, each tool in its own
+process. Problems, targets (``TARGETS``, fixed before the run) and results:
+docs/benchmarks.md, "Side by side with alignment-risk". Writes
+``benchmarks/results/compare_alignment_risk.json`` (``--quick``: ``…_quick.json``
+only); without torch or alignment-risk it prints one line and exits 0.
 
 Run: ``python -m benchmarks.compare_alignment_risk [--quick] [--readme]``.
 """

@@ -1,19 +1,10 @@
 """Curvature-operator and top-k eigensolver speed on the fixed benchmark problems (issue #2).
 
-Problems (``--model``):
-
-* ``mlp`` (default): MLP 784-256-256-10, tanh (269,322 parameters), 512
-  Gaussian-mixture examples, mean cross-entropy, 5 GD steps
-  (``geomcollapse.models.mlp_problem``).
-* ``transformer``: the ``small`` decoder-only transformer of issue #4
-  (1,016,256 parameters), 64 base-task sequences (``tasks.base_tasks``, cut
-  to the longest: 14 tokens), mean next-token cross-entropy over every
-  position, 5 GD steps (learning rate 0.1) from the seeded initialisation.
-
-Everything is reported as ratios measured in one run: operator time / gradient
-time; Lanczos wall / (matvecs × HVP time); ours vs ``scipy.sparse.linalg.eigsh``
-over the same jitted HVP at the same tolerance. Writes
-``benchmarks/results/curvature_speed[_transformer]_<platform>.json``.
+Ratios measured in one run: operator time / gradient time, Lanczos wall /
+(matvecs × HVP time), ours against ``scipy.sparse.linalg.eigsh`` on the same
+jitted HVP; ``--model mlp`` (default) or ``transformer``. Problems, protocol and
+results: docs/benchmarks.md, "Curvature operators and the top-k eigensolver".
+Writes ``benchmarks/results/curvature_speed[_transformer]_<platform>.json``.
 
 Run: ``.venv/bin/python -m benchmarks.curvature_speed [--quick] [--model transformer]``.
 """

@@ -1,29 +1,11 @@
 """Batched theory on quadratic landscapes: AIC + exact flow of many in one call (issue #3).
 
-1024 landscapes with ``n = 256`` (docs/theory.md §4 construction, random targets),
-each: the AIC numbers and the exact ``Δu`` and projected loss at 64 times, in
-one jitted call, by two routes that compute the same numbers:
-
-* **Krylov** (:func:`geomcollapse.landscapes.quadratic_summary_krylov`): top-``d``
-  of ``F`` by traced Lanczos and ``x(t)`` by a Krylov exact flow, ≈ 16 + 20
-  matvecs each instead of two dense ``eigh``; every landscape reports whether
-  both solves met ``tol``. This is the route the issue's target is for.
-* **dense** (:func:`geomcollapse.landscapes.summarize_batch`): two ``eigh``
-  of ``256 × 256`` per landscape; the reference.
-
-Both are mapped in sequence on CPU (``lax.map``: vmapped batched LAPACK
-``eigh`` hangs XLA's CPU thread pool on the 2-core machine; ``--vmap`` vmaps
-the dense route anyway) and vmapped on accelerators. A Python loop over the
-jitted single-landscape call of each route is timed against its one call.
-Reports wall times (steady state, best of 3; compile time apart), per-landscape
-costs, the largest relative deviation of every summary field Krylov vs dense,
-matvec counts and convergence. Writes
+1024 landscapes (n = 256) in one jitted call by the Krylov route
+(:func:`geomcollapse.landscapes.quadratic_summary_krylov`) and the dense one
+(:func:`geomcollapse.landscapes.summarize_batch`), each against a Python loop of
+its single-landscape call. Protocol, the landscapes' drift gain and results:
+docs/benchmarks.md, "Batched theory on quadratic landscapes". Writes
 ``benchmarks/results/landscape_batch_<platform>.json``.
-
-The landscapes' drift gain ``κ`` (``A = κ·…``, docs/theory.md §4) is drawn from
-U(0.1, 2). Drawing a target *coupling* instead, as an earlier version did,
-gives ``κ`` up to ≈ 6000 on landscapes with a tiny ``ε``, and then ``x(t = 1)``
-overflows float64 in both routes (``Δu = inf``): not a useful benchmark input.
 
 Run: ``.venv/bin/python -m benchmarks.landscape_batch [--quick] [--readme]``.
 """

@@ -1,26 +1,10 @@
 """Overhead of the alignment monitor (``geomcollapse.monitor``) on training the `small` transformer.
 
-Problem: the `small` transformer (1,016,256 parameters, float32, θ* = its
-initialisation), Adam at lr 1e-3 on the base tasks, minibatches of 64
-sequences, steps compiled in windows of ``k = 50`` (a ``lax.scan``, as
-``training.train`` runs them). The monitor measures every 50 steps: the
-projected loss and the overlap against ``M(θ*)`` (top ``d = 10`` of the
-first-answer skill Fisher on 64 harmful prompts, by Lanczos to tol 1e-3), and
-the rotation of ``M`` by warm-started traced Lanczos at the same tolerance.
-
-Measured in one run, windows interleaved (plain Adam, the monitor, the monitor
-without rotation, the monitor with the rotation at every 8th measurement),
-each window 50 steps holding exactly one measurement:
-
-* the overhead ratio ``wall(monitored window) / wall(plain window)``: the
-  median of the per-round ratios (target ≤ 1.10); for the rotation at every
-  8th measurement the ratio of the sums over the 8 rounds (one period);
-* the breakdown: one training step, one skill Fisher-VP, one warm-started
-  Lanczos run alone (and its matvec count; alternated with the Fisher-VPs), the
-  cheap part (projected loss, overlap) alone, and from these the ratio a
-  rotation measured every r-th time would give (predicted, not timed).
-
-Writes ``benchmarks/results/monitor_overhead_<platform>.json``.
+The ratio wall(monitored window of 50 steps) / wall(plain window), with and
+without the rotation of ``M``, and its breakdown (training step, Fisher-VP,
+Lanczos, the cheap part). Problem, protocol and results: docs/benchmarks.md,
+"Overhead of the training monitor". Writes
+``benchmarks/results/monitor_overhead_<platform>.json``.
 Run: ``.venv/bin/python -m benchmarks.monitor_overhead [--quick] [--readme]``.
 """
 
@@ -43,8 +27,7 @@ from jax.flatten_util import ravel_pytree
 from benchmarks import _common
 from geomcollapse import curvature, linalg, models, tasks, training
 from geomcollapse import monitor as mon
-from geomcollapse.defences import _warm_eigenpairs
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, warm_eigenpairs
 
 RESULTS = Path(__file__).parent / "results"
 TARGET = 1.10
@@ -168,7 +151,7 @@ def main(
 
     @jax.jit
     def lanczos(p, basis, key, fisher_args):
-        return _warm_eigenpairs(
+        return warm_eigenpairs(
             fvp, p, fisher_args, basis, d, tuple(jax.random.split(key)), tol, max_steps
         )
 

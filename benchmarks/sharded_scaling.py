@@ -1,27 +1,11 @@
 """Strong and weak scaling of ``measure_aic`` on parameters sharded over 1, 2 and 4 devices.
 
-Problem: a tanh MLP ``64-h-h-10`` in float32 (:func:`geomcollapse.models.mlp_problem`,
-512 Gaussian-mixture examples, 2 GD steps), its hidden dimension sharded over a
-mesh of ``D`` devices (``w₀``, ``b₀``, ``w₁``, ``b₁`` by the hidden axis, ``w₂``
-by rows, ``b₂`` replicated) and its examples sharded along the example axis.
-:func:`geomcollapse.aic.measure_aic` with ``d = 5`` on the true Fisher of the
-first 256 examples, the loss of the other 256, Hutchinson with 16 probes.
-
-* strong scaling: ``h = 1024`` (1,126,410 parameters) on ``D = 1, 2, 4``;
-* weak scaling: ``h`` chosen so that ``n ≈ D × 301,066`` (``h = 512`` at ``D = 1``);
-* memory of the Lanczos basis: the bytes one device holds per parameter and
-  per stored basis vector, read from the blocks' shards on device 0 after 16
-  Lanczos steps (ideal: ``4 / D`` for float32 when every leaf splits evenly).
-
-``D = 1`` is the flat, unsharded path the library takes for parameters on one
-device; ``D ≥ 2`` keeps every vector sharded like the parameters. On the CPU
-the ``D`` devices are forced host devices (``--xla_force_host_platform_device_count``)
-sharing the machine's cores, one subprocess per ``D``; on a machine with
-several accelerators the real devices are used (``D`` up to their number).
-Times are warm (median of 3 calls after a first, compiling one).
-
-Writes ``benchmarks/results/sharded_scaling_<platform>.json`` and the table of
-docs/benchmarks.md. Run: ``python -m benchmarks.sharded_scaling [--quick] [--readme]``.
+Warm times of ``measure_aic`` on a tanh MLP whose hidden dimension and examples
+are sharded over D devices (forced host devices on a CPU, one subprocess per
+D), and the bytes of the Lanczos basis one device holds. Problem, protocol and
+results: docs/benchmarks.md, "The sharded AIC: strong and weak scaling". Writes
+``benchmarks/results/sharded_scaling_<platform>.json`` and that table.
+Run: ``python -m benchmarks.sharded_scaling [--quick] [--readme]``.
 """
 
 from __future__ import annotations

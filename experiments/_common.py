@@ -8,6 +8,7 @@ headless matplotlib backend, once, before any experiment code runs.
 from __future__ import annotations
 
 import os
+import sys
 
 # One BLAS thread beside XLA's pool (see geomcollapse.cli); before numpy loads.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -27,8 +28,8 @@ import matplotlib
 jax.config.update("jax_enable_x64", True)
 matplotlib.use("Agg")
 
-from geomcollapse import tasks  # noqa: E402
-from geomcollapse.cli import runtime_help  # noqa: E402
+from geomcollapse import registry, tasks  # noqa: E402
+from geomcollapse.registry import runtime_help  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -204,6 +205,23 @@ def run_from_args(name: str, main: Callable, full, quick, args: argparse.Namespa
     claims = main(config, outdir, command=command)["claims"]
     print(f"== {name}: {time.perf_counter() - start:.0f} s ==", flush=True)
     return claims
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``geomcollapse run EXPERIMENT [--quick | --full] [--outdir DIR] [--tasks ...]``.
+
+    Registered with the library in ``pyproject.toml`` (:mod:`geomcollapse.registry`),
+    which also names the module of each experiment.
+    """
+    module = registry.load_experiment(args.experiment)
+    try:
+        config_from_args(module.NAME, module.Config(), module.QUICK, args)
+    except ValueError as err:
+        print(f"geomcollapse run: error: {err}", file=sys.stderr)
+        return 2
+    for c in run_from_args(module.NAME, module.main, module.Config(), module.QUICK, args):
+        print(f"[{c.verdict}] {c.claim}: {c.measured}")
+    return 0
 
 
 def cli(name: str, doc: str, main: Callable, full, quick, *, full_flag: bool = False) -> None:

@@ -596,6 +596,65 @@ def _correlations(
     return out
 
 
+CONTROLS = ("at_task_loss", "at_grad_norm", "random")  # row (c)'s controls
+CONTROL_TITLES = {"at_task_loss": "L(θ*)", "at_grad_norm": "‖g‖", "random": "random subspace"}
+
+
+def _control_name(control: str, predictor: str, config: Config) -> str:
+    """The control's predictor name; the random subspace at the predictor's own ``d``."""
+    if control != "random":
+        return control
+    d = next((d for d in config.dims if predictor.endswith(f"_d{d}")), config.dims[0])
+    return f"at_g_random_p_ratio_d{d}"
+
+
+def _is_control(name: str) -> bool:
+    return any(
+        name == pattern or ("{d}" in pattern and name.startswith(pattern.split("{d}")[0]))
+        for pattern, (_, group) in THETA_STAR.items()
+        if group == "control"
+    )
+
+
+def _versus_controls(config: Config, rows: list[dict], datasets: list[str], corr: dict) -> dict:
+    """Each predictor at θ* against each control: ρ(p) − ρ(c) with harmfulness, and its
+    95 % paired bootstrap interval (the same resamples of the datasets for both, and for
+    every predictor: ``config.num_resamples`` of them, key ``config.key_seed``)."""
+    y = _per_dataset(rows, "harmfulness", datasets)
+    index = np.arange(len(datasets), dtype=np.float64)  # resampled with y: pairs the two ρ
+    key = jax.random.fold_in(jax.random.key(config.key_seed), 7_000_001)
+    out = {}
+    for name in corr:
+        if not (name.startswith("at_") or name == "forecast") or _is_control(name):
+            continue
+        x = _per_dataset(rows, name, datasets)
+        out[name] = {}
+        for control in CONTROLS:
+            cname = _control_name(control, name, config)
+            if cname not in corr:
+                continue
+            c = _per_dataset(rows, cname, datasets)
+
+            def diff(i, yy, x=x, c=c):
+                i = i.astype(int)
+                return stats.spearman(x[i], yy) - stats.spearman(c[i], yy)
+
+            lo, hi = stats.bootstrap_interval(
+                diff, index, y, key=key, num_resamples=config.num_resamples
+            )
+            out[name][control] = {
+                "control": cname,
+                "difference": corr[name]["rho"] - corr[cname]["rho"],
+                "interval": [lo, hi],
+            }
+    return out
+
+
+def _better(versus: dict) -> bool:
+    """Better than the controls: every paired interval of ρ(p) − ρ(c) lies above 0."""
+    return len(versus) == len(CONTROLS) and all(v["interval"][0] > 0 for v in versus.values())
+
+
 def analyse(config: Config, rows: list[dict]) -> dict:
     """The study's tables from its rows: correlations per optimizer, method and horizon."""
     table: dict = {}
@@ -618,6 +677,10 @@ def analyse(config: Config, rows: list[dict]) -> dict:
                     "correlations": _correlations(config, sel),
                     "correlations_delta_u": _correlations(config, sel, "delta_u", intervals=False),
                 }
+                if method == "full":
+                    entry["versus_controls"] = _versus_controls(
+                        config, sel, datasets, entry["correlations"]
+                    )
                 if method != "full":
                     entry["intruder_count_mean"] = float(
                         np.mean([r["intruder_count"] for r in sel])
@@ -747,21 +810,44 @@ def _breaks(table: dict, config: Config, opt: str, method: str, name: str) -> st
 
 
 def _best_at_theta_star(table: dict, config: Config, opt: str, command: str) -> Claim:
-    """Which predictor available at θ* ranks harmfulness best, per horizon (report-only)."""
+    """(c) per horizon: the predictor at θ* with the largest ρ, its paired differences from
+    the controls, and which predictors beat every control (report-only)."""
     parts = []
     for K in config.horizons:
-        corr = table.get(f"{opt}/full/{K}", {}).get("correlations", {})
+        entry = table.get(f"{opt}/full/{K}", {})
+        corr, versus = entry.get("correlations", {}), entry.get("versus_controls", {})
         at = {k: v for k, v in corr.items() if k.startswith("at_") or k == "forecast"}
         at = {k: v for k, v in at.items() if np.isfinite(v["rho"])}
         if not at:
             parts.append(f"K={K}: none defined")
             continue
         best = max(at, key=lambda k: at[k]["rho"])
-        parts.append(f"K={K}: {best} {_fmt_interval(at[best])}")
+        d = next((d for d in config.dims if best.endswith(f"_d{d}")), None)
+        if d is None:
+            text = f"K={K}: {best} {_fmt_interval(at[best])}"
+        else:  # the pre-registered d = 10 first, whichever d has the largest ρ
+            stem = best[: -len(f"_d{d}")]
+            shown = [
+                f"d = {e} {_fmt_interval(corr[f'{stem}_d{e}'])}"
+                for e in config.dims
+                if f"{stem}_d{e}" in corr
+            ]
+            text = f"K={K}: {stem} {', '.join(shown)} (largest at d = {d})"
+        if best in versus:
+            diffs = [
+                f"− ρ({CONTROL_TITLES[c]}) {_fmt_difference(v)}" for c, v in versus[best].items()
+            ]
+            text += f" ({best}: {', '.join(diffs)})"
+        elif _is_control(best):
+            text += " (a control)"
+        better = [k for k, v in versus.items() if _better(v)]
+        parts.append(f"{text}; better than every control: {', '.join(better) or 'none'}")
     return Claim(
         f"Table 1 ({opt}, full fine-tuning): the best predictor available at θ*, per horizon",
         command,
-        "reported (first-order, second-order, unnormalised and control predictors)",
+        "reported (first-order, second-order, unnormalised and control predictors); a "
+        "predictor is better than a control only where the 95 % paired bootstrap interval "
+        "of ρ(predictor) − ρ(control) excludes 0 (controls L(θ*), ‖g‖, random subspace)",
         "; ".join(parts),
         True,
         labels=("measured", "measured"),
@@ -775,7 +861,7 @@ def _forecast_claim(forecast: dict, config: Config, command: str) -> Claim:
     ]
     windows = sorted({c["validity_time"] for c in forecast["cells"]})
     first_t = min((c["t"] for c in forecast["cells"]), default=float("nan"))
-    ratios = ", ".join(f"{c['ratio']:.2f}" for c in cells[:8])
+    ratios = ", ".join(f"{c['ratio']:.2f}" for c in cells)
     measured = (
         f"{len(within)} of {len(cells)} in-window cells within the factor"
         + (f" (ratios {ratios})" if cells else "")
@@ -892,23 +978,52 @@ def study_rows(outdir: Path = ROOT) -> list[dict] | None:
     return committed_sweep_rows(outdir, STUDY_OUTPUT)
 
 
-TABLE_COLUMNS = {  # predictor -> column title (d = 10 unless named)
-    "update_p_ratio_d10": "‖PΔθ‖/‖Δθ‖",
-    "update_fisher_p_d10": "‖F^{1/2}PΔθ‖",
-    "update_p_d50": "‖P₅₀Δθ‖",
-    "at_g_p_ratio_d10": "‖Pg‖/‖g‖ (θ*)",
-    "at_g_p_d10": "‖Pg‖ (θ*)",
-    "at_gamma_d10": "γ (θ*)",
+TABLE_COLUMNS = {  # predictor (per d: the pre-registered d = 10 first, then d = 50) -> title
+    "update_p_ratio_d{d}": "‖PΔθ‖/‖Δθ‖",
+    "update_fisher_p_d{d}": "‖F^{1/2}PΔθ‖",
+    "update_p_d{d}": "‖PΔθ‖",
+    "at_g_p_ratio_d{d}": "‖Pg‖/‖g‖ (θ*)",
+    "at_g_fisher_p_d{d}": "‖F^{1/2}Pg‖ (θ*)",
+    "at_g_p_d{d}": "‖Pg‖ (θ*)",
+    "at_gamma_d{d}": "γ (θ*)",
     "forecast": "forecast (θ*)",
-    "update_random_p_ratio_d10": "random ‖P_rΔθ‖/‖Δθ‖",
+    "at_task_loss": "L(θ*)",
+    "at_grad_norm": "‖g‖ (θ*)",
+    "at_g_random_p_ratio_d{d}": "random ‖P_rg‖/‖g‖ (θ*)",
+    "update_random_p_ratio_d{d}": "random ‖P_rΔθ‖/‖Δθ‖",
 }
 
 
+def table_columns(dims) -> list[tuple[str, str]]:
+    """``(predictor, title)`` of the study tables: each predictor at every ``d`` of ``dims``,
+    the first (pre-registered primary, d = 10) first and the others next to it."""
+    out = []
+    for pattern, title in TABLE_COLUMNS.items():
+        if "{d}" in pattern:
+            out += [(pattern.format(d=d), f"{title} d={d}") for d in dims]
+        else:
+            out.append((pattern, title))
+    return out
+
+
+def _fmt_cell(r: dict | None) -> str:
+    if not r or not np.isfinite(r["rho"]):
+        return "—"
+    return f"{r['rho']:.2f} [{r['rho_interval'][0]:.2f}, {r['rho_interval'][1]:.2f}]"
+
+
+def _fmt_difference(v: dict) -> str:
+    lo, hi = v["interval"]
+    return f"{v['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+
+
 def study_tables(results: dict) -> str:
-    """Markdown: ρ [95 % interval] of each predictor with harmfulness, and the forecast ratios."""
+    """Markdown: ρ [95 % interval] of each predictor with harmfulness (every ``d``, the
+    primary first), the paired differences of the θ* predictors from the controls, and
+    every forecast ratio."""
     config, table = results["config"], results["table"]
-    cols = list(TABLE_COLUMNS)
-    head = "| method | K | harm (mean) | locality | " + " | ".join(TABLE_COLUMNS[c] for c in cols)
+    cols = table_columns(config["dims"])
+    head = "| method | K | harm (mean) | locality | " + " | ".join(t for _, t in cols)
     out = []
     for opt in config["optimizers"]:
         out += [f"\n**{opt}** — Spearman ρ [95 % interval] with harmfulness\n", head + " |"]
@@ -918,20 +1033,14 @@ def study_tables(results: dict) -> str:
                 e = table.get(f"{opt}/{method}/{K}")
                 if e is None:
                     continue
-                cells = []
-                for c in cols:
-                    r = e["correlations"].get(c)
-                    cells.append(
-                        f"{r['rho']:.2f} [{r['rho_interval'][0]:.2f}, {r['rho_interval'][1]:.2f}]"
-                        if r and np.isfinite(r["rho"])
-                        else "—"
-                    )
+                cells = [_fmt_cell(e["correlations"].get(c)) for c, _ in cols]
                 harm = float(np.mean(e["harmfulness"]))
                 out.append(
                     f"| {method} | {K} | {harm:.2f} | {e['locality_median']:.2f} | "
                     + " | ".join(cells)
                     + " |"
                 )
+    out += _versus_controls_table(config, table)
     cells = results["forecast"]["cells"]
     if cells:
         out += ["\n**SGD, full: Taylor forecast / realised KL Δu (seed mean)**\n"]
@@ -952,6 +1061,33 @@ def study_tables(results: dict) -> str:
                 "not a forecast there)."
             )
     return "\n".join(out)
+
+
+def _versus_controls_table(config: dict, table: dict) -> list[str]:
+    """Per optimizer (full fine-tuning): ρ(predictor) − ρ(control) with paired intervals."""
+    out = []
+    for opt in config["optimizers"]:
+        entries = [(K, table.get(f"{opt}/full/{K}")) for K in config["horizons"]]
+        entries = [(K, e) for K, e in entries if e and e.get("versus_controls")]
+        if not entries:
+            continue
+        titles = [CONTROL_TITLES[c] for c in CONTROLS]
+        out += [
+            f"\n**{opt}, full: θ* predictors against the controls** — ρ(predictor) − "
+            "ρ(control) [95 % paired bootstrap interval over datasets]; *better* only where "
+            "every interval lies above 0\n",
+            "| K | predictor | ρ | " + " | ".join(f"− ρ({t})" for t in titles) + " | better |",
+            "|" + "---|" * (4 + len(titles)),
+        ]
+        for K, e in entries:
+            for name, vs in e["versus_controls"].items():
+                diffs = [_fmt_difference(vs[c]) for c in CONTROLS]
+                out.append(
+                    f"| {K} | {name} | {e['correlations'][name]['rho']:.2f} | "
+                    + " | ".join(diffs)
+                    + f" | {'yes' if _better(vs) else 'no'} |"
+                )
+    return out
 
 
 def report(rows: list[dict], outdir: Path) -> list[Path]:

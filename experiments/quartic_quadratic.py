@@ -104,6 +104,7 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
             "relative gap 0 (≤ 1e-10)",
             f"{gap:.1e} (max over {config.num_times} times)",
             gap <= 1e-10,
+            labels=("holds (control)", "FAILS (control)"),  # an identity for a quadratic u
         ),
         Claim(
             "docs/theory.md §4: the tail's t² floor in Δu is passed near 2(cᵀ(I−P)F(I−P)c)^{1/2}/γ",

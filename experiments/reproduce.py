@@ -2,7 +2,8 @@
 
 Run: ``make reproduce`` (or ``python -m experiments.reproduce``, or
 ``geomcollapse reproduce``; ``--full`` for the long configurations, ``--outdir``
-to write elsewhere).
+to write elsewhere). :func:`reproduce_command` is ``geomcollapse reproduce``,
+registered with the library in ``pyproject.toml`` (:mod:`geomcollapse.registry`).
 """
 
 from __future__ import annotations
@@ -109,6 +110,13 @@ def _update_headline() -> None:
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         module.main()
+
+
+def reproduce_command(args: argparse.Namespace) -> int:
+    """``geomcollapse reproduce [--quick | --full] [--outdir DIR]``: 1 if a claim failed."""
+    outdir = args.outdir if args.outdir is not None else default_outdir()
+    claims = main(outdir, full=args.full)
+    return 0 if all(c.passed for c in claims if c.labels == Claim.labels) else 1
 
 
 def cli(argv: list[str] | None = None) -> None:

@@ -37,7 +37,7 @@ from geomcollapse import (
     subspace,
     theory,
 )
-from geomcollapse._diagnose import Diagnosis, diagnose
+from geomcollapse.diagnosis import Diagnosis, diagnose
 
 __version__ = "0.1.0"
 __all__ = [

@@ -191,3 +191,15 @@ def prng_key(key: Any, name: str = "key") -> jax.Array:
             f"of shape {np.shape(key)}"
         )
     raise ValueError(f"{name} must be a jax.random key, got {type(key).__name__}")
+
+
+def tuple_arg(value: Any, name: str) -> tuple:
+    """``value`` as a tuple of extra arguments (data); ``ValueError`` unless a tuple or list."""
+    if not isinstance(value, (tuple, list)):
+        raise ValueError(f"{name} must be a tuple, got {type(value).__name__}")
+    return tuple(value)
+
+
+def is_concrete(x: Any) -> bool:
+    """A real array (not a tracer, nor a placeholder JAX puts in while unflattening)."""
+    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)

@@ -1,8 +1,9 @@
 """Sweeps over any experiment's frozen ``Config``: one cell per grid point, resumable.
 
 The public entry points are in :mod:`geomcollapse.sweep`, which sends a config
-with an ``"experiment"`` key here. An experiment module (``X`` names
-``experiments.X``; a dotted name is imported as written) defines
+with an ``"experiment"`` key here. An experiment module (a bare name ``X`` is
+the module registered as experiment ``X``, :mod:`geomcollapse.registry`; a
+dotted name is imported as written) defines
 
 - ``Config``: a frozen dataclass whose defaults are a complete configuration;
 - ``sweep_cell(config, outdir: Path) -> list[dict]``: the JSON rows of one cell;
@@ -35,10 +36,13 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from geomcollapse import registry
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
+    barrier,
     merge_parts,
+    processes,
     reject_non_finite,
     reject_unknown,
     start_output,
@@ -74,8 +78,11 @@ class Cell(NamedTuple):
 
 
 def module_name(experiment: str) -> str:
-    """The module an ``experiment`` names: ``X`` is ``experiments.X``, a dotted name itself."""
-    return experiment if "." in experiment else f"experiments.{experiment}"
+    """The module an ``experiment`` names: ``X`` the one registered as ``X``, a dotted name itself.
+
+    Raises ``ValueError`` for a bare name that no package registered.
+    """
+    return experiment if "." in experiment else registry.experiment_module(experiment)
 
 
 def import_experiment(experiment: str) -> types.ModuleType:
@@ -300,19 +307,6 @@ def _read_groups(
                 f"(did {config.module}.Config's defaults change?); move the file away"
             )
     return lines[0], {c: [line for line, _ in by_cell[c]] for c in done}
-
-
-def processes() -> tuple[int, int]:
-    """``(this process's index, process count)`` of the JAX runtime (``(0, 1)`` alone)."""
-    return jax.process_index(), jax.process_count()
-
-
-def barrier(name: str) -> None:
-    """Wait until every JAX process reaches ``name`` (nothing to wait for alone)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _json_default(value: Any) -> Any:

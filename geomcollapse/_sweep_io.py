@@ -7,7 +7,7 @@ last line and a group with only some of its rows; resuming keeps whole groups
 only and rewrites the file through a temporary file and ``os.replace``. Under
 ``jax.distributed`` each process writes its own part file the same way, and
 process 0 merges the parts into the output (:func:`start_output`,
-:func:`merge_parts`).
+:func:`merge_parts`; :func:`processes`, :func:`barrier`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 
@@ -171,3 +172,16 @@ def merge_parts(
     rewrite(path, [main_header or header, *(line for g in sorted(groups) for line in groups[g])])
     for p in parts:
         p.unlink()
+
+
+def processes() -> tuple[int, int]:
+    """``(this process's index, process count)`` of the JAX runtime (``(0, 1)`` alone)."""
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str) -> None:
+    """Wait until every JAX process reaches ``name`` (nothing to wait for alone)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -9,7 +9,6 @@ one more Fisher matvec for the tail's quadratic floor, and the trace of ``F``
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -22,7 +21,7 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import linalg, theory
 from geomcollapse._checks import finite_leaves, positive_int, prng_key, probe_count, subspace_dim
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
-from geomcollapse.curvature import hessian_vp
+from geomcollapse.curvature import LinearOperator, apply, as_operator, hessian_vp, keyed
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -70,42 +69,33 @@ def _trace_method(method: str, n: int) -> str:
     return method
 
 
-def _compiled(fn: Callable, static: Callable) -> Callable:
-    """``jit(fn)`` with ``static`` bound as a static first argument: compiled once per ``static``.
-
-    Called measurements reuse the compile (new weights and data included). An
-    unhashable ``static`` (e.g. a module holding arrays) cannot key the jit
-    cache: it gets its own jit, compiled on each measurement.
-    """
-    try:
-        hash(static)
-    except TypeError:
-        return jax.jit(partial(fn, static))
-    return partial(_JITTED[fn], static)
+def _probe(op: LinearOperator, vs: jax.Array) -> jax.Array:
+    """``zᵀ A z`` for each row ``z`` of ``vs`` (``op`` on flat vectors)."""
+    return jax.vmap(lambda v: jnp.vdot(v, op(v)))(vs)
 
 
-def _probe(matvec: Callable, vs: jax.Array, args: tuple) -> jax.Array:
-    """``(zᵀ matvec(z, *args))`` for each row ``z`` of ``vs``."""
-    return jax.vmap(lambda v: jnp.vdot(v, matvec(v, *args)))(vs)
+_JITTED_PROBE = jax.jit(_probe)
 
 
-@dataclasses.dataclass(frozen=True)
-class _FlatFisher:
-    """``v ↦ ravel(fisher_vp(params, unravel(v), *args))``, equal (hashed) by ``fisher_vp``.
-
-    A static argument of the compiled matvec and probe: two measurements with
-    the same ``fisher_vp`` reuse their compiled code (new weights included).
-    """
-
-    fisher_vp: Callable[..., PyTree]
-
-    def __call__(self, v: jax.Array, params: PyTree, args: tuple) -> jax.Array:
-        unravel = ravel_pytree(params)[1]
-        return ravel_pytree(self.fisher_vp(params, unravel(v), *args))[0]
+def _trace_operator(matvec: Any, n: int, dtype, args: tuple) -> LinearOperator:
+    """:func:`fisher_trace`'s ``matvec`` as an operator on ``(n,)`` vectors (wrapped once here)."""
+    if isinstance(matvec, LinearOperator):
+        if args:
+            raise ValueError("args apply to a plain matvec; a LinearOperator carries its data")
+        op = matvec.raveled()
+        if op.n != n:
+            raise ValueError(f"matvec acts on {op.n} scalars, not n={n}")
+        return op
+    return as_operator(matvec, jax.ShapeDtypeStruct((n,), dtype), args=tuple(args), name="matvec")
 
 
-def _flat_fvp(matvec: _FlatFisher, v: jax.Array, params: PyTree, args: tuple) -> jax.Array:
-    return matvec(v, params, args)
+def _fisher_operator(fisher_vp: Any, params: PyTree, fisher_args: tuple) -> LinearOperator:
+    """:func:`measure_aic`'s ``fisher_vp`` (the factories' form or an operator) at ``params``."""
+    if isinstance(fisher_vp, LinearOperator) and fisher_args:
+        raise ValueError(
+            "fisher_args must be empty when fisher_vp is a LinearOperator (it has its data)"
+        )
+    return as_operator(fisher_vp, params, params=params, args=fisher_args, name="fisher_vp")
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3))
@@ -123,7 +113,7 @@ def rademacher_probes(key: jax.Array, num: int, n: int, dtype) -> jax.Array:
 
 
 def fisher_trace(
-    matvec: Callable[[jax.Array], jax.Array],
+    matvec: LinearOperator | Callable[..., jax.Array],
     n: int,
     dtype,
     *,
@@ -133,7 +123,11 @@ def fisher_trace(
     deflate: np.ndarray | None = None,
     args: tuple = (),
 ) -> tuple[float, float, int]:
-    """``tr F`` of a flat ``matvec(v, *args)``, ``(n,) -> (n,)``: ``(trace, stderr, matvecs)``.
+    """``tr F`` of an operator on ``(n,)`` vectors: ``(trace, stderr, matvecs)``.
+
+    ``matvec`` is a :class:`geomcollapse.curvature.LinearOperator` (raveled if
+    on a pytree) or a plain ``matvec(v, *args)``, ``(n,) -> (n,)``, wrapped once
+    by :func:`geomcollapse.curvature.as_operator` with ``args`` as its data.
 
     ``method='exact'`` sums ``e_iᵀ F e_i`` (``n`` matvecs, vmapped in chunks);
     ``'hutchinson'`` averages ``zᵀ F z`` over Rademacher ``z`` (unbiased; the
@@ -141,17 +135,18 @@ def fisher_trace(
     With ``deflate`` (``(d, n)`` orthonormal rows spanning ``M``) Hutchinson
     estimates ``tr((I−P)F(I−P))``, the tail mass itself: its variance is set
     by the tail, not by the top eigenvalues it would otherwise have to subtract.
-    ``args`` (weights, data) enter the compiled probe loop as arguments, not
-    as constants folded into it; the probe is compiled once per ``matvec``
-    (pass the same function object to reuse it).
+    The operator's params and data enter the compiled probe loop as arguments,
+    not as constants folded into it: it compiles once per operator function
+    and shapes (pass the same function object to reuse it).
     """
     n = positive_int(n, "n")
     method = _trace_method(method, n)
-    args = tuple(args)
-    probe = _compiled(_probe, matvec)
+    if method not in ("exact", "hutchinson"):
+        raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
+    op = _trace_operator(matvec, n, dtype, args)
 
     def batched(vs):
-        return probe(vs, args)
+        return _JITTED_PROBE(op, vs)
 
     if method == "exact":
         if deflate is not None:
@@ -161,20 +156,13 @@ def fisher_trace(
             idx = jnp.arange(start, min(start + eye_rows, n))
             total += float(jnp.sum(batched(jax.nn.one_hot(idx, n, dtype=dtype))))
         return total, 0.0, n
-    if method != "hutchinson":
-        raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
     key = prng_key(key)
     num_probes = probe_count(num_probes)
     Vd = jnp.zeros((0, n), dtype) if deflate is None else jnp.asarray(deflate, dtype)
     if Vd.ndim != 2 or Vd.shape[1] != n:
         raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
     chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
-    try:
-        hash(matvec)
-        hutchinson = partial(_JITTED_HUTCHINSON, matvec)
-    except TypeError:  # an unhashable matvec cannot key the jit cache: compiled per call
-        hutchinson = jax.jit(partial(_hutchinson_samples, matvec), static_argnums=(3, 4))
-    samples = hutchinson(key, Vd, args, num_probes, min(chunk, num_probes))
+    samples = _JITTED_HUTCHINSON(op, key, Vd, num_probes, min(chunk, num_probes))
     samples = np.asarray(samples, np.float64)
     return float(samples.mean()), float(samples.std(ddof=1) / np.sqrt(num_probes)), num_probes
 
@@ -189,7 +177,7 @@ _PROBE_CHUNK_BYTES = 1 << 26
 
 
 def _hutchinson_samples(
-    matvec: Callable, key: jax.Array, Vd: jax.Array, args: tuple, num: int, chunk: int
+    op: LinearOperator, key: jax.Array, Vd: jax.Array, num: int, chunk: int
 ) -> jax.Array:
     """``zᵀ A z`` for ``num`` Rademacher probes deflated by ``Vd``, ``chunk`` per batch.
 
@@ -202,23 +190,23 @@ def _hutchinson_samples(
     def batch(c, size):
         z = rademacher_probes(jax.random.fold_in(key, c), size, n, Vd.dtype)
         z = z - (z @ Vd.T) @ Vd
-        return _probe(matvec, z, args)
+        return _probe(op, z)
 
     full, rest = divmod(num, chunk)
     out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1)
     return jnp.concatenate([out, batch(full, rest)]) if rest else out
 
 
-_JITTED_HUTCHINSON = jax.jit(_hutchinson_samples, static_argnums=(0, 4, 5))
+_JITTED_HUTCHINSON = jax.jit(_hutchinson_samples, static_argnums=(3, 4))
 
 
 def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
     """Raveled ``g(θ*)`` and ``H(θ*) g(θ*)`` in one compiled call (eager HVPs dispatch slowly).
 
     Compiled once per ``loss_fn``: new ``params`` and ``loss_args`` of the same
-    shapes reuse it.
+    shapes reuse it (an unhashable ``loss_fn`` compiles per call).
     """
-    return _compiled(_gradient_and_hg, loss_fn)(params, tuple(loss_args))
+    return _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))
 
 
 def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
@@ -241,7 +229,7 @@ def tail_quadratic(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def _tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
+def tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
     """``F v`` laid out like the parameters (a reduce-scatter, not a replicated result)."""
     return jax.lax.with_sharding_constraint(fisher_vp(params, v, *args), layout.shardings)
 
@@ -254,7 +242,7 @@ def _tree_gradient_and_hg(loss_fn, layout: Layout, params: PyTree, loss_args: tu
     return g, jax.lax.with_sharding_constraint(Hg, layout.shardings)
 
 
-_JITTED = {fn: jax.jit(fn, static_argnums=0) for fn in (_probe, _flat_fvp, _gradient_and_hg)}
+_JITTED_GRADIENT_AND_HG = jax.jit(_gradient_and_hg, static_argnums=0)
 
 
 # ----------------------------------------------------------------- parameters sharded on a mesh
@@ -307,19 +295,19 @@ def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, ch
 
 
 @partial(jax.jit, static_argnums=2)
-def _tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
+def tree_deflate(basis: PyTree, g: PyTree, layout: Layout) -> PyTree:
     """``(I−P)g`` laid out like the parameters (``basis`` a stack of ``d`` vectors)."""
     g_perp = jax.tree_util.tree_map(jnp.subtract, g, stack_combine(stack_dot(basis, g), basis))
     return jax.lax.with_sharding_constraint(g_perp, layout.shardings)
 
 
 @jax.jit
-def _tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
+def tree_tail_and_norm(g_perp: PyTree, f_g_perp: PyTree, g: PyTree) -> jax.Array:
     """``[gᵀ(I−P)F(I−P)g, ‖g‖]`` from ``(I−P)g`` and ``F(I−P)g``."""
     return jnp.stack([tree_dot(g_perp, f_g_perp), jnp.sqrt(tree_dot(g, g))])
 
 
-def _tree_fisher_trace(
+def tree_fisher_trace(
     fisher_vp: Callable,
     layout: Layout,
     params: PyTree,
@@ -398,30 +386,27 @@ def _measure_aic_sharded(
     d = subspace_dim(d, n)
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(dtype).eps))
-    static_fvp = _hashable(fisher_vp)
-
-    def matvec(v: PyTree) -> PyTree:
-        return _tree_fvp(static_fvp, layout, params, v, fisher_args)
+    op = _fisher_operator(fisher_vp, params, fisher_args)  # outputs laid out like params
 
     k_eig, k_trace = jax.random.split(key)
-    pairs = linalg.top_eigenpairs(matvec, params, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
+    pairs = linalg.top_eigenpairs(op, params, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
     subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
     lam = np.asarray(jax.device_get(pairs.values), np.float64)
-    g, Hg = _tree_gradient_and_hg(_hashable(loss_fn), layout, params, loss_args)
+    g, Hg = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
     trace = _trace_method(trace, n)
-    tail, trace_se, trace_matvecs = _tree_fisher_trace(
-        static_fvp,
+    tail, trace_se, trace_matvecs = tree_fisher_trace(
+        op.fn,
         layout,
-        params,
-        fisher_args,
+        op.params,
+        op.args,
         trace,
         key=k_trace,
         num_probes=num_probes,
         deflate=pairs.vectors,
     )
     tr = tail if trace == "exact" else tail + lam.sum()
-    g_perp = _tree_deflate(pairs.vectors, g, layout)
-    tail_q, g_norm = jax.device_get(_tree_tail_and_norm(g_perp, matvec(g_perp), g))
+    g_perp = tree_deflate(pairs.vectors, g, layout)
+    tail_q, g_norm = jax.device_get(tree_tail_and_norm(g_perp, apply(op, g_perp), g))
     report = theory.aic_report(
         subspace, g, Hg, tail_mass=tr - lam.sum(), tail_quadratic=float(tail_q), compiled=True
     )
@@ -433,24 +418,6 @@ def _measure_aic_sharded(
         gradient_norm=float(g_norm),
         num_matvecs=int(pairs.num_matvecs) + trace_matvecs + 1,
     )
-
-
-class _Unhashable:
-    """A static wrapper hashed by identity, for a ``fisher_vp`` that cannot be hashed."""
-
-    def __init__(self, fn: Callable):
-        self.fn = fn
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-
-def _hashable(fn: Callable) -> Callable:
-    try:
-        hash(fn)
-    except TypeError:
-        return _Unhashable(fn)
-    return fn
 
 
 def measure_aic(
@@ -473,7 +440,10 @@ def measure_aic(
     Args:
       fisher_vp: the skill Fisher's matvec in the library's convention,
         ``fisher_vp(params, v, *fisher_args) -> F(params) v`` (true or empirical,
-        e.g. :func:`geomcollapse.curvature.fisher_vp`), ``v`` a pytree like ``params``.
+        e.g. :func:`geomcollapse.curvature.fisher_vp`), ``v`` a pytree like
+        ``params``; or a :class:`geomcollapse.curvature.LinearOperator` on
+        vectors like ``params`` (e.g. ``fisher_vp(logits).bind(params, batch)``,
+        then no ``fisher_args``). Wrapped once by :func:`curvature.as_operator`.
       loss_fn: the fine-tuning loss ``L(θ, *loss_args)``.
       params: ``θ*`` (finite floating arrays). Leaves sharded over a device
         mesh (``NamedSharding``, one dtype) keep every vector of the
@@ -533,29 +503,26 @@ def measure_aic(
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(flat.dtype).eps))
     fisher_args, loss_args = tuple(fisher_args), tuple(loss_args)
-
-    flat_fvp_at = _FlatFisher(fisher_vp)
-    compiled_fvp = _compiled(_flat_fvp, flat_fvp_at)
+    flat_op = _fisher_operator(fisher_vp, params, fisher_args).raveled()
 
     def flat_fvp(v: jax.Array) -> jax.Array:
-        return compiled_fvp(v, params, fisher_args)
+        return apply(flat_op, v)
 
     k_eig, k_trace = jax.random.split(key)
-    pairs = linalg.top_eigenpairs(flat_fvp, flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
+    pairs = linalg.top_eigenpairs(flat_op, flat, d, key=k_eig, tol=tol, max_matvecs=max_matvecs)
     subspace = Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
     V = np.asarray(pairs.vectors, np.float64)
     lam = np.asarray(pairs.values, np.float64)
     g, Hg = gradient_and_hg(loss_fn, params, loss_args)
     trace = _trace_method(trace, n)
     tail, tr_se, trace_matvecs = fisher_trace(
-        flat_fvp_at,
+        flat_op,
         n,
         flat.dtype,
         method=trace,
         key=k_trace,
         num_probes=num_probes,
         deflate=V if trace == "hutchinson" else None,
-        args=(params, fisher_args),
     )
     tr = tail + lam.sum() if trace == "hutchinson" else tail
     g64 = np.asarray(g, np.float64)

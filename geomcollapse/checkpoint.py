@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from geomcollapse.curvature import leaf_paths
 from geomcollapse.models import TransformerConfig, transformer_abstract, transformer_config
 
 __all__ = [
@@ -49,10 +50,13 @@ _FORMAT = "geomcollapse-transformer-v1"
 _MANIFEST = "geomcollapse_integrity.json"
 
 
-def _leaf_names(tree: Any) -> list[tuple[str, Any]]:
-    """``(path, leaf)`` for every leaf, the path as ``'blocks/0/fc1/kernel'``."""
-    with_path = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return [("/".join(str(getattr(k, "key", k)) for k in p), leaf) for p, leaf in with_path]
+def _named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf, the path as ``'blocks/0/fc1/kernel'``.
+
+    The paths are :func:`geomcollapse.curvature.leaf_paths`' (the names a
+    checkpoint's manifest records its arrays by).
+    """
+    return list(zip(leaf_paths(tree), jax.tree_util.tree_leaves(tree), strict=True))
 
 
 def _array_sha256(x: Any) -> str:
@@ -90,13 +94,13 @@ def _saving_prefix(path: Path) -> str:
 
 def _check_params(pure: dict, config: TransformerConfig) -> str:
     """The params' one dtype; raise unless their keys and shapes are those ``config`` implies."""
-    leaves = _leaf_names(pure)
+    leaves = _named_leaves(pure)
     dtypes = {str(np.dtype(x.dtype)) for _, x in leaves}
     if len(dtypes) != 1:
         raise ValueError(f"params must share one dtype, got {sorted(dtypes)}")
     dtype = dtypes.pop()
     _, abstract = transformer_abstract(config, np.dtype(dtype))
-    expected = {name: tuple(x.shape) for name, x in _leaf_names(nnx.to_pure_dict(abstract))}
+    expected = {name: tuple(x.shape) for name, x in _named_leaves(nnx.to_pure_dict(abstract))}
     found = {name: tuple(np.shape(x)) for name, x in leaves}
     missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
     if missing or extra:
@@ -230,7 +234,7 @@ def save_checkpoint(
         "format": _FORMAT,
         "config": dataclasses.asdict(config),
         "dtype": dtype,
-        "arrays": {name: _array_sha256(x) for name, x in _leaf_names(pure)},
+        "arrays": {name: _array_sha256(x) for name, x in _named_leaves(pure)},
         "metadata": metadata or {},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -306,7 +310,7 @@ def load_checkpoint(
             pure = ckptr.restore(_stored(path), target)
         except Exception as err:  # tensorstore and orbax raise many types for damaged data
             raise ValueError(f"checkpoint {path} could not be restored: {err}") from None
-    found = {name: _array_sha256(x) for name, x in _leaf_names(pure)}
+    found = {name: _array_sha256(x) for name, x in _named_leaves(pure)}
     saved = custom.get("arrays", {})
     bad = sorted(k for k in set(found) | set(saved) if found.get(k) != saved.get(k))
     if bad:

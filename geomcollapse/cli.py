@@ -11,8 +11,10 @@ checkpoint's diagnosis (docs/diagnose.md); ``geomcollapse --version``.
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
 ``--full`` the long one, on every experiment.
 
-This is an entry point, not library code: ``run`` and ``reproduce`` import the
-``experiments`` package (installed beside the library) only when called.
+This is an entry point, not library code. ``run`` and ``reproduce`` are the
+experiments' commands: the CLI parses them and hands them to the functions the
+experiments package registers (:mod:`geomcollapse.registry`), so the library
+never imports it.
 """
 
 from __future__ import annotations
@@ -27,46 +29,13 @@ import os
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse
-import importlib
 import sys
 from pathlib import Path
 
 import jax
 
-# Wall time of each experiment's --quick configuration in the main job on the
-# 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
-# about 1-2 minutes), from the stage lines of `make reproduce`.
-QUICK_RUNTIME_S = {
-    "spectrum_mlp": 24,
-    "quartic_quadratic": 5,
-    "crossover": 4,
-    "aic_phase": 5,
-    "logistic_onset": 13,
-    "gd_vs_flow": 3,
-    "transformer_finetune": 55,
-    "transformer_fisher": 57,
-    "transformer_onset": 95,
-    "prediction": 145,
-    "defences": 114,
-    "validation": 1,
-}
-EXPERIMENTS = tuple(QUICK_RUNTIME_S)
-TRANSFORMER = {"transformer_finetune", "transformer_fisher", "transformer_onset"}
-
-
-def runtime_help(name: str | None = None) -> str:
-    """What ``--help`` says about run time (one experiment, or all of them)."""
-    full = (
-        "--full: the landscape experiments' long configurations are not timed; the "
-        "1M-parameter transformer runs take 11-18 minutes each on that CPU (meant for a GPU)"
-    )
-    if name is None:
-        quick = ", ".join(f"{k} {v} s" for k, v in QUICK_RUNTIME_S.items())
-        total = sum(QUICK_RUNTIME_S.values())
-        return f"--quick on a 2-core CPU: {quick} (about {total // 60 + 1} minutes in all); {full}."
-    if name not in QUICK_RUNTIME_S:  # an experiment the main job does not run (yet)
-        return f"--quick is not part of the main job and not timed here; {full}."
-    return f"--quick takes about {QUICK_RUNTIME_S[name]} s on a 2-core CPU; {full}."
+from geomcollapse import compilation_cache
+from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
 
 def _distributed(args: argparse.Namespace) -> str | None:
@@ -150,7 +119,7 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    from geomcollapse._diagnose import REPORT_FILES
+    from geomcollapse.diagnosis import REPORT_FILES
 
     for name in REPORT_FILES:
         if (out / name).is_dir():
@@ -195,41 +164,17 @@ def _diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
-def _experiments_package():
-    try:
-        return importlib.import_module("experiments._common")
-    except ModuleNotFoundError:
+def _registered(name: str, args: argparse.Namespace) -> int:
+    """Hand the parsed command line to the command the experiments registered as ``name``."""
+    run = command(name)
+    if run is None:
         print(
-            "geomcollapse: error: the experiments package is not installed "
+            f"geomcollapse {name}: error: no experiments are registered "
             "(install geomcollapse from its repository: pip install -e .)",
             file=sys.stderr,
         )
-        return None
-
-
-def _run(args: argparse.Namespace) -> int:
-    common = _experiments_package()
-    if common is None:
         return 2
-    module = importlib.import_module(f"experiments.{args.experiment}")
-    try:
-        common.config_from_args(module.NAME, module.Config(), module.QUICK, args)
-    except ValueError as err:
-        print(f"geomcollapse run: error: {err}", file=sys.stderr)
-        return 2
-    for c in common.run_from_args(module.NAME, module.main, module.Config(), module.QUICK, args):
-        print(f"[{c.verdict}] {c.claim}: {c.measured}")
-    return 0
-
-
-def _reproduce(args: argparse.Namespace) -> int:
-    common = _experiments_package()
-    if common is None:
-        return 2
-    reproduce = importlib.import_module("experiments.reproduce")
-    outdir = args.outdir if args.outdir is not None else common.default_outdir()
-    claims = reproduce.main(outdir, full=args.full)
-    return 0 if all(c.passed for c in claims if c.labels == common.Claim.labels) else 1
+    return run(args)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -238,6 +183,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="geomcollapse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"geomcollapse {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    _add_sweep(commands)
+    _add_report(commands)
+    _add_diagnose(commands)
+    _add_experiment_commands(commands)
+    return parser
+
+
+def _add_sweep(commands) -> None:
     sweep = commands.add_parser(
         "sweep",
         help="run or resume a parameter sweep (of quadratic landscapes, or of an "
@@ -259,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
     many.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address")
     many.add_argument("--num-processes", type=int, metavar="N", help="number of processes")
     many.add_argument("--process-id", type=int, metavar="I", help="this process, 0 ≤ I < N")
+
+
+def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
         help="rebuild an experiment sweep's tables and figures from its rows",
@@ -273,6 +229,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where to write (default: the working directory)",
     )
+
+
+def _add_diagnose(commands) -> None:
     diagnose = commands.add_parser(
         "diagnose",
         help="diagnose a transformer checkpoint for a skill and a fine-tuning task: AIC, "
@@ -313,8 +272,11 @@ def _parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default: .)"
     )
     diagnose.add_argument("--no-progress", action="store_true", help="no progress bar")
-    # the shared flags live with the experiments; added here by hand so --help works
-    # without importing them
+
+
+def _add_experiment_commands(commands) -> None:
+    """``reproduce`` and ``run``: the experiments' shared flags, added here by hand so that
+    ``--help`` works without importing the experiments."""
     for name, help_text, epilog in (
         (
             "reproduce",
@@ -346,7 +308,6 @@ def _parser() -> argparse.ArgumentParser:
             help="output root (default: the repository root of this checkout, else the "
             "working directory)",
         )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -359,14 +320,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     jax.config.update("jax_enable_x64", True)  # theory numbers are float64 (docs/theory.md §5)
-    commands = {
-        "sweep": _sweep,
-        "report": _report,
-        "run": _run,
-        "reproduce": _reproduce,
-        "diagnose": _diagnose,
-    }
-    return commands[args.command](args)
+    compilation_cache.enable()  # before any compilation: a second run loads programs from disk
+    commands = {"sweep": _sweep, "report": _report, "diagnose": _diagnose}
+    if args.command in commands:
+        return commands[args.command](args)
+    return _registered(args.command, args)  # run, reproduce: the experiments' own
 
 
 if __name__ == "__main__":

@@ -42,9 +42,9 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
     subspace_dim,
+    tuple_arg,
 )
-from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
-from geomcollapse.subspace import Subspace, check_orthonormal
+from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
 __all__ = [
     "FisherBudgetState",
@@ -72,24 +72,6 @@ def _remove(rows: jax.Array, u: jax.Array) -> jax.Array:
     """``(I − P) u`` for ``P = VᵀV``, ``V`` the ``(d, n)`` rows."""
     rows = rows.astype(u.dtype)
     return u - _dot(_dot(rows, u), rows)
-
-
-def _subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
-    """``(λ (d,), V (d, n))`` of a :class:`Subspace`, validated."""
-    if not isinstance(subspace, Subspace):
-        raise ValueError(f"subspace must be a geomcollapse Subspace, got {type(subspace).__name__}")
-    values = jnp.asarray(subspace.values)
-    if values.ndim != 1 or values.shape[0] < 1:
-        raise ValueError(f"subspace.values must be (d,) with d ≥ 1, got shape {values.shape}")
-    rows = subspace.rows
-    if rows.shape[0] != values.shape[0]:
-        raise ValueError(
-            f"subspace basis has {rows.shape[0]} rows, subspace.values has {values.shape[0]}"
-        )
-    finite_leaves(values, "subspace.values")
-    finite_leaves(rows, "subspace.basis")
-    check_orthonormal(rows, "subspace.basis")
-    return values, rows
 
 
 def _theta_star(params: PyTree, n: int | None = None) -> jax.Array:
@@ -122,47 +104,8 @@ def _store_theta_star(state_type: type) -> Callable[[PyTree], Any]:
 def _matvec_setup(params, theta_star, name: str, default_args: tuple, fisher_args):
     """``(fisher_args, x = θ − θ*)`` for the update of a Fisher-matvec transform ``name``."""
     _need_params(params, name)
-    args = default_args if fisher_args is None else _args(fisher_args)
+    args = default_args if fisher_args is None else tuple_arg(fisher_args, "fisher_args")
     return args, jax.tree_util.tree_map(jnp.subtract, params, theta_star)
-
-
-def _matvec_fn(fisher_vp: Any) -> Callable[..., PyTree]:
-    if not callable(fisher_vp):
-        raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
-    return fisher_vp
-
-
-def _warm_eigenpairs(
-    fisher_vp: Callable[..., PyTree],
-    params: PyTree,
-    args: tuple,
-    previous: jax.Array,
-    d: int,
-    keys: tuple[jax.Array, jax.Array],
-    tol: float | None,
-    max_steps: int | None,
-) -> TracedEigenpairs:
-    """Top-``d`` eigenpairs of ``F(params)`` by traced Lanczos, warm-started from ``previous``.
-
-    The start vector is ``Σ_i v_i`` of the ``(d, n)`` rows ``previous`` plus a
-    random unit vector (from ``keys[0]``), so a direction rotating into ``M`` is
-    not missed; ``keys[1]`` drives restarts. Shared by :func:`project_out_tracking`
-    and :func:`geomcollapse.monitor.monitor`.
-    """
-    theta, unravel_params = ravel_pytree(params)
-
-    def matvec(v: jax.Array) -> jax.Array:
-        return ravel_pytree(fisher_vp(params, unravel_params(v), *args))[0]
-
-    noise = jax.random.normal(keys[0], theta.shape, theta.dtype)
-    v0 = jnp.sum(previous.astype(theta.dtype), axis=0) + noise / jnp.linalg.norm(noise)
-    return top_eigenpairs_traced(matvec, v0, d, key=keys[1], tol=tol, max_steps=max_steps)
-
-
-def _args(fisher_args: Any) -> tuple:
-    if not isinstance(fisher_args, (tuple, list)):
-        raise ValueError(f"fisher_args must be a tuple, got {type(fisher_args).__name__}")
-    return tuple(fisher_args)
 
 
 # --- 1. initial orthogonalisation -------------------------------------------------------
@@ -194,7 +137,7 @@ def initial_orthogonalization(subspace: Subspace) -> optax.GradientTransformatio
     Args:
       subspace: ``M(θ*)`` with a ``(d, n)`` (or pytree) basis.
     """
-    _, rows = _subspace_arrays(subspace)
+    _, rows = subspace_arrays(subspace)
 
     def init(params: PyTree) -> InitialOrthogonalizationState:
         flat = _theta_star(params, rows.shape[1])
@@ -233,7 +176,7 @@ def project_out(subspace: Subspace) -> optax.GradientTransformation:
     Args:
       subspace: ``M(θ*)`` with a ``(d, n)`` (or pytree) basis.
     """
-    _, rows = _subspace_arrays(subspace)
+    _, rows = subspace_arrays(subspace)
 
     def init(params: PyTree) -> ProjectOutState:
         _theta_star(params, rows.shape[1])
@@ -299,15 +242,13 @@ def project_out_tracking(
         ``min(n, max(4d, 64))`` matvecs per refresh). ``state.converged`` says
         whether the last refresh met ``tol``.
     """
-    fisher_vp = _matvec_fn(fisher_vp)
+    fisher_vp = fisher_product(fisher_vp)
     d = positive_int(d, "d")
     refresh_every = positive_int(refresh_every, "refresh_every")
     key = prng_key(key)
-    default_args = _args(fisher_args)
-    if tol is not None:
-        tol = positive_float(tol, "tol")
-    if max_steps is not None:
-        max_steps = positive_int(max_steps, "max_steps")
+    default_args = tuple_arg(fisher_args, "fisher_args")
+    tol = None if tol is None else positive_float(tol, "tol")
+    max_steps = None if max_steps is None else positive_int(max_steps, "max_steps")
 
     def init(params: PyTree) -> ProjectOutTrackingState:
         flat = _theta_star(params)
@@ -330,12 +271,12 @@ def project_out_tracking(
     ):
         del extra_args
         _need_params(params, "project_out_tracking")
-        args = default_args if fisher_args is None else _args(fisher_args)
+        args = default_args if fisher_args is None else tuple_arg(fisher_args, "fisher_args")
         u, unravel = ravel_pytree(updates)
         next_key, k_start, k_restart = jax.random.split(state.key, 3)
 
         def refresh():
-            pairs = _warm_eigenpairs(
+            pairs = warm_eigenpairs(
                 fisher_vp, params, args, state.basis, d, (k_start, k_restart), tol, max_steps
             )
             return pairs.vectors, pairs.values, pairs.converged
@@ -378,7 +319,7 @@ def fisher_penalty(subspace: Subspace, rho: float) -> optax.GradientTransformati
       subspace: ``M(θ*)``: ``(d,)`` values and a ``(d, n)`` (or pytree) basis.
       rho: penalty weight ``ρ > 0``.
     """
-    values, rows = _subspace_arrays(subspace)
+    values, rows = subspace_arrays(subspace)
     rho = positive_float(rho, "rho")
     weights = jnp.maximum(values, 0.0)
 
@@ -410,9 +351,9 @@ def full_fisher_penalty(
       fisher_args: default extra arguments of ``fisher_vp`` (replace per call with
         ``update(..., fisher_args=...)``).
     """
-    fisher_vp = _matvec_fn(fisher_vp)
+    fisher_vp = fisher_product(fisher_vp)
     rho = positive_float(rho, "rho")
-    default_args = _args(fisher_args)
+    default_args = tuple_arg(fisher_args, "fisher_args")
 
     init = _store_theta_star(FisherPenaltyState)
 
@@ -481,9 +422,9 @@ def fisher_budget(
       fisher_args: default extra arguments of ``fisher_vp`` (replace per call with
         ``update(..., fisher_args=...)``).
     """
-    fisher_vp = _matvec_fn(fisher_vp)
+    fisher_vp = fisher_product(fisher_vp)
     budget = positive_float(budget, "budget")
-    default_args = _args(fisher_args)
+    default_args = tuple_arg(fisher_args, "fisher_args")
 
     init = _store_theta_star(FisherBudgetState)
 

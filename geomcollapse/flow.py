@@ -32,6 +32,7 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
 )
+from geomcollapse._phi import phi2
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.subspace import Subspace
@@ -53,16 +54,6 @@ __all__ = [
 ]
 
 PyTree = Any
-
-_SERIES_BELOW = 1e-2  # |z| below which φ₁, φ₂ use their Taylor series (error < 1e-16)
-
-
-def phi2(z: jax.Array) -> jax.Array:
-    """``φ₂(z) = (eᶻ − 1 − z)/z²``, with ``φ₂(0) = ½``; elementwise, stable near 0."""
-    small = jnp.abs(z) < _SERIES_BELOW
-    zs = jnp.where(small, 1.0, z)
-    series = 0.5 + z / 6 + z**2 / 24 + z**3 / 120 + z**4 / 720 + z**5 / 5040
-    return jnp.where(small, series, (jnp.expm1(zs) - zs) / zs**2)
 
 
 def quadratic_flow(A: jax.Array, c: jax.Array, ts: jax.Array) -> jax.Array:
@@ -354,60 +345,79 @@ def ode_flow(
     finite_leaves(theta0, "theta0")
     times = _check_times(ts)
     dtype = jax.tree_util.tree_leaves(theta0)[0].dtype
+    controller, step = _step_control(rtol, atol, dt, dtype)
+    max_steps = positive_int(max_steps, "max_steps")
+    layout, x0, as_array = _start_and_placement(theta0, dtype)
+    dt0 = None if step is None else as_array(step)
+    field = _GradientField(loss_fn, bool(loss_of_displacement), theta0, tuple(args), layout)
+    save = as_array(times)
+    solve = partial(
+        diffrax.diffeqsolve,
+        diffrax.ODETerm(field),
+        diffrax.Dopri8() if solver is None else solver,
+        t0=as_array(0.0),
+        t1=as_array(times[-1]),
+        dt0=dt0,
+        y0=x0,
+        saveat=diffrax.SaveAt(ts=save),
+        stepsize_controller=controller,
+        max_steps=max_steps,
+    )
+    ys = _solve_with_progress(solve, progress)
+    if layout is None:
+        theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, ys)
+    else:
+        ys, theta = _restack(ys, theta0, layout)
+    return Flow(ts=save, displacement=ys, theta=theta)
+
+
+def _step_control(rtol, atol, dt, dtype) -> tuple[Any, float | None]:
+    """``(controller, fixed step or None)`` of :func:`ode_flow`, its tolerances checked.
+
+    Times, step and arrays enter the solve as traced values and the vector field
+    is a module whose only static parts are ``loss_fn`` and the flag: diffrax's
+    compiled solve is reused across calls with the same loss (new times, steps or
+    θ0 included).
+    """
     if rtol is None:
         rtol = 1e-12 if jnp.finfo(dtype).bits >= 64 else 1e-6
     rtol = positive_float(rtol, "rtol")
-    max_steps = positive_int(max_steps, "max_steps")
     atol = 1e-4 * rtol if atol is None else positive_float(atol, "atol")
+    if dt is None:
+        return diffrax.PIDController(rtol=rtol, atol=atol), None
+    return diffrax.ConstantStepSize(), positive_float(dt, "dt")
+
+
+def _start_and_placement(theta0: PyTree, dtype) -> tuple[Layout | None, PyTree, Callable]:
+    """``(layout, x0 = 0 like θ0, as_array)``: the ODE's start and how its times are placed.
+
+    θ0 on a mesh: the state x starts sharded like θ0 and the times are put on the
+    mesh explicitly, so nothing moves between devices implicitly.
+    """
     layout = Layout(theta0, "theta0") if is_sharded(theta0) else None
     if layout is not None:
-        # θ0 on a mesh: the state x starts sharded like θ0 and the times are put
-        # on the mesh explicitly, so nothing moves between devices implicitly.
-        x0 = _zeros_on(theta0, layout)
 
         def as_array(value: Any) -> jax.Array:
             return layout.put(np.asarray(value, dtype))
-    else:
-        x0 = jax.tree_util.tree_map(jnp.zeros_like, theta0)
 
-        def as_array(value: Any) -> jax.Array:
-            return jnp.asarray(value, dtype)
+        return layout, _zeros_on(theta0, layout), as_array
 
-    if dt is None:
-        controller, dt0 = diffrax.PIDController(rtol=rtol, atol=atol), None
-    else:
-        controller, dt0 = diffrax.ConstantStepSize(), as_array(positive_float(dt, "dt"))
-    field = _GradientField(loss_fn, bool(loss_of_displacement), theta0, tuple(args), layout)
-    save = as_array(times)
-    # Times, step and arrays enter as traced values and the vector field is a
-    # module whose only static parts are ``loss_fn`` and the flag: diffrax's
-    # compiled solve is reused across calls with the same loss (new times, steps
-    # or θ0 included).
+    def as_array(value: Any) -> jax.Array:
+        return jnp.asarray(value, dtype)
+
+    return None, jax.tree_util.tree_map(jnp.zeros_like, theta0), as_array
+
+
+def _solve_with_progress(solve: Callable, progress: bool) -> PyTree:
+    """``solve(progress_meter=...).ys``: diffrax's bar on a terminal, else start/end lines."""
     on_terminal = progress and sys.stderr.isatty()
     with progress_bar(total=1, desc="ode_flow", enabled=progress and not on_terminal) as stage:
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(field),
-            diffrax.Dopri8() if solver is None else solver,
-            t0=as_array(0.0),
-            t1=as_array(times[-1]),
-            dt0=dt0,
-            y0=x0,
-            saveat=diffrax.SaveAt(ts=save),
-            stepsize_controller=controller,
-            max_steps=max_steps,
-            progress_meter=diffrax.TqdmProgressMeter()
-            if on_terminal
-            else diffrax.NoProgressMeter(),
-        )
+        meter = diffrax.TqdmProgressMeter() if on_terminal else diffrax.NoProgressMeter()
+        ys = solve(progress_meter=meter).ys
         if progress and not on_terminal:
-            jax.block_until_ready(sol.ys)
+            jax.block_until_ready(ys)
             stage.update(1)
-    if layout is None:
-        ys = sol.ys
-        theta = jax.tree_util.tree_map(lambda a, x: a[None] + x, theta0, ys)
-    else:
-        ys, theta = _restack(sol.ys, theta0, layout)
-    return Flow(ts=save, displacement=ys, theta=theta)
+    return ys
 
 
 @partial(jax.jit, static_argnums=1)
@@ -484,6 +494,26 @@ def _tree_sum(fn: Callable, *trees: PyTree) -> jax.Array:
     return sum(jnp.sum(fn(*ls)) for ls in zip(*leaves, strict=True))
 
 
+def _segment_terms(skill_loss: Callable, args: tuple, theta_star: PyTree, x: PyTree, s):
+    """:func:`skill_change`'s integrand at node ``s`` and its two rounding scales.
+
+    ``((∇u_s + ∇²u_s r_s)·x, Σ|∇u_s ⊙ x|, Σ|∇u_s ⊙ θ_s|)`` at ``θ_s = fl(θ* + s x)``.
+    """
+    sx = jax.tree_util.tree_map(lambda b: s * b, x)
+    theta = jax.tree_util.tree_map(jnp.add, theta_star, sx)
+    # what rounding θ* + sx dropped: exact (Sterbenz) while |sx| ≲ |θ*|
+    r = jax.tree_util.tree_map(lambda v, th, a: v - (th - a), sx, theta, theta_star)
+
+    def grad_u(theta):
+        return jax.grad(skill_loss)(theta, *args)
+
+    g, hr = jax.jvp(grad_u, (theta,), (r,))
+    value = _tree_sum(lambda gi, hi, xi: (gi + hi) * xi, g, hr, x)
+    scale_x = _tree_sum(lambda gi, xi: jnp.abs(gi * xi), g, x)
+    scale_theta = _tree_sum(lambda gi, ti: jnp.abs(gi * ti), g, theta)
+    return value, scale_x, scale_theta
+
+
 def skill_change(
     skill_loss: Callable[..., jax.Array],
     theta_star: PyTree,
@@ -537,21 +567,8 @@ def skill_change(
     eps = jnp.finfo(dtype).eps
     u_star = skill_loss(theta_star, *args)
 
-    def grad_u(theta):
-        return jax.grad(skill_loss)(theta, *args)
-
     def one(x):
-        def integrand(s):
-            sx = jax.tree_util.tree_map(lambda b: s * b, x)
-            theta = jax.tree_util.tree_map(jnp.add, theta_star, sx)
-            # what rounding θ* + sx dropped: exact (Sterbenz) while |sx| ≲ |θ*|
-            r = jax.tree_util.tree_map(lambda v, th, a: v - (th - a), sx, theta, theta_star)
-            g, hr = jax.jvp(grad_u, (theta,), (r,))
-            value = _tree_sum(lambda gi, hi, xi: (gi + hi) * xi, g, hr, x)
-            scale_x = _tree_sum(lambda gi, xi: jnp.abs(gi * xi), g, x)
-            scale_theta = _tree_sum(lambda gi, ti: jnp.abs(gi * ti), g, theta)
-            return value, scale_x, scale_theta
-
+        integrand = partial(_segment_terms, skill_loss, args, theta_star, x)
         values, scale_x, scale_theta = jax.vmap(integrand)(s_all)
         hi = jnp.dot(w_hi, values[: s_hi.size])
         lo = jnp.dot(w_lo, values[s_hi.size :])
@@ -621,6 +638,28 @@ def _flat_rows(tree: PyTree, name: str, rows: int | None, n: int) -> np.ndarray:
     return np.asarray(flat, np.float64)
 
 
+def _rotation_angles(
+    fisher_vp: Callable, theta_star: PyTree, x: np.ndarray, V: np.ndarray, key, tol: float, allow
+) -> np.ndarray:
+    """Largest principal angle between ``M(θ* + x_i)`` and ``V``'s span, for each row ``x_i``.
+
+    ``M(θ* + x_i)`` is recomputed by :func:`geomcollapse.linalg.top_eigenpairs`
+    (certified unless ``allow`` accepts unconverged pairs).
+    """
+    flat_star, unravel = ravel_pytree(theta_star)
+    angles = np.empty(x.shape[0])
+    for i, k in enumerate(jax.random.split(key, x.shape[0])):
+        theta_i = unravel(flat_star + jnp.asarray(x[i], flat_star.dtype))
+
+        def matvec(v, th=theta_i):
+            return ravel_pytree(fisher_vp(th, unravel(v)))[0]
+
+        pairs = linalg.top_eigenpairs(matvec, flat_star, V.shape[0], key=k, tol=tol)
+        Subspace.from_eigenpairs(pairs, allow_unconverged=allow)
+        angles[i] = principal_angle(V, np.asarray(pairs.vectors))
+    return angles
+
+
 def record_trajectory(
     ts: Any,
     xs: PyTree,
@@ -662,7 +701,7 @@ def record_trajectory(
     """
     times = _check_times(ts)
     finite_leaves(theta_star, "theta_star")
-    flat_star, unravel = ravel_pytree(theta_star)
+    flat_star = ravel_pytree(theta_star)[0]
     n = flat_star.size
     x = _flat_rows(xs, "xs", times.size, n)
     if not isinstance(subspace, Subspace):
@@ -684,16 +723,7 @@ def record_trajectory(
         if tol is None:
             tol = max(1e-8, 100 * float(jnp.finfo(flat_star.dtype).eps))
         tol = positive_float(tol, "tol")
-        angles = np.empty(times.size)
-        for i, k in enumerate(jax.random.split(key, times.size)):
-            theta_i = unravel(flat_star + jnp.asarray(x[i], flat_star.dtype))
-
-            def matvec(v, th=theta_i):
-                return ravel_pytree(fisher_vp(th, unravel(v)))[0]
-
-            pairs = linalg.top_eigenpairs(matvec, flat_star, lam.size, key=k, tol=tol)
-            Subspace.from_eigenpairs(pairs, allow_unconverged=allow_unconverged)
-            angles[i] = principal_angle(V, np.asarray(pairs.vectors))
+        angles = _rotation_angles(fisher_vp, theta_star, x, V, key, tol, allow_unconverged)
     norm = np.linalg.norm(fpx, axis=1)
     return TrajectoryRecord(
         t=times,

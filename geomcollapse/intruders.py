@@ -41,7 +41,7 @@ import numpy as np
 
 from geomcollapse._checks import finite_float, finite_leaves, positive_int, same_structure
 from geomcollapse.curvature import leaf_paths, select, substitute
-from geomcollapse.models._lora import DEFAULT_TARGETS
+from geomcollapse.models import DEFAULT_TARGETS
 
 __all__ = [
     "DEFAULT_K",

@@ -39,6 +39,7 @@ nothing. ``benchmarks/monitor_overhead.py`` measures the overhead.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable
@@ -56,10 +57,10 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
     same_structure,
+    tuple_arg,
 )
-from geomcollapse.defences import _args, _matvec_fn, _subspace_arrays, _warm_eigenpairs
 from geomcollapse.series import Series, projected_from_coordinates
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
 __all__ = [
     "BudgetExceeded",
@@ -286,7 +287,7 @@ def monitor_measure(
     Returns:
       A :class:`Measurement` (0-d arrays; ``num_matvecs`` 0).
     """
-    values, reference = _subspace_arrays(subspace)
+    values, reference = subspace_arrays(subspace)
     x, n = _displacement(params, theta_star)
     if reference.shape[1] != n:
         raise ValueError(f"subspace basis has {reference.shape[1]} parameters, params have {n}")
@@ -436,7 +437,7 @@ def _observe(
             measured = (count // cfg.every) % cfg.rotation_every == 0
 
             def lanczos():
-                pairs = _warm_eigenpairs(
+                pairs = warm_eigenpairs(
                     cfg.fisher_vp,
                     params,
                     args,
@@ -518,8 +519,8 @@ def _config(
         time_per_step=None
         if time_per_step is None
         else positive_float(time_per_step, "time_per_step"),
-        fisher_vp=None if fisher_vp is None else _matvec_fn(fisher_vp),
-        fisher_args=_args(fisher_args),
+        fisher_vp=None if fisher_vp is None else fisher_product(fisher_vp),
+        fisher_args=tuple_arg(fisher_args, "fisher_args"),
         tol=_optional(tol, positive_float, "tol"),
         max_steps=_optional(max_steps, positive_int, "max_steps"),
     )
@@ -685,7 +686,7 @@ def monitor(
       tol, max_steps: passed to :func:`geomcollapse.linalg.top_eigenpairs_traced`
         (defaults ``100·eps`` and ``min(n, max(4d, 64))``); ``converged`` is logged.
     """
-    values, reference = _subspace_arrays(subspace)
+    values, reference = subspace_arrays(subspace)
     cfg = _config(
         every,
         rotation_every,
@@ -707,33 +708,38 @@ def monitor(
         finite_leaves(params, "params")
         return _init_state(inner.init(params), params, values, reference, key, capacity)
 
-    def update(
-        updates: PyTree,
-        state: MonitorState,
-        params: PyTree = None,
-        *,
-        fisher_args: tuple | None = None,
-        **extra_args: Any,
-    ):
-        if params is None:
-            raise ValueError("monitor needs params in update: call update(updates, state, params)")
-        args = cfg.fisher_args if fisher_args is None else _args(fisher_args)
-        observed = _observe(cfg, values, reference, state, params, args)
-        new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
-        if cfg.stop:
-            halt = observed.stopped
-            new_updates = jax.tree_util.tree_map(
-                lambda u: jnp.where(halt, jnp.zeros_like(u), u), new_updates
-            )
-            inner_state = jax.tree_util.tree_map(
-                lambda old, new: jnp.where(halt, old, new), state.inner, inner_state
-            )
-        new_state = observed._replace(
-            inner=inner_state, count=optax.safe_int32_increment(state.count)
-        )
-        return new_updates, new_state
-
+    update = functools.partial(_monitored_update, inner, cfg, values, reference)
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _monitored_update(
+    inner: optax.GradientTransformation,
+    cfg: _Config,
+    values: jax.Array,
+    reference: jax.Array,
+    updates: PyTree,
+    state: MonitorState,
+    params: PyTree = None,
+    *,
+    fisher_args: tuple | None = None,
+    **extra_args: Any,
+):
+    """:func:`monitor`'s ``update``: measure when due, then ``inner``'s (frozen once stopped)."""
+    if params is None:
+        raise ValueError("monitor needs params in update: call update(updates, state, params)")
+    args = cfg.fisher_args if fisher_args is None else tuple_arg(fisher_args, "fisher_args")
+    observed = _observe(cfg, values, reference, state, params, args)
+    new_updates, inner_state = inner.update(updates, state.inner, params, **extra_args)
+    if cfg.stop:
+        halt = observed.stopped
+        new_updates = jax.tree_util.tree_map(
+            lambda u: jnp.where(halt, jnp.zeros_like(u), u), new_updates
+        )
+        inner_state = jax.tree_util.tree_map(
+            lambda old, new: jnp.where(halt, old, new), state.inner, inner_state
+        )
+    new_state = observed._replace(inner=inner_state, count=optax.safe_int32_increment(state.count))
+    return new_updates, new_state
 
 
 def monitor_log(state: MonitorState) -> Measurement:

@@ -32,12 +32,17 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves
 from geomcollapse._sharding import is_sharded, stack_combine, stack_dot, tree_dot, tree_norm
+from geomcollapse.curvature import LinearOperator, VectorProduct, linear_operator
+from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 
 __all__ = [
     "OverlapScore",
     "Subspace",
+    "fisher_product",
     "flat_basis",
     "orthogonalized",
+    "subspace_arrays",
+    "warm_eigenpairs",
 ]
 
 PyTree = Any
@@ -274,3 +279,78 @@ def orthogonalized(
         return loss_fn(theta, *args) - jnp.dot(pg, x, precision=_HIGHEST)
 
     return corrected
+
+
+def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
+    """``(λ (d,), V (d, n))`` of a :class:`Subspace`, validated at a public entry point.
+
+    Raises ``ValueError`` naming ``subspace`` unless it is a :class:`Subspace`
+    with ``d ≥ 1`` finite values, as many basis rows, and orthonormal finite rows
+    (:func:`check_orthonormal`).
+    """
+    if not isinstance(subspace, Subspace):
+        raise ValueError(f"subspace must be a geomcollapse Subspace, got {type(subspace).__name__}")
+    values = jnp.asarray(subspace.values)
+    if values.ndim != 1 or values.shape[0] < 1:
+        raise ValueError(f"subspace.values must be (d,) with d ≥ 1, got shape {values.shape}")
+    rows = subspace.rows
+    if rows.shape[0] != values.shape[0]:
+        raise ValueError(
+            f"subspace basis has {rows.shape[0]} rows, subspace.values has {values.shape[0]}"
+        )
+    finite_leaves(values, "subspace.values")
+    finite_leaves(rows, "subspace.basis")
+    check_orthonormal(rows, "subspace.basis")
+    return values, rows
+
+
+def fisher_product(fisher_vp: Any) -> VectorProduct:
+    """``fisher_vp(params, v, *args)`` as a curvature ``VectorProduct``, checked once.
+
+    The Fisher at moving parameters (``θ_k``, ``θ*``) that the monitor and the
+    tracking defence re-find ``M`` with, as :func:`warm_eigenpairs` takes it. A
+    bound :class:`~geomcollapse.curvature.LinearOperator` is refused (it holds
+    fixed params); ``ValueError`` naming ``fisher_vp`` unless it is callable.
+    """
+    if isinstance(fisher_vp, VectorProduct):
+        return fisher_vp
+    if isinstance(fisher_vp, LinearOperator):
+        raise ValueError(
+            "fisher_vp must be the unbound fisher_vp(params, v, *args) (e.g. "
+            "curvature.fisher_vp(logits)), not an operator bound to fixed params"
+        )
+    if not callable(fisher_vp):
+        raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
+    return VectorProduct(fisher_vp)
+
+
+def warm_eigenpairs(
+    fisher_vp: VectorProduct | Callable[..., PyTree],
+    params: PyTree,
+    args: tuple,
+    previous: jax.Array,
+    d: int,
+    keys: tuple[jax.Array, jax.Array],
+    tol: float | None,
+    max_steps: int | None,
+) -> TracedEigenpairs:
+    """``M(params)``: top-``d`` eigenpairs of ``F(params)`` by traced Lanczos, warm-started.
+
+    The start vector is ``Σ_i v_i`` of the ``(d, n)`` rows ``previous`` (the last
+    ``M``) plus a random unit vector (from ``keys[0]``), so a direction rotating
+    into ``M`` is not missed; ``keys[1]`` drives restarts. Traceable (no checks):
+    :func:`geomcollapse.defences.project_out_tracking` and
+    :func:`geomcollapse.monitor.monitor` call it inside ``jit``.
+
+    Args:
+      fisher_vp: ``fisher_vp(params, v, *args) -> F(params) v``.
+      params: the point ``θ`` (a pytree); ``args`` the matvec's extra arguments.
+      previous: ``(d, n)`` rows of the previous basis.
+      d: how many pairs; ``tol``, ``max_steps``: as
+        :func:`geomcollapse.linalg.top_eigenpairs_traced` takes them.
+    """
+    theta = ravel_pytree(params)[0]
+    matvec = linear_operator(fisher_vp, params, *args).raveled()
+    noise = jax.random.normal(keys[0], theta.shape, theta.dtype)
+    v0 = jnp.sum(previous.astype(theta.dtype), axis=0) + noise / jnp.linalg.norm(noise)
+    return top_eigenpairs_traced(matvec, v0, d, key=keys[1], tol=tol, max_steps=max_steps)

@@ -1,8 +1,9 @@
 """Resumable parameter sweeps: over quadratic landscapes, or over any experiment's Config.
 
 **Experiment sweeps.** A config with an ``"experiment"`` key sweeps the
-frozen ``Config`` of an experiment module (``X`` is ``experiments.X``; a
-dotted name is imported as written)::
+frozen ``Config`` of an experiment module (``X`` is the module registered as
+experiment ``X``, :mod:`geomcollapse.registry`: this repository's
+``experiments.X``; a dotted name is imported as written)::
 
     {"experiment": "my_claim", "output": "my_claim.jsonl",
      "base": {"n": 48}, "grid": {"coupling": [0.5, 1.0], "seed": [0, 1, 2]}}
@@ -72,7 +73,9 @@ from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
+    barrier,
     merge_parts,
+    processes,
     read_config_file,
     reject_non_finite,
     reject_unknown,
@@ -326,6 +329,31 @@ def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSumma
     return out
 
 
+def _header(config: SweepConfig) -> str:
+    """A landscape sweep's first line: its name, digest, format, batch size and times."""
+    return json.dumps(
+        {
+            "sweep": config.name,
+            "config_sha256": config.digest,
+            "format": FORMAT_VERSION,
+            "batch_size": config.batch_size,
+            "times": list(config.times),
+        }
+    )
+
+
+def _summarise(evaluate, sharding, runs: list[dict], num_devices: int, ts: jax.Array) -> dict:
+    """One batch's summaries: its landscapes stacked, padded to split evenly, evaluated."""
+    members = [landscape_for(run) for run in runs]
+    pad = (-len(members)) % num_devices  # the batch axis must split evenly
+    stacked = [
+        np.stack([np.asarray(getattr(m, f)) for m in members + members[-1:] * pad])
+        for f in ("A", "c", "F")
+    ]
+    summary = evaluate(*(jax.device_put(a, sharding) for a in stacked), ts)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[: len(runs)], summary)
+
+
 def run_sweep(
     config: SweepConfig | _experiment_sweep.ExperimentSweepConfig,
     *,
@@ -359,7 +387,7 @@ def run_sweep(
         raise ValueError("outdir and batch_seeds apply to experiment sweeps only")
     if not jax.config.jax_enable_x64:
         raise ValueError("sweeps run in float64: enable jax_enable_x64 first")
-    process, count = _experiment_sweep.processes()
+    process, count = processes()
     if devices is None:  # several processes: each shards its batches over its own devices
         devices = jax.devices() if count == 1 else jax.local_devices()
     devices = list(devices)
@@ -367,15 +395,7 @@ def run_sweep(
     batches = plan_batches(config)
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; 'output' must name a file")
-    header = json.dumps(
-        {
-            "sweep": config.name,
-            "config_sha256": config.digest,
-            "format": FORMAT_VERSION,
-            "batch_size": config.batch_size,
-            "times": list(config.times),
-        }
-    )
+    header = _header(config)
 
     def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
         return _read_groups(p, config, batches)
@@ -394,24 +414,15 @@ def run_sweep(
         d = runs[0]["d"]
         if d not in evaluators:
             evaluators[d] = _evaluator(d, devices)
-        evaluate, sharding = evaluators[d]
-        members = [landscape_for(run) for run in runs]
-        pad = (-len(members)) % len(devices)  # the batch axis must split evenly
-        stacked = [
-            np.stack([np.asarray(getattr(m, f)) for m in members + members[-1:] * pad])
-            for f in ("A", "c", "F")
-        ]
-        summary = evaluate(*(jax.device_put(a, sharding) for a in stacked), ts)
-        count = len(runs)
-        summary = jax.tree_util.tree_map(lambda a, k=count: np.asarray(a)[:k], summary)
+        summary = _summarise(*evaluators[d], runs, len(devices), ts)
         try:
             append(target, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {target} ('output'): {err}") from None
-    _experiment_sweep.barrier("geomcollapse-sweep-computed")
+    barrier("geomcollapse-sweep-computed")
     if process == 0:
         merge_parts(path, header, read)
-    _experiment_sweep.barrier("geomcollapse-sweep-merged")
+    barrier("geomcollapse-sweep-merged")
     return path
 
 

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse._checks import finite_leaves, prng_key
-from geomcollapse._diagnose import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
+from geomcollapse.curvature import leaf_paths
+from geomcollapse.diagnosis import DEFAULT_ORDER, Diagnosis, check_plan, diagnose
 from geomcollapse.models import TransformerConfig
 
 __all__ = ["TokenFile", "diagnose_checkpoint", "read_checkpoint_config", "read_token_file"]
@@ -175,6 +176,25 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
     if role not in ROLES:
         raise ValueError(f"role must be 'skill' or 'task', got {role!r}")
     path = Path(path)
+    data = _read_any(path)
+    tokens, lengths = _checked_tokens(data, path, config)
+    start = _answer_start(data, path, role, lengths)
+    if role == "skill":
+        targets = np.zeros(tokens.shape, np.int32)
+        mask = np.zeros(tokens.shape, np.float32)
+    else:
+        targets, mask = _task_targets_and_mask(data, path, config, tokens, lengths, start)
+    return TokenFile(
+        tokens.astype(np.int32),
+        np.asarray(targets, np.int32),
+        mask,
+        np.asarray(start, np.int32),
+        lengths.astype(np.int32),
+    )
+
+
+def _read_any(path: Path) -> dict:
+    """The arrays of a ``.npy``, ``.npz`` or ``.jsonl`` file; ``ValueError`` naming ``path``."""
     if not path.exists():
         raise ValueError(f"{path}: no such file")
     if not path.is_file():
@@ -186,7 +206,13 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
         )
     if path.stat().st_size == 0:
         raise ValueError(f"{path}: empty file")
-    data = {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl}[path.suffix](path)
+    return {".npy": _read_npy, ".npz": _read_npz, ".jsonl": _read_jsonl}[path.suffix](path)
+
+
+def _checked_tokens(
+    data: dict, path: Path, config: TransformerConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(tokens (N, T), lengths (N,))``: 2-D, non-empty, within the context and vocabulary."""
     tokens = _ids(data["tokens"], path, "tokens")
     if tokens.ndim != 2:
         raise ValueError(
@@ -207,6 +233,12 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
             f"{path}: token ids must lie in [0, {config.vocab}) (the checkpoint's vocabulary), "
             f"got ids in [{lo}, {hi}]"
         )
+    return tokens, lengths
+
+
+def _answer_start(data: dict, path: Path, role: str, lengths: np.ndarray) -> np.ndarray:
+    """Each row's ``answer_start``, checked; where a row gives none, the role's default."""
+    N = lengths.shape[0]
     start = None
     if "answer_start" in data:
         start = _ids(data["answer_start"], path, "answer_start")
@@ -223,62 +255,61 @@ def read_token_file(path: str | Path, role: str, config: TransformerConfig) -> T
             )
     default = lengths - 1 if role == "skill" else np.zeros(N, lengths.dtype)
     if "answer_start" in data and "start_missing" in data:  # .jsonl rows without one
-        start = np.where(data["start_missing"], default, start)
-    elif "answer_start" not in data:
-        start = default
+        return np.where(data["start_missing"], default, start)
+    return default if start is None else start
+
+
+def _task_targets_and_mask(
+    data: dict,
+    path: Path,
+    config: TransformerConfig,
+    tokens: np.ndarray,
+    lengths: np.ndarray,
+    start: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A task file's next-token ``targets`` and loss ``mask`` (given, checked, or derived)."""
+    N, T = tokens.shape
     positions = np.arange(T)[None, :]
-    if role == "skill":
-        targets = np.zeros((N, T), np.int32)
-        mask = np.zeros((N, T), np.float32)
-    else:
-        if int(lengths.max()) < 2:
+    if int(lengths.max()) < 2:
+        raise ValueError(
+            f"{path}: task sequences need at least 2 tokens (a next-token target), "
+            f"got rows of length {int(lengths.max())}"
+        )
+    if "targets" in data:
+        targets = _ids(data["targets"], path, "targets")
+        if targets.shape != (N, T):
             raise ValueError(
-                f"{path}: task sequences need at least 2 tokens (a next-token target), "
-                f"got rows of length {int(lengths.max())}"
+                f"{path}: targets must have the tokens' shape {(N, T)}, got {targets.shape}"
             )
-        if "targets" in data:
-            targets = _ids(data["targets"], path, "targets")
-            if targets.shape != (N, T):
-                raise ValueError(
-                    f"{path}: targets must have the tokens' shape {(N, T)}, got {targets.shape}"
-                )
-            t_lo, t_hi = int(targets.min()), int(targets.max())
-            if t_lo < 0 or t_hi >= config.vocab:
-                raise ValueError(
-                    f"{path}: targets must lie in [0, {config.vocab}) (the checkpoint's "
-                    f"vocabulary), got ids in [{t_lo}, {t_hi}]"
-                )
-        else:  # the next token; a row's last position (and padding) has none
-            targets = np.concatenate([tokens[:, 1:], np.zeros((N, 1), tokens.dtype)], axis=1)
-        if "mask" in data:
-            mask = np.asarray(data["mask"])
-            if mask.shape != (N, T):
-                raise ValueError(
-                    f"{path}: mask must have the tokens' shape {(N, T)}, got {mask.shape}"
-                )
-            if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool) or not np.all(
-                np.isin(mask, (0, 1))
-            ):
-                raise ValueError(f"{path}: mask must hold only 0 and 1")
-            mask = mask.astype(np.float32)
-            if "targets" not in data and np.any(mask * (positions > lengths[:, None] - 2)):
-                raise ValueError(
-                    f"{path}: mask selects a position with no next token (a row's last "
-                    "token or its padding); give 'targets' or mask those positions out"
-                )
-        else:
-            mask = ((positions >= start[:, None]) & (positions <= lengths[:, None] - 2)).astype(
-                np.float32
+        t_lo, t_hi = int(targets.min()), int(targets.max())
+        if t_lo < 0 or t_hi >= config.vocab:
+            raise ValueError(
+                f"{path}: targets must lie in [0, {config.vocab}) (the checkpoint's "
+                f"vocabulary), got ids in [{t_lo}, {t_hi}]"
             )
-        if not np.any(mask):
-            raise ValueError(f"{path}: the loss mask selects no target position")
-    return TokenFile(
-        tokens.astype(np.int32),
-        np.asarray(targets, np.int32),
-        mask,
-        np.asarray(start, np.int32),
-        lengths.astype(np.int32),
-    )
+    else:  # the next token; a row's last position (and padding) has none
+        targets = np.concatenate([tokens[:, 1:], np.zeros((N, 1), tokens.dtype)], axis=1)
+    if "mask" in data:
+        mask = np.asarray(data["mask"])
+        if mask.shape != (N, T):
+            raise ValueError(f"{path}: mask must have the tokens' shape {(N, T)}, got {mask.shape}")
+        if not (np.issubdtype(mask.dtype, np.number) or mask.dtype == bool) or not np.all(
+            np.isin(mask, (0, 1))
+        ):
+            raise ValueError(f"{path}: mask must hold only 0 and 1")
+        mask = mask.astype(np.float32)
+        if "targets" not in data and np.any(mask * (positions > lengths[:, None] - 2)):
+            raise ValueError(
+                f"{path}: mask selects a position with no next token (a row's last "
+                "token or its padding); give 'targets' or mask those positions out"
+            )
+    else:
+        mask = ((positions >= start[:, None]) & (positions <= lengths[:, None] - 2)).astype(
+            np.float32
+        )
+    if not np.any(mask):
+        raise ValueError(f"{path}: the loss mask selects no target position")
+    return targets, mask
 
 
 def read_checkpoint_config(directory: str | Path) -> TransformerConfig:
@@ -315,9 +346,8 @@ def _finite_weights(params: Any, directory: str | Path) -> None:
     """Raise, naming the checkpoint and its first bad array, if a weight is NaN or ±inf."""
     from flax import nnx
 
-    from geomcollapse.checkpoint import _leaf_names
-
-    for name, leaf in _leaf_names(nnx.to_pure_dict(params)):
+    pure = nnx.to_pure_dict(params)
+    for name, leaf in zip(leaf_paths(pure), jax.tree_util.tree_leaves(pure), strict=True):
         try:
             finite_leaves(leaf, name)
         except ValueError as err:

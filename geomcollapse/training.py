@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from geomcollapse import flow, tasks
+from geomcollapse import tasks
 from geomcollapse._checks import positive_int, prng_key
+from geomcollapse._phi import phi2
 from geomcollapse._progress import progress_bar
 
 __all__ = [
@@ -113,7 +114,7 @@ def kl_from_logit_change(reference_logits: jax.Array, delta: jax.Array) -> jax.A
         )
     p = jax.nn.softmax(reference_logits, axis=-1)
     centred = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
-    return jnp.log1p(jnp.sum(p * centred**2 * flow.phi2(centred), axis=-1))
+    return jnp.log1p(jnp.sum(p * centred**2 * phi2(centred), axis=-1))
 
 
 def kl_skill_loss(logits_fn: LogitsFn) -> Callable[..., jax.Array]:

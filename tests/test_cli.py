@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from experiments import reproduce
-from geomcollapse import cli, linalg
+from experiments import _common, reproduce
+from geomcollapse import cli, linalg, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,6 +54,34 @@ def test_version_help_and_bad_flags(tmp_path):
 def test_cli_lists_the_main_jobs_experiments():
     assert list(cli.EXPERIMENTS) == [m.NAME for m in reproduce.EXPERIMENTS]
     assert cli.TRANSFORMER == {m.NAME for m in reproduce.EXPERIMENTS if "transformer" in m.NAME}
+
+
+def test_experiments_register_themselves_and_the_checkout_table_matches():
+    modules = {m.NAME: m for m in reproduce.EXPERIMENTS}
+    entries = registry.registered(registry.EXPERIMENT_GROUP)
+    assert set(entries) == set(modules) == set(cli.EXPERIMENTS)
+    for name, module in modules.items():
+        assert registry.load_experiment(name) is module
+    assert registry.command("run") is _common.run_command
+    assert registry.command("reproduce") is reproduce.reproduce_command
+    assert registry.command("no_such_command") is None
+    for group in (registry.EXPERIMENT_GROUP, registry.COMMAND_GROUP):  # installed == pyproject
+        table = registry._checkout_table(group)
+        assert table == {name: ep.value for name, ep in registry.registered(group).items()}
+    with pytest.raises(ValueError, match=r"unknown experiment 'figures': not registered"):
+        registry.experiment_module("figures")
+
+
+def test_a_checkout_run_without_installing_reads_its_pyproject(monkeypatch):
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points", lambda group: [])
+    assert registry.command("run") is _common.run_command
+    assert registry.experiment_module("defences") == "experiments.defences"
+
+
+def test_without_registered_commands_run_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "registered", lambda group: {})
+    assert cli.main(["run", "gd_vs_flow"]) == 2
+    assert "no experiments are registered" in capsys.readouterr().err
 
 
 def test_progress_prints_a_line_per_stage_when_not_a_terminal(capfd):

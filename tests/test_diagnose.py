@@ -21,7 +21,6 @@ from jax.flatten_util import ravel_pytree
 
 import geomcollapse
 from geomcollapse import checkpoint, cli, models, training
-from geomcollapse._diagnose import crossing_step, first_order_time
 from tests.conftest import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -193,26 +192,100 @@ def test_hutchinson_trace_on_the_lanczos_route(clean):
     assert abs(dg.aic.tail_mass - tail) <= 4 * dg.trace_stderr
 
 
-def test_crossing_step_and_first_order_time_against_brute_force():
-    rng = np.random.default_rng(1)
-    lr = 0.01
-    ks = np.arange(1, 3001)
-    for _ in range(40):
-        coeffs = np.r_[0.0, rng.standard_normal(4) * [0.1, 1, 1, 0.5]]
-        threshold = float(rng.uniform(0.01, 2.0))
-        values = np.polynomial.polynomial.polyval(lr * ks, coeffs)
-        hits = ks[values >= threshold]
-        t_max = float(rng.uniform(1, 40))
-        inside = hits[lr * hits <= t_max]
-        assert crossing_step(coeffs, threshold, lr, t_max) == (inside[0] if inside.size else None)
-    c = [0.0, 2.0, 1.0, 0.0, 4.0]  # t₁: 2t = t² + 4t⁴
-    t1 = first_order_time(c, 1.0)
-    assert 2.0 * t1 == pytest.approx(1.0 * t1**2 + 4.0 * t1**4)
-    assert math.isnan(first_order_time([0.0, 1e-30, 1.0, 1.0, 1.0], 1.0))  # rounding level
-    assert first_order_time([0.0, 1.0, 0.0, 0.0], 1.0) == math.inf  # nothing overtakes it
-
-
 Q = _landscape(np.r_[5.0, 3.0, 1.0, np.full(N - 3, 0.01)])
+
+
+def test_a_jet_failure_is_said_and_recorded_and_changes_no_number(clean):
+    """A task loss ``jet`` cannot expand (softplus, jax-ml/jax#30352, times 0): the series
+    falls back to nested ``jvp`` with a warning, the report says ``'jvp'``, and every
+    coefficient equals the ``jet`` route's on the same quadratic."""
+    dg, F, A, c = clean
+    assert dg.taylor_route == "jet" and "(Taylor route jet)" in dg.to_markdown()
+
+    def task_softplus(theta, A, c, theta_star):
+        return task_L(theta, A, c, theta_star) + 0.0 * jnp.sum(jax.nn.softplus(theta))
+
+    theta_star = jnp.asarray(np.random.default_rng(7).standard_normal(N))
+    with pytest.warns(geomcollapse.series.TaylorFallbackWarning, match="nested jax.jvp"):
+        fallback = geomcollapse.diagnose(
+            skill_u,
+            task_softplus,
+            theta_star,
+            skill_args=(jnp.asarray(F), jnp.zeros(N), theta_star),
+            task_args=(jnp.asarray(A), jnp.asarray(c), theta_star),
+            fisher=fisher_F,
+            key=jax.random.key(0),
+            lr=LR,
+            steps=STEPS,
+            threshold=THRESHOLD,
+            spectrum="lanczos",
+        )
+    assert fallback.taylor_route == "jvp"
+    assert geomcollapse.Diagnosis.from_json(fallback.to_json()).taylor_route == "jvp"
+    np.testing.assert_allclose(
+        fallback.delta_u_coefficients, dg.delta_u_coefficients, rtol=1e-12, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        fallback.projected_coefficients, dg.projected_coefficients, rtol=1e-11, atol=1e-14
+    )
+
+
+def test_a_float32_model_s_projected_window_ignores_float32_rounding():
+    """A rounding guard at the model's dtype. ``g = c`` with ``⟨v₁, g⟩ = 1e-6‖g‖``, within
+    float32 rounding: the projected series' ``c₃`` is then ~1e-6 of ``c₄``, below float32's
+    ``√eps`` (3.5e-4) and above float64's (1.5e-8). Judged at float32's, the float32 window
+    equals the float64 one of ``Pg = 0`` exactly; at float64's, ``c₃`` would set a window of
+    ~5e-6 (3e-5 of it)."""
+    F, A, c, _ = _landscape(np.r_[5.0, 3.0, 1.0, np.full(N - 3, 0.01)])
+    U = np.linalg.eigh(F)[1][:, ::-1][:, :3]
+    c = c - U @ (U.T @ c)  # g = c ⟂ M
+    out = {}
+    for dtype, g in ((np.float64, c), (np.float32, c + 1e-6 * np.linalg.norm(c) * U[:, 0])):
+        theta_star = jnp.asarray(np.random.default_rng(7).standard_normal(N), dtype)
+        out[dtype] = geomcollapse.diagnose(
+            skill_u,
+            task_L,
+            theta_star,
+            skill_args=tuple(jnp.asarray(a, dtype) for a in (F, np.zeros(N), theta_star)),
+            task_args=tuple(jnp.asarray(a, dtype) for a in (A, g, theta_star)),
+            fisher=fisher_F,
+            key=jax.random.key(0),
+            d=3,
+            order=5,
+        )
+    d64, d32 = out[np.float64], out[np.float32]
+    assert d32.dtype == "float32" and 0 < d64.projected_validity_time < np.inf
+    eps32 = np.finfo(np.float32).eps
+    assert rel_err(d32.projected_validity_time, d64.projected_validity_time) < 100 * eps32
+    by_float64_rule = geomcollapse.series.polynomial_validity_time(
+        d32.projected_coefficients, time_scale=d32.time_scale
+    )
+    assert by_float64_rule < 1e-3 * d64.projected_validity_time
+
+
+def test_a_not_symmetric_error_is_classified_by_its_class(monkeypatch):
+    """Lanczos's :class:`geomcollapse.errors.NotSymmetricError` is refused as a bad Fisher;
+    any other ``ValueError`` passes through unchanged, whatever its message says."""
+    from geomcollapse import errors, linalg
+
+    F, A, c, _ = Q
+    assert issubclass(errors.NotSymmetricError, ValueError)
+    B = jnp.asarray(F + np.triu(np.ones((N, N)), 1))
+    with pytest.raises(errors.NotSymmetricError, match="matvec is not symmetric"):
+        linalg.top_eigenpairs(lambda v: B @ v, jnp.zeros(N), 2, key=jax.random.key(0))
+    for error, pattern in (
+        (errors.NotSymmetricError("no words in common"), r"^fisher: .* is not symmetric"),
+        (ValueError("matvec is not symmetric (a plain ValueError)"), r"^matvec is not sym"),
+    ):
+
+        def raising(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(linalg, "top_eigenpairs", raising)
+        with pytest.raises(ValueError, match=pattern):
+            _diagnose_quadratic(F, A, c, np.zeros(N), spectrum="lanczos")
+
+
 TS = jnp.zeros(N)
 GOOD = {
     "skill_args": (jnp.asarray(Q[0]), jnp.zeros(N), TS),
@@ -311,10 +384,10 @@ def _softmax_regression(scale: float, soft: bool):
 def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
     """The noise test alone (not the asymmetry check): ``v₁ᵀFv₁`` redrawn by a 4-ulp move
     of θ* is refused; a real empirical Fisher, even of a loss scaled by 1e-12, is kept."""
-    from geomcollapse._diagnose import _empirical_fvp, _refuse_rounding_noise
+    from geomcollapse.diagnosis.fisher import empirical_fvp, refuse_rounding_noise
 
     def along_top(loss, theta, args):
-        fvp = jax.jit(_empirical_fvp(loss))
+        fvp = jax.jit(empirical_fvp(loss))
         flat, unravel = ravel_pytree(theta)
         F = np.stack([ravel_pytree(fvp(theta, unravel(e), *args))[0] for e in jnp.eye(flat.size)])
         v1 = unravel(jnp.asarray(np.linalg.eigh(0.5 * (F + F.T))[1][:, -1]))
@@ -322,10 +395,10 @@ def test_empirical_fisher_at_rounding_level_is_refused_whatever_its_symmetry():
 
     loss, theta, args = _softmax_regression(1.0, soft=True)
     with pytest.raises(ValueError, match=r"vanishes at params .*4 units in the last place"):
-        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1e-32, jax.random.key(0))
+        refuse_rounding_noise(along_top(loss, theta, args), theta, 1e-32, jax.random.key(0))
     for scale in (1.0, 1e-12):
         loss, theta, args = _softmax_regression(scale, soft=False)
-        _refuse_rounding_noise(along_top(loss, theta, args), theta, 1.0, jax.random.key(0))
+        refuse_rounding_noise(along_top(loss, theta, args), theta, 1.0, jax.random.key(0))
         dg = geomcollapse.diagnose(
             loss, loss, theta, skill_args=args, task_args=args, fisher="empirical", d=2,
             key=jax.random.key(0),

@@ -9,6 +9,7 @@ truncation error of an order-``K`` series is ``O(t^{K+1})``.
 import dataclasses
 import functools
 import math
+import warnings
 
 import diffrax
 import jax
@@ -152,6 +153,7 @@ def test_quadratic_coefficients_match_closed_forms(quadratic, quadratic_series, 
     A, c, F = (np.asarray(a) for a in (q.A, q.c, q.F))
     (lam, basis), get = quadratic_series
     s = get(method)
+    assert s.route == method  # the engine asked for is the one recorded
     assert s.delta_u.shape == (5,) and s.delta_u.dtype == jnp.float64
     assert float(s.delta_u[0]) == 0.0
     c_expected = {
@@ -408,11 +410,56 @@ def test_auto_falls_back_to_jvp_where_jet_fails():
     """softplus is a custom_jvp function that jet mishandles (jax-ml/jax#30352)."""
     data = models.gaussian_mixture(jax.random.key(5), 12, 3, 2, dtype=jnp.float64)
     params = models.mlp_init(jax.random.key(6), (3, 5, 2), dtype=jnp.float64)
-    auto = series.flow_taylor(_softplus_mlp_loss, params, 3, data.x, data.y)
+    with pytest.warns(series.TaylorFallbackWarning, match="2\\^order"):
+        auto = series.flow_taylor(_softplus_mlp_loss, params, 3, data.x, data.y)
     nested = series.flow_taylor(_softplus_mlp_loss, params, 3, data.x, data.y, method="jvp")
     for a, b in zip(auto, nested, strict=True):
         assert rel_err(ravel_pytree(a)[0], ravel_pytree(b)[0]) <= 1e-13
     assert float(jnp.linalg.norm(ravel_pytree(auto[2])[0])) > 0
+
+
+def test_the_series_records_its_route_and_both_routes_equal_the_dense_twin():
+    """``Series.route``: ``'jet'`` where jet expands both losses (no warning), ``'jvp'`` where
+    ``method='auto'`` fell back (with a :class:`series.TaylorFallbackWarning`); each route's
+    ``c₁ = ∇uᵀx₁``, ``c₂ = ∇uᵀx₂ + ½x₁ᵀ∇²u x₁`` (``x₁ = −g``, ``x₂ = ½Hg``) equals the
+    dense twin from ``jax.hessian`` of the raveled losses, and the routes agree to 1e-13."""
+    data = models.gaussian_mixture(jax.random.key(5), 12, 3, 2, dtype=jnp.float64)
+    params = models.mlp_init(jax.random.key(6), (3, 5, 2), dtype=jnp.float64)
+    flat, unravel = ravel_pytree(params)
+
+    def tanh_loss(p, x, y):
+        return models.softmax_cross_entropy(models.mlp_apply(p, x), y)
+
+    def dense_c1_c2(u, task):
+        g = jax.grad(lambda f: task(unravel(f), data.x, data.y))(flat)
+        H = jax.hessian(lambda f: task(unravel(f), data.x, data.y))(flat)
+        grad_u = jax.grad(lambda f: u(unravel(f), data.x, data.y))(flat)
+        hess_u = jax.hessian(lambda f: u(unravel(f), data.x, data.y))(flat)
+        x1, x2 = -g, 0.5 * H @ g
+        return np.array([grad_u @ x1, grad_u @ x2 + 0.5 * x1 @ hess_u @ x1])
+
+    def run(task, method):
+        return series.delta_u_series(
+            tanh_loss,
+            task,
+            params,
+            3,
+            skill_args=(data.x, data.y),
+            task_args=(data.x, data.y),
+            method=method,
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", series.TaylorFallbackWarning)
+        by_jet = run(tanh_loss, "auto")
+    with pytest.warns(series.TaylorFallbackWarning, match="nested jax.jvp"):
+        fallback = run(_softplus_mlp_loss, "auto")
+    assert (by_jet.route, fallback.route) == ("jet", "jvp")
+    assert run(tanh_loss, "jvp").route == "jvp" and run(tanh_loss, "jet").route == "jet"
+    for task, s in ((tanh_loss, by_jet), (_softplus_mlp_loss, fallback)):
+        assert rel_err(s.delta_u[1:3], dense_c1_c2(tanh_loss, task)) <= 1e-12
+    assert rel_err(run(tanh_loss, "jvp").delta_u, by_jet.delta_u) <= 1e-13
+    assert series.Series(by_jet.delta_u, None, None).route is None  # assembled by hand
 
 
 def test_jitted_series_does_not_recompile(mlp_case, high_series):
@@ -469,3 +516,24 @@ def test_inputs_are_validated(quadratic):
     ]:
         with pytest.raises(ValueError, match="subspace"):
             series.delta_u_series(skill_loss, task_loss, theta_star, 2, subspace=subspace)
+
+
+def test_crossing_step_and_first_order_time_against_brute_force():
+    rng = np.random.default_rng(1)
+    lr = 0.01
+    ks = np.arange(1, 3001)
+    for _ in range(40):
+        coeffs = np.r_[0.0, rng.standard_normal(4) * [0.1, 1, 1, 0.5]]
+        threshold = float(rng.uniform(0.01, 2.0))
+        values = np.polynomial.polynomial.polyval(lr * ks, coeffs)
+        hits = ks[values >= threshold]
+        t_max = float(rng.uniform(1, 40))
+        inside = hits[lr * hits <= t_max]
+        assert series.crossing_step(coeffs, threshold, lr, t_max) == (
+            inside[0] if inside.size else None
+        )
+    c = [0.0, 2.0, 1.0, 0.0, 4.0]  # t₁: 2t = t² + 4t⁴
+    t1 = series.first_order_time(c, 1.0)
+    assert 2.0 * t1 == pytest.approx(1.0 * t1**2 + 4.0 * t1**4)
+    assert math.isnan(series.first_order_time([0.0, 1e-30, 1.0, 1.0, 1.0], 1.0))  # rounding level
+    assert series.first_order_time([0.0, 1.0, 0.0, 0.0], 1.0) == math.inf  # nothing overtakes it

@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import aic, landscapes, linalg, models, theory
-from geomcollapse.subspace import Subspace, orthogonalized
+from geomcollapse import aic, curvature, landscapes, linalg, models, theory
+from geomcollapse.subspace import (
+    Subspace,
+    fisher_product,
+    orthogonalized,
+    subspace_arrays,
+    warm_eigenpairs,
+)
 from tests.conftest import rel_err, symmetric_with_spectrum
 
 N, D = 30, 4
@@ -150,3 +156,50 @@ def test_bad_subspace_inputs_raise(dense):
         orthogonalized(lambda p: jnp.sum(p**2), s, jnp.full(N, jnp.nan))
     with pytest.raises(ValueError, match="parameters"):
         orthogonalized(lambda p: jnp.sum(p**2), s, jnp.zeros(N + 1))
+
+
+def test_subspace_arrays_validates_and_returns_values_and_rows(dense):
+    _, lam, V = dense
+    values, rows = subspace_arrays(Subspace.exact(lam[:D], V[:, :D].T))
+    np.testing.assert_array_equal(values, lam[:D])
+    np.testing.assert_array_equal(rows, V[:, :D].T)
+    with pytest.raises(ValueError, match=r"^subspace must be a geomcollapse Subspace"):
+        subspace_arrays((lam[:D], V[:, :D].T))
+    skewed = Subspace.exact(lam[:D], V[:, :D].T)._replace(basis=jnp.asarray(2.0 * V[:, :D].T))
+    with pytest.raises(ValueError, match=r"^subspace.basis must have orthonormal rows"):
+        subspace_arrays(skewed)
+
+
+def test_warm_eigenpairs_match_dense_eigh_from_a_stale_basis(dense):
+    """The warm-started traced Lanczos finds ``M(θ)`` of ``F`` as ``eigh`` does (dense twin)."""
+    F, lam, V = dense
+    Fj = jnp.asarray(F)
+    params = {"w": jnp.zeros(N)}
+
+    def fisher_vp(p, v, matrix):
+        return {"w": matrix @ v["w"]}
+
+    stale = jnp.asarray(np.roll(V[:, :D], 1, axis=0).T)  # some other orthonormal rows
+    keys = tuple(jax.random.split(jax.random.key(0)))
+    pairs = jax.jit(warm_eigenpairs, static_argnums=(0, 4))(
+        fisher_vp, params, (Fj,), stale, D, keys, 1e-10, None
+    )
+    assert bool(pairs.converged)
+    assert rel_err(pairs.values, lam[:D]) < 1e-9
+    P = V[:, :D] @ V[:, :D].T
+    Q = np.asarray(pairs.vectors).T
+    assert np.max(np.abs(Q @ Q.T - P)) < 1e-8  # the same subspace, compared as projectors
+
+
+def test_fisher_product_wraps_a_function_and_refuses_a_bound_operator_or_a_non_callable():
+    def fvp(params, v):
+        return v
+
+    wrapped = fisher_product(fvp)
+    assert isinstance(wrapped, curvature.VectorProduct) and wrapped.fn is fvp
+    assert fisher_product(wrapped) is wrapped
+    bound = curvature.linear_operator(fvp, {"w": jnp.zeros(3)})
+    with pytest.raises(ValueError, match=r"^fisher_vp must be the unbound fisher_vp"):
+        fisher_product(bound)
+    with pytest.raises(ValueError, match=r"^fisher_vp must be callable, got int"):
+        fisher_product(3)

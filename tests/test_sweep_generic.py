@@ -191,7 +191,7 @@ def test_a_changed_config_or_experiment_refuses_to_resume(tmp_path):
         ({"grid": {"a": 1.0}}, r"grid\['a'\] must be a non-empty list"),
         (
             {"experiment": "no_such_claim"},
-            r"unknown experiment 'no_such_claim': no module 'experiments\.no_such_claim'",
+            r"unknown experiment 'no_such_claim': not registered \(registered: \[.*'defences'",
         ),
         ({"experiment": "tests.no_such_toy"}, r"no module 'tests\.no_such_toy'"),
         ({"experiment": "geomcollapse.theory"}, "defines no frozen dataclass Config"),

@@ -1,6 +1,22 @@
-"""Curvature operators (gradient, HVP, GGN-VP, Fisher-VP), block-diagonal parts, pytree helpers."""
+"""Curvature operators (gradient, HVP, GGN-VP, Fisher-VP), block-diagonal parts, pytree helpers.
+
+One operator type: :class:`LinearOperator` (docs/library.md "Operators").
+"""
 
 from geomcollapse.curvature._blocks import block_diagonal, layer_key, leaf_groups
+from geomcollapse.curvature._operator import (
+    LinearOperator,
+    Space,
+    VectorProduct,
+    apply,
+    as_operator,
+    deflated,
+    flat_matvec,
+    host_matvec,
+    keyed,
+    linear_operator,
+    space_of,
+)
 from geomcollapse.curvature._operators import (
     empirical_fisher_vp,
     fisher_vp,
@@ -19,19 +35,30 @@ from geomcollapse.curvature._pytree import (
 )
 
 __all__ = [
+    "LinearOperator",
+    "Space",
+    "VectorProduct",
+    "apply",
+    "as_operator",
     "block_diagonal",
+    "deflated",
     "empirical_fisher_vp",
     "fisher_vp",
+    "flat_matvec",
     "ggn_vp",
     "gradient",
     "hessian_vp",
+    "host_matvec",
+    "keyed",
     "layer_key",
     "leaf_groups",
     "leaf_paths",
+    "linear_operator",
     "num_params",
     "per_example_gradients",
     "ravel",
     "restrict",
     "select",
+    "space_of",
     "substitute",
 ]

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import same_structure
+from geomcollapse.curvature._operator import VectorProduct
 from geomcollapse.curvature._pytree import leaf_paths
 
 PyTree = Any
@@ -97,9 +98,7 @@ def _masks(params: PyTree, by: Grouping) -> jax.Array:
     return jnp.asarray(rows)
 
 
-def block_diagonal(
-    operator_vp: Callable[..., PyTree], by: Grouping = "tensor"
-) -> Callable[..., PyTree]:
+def block_diagonal(operator_vp: Callable[..., PyTree], by: Grouping = "tensor") -> VectorProduct:
     """The block-diagonal part of a symmetric operator over a partition of the parameters.
 
     ``(A_bd v)_g = A_gg v_g``: ``v`` restricted to each group ``g`` (zero
@@ -114,8 +113,10 @@ def block_diagonal(
         a key function or explicit groups).
 
     Returns:
-      ``bd(params, v, *args)``, a pytree like ``params``; jit-able (the
-      partition is read from the static pytree structure).
+      ``bd(params, v, *args)``, a pytree like ``params``, as a
+      :class:`geomcollapse.curvature.VectorProduct` (``bd.bind(params, *args)``
+      is the operator); jit-able (the partition is read from the static pytree
+      structure).
     """
 
     def bd(params: PyTree, v: PyTree, *args: Any) -> PyTree:
@@ -139,4 +140,5 @@ def block_diagonal(
         acc, _ = jax.lax.scan(step, zeros, masks)
         return jax.tree_util.tree_unflatten(treedef, acc)
 
-    return bd
+    groups = by if isinstance(by, str) or callable(by) else tuple(tuple(g) for g in by)
+    return VectorProduct(bd, ("block_diagonal", operator_vp, groups))

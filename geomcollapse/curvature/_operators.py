@@ -1,7 +1,9 @@
 """Matrix-free curvature operators over parameter pytrees.
 
 Every factory takes a loss (or model) function whose first argument is the
-parameter pytree and returns a pure, jit-able function. Vectors ``v`` are
+parameter pytree and returns a :class:`VectorProduct`: a pure, jit-able
+``fvp(params, v, *args)`` whose ``bind(params, *args)`` is the
+:class:`LinearOperator` at ``params`` (docs/library.md "Operators"). Vectors ``v`` are
 pytrees with the structure, shapes and dtypes of ``params``; a mismatch raises
 ``ValueError`` at trace time. Symbols follow docs/theory.md §1: ``g = ∇L``,
 ``H = ∇g``, ``F = Jᵀ(diag p − ppᵀ)J``.
@@ -16,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import floating_leaves, same_structure
+from geomcollapse.curvature._operator import VectorProduct
 
 PyTree = Any
 
@@ -30,7 +33,7 @@ def gradient(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
     return grad_fn
 
 
-def hessian_vp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
+def hessian_vp(loss_fn: Callable[..., jax.Array]) -> VectorProduct:
     """Hessian-vector product ``H v`` by forward-over-reverse differentiation.
 
     Returns ``hvp(params, v, *args)``; cost ≈ 2 gradients (one jvp of the
@@ -42,7 +45,7 @@ def hessian_vp(loss_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
         same_structure(params, v, "params", "v")
         return jax.jvp(lambda p: grad_fn(p, *args), (params,), (v,))[1]
 
-    return hvp
+    return VectorProduct(hvp, ("hessian_vp", loss_fn))
 
 
 def _jvp_and_vjp(
@@ -64,7 +67,7 @@ def _jvp_and_vjp(
 def ggn_vp(
     predict_fn: Callable[..., jax.Array],
     output_loss_fn: Callable[..., jax.Array],
-) -> Callable[..., PyTree]:
+) -> VectorProduct:
     """Generalized Gauss-Newton-vector product ``Jᵀ ∇²_z ℓ(z) J v``.
 
     Args:
@@ -83,10 +86,10 @@ def ggn_vp(
         hjv = jax.jvp(out_grad, (z,), (jv,))[1]
         return jt(hjv)
 
-    return ggn
+    return VectorProduct(ggn, ("ggn_vp", predict_fn, output_loss_fn))
 
 
-def fisher_vp(logits_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
+def fisher_vp(logits_fn: Callable[..., jax.Array]) -> VectorProduct:
     """True Fisher-vector product for categorical (softmax) outputs.
 
     ``F v = (1/N) Σ_i J_iᵀ (diag p_i − p_i p_iᵀ) J_i v`` with ``p_i = softmax(z_i)``,
@@ -109,7 +112,7 @@ def fisher_vp(logits_fn: Callable[..., jax.Array]) -> Callable[..., PyTree]:
         u = p * jv - p * jnp.sum(p * jv, axis=-1, keepdims=True)
         return jt(u / num_rows)
 
-    return fvp
+    return VectorProduct(fvp, ("fisher_vp", logits_fn))
 
 
 def per_example_gradients(
@@ -133,7 +136,7 @@ def per_example_gradients(
 
 def empirical_fisher_vp(
     example_loss_fn: Callable[..., jax.Array],
-) -> Callable[..., PyTree]:
+) -> VectorProduct:
     """Empirical Fisher-vector product ``(1/m) Gᵀ G v`` with ``G`` the per-example gradients.
 
     Computed as one jvp and one transpose of the map ``θ ↦ (ℓ_1, …, ℓ_m)``, so
@@ -155,4 +158,4 @@ def empirical_fisher_vp(
         _, gv, gt = _jvp_and_vjp(losses, params, v, (batch, *args))
         return gt(gv / gv.shape[0])
 
-    return efvp
+    return VectorProduct(efvp, ("empirical_fisher_vp", example_loss_fn))

@@ -13,16 +13,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse import flow, theory
+from geomcollapse import theory
 from geomcollapse._checks import (
     finite_float,
+    is_concrete,
     positive_float,
     positive_int,
     prng_key,
     subspace_dim,
 )
+from geomcollapse._phi import phi2
 from geomcollapse._precision import float_dtype
-from geomcollapse.landscapes._quadratic import _is_concrete
 from geomcollapse.subspace import Subspace
 
 
@@ -91,7 +92,7 @@ class LogisticLandscape:
 
     def __post_init__(self):
         leaves = dataclasses.astuple(self)
-        if not all(_is_concrete(x) for x in leaves) or np.ndim(self.theta_star) != 1:
+        if not all(is_concrete(x) for x in leaves) or np.ndim(self.theta_star) != 1:
             return  # traced, or a batch (built by make_logistic_batch from valid draws)
         ws, wf = np.shape(self.skill_features), np.shape(self.task_features)
         if len(ws) != 3 or len(wf) != 3 or ws[1:] != wf[1:]:
@@ -140,7 +141,7 @@ class LogisticLandscape:
         p = jax.nn.softmax(_logits(ws, self.theta_star), axis=-1)
         delta = jnp.einsum("kcn,tn->tkc", ws, x_rows)
         centred = delta - jnp.sum(p * delta, axis=-1, keepdims=True)
-        curved = jnp.log1p(jnp.sum(p * centred**2 * flow.phi2(centred), axis=-1))
+        curved = jnp.log1p(jnp.sum(p * centred**2 * phi2(centred), axis=-1))
         out = jnp.mean(jnp.sum((p - ys) * delta, axis=-1) + curved, axis=-1)
         return jnp.reshape(out, jnp.shape(x)[:-1])
 

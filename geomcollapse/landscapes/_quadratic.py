@@ -18,6 +18,7 @@ from geomcollapse import flow, theory
 from geomcollapse._checks import (
     finite_float,
     finite_leaves,
+    is_concrete,
     positive_float,
     positive_int,
     prng_key,
@@ -25,11 +26,6 @@ from geomcollapse._checks import (
 )
 from geomcollapse._precision import float_dtype
 from geomcollapse.subspace import Subspace
-
-
-def _is_concrete(x) -> bool:
-    """A real array (not a tracer, nor a placeholder JAX puts in while unflattening)."""
-    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
 def _check_symmetric(M, name: str, psd: bool) -> None:
@@ -75,7 +71,7 @@ class QuadraticLandscape:
     d: int | None = dataclasses.field(default=None, metadata={"static": True})
 
     def __post_init__(self):
-        if not all(_is_concrete(x) for x in (self.A, self.c, self.F)):
+        if not all(is_concrete(x) for x in (self.A, self.c, self.F)):
             return
         for name in ("A", "c", "F"):
             finite_leaves(getattr(self, name), name)
@@ -162,6 +158,75 @@ class QuadraticLandscape:
         return self._projected_half_sq(flow.quadratic_gd(self.A, self.c, eta, ks), d)
 
 
+def _top_values(top: Sequence[float], d: int) -> np.ndarray:
+    """``top`` as ``d`` finite positive eigenvalues, largest first."""
+    try:
+        top = np.sort(np.asarray(top, np.float64))[::-1]
+    except (TypeError, ValueError):
+        raise ValueError(f"top must be a sequence of d={d} numbers, got {top!r}") from None
+    if top.shape != (d,) or not np.all(np.isfinite(top)) or np.any(top <= 0):
+        raise ValueError(f"top must hold d={d} finite positive eigenvalues, got {top}")
+    return top
+
+
+def _non_negative(value: float, name: str) -> float:
+    value = finite_float(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be ≥ 0, got {value}")
+    return value
+
+
+def _tail(top: np.ndarray, tail_mass: float, size: int) -> np.ndarray:
+    """``size`` geometric (ratio ½) tail eigenvalues summing to ``tail_mass``, all < ``λ_d``."""
+    weights = 0.5 ** np.arange(size)
+    tail = tail_mass * weights / weights.sum()
+    if tail.size and tail[0] >= top[-1]:
+        raise ValueError(
+            f"tail_mass={tail_mass} puts a tail eigenvalue {tail[0]:.3g} above λ_d={top[-1]:.3g}"
+        )
+    return tail
+
+
+def _kappa_for(coupling: float, epsilon: float, g_vec: np.ndarray, h_vec: np.ndarray) -> float:
+    """``κ ≥ 0`` with ``‖g + κ h‖ = γ`` (``g = S(PBc)``, ``h = (wᵀc) S u``): a quadratic in κ."""
+    qa, qb, qc = h_vec @ h_vec, 2 * g_vec @ h_vec, g_vec @ g_vec - coupling**2
+    disc = qb**2 - 4 * qa * qc
+    if qa == 0 or disc < 0:
+        raise ValueError(
+            f"coupling={coupling} is out of reach with epsilon={epsilon}: the smallest "
+            f"attainable γ here is {np.sqrt(max(g_vec @ g_vec - qb**2 / (4 * qa), 0)):.3g}"
+        )
+    roots = [(-qb + s * np.sqrt(disc)) / (2 * qa) for s in (1, -1)]
+    return min((r for r in roots if r >= 0), default=max(roots))
+
+
+def _draw(key, n: int, d: int, lam, curvature_scale: float, epsilon: float, c_perp_norm: float):
+    """``(V_M, F, B, u, w, c)`` of :func:`make_quadratic_landscape`, seven draws from ``key``."""
+    keys = jax.random.split(key, 7)
+
+    def normal(k, shape):  # float64 draws under x64, else float32 (no narrowing warning)
+        return np.asarray(jax.random.normal(k, shape, jax.dtypes.canonicalize_dtype(jnp.float64)))
+
+    V, _ = np.linalg.qr(normal(keys[0], (n, n)))
+    Vm, Vp = V[:, :d], V[:, d:]
+    F = (V * lam) @ V.T
+
+    def psd_block(k, m):
+        G = normal(k, (m, m))
+        return curvature_scale * (G @ G.T) / m
+
+    B = Vm @ psd_block(keys[1], d) @ Vm.T + Vp @ psd_block(keys[2], n - d) @ Vp.T
+    u = Vm @ normal(keys[3], (d,))
+    u /= np.linalg.norm(u)
+    w = Vp @ normal(keys[4], (n - d,))
+    w /= np.linalg.norm(w)
+    p = Vm @ normal(keys[5], (d,))
+    p /= np.linalg.norm(p)
+    cp = Vp @ normal(keys[6], (n - d,))
+    cp *= c_perp_norm / np.linalg.norm(cp)
+    return Vm, F, B, u, w, epsilon * p + cp
+
+
 def make_quadratic_landscape(
     key: jax.Array,
     n: int,
@@ -202,72 +267,27 @@ def make_quadratic_landscape(
     n = positive_int(n, "n")
     d = subspace_dim(d, n)
     dtype = float_dtype(dtype)
-    try:
-        top = np.sort(np.asarray(top, np.float64))[::-1]
-    except (TypeError, ValueError):
-        raise ValueError(f"top must be a sequence of d={d} numbers, got {top!r}") from None
-    if top.shape != (d,) or not np.all(np.isfinite(top)) or np.any(top <= 0):
-        raise ValueError(f"top must hold d={d} finite positive eigenvalues, got {top}")
-    tail_mass = finite_float(tail_mass, "tail_mass")
-    epsilon = finite_float(epsilon, "epsilon")
-    curvature_scale = finite_float(curvature_scale, "curvature_scale")
-    for name, value in (("tail_mass", tail_mass), ("epsilon", epsilon)):
-        if value < 0:
-            raise ValueError(f"{name} must be ≥ 0, got {value}")
-    if curvature_scale < 0:
-        raise ValueError(f"curvature_scale must be ≥ 0, got {curvature_scale}")
+    top = _top_values(top, d)
+    tail_mass, epsilon, curvature_scale = (
+        _non_negative(value, name)
+        for name, value in (
+            ("tail_mass", tail_mass),
+            ("epsilon", epsilon),
+            ("curvature_scale", curvature_scale),
+        )
+    )
     c_perp_norm = positive_float(c_perp_norm, "c_perp_norm")
     if (coupling is None) == (kappa is None):
         raise ValueError("give exactly one of coupling (target γ) or kappa")
-    if coupling is not None and finite_float(coupling, "coupling") < 0:
-        raise ValueError(f"coupling must be ≥ 0, got {coupling}")
+    if coupling is not None:
+        _non_negative(coupling, "coupling")
     if kappa is not None:
         kappa = finite_float(kappa, "kappa")
-    ratio = 0.5
-    weights = ratio ** np.arange(n - d)
-    tail = tail_mass * weights / weights.sum()
-    if tail.size and tail[0] >= top[-1]:
-        raise ValueError(
-            f"tail_mass={tail_mass} puts a tail eigenvalue {tail[0]:.3g} above λ_d={top[-1]:.3g}"
-        )
-    lam = np.concatenate([top, tail])
-    keys = jax.random.split(key, 7)
-
-    def normal(k, shape):  # float64 draws under x64, else float32 (no narrowing warning)
-        return np.asarray(jax.random.normal(k, shape, jax.dtypes.canonicalize_dtype(jnp.float64)))
-
-    V, _ = np.linalg.qr(normal(keys[0], (n, n)))
-    Vm, Vp = V[:, :d], V[:, d:]
-    F = (V * lam) @ V.T
-
-    def psd_block(k, m):
-        G = normal(k, (m, m))
-        return curvature_scale * (G @ G.T) / m
-
-    B = Vm @ psd_block(keys[1], d) @ Vm.T + Vp @ psd_block(keys[2], n - d) @ Vp.T
-    u = Vm @ normal(keys[3], (d,))
-    u /= np.linalg.norm(u)
-    w = Vp @ normal(keys[4], (n - d,))
-    w /= np.linalg.norm(w)
-    p = Vm @ normal(keys[5], (d,))
-    p /= np.linalg.norm(p)
-    cp = Vp @ normal(keys[6], (n - d,))
-    cp *= c_perp_norm / np.linalg.norm(cp)
-    c = epsilon * p + cp
+    lam = np.concatenate([top, _tail(top, tail_mass, n - d)])
+    Vm, F, B, u, w, c = _draw(key, n, d, lam, curvature_scale, epsilon, c_perp_norm)
     S = np.sqrt(lam[:d])[:, None] * Vm.T  # F^{1/2}P as a (d, n) map
     if kappa is None:
-        # ‖S(PBc) + κ (wᵀc) S u‖ = γ: a quadratic in κ; take its non-negative root.
-        g_vec = S @ (B @ c)
-        h_vec = float(w @ c) * (S @ u)
-        qa, qb, qc = h_vec @ h_vec, 2 * g_vec @ h_vec, g_vec @ g_vec - coupling**2
-        disc = qb**2 - 4 * qa * qc
-        if qa == 0 or disc < 0:
-            raise ValueError(
-                f"coupling={coupling} is out of reach with epsilon={epsilon}: the smallest "
-                f"attainable γ here is {np.sqrt(max(g_vec @ g_vec - qb**2 / (4 * qa), 0)):.3g}"
-            )
-        roots = [(-qb + s * np.sqrt(disc)) / (2 * qa) for s in (1, -1)]
-        kappa = min((r for r in roots if r >= 0), default=max(roots))
+        kappa = _kappa_for(coupling, epsilon, S @ (B @ c), float(w @ c) * (S @ u))
     A = B + kappa * (np.outer(u, w) + np.outer(w, u))
     A = 0.5 * (A + A.T)
     return QuadraticLandscape(

@@ -104,6 +104,8 @@ from geomcollapse._sharding import (
     tree_dot,
     tree_norm,
 )
+from geomcollapse.curvature import host_matvec
+from geomcollapse.errors import NotSymmetricError
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -615,7 +617,7 @@ def _run_lanczos(
         if j >= 1:
             asym = max(abs(coupling - betas[j - 1]), off)
             if asym > sym_tol * scale:
-                raise ValueError(
+                raise NotSymmetricError(
                     "matvec is not symmetric: <q_i, A q_j> differs from <A q_i, q_j> "
                     f"by {asym:.3g} (relative {asym / scale:.3g}) at matvec {j + 1}"
                 )
@@ -693,8 +695,10 @@ def top_eigenpairs(
     """Top-``k`` eigenpairs of a symmetric operator, stopped on Ritz residuals.
 
     Args:
-      matvec: ``v -> A v`` for a symmetric ``A``; ``v`` and ``A v`` are like
-        ``like``. Jit it (with its data as arguments, not closures) for speed.
+      matvec: a :class:`geomcollapse.curvature.LinearOperator` (applied
+        compiled), or ``v -> A v`` for a symmetric ``A``, called as given;
+        ``v`` and ``A v`` are like ``like``. Jit a plain one (with its data as
+        arguments, not closures) for speed.
       like: an example vector: a 1-D array ``(n,)`` or a pytree of floating
         arrays. Its dtype is the working and output dtype. If its leaves are
         sharded over a mesh (``NamedSharding``, one dtype), every Lanczos
@@ -719,6 +723,7 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
+    matvec = host_matvec(matvec, like)  # a LinearOperator runs compiled; a plain matvec as given
     sharded = is_sharded(like)
     if sharded:  # vectors stay pytrees sharded like `like` (geomcollapse._sharding)
         ops = _TreeOps(Layout(like, "like"))

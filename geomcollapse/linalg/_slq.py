@@ -19,6 +19,7 @@ import numpy as np
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
+from geomcollapse.curvature import host_matvec
 from geomcollapse.linalg._lanczos import _run_lanczos, _tridiagonal, flat_operator
 
 PyTree = Any
@@ -47,7 +48,8 @@ def spectral_density(
     """SLQ quadrature nodes and weights of a symmetric operator.
 
     Args:
-      matvec: ``v -> A v`` on vectors like ``like`` (1-D array or pytree).
+      matvec: a :class:`geomcollapse.curvature.LinearOperator`, or ``v -> A v``
+        on vectors like ``like`` (1-D array or pytree).
       like: example vector fixing shape and dtype.
       key: ``jax.random`` key for the Rademacher probes.
       num_probes: number of random probes.
@@ -58,7 +60,7 @@ def spectral_density(
       :class:`SpectralDensity` (float64 numpy arrays).
     """
     key = prng_key(key)
-    flat_matvec, flat_like, _ = flat_operator(matvec, like)
+    flat_matvec, flat_like, _ = flat_operator(host_matvec(matvec, like), like)
     n = flat_like.size
     num_probes = positive_int(num_probes, "num_probes")
     num_steps = min(positive_int(num_steps, "num_steps"), n)

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from geomcollapse._checks import float_vector, positive_float_or_traced, positive_int, prng_key
+from geomcollapse.curvature import flat_matvec
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -157,7 +158,8 @@ def lanczos(
     """Lanczos with full reorthogonalisation until ``stop(run)`` or ``max_steps``; traced.
 
     Args:
-      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      matvec: symmetric ``(n,) -> (n,)``, traceable, or a
+        :class:`geomcollapse.curvature.LinearOperator` (applied raveled).
       v0: ``(n,)`` non-zero start vector (normalised here).
       max_steps: static capacity ``m_max ≤ n``.
       stop: ``LanczosRun -> bool`` scalar, evaluated after every
@@ -169,6 +171,7 @@ def lanczos(
     Returns:
       The :class:`LanczosRun`; ``num_steps < max_steps`` iff stopped or exhausted.
     """
+    matvec = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
     n = v0.shape[0]
     if not 1 <= max_steps <= n:
         raise ValueError(f"max_steps must be in [1, n={n}], got {max_steps}")
@@ -317,7 +320,8 @@ def top_eigenpairs_traced(
     rank-deficient spectra are found whole.
 
     Args:
-      matvec: symmetric ``(n,) -> (n,)``, traceable.
+      matvec: symmetric ``(n,) -> (n,)``, traceable, or a
+        :class:`geomcollapse.curvature.LinearOperator` (applied raveled).
       v0: ``(n,)`` start vector (e.g. ``jax.random.normal``).
       k: static number of pairs, ``≤ max_steps``.
       key: restart key.
@@ -325,6 +329,7 @@ def top_eigenpairs_traced(
       max_steps: static basis capacity (default ``min(n, max(4k, 64))``).
     """
     float_vector(v0, "v0")
+    matvec = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
     key = prng_key(key)
     k = positive_int(k, "k")
     n = v0.shape[0]

@@ -1,6 +1,12 @@
 """Small reference models and synthetic data."""
 
-from geomcollapse.models._lora import lora_apply, lora_init, lora_merge, lora_update
+from geomcollapse.models._lora import (
+    DEFAULT_TARGETS,
+    lora_apply,
+    lora_init,
+    lora_merge,
+    lora_update,
+)
 from geomcollapse.models._mlp import (
     Batch,
     MLPProblem,
@@ -22,6 +28,7 @@ from geomcollapse.models._transformer import (
 )
 
 __all__ = [
+    "DEFAULT_TARGETS",
     "SIZES",
     "Batch",
     "MLPProblem",

@@ -21,7 +21,9 @@ Typical use::
 
 from __future__ import annotations
 
+import itertools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -31,13 +33,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from geomcollapse._checks import finite_leaves, positive_int
+from geomcollapse._checks import finite_leaves, positive_float, positive_int
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
 
 __all__ = [
     "Series",
     "SeriesValues",
+    "TaylorFallbackWarning",
+    "TaylorRoute",
+    "crossing_step",
     "delta_u_series",
+    "first_order_time",
     "flow_taylor",
     "polynomial_validity_time",
     "projected_from_coordinates",
@@ -53,6 +59,16 @@ _METHODS = ("auto", "jet", "jvp")
 # (jax-ml/jax#30352, open on jax 0.10), ``NotImplementedError`` for rules that
 # exist but refuse an input. ``method='auto'`` falls back to nested ``jvp``.
 _JET_FAILURES = (KeyError, NotImplementedError, jax.errors.UnexpectedTracerError)
+
+
+class TaylorFallbackWarning(UserWarning):
+    """``method='auto'``: ``jet`` could not expand a loss, nested ``jvp`` did (``2^k`` cost)."""
+
+
+@jax.tree_util.register_static
+class TaylorRoute(str):
+    """The Taylor engine a series used, ``'jet'`` or ``'jvp'``: a ``str`` that is static
+    data in a pytree (it passes through ``jit`` as part of the tree's structure)."""
 
 
 # --------------------------------------------------------------------------- Taylor engines
@@ -115,15 +131,32 @@ def _jvp_coefficients(
     return [tuple(leaf / math.factorial(k) for leaf in d) for k, d in enumerate(derivs)]
 
 
-def _coefficients(fn, leaves, xs, method: str) -> list:
+def _coefficients(fn, leaves, xs, method: str) -> tuple[list, str]:
+    """The Taylor coefficients of ``fn`` along the series ``xs`` and the engine that made them.
+
+    ``method='auto'`` tries ``jet`` and, where it fails, warns
+    (:class:`TaylorFallbackWarning`) and uses nested ``jvp``.
+    """
     if method == "jvp":
-        return _jvp_coefficients(fn, leaves, xs)
+        return _jvp_coefficients(fn, leaves, xs), "jvp"
     if method == "jet":
-        return _jet_coefficients(fn, leaves, xs)
+        return _jet_coefficients(fn, leaves, xs), "jet"
     try:
-        return _jet_coefficients(fn, leaves, xs)
-    except _JET_FAILURES:
-        return _jvp_coefficients(fn, leaves, xs)
+        return _jet_coefficients(fn, leaves, xs), "jet"
+    except _JET_FAILURES as err:
+        warnings.warn(
+            f"series: jax.experimental.jet cannot expand this loss ({type(err).__name__}); "
+            "falling back to nested jax.jvp, whose cost grows as 2^order "
+            "(Series.route == 'jvp'; pass method='jvp' to choose it without this warning)",
+            TaylorFallbackWarning,
+            stacklevel=2,
+        )
+        return _jvp_coefficients(fn, leaves, xs), "jvp"
+
+
+def _route(routes: Sequence[str]) -> TaylorRoute:
+    """``'jvp'`` if any expansion took nested ``jvp``, else ``'jet'``."""
+    return TaylorRoute("jvp" if "jvp" in routes else "jet")
 
 
 def _compiled(fn: Callable) -> Callable:
@@ -145,19 +178,22 @@ def _check_method(method: str) -> str:
     return method
 
 
-def _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method) -> list:
-    """``x₁ … x_order`` as lists of leaves (the recursion of :func:`flow_taylor`)."""
+def _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method) -> tuple:
+    """``(x₁ … x_order as lists of leaves, the engines used)`` (the recursion of
+    :func:`flow_taylor`)."""
 
     def gradient(*ls):
         grad = jax.grad(task_loss)(treedef.unflatten(ls), *loss_args)
         return tuple(treedef.flatten_up_to(grad))
 
-    xs = [tuple(-g for g in gradient(*leaves))]
+    xs, routes = [tuple(-g for g in gradient(*leaves))], []
     for k in range(1, order):
         # [g(θ* + x(t))]_k needs x₁ … x_k only, so the truncated series is exact here.
-        g_k = _coefficients(gradient, leaves, xs, method)[k]
-        xs.append(tuple(-a / (k + 1) for a in g_k))
-    return xs
+        coeffs, route = _coefficients(gradient, leaves, xs, method)
+        xs.append(tuple(-a / (k + 1) for a in coeffs[k]))
+        routes.append(route)
+        method = route if method == "auto" and route == "jvp" else method  # jet failed: once
+    return xs, routes
 
 
 def _params_leaves(params, name: str = "params"):
@@ -210,7 +246,7 @@ def flow_taylor(
     _check_method(method)
 
     def run(leaves, loss_args):
-        return _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method)
+        return _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method)[0]
 
     xs = _compiled(run)(leaves, loss_args)
     return tuple(treedef.unflatten(x) for x in xs)
@@ -248,6 +284,16 @@ def _significant(coeffs: np.ndarray, tau: float, tol: float) -> np.ndarray:
     terms = np.abs(coeffs) * tau ** np.arange(coeffs.size)
     top = np.max(terms)
     return terms > tol * top if top > 0 else np.zeros(coeffs.size, bool)
+
+
+def _real_roots(coeffs: np.ndarray) -> np.ndarray:
+    """The real roots of ``Σ_j coeffs[j] t^j`` (lowest power first), float64, unsorted.
+
+    A root counts as real when its imaginary part is below ``1e-9`` of its modulus
+    (``numpy.roots`` returns a real double root as a conjugate pair at rounding level).
+    """
+    r = np.roots(np.asarray(coeffs, np.float64)[::-1])  # numpy wants the highest power first
+    return r[np.abs(r.imag) <= 1e-9 * np.maximum(np.abs(r), 1e-300)].real
 
 
 def polynomial_validity_time(
@@ -294,10 +340,69 @@ def polynomial_validity_time(
         # |c_K| t^K = ±fraction · S(t)  ⇔  |c_K| t^K ∓ fraction · S(t) = 0
         poly = -sign * fraction * body
         poly[-1] += abs(body[-1])
-        r = np.roots(poly[::-1])  # numpy wants the highest power first
-        real = r[np.abs(r.imag) <= 1e-9 * np.maximum(np.abs(r), 1e-300)].real
+        real = _real_roots(poly)
         roots.extend(real[real > 0])
     return float(min(roots)) if roots else float("inf")
+
+
+def crossing_step(
+    coefficients: Any, threshold: float, lr: float, t_max: float = math.inf
+) -> int | None:
+    """The smallest SGD step ``k ≥ 1`` with ``Σ_j c_j (lr·k)^j ≥ threshold`` and ``lr·k ≤ t_max``.
+
+    Found exactly from the real roots of ``Σ_j c_j t^j − threshold`` (each
+    interval where the polynomial lies above the threshold is entered at its
+    first step), not by scanning ``k``. ``None`` when no such step exists.
+    ``coefficients``: ``c₀ … c_K`` of ``Δu(t)`` (docs/theory.md §6), float64 on the host.
+    """
+    c = np.array(coefficients, np.float64)
+    threshold, lr = float(threshold), positive_float(lr, "lr")
+    c[0] -= threshold
+
+    def above(t: float) -> bool:
+        return float(np.polynomial.polynomial.polyval(t, c)) >= 0
+
+    nonzero = np.flatnonzero(c)
+    if nonzero.size == 0:  # the forecast equals the threshold everywhere
+        return 1 if lr <= t_max else None
+    real = np.sort(_real_roots(c[: nonzero[-1] + 1]))
+    edges = [0.0, *[r for r in real if r > 0], math.inf]
+    for a, b in itertools.pairwise(edges):
+        first = max(1, math.ceil(a / lr) - 1)  # one step early: the root is rounded
+        for k in range(first, first + 4):
+            t = lr * k
+            if t > t_max or t > b * (1 + 1e-12) + 1e-300:
+                break
+            if above(t):
+                return k
+        if lr * first > t_max:
+            return None
+    return None
+
+
+def first_order_time(coefficients: Any, time_scale: float, dtype: Any = np.float64) -> float:
+    """``t₁ > 0`` with ``|c₁|t₁ = Σ_{k≥2}|c_k|t₁^k``: where Δu's first-order term stops dominating.
+
+    ``nan`` when ``c₁`` is at rounding level: its term ``|c₁|τ`` at the flow's
+    time scale ``τ`` is below ``√eps`` × the largest ``|c_k|τ^k`` (the test
+    :func:`geomcollapse.series.polynomial_validity_time` applies), ``eps`` of
+    ``dtype``, the model's; ``inf`` when no higher coefficient is non-zero
+    (docs/theory.md §6: ``c₁ = −∇u(θ*)ᵀg ≠ 0`` off a minimum of ``u``).
+    """
+    c = np.abs(np.asarray(coefficients, np.float64))
+    if c.size < 2 or c[1] == 0:
+        return math.nan
+    if math.isfinite(time_scale) and time_scale > 0:
+        terms = c * time_scale ** np.arange(c.size)
+        if terms[1] <= float(np.sqrt(np.finfo(dtype).eps)) * float(np.max(terms)):
+            return math.nan
+    higher = c[2:]
+    if not np.any(higher > 0):
+        return math.inf
+    # |c₁| = Σ_{k≥2} |c_k| t^{k−1}: the right side increases on t > 0, one positive root
+    poly = np.r_[-c[1], higher]  # coefficient of t^j, j = 0 … K−1
+    real = _real_roots(poly[: np.flatnonzero(poly)[-1] + 1])
+    return float(np.min(real[real > 0]))
 
 
 class Series(NamedTuple):
@@ -317,11 +422,16 @@ class Series(NamedTuple):
         ``Pg = 0`` the first non-zero one is ``c₄ = ⅛γ²``, ``γ = ‖F^{1/2}PHg‖``.
       displacement: ``x₁ … x_K``: a pytree like the parameters with a leading
         ``(K,)`` axis (row ``k−1`` is ``x_k``).
+      route: the Taylor engine that computed the series, a :class:`TaylorRoute`:
+        ``'jet'``, or ``'jvp'`` (nested ``jax.jvp``, ``2^k`` cost) when asked for or
+        when ``method='auto'`` fell back with a :class:`TaylorFallbackWarning`;
+        ``None`` for a series assembled by hand.
     """
 
     delta_u: jax.Array
     projected: jax.Array | None
     displacement: PyTree
+    route: TaylorRoute | None = None
 
     @property
     def order(self) -> int:
@@ -505,12 +615,12 @@ def delta_u_series(
     sub = None if subspace is None else _subspace_parts(subspace, leaves, treedef)
 
     def run(leaves, sub, skill_args, task_args):
-        xs = _displacement_leaves(task_loss, leaves, treedef, order, task_args, method)
+        xs, routes = _displacement_leaves(task_loss, leaves, treedef, order, task_args, method)
 
         def skill(*ls):
             return (skill_loss(treedef.unflatten(ls), *skill_args),)
 
-        u_coeffs = _coefficients(skill, leaves, xs, method)
+        u_coeffs, u_route = _coefficients(skill, leaves, xs, method)
         dtype = jnp.result_type(*leaves)
         delta_u = jnp.stack(
             [jnp.zeros((), dtype)] + [jnp.asarray(c[0], dtype) for c in u_coeffs[1:]]
@@ -519,7 +629,7 @@ def delta_u_series(
         stacked = treedef.unflatten([jnp.stack([x[i] for x in xs]) for i in range(len(leaves))])
         if layout is not None:  # x₁ … x_K stay sharded like θ*, not replicated
             stacked = jax.lax.with_sharding_constraint(stacked, layout.stacked)
-        return Series(delta_u, projected, stacked)
+        return Series(delta_u, projected, stacked, _route([*routes, u_route]))
 
     layout = Layout(params, "params") if is_sharded(params) else None
     return _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))

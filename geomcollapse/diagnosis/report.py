@@ -1,0 +1,364 @@
+"""The report of a diagnosis: :class:`Diagnosis`, its JSON round trip, Markdown and files.
+
+Every number :func:`geomcollapse.diagnose` measured at ``θ*`` and forecast
+(docs/theory.md §2-§6), in a frozen dataclass that needs no array library to read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from geomcollapse import theory
+
+__all__ = ["REPORT_FILES", "Diagnosis"]
+
+REPORT_FILES = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
+
+
+@dataclasses.dataclass(frozen=True)
+class Diagnosis:
+    """What :func:`diagnose` measured at ``θ*``, and what it forecasts.
+
+    Times ``t`` are gradient-flow times; SGD at learning rate ``lr`` reaches
+    ``t = lr·k`` after ``k`` steps. Floats that are not finite are kept as
+    such (``inf``: unbounded, ``nan``: unknown) and written as strings in JSON.
+
+    Attributes:
+      n: number of parameters.
+      dtype: their dtype.
+      fisher: ``'true'``, ``'empirical'`` or ``'custom'`` (a matvec passed in).
+      d: ``dim M``.
+      d_rule: how ``d`` was chosen (the rule, or ``'given'``).
+      share: the share of ``tr F`` the rule asks the top ``d`` to hold.
+      lr, steps, threshold: the plan given (``None`` where not given).
+      order: ``K``, the highest power of the forecast.
+      taylor_route: the Taylor engine of the series (:attr:`geomcollapse.series.Series.route`):
+        ``'jet'``, or ``'jvp'`` where ``jax.experimental.jet`` could not expand a loss and
+        nested ``jvp`` (``2^K`` cost) did.
+      aic: the :class:`geomcollapse.theory.AICReport` at ``d`` (Def. 5.1), with
+        ``converged`` and ``eigen_residuals`` certifying ``M``.
+      eigenvalues: every top eigenvalue computed (``≥ d`` of them), descending.
+      eigen_residuals: their ``‖Fv − λv‖``.
+      trace: ``tr F`` (exact, or Hutchinson on the deflated tail plus the top eigenvalues).
+      trace_stderr: its standard error (0 when exact).
+      trace_method: ``'exact'`` or ``'hutchinson'``.
+      spectrum_method: ``'dense'`` (``F`` formed from ``n`` matvecs, ``eigh``) or ``'lanczos'``.
+      top_share: ``Σ_{i≤d} λ_i / tr F``.
+      skill_gradient_norm: ``‖∇u(θ*)‖`` (0 at a minimum of ``u``).
+      task_gradient_norm: ``‖g(θ*)‖``.
+      delta_u_coefficients: ``c₀ … c_K`` of ``Δu(t)`` (docs/theory.md §6; ``c₁ = −∇u(θ*)ᵀg``).
+      projected_coefficients: the same for ``½‖F^{1/2}Px(t)‖²``.
+      validity_time: where the last term of ``Δu``'s series reaches 10 % of the sum.
+      projected_validity_time: the same for the projected series.
+      time_scale: the flow's own time unit ``τ`` (:attr:`geomcollapse.series.Series.time_scale`).
+      first_order_time: ``t₁`` where ``|c₁|t = Σ_{k≥2}|c_k|t^k``: the first-order term
+        dominates ``Δu`` for ``t < t₁`` (``inf``: always); ``nan`` when ``c₁`` is at
+        rounding level (``θ*`` a minimum of ``u``).
+      forecast_t, forecast_delta_u, forecast_projected: the two series on a
+        log-spaced grid of times (for the figure).
+      horizon_time: the time at which the update's overlap is taken: the
+        planned ``lr·steps`` clipped to the window, or the window's end.
+      overlap_gradient: ``‖Pg‖/‖g‖``, the first update's share in ``M``.
+      overlap_baseline: ``(d/n)^{1/2}``, the share of a random direction.
+      overlap_geometric: ``‖Px‖/‖x‖`` of the forecast update ``x(horizon_time)``.
+      overlap_fisher: ``½‖F^{1/2}Px‖²`` of it (Thm 6.1's bound).
+      crossing_step: the smallest SGD step ``k`` with forecast ``Δu(lr·k) ≥ threshold``
+        inside the window, else ``None``.
+      crossing_time: ``lr·crossing_step``, or ``None``.
+      warnings: plain-language warnings (empty when none applies).
+      num_matvecs: skill-Fisher matvecs used.
+    """
+
+    n: int
+    dtype: str
+    fisher: str
+    d: int
+    d_rule: str
+    share: float
+    lr: float | None
+    steps: int | None
+    threshold: float | None
+    order: int
+    taylor_route: str
+    aic: theory.AICReport
+    eigenvalues: tuple[float, ...]
+    eigen_residuals: tuple[float, ...]
+    trace: float
+    trace_stderr: float
+    trace_method: str
+    spectrum_method: str
+    top_share: float
+    skill_gradient_norm: float
+    task_gradient_norm: float
+    delta_u_coefficients: tuple[float, ...]
+    projected_coefficients: tuple[float, ...]
+    validity_time: float
+    projected_validity_time: float
+    time_scale: float
+    first_order_time: float
+    forecast_t: tuple[float, ...]
+    forecast_delta_u: tuple[float, ...]
+    forecast_projected: tuple[float, ...]
+    horizon_time: float | None
+    overlap_gradient: float
+    overlap_baseline: float
+    overlap_geometric: float | None
+    overlap_fisher: float | None
+    crossing_step: int | None
+    crossing_time: float | None
+    warnings: tuple[str, ...]
+    num_matvecs: int
+
+    @property
+    def planned_time(self) -> float | None:
+        """``lr·steps``, the flow time the planned fine-tuning reaches (``None`` without a plan)."""
+        if self.lr is None or self.steps is None:
+            return None
+        return self.lr * self.steps
+
+    @property
+    def window_steps(self) -> float | None:
+        """``validity_time / lr``: SGD steps the forecast covers (``None`` without ``lr``)."""
+        return None if self.lr is None else self.validity_time / self.lr
+
+    def forecast(self, ts: Any) -> tuple[np.ndarray, np.ndarray]:
+        """``(Δu, projected loss)`` of the truncated series at times ``ts`` (float64 numpy)."""
+        ts = np.asarray(ts, np.float64)
+        return (
+            np.polynomial.polynomial.polyval(ts, np.asarray(self.delta_u_coefficients)),
+            np.polynomial.polynomial.polyval(ts, np.asarray(self.projected_coefficients)),
+        )
+
+    # ---------------------------------------------------------------- serialisation
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (non-finite floats as ``'inf'``, ``'-inf'``, ``'nan'``)."""
+        out = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = _encode(value._asdict() if field.name == "aic" else value)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Diagnosis:
+        """The inverse of :meth:`to_dict`; ``ValueError`` on missing or unknown fields."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            got = set(data) if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"data must hold exactly the fields {sorted(names)}, got {got}")
+        values = {}
+        for name, value in data.items():
+            try:
+                values[name] = _decode_field(name, value)
+            except (TypeError, ValueError) as err:  # a malformed entry: one line naming it
+                raise ValueError(f"data[{name!r}] is malformed: {err}") from err
+        return cls(**values)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """Strict JSON (no bare NaN/Infinity)."""
+        return json.dumps(self.to_dict(), indent=indent, ensure_ascii=False, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> Diagnosis:
+        """The inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+    # ---------------------------------------------------------------- reports
+
+    def to_markdown(self, figure: str | None = None) -> str:
+        """A one-page Markdown report; ``figure`` (a path) is linked when given."""
+        return _markdown(self, figure)
+
+    def figure(self):
+        """A one-page :class:`matplotlib.figure.Figure`: spectrum, forecast with window, AIC bars.
+
+        Built without ``pyplot`` (no global figure state); matplotlib is imported here.
+        """
+        from geomcollapse.diagnosis.plot import diagnosis_figure
+
+        return diagnosis_figure(self)
+
+    def save(self, directory: str | Path) -> tuple[Path, Path, Path]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = tuple(out / name for name in REPORT_FILES)
+        paths[0].write_text(self.to_json() + "\n", encoding="utf-8")
+        paths[1].write_text(self.to_markdown(figure=paths[2].name), encoding="utf-8")
+        self.figure().savefig(paths[2], dpi=150)
+        return paths
+
+
+_TEXT_FIELDS = {
+    "dtype",
+    "fisher",
+    "d_rule",
+    "taylor_route",
+    "trace_method",
+    "spectrum_method",
+    "warnings",
+}
+_INT_FIELDS = {"n", "d", "steps", "order", "crossing_step", "num_matvecs"}
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _encode(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_encode(v) for v in value]
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    value = float(value)
+    if math.isfinite(value):
+        return value
+    return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+
+
+def _decode_field(name: str, value: Any) -> Any:
+    """The field ``name`` of a :class:`Diagnosis` from its :meth:`Diagnosis.to_dict` form."""
+    if name == "aic":
+        fields = set(theory.AICReport._fields)
+        if not isinstance(value, dict) or set(value) != fields:
+            got = sorted(value) if isinstance(value, dict) else type(value).__name__
+            raise ValueError(f"it must hold exactly the fields {sorted(fields)}, got {got}")
+        report = {k: _decode(v) for k, v in value.items()}
+        kind = {"eigen_residuals": "a list of numbers", "converged": "true or false"}
+        for k, v in report.items():  # eigen_residuals a list of numbers, converged a bool
+            items = v if isinstance(v, tuple) else (v,)
+            ok = isinstance(v, tuple) == (k == "eigen_residuals") and all(
+                isinstance(x, bool) if k == "converged" else isinstance(x, float) for x in items
+            )
+            if not ok:
+                raise ValueError(f"{k} must be {kind.get(k, 'a number')}, got {value[k]!r}")
+        return theory.AICReport(**{**report, "d": int(report["d"])})
+    if name in _TEXT_FIELDS:
+        return tuple(value) if isinstance(value, list) else value
+    if name in _INT_FIELDS:
+        return None if value is None else int(value)
+    return _decode(value)
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_decode(v) for v in value)
+    if isinstance(value, str):
+        return float(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    return float(value)
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    return f"{float(x):.4g}"
+
+
+def _markdown(dg: Diagnosis, figure: str | None) -> str:
+    """The one-page Markdown report of :meth:`Diagnosis.to_markdown`."""
+    lines = ["# geomcollapse diagnosis", ""]
+    plan = []
+    if dg.lr is not None:
+        plan.append(f"SGD at lr = {dg.lr:g} (t = lr·k)")
+    if dg.steps is not None:
+        plan.append(f"{dg.steps} planned steps (t = {dg.planned_time:.4g})")
+    if dg.threshold is not None:
+        plan.append(f"threshold Δu = {dg.threshold:g}")
+    lines += [
+        f"n = {dg.n} parameters ({dg.dtype}), {dg.fisher} skill Fisher, d = {dg.d} "
+        f"({dg.d_rule}), forecast order {dg.order} (Taylor route {dg.taylor_route})"
+        + (": " + ", ".join(plan) if plan else "")
+        + ".",
+        "",
+        "## Warnings",
+        "",
+    ]
+    lines += [f"- {w}" for w in dg.warnings] if dg.warnings else ["None."]
+    lines += _markdown_aic(dg) + _markdown_forecast(dg)
+    if figure is not None:
+        lines += [f"![spectrum, forecast and AIC]({figure})", ""]
+    return "\n".join(lines)
+
+
+def _markdown_aic(dg: Diagnosis) -> list[str]:
+    """The AIC table and the skill spectrum's table."""
+    r = dg.aic
+    lines = [
+        "",
+        "## Alignment Instability Condition (Def. 5.1)",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| tail mass Σ_{{j>d}} λ_j | {_fmt(r.tail_mass)} |",
+        f"| λ_d | {_fmt(r.lambda_d)} |",
+        f"| ‖Pg‖ (orthogonality) | {_fmt(r.orthogonality)} |",
+        f"| ‖F^{{1/2}}Pg‖ | {_fmt(r.fisher_orthogonality)} |",
+        f"| γ = ‖F^{{1/2}}PHg‖ (coupling) | {_fmt(r.coupling)} |",
+        f"| quartic coefficient γ²/8 | {_fmt(r.quartic_coefficient)} |",
+        f"| crossover t_c = 2‖F^{{1/2}}Pg‖/γ | {_fmt(r.crossover_time)} |",
+        f"| tail crossover 2(gᵀ(I−P)F(I−P)g)^{{1/2}}/γ | {_fmt(r.tail_crossover_time)} |",
+        f"| eigenpairs converged | {r.converged} (max residual "
+        f"{_fmt(max(r.eigen_residuals) if r.eigen_residuals else None)}) |",
+        "",
+        "## Skill spectrum",
+        "",
+        f"tr F = {_fmt(dg.trace)} ± {_fmt(dg.trace_stderr)} ({dg.trace_method}); the top d = "
+        f"{dg.d} hold {dg.top_share:.1%}.",
+        "",
+        "| i | λ_i | share of tr F (cumulative) | residual |",
+        "|---|---|---|---|",
+    ]
+    cum = np.cumsum(dg.eigenvalues) / dg.trace
+    for i, (lam, c, res) in enumerate(
+        zip(dg.eigenvalues, cum, dg.eigen_residuals, strict=True), start=1
+    ):
+        mark = " ← d" if i == dg.d else ""
+        lines.append(f"| {i}{mark} | {_fmt(lam)} | {c:.1%} | {_fmt(res)} |")
+    return lines
+
+
+def _markdown_forecast(dg: Diagnosis) -> list[str]:
+    """The series' coefficients, the window, the crossing and the overlap with ``M``."""
+    crossing = (
+        f"step {dg.crossing_step} (t = {_fmt(dg.crossing_time)})"
+        if dg.crossing_step is not None
+        else "—"
+    )
+    lines = [
+        "",
+        "## Forecast along gradient flow (docs/theory.md §6)",
+        "",
+        "| k | c_k of Δu(t) | c_k of ½‖F^{1/2}Px(t)‖² |",
+        "|---|---|---|",
+    ]
+    for k, (a, b) in enumerate(
+        zip(dg.delta_u_coefficients, dg.projected_coefficients, strict=True)
+    ):
+        lines.append(f"| {k} | {_fmt(a)} | {_fmt(b)} |")
+    window_steps = "" if dg.lr is None else f" (k ≈ {_fmt(dg.window_steps)} SGD steps)"
+    lines += [
+        "",
+        f"- validity window of Δu: t ≤ {_fmt(dg.validity_time)}{window_steps}; of the "
+        f"projected loss: t ≤ {_fmt(dg.projected_validity_time)}",
+        f"- ‖∇u(θ*)‖ = {_fmt(dg.skill_gradient_norm)}, ‖g(θ*)‖ = {_fmt(dg.task_gradient_norm)}",
+        f"- Δu crosses the threshold at: {crossing}",
+        "",
+        "## Overlap with M (Section 7)",
+        "",
+        f"- first update ‖Pg‖/‖g‖ = {_fmt(dg.overlap_gradient)} (a random direction: "
+        f"(d/n)^{{1/2}} = {_fmt(dg.overlap_baseline)})",
+        f"- forecast update x(t) at t = {_fmt(dg.horizon_time)}: ‖Px‖/‖x‖ = "
+        f"{_fmt(dg.overlap_geometric)}, ½‖F^{{1/2}}Px‖² = {_fmt(dg.overlap_fisher)}",
+        "",
+    ]
+    return lines

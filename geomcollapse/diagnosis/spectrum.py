@@ -1,0 +1,279 @@
+"""The top of the skill Fisher's spectrum, its trace and ``d = dim M`` (docs/theory.md §2, §5).
+
+Two routes: ``F`` formed densely from its ``n`` columns and diagonalised by
+``numpy.linalg.eigh`` (small unsharded models), or Lanczos
+(:func:`geomcollapse.linalg.top_eigenpairs`) with the trace of
+:func:`geomcollapse.aic.fisher_trace` (:func:`geomcollapse.aic.tree_fisher_trace`
+for params sharded on a mesh, every vector a pytree laid out like them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from geomcollapse import aic, curvature, linalg
+from geomcollapse._sharding import tree_dot
+from geomcollapse.diagnosis.fisher import (
+    bad_fisher,
+    cached,
+    flat_operator,
+    refuse_rounding_noise,
+)
+from geomcollapse.diagnosis.plan import FIRST_K, ONE_SHOT, Request
+from geomcollapse.errors import NotSymmetricError
+
+__all__ = ["Spectrum", "dense_spectrum", "krylov_spectrum", "measure_spectrum"]
+
+
+class Spectrum(NamedTuple):
+    """The top of ``F``'s spectrum, its trace and the chosen ``d``."""
+
+    values: np.ndarray  # (k,) descending, k ≥ d
+    vectors: Any  # (k, n) orthonormal rows; sharded params: a stack laid out like them
+    residuals: np.ndarray  # (k,) ‖Fv − λv‖
+    converged: np.ndarray  # (k,) bool
+    trace: float
+    trace_stderr: float
+    tail: float  # tr F − Σ_{i≤k} λ_i
+    d: int
+    d_rule: str
+    method: str
+    trace_method: str
+    num_matvecs: int
+    matvec: Callable  # v (n,) ↦ F v; sharded params: v like them ↦ F v like them
+
+
+def _rule(lam: np.ndarray, tr: float, share: float, max_d: int) -> int | None:
+    """The smallest ``d ≤ max_d`` with ``Σ_{i≤d} λ_i ≥ share · tr F``, else ``None``."""
+    reached = np.flatnonzero(np.cumsum(lam[:max_d]) >= share * tr)
+    return int(reached[0]) + 1 if reached.size else None
+
+
+def _rule_text(max_d: int, share: float, how: str) -> str:
+    return f"smallest d ≤ {max_d} whose top-d eigenvalues hold ≥ {share:.0%} of tr F ({how})"
+
+
+def _columns(op, n, params, args):
+    eye = jnp.eye(n, dtype=ravel_pytree(params)[0].dtype)
+    return jax.lax.map(lambda e: op(e, params, args), eye, batch_size=min(n, 256))
+
+
+_JITTED_COLUMNS = jax.jit(_columns, static_argnums=(0, 1), compiler_options=ONE_SHOT)
+
+
+def _dense_fisher(op, n, fargs, fisher_name) -> tuple[np.ndarray, float, float]:
+    """``(F, tr F, eps)``: ``F`` from its ``n`` columns ``F e_i`` (one compiled, batched
+    call), symmetrised once shown symmetric to ``√eps`` (``eps`` of the model's dtype)."""
+    try:
+        hash(op)
+        cols = _JITTED_COLUMNS(op, n, *fargs)
+    except TypeError:
+        cols = jax.jit(partial(_columns, op, n), compiler_options=ONE_SHOT)(*fargs)
+    C = np.asarray(cols, np.float64)
+    if not np.all(np.isfinite(C)):
+        raise ValueError("fisher: the skill Fisher's matvec returned non-finite values at params")
+    tr = float(np.trace(C))
+    if not tr > 0:
+        raise ValueError(bad_fisher(fisher_name, tr))
+    asym = float(np.max(np.abs(C - C.T)))
+    scale = float(np.max(np.abs(C)))
+    eps = float(np.finfo(cols.dtype).eps)
+    if asym > np.sqrt(eps) * scale:  # rounding noise (an empirical F at a minimum) is asymmetric
+        detail = f"max |F − Fᵀ| / max |F| = {asym / scale:.2g}"
+        raise ValueError(bad_fisher(fisher_name, tr, asymmetry=detail))
+    return 0.5 * (C + C.T), tr, eps
+
+
+def dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> Spectrum:
+    """``F`` formed from its ``n`` columns ``F e_i`` (one compiled, batched call) and ``eigh``.
+
+    Exact spectrum and trace; cheaper than Lanczos plus a trace for small ``n``
+    (the one-block test transformer, n = 249: one compile instead of three).
+    ``op(v (n,), *fargs) -> F v (n,)``; returns ``k = min(n−1, max(2d, 16))`` pairs.
+    """
+    F, tr, eps = _dense_fisher(op, n, fargs, fisher_name)
+    lam, U = np.linalg.eigh(F)
+    lam, U = lam[::-1], U[:, ::-1]
+    if lam[-1] < -np.sqrt(eps) * lam[0]:  # beyond rounding: an indefinite "Fisher"
+        raise ValueError(bad_fisher(fisher_name, tr, min_eigenvalue=float(lam[-1])))
+    if d is None:
+        found = _rule(lam, tr, share, max_d)
+        d, rule = (max_d if found is None else found), _rule_text(max_d, share, "dense eigh")
+    else:
+        rule = "given"
+    k = min(n - 1, max(2 * d, 2 * FIRST_K))
+    V = U[:, :k].T
+    residuals = np.linalg.norm(V @ F - lam[:k, None] * V, axis=1)
+    return Spectrum(
+        values=lam[:k],
+        vectors=V,
+        residuals=residuals,
+        converged=np.ones(k, bool),
+        trace=tr,
+        trace_stderr=0.0,
+        tail=tr - float(lam[:k].sum()),
+        d=d,
+        d_rule=rule,
+        method="dense",
+        trace_method="exact",
+        num_matvecs=n,
+        matvec=lambda v: F @ np.asarray(v, np.float64),
+    )
+
+
+def _top_pairs(matvec, like, k: int, key, req: Request, exact_trace) -> linalg.Eigenpairs:
+    """:func:`geomcollapse.linalg.top_eigenpairs`; a matvec of pure rounding noise is caught
+    as non-symmetric (:class:`geomcollapse.errors.NotSymmetricError`) and refused."""
+    try:
+        return linalg.top_eigenpairs(
+            matvec,
+            like,
+            k,
+            key=jax.random.fold_in(key, k),
+            tol=req.tol,
+            max_matvecs=req.max_matvecs,
+            progress=req.progress,
+        )
+    except NotSymmetricError as err:
+        raise ValueError(bad_fisher(req.fisher_name, exact_trace, asymmetry=str(err))) from None
+
+
+def krylov_spectrum(matvec, like, trace_of, req: Request, host_vectors: bool) -> Spectrum:
+    """Top eigenpairs by Lanczos (``k = 8, 16, …`` until the rule is met) and ``tr F``.
+
+    The trace is exact (``n`` matvecs) or Hutchinson on ``(I−P)F(I−P)`` deflated by
+    the ``k`` pairs found, plus their eigenvalues: ``trace_of(method, key, deflate)``
+    returns ``(value, stderr, matvecs)`` as :func:`geomcollapse.aic.fisher_trace`.
+    ``matvec`` maps vectors like ``like`` (``(n,)``, or a pytree sharded like the
+    parameters); with ``host_vectors`` the eigenvectors come back as ``(k, n)``
+    float64 rows, else they stay a stack on the devices. Eigenvalues and
+    residuals are ``(k,)`` host arrays either way.
+    """
+    k_eig, k_trace = jax.random.split(req.key)
+    trace_matvecs = lanczos_matvecs = 0
+    exact_trace = None
+    if req.trace == "exact":
+        exact_trace, _, trace_matvecs = trace_of("exact", None, None)
+        if not exact_trace > 0:
+            raise ValueError(bad_fisher(req.fisher_name, exact_trace))
+    d, max_d = req.d, req.max_d
+    k = d if d is not None else min(FIRST_K, max_d)
+    while True:
+        pairs = _top_pairs(matvec, like, k, k_eig, req, exact_trace)
+        lanczos_matvecs += int(pairs.num_matvecs)
+        lam = np.asarray(jax.device_get(pairs.values), np.float64)
+        V = np.asarray(pairs.vectors, np.float64) if host_vectors else pairs.vectors
+        if exact_trace is not None:
+            tr, tr_se, tail = exact_trace, 0.0, exact_trace - lam.sum()
+        else:
+            tail, tr_se, used = trace_of("hutchinson", jax.random.fold_in(k_trace, k), V)
+            trace_matvecs += used
+            tr = tail + lam.sum()
+            if not tr > 0:
+                raise ValueError(bad_fisher(req.fisher_name, tr))
+        found = None if d is not None else _rule(lam, tr, req.share, max_d)
+        if d is not None or found is not None or k == max_d:
+            break
+        k = min(2 * k, max_d)
+    rule = "given" if d is not None else _rule_text(max_d, req.share, f"{req.trace} trace")
+    return Spectrum(
+        values=lam,
+        vectors=V,
+        residuals=np.asarray(jax.device_get(pairs.residuals), np.float64),
+        converged=np.asarray(jax.device_get(pairs.converged), bool),
+        trace=float(tr),
+        trace_stderr=float(tr_se),
+        tail=float(tail),
+        d=d if d is not None else (max_d if found is None else found),
+        d_rule=rule,
+        method="lanczos",
+        trace_method=req.trace,
+        num_matvecs=trace_matvecs + lanczos_matvecs,
+        matvec=matvec,
+    )
+
+
+def _flat_route(req: Request) -> tuple[Callable, Any, Callable]:
+    """``(matvec, like, trace_of)`` on raveled ``(n,)`` vectors."""
+    op = cached(flat_operator, req.fvp)
+    fargs = (req.params, req.skill_args)
+
+    def matvec(v):
+        return op(v, *fargs)
+
+    def trace_of(method, k, deflate):
+        return aic.fisher_trace(
+            op,
+            req.n,
+            req.dtype,
+            method=method,
+            key=k,
+            num_probes=req.num_probes,
+            deflate=deflate,
+            args=fargs,
+        )
+
+    return matvec, req.flat, trace_of
+
+
+def _tree_route(req: Request) -> tuple[Callable, Any, Callable]:
+    """``(matvec, like, trace_of)`` on pytrees laid out like the sharded params."""
+    static_fvp, layout = curvature.keyed(req.fvp), req.layout
+
+    def matvec(v):
+        return aic.tree_fvp(static_fvp, layout, req.params, v, req.skill_args)
+
+    def trace_of(method, k, deflate):
+        return aic.tree_fisher_trace(
+            static_fvp,
+            layout,
+            req.params,
+            req.skill_args,
+            method,
+            key=k,
+            num_probes=req.num_probes,
+            deflate=deflate,
+        )
+
+    return matvec, req.params, trace_of
+
+
+def _along_top(req: Request, sp: Spectrum) -> Callable:
+    """``θ ↦ ⟨v₁, F(θ) v₁⟩`` along the top eigenvector found, a host float."""
+    if req.layout is None:
+        op = cached(flat_operator, req.fvp)
+        v1 = jnp.asarray(sp.vectors[0], req.dtype)
+        return lambda theta: float(jnp.vdot(v1, op(v1, theta, req.skill_args)))
+    static_fvp = curvature.keyed(req.fvp)
+    v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
+
+    def along_v1(theta):
+        fv = aic.tree_fvp(static_fvp, req.layout, theta, v1, req.skill_args)
+        return float(jax.device_get(tree_dot(v1, fv)))
+
+    return along_v1
+
+
+def measure_spectrum(req: Request) -> Spectrum:
+    """The top of ``F``'s spectrum, ``tr F`` and ``d`` on the route ``req`` chose: dense,
+    Lanczos on ``(n,)`` vectors, or Lanczos on pytrees sharded like the params. An
+    empirical Fisher that is rounding noise is refused (:func:`refuse_rounding_noise`)."""
+    if req.dense:
+        op = cached(flat_operator, req.fvp)
+        fargs = (req.params, req.skill_args)
+        sp = dense_spectrum(op, req.n, fargs, req.fisher_name, req.share, req.max_d, req.d)
+    else:
+        route = _flat_route if req.layout is None else _tree_route
+        matvec, like, trace_of = route(req)
+        sp = krylov_spectrum(matvec, like, trace_of, req, host_vectors=req.layout is None)
+    if req.fisher_name == "empirical":
+        key = jax.random.fold_in(req.key, 7)
+        refuse_rounding_noise(_along_top(req, sp), req.params, sp.trace, key)
+    return sp
