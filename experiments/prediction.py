@@ -239,6 +239,19 @@ def _norms(s: _Setup, dims, flat: np.ndarray, prefix: str) -> dict:
     return out
 
 
+def projected_loss(s, dims, flat: np.ndarray) -> dict:
+    """``update_fisher_half_d{d}``: ``½‖F^{1/2}P_d v‖²`` in nats (THEORY.md §7), per ``d``.
+
+    ``s`` carries ``basis`` ``(k, n)`` (orthonormal rows, ``F``'s top eigenvectors)
+    and ``values`` ``(k,)``; ``flat`` is ``v`` ``(n,)`` (the update ``Δθ_K``).
+    """
+    coeffs = s.basis @ flat
+    return {
+        f"update_fisher_half_d{d}": float(0.5 * np.sum(s.values[:d] * coeffs[:d] ** 2))
+        for d in dims
+    }
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_predictors(logits):
     loss = training.sequence_loss(logits)
@@ -516,6 +529,7 @@ def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_n
         "update_norm": float(np.linalg.norm(flat)),
     }
     row.update(_norms(s, config.dims, flat, "update_"))
+    row.update(projected_loss(s, config.dims, flat))
     if method != "full":
         row.update(_intruders(s, config, xs, r))
     row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
