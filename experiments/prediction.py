@@ -240,7 +240,7 @@ def _norms(s: _Setup, dims, flat: np.ndarray, prefix: str) -> dict:
 
 
 def projected_loss(s, dims, flat: np.ndarray) -> dict:
-    """``update_fisher_half_d{d}``: ``½‖F^{1/2}P_d v‖²`` in nats (THEORY.md §7), per ``d``.
+    """``update_fisher_half_d{d}``: ``½‖F^{1/2}P_d v‖²`` in nats (docs/theory.md §7), per ``d``.
 
     ``s`` carries ``basis`` ``(k, n)`` (orthonormal rows, ``F``'s top eigenvectors)
     and ``values`` ``(k,)``; ``flat`` is ``v`` ``(n,)`` (the update ``Δθ_K``).
