@@ -1,4 +1,4 @@
-"""Early warning: does the skill subspace see harm coming, on fresh seeds and on ``small``? 
+"""Early warning: does the skill subspace see harm coming, on fresh seeds and on ``small``?
 
 Re-analyses committed sweep rows of the prediction experiment (nothing is
 trained here): the exploration rows ``sweeps/prediction_tiny.jsonl`` (tiny,
