@@ -55,12 +55,38 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
         "The Taylor forecast of Δu(ηK)",
         "Defences",
         "diagnose on",
+        # Thm 6.1's remainder and cubic-term rows are NOT reproduced in the main job
+        # (paper_repro.md) and on tiny they hold or fail with the trained θ*: the same code
+        # gives d = 20 exponent 2.629 on one 2-core machine's θ* at 4836646 and at this
+        # commit alike; their verdicts are checked against their numbers below instead
+        "Thm 6.1, remainder",
+        "Thm 6.1, cubic term",
     )
     assert all(
         c.passed
         for c in claims
         if c.labels == ("reproduced", "NOT reproduced") and not c.claim.startswith(findings)
     )
+
+
+def test_onset_remainder_verdicts_follow_from_their_numbers(tiny_run):
+    """Thm 6.1 remainder (exponent 3 ± tol) and cubic-term (ratio 1 ± tol) rows, recomputed."""
+    out, _ = tiny_run
+    result = json.loads((out / "experiments/results/transformer_onset.json").read_text())
+    config = result["config"]
+    kl = []
+    for task in result["tasks"].values():
+        kl += [task[f"d{d}"]["orthogonalized"]["kl"] for d in result["dims"]]
+        kl.append(task[f"d{result['dims'][0]}"]["raw"]["kl"])
+    exps = [k["remainder_exponent"] for k in kl]
+    cubic = [k["remainder_over_cubic"][0] for k in kl]
+    assert len(exps) == len(result["tasks"]) * (len(result["dims"]) + 1)
+    verdicts = {c["claim"].split(":")[0]: c["verdict"] for c in result["claims"]}
+    tol_e, tol_c = config["remainder_exponent_tolerance"], config["cubic_tolerance"]
+    remainder_holds = all(abs(e - 3) <= tol_e for e in exps)
+    cubic_holds = all(abs(q - 1) <= tol_c for q in cubic)
+    assert verdicts["Thm 6.1, remainder"] == ("reproduced" if remainder_holds else "NOT reproduced")
+    assert verdicts["Thm 6.1, cubic term"] == ("reproduced" if cubic_holds else "NOT reproduced")
 
 
 @pytest.mark.parametrize("module", reproduce.EXPERIMENTS, ids=lambda m: m.NAME)
