@@ -607,29 +607,43 @@ def measure_aic(
     key = prng_key(key)
     if trace not in ("auto", "exact", "hutchinson"):
         raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
-    if is_sharded(params):
-        return _measure_aic_sharded(
-            fisher_vp,
-            loss_fn,
-            params,
-            d,
-            key,
-            tuple(fisher_args),
-            tuple(loss_args),
-            trace,
-            num_probes,
-            tol,
-            max_matvecs,
-            allow_unconverged,
-        )
+    route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
+    return route(
+        fisher_vp,
+        loss_fn,
+        params,
+        d,
+        key,
+        tuple(fisher_args),
+        tuple(loss_args),
+        trace,
+        num_probes,
+        tol,
+        max_matvecs,
+        allow_unconverged,
+    )
+
+
+def _measure_aic_flat(
+    fisher_vp,
+    loss_fn,
+    params: PyTree,
+    d: int,
+    key: jax.Array,
+    fisher_args: tuple,
+    loss_args: tuple,
+    trace: str,
+    num_probes: int,
+    tol: float | None,
+    max_matvecs: int | None,
+    allow_unconverged: bool,
+) -> AICMeasurement:
+    """:func:`measure_aic` on unsharded ``params``, raveled to ``(n,)`` (checked inputs)."""
     flat, _ = ravel_pytree(params)
     n = flat.size
     d = subspace_dim(d, n)
-    if trace not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
     if tol is None:
         tol = max(1e-8, 100 * float(jnp.finfo(flat.dtype).eps))
-    fisher_args, loss_args = tuple(fisher_args), tuple(loss_args)
     flat_op = _fisher_operator(fisher_vp, params, fisher_args).raveled()
 
     def flat_fvp(v: jax.Array) -> jax.Array:
