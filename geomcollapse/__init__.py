@@ -10,6 +10,7 @@ landscapes with exact AIC numbers, logistic landscapes), :mod:`geomcollapse.flow
 :mod:`geomcollapse.theory` (AIC report, series, exponent fits), :mod:`geomcollapse.aic`
 (the AIC measured on any model), :mod:`geomcollapse.series` (Taylor forecast of Δu(t)),
 :mod:`geomcollapse.stats` (rank correlations with bootstrap intervals),
+:mod:`geomcollapse.tensor_norm` (the largest value of a derivative tensor on the sphere, SS-HOPM),
 :mod:`geomcollapse.intruders` (LoRA intruder dimensions and the update along them),
 :mod:`geomcollapse.models` (small reference models, the transformer, LoRA and data).
 :func:`geomcollapse.diagnose` measures all of it at ``θ*`` in one call and returns a
@@ -35,6 +36,7 @@ from geomcollapse import (
     series,
     stats,
     subspace,
+    tensor_norm,
     theory,
 )
 from geomcollapse.diagnosis import Diagnosis, diagnose
@@ -55,5 +57,6 @@ __all__ = [
     "series",
     "stats",
     "subspace",
+    "tensor_norm",
     "theory",
 ]

@@ -1,0 +1,262 @@
+"""The largest value of a symmetric tensor on the unit sphere, matrix-free (SS-HOPM).
+
+Thm 6.1's remainder constant ``C = max_{‖v‖=1} |⅙∇³u(θ*)[v,v,v]|`` (and the
+fourth-derivative constant of the next Taylor term) is the spectral norm of a
+symmetric tensor ``T`` of order ``m``: ``max_{‖v‖=1} |T[vᵐ]|`` (for symmetric
+tensors the best rank-1 approximation is symmetric, Banach 1938).
+:func:`sshopm` estimates it by the shifted symmetric higher-order power method
+(Kolda & Mayo 2011, SIAM J. Matrix Anal. Appl. 32(4)) from several starts, with
+``T`` given only through its contraction ``v ↦ T[v, …, v, ·]``;
+:func:`derivative_contraction` makes that contraction for ``T = ∇ᵐf(θ)`` from
+nested ``jvp`` and one ``grad``, never forming the tensor. docs/experiments.md
+(transformer_onset) states how the transformer's Thm 6.1 row uses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+PyTree = Any
+
+
+def derivative_form(f: Callable, order: int) -> Callable:
+    """``(params, v, *args) ↦ ∇ᵐf(params)[v, …, v]`` (``m = order``): nested ``jvp`` on a line.
+
+    The ``m``-th derivative of ``s ↦ f(params + s v, *args)`` at ``s = 0``;
+    ``v`` is a pytree like ``params``. Never forms a tensor.
+    """
+    _check_order(order, 1)
+
+    def form(params, v, *args):
+        def along(s):
+            return f(jax.tree.map(lambda p, w: p + s * w, params, v), *args)
+
+        g = along
+        for _ in range(order):
+            g = _derivative(g)
+        return g(jnp.zeros((), jax.tree.leaves(params)[0].dtype))
+
+    return form
+
+
+def _derivative(g: Callable) -> Callable:
+    return lambda s: jax.jvp(g, (s,), (jnp.ones_like(s),))[1]
+
+
+def derivative_contraction(f: Callable, order: int) -> Callable:
+    """``(params, v, *args) ↦ ∇ᵐf(params)[v, …, v, ·]`` (``m − 1`` copies of ``v``), a pytree.
+
+    The gradient in ``v`` of ``∇ᵐf[vᵐ]/m`` (``∇_v T[vᵐ] = m T[v^{m−1}, ·]`` for a
+    symmetric ``T``): reverse mode over ``m`` nested ``jvp``. ``order ≥ 2``.
+    """
+    _check_order(order, 2)
+    form = derivative_form(f, order)
+
+    def contract(params, v, *args):
+        return jax.grad(lambda w: form(params, w, *args) / order)(v)
+
+    return contract
+
+
+class TensorMax(NamedTuple):
+    """What :func:`sshopm` found: ``value = max |T[vᵐ]|`` over the runs, and where.
+
+    Attributes:
+      value: the largest ``|λ|``, ``λ = T[vᵐ]`` at a unit ``v``: a value attained,
+        so never above the true maximum (up to rounding).
+      eigenvalue: the signed ``λ`` there; ``vector``: that unit ``v`` (like a start).
+      screened: ``(k,)`` the signed ``λ`` of every start after the screening
+        iterations (for even orders, of the sign run that reached the larger ``|λ|``).
+      refined: ``(r,)`` the signed ``λ`` of the refined runs; ``converged`` ``(r,)``
+        whether each met the stopping rule; ``iterations`` ``(r,)`` their steps.
+      contractions: contractions evaluated in all, rejected steps included.
+    """
+
+    value: jax.Array
+    eigenvalue: jax.Array
+    vector: PyTree
+    screened: jax.Array
+    refined: jax.Array
+    converged: jax.Array
+    iterations: jax.Array
+    contractions: jax.Array
+
+
+class _State(NamedTuple):
+    x: jax.Array  # unit vector
+    g: jax.Array  # T[x^{m−1}, ·]
+    lam: jax.Array  # T[xᵐ]
+    shift: jax.Array
+    done: jax.Array
+    steps: jax.Array
+    calls: jax.Array
+
+
+def _init(contract: Callable, x: jax.Array, order: int) -> _State:
+    x = x / jnp.linalg.norm(x)
+    g = contract(x)
+    lam = jnp.vdot(g, x)
+    if order % 2:  # odd: T[(−x)ᵐ] = −T[xᵐ], so start on the side where λ ≥ 0
+        sign = jnp.where(lam < 0, -1.0, 1.0).astype(x.dtype)
+        x, lam = sign * x, sign * lam
+    zero = jnp.zeros((), jnp.int32)
+    return _State(x, g, lam, jnp.zeros((), x.dtype), jnp.asarray(False), zero, zero + 1)
+
+
+def _step(contract: Callable, s: _State, tol: float) -> _State:
+    """One SS-HOPM step; rejected (and the shift raised) if it would lower ``λ``."""
+    y = s.g + s.shift * s.x
+    norm = jnp.linalg.norm(y)
+    y = jnp.where(norm > 0, y / jnp.where(norm > 0, norm, 1), s.x)
+    gy = contract(y)
+    lam_y = jnp.vdot(gy, y)
+    small = jnp.abs(lam_y - s.lam) <= tol * jnp.abs(lam_y)
+    accept = (lam_y >= s.lam) & ~s.done
+    raised = jnp.maximum(2 * s.shift, jnp.linalg.norm(s.g))
+    return _State(
+        jnp.where(accept, y, s.x),
+        jnp.where(accept, gy, s.g),
+        jnp.where(accept, lam_y, s.lam),
+        jnp.where(accept | s.done, s.shift, raised),
+        s.done | small | (norm == 0),
+        s.steps + jnp.where(s.done, 0, 1),
+        s.calls + jnp.where(s.done, 0, 1),
+    )
+
+
+def _run(contract: Callable, states: _State, iterations: int, tol: float) -> _State:
+    """``iterations`` steps of every start (vmapped), stopping early once all are done."""
+    step = jax.vmap(lambda s: _step(contract, s, tol))
+
+    def cond(c):
+        i, s = c
+        return (i < iterations) & ~jnp.all(s.done)
+
+    return jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1])), (0, states))[1]
+
+
+def _ascend(contract, starts, order, screen, refine, max_iter, tol):
+    """Screen every start, then refine the ``refine`` largest ``λ`` to convergence."""
+    states = jax.vmap(lambda x: _init(contract, x, order))(starts)
+    screened = _run(contract, states, screen, tol)
+    best = jnp.argsort(-screened.lam)[:refine]
+    again = jax.tree.map(lambda a: a[best], screened)
+    refined = _run(contract, again._replace(steps=jnp.zeros_like(again.steps)), max_iter, tol)
+    calls = jnp.sum(screened.calls) + jnp.sum(refined.calls - again.calls)
+    return screened, refined, calls
+
+
+def sshopm(
+    contract: Callable[[PyTree], PyTree],
+    starts: PyTree,
+    *,
+    order: int,
+    screen_iterations: int = 10,
+    refine: int = 4,
+    max_iterations: int = 60,
+    tol: float = 1e-6,
+) -> TensorMax:
+    """Estimate ``max_{‖v‖=1} |T[vᵐ]|`` of a symmetric order-``m`` tensor by SS-HOPM.
+
+    Iteration ``v ← (T[v^{m−1},·] + αv)/‖·‖``: the shift ``α`` starts at 0 and a
+    step that would lower ``λ = T[vᵐ]`` is rejected with ``α ← max(2α, ‖T[v^{m−1},·]‖)``,
+    so ``λ`` never decreases (a large enough shift makes the step an ascent on
+    the sphere, Kolda & Mayo 2011 Thm 4.4). A run stops when
+    ``|λₖ₊₁ − λₖ| ≤ tol·|λₖ₊₁|`` (a rejected step within that also ends it).
+    Every start runs ``screen_iterations`` steps; the ``refine`` largest ``λ``
+    then run up to ``max_iterations`` more. Odd ``m``: each start is signed so
+    ``λ ≥ 0`` and ``λ`` is maximised (``max |λ| = max λ``). Even ``m``: runs on
+    ``T`` and on ``−T`` (``refine`` each).
+
+    Args:
+      contract: ``v ↦ T[v, …, v, ·]`` (``m − 1`` copies), a pytree like ``v``;
+        traceable; e.g. ``lambda v: derivative_contraction(f, m)(θ, v, *args)``.
+      starts: a pytree like ``v`` with a leading axis of ``k ≥ 1`` start
+        directions (any non-zero finite scale; normalised here).
+      order: ``m ≥ 2``.
+      screen_iterations, max_iterations: ``≥ 0``; refine: ``≥ 1`` (capped at ``k``);
+      tol: relative stopping tolerance, ``> 0``.
+
+    Returns:
+      :class:`TensorMax`.
+
+    Raises:
+      ValueError: bad ``order``, ``starts`` (empty, non-floating, zero or non-finite
+        rows), counts or ``tol``, or a ``contract`` output unlike ``v``.
+    """
+    flat, unravel = _check(contract, starts, order, screen_iterations, refine, max_iterations, tol)
+    refine = min(refine, flat.shape[0])
+
+    def raveled(sign):
+        return lambda x: sign * ravel_pytree(contract(unravel(x)))[0]
+
+    signs = (1.0,) if order % 2 else (1.0, -1.0)
+    runs = [
+        _ascend(raveled(sign), flat, order, screen_iterations, refine, max_iterations, tol)
+        for sign in signs
+    ]
+    # the sign run with the larger λ (traceable: no Python branch on values)
+    top = jnp.argmax(jnp.stack([jnp.max(r[1].lam) for r in runs]))
+    screened, refined = (
+        jax.tree.map(lambda *xs: jnp.stack(xs)[top], *(r[j] for r in runs)) for j in (0, 1)
+    )
+    sign = jnp.asarray(signs, flat.dtype)[top]
+    i = jnp.argmax(refined.lam)
+    return TensorMax(
+        refined.lam[i],
+        sign * refined.lam[i],
+        unravel(refined.x[i]),
+        sign * screened.lam,
+        sign * refined.lam,
+        refined.done,
+        refined.steps,
+        sum(r[2] for r in runs),
+    )
+
+
+def _check_order(order, least: int) -> None:
+    if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < least:
+        raise ValueError(f"order must be an integer ≥ {least}, got {order!r}")
+
+
+def _check(contract, starts, order, screen, refine, max_iter, tol):
+    """Validate :func:`sshopm`'s inputs; the starts raveled ``(k, n)`` and one row's unravel."""
+    _check_order(order, 2)
+    for name, value, least in (
+        ("screen_iterations", screen, 0),
+        ("refine", refine, 1),
+        ("max_iterations", max_iter, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+            raise ValueError(f"{name} must be an integer ≥ {least}, got {value!r}")
+    if not (isinstance(tol, (int, float)) and np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a finite number > 0, got {tol!r}")
+    leaves = jax.tree.leaves(starts)
+    if (
+        not leaves
+        or any(jnp.ndim(a) < 1 or jnp.shape(a)[0] != jnp.shape(leaves[0])[0] for a in leaves)
+        or jnp.shape(leaves[0])[0] == 0
+    ):
+        raise ValueError("starts must be a pytree of arrays with one shared leading axis k ≥ 1")
+    if any(not jnp.issubdtype(jnp.result_type(a), jnp.floating) for a in leaves):
+        raise ValueError("starts must have floating leaves")
+    first = jax.tree.map(lambda a: a[0], starts)
+    unravel = ravel_pytree(first)[1]
+    flat = jax.vmap(lambda t: ravel_pytree(t)[0])(starts)
+    if not isinstance(flat, jax.core.Tracer):
+        norms = np.linalg.norm(np.asarray(flat), axis=1)
+        if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+            raise ValueError("starts must be finite and non-zero in every row")
+    out = jax.eval_shape(contract, first)
+    if jax.tree.structure(out) != jax.tree.structure(first) or any(
+        o.shape != jnp.shape(a)
+        for o, a in zip(jax.tree.leaves(out), jax.tree.leaves(first), strict=True)
+    ):
+        raise ValueError("contract must map a direction v to a pytree like v (T[v, …, v, ·])")
+    return flat, unravel
