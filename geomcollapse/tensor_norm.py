@@ -91,31 +91,32 @@ class TensorMax(NamedTuple):
 class _State(NamedTuple):
     x: jax.Array  # unit vector
     g: jax.Array  # T[x^{m−1}, ·]
-    lam: jax.Array  # T[xᵐ]
+    lam: jax.Array  # T[xᵐ]; −inf before the first contraction
     shift: jax.Array
     done: jax.Array
-    steps: jax.Array
-    calls: jax.Array
 
 
-def _init(contract: Callable, x: jax.Array, order: int) -> _State:
-    x = x / jnp.linalg.norm(x)
-    g = contract(x)
-    lam = jnp.vdot(g, x)
-    if order % 2:  # odd: T[(−x)ᵐ] = −T[xᵐ], so start on the side where λ ≥ 0
-        sign = jnp.where(lam < 0, -1.0, 1.0).astype(x.dtype)
-        x, lam = sign * x, sign * lam
-    zero = jnp.zeros((), jnp.int32)
-    return _State(x, g, lam, jnp.zeros((), x.dtype), jnp.asarray(False), zero, zero + 1)
+def _fresh(x: jax.Array) -> _State:
+    """Unstarted runs from the rows of ``x``: the first step only evaluates ``T[x^{m−1},·]``."""
+    k = x.shape[0]
+    return _State(
+        x / jnp.linalg.norm(x, axis=1, keepdims=True),
+        jnp.zeros_like(x),
+        jnp.full((k,), -jnp.inf, x.dtype),
+        jnp.zeros((k,), x.dtype),
+        jnp.zeros((k,), bool),
+    )
 
 
-def _step(contract: Callable, s: _State, tol: float) -> _State:
-    """One SS-HOPM step; rejected (and the shift raised) if it would lower ``λ``."""
+def _step(contract: Callable, s: _State, sign, order: int, tol: float) -> _State:
+    """One SS-HOPM step of ``sign·T``; rejected (and the shift raised) if it would lower ``λ``."""
     y = s.g + s.shift * s.x
     norm = jnp.linalg.norm(y)
     y = jnp.where(norm > 0, y / jnp.where(norm > 0, norm, 1), s.x)
-    gy = contract(y)
+    gy = sign * contract(y)
     lam_y = jnp.vdot(gy, y)
+    if order % 2:  # odd: T[(−y)ᵐ] = −T[yᵐ] and T[(−y)^{m−1},·] = T[y^{m−1},·]: keep λ ≥ 0
+        y, lam_y = jnp.where(lam_y < 0, -y, y), jnp.abs(lam_y)
     small = jnp.abs(lam_y - s.lam) <= tol * jnp.abs(lam_y)
     accept = (lam_y >= s.lam) & ~s.done
     raised = jnp.maximum(2 * s.shift, jnp.linalg.norm(s.g))
@@ -124,32 +125,36 @@ def _step(contract: Callable, s: _State, tol: float) -> _State:
         jnp.where(accept, gy, s.g),
         jnp.where(accept, lam_y, s.lam),
         jnp.where(accept | s.done, s.shift, raised),
-        s.done | small | (norm == 0),
-        s.steps + jnp.where(s.done, 0, 1),
-        s.calls + jnp.where(s.done, 0, 1),
+        s.done | small | ((norm == 0) & jnp.isfinite(s.lam)),
     )
 
 
-def _run(contract: Callable, states: _State, iterations: int, tol: float) -> _State:
-    """``iterations`` steps of every start (vmapped), stopping early once all are done."""
-    step = jax.vmap(lambda s: _step(contract, s, tol))
+def _iterate(step: Callable, s: _State, sign, iterations: int) -> tuple[_State, int, np.ndarray]:
+    """Up to ``iterations`` steps of the batch (one contraction each), until all are done."""
+    calls, steps = 0, np.zeros(s.done.shape[0], int)
+    for _ in range(iterations):
+        if bool(jnp.all(s.done)):
+            break
+        steps += ~np.asarray(s.done)
+        s = step(s, sign)
+        calls += s.done.shape[0]
+    return s, calls, steps
 
-    def cond(c):
-        i, s = c
-        return (i < iterations) & ~jnp.all(s.done)
 
-    return jax.lax.while_loop(cond, lambda c: (c[0] + 1, step(c[1])), (0, states))[1]
-
-
-def _ascend(contract, starts, order, screen, refine, max_iter, tol):
-    """Screen every start, then refine the ``refine`` largest ``λ`` to convergence."""
-    states = jax.vmap(lambda x: _init(contract, x, order))(starts)
-    screened = _run(contract, states, screen, tol)
-    best = jnp.argsort(-screened.lam)[:refine]
+def _ascend(step, flat, sign, batch: int, screen: int, refine_iterations: int):
+    """Screen every start in chunks of ``batch``, then refine the ``batch`` largest ``λ``."""
+    k = flat.shape[0]
+    padded = jnp.concatenate([flat, jnp.repeat(flat[-1:], -k % batch, axis=0)])
+    chunks, calls = [], 0
+    for c in range(0, padded.shape[0], batch):  # the first step evaluates the start
+        done, n, _ = _iterate(step, _fresh(padded[c : c + batch]), sign, 1 + screen)
+        chunks.append(done)
+        calls += n
+    screened = jax.tree.map(lambda *a: jnp.concatenate(a)[:k], *chunks)
+    best = jnp.argsort(-screened.lam)[:batch]
     again = jax.tree.map(lambda a: a[best], screened)
-    refined = _run(contract, again._replace(steps=jnp.zeros_like(again.steps)), max_iter, tol)
-    calls = jnp.sum(screened.calls) + jnp.sum(refined.calls - again.calls)
-    return screened, refined, calls
+    refined, n, steps = _iterate(step, again, sign, refine_iterations)
+    return screened, refined, steps, calls + n
 
 
 def sshopm(
@@ -170,9 +175,13 @@ def sshopm(
     the sphere, Kolda & Mayo 2011 Thm 4.4). A run stops when
     ``|λₖ₊₁ − λₖ| ≤ tol·|λₖ₊₁|`` (a rejected step within that also ends it).
     Every start runs ``screen_iterations`` steps; the ``refine`` largest ``λ``
-    then run up to ``max_iterations`` more. Odd ``m``: each start is signed so
+    then run up to ``max_iterations`` more. Odd ``m``: each iterate is signed so
     ``λ ≥ 0`` and ``λ`` is maximised (``max |λ| = max λ``). Even ``m``: runs on
     ``T`` and on ``−T`` (``refine`` each).
+
+    The loop runs on the host around one compiled batch step (``refine`` runs
+    at a time; the starts are screened in chunks of that size), so ``contract``
+    is compiled once per call; ``sshopm`` itself is not traceable under ``jit``.
 
     Args:
       contract: ``v ↦ T[v, …, v, ·]`` (``m − 1`` copies), a pytree like ``v``;
@@ -191,23 +200,20 @@ def sshopm(
         rows), counts or ``tol``, or a ``contract`` output unlike ``v``.
     """
     flat, unravel = _check(contract, starts, order, screen_iterations, refine, max_iterations, tol)
-    refine = min(refine, flat.shape[0])
+    batch = min(refine, flat.shape[0])
 
-    def raveled(sign):
-        return lambda x: sign * ravel_pytree(contract(unravel(x)))[0]
+    def raveled(x):
+        return ravel_pytree(contract(unravel(x)))[0]
 
+    step = jax.jit(jax.vmap(lambda s, sign: _step(raveled, s, sign, order, tol), (0, None)))
     signs = (1.0,) if order % 2 else (1.0, -1.0)
     runs = [
-        _ascend(raveled(sign), flat, order, screen_iterations, refine, max_iterations, tol)
+        _ascend(step, flat, jnp.asarray(sign, flat.dtype), batch, screen_iterations, max_iterations)
         for sign in signs
     ]
-    # the sign run with the larger λ (traceable: no Python branch on values)
-    top = jnp.argmax(jnp.stack([jnp.max(r[1].lam) for r in runs]))
-    screened, refined = (
-        jax.tree.map(lambda *xs: jnp.stack(xs)[top], *(r[j] for r in runs)) for j in (0, 1)
-    )
-    sign = jnp.asarray(signs, flat.dtype)[top]
-    i = jnp.argmax(refined.lam)
+    top = int(np.argmax([float(jnp.max(r[1].lam)) for r in runs]))
+    screened, refined, steps, _ = runs[top]
+    i, sign = int(jnp.argmax(refined.lam)), signs[top]
     return TensorMax(
         refined.lam[i],
         sign * refined.lam[i],
@@ -215,8 +221,8 @@ def sshopm(
         sign * screened.lam,
         sign * refined.lam,
         refined.done,
-        refined.steps,
-        sum(r[2] for r in runs),
+        jnp.asarray(steps),
+        jnp.asarray(sum(r[3] for r in runs)),
     )
 
 
@@ -249,10 +255,9 @@ def _check(contract, starts, order, screen, refine, max_iter, tol):
     first = jax.tree.map(lambda a: a[0], starts)
     unravel = ravel_pytree(first)[1]
     flat = jax.vmap(lambda t: ravel_pytree(t)[0])(starts)
-    if not isinstance(flat, jax.core.Tracer):
-        norms = np.linalg.norm(np.asarray(flat), axis=1)
-        if not np.all(np.isfinite(norms)) or np.any(norms == 0):
-            raise ValueError("starts must be finite and non-zero in every row")
+    norms = np.linalg.norm(np.asarray(flat), axis=1)
+    if not np.all(np.isfinite(norms)) or np.any(norms == 0):
+        raise ValueError("starts must be finite and non-zero in every row")
     out = jax.eval_shape(contract, first)
     if jax.tree.structure(out) != jax.tree.structure(first) or any(
         o.shape != jnp.shape(a)

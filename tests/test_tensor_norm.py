@@ -145,18 +145,23 @@ def test_sshopm_on_random_cubic_functions_is_at_most_and_at_the_true_maximum(n, 
     assert float(jnp.min(found.refined)) >= float(jnp.sort(found.screened)[-4]) - 1e-12
 
 
-def test_sshopm_is_traceable_under_jit():
+def test_sshopm_counts_its_contractions_and_screens_every_start():
+    """One contraction per step of each run in a batch; ``screened`` has one ``λ`` per start."""
     t = _symmetric(jax.random.key(5), 4, 3)
-    f = _cubic_function(t, jax.random.key(6))
-    theta = jnp.zeros(4)
+    calls = []
 
     def contract(v):
-        return tensor_norm.derivative_contraction(f, 3)(theta, v)
+        calls.append(1)  # once when sshopm checks its output shape, once in the compiled step
+        return jnp.einsum("ijk,j,k->i", jnp.asarray(t), v, v)
 
-    starts = jax.random.normal(jax.random.key(7), (6, 4))
-    eager = tensor_norm.sshopm(contract, starts, order=3, refine=2)
-    jitted = jax.jit(lambda s: tensor_norm.sshopm(contract, s, order=3, refine=2).value)(starts)
-    assert float(jitted) == pytest.approx(float(eager.value), rel=1e-12)
+    starts = jax.random.normal(jax.random.key(7), (5, 4))
+    found = tensor_norm.sshopm(contract, starts, order=3, refine=2, screen_iterations=3)
+    assert len(calls) == 2  # screening chunks and refinement share one compiled step
+    assert found.screened.shape == (5,) and found.refined.shape == (2,)
+    lam = [float(_form(t, x / jnp.linalg.norm(x))) for x in starts]
+    assert np.all(np.asarray(found.screened) >= np.abs(lam) - 1e-12)  # λ never decreases
+    # 3 chunks of 2 (the last padded), 1 + 3 steps at most each, then the refined steps
+    assert int(found.contractions) <= 3 * 2 * 4 + 2 * int(np.max(found.iterations))
 
 
 @pytest.mark.parametrize(
