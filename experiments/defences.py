@@ -946,31 +946,64 @@ FIGURE_NEEDS = ("table", "datasets", "horizon", "primary_dim")
 TITLE = {"sgd": "SGD", "adamw": "AdamW"}
 
 
+MARKERS = ("o", "s", "^", "v", "D", "P")  # one per defence: overlapping means stay visible
+
+
+def _mean_se(values) -> tuple[float, float]:
+    """Mean over datasets and its standard error (0 for a single dataset)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return float("nan"), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+
+
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """Pareto fronts: task accuracy against harmfulness, a curve per defence over its strengths."""
+    """Pareto fronts: task accuracy against harmfulness, a curve per defence over its strengths.
+
+    Each point is the mean over datasets with ± one standard error in both
+    directions; each defence has its own hollow marker, so coinciding means stay visible.
+    """
     table = results["table"]
     opts = [o for o in OPTIMIZERS if any(e["optimizer"] == o for e in table.values())]
     fig, axes = style.subplots(len(opts), height=3.0)
-    for ax, opt in zip(axes[0], opts, strict=True):
+    n = len(results["datasets"])
+    for k, (ax, opt) in enumerate(zip(axes[0], opts, strict=True)):
         for j, name in enumerate(DEFENCES[1:]):
             es = _entries(table, opt, name)
-            if not es:
-                continue
-            x = [_avg(e["harmfulness"]) for e in es]
-            y = [_avg(e["accuracy"]) for e in es]
-            color = style.PALETTE[j % len(style.PALETTE)]
-            ax.plot(x, y, "o-", color=color, label=SHORT[name])
-            ax.plot(x[-1:], y[-1:], "s", color=color, markersize=6)  # the strongest
+            if es:
+                _front(ax, es, style.PALETTE[j % len(style.PALETTE)], MARKERS[j], SHORT[name])
         none = find(table, opt, "none")
         if none is not None:
-            h, a = _avg(none["harmfulness"]), _avg(none["accuracy"])
-            ax.plot([h], [a], "*", color=style.THEORY, markersize=9, label="unprotected")
+            _front(ax, [none], style.THEORY, "*", "unprotected", size=8)
         ax.set_xlabel(f"harmfulness at K = {results['horizon']}")
         ax.set_ylabel("task accuracy")
-        ax.set_title(f"{TITLE[opt]}, mean of {len(results['datasets'])} datasets")
+        letter = f"({chr(ord('a') + k)}) " if len(opts) > 1 else ""
+        ax.set_title(f"{letter}{TITLE[opt]}: mean ± s.e. over {n} datasets", loc="left")
     style.legend_below(fig, ncol=4 if len(opts) > 1 else 2)
     return style.save(fig, path)
+
+
+def _front(ax, entries: list, color: str, marker: str, label: str, size: float = 5) -> None:
+    """One defence's strengths as hollow markers joined in order, with their error bars."""
+    x, xe = zip(*(_mean_se(e["harmfulness"]) for e in entries), strict=True)
+    y, ye = zip(*(_mean_se(e["accuracy"]) for e in entries), strict=True)
+    ax.errorbar(
+        x,
+        y,
+        xerr=xe,
+        yerr=ye,
+        color=color,
+        marker=marker,
+        markersize=size,
+        markerfacecolor="none",
+        ls="-" if len(entries) > 1 else "None",
+        lw=0.9,
+        elinewidth=0.6,
+        capsize=1.5,
+        label=label,
+    )
 
 
 # ------------------------------------------------------------------------- table

@@ -894,8 +894,9 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     opts = [o for o in config["optimizers"] if f"{o}/full/{config['primary_horizon']}" in table]
     fig, axes = style.subplots(2, len(opts), height=2.6 * len(opts) + 0.4)
     axes = np.atleast_2d(axes)
-    for row, opt in zip(axes, opts, strict=True):
+    for k, (row, opt) in enumerate(zip(axes, opts, strict=True)):
         ax = row[0]
+        ax.set_title(f"({chr(ord('a') + 2 * k)}) {opt}: harm against overlap", loc="left")
         for j, method in enumerate(config["methods"]):
             entry = table.get(f"{opt}/{method}/{config['primary_horizon']}")
             if entry is None:
@@ -910,14 +911,27 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
         ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {config['primary_horizon']}")
         ax.set_ylabel(f"harmfulness ({opt})")
         ax = row[1]
+        ax.set_title(f"({chr(ord('a') + 2 * k + 1)}) {opt}: ρ per horizon, 95 % CI", loc="left")
         for j, method in enumerate(config["methods"]):
-            Ks, rhos = [], []
+            Ks, rhos, low, high = [], [], [], []
             for K in config["horizons"]:
                 c = table.get(f"{opt}/{method}/{K}", {}).get("correlations", {}).get(primary)
                 if c is not None:
                     Ks.append(K)
                     rhos.append(c["rho"])
-            ax.plot(Ks, rhos, "o-", color=style.PALETTE[j % len(style.PALETTE)], label=method)
+                    lo, hi = c.get("rho_interval") or (np.nan, np.nan)
+                    low.append(c["rho"] - lo)
+                    high.append(hi - c["rho"])
+            ax.errorbar(
+                Ks,
+                rhos,
+                yerr=[low, high],
+                fmt="o-",
+                color=style.PALETTE[j % len(style.PALETTE)],
+                capsize=1.5,
+                elinewidth=0.6,
+                label=method,
+            )
         ax.axhline(config["rho_min"], color="0.5", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("horizon K (steps)")

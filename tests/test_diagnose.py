@@ -21,6 +21,7 @@ from jax.flatten_util import ravel_pytree
 
 import geomcollapse
 from geomcollapse import checkpoint, cli, models, training
+from tests import figure_checks
 from tests.conftest import rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +143,16 @@ def test_quadratic_diagnosis_equals_closed_forms_and_dense_eigh(clean):
     assert rel_err(dg.overlap_gradient, np.linalg.norm(P @ c) / np.linalg.norm(c)) < 1e-12
     assert dg.overlap_baseline == pytest.approx(np.sqrt(3 / N))
     assert dg.skill_gradient_norm == 0.0 and dg.warnings == ()
+
+
+def test_report_figure_shows_every_series_and_letters_its_panels(clean):
+    """Δu and the projected loss agree on a concentrated F: both must stay visible; the
+    legend's entries are what is drawn (the window is a shaded span); panels (a)-(c)."""
+    dg = clean[0]
+    fig = dg.figure()
+    assert figure_checks.check(fig) == []
+    labels = fig.axes[1].get_legend_handles_labels()[1]
+    assert "validity window" in labels and r"forecast $\Delta u(t)$" in labels
 
 
 def test_diagnosis_json_round_trip_and_markdown(clean):

@@ -37,27 +37,32 @@ def diagnosis_figure(dg) -> Figure:
     ax_spec.set_ylabel(r"$\lambda_i$ of the skill Fisher")
     share = ax_spec.twinx()
     share.plot(idx, np.cumsum(lam) / dg.trace, color=VERMILION, marker=".", lw=1)
-    share.axhline(dg.share, color=VERMILION, ls=":", lw=0.8)
+    share.axhline(dg.share, color=VERMILION, lw=0.5)  # thin solid: a level, not a curve
     share.set_ylim(0, 1.05)
     share.set_ylabel(r"$\sum_{j\leq i}\lambda_j\ /\ \mathrm{tr}\,F$", color=VERMILION)
-    ax_spec.axvline(dg.d + 0.5, color="black", ls="--", lw=0.8)
-    ax_spec.set_title(f"spectrum: d = {dg.d}, top-d share {dg.top_share:.0%}")
+    ax_spec.axvline(dg.d + 0.5, color="black", lw=0.6)
+    ax_spec.set_title(f"(a) spectrum: d = {dg.d}, top-d share {dg.top_share:.0%}", loc="left")
 
     ts = np.asarray(dg.forecast_t, np.float64)
     window = dg.validity_time if math.isfinite(dg.validity_time) else math.inf
-    for ys, label, color in (
-        (np.asarray(dg.forecast_delta_u), r"forecast $\Delta u(t)$", BLUE),
-        (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN),
+    # Δu wide underneath, the projected loss narrow on top: both stay visible where they agree
+    past = False
+    for ys, label, color, lw in (
+        (np.asarray(dg.forecast_delta_u), r"forecast $\Delta u(t)$", BLUE, 2.4),
+        (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN, 1.0),
     ):
         t, y = _positive(ts, ys)
         inside = t <= window  # past the window the truncated series is no forecast: dotted
         if np.any(inside):
-            ax_fc.loglog(t[inside], y[inside], color=color, label=label)
+            ax_fc.loglog(t[inside], y[inside], color=color, lw=lw, label=label)
         if np.any(~inside):
-            ax_fc.loglog(t[~inside], y[~inside], color=color, ls=":", lw=1)
+            ax_fc.loglog(t[~inside], y[~inside], color=color, ls=":", lw=lw)
+            past = True
     if math.isfinite(dg.validity_time):
-        ax_fc.axvspan(ts[0], min(dg.validity_time, ts[-1]), color=BLUE, alpha=0.08, lw=0)
-        ax_fc.axvline(dg.validity_time, color=BLUE, ls=":", lw=0.8, label="validity window")
+        span = (ts[0], min(dg.validity_time, ts[-1]))
+        ax_fc.axvspan(*span, color=BLUE, alpha=0.08, lw=0, label="validity window")
+    if past:
+        ax_fc.plot([], [], color="0.5", ls=":", label="past the window (no forecast)")
     if dg.planned_time is not None:
         ax_fc.axvline(dg.planned_time, color=ORANGE, ls="--", lw=0.8, label=f"{dg.steps} steps")
     if dg.threshold is not None:
@@ -66,7 +71,7 @@ def diagnosis_figure(dg) -> Figure:
         ax_fc.plot([dg.crossing_time], [dg.threshold], "o", color=VERMILION, ms=4)
     ax_fc.set_xlabel("flow time t" + ("" if dg.lr is None else f" (SGD step k = t / {dg.lr:g})"))
     ax_fc.set_ylabel("forecast")
-    ax_fc.set_title(f"Taylor forecast, order {dg.order}")
+    ax_fc.set_title(f"(b) Taylor forecast, order {dg.order}", loc="left")
     if ax_fc.get_legend_handles_labels()[0]:
         ax_fc.legend(fontsize=7, loc="upper left")
 
@@ -88,6 +93,6 @@ def diagnosis_figure(dg) -> Figure:
         ax_aic.annotate(
             f"{v:.3g}", (at, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
         )
-    ax_aic.set_title("AIC (Def. 5.1)")
+    ax_aic.set_title("(c) AIC (Def. 5.1)", loc="left")
     fig.suptitle(f"geomcollapse diagnosis: n = {dg.n}, {len(dg.warnings)} warning(s)", fontsize=10)
     return fig
