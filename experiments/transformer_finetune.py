@@ -157,15 +157,16 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     curves, config = results["curves"], results["config"]
     tasks_ = list(config["tasks"])
     fig, axes = style.subplots(3, len(curves), height=2.1 * len(curves) + 0.5, sharex=True)
-    for row, (method, by_task) in zip(axes, curves.items(), strict=True):
-        for ax, (field, label) in zip(row, PANELS, strict=True):
+    for i, (row, (method, by_task)) in enumerate(zip(axes, curves.items(), strict=True)):
+        name = METHODS.get(method, method).format(r=config["finetune"]["lora_rank"])
+        for j, (ax, (field, label)) in enumerate(zip(row, PANELS, strict=True)):
+            letter = chr(ord("a") + len(row) * i + j)
+            ax.set_title(f"({letter}) {name}" if j == 0 else f"({letter})", loc="left")
             for task, c in by_task.items():
                 color = style.PALETTE[tasks_.index(task) % len(style.PALETTE)]
                 ax.plot(c["steps"], c[field], color=color, label=task.replace("_", " "))
             ax.set_ylabel(label)
         row[0].set_yscale("symlog", linthresh=0.1)
-        name = METHODS.get(method, method).format(r=config["finetune"]["lora_rank"])
-        row[0].set_title(name, loc="left")
     for ax in axes[-1]:
         ax.set_xlabel("fine-tuning step")
     style.legend_below(fig, ncol=min(len(tasks_), 6))

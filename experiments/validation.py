@@ -304,7 +304,7 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     for level in (factor, 1 / factor):
         ax.axhline(level, color="0.3", lw=0.8, ls=":")
     ax.set(xlabel="t = ηK", ylabel="forecast / realised Δu (GD)")
-    ax.set_title("in window (o), beyond (x)")
+    ax.set_title("(a) in window (o), beyond (x)", loc="left")
     ax = axes[0][1]
     rank = results.get("ranking")
     if rank is not None:
@@ -312,7 +312,7 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
         for x, y, d in zip(rank["forecast"], rank["harm"], rank["datasets"], strict=True):
             ax.annotate(d, (x, max(y, 1e-3)), fontsize=8)
         ax.set(xlabel=f"forecast Δu(t₀ = {rank['t0']:.2g})", ylabel="harmfulness (Table 1)")
-        ax.set_title(f"ρ = {rank['rho']:.2f}")
+        ax.set_title(f"(b) ranking, ρ = {rank['rho']:.2f}", loc="left")
     return style.save(fig, path)
 
 

@@ -21,11 +21,13 @@ LETTER = re.compile(r"^\(([a-z])\)")
 
 
 def _data_axes(fig) -> list:
-    """Panels that hold data: lines, collections, patches or images (twin axes counted once)."""
+    """Panels that hold data: lines, collections, patches or images (twins once, no colorbars)."""
     out = []
     for ax in fig.axes:
         has = ax.get_lines() or ax.collections or ax.patches or ax.images
-        if has and ax.get_visible() and not any(ax.bbox.bounds == o.bbox.bounds for o in out):
+        colorbar = ax.get_label() == "<colorbar>"
+        twin = any(ax.bbox.bounds == o.bbox.bounds for o in out)
+        if has and ax.get_visible() and not colorbar and not twin:
             out.append(ax)
     return out
 

@@ -23,6 +23,7 @@ from experiments import (
 )
 from experiments._transformer import checkpoint_dir
 from geomcollapse import tasks
+from tests import figure_checks
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +297,8 @@ def _overlap(a, b) -> float:
 
 
 def _check_style(fig) -> None:
-    """The publication style: column widths, ≥ 8 pt text, ≤ 6 curves and no legend on data."""
+    """The publication style: column widths, ≥ 8 pt text, ≤ 6 curves, no legend on data, and
+    tests/figure_checks.py."""
     assert fig.get_figwidth() in (_style.SINGLE, _style.DOUBLE)
     fig.canvas.draw()
     for text in fig.findobj(Text):
@@ -308,6 +310,8 @@ def _check_style(fig) -> None:
         legend = ax.get_legend()
         if legend is not None:
             assert _overlap(legend.get_window_extent(), ax.get_window_extent()) == 0
+    # panels lettered, legend entries drawn with one meaning per mark, no series hidden
+    assert figure_checks.check(fig) == []
 
 
 @pytest.mark.parametrize("module", reproduce.EXPERIMENTS, ids=lambda m: m.NAME)
