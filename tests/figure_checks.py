@@ -121,7 +121,8 @@ def no_hidden_series(fig) -> list[str]:
     fig.canvas.draw()
     problems = []
     for ax in fig.axes:
-        lines = [ln for ln in ax.get_lines() if ln.get_visible()]
+        # error-bar caps ('|', '_') may sit on each other; the bars' centres are checked
+        lines = [ln for ln in ax.get_lines() if ln.get_visible() and _marker(ln) not in "|_"]
         for i, low in enumerate(lines):
             p = _points(ax, low)
             if not len(p) or (len(p) < 2 and _marker(low) == "None"):

@@ -342,7 +342,11 @@ def _check_style(fig) -> None:
         if text.get_visible() and text.get_text().strip():
             assert text.get_fontsize() >= 8, text.get_text()
     for ax in fig.axes:
-        curves = [ln for ln in ax.get_lines() if len(np.atleast_1d(ln.get_xdata())) > 2]
+        curves = [  # error-bar caps ('|', '_' marks) are not curves
+            ln
+            for ln in ax.get_lines()
+            if len(np.atleast_1d(ln.get_xdata())) > 2 and ln.get_marker() not in ("|", "_")
+        ]
         assert len(curves) <= _style.MAX_CURVES
         legend = ax.get_legend()
         if legend is not None:
