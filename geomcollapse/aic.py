@@ -9,6 +9,7 @@ one more Fisher matvec for the tail's quadratic floor, and the trace of ``F``
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -19,7 +20,18 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
-from geomcollapse._checks import finite_leaves, positive_int, prng_key, probe_count, subspace_dim
+from geomcollapse._checks import (
+    check_data,
+    check_params,
+    finite_derivatives,
+    flat_loss,
+    positive_int,
+    prng_key,
+    probe_count,
+    psd_spectrum,
+    scalar_loss,
+    subspace_dim,
+)
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
 from geomcollapse.curvature import LinearOperator, apply, as_operator, hessian_vp, keyed
 from geomcollapse.subspace import Subspace
@@ -603,12 +615,17 @@ def measure_aic(
       ValueError: bad or non-finite input; eigenpairs not converged (unless
         ``allow_unconverged``).
     """
-    finite_leaves(params, "params")
+    check_params(params)
     key = prng_key(key)
     if trace not in ("auto", "exact", "hutchinson"):
         raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    fisher_args, loss_args = (
+        check_data(fisher_args, "fisher_args"),
+        check_data(loss_args, "loss_args"),
+    )
+    scalar_loss(loss_fn, params, loss_args, "loss_fn", "loss_fn(params, *loss_args)", "loss_args")
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
-    return route(
+    out = route(
         fisher_vp,
         loss_fn,
         params,
@@ -622,6 +639,12 @@ def measure_aic(
         max_matvecs,
         allow_unconverged,
     )
+    finite_derivatives("loss_fn", gradient=out.gradient_norm, coupling=out.report.coupling)
+    margin = out.tail_rounding + 4.0 * out.trace_stderr  # the tail's error, probes included
+    psd_spectrum("fisher_vp", out.eigenpairs.values, out.report.tail_mass, margin)
+    if flat_loss("loss_fn", out.gradient_norm):
+        warnings.warn(flat_loss("loss_fn", out.gradient_norm), UserWarning, stacklevel=2)
+    return out
 
 
 def _measure_aic_flat(

@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from geomcollapse._checks import writable_directory
 from geomcollapse.curvature import leaf_paths
 from geomcollapse.models import TransformerConfig, transformer_abstract, transformer_config
 
@@ -112,6 +113,12 @@ def _check_params(pure: dict, config: TransformerConfig) -> str:
             raise ValueError(
                 f"params do not match config {config}: {name} has shape {shape}, "
                 f"the config implies {expected[name]}"
+            )
+    for name, x in leaves:  # a checkpoint of NaN weights would load, and diagnose nothing
+        bad = int(np.sum(~np.isfinite(np.asarray(x))))
+        if bad:
+            raise ValueError(
+                f"params: {name} has {bad} non-finite (NaN or inf) entries; refusing to save"
             )
     return dtype
 
@@ -216,6 +223,7 @@ def save_checkpoint(
     Returns the absolute checkpoint path.
     """
     path = Path(directory).resolve()
+    writable_directory(path.parent, "directory")  # where it is written: checked before any work
     config = transformer_config(config)
     if not isinstance(config, TransformerConfig):
         raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -240,9 +248,10 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{_saving_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp, pure, custom_metadata=custom)
-            ckptr.wait_until_finished()
+        # Synchronous: orbax's async StandardCheckpointer leaves non-daemon threads behind
+        # when a write fails (orbax 0.12.8), and the process then never exits.
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp, args=ocp.args.StandardSave(pure), custom_metadata=custom)
         _write_manifest(tmp)
         backup = _backup(path)
         if path.exists():

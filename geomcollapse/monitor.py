@@ -52,10 +52,13 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
+    check_data,
+    check_params,
     finite_leaves,
     positive_float,
     positive_int,
     prng_key,
+    probe_operator,
     same_structure,
     tuple_arg,
 )
@@ -705,7 +708,11 @@ def monitor(
     _check_series(cfg.series, values, reference)
 
     def init(params: PyTree) -> MonitorState:
-        finite_leaves(params, "params")
+        check_params(params)
+        if cfg.fisher_vp is not None:  # one probe matvec at θ*: finite, vᵀFv ≥ 0
+            fargs = check_data(cfg.fisher_args, "fisher_args")
+            fvp = functools.partial(cfg.fisher_vp, params)
+            probe_operator(lambda v: fvp(v, *fargs), params, "fisher_vp", psd=True, key=key)
         return _init_state(inner.init(params), params, values, reference, key, capacity)
 
     update = functools.partial(_monitored_update, inner, cfg, values, reference)

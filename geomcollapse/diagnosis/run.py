@@ -65,6 +65,7 @@ import jax
 import numpy as np
 
 from geomcollapse import compilation_cache, series
+from geomcollapse._checks import flat_loss
 from geomcollapse._progress import progress_bar
 from geomcollapse.diagnosis.forecast import AtD, at_d
 from geomcollapse.diagnosis.plan import (
@@ -286,6 +287,8 @@ def _warnings(req: Request, sp: Spectrum, m: AtD, f: _Window) -> list[str]:
             "t²/t⁴ onset of Thm 6.2. Use a skill loss minimised at θ*, e.g. the KL from θ*'s "
             "own outputs."
         )
+    flat = flat_loss("task_loss", m.task_gradient_norm)  # γ = 0 from a flat loss is no safety
+    out += [flat] if flat else []
     return out + _spectrum_warnings(req, sp, m) + _plan_warnings(req, m, f)
 
 
