@@ -271,7 +271,7 @@ def check_data(args: Any, name: str) -> tuple:
     for i, leaf in enumerate(leaves):
         if hasattr(leaf, "shape") and np.size(leaf) == 0:
             raise ValueError(
-                f"{name} leaf {i} is empty (shape {tuple(np.shape(leaf))}): a loss over no "
+                f"{name} leaf {i} is empty (shape {tuple(np.shape(leaf))}): a mean over no "
                 "examples is nan or 0 and measures nothing"
             )
     floating = [

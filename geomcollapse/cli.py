@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 
 from geomcollapse import compilation_cache
+from geomcollapse._checks import writable_directory
 from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
 
@@ -324,6 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"sweep": _sweep, "report": _report, "diagnose": _diagnose}
     if args.command in commands:
         return commands[args.command](args)
+    if args.outdir is not None:  # run, reproduce: refused before the experiment, not after
+        try:
+            writable_directory(args.outdir, "--outdir")
+        except ValueError as err:
+            print(f"geomcollapse {args.command}: error: {err}", file=sys.stderr)
+            return 2
     return _registered(args.command, args)  # run, reproduce: the experiments' own
 
 
