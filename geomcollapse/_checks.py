@@ -414,13 +414,15 @@ def writable_directory(path: Any, name: str) -> Path:
 
 def psd_spectrum(name: str, eigenvalues: Any, tail: float, margin: float) -> None:
     """Raise unless an operator's top ``eigenvalues`` and its tail mass ``tr A − Σλ_i``
-    (known to within ``margin``: rounding plus standard errors) are those of a positive
-    semidefinite ``A``; computed by the measurement anyway, so the check is free."""
+    (known to within ``margin``: rounding plus standard errors, widened by ``√eps·Σ|λ_i|``)
+    are those of a positive semidefinite ``A``; computed by the measurement anyway, so the
+    check is free."""
     lam = np.asarray(eigenvalues, np.float64)
     eps = float(jnp.finfo(jnp.result_type(eigenvalues)).eps)
     top = float(np.max(np.abs(lam))) if lam.size else 0.0
     if lam.size and float(lam.min()) < -math.sqrt(eps) * top:
         raise ValueError(not_psd(name, f"eigenvalue {float(lam.min()):.3g} < 0"))
+    margin = margin + math.sqrt(eps) * float(np.abs(lam).sum())  # a zero tail's rounding
     if tail < -margin:
         raise ValueError(
             not_psd(name, f"tail mass tr A − Σλ_i = {tail:.3g} < 0 beyond its error {margin:.2g}")
