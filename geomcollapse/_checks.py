@@ -417,8 +417,8 @@ def psd_spectrum(name: str, eigenvalues: Any, tail: float, margin: float) -> Non
     (known to within ``margin``: rounding plus standard errors, widened by ``√eps·Σ|λ_i|``)
     are those of a positive semidefinite ``A``; computed by the measurement anyway, so the
     check is free."""
-    lam = np.asarray(eigenvalues, np.float64)
     eps = float(jnp.finfo(jnp.result_type(eigenvalues)).eps)
+    lam = np.asarray(jax.device_get(eigenvalues), np.float64)  # (d,), fetched explicitly
     top = float(np.max(np.abs(lam))) if lam.size else 0.0
     if lam.size and float(lam.min()) < -math.sqrt(eps) * top:
         raise ValueError(not_psd(name, f"eigenvalue {float(lam.min()):.3g} < 0"))

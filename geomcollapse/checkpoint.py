@@ -93,7 +93,7 @@ def _saving_prefix(path: Path) -> str:
     return f".{path.name}.saving-"
 
 
-def _check_params(pure: dict, config: TransformerConfig) -> str:
+def _check_params(pure: dict, config: TransformerConfig, finite: bool = True) -> str:
     """The params' one dtype; raise unless their keys and shapes are those ``config`` implies."""
     leaves = _named_leaves(pure)
     dtypes = {str(np.dtype(x.dtype)) for _, x in leaves}
@@ -114,7 +114,7 @@ def _check_params(pure: dict, config: TransformerConfig) -> str:
                 f"params do not match config {config}: {name} has shape {shape}, "
                 f"the config implies {expected[name]}"
             )
-    for name, x in leaves:  # a checkpoint of NaN weights would load, and diagnose nothing
+    for name, x in leaves if finite else ():  # NaN weights would load, and diagnose nothing
         bad = int(np.sum(~np.isfinite(np.asarray(x))))
         if bad:
             raise ValueError(
@@ -207,6 +207,7 @@ def save_checkpoint(
     metadata: dict | None = None,
     *,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write ``params`` (from :func:`transformer_init`) and ``config`` to ``directory``.
 
@@ -218,6 +219,12 @@ def save_checkpoint(
       metadata: JSON-able extra data, returned by :func:`load_checkpoint`.
       overwrite: replace an existing checkpoint; the replacement is atomic (the
         old one stays loadable if the save is killed at any moment).
+      allow_non_finite: keep weights holding NaN or inf (a diverged run kept for
+        inspection); by default they are refused, naming the first such leaf.
+
+    The parent of ``directory`` is checked writable before anything is done,
+    and the write is synchronous: a failed write raises and never leaves
+    threads behind that keep the process from exiting.
 
     Raises ``ValueError`` if ``directory`` exists and ``overwrite`` is false.
     Returns the absolute checkpoint path.
@@ -233,7 +240,7 @@ def save_checkpoint(
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     pure = nnx.to_pure_dict(params)
-    dtype = _check_params(pure, config)
+    dtype = _check_params(pure, config, finite=not allow_non_finite)
     try:
         json.dumps(metadata or {}, allow_nan=False)
     except (TypeError, ValueError) as err:
