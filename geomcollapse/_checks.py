@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -427,3 +428,40 @@ def psd_spectrum(name: str, eigenvalues: Any, tail: float, margin: float) -> Non
         raise ValueError(
             not_psd(name, f"tail mass tr A − Σλ_i = {tail:.3g} < 0 beyond its error {margin:.2g}")
         )
+
+
+def one_of(value: Any, choices: tuple, name: str) -> Any:
+    """``value`` if it is one of ``choices``; ``ValueError`` naming ``name`` else."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value
+
+
+def check_loss(fn: Any, params: Any, args: Any, name: str, data_name: str) -> tuple:
+    """The boundary check of a loss and its data: :func:`check_data` on ``args``, then
+    :func:`scalar_loss` of ``fn(params, *args)``. Returns ``args`` as a tuple."""
+    args = check_data(args, data_name)
+    scalar_loss(fn, params, args, name, f"{name}(params, *{data_name})", data_name)
+    return args
+
+
+def check_example_loss(fn: Any, params: Any, rows: tuple, name: str = "example_loss") -> None:
+    """:func:`check_params`, then :func:`scalar_loss` of a per-example loss on one example
+    (row 0 of every array of ``rows``)."""
+    check_params(params)
+    row = tuple(a[0] for a in rows)
+    scalar_loss(fn, params, row, name, f"{name}(params, *row)")
+
+
+def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> Any:
+    """An :class:`geomcollapse.aic.AICMeasurement`, checked on what it holds: finite
+    derivatives of ``loss``, a positive semidefinite ``fisher`` (:func:`psd_spectrum`,
+    within the tail's rounding and 4 standard errors), and a warning for a flat ``loss``."""
+    finite_derivatives(loss, gradient=out.gradient_norm, coupling=out.report.coupling)
+    margin = out.tail_rounding + 4.0 * out.trace_stderr
+    psd_spectrum(fisher, out.eigenpairs.values, out.report.tail_mass, margin)
+    flat = flat_loss(loss, out.gradient_norm)
+    if flat:
+        warnings.warn(flat, UserWarning, stacklevel=3)
+    return out

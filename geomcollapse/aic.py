@@ -9,7 +9,6 @@ one more Fisher matvec for the tail's quadratic floor, and the trace of ``F``
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -22,14 +21,13 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import linalg, theory
 from geomcollapse._checks import (
     check_data,
+    check_loss,
     check_params,
-    finite_derivatives,
-    flat_loss,
+    checked_aic,
+    one_of,
     positive_int,
     prng_key,
     probe_count,
-    psd_spectrum,
-    scalar_loss,
     subspace_dim,
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
@@ -168,6 +166,7 @@ def _trace_operator(matvec: Any, n: int, dtype, args: tuple) -> LinearOperator:
 
 def _fisher_operator(fisher_vp: Any, params: PyTree, fisher_args: tuple) -> LinearOperator:
     """:func:`measure_aic`'s ``fisher_vp`` (the factories' form or an operator) at ``params``."""
+    fisher_args = check_data(fisher_args, "fisher_args")
     if isinstance(fisher_vp, LinearOperator) and fisher_args:
         raise ValueError(
             "fisher_args must be empty when fisher_vp is a LinearOperator (it has its data)"
@@ -617,13 +616,8 @@ def measure_aic(
     """
     check_params(params)
     key = prng_key(key)
-    if trace not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
-    fisher_args, loss_args = (
-        check_data(fisher_args, "fisher_args"),
-        check_data(loss_args, "loss_args"),
-    )
-    scalar_loss(loss_fn, params, loss_args, "loss_fn", "loss_fn(params, *loss_args)", "loss_args")
+    trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
+    loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
     out = route(
         fisher_vp,
@@ -639,12 +633,7 @@ def measure_aic(
         max_matvecs,
         allow_unconverged,
     )
-    finite_derivatives("loss_fn", gradient=out.gradient_norm, coupling=out.report.coupling)
-    margin = out.tail_rounding + 4.0 * out.trace_stderr  # the tail's error, probes included
-    psd_spectrum("fisher_vp", out.eigenpairs.values, out.report.tail_mass, margin)
-    if flat_loss("loss_fn", out.gradient_norm):
-        warnings.warn(flat_loss("loss_fn", out.gradient_norm), UserWarning, stacklevel=2)
-    return out
+    return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
 
 
 def _measure_aic_flat(

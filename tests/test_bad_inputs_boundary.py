@@ -122,7 +122,7 @@ CASES = [
      r"^fisher_args has 1 non-finite"),
     # all zeros with converged=True
     ("measure_aic-empty-batch", lambda: measure(fisher_args=(X[:0],), loss_args=(X[:0], Y[:0])),
-     r"^fisher_args leaf 0 is empty \(shape \(0, 6\)\)"),
+     r"^loss_args leaf 0 is empty \(shape \(0, 6\)\)"),
     # a report from bfloat16 rounding
     ("measure_aic-bfloat16", lambda: measure(params=W.astype(jnp.bfloat16)),
      r"^params has a bfloat16 leaf"),
