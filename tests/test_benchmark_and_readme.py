@@ -1,9 +1,8 @@
-"""The benchmarks run (on tiny problems), their doc tables are current, and doc examples execute.
+"""The benchmarks run (on tiny problems) and their doc tables are current.
 
-The README's "Use on your own model" example runs in tests/test_diagnose.py."""
+The docs' python examples run in tests/test_docs.py, the README's in tests/test_diagnose.py."""
 
 import json
-import re
 from pathlib import Path
 
 import jax
@@ -85,20 +84,6 @@ def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
     assert run["ours"]["all_converged"]
     # both solvers find the float64 reference top-4 (tokens stay integers there)
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
-
-
-def _python_blocks(path: Path) -> list[str]:
-    """The ```python blocks of a Markdown file (```py blocks are illustrative: they train)."""
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
-
-
-def test_docs_python_examples_execute():
-    blocks = _python_blocks(ROOT / "docs" / "library.md")
-    assert blocks, "docs/library.md has no python example"
-    for code in blocks:
-        namespace: dict = {}
-        exec(compile(code, "docs/library.md", "exec"), namespace)
-        assert np.all(np.isfinite(np.asarray(namespace["pairs"].values)))
 
 
 def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
