@@ -880,10 +880,10 @@ def _diagnosis_inputs(
 ) -> tuple[Subspace, Any, Series | None, Any]:
     """``(subspace, budget, series, time_per_step)`` for :func:`monitor` from a diagnosis.
 
-    ``budget`` ``None``: the diagnosis' ``threshold`` (the projected loss bounds
-    ``Δu`` from below, so passing it means ``Δu`` passed the threshold); ``math.inf``:
-    none. ``time_per_step`` ``None``: its ``lr``. ``series`` ``None``: its forecast
-    when a time per step is known; ``False``: no forecast.
+    ``budget`` ``None``: the diagnosis' ``threshold`` (the projected loss is a lower
+    bound on ``Δu`` up to third order, Thm 6.1: past it, ``Δu`` is past the threshold
+    to that order); ``math.inf``: none. ``time_per_step`` ``None``: its ``lr``.
+    ``series`` ``None``: its forecast when a time per step is known; ``False``: none.
     """
     if diagnosis.subspace is None or diagnosis.series is None:
         raise ValueError(

@@ -12,6 +12,7 @@ from benchmarks import (
     _common,
     block_lanczos,
     curvature_speed,
+    early_warning_overhead,
     landscape_batch,
     monitor_overhead,
     sharded_scaling,
@@ -97,6 +98,9 @@ def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
     _common.replace_table("landscape-batch-table", landscape_batch.markdown_table(saved), doc)
     saved = json.loads((results / "monitor_overhead_cpu.json").read_text())
     _common.replace_table("monitor-overhead-table", monitor_overhead.markdown_table(saved), doc)
+    saved = json.loads((results / "early_warning_overhead_cpu.json").read_text())
+    table = early_warning_overhead.markdown_table(saved)
+    _common.replace_table("early-warning-overhead-table", table, doc)
     saved = json.loads((results / "sharded_scaling_cpu.json").read_text())
     _common.replace_table("sharded-scaling-table", sharded_scaling.markdown_table(saved), doc)
     assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")
