@@ -42,7 +42,8 @@ warns or stops as a budget does. Three entry points share one measurement:
 Cost of one measurement: the product above, plus (with a ``fisher_vp``)
 one Lanczos run of ``F(θ_k)`` matvecs (``num_matvecs`` is logged); without a
 ``fisher_vp`` the rotation is not measured (NaN) and the monitor costs almost
-nothing. ``benchmarks/monitor_overhead.py`` measures the overhead.
+nothing. ``benchmarks/monitor_overhead.py`` measures the overhead; the early-warning
+rule adds one ``(d, n)`` product per measurement (``benchmarks/early_warning_overhead.py``).
 """
 
 from __future__ import annotations
