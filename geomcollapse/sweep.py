@@ -74,12 +74,12 @@ from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
     barrier,
+    locked_output,
     merge_parts,
     processes,
     read_config_file,
     reject_non_finite,
     reject_unknown,
-    start_output,
     whole_lines,
 )
 
@@ -88,6 +88,7 @@ __all__ = [
     "Cell",
     "ExperimentSweepConfig",
     "SweepConfig",
+    "check_runs",
     "expand_cells",
     "expand_runs",
     "landscape_for",
@@ -232,6 +233,26 @@ def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:
     return landscapes.make_quadratic_landscape(
         jax.random.key(run["seed"]), run["n"], run["d"], **params
     )
+
+
+def check_runs(config: SweepConfig) -> None:
+    """Refuse a config any of whose runs cannot be drawn, before a sweep writes anything.
+
+    Every run's landscape is drawn once (with ``coupling`` the attainable ``γ``
+    depends on the seed); with ``kappa`` the arguments do not, so one seed per
+    grid combination is drawn. Raises ``ValueError`` naming the run's parameters.
+    """
+    checked = set()
+    for run in expand_runs(config):
+        combination = json.dumps({k: v for k, v in run.items() if k not in ("id", "seed")})
+        if "kappa" in config.grid and combination in checked:
+            continue
+        checked.add(combination)
+        try:
+            landscape_for(run)
+        except ValueError as err:
+            where = ", ".join(f"{k}={v}" for k, v in run.items() if k != "id")
+            raise ValueError(f"grid run {run['id']} ({where}): {err}") from None
 
 
 def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
@@ -395,17 +416,32 @@ def run_sweep(
     batches = plan_batches(config)
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; 'output' must name a file")
+    check_runs(config)  # a refused config writes nothing
     header = _header(config)
 
     def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
         return _read_groups(p, config, batches)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # drops partial lines and incomplete batches; several processes: one part each
-        target, done = start_output(path, header, read, process, count)
-    except OSError as err:
-        raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
+    with locked_output(path, header, read, process, count) as (target, done):
+        _compute_batches(config, batches, devices, target, done, process, count, progress)
+        barrier("geomcollapse-sweep-computed")
+        if process == 0:
+            merge_parts(path, header, read)
+        barrier("geomcollapse-sweep-merged")
+    return path
+
+
+def _compute_batches(
+    config: SweepConfig,
+    batches: list[list[dict]],
+    devices: list,
+    target: Path,
+    done: set[int],
+    process: int,
+    count: int,
+    progress: bool,
+) -> None:
+    """Compute and append this process's batches that no file holds yet."""
     ts = jnp.asarray(config.times, jnp.float64)
     evaluators: dict[int, tuple] = {}
     todo = [b for b in range(len(batches)) if b not in done and b % count == process]
@@ -419,11 +455,6 @@ def run_sweep(
             append(target, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {target} ('output'): {err}") from None
-    barrier("geomcollapse-sweep-computed")
-    if process == 0:
-        merge_parts(path, header, read)
-    barrier("geomcollapse-sweep-merged")
-    return path
 
 
 def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
