@@ -448,7 +448,7 @@ def report(header: dict, rows: list[dict], path: Path, outdir: Path) -> list[Pat
     if not callable(build):
         raise ValueError(
             f"experiment {header['experiment']!r} ({module.__name__}) defines no "
-            "report(rows, outdir)"
+            "report(rows, outdir); plot a column against a grid axis with --x AXIS --y COLUMN"
         )
     if not rows:
         raise ValueError(f"{path} holds no complete cell yet: run the sweep first")

@@ -5,7 +5,7 @@
 experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
 of an experiment's config; over several processes with ``--coordinator HOST:PORT
 --num-processes N --process-id I`` or ``--distributed``); ``geomcollapse report
-SWEEP_OUTPUT [--out DIR]`` an experiment sweep's tables and figures;
+SWEEP_OUTPUT [--out DIR] [--x AXIS --y COLUMN]`` a sweep's tables and figures;
 ``geomcollapse diagnose --checkpoint DIR --skill FILE --task FILE`` a transformer
 checkpoint's diagnosis (docs/diagnose.md); ``geomcollapse --version``.
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
@@ -81,7 +81,7 @@ def _report(args: argparse.Namespace) -> int:
     from geomcollapse import sweep as sweep_module
 
     try:
-        paths = sweep_module.report(args.output, args.out)
+        paths = sweep_module.report(args.output, args.out, x=args.x, y=args.y)
     except (ValueError, OSError) as err:  # missing or foreign file: a message, no trace
         print(f"geomcollapse report: error: {err}", file=sys.stderr)
         return 2
@@ -217,9 +217,15 @@ def _add_sweep(commands) -> None:
 def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
-        help="rebuild an experiment sweep's tables and figures from its rows",
-        description="calls the experiment's report(rows, outdir) on the sweep's complete "
-        "cells and prints the paths it wrote",
+        help="a sweep's tables and figures, from its rows (any sweep: --x AXIS --y COLUMN)",
+        description="with --x and --y: COLUMN against the grid axis AXIS, one series per "
+        "value of the other varying axes, seeds aggregated (mean and 95%% interval); "
+        "without: an experiment sweep's report(rows, outdir), or a landscape sweep's Δu(t) "
+        "curves and AIC table. Prints the paths written (docs/sweeps.md)",
+    )
+    report.add_argument("--x", metavar="AXIS", help="a grid axis, e.g. kappa")
+    report.add_argument(
+        "--y", metavar="COLUMN", help="a recorded column, dotted, e.g. aic.coupling"
     )
     report.add_argument("output", type=Path, metavar="SWEEP_OUTPUT", help="the sweep's JSONL")
     report.add_argument(
