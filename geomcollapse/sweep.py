@@ -513,11 +513,11 @@ def report(
     header, rows = read_rows(path)
     outdir = Path.cwd() if outdir is None else Path(outdir)
     experiment = "experiment" in header
+    if x is None and experiment:
+        return _experiment_sweep.report(header, rows, path, outdir)
     if not rows:
         raise ValueError(f"{path} holds no complete row yet: run the sweep first")
     if x is None:
-        if experiment:
-            return _experiment_sweep.report(header, rows, path, outdir)
         return _landscape_report(header, rows, outdir)
     params_of = (lambda row: row["params"]) if experiment else _landscape_params
     series = _sweep_report.aggregate(rows, params_of, x, y)
