@@ -5,6 +5,7 @@ The model is tests/spec_mlp.py, a plain-JAX MLP that is none of the library's mo
 """
 
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -94,3 +95,18 @@ def test_model_spec_names_the_wrong_field(change, message):
 def test_a_list_of_args_is_a_tuple():
     fields = {**_fields(), "task_args": list(_fields()["task_args"])}
     assert isinstance(model_spec.model_spec(fields).task_args, tuple)
+
+
+def test_the_spec_file_in_docs_diagnose_md_runs_through_the_cli(tmp_path, capsys):
+    text = (ROOT / "docs" / "diagnose.md").read_text(encoding="utf-8")
+    section = text[text.index("## Any model from the command line") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    (tmp_path / "my_model.py").write_text(code)
+    out = tmp_path / "out"
+    argv = ["diagnose", "--spec", str(tmp_path / "my_model.py"), "--out", str(out)]
+    assert cli.main([*argv, "--no-progress"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    spec = model_spec.load_spec(str(tmp_path / "my_model.py"))
+    library = model_spec.diagnose_spec(spec, key=jax.random.key(0))
+    assert report["n"] == 15
+    assert _numbers(report) == _numbers(json.loads(library.to_json()))
