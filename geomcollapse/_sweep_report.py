@@ -56,9 +56,10 @@ def mean_interval(values) -> tuple[float, float, float, int]:
     value itself, for ``n = 0`` all three are NaN.
     """
     v = np.asarray(values, np.float64)
-    finite = np.isfinite(v)
-    n = int(finite.all(axis=tuple(range(1, v.ndim))).sum()) if v.ndim > 1 else int(finite.sum())
-    v = v[finite.all(axis=tuple(range(1, v.ndim)))] if v.ndim > 1 else v[finite]
+    if v.ndim == 0 or len(v) == 0:
+        raise ValueError(f"values must be a non-empty sequence, got shape {v.shape}")
+    v = v[np.isfinite(v).reshape(len(v), -1).all(axis=1)]  # whole finite entries only
+    n = len(v)
     if n == 0:
         nan = np.full(v.shape[1:], np.nan)
         return nan, nan, nan, 0
@@ -80,7 +81,12 @@ def column(row: dict, path: str) -> float:
         ):
             value = value[int(part)]
         else:
-            keys = sorted(value) if isinstance(value, dict) else f"a list of {len(value)}"
+            if isinstance(value, dict):
+                keys = sorted(value)
+            elif isinstance(value, list):
+                keys = f"a list of {len(value)}"
+            else:
+                keys = f"the number {value!r}"
             raise ValueError(
                 f"--y {path!r}: the rows have no {part!r} there (found {keys}); name a "
                 "recorded column with dots, e.g. aic.coupling, and list entries by index"

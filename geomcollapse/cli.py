@@ -230,7 +230,7 @@ def _add_report(commands) -> None:
         "report",
         help="a sweep's tables and figures, from its rows (any sweep: --x AXIS --y COLUMN)",
         description="with --x and --y: COLUMN against the grid axis AXIS, one series per "
-        "value of the other varying axes, seeds aggregated (mean and 95%% interval); "
+        "value of the other varying axes, seeds aggregated (mean and 95% interval); "
         "without: an experiment sweep's report(rows, outdir), or a landscape sweep's Δu(t) "
         "curves and AIC table. Prints the paths written (docs/sweeps.md)",
     )

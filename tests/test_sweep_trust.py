@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from geomcollapse import _sweep_report, cli, sweep
+from geomcollapse import _sweep_io, _sweep_report, cli, sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 LANDSCAPES = {
@@ -104,6 +104,20 @@ def test_a_concurrent_second_run_of_a_config_refuses_and_no_row_is_doubled(tmp_p
     cells = [r["cell"] for r in rows]
     assert cells and cells == sorted(c for c in set(cells) for _ in range(2))  # each cell once
     assert not lock.exists()  # removed by the interrupted run on its way out
+
+
+def test_the_lock_refuses_a_second_holder_and_is_released_on_error(tmp_path):
+    out = tmp_path / "o.jsonl"
+    with _sweep_io.exclusive(out):
+        with pytest.raises(ValueError, match=r"another sweep is writing .*o\.jsonl\.lock"):
+            with _sweep_io.exclusive(out):  # a second open file: flock refuses it
+                pass
+        assert (tmp_path / "o.jsonl.lock").exists()
+    assert not (tmp_path / "o.jsonl.lock").exists()
+    with pytest.raises(RuntimeError), _sweep_io.exclusive(out):
+        raise RuntimeError
+    with _sweep_io.exclusive(out):  # released by the error
+        pass
 
 
 def test_t_quantile_matches_scipy():
