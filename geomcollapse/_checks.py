@@ -16,6 +16,7 @@ eagerly at the boundary; tracers pass through.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import tempfile
@@ -465,3 +466,13 @@ def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> A
     if flat:
         warnings.warn(flat, UserWarning, stacklevel=3)
     return out
+
+
+def check_fisher_at(params: Any, fisher_vp: Any, fisher_args: Any, key: jax.Array) -> None:
+    """:func:`check_params` of ``θ*`` and, for a ``fisher_vp(params, v, *fisher_args)``
+    (``None``: none), :func:`check_data` of its data and one PSD probe at ``θ*``."""
+    check_params(params)
+    if fisher_vp is not None:
+        fargs = check_data(fisher_args, "fisher_args")
+        matvec = functools.partial(fisher_vp, params)
+        probe_operator(lambda v: matvec(v, *fargs), params, "fisher_vp", psd=True, key=key)

@@ -61,6 +61,13 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
         # commit alike; their verdicts are checked against their numbers below instead
         "Thm 6.1, remainder",
         "Thm 6.1, cubic term",
+        # the early-warning study's confirmatory rows (experiments.early_warning) are
+        # findings on committed sweep rows: their verdicts are checked against their numbers
+        # on synthetic rows in tests/test_early_warning.py
+        "(a) tiny, fresh seeds",
+        "(b) tiny, fresh seeds",
+        "(c) tiny, fresh seeds",
+        "(f) a stop rule that transfers",
     )
     assert all(
         c.passed

@@ -57,11 +57,13 @@ Warnings (each a stated rule):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import compilation_cache, series
@@ -162,7 +164,19 @@ def diagnose(
         f = _window(req, sp, m)
     finally:  # the bar's end line, also when a stage raises
         bar.close()
-    return _assemble(req, sp, m, f)
+    return _with_arrays(_assemble(req, sp, m, f), req, m, f)
+
+
+def _with_arrays(dg: Diagnosis, req: Request, m: AtD, f: _Window) -> Diagnosis:
+    """``dg`` carrying ``M(θ*)`` and the forecast as a :class:`~geomcollapse.series.Series`
+    of that subspace (what :func:`geomcollapse.monitor.from_diagnosis` watches)."""
+    forecast = series.Series(
+        delta_u=jnp.asarray(m.delta_u, req.dtype),
+        projected=jnp.asarray(f.projected, req.dtype),
+        displacement=m.displacement,
+        route=m.route,
+    )
+    return dataclasses.replace(dg, subspace=m.subspace, series=forecast)
 
 
 class _Window(NamedTuple):
