@@ -786,6 +786,37 @@ def _init_state(
     )
 
 
+def _prepared(subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
+              time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity,
+              key):  # fmt: skip
+    """``monitor``'s checked inputs: ``(values, reference, cfg, early, capacity, key)``."""
+    if isinstance(subspace, Diagnosis):
+        subspace, budget, series, time_per_step = _diagnosis_inputs(
+            subspace, budget, series, time_per_step
+        )
+    values, reference = subspace_arrays(subspace)
+    cfg = _config(
+        every,
+        rotation_every,
+        budget,
+        angle_budget,
+        on_exceed,
+        series,
+        time_per_step,
+        fisher_vp,
+        fisher_args,
+        tol,
+        max_steps,
+    )
+    early = _early(early_warning)
+    # the step sees τ and the step only: the rows travel in the state, as arguments
+    cfg = cfg._replace(early=None if early is None else early._replace(values=None, rows=None))
+    capacity = positive_int(capacity, "capacity")
+    key = _key(cfg, key, values)
+    _check_series(cfg.series, values, reference)
+    return values, reference, cfg, early, capacity, key
+
+
 def monitor(
     inner: optax.GradientTransformation,
     subspace: Subspace | Diagnosis,
@@ -844,30 +875,10 @@ def monitor(
         measurement (and at its step ``at``); the rule firing warns or stops as a
         budget does (``on_exceed``).
     """
-    if isinstance(subspace, Diagnosis):
-        subspace, budget, series, time_per_step = _diagnosis_inputs(
-            subspace, budget, series, time_per_step
-        )
-    values, reference = subspace_arrays(subspace)
-    cfg = _config(
-        every,
-        rotation_every,
-        budget,
-        angle_budget,
-        on_exceed,
-        series,
-        time_per_step,
-        fisher_vp,
-        fisher_args,
-        tol,
-        max_steps,
-    )
-    early = _early(early_warning)
-    # the step sees τ and the step only: the rows travel in the state, as arguments
-    cfg = cfg._replace(early=None if early is None else early._replace(values=None, rows=None))
-    capacity = positive_int(capacity, "capacity")
-    key = _key(cfg, key, values)
-    _check_series(cfg.series, values, reference)
+    values, reference, cfg, early, capacity, key = _prepared(
+        subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
+        time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity, key,
+    )  # fmt: skip
 
     def init(params: PyTree) -> MonitorState:
         check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # one probe: vᵀFv ≥ 0
