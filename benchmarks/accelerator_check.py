@@ -36,6 +36,7 @@ FULL_EXPERIMENTS = (  # geomcollapse.cli.EXPERIMENTS (tested equal; not imported
     "prediction",
     "defences",
     "validation",
+    "early_warning",  # re-analyses committed rows: --full is the same as --quick
 )
 SWEEPS = ("prediction", "defences")
 # Targets of the issue for one H100/H200-class GPU.

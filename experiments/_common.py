@@ -96,6 +96,26 @@ def float64_main(name: str, default, compute: Callable, figure, claims) -> Calla
     return main
 
 
+def theory_sweep_cell(name: str, compute: Callable, claims: Callable, keys: tuple[str, ...]):
+    """``sweep_cell(config, outdir)`` of a float64 theory experiment (docs/sweeps.md).
+
+    One row per cell: ``compute(config)``'s entries ``keys`` (the scalars and
+    small tables; the figure's curves are left out), each claim's verdict as
+    ``passed`` (a list, in ``claims``' order) and ``all_passed``. ``outdir`` is
+    unused: these experiments keep no cache.
+    """
+
+    def sweep_cell(config, outdir: Path) -> list[dict]:
+        require_x64(name)
+        results = compute(config)
+        verdicts = [c.passed for c in claims(results, config, f"geomcollapse sweep ({name})")]
+        row = {k: results[k] for k in keys}
+        return [{**row, "passed": verdicts, "all_passed": all(verdicts)}]
+
+    sweep_cell.__doc__ = f"One sweep row of ``{name}``: {', '.join(keys)} and the verdicts."
+    return sweep_cell
+
+
 def conclude(
     name: str, config, outdir: Path, command: str | None, results: dict, figure, claims
 ) -> dict:

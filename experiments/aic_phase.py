@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import Claim, cli, float64_main
+from experiments._common import Claim, cli, float64_main, theory_sweep_cell
 from geomcollapse import landscapes, theory
 
 NAME = "aic_phase"
@@ -134,6 +134,31 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 
 
 main = float64_main(NAME, Config(), compute, figure, claims)
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config ``compute`` cannot run (the sweep checks every cell up front)."""
+    if len(config.kappas) < 3 or not config.epsilons or not config.T > 0:
+        raise ValueError(
+            f"need ≥ 3 kappas (the γ exponent fits κ > 0), epsilons and T > 0, got "
+            f"kappas={config.kappas}, epsilons={config.epsilons}, T={config.T}"
+        )
+    for kappa in config.kappas:
+        for eps in config.epsilons:
+            landscapes.make_quadratic_landscape(
+                jax.random.key(config.seed),
+                config.n,
+                config.d,
+                top=config.top,
+                tail_mass=0.0,
+                epsilon=eps,
+                kappa=kappa,
+            )
+
+
+sweep_cell = theory_sweep_cell(
+    NAME, compute, claims, ("gamma_exponent", "max_series_error", "a_norm", "coupling", "delta_u")
+)
 
 
 if __name__ == "__main__":

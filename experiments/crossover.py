@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import Claim, cli, float64_main
+from experiments._common import Claim, cli, float64_main, theory_sweep_cell
 from geomcollapse import landscapes, theory
 
 NAME = "crossover"
@@ -127,6 +127,28 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 
 
 main = float64_main(NAME, Config(), compute, figure, claims)
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config ``compute`` cannot run (the sweep checks every cell up front)."""
+    if not config.epsilons or config.num_times < 3:
+        raise ValueError(
+            f"need epsilons and num_times ≥ 3, got {config.epsilons}, {config.num_times}"
+        )
+    for eps in config.epsilons:
+        landscapes.make_quadratic_landscape(
+            jax.random.key(config.seed),
+            config.n,
+            config.d,
+            top=config.top,
+            tail_mass=0.0,
+            epsilon=float(eps),
+            coupling=config.coupling,
+            curvature_scale=0.1,
+        )
+
+
+sweep_cell = theory_sweep_cell(NAME, compute, claims, ("max_relative_error", "rows"))
 
 
 if __name__ == "__main__":

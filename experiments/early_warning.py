@@ -74,6 +74,8 @@ class Config:
 
 
 STUDY = Config()
+QUICK = STUDY  # the main job re-analyses the committed rows with the plan's statistics
+TINY = Config(num_resamples=200)  # tests only: fewer resamples, the same rows and thresholds
 
 
 # ---------------------------------------------------------------- row values
@@ -477,38 +479,62 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
 
 # -------------------------------------------------------------------- figure
 LABELS = {"E": "E_k (d = 50)", "E_side": "E_k (d = 10)", "harm": "harm_k", "delta_u": "Δu_k"}
+MARKERS = {"E": "o", "E_side": "s", "harm": "^", "delta_u": "D"}
+# top row: E_k against the two baselines; bottom row: E_k at the two d (E_k in both, same mark)
+PANEL_SERIES = (("E", "harm", "delta_u"), ("E", "E_side"))
+FIGURE_NEEDS = ("tiny", "exploration")  # what figure() reads from the results
+
+
+def _curve(ax, cell: dict, name: str, offset: float) -> None:
+    """ρ(name_k, harm_256) against k with its 95 % interval as bars (no caps: one line)."""
+    rho = np.array([c["rho"] for c in cell[name]])
+    lo, hi = (np.array([c["interval"][i] for c in cell[name]]) for i in (0, 1))
+    ks = np.array(cell["horizons"]) * 2.0**offset  # side by side on the log axis
+    color = style.PALETTE[list(LABELS).index(name)]
+    ax.errorbar(
+        ks,
+        rho,
+        yerr=[rho - lo, hi - rho],
+        fmt="-",
+        marker=MARKERS[name],
+        ms=3,
+        lw=1,
+        elinewidth=0.8,
+        capsize=0,
+        color=color,
+        label=LABELS[name],
+    )
 
 
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """ρ(·_k, harm_256) against k with intervals, per cell (fresh tiny seeds, else exploration)."""
-    which = "tiny" if results["tiny"] else "exploration"
+    """ρ(·_k, harm_256) against k with 95 % intervals, per cell: one column per (optimizer,
+    method), E_k beside harm_k and Δu_k (top) and beside E_k at d = 10 (bottom); fresh tiny
+    seeds when committed, else the exploration rows."""
+    which = "tiny" if results.get("tiny") else "exploration"
     cells = results[which]["cells"]
-    fig, axes = style.subplots(2, 2, height=4.8)
-    for ax, (opt, method) in zip(np.ravel(axes), CELLS, strict=True):
+    fig, axes = style.subplots(len(CELLS), len(PANEL_SERIES), height=4.6, sharex=True, sharey=True)
+    for col, (opt, method) in enumerate(CELLS):
         cell = cells.get(f"{opt}/{method}")
-        ax.set_title(f"{opt}, {method} ({which})", fontsize=8)
-        if cell is None:
-            continue
-        for j, name in enumerate(SERIES):
-            rho = np.array([c["rho"] for c in cell[name]])
-            lo, hi = (np.array([c["interval"][i] for c in cell[name]]) for i in (0, 1))
-            Ks = np.array(cell["horizons"]) * (1 + 0.04 * (j - 1.5))  # offset the bars
-            ax.errorbar(
-                Ks,
-                rho,
-                yerr=[rho - lo, hi - rho],
-                fmt="o-",
-                ms=3,
-                capsize=2,
-                color=style.PALETTE[j],
-                label=LABELS[name] if ax is np.ravel(axes)[0] else None,
-            )
-        ax.axhline(0.7, color="0.5", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-1, 1)
-        ax.set_xlabel("k (steps)")
-        ax.set_ylabel("Spearman ρ with harm_256")
+        for row, names in enumerate(PANEL_SERIES):
+            ax = axes[row, col]
+            letter = "abcdefgh"[row * len(CELLS) + col]
+            ax.set_title(f"({letter}) {opt}, {method}", fontsize=8)
+            ax.axhline(0.7, color="0.5", lw=0.8, ls=":")  # row (a)'s bar
+            ax.axhline(0.0, color="0.8", lw=0.6)
+            if cell is not None:
+                for j, name in enumerate(names):
+                    _curve(ax, cell, name, 0.12 * (j - (len(names) - 1) / 2))
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([1, 4, 16, 64, 256], ["1", "4", "16", "64", "256"])
+            ax.set_ylim(-1, 1)
+            if row == len(PANEL_SERIES) - 1:
+                ax.set_xlabel("k (steps)")
+            if col == 0:
+                ax.set_ylabel("ρ with harm_256")
+    seeds = ", ".join(str(s) for s in results[which].get("seeds", []))
+    rows = {"tiny": "fresh", "exploration": "exploration"}[which]
+    fig.suptitle(f"tiny, {rows} seeds {seeds}; bars: 95 % bootstrap over datasets", fontsize=8)
     style.legend_below(fig, ncol=4)
     return style.save(fig, path)
 
@@ -538,4 +564,4 @@ def main(config: Config = STUDY, outdir: Path = ROOT, command: str | None = None
 if __name__ == "__main__":
     from experiments._common import cli
 
-    cli(NAME, __doc__, main, STUDY, STUDY, full_flag=False)
+    cli(NAME, __doc__, main, STUDY, QUICK, full_flag=False)

@@ -24,7 +24,7 @@ import numpy as np
 from matplotlib.colors import LogNorm
 
 from experiments import _style as style
-from experiments._common import Claim, cli, float64_main
+from experiments._common import Claim, cli, float64_main, theory_sweep_cell
 from geomcollapse import flow, landscapes, theory
 from geomcollapse.subspace import Subspace
 
@@ -308,6 +308,39 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 
 
 main = float64_main(NAME, Config(), compute, figure, claims)
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config ``compute`` cannot run (the sweep checks every cell up front)."""
+    counts = {
+        "num_landscapes": config.num_landscapes,
+        "n": config.n,
+        "skill_examples": config.skill_examples,
+        "task_examples": config.task_examples,
+        "num_times": config.num_times,
+    }
+    for field, value in counts.items():
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{field} must be an integer ≥ 1, got {value!r}")
+    if config.num_landscapes < 2 or config.classes < 2:
+        raise ValueError("need num_landscapes ≥ 2 (one corrected, one raw) and classes ≥ 2")
+    if not 0 < config.t_min < config.t_max:
+        raise ValueError(f"need 0 < t_min < t_max, got {config.t_min}, {config.t_max}")
+
+
+sweep_cell = theory_sweep_cell(
+    NAME,
+    compute,
+    claims,
+    (
+        "violations",
+        "min_normalized_gap",
+        "exponents_orthogonalized",
+        "exponents_raw",
+        "max_coefficient_error",
+        "max_onset_t_h_norm",
+    ),
+)
 
 
 if __name__ == "__main__":

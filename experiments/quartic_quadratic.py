@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import Claim, cli, float64_main
+from experiments._common import Claim, cli, float64_main, theory_sweep_cell
 from geomcollapse import landscapes, theory
 from geomcollapse.subspace import Subspace
 
@@ -148,6 +148,29 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
 
 
 main = float64_main(NAME, Config(), compute, figure, claims)
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config ``compute`` cannot run (the sweep checks every cell up front)."""
+    if not 0 < config.t_min < config.t_max or config.num_times < 2:
+        raise ValueError(
+            f"need 0 < t_min < t_max and num_times ≥ 2, got t_min={config.t_min}, "
+            f"t_max={config.t_max}, num_times={config.num_times}"
+        )
+    landscapes.make_quadratic_landscape(
+        jax.random.key(config.seed),
+        config.n,
+        config.d,
+        top=config.top,
+        tail_mass=config.tail_mass,
+        epsilon=0.0,
+        coupling=config.coupling,
+    )
+
+
+sweep_cell = theory_sweep_cell(
+    NAME, compute, claims, ("aic", "fit", "ratio_at_t_min", "decomposition_gap", "tail_slope3_time")
+)
 
 
 if __name__ == "__main__":

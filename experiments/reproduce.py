@@ -19,6 +19,7 @@ from experiments import (
     aic_phase,
     crossover,
     defences,
+    early_warning,
     gd_vs_flow,
     logistic_onset,
     prediction,
@@ -44,6 +45,7 @@ EXPERIMENTS = [
     prediction,
     defences,
     validation,
+    early_warning,  # re-analyses the committed early-warning rows
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically

@@ -1,8 +1,28 @@
-"""Input validation shared by the library: clear ``ValueError``s, never deep traces."""
+"""Input validation shared by the library: clear ``ValueError``s, never deep traces.
+
+The boundary of every public entry point that takes a loss or an operator
+(:func:`geomcollapse.aic.measure_aic`, :func:`geomcollapse.diagnose`,
+:func:`geomcollapse.series.delta_u_series`, :func:`geomcollapse.series.sgd_delta_u`,
+:func:`geomcollapse.monitor.monitor`, :func:`geomcollapse.linalg.top_eigenpairs`)
+is made of the checks here, in this order: :func:`check_params` (finite, one
+floating dtype, not bfloat16/float16), :func:`check_data` (a tuple of non-empty,
+finite data), :func:`scalar_loss` (the loss, traced once abstractly: a floating
+scalar; a failing call names the data's leading axes when they differ),
+:func:`probe_operator` (one matvec on a probe: finite, ``vᵀAv ≥ 0`` where ``A``
+must be positive semidefinite) and, on what the measurement computed anyway,
+:func:`finite_derivatives`, :func:`not_psd` and :func:`flat_loss`. They run
+eagerly at the boundary; tracers pass through.
+"""
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -203,3 +223,256 @@ def tuple_arg(value: Any, name: str) -> tuple:
 def is_concrete(x: Any) -> bool:
     """A real array (not a tracer, nor a placeholder JAX puts in while unflattening)."""
     return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
+
+
+# bfloat16 keeps 8 bits of mantissa, float16 11: a Fisher eigenvalue or a series
+# coefficient 1e-3 of the largest rounds to zero, so the numbers would be wrong silently.
+LOW_PRECISION = ("bfloat16", "float16")
+
+
+def working_dtype(tree: Any, name: str) -> np.dtype:
+    """The one floating dtype of ``tree``'s leaves; ``ValueError`` naming ``name`` for a
+    leaf in bfloat16/float16 or for leaves of several floating dtypes."""
+    leaves = floating_leaves(tree, name)
+    names = [jnp.dtype(leaf.dtype).name for leaf in leaves]
+    low = next((i for i, n in enumerate(names) if n in LOW_PRECISION), None)
+    if low is not None:
+        raise ValueError(
+            f"{name} has a {names[low]} leaf (leaf {low}): geomcollapse measures in float32 or "
+            f"float64 ({names[low]} rounds small eigenvalues and high-order terms to zero); "
+            f"cast first: jax.tree.map(lambda a: a.astype(jnp.float32), {name})"
+        )
+    if len(set(names)) > 1:
+        first = next(i for i, n in enumerate(names) if n != names[0])
+        widest = max(names, key=lambda n: jnp.dtype(n).itemsize)
+        raise ValueError(
+            f"{name} mixes floating dtypes (leaf 0 is {names[0]}, leaf {first} is "
+            f"{names[first]}): a vector of R^n has one dtype, and the narrower leaves would "
+            f"round the whole measurement; cast to one: "
+            f"jax.tree.map(lambda a: a.astype(jnp.{widest}), {name})"
+        )
+    return jnp.dtype(names[0])
+
+
+def check_params(params: Any, name: str = "params") -> np.dtype:
+    """The boundary check of ``θ*``: finite floating leaves (concrete ones) of one dtype,
+    float32 or float64. Returns that dtype."""
+    finite_leaves(params, name)
+    return working_dtype(params, name)
+
+
+def check_data(args: Any, name: str) -> tuple:
+    """The boundary check of a loss's data: a tuple whose array leaves are non-empty and,
+    where floating and concrete, finite. Returns it as a tuple."""
+    if not isinstance(args, (tuple, list)):
+        raise ValueError(
+            f"{name} must be a tuple of the function's extra arguments, got "
+            f"{type(args).__name__} (wrap a single array as (array,))"
+        )
+    leaves = jax.tree_util.tree_leaves(tuple(args))
+    for i, leaf in enumerate(leaves):
+        if hasattr(leaf, "shape") and np.size(leaf) == 0:
+            raise ValueError(
+                f"{name} leaf {i} is empty (shape {tuple(np.shape(leaf))}): a mean over no "
+                "examples is nan or 0 and measures nothing"
+            )
+    floating = [
+        leaf
+        for leaf in leaves
+        if hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
+    if floating:
+        finite_leaves(floating, name)
+    return tuple(args)
+
+
+def leading_axes(args: tuple) -> list[int]:
+    """The leading sizes of ``args``' array leaves of rank ≥ 1 (their example axes)."""
+    return [np.shape(a)[0] for a in jax.tree_util.tree_leaves(args) if np.ndim(a) >= 1]
+
+
+def evaluate_abstractly(
+    fn: Callable, args: tuple, name: str, call: str, data: tuple[str, tuple] | None = None
+) -> Any:
+    """``jax.eval_shape(fn, *args)``: the user's function traced once, nothing computed.
+
+    Whatever it raises (a wrong feature size in the data, too few arguments, a
+    missing key in ``params``) becomes one ``ValueError`` line naming ``name``
+    and the ``call`` that failed, instead of a JAX traceback from deep inside
+    the library; ``data = (data_name, data_args)``: the message also says when
+    the data's leading (example) axes differ. The original is chained.
+    """
+    try:
+        return jax.eval_shape(fn, *args)
+    except Exception as err:  # any failure of a user function is reported in one line
+        hint = ""
+        if data is not None and len(set(leading_axes(data[1]))) > 1:
+            hint = f" (the leading, example, axes of {data[0]} differ: {leading_axes(data[1])})"
+        raise ValueError(
+            f"{name}: calling {call} failed{hint}: {type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}"
+        ) from err
+
+
+def scalar_loss(
+    fn: Any, params: Any, args: tuple, name: str, call: str, data_name: str | None = None
+) -> None:
+    """Raise unless ``fn(params, *args)`` (``call`` in messages) runs and returns a
+    floating scalar (traced once by ``jax.eval_shape``: nothing compiled or computed)."""
+    if not callable(fn):
+        raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
+    data = None if data_name is None else (data_name, args)
+    out = evaluate_abstractly(fn, (params, *args), name, call, data)
+    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
+        raise ValueError(
+            f"{name} must return a floating scalar (e.g. the mean over the examples), got "
+            f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}".rstrip()
+        )
+
+
+def not_psd(name: str, detail: str) -> str:
+    """The message refusing an operator ``name`` that must be positive semidefinite."""
+    return (
+        f"{name} is not positive semidefinite at params ({detail}); a Fisher Jᵀ Λ J has "
+        "no negative eigenvalue: check that it computes F v"
+    )
+
+
+def probe_operator(matvec: Callable, like: Any, name: str, *, psd: bool, key: jax.Array) -> None:
+    """One matvec ``w = A v`` on a Rademacher probe ``v`` shaped like ``like`` (drawn from
+    ``key``): ``w`` finite and, with ``psd``, ``vᵀw ≥ −√eps·‖v‖‖w‖`` (for a diagonal ``A``
+    ``vᵀAv = tr A``). Skipped when ``like`` or the output is traced."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    if not all(is_concrete(x) for x in leaves):
+        return
+    keys = jax.random.split(key, len(leaves))
+    v = [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+    w = jax.tree_util.tree_leaves(matvec(treedef.unflatten(v)))
+    if not all(is_concrete(x) for x in w):
+        return
+    w64 = [np.asarray(x, np.float64) for x in w]
+    if not all(np.all(np.isfinite(x)) for x in w64):
+        raise ValueError(
+            f"{name} returned non-finite values (NaN or inf) on a probe vector at params"
+        )
+    if psd:
+        v64 = [np.asarray(x, np.float64) for x in v]
+        q = sum(float(np.vdot(a, b)) for a, b in zip(v64, w64, strict=True))
+        norm = math.sqrt(sum(float(np.vdot(a, a)) for a in v64))
+        scale = norm * math.sqrt(sum(float(np.vdot(b, b)) for b in w64))
+        eps = float(jnp.finfo(jnp.result_type(*w)).eps)
+        if q < -math.sqrt(eps) * scale:
+            raise ValueError(not_psd(name, f"vᵀAv = {q:.3g} < 0 on a probe vector v"))
+
+
+def finite_derivatives(name: str, **values: float) -> None:
+    """Raise, naming the loss ``name``, unless every derivative in ``values`` is finite."""
+    bad = [f"{k} = {v}" for k, v in values.items() if not math.isfinite(v)]
+    if bad:
+        raise ValueError(
+            f"{name} has non-finite derivatives at params ({', '.join(bad)}): check its "
+            "data for NaN/inf and its value at params"
+        )
+
+
+def flat_loss(name: str, gradient_norm: float) -> str | None:
+    """The warning for a loss whose gradient (hence ``Hg``) is exactly zero at ``θ*``, or
+    ``None``: a zero ``γ`` and zero coefficients then say the loss is flat, not safe."""
+    if gradient_norm != 0.0:
+        return None
+    return (
+        f"{name}: its gradient and Hg are exactly zero at params, so γ = 0 and the forecast "
+        "vanishes because the loss does not move θ, not because fine-tuning is safe; a loss "
+        "built on argmax, a comparison or rounding has a zero gradient everywhere: use a "
+        "differentiable one (e.g. cross-entropy)"
+    )
+
+
+def writable_directory(path: Any, name: str) -> Path:
+    """``path`` as a ``Path`` to a directory that exists or can be created, and is writable.
+
+    Checked by creating (and removing) a file there, before any work is done;
+    nothing is left behind (a directory created for the check is removed).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name}: {path} exists and is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{name}: {path} cannot be created: {existing} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ValueError(
+            f"{name}: {existing} is not writable ({err.strerror or err}); nothing was written"
+        ) from None
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{name}: {existing} is not writable; nothing was written")
+    return path
+
+
+def psd_spectrum(name: str, eigenvalues: Any, tail: float, margin: float) -> None:
+    """Raise unless an operator's top ``eigenvalues`` and its tail mass ``tr A − Σλ_i``
+    (known to within ``margin``: rounding plus standard errors, widened by ``√eps·Σ|λ_i|``)
+    are those of a positive semidefinite ``A``; computed by the measurement anyway, so the
+    check is free."""
+    eps = float(jnp.finfo(jnp.result_type(eigenvalues)).eps)
+    lam = np.asarray(jax.device_get(eigenvalues), np.float64)  # (d,), fetched explicitly
+    top = float(np.max(np.abs(lam))) if lam.size else 0.0
+    if lam.size and float(lam.min()) < -math.sqrt(eps) * top:
+        raise ValueError(not_psd(name, f"eigenvalue {float(lam.min()):.3g} < 0"))
+    margin = margin + math.sqrt(eps) * float(np.abs(lam).sum())  # a zero tail's rounding
+    if tail < -margin:
+        raise ValueError(
+            not_psd(name, f"tail mass tr A − Σλ_i = {tail:.3g} < 0 beyond its error {margin:.2g}")
+        )
+
+
+def one_of(value: Any, choices: tuple, name: str) -> Any:
+    """``value`` if it is one of ``choices``; ``ValueError`` naming ``name`` else."""
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices[:-1]) + f" or {choices[-1]!r}"
+        raise ValueError(f"{name} must be {listed}, got {value!r}")
+    return value
+
+
+def check_loss(fn: Any, params: Any, args: Any, name: str, data_name: str) -> tuple:
+    """The boundary check of a loss and its data: :func:`check_data` on ``args``, then
+    :func:`scalar_loss` of ``fn(params, *args)``. Returns ``args`` as a tuple."""
+    args = check_data(args, data_name)
+    scalar_loss(fn, params, args, name, f"{name}(params, *{data_name})", data_name)
+    return args
+
+
+def check_example_loss(fn: Any, params: Any, rows: tuple, name: str = "example_loss") -> None:
+    """:func:`check_params`, then :func:`scalar_loss` of a per-example loss on one example
+    (row 0 of every array of ``rows``)."""
+    check_params(params)
+    row = tuple(a[0] for a in rows)
+    scalar_loss(fn, params, row, name, f"{name}(params, *row)")
+
+
+def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> Any:
+    """An :class:`geomcollapse.aic.AICMeasurement`, checked on what it holds: finite
+    derivatives of ``loss``, a positive semidefinite ``fisher`` (:func:`psd_spectrum`,
+    within the tail's rounding and 4 standard errors), and a warning for a flat ``loss``."""
+    finite_derivatives(loss, gradient=out.gradient_norm, coupling=out.report.coupling)
+    margin = out.tail_rounding + 4.0 * out.trace_stderr
+    psd_spectrum(fisher, out.eigenpairs.values, out.report.tail_mass, margin)
+    flat = flat_loss(loss, out.gradient_norm)
+    if flat:
+        warnings.warn(flat, UserWarning, stacklevel=3)
+    return out
+
+
+def check_fisher_at(params: Any, fisher_vp: Any, fisher_args: Any, key: jax.Array) -> None:
+    """:func:`check_params` of ``θ*`` and, for a ``fisher_vp(params, v, *fisher_args)``
+    (``None``: none), :func:`check_data` of its data and one PSD probe at ``θ*``."""
+    check_params(params)
+    if fisher_vp is not None:
+        fargs = check_data(fisher_args, "fisher_args")
+        matvec = functools.partial(fisher_vp, params)
+        probe_operator(lambda v: matvec(v, *fargs), params, "fisher_vp", psd=True, key=key)

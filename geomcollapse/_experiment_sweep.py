@@ -11,7 +11,9 @@ dotted name is imported as written) defines
   the rows of several cells whose configs differ only in ``seed``, computed
   together (e.g. the seeds vmapped in one compiled call), in the order given;
 - optionally ``report(rows: list[dict], outdir: Path) -> list[Path]``: the
-  tables and figures rebuilt from a sweep's rows, and the paths written.
+  tables and figures rebuilt from a sweep's rows, and the paths written;
+- optionally ``check_config(config) -> None``: raises ``ValueError`` for a
+  config it cannot run; every cell is checked before the sweep writes anything.
 
 ``base`` and every grid value set fields of ``Config()`` through
 ``dataclasses.replace`` (``base`` first, then the cell's grid values): a dict
@@ -41,11 +43,11 @@ from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
     barrier,
+    locked_output,
     merge_parts,
     processes,
     reject_non_finite,
     reject_unknown,
-    start_output,
     whole_lines,
 )
 
@@ -219,14 +221,25 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> ExperimentSweepConfig:
 
 
 def expand_cells(config: ExperimentSweepConfig) -> list[Cell]:
-    """The grid's cartesian product in the config's key order, each with its resolved Config."""
+    """The grid's cartesian product in the config's key order, each with its resolved Config.
+
+    Every cell is resolved, and checked by the experiment's ``check_config(config)``
+    where it defines one, so a sweep refuses a bad cell before it writes anything:
+    ``ValueError`` naming the cell (its index and grid values).
+    """
     module = _sweepable(config.experiment)
     base = _with_fields(module.Config(), config.base, "base", config.experiment)
     keys = list(config.grid)
     cells = []
+    check = getattr(module, "check_config", None)
     for index, values in enumerate(itertools.product(*(config.grid[k] for k in keys))):
         params = dict(zip(keys, values, strict=True))
-        resolved = _with_fields(base, params, "grid", config.experiment)
+        try:
+            resolved = _with_fields(base, params, "grid", config.experiment)
+            if callable(check):
+                check(resolved)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"grid cell {index} {params}: {err}") from None
         digest = hashlib.sha256(_canonical(dataclasses.asdict(resolved)).encode()).hexdigest()
         cells.append(Cell(index, f"{index}-{digest[:10]}", params, resolved))
     return cells
@@ -366,20 +379,33 @@ def run_sweep(
     def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
         return _read_groups(p, config, cells)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # drops partial lines and cells; several processes: each writes its own part
-        target, done = start_output(path, header, read, process, count)
-    except OSError as err:
-        raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
     if batch_seeds is None:
         batch_seeds = jax.default_backend() != "cpu"
-    todo = [c for c in cells if c.index not in done and c.index % count == process]
-    if batch_seeds and callable(getattr(module, "sweep_cells", None)):
-        groups = _seed_groups(todo)
-    else:
-        groups = [[cell] for cell in todo]
-    with progress_bar(total=len(todo), desc=f"sweep {config.name}", enabled=progress) as bar:
+    with locked_output(path, header, read, process, count) as (target, done):
+        todo = [c for c in cells if c.index not in done and c.index % count == process]
+        if batch_seeds and callable(getattr(module, "sweep_cells", None)):
+            groups = _seed_groups(todo)
+        else:
+            groups = [[cell] for cell in todo]
+        _compute_cells(module, config, groups, target, outdir, progress)
+        barrier("geomcollapse-sweep-computed")
+        if process == 0:
+            merge_parts(path, header, read)
+        barrier("geomcollapse-sweep-merged")
+    return path
+
+
+def _compute_cells(
+    module: types.ModuleType,
+    config: ExperimentSweepConfig,
+    groups: list[list[Cell]],
+    target: Path,
+    outdir: Path,
+    progress: bool,
+) -> None:
+    """Run each group of cells and append its rows to ``target`` in one write."""
+    todo = sum(len(group) for group in groups)
+    with progress_bar(total=todo, desc=f"sweep {config.name}", enabled=progress) as bar:
         for group in groups:
             if len(group) == 1:
                 results = [module.sweep_cell(group[0].config, outdir)]
@@ -402,11 +428,6 @@ def run_sweep(
                     f"cannot write the sweep output {target} ('output'): {err}"
                 ) from None
             bar.update(len(group))
-    barrier("geomcollapse-sweep-computed")
-    if process == 0:
-        merge_parts(path, header, read)
-    barrier("geomcollapse-sweep-merged")
-    return path
 
 
 def read_rows(path: Path, text: str) -> tuple[dict, list[dict]]:
@@ -427,7 +448,7 @@ def report(header: dict, rows: list[dict], path: Path, outdir: Path) -> list[Pat
     if not callable(build):
         raise ValueError(
             f"experiment {header['experiment']!r} ({module.__name__}) defines no "
-            "report(rows, outdir)"
+            "report(rows, outdir); plot a column against a grid axis with --x AXIS --y COLUMN"
         )
     if not rows:
         raise ValueError(f"{path} holds no complete cell yet: run the sweep first")

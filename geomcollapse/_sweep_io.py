@@ -12,12 +12,15 @@ process 0 merges the parts into the output (:func:`start_output`,
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
+import re
+import secrets
 import sys
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,13 +83,62 @@ def whole_lines(text: str) -> list[str]:
 
 
 def rewrite(path: Path, lines: list[str]) -> None:
-    """Replace ``path`` by ``lines`` atomically (a temporary file, ``fsync``, ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write("".join(line + "\n" for line in lines))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Replace ``path`` by ``lines`` atomically (a temporary file, ``fsync``, ``os.replace``).
+
+    The temporary file is created with mode 0o666 less the process umask, as
+    ``open`` would create ``path`` (``tempfile.mkstemp`` makes it 0o600).
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file that a sweep writing ``path`` holds while it runs."""
+    return path.with_name(f"{path.name}.lock")
+
+
+@contextlib.contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path``'s lock file for the ``with`` block; never wait.
+
+    A second sweep (another process or thread) of the same output raises
+    ``ValueError`` instead of appending the same rows again. The lock is an
+    ``flock`` on ``<path>.lock``, released by the kernel if the holder dies
+    (so a killed sweep still resumes); the file is removed on exit. A lock
+    file removed between another's ``open`` and ``flock`` is detected by its
+    inode and opened again.
+    """
+    lock = lock_path(path)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"another sweep is writing {path} (it holds {lock}); let it finish, or stop "
+                "it and run again to resume"
+            ) from None
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed it after we opened it: take the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def append(path: Path, lines: list[str]) -> None:
@@ -121,7 +173,8 @@ def part_path(path: Path, process: int, count: int) -> Path:
 
 def part_paths(path: Path) -> list[Path]:
     """Every part file of the output ``path`` (of any process count), sorted."""
-    return sorted(p for p in path.parent.glob(f"{glob.escape(path.name)}.part-*-of-*"))
+    parts = path.parent.glob(f"{glob.escape(path.name)}.part-*-of-*")
+    return sorted(p for p in parts if re.fullmatch(r".*\.part-\d+-of-\d+", p.name))
 
 
 Groups = dict  # group index -> its lines, complete groups only
@@ -149,6 +202,31 @@ def start_output(
     own_header, own = read_groups(target)
     rewrite(target, [own_header or header, *(line for g in sorted(own) for line in own[g])])
     return target, done
+
+
+@contextlib.contextmanager
+def locked_output(
+    path: Path,
+    header: str,
+    read_groups: Callable[[Path], tuple[str | None, Groups]],
+    process: int,
+    count: int,
+) -> Iterator[tuple[Path, set[int]]]:
+    """:func:`start_output` under :func:`exclusive`'s lock on the file this process writes.
+
+    Yields ``(target, groups done)``. ``OSError`` (no directory, no permission)
+    becomes ``ValueError`` naming the output.
+    """
+    target = path if count == 1 else part_path(path, process, count)
+    with contextlib.ExitStack() as stack:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(exclusive(target))
+            # drops partial lines and incomplete groups; several processes: one part each
+            started = start_output(path, header, read_groups, process, count)
+        except OSError as err:
+            raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
+        yield started
 
 
 def merge_parts(

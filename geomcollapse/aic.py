@@ -19,7 +19,17 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import linalg, theory
-from geomcollapse._checks import finite_leaves, positive_int, prng_key, probe_count, subspace_dim
+from geomcollapse._checks import (
+    check_data,
+    check_loss,
+    check_params,
+    checked_aic,
+    one_of,
+    positive_int,
+    prng_key,
+    probe_count,
+    subspace_dim,
+)
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
 from geomcollapse.curvature import LinearOperator, apply, as_operator, hessian_vp, keyed
 from geomcollapse.subspace import Subspace
@@ -156,6 +166,7 @@ def _trace_operator(matvec: Any, n: int, dtype, args: tuple) -> LinearOperator:
 
 def _fisher_operator(fisher_vp: Any, params: PyTree, fisher_args: tuple) -> LinearOperator:
     """:func:`measure_aic`'s ``fisher_vp`` (the factories' form or an operator) at ``params``."""
+    fisher_args = check_data(fisher_args, "fisher_args")
     if isinstance(fisher_vp, LinearOperator) and fisher_args:
         raise ValueError(
             "fisher_args must be empty when fisher_vp is a LinearOperator (it has its data)"
@@ -603,12 +614,12 @@ def measure_aic(
       ValueError: bad or non-finite input; eigenpairs not converged (unless
         ``allow_unconverged``).
     """
-    finite_leaves(params, "params")
+    check_params(params)
     key = prng_key(key)
-    if trace not in ("auto", "exact", "hutchinson"):
-        raise ValueError(f"trace must be 'auto', 'exact' or 'hutchinson', got {trace!r}")
+    trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
+    loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
-    return route(
+    out = route(
         fisher_vp,
         loss_fn,
         params,
@@ -622,6 +633,7 @@ def measure_aic(
         max_matvecs,
         allow_unconverged,
     )
+    return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
 
 
 def _measure_aic_flat(

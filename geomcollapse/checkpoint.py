@@ -37,6 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from geomcollapse._checks import writable_directory
 from geomcollapse.curvature import leaf_paths
 from geomcollapse.models import TransformerConfig, transformer_abstract, transformer_config
 
@@ -92,7 +93,7 @@ def _saving_prefix(path: Path) -> str:
     return f".{path.name}.saving-"
 
 
-def _check_params(pure: dict, config: TransformerConfig) -> str:
+def _check_params(pure: dict, config: TransformerConfig, finite: bool = True) -> str:
     """The params' one dtype; raise unless their keys and shapes are those ``config`` implies."""
     leaves = _named_leaves(pure)
     dtypes = {str(np.dtype(x.dtype)) for _, x in leaves}
@@ -112,6 +113,12 @@ def _check_params(pure: dict, config: TransformerConfig) -> str:
             raise ValueError(
                 f"params do not match config {config}: {name} has shape {shape}, "
                 f"the config implies {expected[name]}"
+            )
+    for name, x in leaves if finite else ():  # NaN weights would load, and diagnose nothing
+        bad = int(np.sum(~np.isfinite(np.asarray(x))))
+        if bad:
+            raise ValueError(
+                f"params: {name} has {bad} non-finite (NaN or inf) entries; refusing to save"
             )
     return dtype
 
@@ -200,6 +207,7 @@ def save_checkpoint(
     metadata: dict | None = None,
     *,
     overwrite: bool = False,
+    allow_non_finite: bool = False,
 ) -> Path:
     """Write ``params`` (from :func:`transformer_init`) and ``config`` to ``directory``.
 
@@ -211,11 +219,18 @@ def save_checkpoint(
       metadata: JSON-able extra data, returned by :func:`load_checkpoint`.
       overwrite: replace an existing checkpoint; the replacement is atomic (the
         old one stays loadable if the save is killed at any moment).
+      allow_non_finite: keep weights holding NaN or inf (a diverged run kept for
+        inspection); by default they are refused, naming the first such leaf.
+
+    The parent of ``directory`` is checked writable before anything is done,
+    and the write is synchronous: a failed write raises and never leaves
+    threads behind that keep the process from exiting.
 
     Raises ``ValueError`` if ``directory`` exists and ``overwrite`` is false.
     Returns the absolute checkpoint path.
     """
     path = Path(directory).resolve()
+    writable_directory(path.parent, "directory")  # where it is written: checked before any work
     config = transformer_config(config)
     if not isinstance(config, TransformerConfig):
         raise ValueError(f"config must be a TransformerConfig, got {type(config).__name__}")
@@ -225,7 +240,7 @@ def save_checkpoint(
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} exists and is not a directory")
     pure = nnx.to_pure_dict(params)
-    dtype = _check_params(pure, config)
+    dtype = _check_params(pure, config, finite=not allow_non_finite)
     try:
         json.dumps(metadata or {}, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -240,9 +255,10 @@ def save_checkpoint(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{_saving_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(tmp, pure, custom_metadata=custom)
-            ckptr.wait_until_finished()
+        # Synchronous: orbax's async StandardCheckpointer leaves non-daemon threads behind
+        # when a write fails (orbax 0.12.8), and the process then never exits.
+        with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as ckptr:
+            ckptr.save(tmp, args=ocp.args.StandardSave(pure), custom_metadata=custom)
         _write_manifest(tmp)
         backup = _backup(path)
         if path.exists():

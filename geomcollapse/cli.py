@@ -5,9 +5,10 @@
 experiment; ``geomcollapse sweep CONFIG`` a sweep (of quadratic landscapes, or
 of an experiment's config; over several processes with ``--coordinator HOST:PORT
 --num-processes N --process-id I`` or ``--distributed``); ``geomcollapse report
-SWEEP_OUTPUT [--out DIR]`` an experiment sweep's tables and figures;
-``geomcollapse diagnose --checkpoint DIR --skill FILE --task FILE`` a transformer
-checkpoint's diagnosis (docs/diagnose.md); ``geomcollapse --version``.
+SWEEP_OUTPUT [--out DIR] [--x AXIS --y COLUMN]`` a sweep's tables and figures;
+``geomcollapse diagnose --spec FILE.py[:FUNCTION]`` any model's diagnosis, ``geomcollapse
+diagnose --checkpoint DIR --skill FILE --task FILE`` a transformer checkpoint's
+(docs/diagnose.md); ``geomcollapse --version``.
 ``--quick`` (the default) is the CPU-minutes configuration of the main job,
 ``--full`` the long one, on every experiment.
 
@@ -35,6 +36,7 @@ from pathlib import Path
 import jax
 
 from geomcollapse import compilation_cache
+from geomcollapse._checks import writable_directory
 from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
 
@@ -81,7 +83,7 @@ def _report(args: argparse.Namespace) -> int:
     from geomcollapse import sweep as sweep_module
 
     try:
-        paths = sweep_module.report(args.output, args.out)
+        paths = sweep_module.report(args.output, args.out, x=args.x, y=args.y)
     except (ValueError, OSError) as err:  # missing or foreign file: a message, no trace
         print(f"geomcollapse report: error: {err}", file=sys.stderr)
         return 2
@@ -97,6 +99,11 @@ SEED_LIMIT = 2**63
 
 def _diagnose_args_problem(args: argparse.Namespace) -> str | None:
     """Why ``diagnose``'s own arguments cannot work, checked before any compute; or None."""
+    checkpoint = [args.checkpoint, args.skill, args.task]
+    if args.spec is not None and any(a is not None for a in checkpoint):
+        return "--spec replaces --checkpoint, --skill and --task: give one or the other"
+    if args.spec is None and any(a is None for a in checkpoint):
+        return "give --spec FILE.py[:function] (any model) or --checkpoint, --skill and --task"
     if not 0 <= args.seed < SEED_LIMIT:
         return f"--seed must be an integer in [0, 2**63), got {args.seed}"
     problem = _out_problem(args.out)
@@ -134,19 +141,24 @@ def _diagnose(args: argparse.Namespace) -> int:
     if problem is not None:
         print(f"geomcollapse diagnose: error: {problem}", file=sys.stderr)
         return 2
+    options = {
+        "key": jax.random.key(args.seed),
+        "d": args.d,
+        "lr": args.lr,
+        "steps": args.steps,
+        "threshold": args.threshold,
+        "order": args.order,
+        "progress": not args.no_progress,
+    }
     try:
-        diagnosis = token_files.diagnose_checkpoint(
-            args.checkpoint,
-            args.skill,
-            args.task,
-            key=jax.random.key(args.seed),
-            d=args.d,
-            lr=args.lr,
-            steps=args.steps,
-            threshold=args.threshold,
-            order=args.order,
-            progress=not args.no_progress,
-        )
+        if args.spec is not None:
+            from geomcollapse import model_spec
+
+            diagnosis = model_spec.diagnose_spec(model_spec.load_spec(args.spec), **options)
+        else:
+            diagnosis = token_files.diagnose_checkpoint(
+                args.checkpoint, args.skill, args.task, **options
+            )
     except (ValueError, OSError) as err:  # malformed input: one line naming the file, no trace
         message = " ".join(str(err).split())
         print(f"geomcollapse diagnose: error: {message}", file=sys.stderr)
@@ -217,9 +229,15 @@ def _add_sweep(commands) -> None:
 def _add_report(commands) -> None:
     report = commands.add_parser(
         "report",
-        help="rebuild an experiment sweep's tables and figures from its rows",
-        description="calls the experiment's report(rows, outdir) on the sweep's complete "
-        "cells and prints the paths it wrote",
+        help="a sweep's tables and figures, from its rows (any sweep: --x AXIS --y COLUMN)",
+        description="with --x and --y: COLUMN against the grid axis AXIS, one series per "
+        "value of the other varying axes, seeds aggregated (mean and 95% interval); "
+        "without: an experiment sweep's report(rows, outdir), or a landscape sweep's Δu(t) "
+        "curves and AIC table. Prints the paths written (docs/sweeps.md)",
+    )
+    report.add_argument("--x", metavar="AXIS", help="a grid axis, e.g. kappa")
+    report.add_argument(
+        "--y", metavar="COLUMN", help="a recorded column, dotted, e.g. aic.coupling"
     )
     report.add_argument("output", type=Path, metavar="SWEEP_OUTPUT", help="the sweep's JSONL")
     report.add_argument(
@@ -234,25 +252,27 @@ def _add_report(commands) -> None:
 def _add_diagnose(commands) -> None:
     diagnose = commands.add_parser(
         "diagnose",
-        help="diagnose a transformer checkpoint for a skill and a fine-tuning task: AIC, "
-        "spectrum, forecast of Δu, overlap, warnings",
-        description="writes report.json, report.md and report.png (token-file formats: "
-        "docs/diagnose.md)",
+        help="diagnose a model (--spec) or a transformer checkpoint for a skill and a "
+        "fine-tuning task: AIC, spectrum, forecast of Δu, overlap, warnings",
+        description="writes report.json, report.md and report.png (the spec contract and the "
+        "token-file formats: docs/diagnose.md)",
     )
     diagnose.add_argument(
-        "--checkpoint", type=Path, required=True, metavar="DIR", help="a transformer checkpoint"
+        "--spec",
+        metavar="FILE.py[:FUNCTION]",
+        help="any model: a Python file (or package.module) whose FUNCTION (default: spec) "
+        "returns skill_loss, task_loss, params and the data (docs/diagnose.md)",
     )
+    diagnose.add_argument("--checkpoint", type=Path, metavar="DIR", help="a transformer checkpoint")
     diagnose.add_argument(
         "--skill",
         type=Path,
-        required=True,
         metavar="FILE",
         help="skill prompts (.npy, .npz or .jsonl token ids)",
     )
     diagnose.add_argument(
         "--task",
         type=Path,
-        required=True,
         metavar="FILE",
         help="fine-tuning sequences (.npy, .npz or .jsonl token ids)",
     )
@@ -324,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"sweep": _sweep, "report": _report, "diagnose": _diagnose}
     if args.command in commands:
         return commands[args.command](args)
+    if args.outdir is not None:  # run, reproduce: refused before the experiment, not after
+        try:
+            writable_directory(args.outdir, "--outdir")
+        except ValueError as err:
+            print(f"geomcollapse {args.command}: error: {err}", file=sys.stderr)
+            return 2
     return _registered(args.command, args)  # run, reproduce: the experiments' own
 
 

@@ -15,17 +15,25 @@ Every ``every`` steps the monitor measures, at the current ``θ_k``:
   (``lr · k`` for SGD) and whether ``t`` lies in the forecast's validity window.
 
 A measurement past a user budget (on the projected loss, or on the angle)
-warns or stops. Three entry points share one measurement:
+warns or stops. With an :class:`EarlyWarning` (a subspace fixed at ``θ*``, a
+threshold ``τ`` in nats and a step, 16 by default) every measurement also
+records ``E_k = ‖P(θ_k − θ*)‖`` and ``½‖F^{1/2}P(θ_k − θ*)‖²`` on that
+subspace (never re-estimated), and the rule *fires* when at step ``at`` the
+latter is ``≥ τ`` (docs/diagnose.md, "Before and during fine-tuning"): it
+warns or stops as a budget does. Three entry points share one measurement:
 
 * :func:`monitor_measure`: the pure measurement of one ``θ``;
-* :func:`monitor`: an optax wrapper ``monitor(inner, subspace, every=k, …)`` whose
+* :func:`monitor`: an optax wrapper ``monitor(inner, subspace, every=k, …)`` (or
+  ``monitor(inner, diagnosis, …)``, :func:`from_diagnosis`: the subspace, forecast
+  and threshold a :func:`geomcollapse.diagnose` found) whose
   updates are ``inner``'s, bit for bit, and whose state carries the log in
   fixed-size arrays (jit-able; the measurement runs under ``lax.cond``).
   Nothing can be raised inside ``jit``: past the budget the state records
   the first offending measurement and, with ``on_exceed='stop'``, sets
   ``stopped``, after which every update is zero and the inner state frozen
-  (training halts at ``θ_k``). :func:`check_monitor` on the host turns that
-  into a :class:`BudgetWarning` or a :class:`BudgetExceeded` exception;
+  (training halts at ``θ_k``). ``state = check_monitor(state)`` on the host
+  turns that into a :class:`BudgetWarning` (:class:`EarlyWarningFired` for the
+  rule), each distinct one once, or a :class:`BudgetExceeded` exception;
   :func:`monitor_log` returns the log.
 * :class:`MonitorCallback`: the same for a Python training loop, e.g.
   ``training.train(..., callback=MonitorCallback(...))``; it warns or raises
@@ -34,7 +42,8 @@ warns or stops. Three entry points share one measurement:
 Cost of one measurement: the product above, plus (with a ``fisher_vp``)
 one Lanczos run of ``F(θ_k)`` matvecs (``num_matvecs`` is logged); without a
 ``fisher_vp`` the rotation is not measured (NaN) and the monitor costs almost
-nothing. ``benchmarks/monitor_overhead.py`` measures the overhead.
+nothing. ``benchmarks/monitor_overhead.py`` measures the overhead; the early-warning
+rule adds one ``(d, n)`` product per measurement (``benchmarks/early_warning_overhead.py``).
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import (
+    check_fisher_at,
     finite_leaves,
     positive_float,
     positive_int,
@@ -59,17 +69,22 @@ from geomcollapse._checks import (
     same_structure,
     tuple_arg,
 )
+from geomcollapse.diagnosis.report import Diagnosis
 from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
 __all__ = [
     "BudgetExceeded",
     "BudgetWarning",
+    "EarlyWarning",
+    "EarlyWarningFired",
     "Measurement",
     "MonitorCallback",
     "MonitorState",
     "check_monitor",
+    "exceeded",
     "forecast_window",
+    "from_diagnosis",
     "monitor",
     "monitor_log",
     "monitor_measure",
@@ -105,6 +120,11 @@ class Measurement(NamedTuple):
       exceeded: bool, ``projected_loss > budget`` or ``angle > angle_budget``;
         with a budget set, also a non-finite projected loss or displacement
         (diverged parameters are past any budget).
+      early_norm: ``E_k = ‖P_e(θ_k − θ*)‖`` with ``P_e`` the :class:`EarlyWarning`'s
+        subspace (NaN without one).
+      early_projected_loss: ``½‖F^{1/2}P_e(θ_k − θ*)‖²`` on it, nats (NaN without one).
+      early_fired: bool, the rule fired here: ``k`` is the rule's step and
+        ``early_projected_loss ≥ threshold`` (or is not finite).
     """
 
     step: jax.Array
@@ -120,6 +140,9 @@ class Measurement(NamedTuple):
     forecast_delta_u: jax.Array
     in_window: jax.Array
     exceeded: jax.Array
+    early_norm: jax.Array
+    early_projected_loss: jax.Array
+    early_fired: jax.Array
 
     def describe(self) -> str:
         """One line with the numbers, for warnings and logs (needs concrete values)."""
@@ -139,11 +162,66 @@ class Measurement(NamedTuple):
                 f"; forecast {float(self.forecast):.4g} at t = {float(self.time):.4g} "
                 f"(realised/forecast {ratio:.3g}, {window} the validity window)"
             )
+        if np.isfinite(float(self.early_norm)):
+            text += (
+                f"; on the early-warning subspace E_k = ‖PΔθ‖ = {float(self.early_norm):.4g}, "
+                f"½‖F^{{1/2}}PΔθ‖² = {float(self.early_projected_loss):.4g}"
+            )
         return text
+
+
+class EarlyWarning(NamedTuple):
+    """The early-warning rule: flag the run when ``½‖F^{1/2}P(θ_at − θ*)‖² ≥ threshold``.
+
+    ``P`` and ``F`` are those of ``subspace``, ``M(θ*)`` found once before
+    fine-tuning (e.g. ``d = 50``, the study's; docs/diagnose.md, "Before and during
+    fine-tuning"), never re-estimated. Given to :func:`monitor` as
+    ``early_warning=``, it adds ``E_k = ‖P(θ_k − θ*)‖`` and that projected loss
+    to every measurement (one ``(d, n)`` product), measures ``θ_at`` even when
+    ``at`` is not a multiple of ``every``, and fires, at most once, at step ``at``.
+
+    Attributes:
+      subspace: a :class:`geomcollapse.subspace.Subspace` of ``M(θ*)`` (any ``d``).
+      threshold: ``τ`` in nats (the projected loss's units, those of ``Δu``), ``> 0``.
+      at: the step ``k ≥ 1`` at which the rule is read (16: the study's).
+    """
+
+    subspace: Subspace
+    threshold: float
+    at: int = 16
+
+
+class _Early(NamedTuple):
+    """A checked :class:`EarlyWarning`: ``(λ (d,), rows (d, n), τ, at)``."""
+
+    values: jax.Array
+    rows: jax.Array
+    threshold: float
+    at: int
+
+
+def _early(early_warning: Any) -> _Early | None:
+    if early_warning is None:
+        return None
+    if not isinstance(early_warning, EarlyWarning):
+        raise ValueError(
+            f"early_warning must be an EarlyWarning, got {type(early_warning).__name__}"
+        )
+    values, rows = subspace_arrays(early_warning.subspace)
+    return _Early(
+        values,
+        rows,
+        positive_float(early_warning.threshold, "early_warning.threshold"),
+        positive_int(early_warning.at, "early_warning.at"),
+    )
 
 
 class BudgetWarning(UserWarning):
     """A measurement went past the monitor's budget (``on_exceed='warn'``)."""
+
+
+class EarlyWarningFired(BudgetWarning):
+    """The :class:`EarlyWarning` rule fired (``on_exceed='warn'``)."""
 
 
 class BudgetExceeded(RuntimeError):
@@ -216,12 +294,11 @@ def _measure_flat(
     validity_time: float,
     budget: float,
     angle_budget: float,
+    early: _Early | None = None,
 ) -> Measurement:
     """:func:`monitor_measure` on a raveled displacement ``x`` and ``M(θ*)`` as ``(λ, rows)``."""
     dtype = x.dtype
-    coords = _dot(reference.astype(dtype), x)
-    lam = jnp.maximum(values.astype(dtype), 0.0)
-    projected = 0.5 * jnp.sum(lam * coords**2)
+    coords, projected = _project(values, reference, x)
     norm = jnp.linalg.norm(x)
     overlap = jnp.where(norm > 0, jnp.linalg.norm(coords) / jnp.where(norm > 0, norm, 1.0), 0.0)
     nan = jnp.full((), jnp.nan, dtype)
@@ -251,7 +328,31 @@ def _measure_flat(
         forecast_delta_u=forecast_du,
         in_window=jnp.asarray(in_window),
         exceeded=exceeded,
+        **_early_fields(early, x, step),
     )
+
+
+def _project(values: jax.Array, rows: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(⟨v_i, x⟩ (d,), ½Σ_i max(λ_i, 0)⟨v_i, x⟩²)`` in ``x``'s dtype."""
+    coords = _dot(rows.astype(x.dtype), x)
+    lam = jnp.maximum(values.astype(x.dtype), 0.0)
+    return coords, 0.5 * jnp.sum(lam * coords**2)
+
+
+def _early_fields(early: _Early | None, x: jax.Array, step: Any) -> dict:
+    """The early-warning fields of a :class:`Measurement` (NaN / False without a rule)."""
+    if early is None:
+        nan = jnp.full((), jnp.nan, x.dtype)
+        return {"early_norm": nan, "early_projected_loss": nan, "early_fired": jnp.bool_(False)}
+    coords, projected = _project(early.values, early.rows, x)
+    due = jnp.asarray(step) == early.at
+    # NaN ≥ τ is False: a diverged θ_at is past any threshold
+    fired = due & ((projected >= early.threshold) | ~jnp.isfinite(projected))
+    return {
+        "early_norm": jnp.linalg.norm(coords),
+        "early_projected_loss": projected,
+        "early_fired": fired,
+    }
 
 
 def monitor_measure(
@@ -267,6 +368,7 @@ def monitor_measure(
     validity_time: float = math.inf,
     budget: float = math.inf,
     angle_budget: float = math.inf,
+    early_warning: EarlyWarning | None = None,
 ) -> Measurement:
     """Measure ``θ_k = params`` against ``θ*`` and ``M(θ*) = subspace``; pure and jit-able.
 
@@ -283,6 +385,8 @@ def monitor_measure(
       validity_time: end of the forecast's window (see :func:`forecast_window`).
       budget, angle_budget: ``exceeded`` is ``projected_loss > budget`` or
         ``angle > angle_budget``.
+      early_warning: an :class:`EarlyWarning`: its ``E_k`` and projected loss, and
+        ``early_fired`` when ``step`` is its ``at``.
 
     Returns:
       A :class:`Measurement` (0-d arrays; ``num_matvecs`` 0).
@@ -311,7 +415,16 @@ def monitor_measure(
         validity_time=validity_time,
         budget=_budget(budget, "budget"),
         angle_budget=_budget(angle_budget, "angle_budget"),
+        early=_checked_early(_early(early_warning), n),
     )
+
+
+def _checked_early(early: _Early | None, n: int) -> _Early | None:
+    if early is not None and early.rows.shape[1] != n:
+        raise ValueError(
+            f"early_warning.subspace basis has {early.rows.shape[1]} parameters, params have {n}"
+        )
+    return early
 
 
 def _rows(basis: Any, name: str) -> jax.Array:
@@ -369,6 +482,13 @@ class MonitorState(NamedTuple):
       num_measured: ``()`` int32, measurements taken.
       first_exceeded: the first :class:`Measurement` past the budget (``step`` −1: none).
       stopped: ``()`` bool; with ``on_exceed='stop'``, updates are zero from then on.
+      early_fired: the :class:`Measurement` at which the :class:`EarlyWarning` rule
+        fired (``step`` −1: not fired, or no rule).
+      early_threshold: ``()`` the rule's ``τ`` (NaN: no rule), for the host's message.
+      early_values, early_rows: the rule's ``(d,)`` eigenvalues and ``(d, n)`` rows
+        (``(0,)`` and ``(0, n)`` without a rule): arguments of the compiled step, not
+        constants folded into it.
+      reported: ``(2,)`` bool, what :func:`check_monitor` has said: the budget, the rule.
     """
 
     inner: optax.OptState
@@ -380,6 +500,17 @@ class MonitorState(NamedTuple):
     num_measured: jax.Array
     first_exceeded: Measurement
     stopped: jax.Array
+    early_fired: Measurement
+    early_threshold: jax.Array
+    early_values: jax.Array
+    early_rows: jax.Array
+    reported: jax.Array
+
+    def __bool__(self):
+        raise TypeError(
+            "a MonitorState has no truth value: check_monitor returns the state; "
+            "use monitor.exceeded(state) for whether a budget or the rule was passed"
+        )
 
 
 def _empty(dtype, shape: tuple = ()) -> Measurement:
@@ -400,6 +531,9 @@ def _empty(dtype, shape: tuple = ()) -> Measurement:
         forecast_delta_u=nan,
         in_window=false,
         exceeded=false,
+        early_norm=nan,
+        early_projected_loss=nan,
+        early_fired=false,
     )
 
 
@@ -416,6 +550,7 @@ class _Config(NamedTuple):
     fisher_args: tuple
     tol: float | None
     max_steps: int | None
+    early: _Early | None = None
 
 
 def _observe(
@@ -423,7 +558,8 @@ def _observe(
 ) -> MonitorState:
     """The measurement due at ``state.count`` (if any), written into the state."""
     count = state.count
-    due = (count > 0) & (count % cfg.every == 0)
+    regular = count % cfg.every == 0
+    due = (count > 0) & (regular if cfg.early is None else regular | (count == cfg.early.at))
 
     def measure(state: MonitorState) -> MonitorState:
         theta = ravel_pytree(params)[0]
@@ -434,7 +570,7 @@ def _observe(
         if cfg.fisher_vp is None:
             basis, converged, matvecs, measured = state.basis, jnp.bool_(False), zero, False
         else:
-            measured = (count // cfg.every) % cfg.rotation_every == 0
+            measured = regular & ((count // cfg.every) % cfg.rotation_every == 0)
 
             def lanczos():
                 pairs = warm_eigenpairs(
@@ -466,24 +602,30 @@ def _observe(
             validity_time=cfg.validity_time,
             budget=cfg.budget,
             angle_budget=cfg.angle_budget,
+            early=None
+            if cfg.early is None
+            else cfg.early._replace(values=state.early_values, rows=state.early_rows),
         )
         slot = state.num_measured % state.log.step.shape[0]
         log = jax.tree_util.tree_map(lambda buf, v: buf.at[slot].set(v), state.log, rec)
-        first = state.first_exceeded.step < 0
-        first_exceeded = jax.tree_util.tree_map(
-            lambda old, new: jnp.where(first & rec.exceeded, new, old), state.first_exceeded, rec
-        )
-        stopped = state.stopped | (cfg.stop & rec.exceeded)
+        stopped = state.stopped | (cfg.stop & (rec.exceeded | rec.early_fired))
         return state._replace(
             basis=basis,
             key=next_key,
             log=log,
             num_measured=state.num_measured + 1,
-            first_exceeded=first_exceeded,
+            first_exceeded=_keep_first(state.first_exceeded, rec, rec.exceeded),
+            early_fired=_keep_first(state.early_fired, rec, rec.early_fired),
             stopped=stopped,
         )
 
     return jax.lax.cond(due & ~state.stopped, measure, lambda s: s, state)
+
+
+def _keep_first(old: Measurement, new: Measurement, hit: jax.Array) -> Measurement:
+    """``new`` where ``hit`` and nothing was recorded yet (``old.step`` −1), else ``old``."""
+    take = (old.step < 0) & hit
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(take, b, a), old, new)
 
 
 def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> Any:
@@ -615,12 +757,15 @@ def _coordinates(xs: jax.Array, rows: jax.Array) -> tuple[np.ndarray, np.ndarray
     return np.asarray(ys, np.float64), np.asarray(sizes, np.float64)
 
 
-def _init_state(inner_state, params: PyTree, values, reference, key, capacity: int) -> MonitorState:
+def _init_state(
+    inner_state, params: PyTree, values, reference, key, capacity: int, early: _Early | None
+) -> MonitorState:
     flat = ravel_pytree(params)[0]
     if reference.shape[1] != flat.size:
         raise ValueError(
             f"subspace basis has {reference.shape[1]} parameters, params have {flat.size}"
         )
+    _checked_early(early, flat.size)
     return MonitorState(
         inner=inner_state,
         count=jnp.zeros((), jnp.int32),
@@ -631,12 +776,50 @@ def _init_state(inner_state, params: PyTree, values, reference, key, capacity: i
         num_measured=jnp.zeros((), jnp.int32),
         first_exceeded=_empty(flat.dtype),
         stopped=jnp.bool_(False),
+        early_fired=_empty(flat.dtype),
+        early_threshold=jnp.asarray(jnp.nan if early is None else early.threshold, flat.dtype),
+        early_values=jnp.zeros(0, flat.dtype) if early is None else early.values.astype(flat.dtype),
+        early_rows=jnp.zeros((0, flat.size), flat.dtype)
+        if early is None
+        else early.rows.astype(flat.dtype),
+        reported=jnp.zeros(2, bool),
     )
+
+
+def _prepared(subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
+              time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity,
+              key):  # fmt: skip
+    """``monitor``'s checked inputs: ``(values, reference, cfg, early, capacity, key)``."""
+    if isinstance(subspace, Diagnosis):
+        subspace, budget, series, time_per_step = _diagnosis_inputs(
+            subspace, budget, series, time_per_step
+        )
+    values, reference = subspace_arrays(subspace)
+    cfg = _config(
+        every,
+        rotation_every,
+        budget,
+        angle_budget,
+        on_exceed,
+        series,
+        time_per_step,
+        fisher_vp,
+        fisher_args,
+        tol,
+        max_steps,
+    )
+    early = _early(early_warning)
+    # the step sees τ and the step only: the rows travel in the state, as arguments
+    cfg = cfg._replace(early=None if early is None else early._replace(values=None, rows=None))
+    capacity = positive_int(capacity, "capacity")
+    key = _key(cfg, key, values)
+    _check_series(cfg.series, values, reference)
+    return values, reference, cfg, early, capacity, key
 
 
 def monitor(
     inner: optax.GradientTransformation,
-    subspace: Subspace,
+    subspace: Subspace | Diagnosis,
     *,
     every: int,
     fisher_vp: Callable[..., PyTree] | None = None,
@@ -651,6 +834,7 @@ def monitor(
     capacity: int = 256,
     tol: float | None = None,
     max_steps: int | None = None,
+    early_warning: EarlyWarning | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Wrap ``inner`` so that every ``every`` steps ``θ_k`` is measured (module docstring).
 
@@ -663,7 +847,9 @@ def monitor(
 
     Args:
       inner: the optimizer (any ``GradientTransformation``; extra args pass through).
-      subspace: ``M(θ*)``: ``(d,)`` eigenvalues and ``(d, n)`` (or pytree) basis.
+      subspace: ``M(θ*)``: ``(d,)`` eigenvalues and ``(d, n)`` (or pytree) basis; or the
+        :class:`geomcollapse.Diagnosis` of ``θ*`` (:func:`from_diagnosis`: its subspace,
+        and by default its forecast, ``lr`` and ``threshold``).
       every: steps between measurements ``k ≥ 1``.
       fisher_vp: ``fisher_vp(params, v, *fisher_args) -> F(params) v``; with it
         ``M(θ_k)`` is found by traced Lanczos (top ``d``, warm-started from the
@@ -685,31 +871,68 @@ def monitor(
       capacity: measurements kept in the state's ring buffer.
       tol, max_steps: passed to :func:`geomcollapse.linalg.top_eigenpairs_traced`
         (defaults ``100·eps`` and ``min(n, max(4d, 64))``); ``converged`` is logged.
+      early_warning: an :class:`EarlyWarning`: ``E_k`` and its projected loss at every
+        measurement (and at its step ``at``); the rule firing warns or stops as a
+        budget does (``on_exceed``).
     """
-    values, reference = subspace_arrays(subspace)
-    cfg = _config(
-        every,
-        rotation_every,
-        budget,
-        angle_budget,
-        on_exceed,
-        series,
-        time_per_step,
-        fisher_vp,
-        fisher_args,
-        tol,
-        max_steps,
-    )
-    capacity = positive_int(capacity, "capacity")
-    key = _key(cfg, key, values)
-    _check_series(cfg.series, values, reference)
+    values, reference, cfg, early, capacity, key = _prepared(
+        subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
+        time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity, key,
+    )  # fmt: skip
 
     def init(params: PyTree) -> MonitorState:
-        finite_leaves(params, "params")
-        return _init_state(inner.init(params), params, values, reference, key, capacity)
+        check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # one probe: vᵀFv ≥ 0
+        return _init_state(inner.init(params), params, values, reference, key, capacity, early)
 
     update = functools.partial(_monitored_update, inner, cfg, values, reference)
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _diagnosis_inputs(
+    diagnosis: Diagnosis, budget: Any, series: Any, time_per_step: Any
+) -> tuple[Subspace, Any, Series | None, Any]:
+    """``(subspace, budget, series, time_per_step)`` for :func:`monitor` from a diagnosis.
+
+    ``budget`` ``None``: the diagnosis' ``threshold`` (the projected loss is a lower
+    bound on ``Δu`` up to third order, Thm 6.1: past it, ``Δu`` is past the threshold
+    to that order); ``math.inf``: none. ``time_per_step`` ``None``: its ``lr``.
+    ``series`` ``None``: its forecast when a time per step is known; ``False``: none.
+    """
+    if diagnosis.subspace is None or diagnosis.series is None:
+        raise ValueError(
+            "diagnosis carries no subspace (read from JSON alone): use the Diagnosis that "
+            "geomcollapse.diagnose returned, or Diagnosis.load(directory) of a report saved "
+            "with save(directory, arrays=True)"
+        )
+    budget = diagnosis.threshold if budget is None else budget
+    time_per_step = diagnosis.lr if time_per_step is None else time_per_step
+    if series is None:
+        series = diagnosis.series if time_per_step is not None else None
+    elif series is False:
+        series = None
+    return diagnosis.subspace, budget, series, time_per_step
+
+
+def from_diagnosis(
+    inner: optax.GradientTransformation, diagnosis: Diagnosis, *, every: int, **options: Any
+) -> optax.GradientTransformationExtraArgs:
+    """:func:`monitor` of ``M(θ*)`` as :func:`geomcollapse.diagnose` found it, in one line.
+
+    ``monitor(inner, diagnosis, every=k, …)`` is the same call. From the
+    diagnosis: the subspace (``d`` of its rule), the forecast (a series of that
+    very subspace) evaluated at ``t = lr·k``, and the budget ``threshold`` on the
+    projected loss; each can be overridden (``budget=``, ``time_per_step=``,
+    ``series=``: ``False`` for no forecast). Every other option is :func:`monitor`'s.
+    ``ValueError`` naming ``diagnosis`` unless it is a :class:`geomcollapse.Diagnosis`
+    that carries its arrays.
+    """
+    if not isinstance(diagnosis, Diagnosis):
+        raise ValueError(
+            f"diagnosis must be a geomcollapse Diagnosis, got {type(diagnosis).__name__}"
+        )
+    if diagnosis.subspace is None:
+        _diagnosis_inputs(diagnosis, None, None, None)  # raises, naming what to do
+    return monitor(inner, diagnosis, every=every, **options)
 
 
 def _monitored_update(
@@ -753,25 +976,60 @@ def monitor_log(state: MonitorState) -> Measurement:
     return Measurement(*(field[order] for field in log))
 
 
-def check_monitor(state: MonitorState) -> bool:
-    """Surface the monitor's budget on the host: whether a measurement went past it.
+def _messages(state: MonitorState) -> list[tuple[int, Measurement, str]]:
+    """``(index in reported, measurement, message)`` of what the state has recorded."""
+    out = []
+    first = jax.tree_util.tree_map(np.asarray, state.first_exceeded)
+    if int(first.step) >= 0:
+        out.append((0, first, "alignment monitor budget exceeded at " + first.describe()))
+    fired = jax.tree_util.tree_map(np.asarray, state.early_fired)
+    if int(fired.step) >= 0:
+        tau = float(state.early_threshold)
+        out.append(
+            (
+                1,
+                fired,
+                f"early warning: at step {int(fired.step)} the projected loss on the "
+                f"early-warning subspace ½‖F^{{1/2}}P(θ−θ*)‖² = "
+                f"{float(fired.early_projected_loss):.4g} ≥ τ = {tau:.4g} "
+                f"(E = ‖P(θ−θ*)‖ = {float(fired.early_norm):.4g}); " + fired.describe(),
+            )
+        )
+    return out
 
-    Past the budget with ``on_exceed='warn'``: a :class:`BudgetWarning` with the
-    numbers of the first offending measurement, and ``True``. With
-    ``on_exceed='stop'``: raises :class:`BudgetExceeded` (training has already
-    halted inside ``jit``). ``False`` otherwise. Call it between compiled chunks
-    of steps.
+
+def exceeded(state: MonitorState) -> bool:
+    """Whether a measurement went past a budget or the :class:`EarlyWarning` rule fired."""
+    if not isinstance(state, MonitorState):
+        raise ValueError(f"state must be a MonitorState, got {type(state).__name__}")
+    return bool(_messages(state))
+
+
+def check_monitor(state: MonitorState) -> MonitorState:
+    """Surface the monitor's budget and early-warning rule on the host; returns the state.
+
+    Call it between compiled chunks of steps as ``state = check_monitor(state)``:
+    each distinct event (the first measurement past the budget; the rule
+    firing) is said once, and the returned state records that it was said
+    (``reported``; pass it on to the next chunk). With ``on_exceed='warn'``:
+    a :class:`BudgetWarning` (:class:`EarlyWarningFired` for the rule) with the
+    numbers. With ``on_exceed='stop'``, once training stopped: raises
+    :class:`BudgetExceeded` (training has already halted inside ``jit``), every
+    time it is called. :func:`exceeded` says whether anything was passed.
     """
     if not isinstance(state, MonitorState):
         raise ValueError(f"state must be a MonitorState, got {type(state).__name__}")
-    first = jax.tree_util.tree_map(np.asarray, state.first_exceeded)
-    if int(first.step) < 0:
-        return False
-    message = "alignment monitor budget exceeded at " + first.describe()
-    if bool(state.stopped):
+    events = _messages(state)
+    if events and bool(state.stopped):
+        _, first, message = min(events, key=lambda e: int(e[1].step))
         raise BudgetExceeded(message + "; training stopped there", first)
-    warnings.warn(message, BudgetWarning, stacklevel=2)
-    return True
+    reported = np.asarray(state.reported).copy()
+    for index, _, message in events:
+        if not reported[index]:
+            category = EarlyWarningFired if index else BudgetWarning
+            warnings.warn(message, category, stacklevel=2)
+            reported[index] = True
+    return state._replace(reported=jnp.asarray(reported))
 
 
 # --------------------------------------------------------------------------- host callback
@@ -791,10 +1049,12 @@ def _step(value: Any) -> int:
 class MonitorCallback:
     """The monitor for a Python training loop: ``callback(step, params)`` (host-side).
 
-    Measures when ``step`` is a positive multiple of ``every`` (other calls
-    return at once), with the same compiled measurement as :func:`monitor`, and
-    past the budget warns (:class:`BudgetWarning`, ``on_exceed='warn'``) or
-    raises :class:`BudgetExceeded` (``'stop'``) right there. Fits
+    Measures when ``step`` is a positive multiple of ``every`` or the
+    :class:`EarlyWarning`'s step (other calls return at once), with the same
+    compiled measurement as :func:`monitor`, and past the budget or when the rule
+    fires warns (:class:`BudgetWarning`, :class:`EarlyWarningFired`;
+    ``on_exceed='warn'``; each once) or raises :class:`BudgetExceeded` (``'stop'``)
+    right there. Fits
     ``training.train(..., callback=cb)`` (called after every chunk of steps;
     use ``chunk = every``). ``cb.state`` is a :class:`MonitorState` (its inner
     optimizer ``optax.identity``): :func:`monitor_log` reads its log. Its one
@@ -804,12 +1064,14 @@ class MonitorCallback:
     keyword options of :func:`monitor` (``every`` required), checked as there.
     """
 
-    def __init__(self, theta_star: PyTree, subspace: Subspace, **options: Any):
+    def __init__(self, theta_star: PyTree, subspace: Subspace | Diagnosis, **options: Any):
         # the monitor itself around optax.identity: one validation, one compiled measurement
         tx = monitor(optax.identity(), subspace, **options)
         finite_leaves(theta_star, "theta_star")
         self.state = tx.init(theta_star)
         self.every = int(options["every"])
+        early = options.get("early_warning")
+        self._at = None if early is None else int(early.at)
         self._stop = options.get("on_exceed", "warn") == "stop"
         self._zeros = jax.tree_util.tree_map(jnp.zeros_like, theta_star)
         self._update = jax.jit(tx.update)
@@ -817,17 +1079,18 @@ class MonitorCallback:
     def __call__(self, step: int, params: PyTree, *, fisher_args: tuple | None = None):
         """Measure ``θ_step = params`` if ``step`` is due; warn or raise past the budget."""
         step = _step(step)
-        if step <= 0 or step % self.every:
+        if step <= 0 or (step % self.every and step != self._at):
             return
         # any floating dtype: cast as monitor() casts it
         same_structure(self._zeros, params, "theta_star", "params", same_dtype=False)
-        before = int(self.state.first_exceeded.step)
         due = self.state._replace(count=jnp.int32(step))  # update `step` measures θ_step
         state = self._update(self._zeros, due, params, fisher_args=fisher_args)[1]
-        self.state = state
-        if before < 0 and int(state.first_exceeded.step) >= 0:
-            first = jax.tree_util.tree_map(np.asarray, state.first_exceeded)
-            message = "alignment monitor budget exceeded at " + first.describe()
+        reported = np.asarray(state.reported).copy()
+        new = [e for e in _messages(state) if not reported[e[0]]]
+        for index, _, _ in new:
+            reported[index] = True
+        self.state = state._replace(reported=jnp.asarray(reported))
+        for index, first, message in new:
             if self._stop:
                 raise BudgetExceeded(message, first)
-            warnings.warn(message, BudgetWarning, stacklevel=2)
+            warnings.warn(message, EarlyWarningFired if index else BudgetWarning, stacklevel=2)

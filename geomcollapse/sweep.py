@@ -68,18 +68,18 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from geomcollapse import _experiment_sweep, landscapes, theory
+from geomcollapse import _experiment_sweep, _sweep_report, landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
     barrier,
+    locked_output,
     merge_parts,
     processes,
     read_config_file,
     reject_non_finite,
     reject_unknown,
-    start_output,
     whole_lines,
 )
 
@@ -88,6 +88,7 @@ __all__ = [
     "Cell",
     "ExperimentSweepConfig",
     "SweepConfig",
+    "check_runs",
     "expand_cells",
     "expand_runs",
     "landscape_for",
@@ -232,6 +233,26 @@ def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:
     return landscapes.make_quadratic_landscape(
         jax.random.key(run["seed"]), run["n"], run["d"], **params
     )
+
+
+def check_runs(config: SweepConfig) -> None:
+    """Refuse a config any of whose runs cannot be drawn, before a sweep writes anything.
+
+    Every run's landscape is drawn once (with ``coupling`` the attainable ``γ``
+    depends on the seed); with ``kappa`` the arguments do not, so one seed per
+    grid combination is drawn. Raises ``ValueError`` naming the run's parameters.
+    """
+    checked = set()
+    for run in expand_runs(config):
+        combination = json.dumps({k: v for k, v in run.items() if k not in ("id", "seed")})
+        if "kappa" in config.grid and combination in checked:
+            continue
+        checked.add(combination)
+        try:
+            landscape_for(run)
+        except ValueError as err:
+            where = ", ".join(f"{k}={v}" for k, v in run.items() if k != "id")
+            raise ValueError(f"grid run {run['id']} ({where}): {err}") from None
 
 
 def _evaluator(d: int, devices: list) -> tuple[Any, NamedSharding]:
@@ -395,17 +416,32 @@ def run_sweep(
     batches = plan_batches(config)
     if path.is_dir():
         raise ValueError(f"output {path} is a directory; 'output' must name a file")
+    check_runs(config)  # a refused config writes nothing
     header = _header(config)
 
     def read(p: Path) -> tuple[str | None, dict[int, list[str]]]:
         return _read_groups(p, config, batches)
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # drops partial lines and incomplete batches; several processes: one part each
-        target, done = start_output(path, header, read, process, count)
-    except OSError as err:
-        raise ValueError(f"cannot write the sweep output {path} ('output'): {err}") from None
+    with locked_output(path, header, read, process, count) as (target, done):
+        _compute_batches(config, batches, devices, target, done, process, count, progress)
+        barrier("geomcollapse-sweep-computed")
+        if process == 0:
+            merge_parts(path, header, read)
+        barrier("geomcollapse-sweep-merged")
+    return path
+
+
+def _compute_batches(
+    config: SweepConfig,
+    batches: list[list[dict]],
+    devices: list,
+    target: Path,
+    done: set[int],
+    process: int,
+    count: int,
+    progress: bool,
+) -> None:
+    """Compute and append this process's batches that no file holds yet."""
     ts = jnp.asarray(config.times, jnp.float64)
     evaluators: dict[int, tuple] = {}
     todo = [b for b in range(len(batches)) if b not in done and b % count == process]
@@ -419,11 +455,6 @@ def run_sweep(
             append(target, _rows(b, runs, summary))
         except OSError as err:
             raise ValueError(f"cannot write the sweep output {target} ('output'): {err}") from None
-    barrier("geomcollapse-sweep-computed")
-    if process == 0:
-        merge_parts(path, header, read)
-    barrier("geomcollapse-sweep-merged")
-    return path
 
 
 def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
@@ -448,21 +479,83 @@ def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     return header, sorted(rows, key=lambda r: r["id"])
 
 
-def report(path: str | os.PathLike, outdir: str | os.PathLike | None = None) -> list[Path]:
-    """Rebuild an experiment sweep's tables and figures from its rows; the paths written.
+def _landscape_params(row: dict) -> dict:
+    """A landscape row's grid values and seed (what ``report`` groups by)."""
+    return {k: row[k] for k in (*GRID_KEYS, "seed") if k in row}
 
-    Calls the experiment's ``report(rows, outdir)`` on :func:`read_rows`'s rows
-    (complete cells only). ``outdir`` defaults to the working directory.
-    Raises ``ValueError`` if ``path`` does not exist, is not an experiment
-    sweep's output, holds no complete cell, or the experiment has no ``report``.
+
+def report(
+    path: str | os.PathLike,
+    outdir: str | os.PathLike | None = None,
+    *,
+    x: str | None = None,
+    y: str | None = None,
+) -> list[Path]:
+    """A sweep's tables and figures, rebuilt from its rows; the paths written.
+
+    With ``x`` (a grid axis) and ``y`` (a recorded column, dotted: ``aic.coupling``),
+    any sweep: ``y`` against ``x``, one series per value of the other varying grid
+    axes, the rows of each point (its seeds) aggregated into their mean and 95 %
+    interval (:mod:`geomcollapse._sweep_report`), as ``NAME_Y_vs_X.png`` and ``.md``.
+    Without them, an experiment sweep calls its experiment's ``report(rows, outdir)``
+    (complete cells only), and a landscape sweep draws every grid combination's
+    mean ``Δu(t)`` over seeds with its band (``NAME_delta_u.png``) and tabulates the
+    AIC numbers (``NAME_aic.md``). ``outdir`` defaults to the working directory.
+    Raises ``ValueError`` if ``path`` does not exist or is not a sweep's output,
+    holds no complete row, names no such axis or column, or (without ``x``/``y``)
+    the experiment has no ``report``.
     """
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"sweep output {str(path)!r} does not exist")
+    if (x is None) != (y is None):
+        raise ValueError("give --x (a grid axis) and --y (a recorded column) together")
     header, rows = read_rows(path)
-    if "experiment" not in header:
-        raise ValueError(
-            f"{path} is a landscape sweep; report rebuilds an experiment sweep's tables"
-        )
     outdir = Path.cwd() if outdir is None else Path(outdir)
-    return _experiment_sweep.report(header, rows, path, outdir)
+    experiment = "experiment" in header
+    if x is None and experiment:
+        return _experiment_sweep.report(header, rows, path, outdir)
+    if not rows:
+        raise ValueError(f"{path} holds no complete row yet: run the sweep first")
+    if x is None:
+        return _landscape_report(header, rows, outdir)
+    params_of = (lambda row: row["params"]) if experiment else _landscape_params
+    series = _sweep_report.aggregate(rows, params_of, x, y)
+    name = header.get("sweep", path.stem)
+    title = f"{name}: {y} against {x}; mean and 95% interval over seeds"
+    figure = _sweep_report.column_figure(series, x, y, title)
+    png = _sweep_report.save(figure, outdir / f"{name}_{y}_vs_{x}.png")
+    md = png.with_suffix(".md")
+    md.write_text(f"# {title}\n\n{_sweep_report.table(series, x, y)}\n", encoding="utf-8")
+    return [png, md]
+
+
+def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path]:
+    """A landscape sweep's default report: mean ``Δu(t)`` curves and a table of AIC numbers."""
+    varying = [k for k in GRID_KEYS if k in rows[0] and len({json.dumps(r[k]) for r in rows}) > 1]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        label = ", ".join(f"{k}={row[k]}" for k in varying) or "every run"
+        groups.setdefault(label, []).append(row)
+    name = header.get("sweep", "sweep")
+    times = np.asarray(header["times"], np.float64)
+    curves = [
+        (label, _sweep_report.mean_interval([r["delta_u"] for r in members]))
+        for label, members in groups.items()
+    ]
+    title = f"{name}: mean Δu(t) over seeds with its 95% interval"
+    png = _sweep_report.save(
+        _sweep_report.curves_figure(times, curves, title), outdir / f"{name}_delta_u.png"
+    )
+    fields = [k for k, v in rows[0]["aic"].items() if k != "d" and type(v) in (int, float)]
+    lines = [f"| grid | n | {' | '.join(fields)} |", "|---|---|" + "---|" * len(fields)]
+    for label, members in groups.items():
+        cells = []
+        for f in fields:
+            mean, low, high, _ = _sweep_report.mean_interval([r["aic"][f] for r in members])
+            cells.append(f"{mean:.4g} [{low:.4g}, {high:.4g}]")
+        lines.append(f"| {label} | {len(members)} | {' | '.join(cells)} |")
+    md = outdir / f"{name}_aic.md"
+    intro = f"# {name}: AIC numbers, mean [95% interval] over seeds\n\n"
+    md.write_text(intro + "\n".join(lines) + "\n", encoding="utf-8")
+    return [png, md]

@@ -8,7 +8,8 @@ A token file holds ``N`` sequences of token ids (docs/diagnose.md):
   (a :class:`geomcollapse.tasks.TokenBatch` saved by ``np.savez(path,
   **batch._asdict())`` is one); other arrays are ignored.
 * ``.jsonl``: one sequence per line, a JSON list of ids or an object
-  ``{"tokens": [...], "answer_start": s}`` (``answer_start`` optional); rows
+  ``{"tokens": [...], "answer_start": s}`` (``answer_start`` optional, any other
+  key refused); rows
   of different lengths are right-padded with id 0, which no loss or skill
   position ever reads (the model is causal).
 
@@ -104,6 +105,7 @@ def _read_npz(path: Path) -> dict:
 
 
 _NPZ_KEYS = ("tokens", "answer_start", "targets", "mask")
+_JSONL_KEYS = ("tokens", "answer_start")
 
 
 def _read_jsonl(path: Path) -> dict:
@@ -124,6 +126,12 @@ def _read_jsonl(path: Path) -> dict:
         if isinstance(value, dict):
             if "tokens" not in value:
                 raise ValueError(f"{path}: {where}an object must have a 'tokens' list")
+            unknown = sorted(set(value) - set(_JSONL_KEYS))
+            if unknown:  # a misspelled 'answer_start' would be read as the default, silently
+                raise ValueError(
+                    f"{path}: {where}unknown keys {unknown}; an object holds only "
+                    f"{list(_JSONL_KEYS)}"
+                )
             start = value.get("answer_start")
             value = value["tokens"]
         if not isinstance(value, list):

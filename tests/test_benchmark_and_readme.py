@@ -1,9 +1,8 @@
-"""The benchmarks run (on tiny problems), their doc tables are current, and doc examples execute.
+"""The benchmarks run (on tiny problems) and their doc tables are current.
 
-The README's "Use on your own model" example runs in tests/test_diagnose.py."""
+The docs' python examples run in tests/test_docs.py, the README's in tests/test_diagnose.py."""
 
 import json
-import re
 from pathlib import Path
 
 import jax
@@ -13,6 +12,7 @@ from benchmarks import (
     _common,
     block_lanczos,
     curvature_speed,
+    early_warning_overhead,
     landscape_batch,
     monitor_overhead,
     sharded_scaling,
@@ -87,20 +87,6 @@ def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
     assert run["ours"]["max_rel_eig_error"] < 1e-3 and run["eigsh"]["max_rel_eig_error"] < 1e-3
 
 
-def _python_blocks(path: Path) -> list[str]:
-    """The ```python blocks of a Markdown file (```py blocks are illustrative: they train)."""
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), re.S)
-
-
-def test_docs_python_examples_execute():
-    blocks = _python_blocks(ROOT / "docs" / "library.md")
-    assert blocks, "docs/library.md has no python example"
-    for code in blocks:
-        namespace: dict = {}
-        exec(compile(code, "docs/library.md", "exec"), namespace)
-        assert np.all(np.isfinite(np.asarray(namespace["pairs"].values)))
-
-
 def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
     """docs/benchmarks.md's tables are what the ``--readme`` writers make of benchmarks/results."""
     doc = tmp_path / "benchmarks.md"
@@ -112,6 +98,9 @@ def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
     _common.replace_table("landscape-batch-table", landscape_batch.markdown_table(saved), doc)
     saved = json.loads((results / "monitor_overhead_cpu.json").read_text())
     _common.replace_table("monitor-overhead-table", monitor_overhead.markdown_table(saved), doc)
+    saved = json.loads((results / "early_warning_overhead_cpu.json").read_text())
+    table = early_warning_overhead.markdown_table(saved)
+    _common.replace_table("early-warning-overhead-table", table, doc)
     saved = json.loads((results / "sharded_scaling_cpu.json").read_text())
     _common.replace_table("sharded-scaling-table", sharded_scaling.markdown_table(saved), doc)
     assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")

@@ -34,7 +34,8 @@ def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("diagnose_inputs")
     rng = np.random.default_rng(0)
     checkpoint.save_checkpoint(root / "ckpt", _weights(rng), CONFIG)
-    checkpoint.save_checkpoint(root / "ckpt_nan", _weights(rng, nan_fraction=0.1), CONFIG)
+    nan_weights = _weights(rng, nan_fraction=0.1)
+    checkpoint.save_checkpoint(root / "ckpt_nan", nan_weights, CONFIG, allow_non_finite=True)
     np.savez(root / "skill.npz", tokens=rng.integers(0, CONFIG.vocab, (6, 4)))
     rows = [list(map(int, rng.integers(0, CONFIG.vocab, 2 + i % 3))) for i in range(6)]
     (root / "task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

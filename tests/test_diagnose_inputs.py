@@ -182,9 +182,12 @@ def test_a_failing_user_function_is_one_value_error_naming_it(change, pattern):
 @pytest.mark.parametrize("spectrum", ["dense", "lanczos"])
 def test_a_loss_that_is_not_finite_at_params_is_refused(spectrum):
     """An empty task batch makes the mean ``nan`` while its gradient is 0: diagnose returned
-    ``time_scale = inf`` and every coefficient 0. Now refused, naming the loss."""
-    with pytest.raises(ValueError, match=r"^task_loss: its value at params is nan, not finite"):
+    ``time_scale = inf`` and every coefficient 0. Now refused at the boundary, naming the
+    data; a loss ``nan`` at params for another reason is refused naming the loss."""
+    with pytest.raises(ValueError, match=r"^task_args leaf 0 is empty \(shape \(0, "):
         _diagnose(task_args=(XT[:0], YT[:0]), spectrum=spectrum)
+    with pytest.raises(ValueError, match=r"^task_loss: its value at params is nan, not finite"):
+        _diagnose(task_loss=lambda p, x, y: nll(p, x, y) + jnp.nan, spectrum=spectrum)
     with pytest.raises(ValueError, match=r"^skill_loss: its value at params is inf, not finite"):
         _diagnose(skill_loss=lambda p, x, r: skill_kl(p, x, r) + jnp.inf, spectrum=spectrum)
     # a finite value with an infinite slope (√ at 0): the derivative check, as before

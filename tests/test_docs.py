@@ -1,6 +1,15 @@
-"""The README and docs/ cannot drift: commands exist, links resolve, generated tables are current.
+"""The README and docs/ cannot drift: code runs, commands exist, links resolve, tables are current.
 
-Static checks only (no JAX, no experiment runs): every ``python -m MODULE``,
+Code blocks: every fenced block names its language in its info string, and a
+block that does not run as written says so with the word ``fragment`` after
+it (```` ```python fragment ````). Every ``python`` block runs as written: those
+of docs/*.md are executed here, each in a fresh namespace and a temporary
+directory (small models: seconds each); the README's one example is executed,
+with checks of its numbers, by tests/test_diagnose.py. ``json`` blocks parse.
+Shell blocks (``bash``) are commands, checked statically below; ``text``
+blocks are output.
+
+The rest are static checks (no JAX, no experiment runs): every ``python -m MODULE``,
 ``python FILE.py``, ``geomcollapse SUBCOMMAND`` and ``make TARGET`` written in
 code in README.md, docs/*.md or paper_repro.md names something that exists,
 with its ``--flags`` defined where its parser lives; every relative Markdown
@@ -22,6 +31,11 @@ PAGES = [README, *DOCS]
 README_MAX_LINES = 200
 
 _FENCE = re.compile(r"^(```|~~~)[^\n]*\n.*?^\1[ \t]*$", re.M | re.S)
+_BLOCK = re.compile(r"^(```|~~~)([^\n]*)\n(.*?)^\1[ \t]*$", re.M | re.S)  # fence, info, code
+LANGUAGES = {"python", "bash", "json", "text"}
+FRAGMENT = "fragment"  # the info string's word for a block that does not run as written
+# the runnable python blocks executed by another test (page -> the test that runs them)
+RUN_ELSEWHERE = {"README.md": "tests/test_diagnose.py"}
 _SPAN = re.compile(r"`([^`\n]+)`")
 _LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(([^()\s]+)\)")
 _HEADING = re.compile(r"^#{1,6}\s+(.*?)\s*#*\s*$", re.M)
@@ -69,7 +83,26 @@ def _commands(pages) -> list[tuple[str, str]]:
         (p.name, code)
         for p in pages
         for code in _code(p.read_text(encoding="utf-8"))
-        if not re.match(r"```py(thon)?\n", code)
+        if not re.match(r"```py(thon)?[ \n]", code)
+    ]
+
+
+def _blocks(page: Path) -> list[tuple[int, str, str]]:
+    """``(line, info string, code)`` of every fenced block of ``page``."""
+    text = page.read_text(encoding="utf-8")
+    return [
+        (text[: m.start()].count("\n") + 1, m.group(2).strip(), m.group(3))
+        for m in _BLOCK.finditer(text)
+    ]
+
+
+def _runnable(pages) -> list[tuple[str, int, str]]:
+    """``(page, line, code)`` of every python block not marked as a fragment."""
+    return [
+        (page.name, line, code)
+        for page in pages
+        for line, info, code in _blocks(page)
+        if info.split() == ["python"]
     ]
 
 
@@ -226,3 +259,50 @@ def test_headline_shows_verdict_rows_and_counts_the_reported_ones():
     assert table.endswith(
         "Not shown: 1 row that reports a measurement without a verdict (in paper_repro.md)."
     )
+
+
+def test_every_code_block_names_its_language_and_fragments_say_so():
+    bad, found = [], 0
+    for page in PAGES:
+        for line, info, _ in _blocks(page):
+            found += 1
+            words = info.split()
+            if not words or words[0] not in LANGUAGES or words[1:] not in ([], [FRAGMENT]):
+                bad.append(
+                    f"{page.name}:{line}: info string {info!r}: want one of {sorted(LANGUAGES)}, "
+                    f"then '{FRAGMENT}' if it does not run as written"
+                )
+    assert found > 10
+    assert not bad, "\n".join(bad)
+
+
+def test_runnable_blocks_elsewhere_are_run_there():
+    for page, test in RUN_ELSEWHERE.items():
+        assert _runnable([ROOT / page]), f"{page} has no runnable python block"
+        assert f'"{page}"' in (ROOT / test).read_text(encoding="utf-8"), f"{test} runs no {page}"
+
+
+_DOC_BLOCKS = _runnable([p for p in PAGES if p.name not in RUN_ELSEWHERE])
+
+
+@pytest.mark.parametrize("page,line,code", _DOC_BLOCKS, ids=[f"{p}:{n}" for p, n, _ in _DOC_BLOCKS])
+def test_python_blocks_of_the_docs_run_as_written(page, line, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # whatever a block writes lands here
+    namespace: dict = {"__name__": f"docs_{page}_{line}"}
+    exec(compile("\n" * (line) + code, f"docs/{page}", "exec"), namespace)
+    assert len(namespace) > 2, "the block defined nothing"
+
+
+def test_the_block_checks_catch_what_they_are_for(tmp_path):
+    """An unmarked ``py`` block, a bare fence and a fragment are told apart; line numbers hold."""
+    page = tmp_path / "p.md"
+    page.write_text("x\n```py\n1\n```\n```\nfoo\n```\n```python fragment\nf(\n```\n")
+    blocks = _blocks(page)
+    assert [(line, info) for line, info, _ in blocks] == [
+        (2, "py"),
+        (5, ""),
+        (8, "python fragment"),
+    ]
+    assert _runnable([page]) == []
+    page.write_text("```python\nx = 1\n```\n")
+    assert _runnable([page]) == [("p.md", 1, "x = 1\n")]

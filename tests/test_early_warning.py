@@ -1,5 +1,6 @@
 """The early-warning study (#27): its recorded column and its analysis on synthetic rows."""
 
+import dataclasses
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,9 +156,38 @@ def test_config_refuses_bad_thresholds():
         E.Config(thresholds=(("sgd", "lora2", 1.0, 1.0, 1.0),))
 
 
-def test_figure_draws_from_the_results_json(tmp_path):
+def test_figure_draws_from_the_results_json_in_the_house_style(tmp_path, monkeypatch):
+    """From ``FIGURE_NEEDS`` alone, in the figure style the main job's figures keep
+    (≤ 6 curves per panel: the intervals are bars without caps, one line per series)."""
+    from experiments import _style
+    from tests.test_experiments import _check_style
+
     exploration = synthetic_rows(4, (0, 1, 2))
-    results = E.analyse(FAST, exploration, None, None)
-    stored = json.loads(json.dumps(results, default=float))  # what figure() reads back
-    png, pdf = E.figure(stored, tmp_path / "early_warning.png")
-    assert png.is_file() and pdf.is_file()
+    for tiny in (None, synthetic_rows(5, (3, 4, 5))):
+        results = E.analyse(FAST, exploration, tiny, None)
+        stored = json.loads(json.dumps(results, default=float))  # what figure() reads back
+        needed = {k: stored[k] for k in E.FIGURE_NEEDS}
+        drawn = []
+        save = _style.save
+
+        def checked(fig, path, save=save, drawn=drawn):
+            _check_style(fig)
+            drawn.append(sum(len(ax.get_lines()) for ax in fig.axes))
+            return save(fig, path)
+
+        monkeypatch.setattr(_style, "save", checked)
+        png, pdf = E.figure(needed, tmp_path / "early_warning.png")
+        assert png.is_file() and pdf.is_file()
+        # 4 cells × (3 + 2 series) data lines, plus two reference lines per panel
+        assert drawn == [4 * (3 + 2) + 8 * 2]
+
+
+def test_registered_in_the_main_job_with_the_plans_statistics():
+    from experiments import reproduce
+    from geomcollapse import registry
+
+    assert E in reproduce.EXPERIMENTS and E.NAME in registry.EXPERIMENTS
+    assert E.QUICK == E.STUDY  # the main job re-analyses with the plan's 4,000 resamples
+    assert E.QUICK.num_resamples == 4000
+    # the test configuration changes the resamples only, never a threshold
+    assert dataclasses.replace(E.TINY, num_resamples=E.STUDY.num_resamples) == E.STUDY

@@ -64,6 +64,13 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
         "Thm 6.1, cubic term",
         # the bound with C, D fixed at θ* can fail; its verdict is recomputed from its numbers
         "Thm 6.1, lower bound with constants fixed",
+        # the early-warning study's confirmatory rows (experiments.early_warning) are
+        # findings on committed sweep rows: their verdicts are checked against their numbers
+        # on synthetic rows in tests/test_early_warning.py
+        "(a) tiny, fresh seeds",
+        "(b) tiny, fresh seeds",
+        "(c) tiny, fresh seeds",
+        "(f) a stop rule that transfers",
     )
     assert all(
         c.passed

@@ -172,8 +172,8 @@ CHILD = textwrap.dedent(
         return wrapper
 
     name = os.path.basename(path)
-    if stage == "orbax":  # array writes started in the background, not finished
-        ocp.StandardCheckpointer.wait_until_finished = die
+    if stage == "orbax":  # arrays written, orbax's own directory not finalized
+        ocp.StandardCheckpointHandler.finalize = die
     elif stage == "manifest":  # orbax done, manifest not written
         checkpoint._write_manifest = die
     elif stage == "rename_old":  # before the old checkpoint is moved aside

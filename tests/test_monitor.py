@@ -150,10 +150,18 @@ def test_monitor_measures_every_k_steps_like_the_dense_twin_and_leaves_training_
     # the budget surfaces at the first measurement past it, not before
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert mon.check_monitor(states[4]) is False  # θ₅: only θ₃ measured
+        mon.check_monitor(states[4])  # θ₅: only θ₃ measured
+    assert not mon.exceeded(states[4]) and mon.exceeded(states[-1])
     number = re.escape(f"= {d6['projected_loss']:.4g}, overlap ‖PΔθ‖/‖Δθ‖ = {d6['overlap']:.4g}")
     with pytest.warns(mon.BudgetWarning, match="step 6: projected loss .*" + number):
-        assert mon.check_monitor(states[-1]) is True
+        checked = mon.check_monitor(states[-1])
+    # said once: the returned state remembers it (the chunk loop passes it on)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            checked = mon.check_monitor(checked)
+    with pytest.raises(TypeError, match="exceeded"):  # the old bool idiom fails loudly
+        bool(checked)
 
 
 def test_stop_halts_training_at_the_first_measurement_past_the_budget(setup):
@@ -191,7 +199,8 @@ def test_stop_halts_training_at_the_first_measurement_past_the_budget(setup):
         assert bitwise_equal(updates[k], setup.updates[k])
     assert all(np.all(leaf == 0) for leaf in jax.tree.leaves(updates[6]))
     assert bitwise_equal(thetas[-1], setup.thetas[6])  # halted at θ₆
-    assert mon.check_monitor(states[5]) is False  # θ₆ is measured by update 6 (states[6])
+    assert not mon.exceeded(states[5])  # θ₆ is measured by update 6 (states[6])
+    mon.check_monitor(states[5])  # nothing to say, nothing raised
     with pytest.raises(mon.BudgetExceeded, match="step 6") as err:
         mon.check_monitor(states[6])
     np.testing.assert_allclose(err.value.measurement.projected_loss, d6["projected_loss"])

@@ -256,7 +256,7 @@ def test_report_rebuilds_the_toys_table_and_refuses_what_it_cannot(tmp_path, cap
     for name, message in {
         "absent.jsonl": "absent.jsonl' does not exist",
         "garbage.jsonl": "garbage.jsonl is not a sweep output",
-        "landscape.jsonl": "landscape.jsonl is a landscape sweep",
+        "landscape.jsonl": "landscape.jsonl holds no complete row yet",
         "no_report.jsonl": "'geomcollapse.theory' (geomcollapse.theory) defines no report",
         "empty.jsonl": "empty.jsonl holds no complete cell yet",
     }.items():

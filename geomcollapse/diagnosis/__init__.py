@@ -18,10 +18,11 @@ from geomcollapse.diagnosis.plan import (
     MAX_ORDER,
     check_plan,
 )
-from geomcollapse.diagnosis.report import REPORT_FILES, Diagnosis
+from geomcollapse.diagnosis.report import ARRAYS_FILE, REPORT_FILES, Diagnosis
 from geomcollapse.diagnosis.run import diagnose
 
 __all__ = [
+    "ARRAYS_FILE",
     "DEFAULT_MAX_D",
     "DEFAULT_ORDER",
     "DEFAULT_SHARE",

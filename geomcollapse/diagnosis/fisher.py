@@ -19,6 +19,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import curvature
+from geomcollapse._checks import evaluate_abstractly, scalar_loss
 
 __all__ = [
     "bad_fisher",
@@ -90,36 +91,6 @@ _CACHED_FACTORIES = {
     f: functools.lru_cache(maxsize=32)(f)
     for f in (true_fvp, empirical_fvp, flat_operator, cast_output)
 }
-
-
-def evaluate_abstractly(fn: Callable, args: tuple, name: str, call: str) -> Any:
-    """``jax.eval_shape(fn, *args)``: the user's function traced once, nothing computed.
-
-    Whatever it raises (a wrong feature size in the data, too few arguments, a
-    missing key in ``params``) becomes one ``ValueError`` line naming ``name``
-    and the ``call`` that failed, instead of a JAX traceback from deep inside
-    the diagnosis; the original is chained (``__cause__``) for debugging.
-    """
-    try:
-        return jax.eval_shape(fn, *args)
-    except Exception as err:  # any failure of a user function is reported in one line
-        raise ValueError(
-            f"{name}: calling {call} failed: {type(err).__name__}: "
-            f"{' '.join(str(err).split())[:300]}"
-        ) from err
-
-
-def scalar_loss(fn: Any, params: PyTree, args: tuple, name: str, call: str) -> None:
-    """Raise unless ``fn(params, *args)`` (``call`` in messages) runs and returns a
-    floating scalar."""
-    if not callable(fn):
-        raise ValueError(f"{name} must be callable, got {type(fn).__name__}")
-    out = evaluate_abstractly(fn, (params, *args), name, call)
-    if getattr(out, "shape", None) != () or not jnp.issubdtype(out.dtype, jnp.floating):
-        raise ValueError(
-            f"{name} must return a floating scalar, got {getattr(out, 'shape', type(out))} "
-            f"{getattr(out, 'dtype', '')}".rstrip()
-        )
 
 
 def fisher_operator(

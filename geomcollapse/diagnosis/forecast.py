@@ -44,6 +44,8 @@ class AtD(NamedTuple):
     task_gradient_norm: float
     overlap: Callable[[float], tuple[np.ndarray, float]]  # t_h ↦ (Px(t_h) coordinates, ‖x(t_h)‖)
     route: str  # the series' Taylor engine, 'jet' or 'jvp' (series.Series.route)
+    subspace: Subspace | None = None  # M(θ*) in the params' dtype (the monitor's)
+    displacement: PyTree = None  # x₁ … x_K as the series returned them (leading (K,) axis)
 
 
 def _check_derivatives(
@@ -114,6 +116,8 @@ def _at_d_flat(
         task_gradient_norm=float(np.linalg.norm(g)),
         overlap=overlap,
         route=str(s.route),
+        subspace=subspace,
+        displacement=s.displacement,
     )
 
 
@@ -178,6 +182,8 @@ def _at_d_sharded(
         task_gradient_norm=float(g_norm),
         overlap=overlap,
         route=str(s.route),
+        subspace=subspace,
+        displacement=s.displacement,
     )
 
 

@@ -17,16 +17,18 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse import aic, linalg
 from geomcollapse._checks import (
-    finite_leaves,
+    check_data,
+    check_params,
     open_unit_float,
     positive_float,
     positive_int,
     prng_key,
     probe_count,
+    scalar_loss,
     subspace_dim,
 )
 from geomcollapse._sharding import Layout, is_sharded
-from geomcollapse.diagnosis.fisher import fisher_operator, scalar_loss
+from geomcollapse.diagnosis.fisher import fisher_operator
 
 __all__ = [
     "DEFAULT_MAX_D",
@@ -193,10 +195,10 @@ def _size(params: PyTree) -> tuple[Layout | None, jax.Array | None, int, Any]:
 def check_request(skill_loss, task_loss, params, **kw: Any) -> Request:
     """Every argument of :func:`geomcollapse.diagnose` (``kw``: its keywords), checked in
     the order its errors are documented; the user's functions are traced once abstractly."""
-    finite_leaves(params, "params")
+    check_params(params)
     key = prng_key(kw["key"])
-    skill_args = args_tuple(kw["skill_args"], "skill_args")
-    task_args = args_tuple(kw["task_args"], "task_args")
+    skill_args = check_data(args_tuple(kw["skill_args"], "skill_args"), "skill_args")
+    task_args = check_data(args_tuple(kw["task_args"], "task_args"), "task_args")
     layout, flat, n, dtype = _size(params)
     if n < 2:
         raise ValueError(
@@ -216,8 +218,9 @@ def check_request(skill_loss, task_loss, params, **kw: Any) -> Request:
     fvp, fisher_name = fisher_operator(
         kw["fisher"], skill_loss, kw["skill_logits"], params, skill_args
     )
-    scalar_loss(skill_loss, params, skill_args, "skill_loss", "skill_loss(params, *skill_args)")
-    scalar_loss(task_loss, params, task_args, "task_loss", "task_loss(params, *task_args)")
+    for name, loss, args in (("skill", skill_loss, skill_args), ("task", task_loss, task_args)):
+        call = f"{name}_loss(params, *{name}_args)"
+        scalar_loss(loss, params, args, f"{name}_loss", call, f"{name}_args")
     trace = kw["trace"]
     exact = trace == "exact" or (trace == "auto" and n <= aic.EXACT_TRACE_MAX_N)
     return Request(

@@ -16,9 +16,12 @@ import numpy as np
 
 from geomcollapse import theory
 
-__all__ = ["REPORT_FILES", "Diagnosis"]
+__all__ = ["ARRAYS_FILE", "REPORT_FILES", "Diagnosis"]
 
 REPORT_FILES = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
+ARRAYS_FILE = "subspace.npz"  # M(θ*) and the forecast's arrays: Diagnosis.save(..., arrays=True)
+# the arrays a Diagnosis carries for the monitor (not in JSON: (d, n) and (K, n) numbers)
+_ARRAY_FIELDS = ("subspace", "series")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +76,14 @@ class Diagnosis:
       crossing_time: ``lr·crossing_step``, or ``None``.
       warnings: plain-language warnings (empty when none applies).
       num_matvecs: skill-Fisher matvecs used.
+      subspace: ``M(θ*)`` as a :class:`geomcollapse.subspace.Subspace` (the top ``d``
+        eigenpairs, basis rows in the parameters' dtype), what
+        :func:`geomcollapse.monitor.from_diagnosis` watches; ``None`` for a diagnosis read
+        from JSON alone (:meth:`load` restores it from :data:`ARRAYS_FILE`). Not compared,
+        not in :meth:`to_dict`.
+      series: the forecast as a :class:`geomcollapse.series.Series` made with ``subspace``
+        (its ``delta_u`` and ``projected`` are the coefficients above, its displacement
+        ``x₁ … x_K``), or ``None`` as ``subspace``.
     """
 
     n: int
@@ -114,6 +125,8 @@ class Diagnosis:
     crossing_time: float | None
     warnings: tuple[str, ...]
     num_matvecs: int
+    subspace: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
+    series: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
 
     @property
     def planned_time(self) -> float | None:
@@ -140,7 +153,7 @@ class Diagnosis:
     def to_dict(self) -> dict:
         """A JSON-able dict (non-finite floats as ``'inf'``, ``'-inf'``, ``'nan'``)."""
         out = {}
-        for field in dataclasses.fields(self):
+        for field in _json_fields(type(self)):
             value = getattr(self, field.name)
             out[field.name] = _encode(value._asdict() if field.name == "aic" else value)
         return out
@@ -148,7 +161,7 @@ class Diagnosis:
     @classmethod
     def from_dict(cls, data: dict) -> Diagnosis:
         """The inverse of :meth:`to_dict`; ``ValueError`` on missing or unknown fields."""
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in _json_fields(cls)}
         if not isinstance(data, dict) or set(data) != names:
             got = set(data) if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"data must hold exactly the fields {sorted(names)}, got {got}")
@@ -184,15 +197,89 @@ class Diagnosis:
 
         return diagnosis_figure(self)
 
-    def save(self, directory: str | Path) -> tuple[Path, Path, Path]:
-        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created)."""
+    def save(self, directory: str | Path, *, arrays: bool = False) -> tuple[Path, ...]:
+        """Write ``report.json``, ``report.md`` and ``report.png`` into ``directory`` (created).
+
+        ``arrays=True`` also writes :data:`ARRAYS_FILE` (``M(θ*)`` and the forecast's
+        ``x₁ … x_K`` as raveled rows), from which :meth:`load` rebuilds what the monitor
+        needs; ``ValueError`` when this diagnosis carries none (read from JSON alone).
+        """
+        if arrays:
+            flat = _flat_arrays(self)  # refuses before anything is written
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         paths = tuple(out / name for name in REPORT_FILES)
         paths[0].write_text(self.to_json() + "\n", encoding="utf-8")
         paths[1].write_text(self.to_markdown(figure=paths[2].name), encoding="utf-8")
         self.figure().savefig(paths[2], dpi=150)
+        if arrays:
+            with open(out / ARRAYS_FILE, "wb") as f:
+                np.savez(f, **flat)
+            paths = (*paths, out / ARRAYS_FILE)
         return paths
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Diagnosis:
+        """The diagnosis :meth:`save` wrote into ``directory``: ``report.json``, with
+        ``subspace`` and ``series`` rebuilt from :data:`ARRAYS_FILE` when it is there
+        (raveled ``(d, n)`` and ``(K, n)`` rows, as :func:`geomcollapse.monitor.monitor`
+        takes them); ``ValueError`` naming ``directory`` when ``report.json`` is missing."""
+        path = Path(directory)
+        if not (path / REPORT_FILES[0]).is_file():
+            raise ValueError(f"directory: no {REPORT_FILES[0]} in {path}")
+        dg = cls.from_json((path / REPORT_FILES[0]).read_text(encoding="utf-8"))
+        if not (path / ARRAYS_FILE).is_file():
+            return dg
+        return _with_flat_arrays(dg, path / ARRAYS_FILE)
+
+
+def _json_fields(cls) -> list[dataclasses.Field]:
+    """The fields :meth:`Diagnosis.to_dict` writes: all but the carried arrays."""
+    return [f for f in dataclasses.fields(cls) if f.name not in _ARRAY_FIELDS]
+
+
+def _flat_arrays(dg: Diagnosis) -> dict[str, np.ndarray]:
+    """``M(θ*)`` and the forecast as host arrays, vectors raveled (``ravel_pytree`` order)."""
+    if dg.subspace is None or dg.series is None:
+        raise ValueError(
+            "arrays: this diagnosis carries no subspace (read from JSON alone): save the one "
+            "geomcollapse.diagnose returned"
+        )
+    import jax
+    from jax.flatten_util import ravel_pytree
+
+    def rows(stack: Any) -> np.ndarray:
+        if isinstance(stack, (np.ndarray, jax.Array)) and np.ndim(stack) == 2:
+            return np.asarray(jax.device_get(stack))
+        return np.asarray(jax.device_get(jax.vmap(lambda x: ravel_pytree(x)[0])(stack)))
+
+    s, f = dg.subspace, dg.series
+    return {
+        "values": np.asarray(jax.device_get(s.values)),
+        "basis": rows(s.basis),
+        "residuals": np.asarray(jax.device_get(s.residuals)),
+        "converged": np.asarray(jax.device_get(s.converged)),
+        "delta_u": np.asarray(jax.device_get(f.delta_u)),
+        "projected": np.asarray(jax.device_get(f.projected)),
+        "displacement": rows(f.displacement),
+    }
+
+
+def _with_flat_arrays(dg: Diagnosis, path: Path) -> Diagnosis:
+    """``dg`` with ``subspace`` and ``series`` read from an :data:`ARRAYS_FILE`."""
+    import jax.numpy as jnp
+
+    from geomcollapse.series import Series
+    from geomcollapse.subspace import Subspace
+
+    with np.load(path) as z:
+        a = {k: z[k] for k in z.files}
+    expected = {"values", "basis", "residuals", "converged", "delta_u", "projected"}
+    if set(a) != expected | {"displacement"} or a["basis"].shape != (dg.d, dg.n):
+        raise ValueError(f"directory: {path.name} does not hold the arrays of report.json")
+    subspace = Subspace(*(jnp.asarray(a[k]) for k in ("values", "basis", "residuals", "converged")))
+    series = Series(*(jnp.asarray(a[k]) for k in ("delta_u", "projected", "displacement")))
+    return dataclasses.replace(dg, subspace=subspace, series=series)
 
 
 _TEXT_FIELDS = {

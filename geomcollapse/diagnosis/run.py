@@ -57,14 +57,17 @@ Warnings (each a stated rule):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import compilation_cache, series
+from geomcollapse._checks import flat_loss
 from geomcollapse._progress import progress_bar
 from geomcollapse.diagnosis.forecast import AtD, at_d
 from geomcollapse.diagnosis.plan import (
@@ -161,7 +164,19 @@ def diagnose(
         f = _window(req, sp, m)
     finally:  # the bar's end line, also when a stage raises
         bar.close()
-    return _assemble(req, sp, m, f)
+    return _with_arrays(_assemble(req, sp, m, f), req, m, f)
+
+
+def _with_arrays(dg: Diagnosis, req: Request, m: AtD, f: _Window) -> Diagnosis:
+    """``dg`` carrying ``M(θ*)`` and the forecast as a :class:`~geomcollapse.series.Series`
+    of that subspace (what :func:`geomcollapse.monitor.from_diagnosis` watches)."""
+    forecast = series.Series(
+        delta_u=jnp.asarray(m.delta_u, req.dtype),
+        projected=jnp.asarray(f.projected, req.dtype),
+        displacement=m.displacement,
+        route=m.route,
+    )
+    return dataclasses.replace(dg, subspace=m.subspace, series=forecast)
 
 
 class _Window(NamedTuple):
@@ -286,6 +301,8 @@ def _warnings(req: Request, sp: Spectrum, m: AtD, f: _Window) -> list[str]:
             "t²/t⁴ onset of Thm 6.2. Use a skill loss minimised at θ*, e.g. the KL from θ*'s "
             "own outputs."
         )
+    flat = flat_loss("task_loss", m.task_gradient_norm)  # γ = 0 from a flat loss is no safety
+    out += [flat] if flat else []
     return out + _spectrum_warnings(req, sp, m) + _plan_warnings(req, m, f)
 
 

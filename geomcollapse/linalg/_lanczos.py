@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import floating_leaves, positive_int, prng_key, same_structure
+from geomcollapse._checks import positive_int, prng_key, same_structure, working_dtype
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.curvature import host_matvec
@@ -544,7 +544,7 @@ def placed_operator(
         layout = Layout(like, "like")
         at = Placement(layout.n, layout.dtype, layout)
         return _checked(matvec, like, at, lambda v: v, None), at, lambda s: s
-    floating_leaves(like, "like")
+    working_dtype(like, "like")  # one dtype, float32 or float64: a mixture rounds as its narrowest
     flat_like, unravel = ravel_pytree(like)
     at = Placement(flat_like.size, flat_like.dtype)
     if isinstance(like, (jax.Array, np.ndarray)):

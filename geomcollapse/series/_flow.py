@@ -33,7 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from geomcollapse._checks import finite_leaves, positive_float, positive_int
+from geomcollapse._checks import (
+    check_data,
+    check_params,
+    finite_leaves,
+    positive_float,
+    positive_int,
+    scalar_loss,
+)
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
 
 __all__ = [
@@ -197,7 +204,7 @@ def _displacement_leaves(task_loss, leaves, treedef, order, loss_args, method) -
 
 
 def _params_leaves(params, name: str = "params"):
-    finite_leaves(params, name)
+    check_params(params, name)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     return [jnp.asarray(leaf) for leaf in leaves], treedef
 
@@ -613,6 +620,10 @@ def delta_u_series(
     order = positive_int(order, "order")
     _check_method(method)
     sub = None if subspace is None else _subspace_parts(subspace, leaves, treedef)
+    for name, loss, args in (("skill", skill_loss, skill_args), ("task", task_loss, task_args)):
+        call = f"{name}_loss(params, *{name}_args)"
+        check_data(args, f"{name}_args")
+        scalar_loss(loss, params, tuple(args), f"{name}_loss", call, f"{name}_args")
 
     def run(leaves, sub, skill_args, task_args):
         xs, routes = _displacement_leaves(task_loss, leaves, treedef, order, task_args, method)

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from geomcollapse._checks import finite_leaves, positive_float, positive_int
+from geomcollapse._checks import check_example_loss, finite_leaves, positive_float, positive_int
 from geomcollapse.series._flow import Series, delta_u_series, polynomial_validity_time
 
 __all__ = ["SGDForecast", "sgd_delta_u"]
@@ -524,7 +524,7 @@ def sgd_delta_u(
     rows = _checked_rows(task_data, batch_size, bool(replacement))
     steps = _checked_steps(steps)
     skill_args = tuple(skill_args)
-    finite_leaves(params, "params")
+    check_example_loss(example_loss, params, rows)  # params, and a scalar on one example
     flow, noise, values = _coefficients(skill_loss, example_loss, params, order, rows, skill_args)
     dtype = flow.delta_u.dtype
     count = rows[0].shape[0]

@@ -1,0 +1,241 @@
+"""Tables and figures of any sweep's rows: a recorded column against a grid axis.
+
+What ``geomcollapse report OUT --x AXIS --y COLUMN`` draws (and, for a
+landscape sweep without ``--x``/``--y``, its ``Δu(t)`` curves). Rows are
+grouped by the value of the grid axis ``x`` and by the other grid axes that
+vary (one series each); the rows of a group (its seeds, and every row of an
+experiment's cell) are aggregated into their mean and a 95 % interval of the
+mean (Student's ``t``: ``mean ± t_{0.975, n−1} s/√n``; none for one row).
+Non-finite values are left out of a group and its count ``n`` says so.
+
+A plotting module: matplotlib is imported where a figure is drawn, never by
+importing the library (:mod:`geomcollapse.diagnosis.plot` is the other one).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+# t_{0.975, ν} for ν = 1 … 30, beyond it the Cornish-Fisher expansion below: relative
+# error < 3e-5 against scipy.stats.t.ppf for every ν (the table's 4 decimals included)
+_T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281,
+    2.2010, 2.1788, 2.1604, 2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860,
+    2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555, 2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+_Z975 = 1.959963984540054
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+SEED = "seed"  # the grid axis always aggregated, never a series
+
+
+def t975(dof: int) -> float:
+    """The 0.975 quantile of Student's ``t`` with ``dof ≥ 1`` degrees of freedom."""
+    if dof < 1:
+        raise ValueError(f"dof must be ≥ 1, got {dof}")
+    if dof <= len(_T975):
+        return _T975[dof - 1]
+    z = _Z975
+    return (
+        z
+        + (z**3 + z) / (4 * dof)
+        + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * dof**2)
+        + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * dof**3)
+    )
+
+
+def mean_interval(values) -> tuple[float, float, float, int]:
+    """``(mean, low, high, n)`` of the finite entries of ``values`` (axis 0 for arrays).
+
+    The interval is the mean's 95 % Student-t interval; for ``n = 1`` it is the
+    value itself, for ``n = 0`` all three are NaN.
+    """
+    v = np.asarray(values, np.float64)
+    if v.ndim == 0 or len(v) == 0:
+        raise ValueError(f"values must be a non-empty sequence, got shape {v.shape}")
+    v = v[np.isfinite(v).reshape(len(v), -1).all(axis=1)]  # whole finite entries only
+    n = len(v)
+    if n == 0:
+        nan = np.full(v.shape[1:], np.nan)
+        return nan, nan, nan, 0
+    mean = v.mean(axis=0)
+    half = 0.0 if n == 1 else t975(n - 1) * v.std(axis=0, ddof=1) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def column(row: dict, path: str) -> float:
+    """The number at the dotted ``path`` of ``row`` (``aic.coupling``; ``rows.0.measured``)."""
+    value: Any = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif (
+            isinstance(value, list)
+            and part.lstrip("-").isdigit()
+            and -len(value) <= int(part) < len(value)
+        ):
+            value = value[int(part)]
+        else:
+            if isinstance(value, dict):
+                keys = sorted(value)
+            elif isinstance(value, list):
+                keys = f"a list of {len(value)}"
+            else:
+                keys = f"the number {value!r}"
+            raise ValueError(
+                f"--y {path!r}: the rows have no {part!r} there (found {keys}); name a "
+                "recorded column with dots, e.g. aic.coupling, and list entries by index"
+            )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(
+            f"--y {path!r} is {type(value).__name__}, not a number; go further down with dots"
+        )
+    return float(value)
+
+
+class Series(NamedTuple):
+    """One line of the figure: the other varying axes' values, and per ``x`` the aggregate."""
+
+    label: str
+    x: list
+    mean: np.ndarray
+    low: np.ndarray
+    high: np.ndarray
+    count: np.ndarray
+
+
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def aggregate(rows: list[dict], params_of: Callable[[dict], dict], x: str, y: str) -> list[Series]:
+    """``y`` of ``rows`` against the grid axis ``x``, one series per value of the other
+    varying axes (``seed`` always aggregated); ``ValueError`` naming a bad ``x`` or ``y``."""
+    if not rows:
+        raise ValueError("the sweep holds no complete row yet: run it first")
+    axes = list(params_of(rows[0]))
+    if x not in axes or x == SEED:
+        choices = [a for a in axes if a != SEED]
+        raise ValueError(f"--x {x!r} is not a grid axis of this sweep; its axes: {choices}")
+    varying = [
+        a for a in axes if a not in (x, SEED) and len({_key(params_of(r).get(a)) for r in rows}) > 1
+    ]
+    groups: dict[str, dict[str, list[float]]] = {}
+    xs: dict[str, Any] = {}
+    for row in rows:
+        p = params_of(row)
+        label = ", ".join(f"{a}={p[a]}" for a in varying)
+        xs.setdefault(_key(p[x]), p[x])
+        groups.setdefault(label, {}).setdefault(_key(p[x]), []).append(column(row, y))
+    series = []
+    for label, by_x in groups.items():
+        keys = sorted(by_x, key=lambda k: _sort_key(xs[k]))
+        stats = [mean_interval(by_x[k]) for k in keys]
+        mean, low, high, n = (np.array([s[i] for s in stats]) for i in range(4))
+        series.append(Series(label, [xs[k] for k in keys], mean, low, high, n))
+    return series
+
+
+def _sort_key(value: Any) -> tuple:
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    return (0, value, "") if numeric else (1, 0, _key(value))
+
+
+def _numeric(values: list) -> bool:
+    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+
+
+def table(series: list[Series], x: str, y: str) -> str:
+    """A Markdown table of the aggregate: series, ``x``, ``n``, mean and its interval."""
+    lines = [
+        f"| series | {x} | n | mean {y} | 95% interval |",
+        "|---|---|---|---|---|",
+    ]
+    for s in series:
+        for i, xv in enumerate(s.x):
+            lines.append(
+                f"| {s.label or '-'} | {xv} | {s.count[i]} | {s.mean[i]:.6g} | "
+                f"[{s.low[i]:.6g}, {s.high[i]:.6g}] |"
+            )
+    return "\n".join(lines)
+
+
+def _log_scale(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values)]
+    return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 100
+
+
+def column_figure(series: list[Series], x: str, y: str, title: str):
+    """Each series' mean against ``x``, with error bars and a band for its 95 % interval."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    all_x = [v for s in series for v in s.x]
+    numeric = _numeric(all_x)
+    categories = sorted({_key(v) for v in all_x}, key=lambda k: _sort_key(json.loads(k)))
+    for i, s in enumerate(series):
+        xs = (
+            np.asarray(s.x, np.float64)
+            if numeric
+            else np.array([categories.index(_key(v)) for v in s.x], np.float64)
+        )
+        err = np.vstack([s.mean - s.low, s.high - s.mean])
+        # a marker per series, hollow every other one: equal series stay visible
+        line = ax.errorbar(
+            xs,
+            s.mean,
+            yerr=err,
+            marker=MARKERS[i % len(MARKERS)],
+            ms=7 - 2 * (i % 2),
+            mfc="none" if i % 2 else None,
+            capsize=3,
+            label=s.label,
+        )
+        ax.fill_between(xs, s.low, s.high, color=line[0].get_color(), alpha=0.15, lw=0)
+    if numeric and _log_scale(np.asarray(all_x, np.float64)):
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(categories)), [str(json.loads(k)) for k in categories])
+    if _log_scale(np.concatenate([s.low for s in series] + [s.high for s in series])):
+        ax.set_yscale("log")
+    ax.set_xlabel(x)
+    ax.set_ylabel(y)
+    ax.set_title(title, fontsize=9)
+    if any(s.label for s in series):
+        ax.legend(fontsize=7)
+    return fig
+
+
+def curves_figure(times: np.ndarray, curves: list[tuple[str, tuple]], title: str):
+    """Mean ``Δu(t)`` of each grid combination with its 95 % band over seeds, log-log."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    ax = fig.subplots()
+    for label, (mean, low, high, n) in curves:
+        keep = mean > 0
+        (line,) = ax.plot(times[keep], mean[keep], label=f"{label} (n={n})")
+        band = keep & (low > 0)
+        ax.fill_between(
+            times[band], low[band], high[band], color=line.get_color(), alpha=0.15, lw=0
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient-flow time t")
+    ax.set_ylabel("Δu(t)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=6)
+    return fig
+
+
+def save(fig, path: Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (directories created); the path."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=150)
+    return path
