@@ -111,8 +111,10 @@ def _covers(low: Line2D, high: Line2D) -> float | None:
         return 1.0  # a line of the same style on the same points
     if _marker(low) != "None" and _filled(high) and high.get_markersize() >= low.get_markersize():
         # a filled marker at least as large over each of low's marks (and low's line, if any,
-        # has nowhere to show: one point, or its points all under the marks)
-        return high.get_markersize() / 2 * high.figure.dpi / 72
+        # has nowhere to show: one point, or its points all under the marks): hidden when
+        # the centres are closer than the margin by which the upper mark is larger, + 1 pixel
+        margin = (high.get_markersize() - low.get_markersize()) / 2 * high.figure.dpi / 72
+        return margin + 1.0
     return None
 
 
