@@ -57,7 +57,7 @@ float32 runs that dominate here.
 
 The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
-user's matvec is called as given and should be jitted by the caller.
+matvec is one compiled operator (:func:`placed_operator`).
 
 One code path serves every layout: the kernels below are written on pytrees
 (a vector is a pytree, a block of basis rows the same leaves with a leading
@@ -91,7 +91,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import floating_leaves, positive_int, prng_key, same_structure
+from geomcollapse._checks import floating_leaves, positive_int, prng_key
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.curvature import host_matvec
@@ -528,13 +528,13 @@ def placed_operator(
 ) -> tuple[Callable[[PyTree], PyTree], Placement, Callable[[PyTree], PyTree]]:
     """``matvec`` on placed vectors, checked once against ``like``: ``(apply, placement, to_like)``.
 
-    On one device ``apply`` maps raveled ``(n,)`` vectors (a 1-D ``like`` is
-    used as is, no ravel/unravel copies) and ``to_like`` turns a ``(k, n)``
-    stack back into ``like``'s structure. For ``like`` sharded over a mesh
-    ``apply`` maps pytrees sharded like it; if the matvec's leaves come back
-    sharded otherwise (a jitted matvec without ``out_shardings`` often returns
-    replicated leaves) every output is resharded there by a compiled identity
-    (constrain the matvec's output to spare that copy).
+    ``matvec`` (a :class:`geomcollapse.curvature.LinearOperator` or a plain
+    ``v ↦ A v``, wrapped once by :func:`geomcollapse.curvature.host_matvec`)
+    runs compiled. On one device ``apply`` maps raveled ``(n,)`` vectors (a
+    1-D ``like`` is used as is, no ravel/unravel copies) and ``to_like`` turns
+    a ``(k, n)`` stack back into ``like``'s structure. For ``like`` sharded over
+    a mesh ``apply`` maps pytrees sharded like it; an output sharded otherwise
+    is resharded there by a compiled identity.
     """
     if isinstance(like, (jax.Array, np.ndarray)) and np.ndim(like) != 1:
         raise ValueError(
@@ -543,34 +543,28 @@ def placed_operator(
     if is_sharded(like):
         layout = Layout(like, "like")
         at = Placement(layout.n, layout.dtype, layout)
-        return _checked(matvec, like, at, lambda v: v, None), at, lambda s: s
+        return _resharded(host_matvec(matvec, like), at), at, lambda s: s
     floating_leaves(like, "like")
+    apply = host_matvec(matvec, like)
     flat_like, unravel = ravel_pytree(like)
     at = Placement(flat_like.size, flat_like.dtype)
     if isinstance(like, (jax.Array, np.ndarray)):
-        return _checked(matvec, like, at, lambda v: v, lambda o: o), at, lambda s: s
+        return apply, at, lambda s: s
     # Eager ravel/unravel: measured faster than jitted ones (which copy).
-    apply = _checked(matvec, like, at, unravel, lambda o: ravel_pytree(o)[0])
-    return apply, at, jax.vmap(unravel)
+    return (lambda v: ravel_pytree(apply(unravel(v)))[0]), at, jax.vmap(unravel)
 
 
-def _checked(matvec, like, at: Placement, unravel, ravel) -> Callable[[PyTree], PyTree]:
-    """``ravel(matvec(unravel(v)))``, the first output checked against ``like``.
-
-    ``ravel=None`` (sharded): outputs not sharded like ``like`` are resharded.
-    """
+def _resharded(apply: Callable[[PyTree], PyTree], at: Placement) -> Callable[[PyTree], PyTree]:
+    """``apply`` whose outputs are resharded like the parameters unless the first already is."""
     state: list[bool] = []
 
-    def apply(v: PyTree) -> PyTree:
-        out = matvec(unravel(v))
+    def resharded(v: PyTree) -> PyTree:
+        out = apply(v)
         if not state:
-            same_structure(like, out, "like", "matvec output")
-            state.append(ravel is not None or _sharded_like(out, at.layout))
-        if ravel is not None:
-            return ravel(out)
+            state.append(_sharded_like(out, at.layout))
         return out if state[0] else _reshard(out, at)
 
-    return apply
+    return resharded
 
 
 def _sharded_like(out: PyTree, layout: Layout) -> bool:
@@ -626,9 +620,10 @@ def top_eigenpairs(
 
     Args:
       matvec: a :class:`geomcollapse.curvature.LinearOperator` (applied
-        compiled), or ``v -> A v`` for a symmetric ``A``, called as given;
-        ``v`` and ``A v`` are like ``like``. Jit a plain one (with its data as
-        arguments, not closures) for speed.
+        compiled), or ``v -> A v`` for a symmetric ``A``, wrapped once into one
+        (:func:`geomcollapse.curvature.as_operator`: traced once, the arrays it
+        closes over passed to the compiled program as data, never folded into
+        it); ``v`` and ``A v`` are like ``like``, and it must be traceable.
       like: an example vector: a 1-D array ``(n,)`` or a pytree of floating
         arrays. Its dtype is the working and output dtype. If its leaves are
         sharded over a mesh (``NamedSharding``, one dtype), every Lanczos
@@ -655,8 +650,7 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
-    matvec = host_matvec(matvec, like)  # a LinearOperator runs compiled; a plain matvec as given
-    apply, at, to_like = placed_operator(matvec, like)
+    apply, at, to_like = placed_operator(matvec, like)  # compiled, a plain matvec wrapped once
     n, dtype = at.n, at.dtype
     k = positive_int(k, "k")
     if k > n:
