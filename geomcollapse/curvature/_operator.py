@@ -10,21 +10,10 @@ into the program), and the vectors' structure (shapes, dtypes and, on a device
 mesh, shardings) is static too. So ``jax.jit(f)(op, v)`` compiles once per
 function and shapes, and no hand-made hash cache is needed.
 
-Why our own type and not lineax's ``FunctionLinearOperator`` (measured by
-``benchmarks/operator_overhead.py``, ``docs/benchmarks.md`` "One operator
-type"): applied to a fixed operator, ours costs the same as the raw jitted
-function (dispatch ~30 µs each; lineax's, through ``equinox.filter_jit``,
-~70 µs); and lineax's default construction closure-converts the
-function (traces it to a jaxpr held in the operator), so every operator built
-at new parameters is a new program: traced and compiled again at each
-rebuild. With ``closure_convert=False`` the parameters must be packed in a
-``jax.tree_util.Partial`` by hand, it needs ``equinox.filter_jit``, and it still
-exposes neither the parameters (to rebind them: :meth:`LinearOperator.at`) nor
-the data; and lineax is not one of our declared dependencies (diffrax pulls it
-in). Of our own two candidates, the registered dataclass is built in 8 µs
-against 31-35 µs for the same fields as an ``equinox.Module`` (whose
-``__init__`` runs field checks), paid at every rebuild (a new checkpoint, a
-monitor step); both dispatch in ~30 µs like the raw jitted function.
+Why our own type and not lineax's ``FunctionLinearOperator`` or an
+``equinox.Module``: measured by ``benchmarks/operator_overhead.py``
+(docs/benchmarks.md, "One operator type"): the same dispatch as the raw jitted
+function, no retrace when rebuilt at new parameters, and the cheapest to build.
 """
 
 from __future__ import annotations

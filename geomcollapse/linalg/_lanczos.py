@@ -1,24 +1,9 @@
 """Top-k eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
-Why our own Lanczos and not a library's (measured, see ``benchmarks/``):
-``scipy.sparse.linalg.eigsh`` (ARPACK, implicit restarts with ``ncv = 2k+1``)
-spends more matvecs and host round trips than a plain full-reorthogonalisation
-Lanczos on the Hessians we care about (top-10 at 1e-3 over five start vectors:
-38-42 against 35-36 HVPs on the benchmark MLP, 35-36 against 31-34 on the
-benchmark transformer), and ``matfree`` runs a fixed depth with no
-residual-based stopping and stores the basis as ``(n, k)`` columns (≈ 2.5× its
-matvec time).
-
-Here the basis is stored row-wise in blocks of 8 rows ``(8, n)``: the
-reorthogonalisation is memory-bound, and a single preallocated ``(capacity, n)``
-buffer read its idle zero rows every step (2-4 HVPs of overhead per step on the
-benchmark) and recompiled for every capacity (≈ 0.4 s each). Blocks are read
-only when filled, each stays cache-hot between its two reads, and every kernel
-has one shape per ``n``. Two single-kernel-per-step variants over one
-``(capacity, n)`` buffer were measured slower on CPU (36 steps at n = 269,322
-with a diagonal matvec, best of 8): blocks taken by ``dynamic_slice`` in a
-``fori_loop`` 200 ms (XLA copies each sliced block before its dot), one dot
-over a doubling buffer 174 ms, against 144-146 ms here.
+Design choices, each measured (docs/benchmarks.md, "The host-driven Lanczos"): our
+own Lanczos rather than ARPACK or matfree, the basis stored row-wise in blocks
+of 8 rows ``(8, n)`` (read only when filled, one kernel shape per ``n``), and full
+rather than partial reorthogonalisation.
 
 Each step is one user matvec, the three-term step and one block Gram-Schmidt
 pass (a second only when DGKS asks for it), at ``Precision.HIGHEST`` (no TF32
@@ -36,24 +21,6 @@ matvec, no extra product): the norms and dot products of the recurrence square
 their inputs, which underflows for an operator of scale 1e-19 in float32 or
 1e-300 in float64 (λ₁ came back at 26 % of its value there) and overflows for
 large ones. Eigenvalues and residuals are scaled back on return.
-
-Why full and not partial reorthogonalisation (Simon 1984; measured on the
-2-core CPU, float32, n = 1,068,810, top-10 at ``tol = 100·eps``): partial
-reorthogonalisation tracks the ω-recurrence estimate of ``⟨q_{j+1}, q_k⟩`` and
-reorthogonalises only when it exceeds ``√eps`` (3.5e-4 in float32). But a
-float32 dot product of length 10⁶ is itself only accurate to ~``eps·√n``:
-after two full passes the rows are orthogonal to 150-800·eps (2e-5 to 1e-4,
-measured in float64), so the ω model's rounding level (``eps·√n`` = 1.2e-4)
-crosses ``√eps`` one step after every reset, and 24 of 25 steps still took the
-full pass on the benchmark MLP's Fisher (25 of 25 before): no gain. Modelling
-the rounding level at 30·eps (below what was measured, so unsafe) cut the
-passes to 6 of 25 and Lanczos from 1.49 s to 1.21 s (best of 3, load 2.6), but
-the returned vectors' orthogonality fell from 1.5e-7 to 1.5e-5 and a diagonal
-test operator certified at 1.04e-5 against ``tol`` 1.19e-5. In float64, or at
-n ≈ 200, the sound model does pay (120 steps: 23-28 passes on clustered or
-repeated top eigenvalues, 84-86 on a 0.8ⁱ decay, instead of 120); it would
-need a more accurate reduction (smaller ``eps·√n``) before it helps the
-float32 runs that dominate here.
 
 The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
