@@ -182,11 +182,12 @@ class _Raveled:
 class _Traced:
     """A user's plain ``(v, *args) ↦ A v``, traced once: its program, its captured arrays as data.
 
-    Called as ``(None, v, args, captured)``: the arrays ``fn`` closes over enter
-    ``jax.jit`` as arguments, not as constants folded into the program (weights
-    closed over spent 26 of 41 s of a compile in XLA constant folding on a
-    1,068,810-parameter MLP). Equal by ``fn`` and the shapes it was traced at,
-    like ``jax.jit``'s own cache: the same ``fn`` reuses one compiled program.
+    Called as ``(None, v, args, captured)``: the arrays ``fn`` closes over (not
+    those of a ``jax.jit`` inside it, which stay its constants) enter ``jax.jit``
+    as arguments, not as constants folded into the program (weights closed over
+    spent 26 of 41 s of a compile in XLA constant folding on a 1,068,810-parameter
+    MLP). Equal by ``fn`` and the shapes it was traced at, like ``jax.jit``'s own
+    cache: the same ``fn`` reuses one compiled program.
     """
 
     def __init__(self, fn: Callable, jaxpr: Any, out_tree: Any, shapes: tuple):
