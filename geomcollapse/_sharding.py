@@ -141,10 +141,5 @@ def stack_combine(coeffs: jax.Array, stack: PyTree) -> PyTree:
     )
 
 
-def axpy(alpha: jax.Array, x: PyTree, y: PyTree) -> PyTree:
-    """``alpha x + y``."""
-    return jax.tree_util.tree_map(lambda a, b: alpha * a + b, x, y)
-
-
 def _leaves(tree: PyTree) -> list:
     return jax.tree_util.tree_leaves(tree)

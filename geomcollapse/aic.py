@@ -327,12 +327,6 @@ def tail_quadratic(
 
 
 @partial(jax.jit, static_argnums=(0, 1))
-def tree_fvp(fisher_vp: Callable, layout: Layout, params: PyTree, v: PyTree, args: tuple):
-    """``F v`` laid out like the parameters (a reduce-scatter, not a replicated result)."""
-    return jax.lax.with_sharding_constraint(fisher_vp(params, v, *args), layout.shardings)
-
-
-@partial(jax.jit, static_argnums=(0, 1))
 def _tree_gradient_and_hg(loss_fn, layout: Layout, params: PyTree, loss_args: tuple):
     """``g`` and ``Hg`` as pytrees laid out like the parameters."""
     g = jax.lax.with_sharding_constraint(jax.grad(loss_fn)(params, *loss_args), layout.shardings)

@@ -244,3 +244,20 @@ def test_the_operator_overhead_table_in_the_docs_is_generated_from_the_results(t
         assert build["ours"] < min(build["eqx_module"], build["lineax"], build["lineax_partial"])
         assert saved[product]["rebuilt"]["traces_during_timing"]["ours"] == 0
         assert saved[product]["rebuilt"]["traces_during_timing"]["lineax"] > 0
+
+
+def test_a_plain_matvec_keeps_its_captured_arrays_as_data():
+    """``as_operator`` traces a plain ``v ↦ A v`` once: the array it closes over is a leaf of
+    the operator (passed to the compiled program, not folded into it), and two functions of
+    the same code over different arrays (also inside their own ``jax.jit``, whose captured
+    arrays stay that jit's constants) stay apart."""
+    n = 40
+    A1 = jnp.diag(jnp.arange(1.0, n + 1.0))
+    A2 = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)))
+    x = jnp.linspace(-1.0, 1.0, n)
+    for wrap in (lambda f: f, jax.jit):
+        ops = [cv.as_operator(wrap(lambda v, A=A: A @ v), x) for A in (A1, A2)]
+        for op, A in zip(ops, (A1, A2), strict=True):
+            assert rel_err(cv.apply(op, x), A @ x) <= TOL64
+            leaves = jax.tree_util.tree_leaves(op.args)
+            assert wrap is jax.jit or any(np.array_equal(leaf, A) for leaf in leaves)

@@ -10,21 +10,10 @@ into the program), and the vectors' structure (shapes, dtypes and, on a device
 mesh, shardings) is static too. So ``jax.jit(f)(op, v)`` compiles once per
 function and shapes, and no hand-made hash cache is needed.
 
-Why our own type and not lineax's ``FunctionLinearOperator`` (measured by
-``benchmarks/operator_overhead.py``, ``docs/benchmarks.md`` "One operator
-type"): applied to a fixed operator, ours costs the same as the raw jitted
-function (dispatch ~30 µs each; lineax's, through ``equinox.filter_jit``,
-~70 µs); and lineax's default construction closure-converts the
-function (traces it to a jaxpr held in the operator), so every operator built
-at new parameters is a new program: traced and compiled again at each
-rebuild. With ``closure_convert=False`` the parameters must be packed in a
-``jax.tree_util.Partial`` by hand, it needs ``equinox.filter_jit``, and it still
-exposes neither the parameters (to rebind them: :meth:`LinearOperator.at`) nor
-the data; and lineax is not one of our declared dependencies (diffrax pulls it
-in). Of our own two candidates, the registered dataclass is built in 8 µs
-against 31-35 µs for the same fields as an ``equinox.Module`` (whose
-``__init__`` runs field checks), paid at every rebuild (a new checkpoint, a
-monitor step); both dispatch in ~30 µs like the raw jitted function.
+Why our own type and not lineax's ``FunctionLinearOperator`` or an
+``equinox.Module``: measured by ``benchmarks/operator_overhead.py``
+(docs/benchmarks.md, "One operator type"): the same dispatch as the raw jitted
+function, no retrace when rebuilt at new parameters, and the cheapest to build.
 """
 
 from __future__ import annotations
@@ -34,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -159,7 +149,7 @@ class LinearOperator:
 
 def _name(fn: Any) -> str:
     """A short, array-free name for a function (reprs must not fetch arrays to the host)."""
-    if isinstance(fn, (VectorProduct, _Raveled, _Plain)):
+    if isinstance(fn, (VectorProduct, _Raveled, _Traced)):
         return f"{type(fn).__name__}({_name(fn.fn)})"
     return getattr(fn, "__qualname__", type(fn).__name__)
 
@@ -189,14 +179,44 @@ class _Raveled:
         return _ravel(self.fn(params, _unravel(self.space, x), *args), x.dtype)
 
 
-@dataclasses.dataclass(frozen=True, repr=False)
-class _Plain:
-    """A user's ``v ↦ A v`` (or ``(v, *args) ↦ A v``) in the ``(params, v, *args)`` form."""
+class _Traced:
+    """A user's plain ``(v, *args) ↦ A v``, traced once: its program, its captured arrays as data.
 
-    fn: Callable
+    Called as ``(None, v, args, captured)``: the arrays ``fn`` closes over (not
+    those of a ``jax.jit`` inside it, which stay its constants) enter ``jax.jit``
+    as arguments, not as constants folded into the program (weights closed over
+    spent 26 of 41 s of a compile in XLA constant folding on a 1,068,810-parameter
+    MLP). Equal by ``fn`` and the shapes it was traced at, like ``jax.jit``'s own
+    cache: the same ``fn`` reuses one compiled program.
+    """
 
-    def __call__(self, params: None, v: PyTree, *args: Any) -> PyTree:
-        return self.fn(v, *args)
+    def __init__(self, fn: Callable, jaxpr: Any, out_tree: Any, shapes: tuple):
+        self.fn, self.jaxpr, self.out_tree = fn, jaxpr, out_tree
+        self.key = (keyed(fn), shapes)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Traced) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    def __call__(self, params: None, v: PyTree, args: tuple, captured: tuple) -> PyTree:
+        leaves = jax.tree_util.tree_leaves((v, *args))
+        out = jax_core.jaxpr_as_fun(jax_core.ClosedJaxpr(self.jaxpr, list(captured)))(*leaves)
+        return jax.tree_util.tree_unflatten(self.out_tree, out)
+
+
+def _traced_operator(fn: Callable, like: PyTree, args: tuple, name: str) -> LinearOperator:
+    """A plain ``fn(v, *args)`` as a :class:`LinearOperator` through :class:`_Traced`."""
+    space = space_of(like)
+    try:
+        closed, out = jax.make_jaxpr(fn, return_shape=True)(space.shapes(), *args)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} cannot be applied to a vector like `like`: {err}") from err
+    captured = tuple(closed.consts)
+    shapes = tuple((np.shape(x), jnp.result_type(x)) for x in jax.tree.leaves((args, captured)))
+    traced = _Traced(fn, closed.jaxpr, jax.tree_util.tree_structure(out), (space, shapes))
+    return LinearOperator(traced, None, (tuple(args), captured), space)
 
 
 class _ByIdentity:
@@ -240,22 +260,18 @@ def apply(op: LinearOperator, v: PyTree) -> PyTree:
     return op(v)
 
 
-def host_matvec(matvec: Any, like: PyTree = None) -> Callable[[PyTree], PyTree]:
-    """For host-driven solvers: a :class:`LinearOperator` as its compiled ``v ↦ apply(op, v)``.
+def host_matvec(matvec: Any, like: PyTree) -> Callable[[PyTree], PyTree]:
+    """For host-driven solvers: ``matvec`` as a compiled ``v ↦ A v`` on vectors like ``like``.
 
-    Against a 1-D ``like`` a pytree operator is raveled; its vectors must then
-    be like ``like`` (structure, shapes, dtypes), else ``ValueError`` naming
-    ``matvec``. Any other callable is returned as given (called eagerly, as
-    documented by those solvers; its output is checked there).
+    A plain ``v ↦ A v`` is wrapped once here (:func:`as_operator`, its output
+    checked on a probe); a :class:`LinearOperator` on a pytree is raveled
+    against a 1-D ``like``. Its vectors must be like ``like`` (structure,
+    shapes, dtypes), else ``ValueError`` naming ``matvec``.
     """
-    if not isinstance(matvec, LinearOperator):
-        return matvec
     op = matvec
-    if like is not None:
-        if isinstance(like, (jax.Array, np.ndarray)) and np.ndim(like) == 1:
-            op = op.raveled()
-        if _signature(space_of(like)) != _signature(op.space):
-            raise ValueError("matvec (a LinearOperator) acts on vectors unlike `like`")
+    if isinstance(op, LinearOperator) and isinstance(like, (jax.Array, np.ndarray)):
+        op = op.raveled() if np.ndim(like) == 1 else op
+    op = as_operator(op, like, name="matvec")
     return lambda v: apply(op, v)
 
 
@@ -361,7 +377,7 @@ def as_operator(
     if params is None and like is None:
         raise ValueError(f"like is required to wrap a plain matvec {name}(v)")
     if params is None:
-        op = linear_operator(_Plain(keyed(fn)), None, *args, like=like)
+        op = _traced_operator(fn, like, tuple(args), name)
     else:
         op = linear_operator(fn, params, *args, like=like)
     _check_output(op, name)

@@ -4,30 +4,30 @@ that vanishes, is rounding noise, is not symmetric or not positive semidefinite.
 ``F`` is the true Fisher ``Jᵀ(diag p − ppᵀ)J`` of ``skill_logits``
 (:func:`geomcollapse.curvature.fisher_vp`), the empirical one from per-example
 gradients (:func:`geomcollapse.curvature.empirical_fisher_vp`), or a user's
-matvec ``fisher(params, v, *skill_args)`` (docs/theory.md §2, §5.3).
+matvec ``fisher(params, v, *skill_args)`` (docs/theory.md §2, §5.3), bound once at
+``params`` into a :class:`geomcollapse.curvature.LinearOperator` (a pytree: ``jax.jit``
+keys on its function, so no cache of factories is kept here).
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from geomcollapse import curvature
 from geomcollapse._checks import evaluate_abstractly, scalar_loss
 
 __all__ = [
     "bad_fisher",
-    "cached",
+    "cast_output",
+    "check_matvec_output",
     "empirical_fvp",
     "evaluate_abstractly",
     "fisher_operator",
-    "flat_operator",
     "refuse_rounding_noise",
     "scalar_loss",
     "true_fvp",
@@ -38,22 +38,16 @@ PyTree = Any
 _FISHERS = ("true", "empirical")
 
 
-def cached(factory: Callable, fn: Callable) -> Callable:
-    """``factory(fn)``, the same object for the same ``fn`` (one compile per user function)."""
-    try:
-        return _CACHED_FACTORIES[factory](fn)
-    except TypeError:  # an unhashable function: built (and compiled) per call
-        return factory(fn)
-
-
-def true_fvp(skill_logits: Callable) -> Callable:
+def true_fvp(skill_logits: Callable) -> curvature.VectorProduct:
     """The true Fisher's matvec ``(params, v, *skill_args) -> F v`` of ``skill_logits``' softmax."""
     return curvature.fisher_vp(skill_logits)
 
 
-def empirical_fvp(skill_loss: Callable) -> Callable:
+def empirical_fvp(skill_loss: Callable) -> curvature.VectorProduct:
     """The empirical Fisher's matvec ``(params, v, *skill_args) -> F v``, ``F`` the mean of
-    ``∇ℓ_i∇ℓ_iᵀ`` over the examples (leading axis of ``skill_args``) of ``skill_loss``."""
+    ``∇ℓ_i∇ℓ_iᵀ`` over the examples (leading axis of ``skill_args``) of ``skill_loss``.
+
+    Equal (one compiled program) for the same ``skill_loss``."""
 
     def example_loss(params, example):
         return skill_loss(params, *jax.tree.map(lambda a: a[None], example))
@@ -63,40 +57,33 @@ def empirical_fvp(skill_loss: Callable) -> Callable:
     def fvp(params, v, *skill_args):
         return efvp(params, v, tuple(skill_args))
 
-    return fvp
+    return curvature.VectorProduct(fvp, ("empirical_skill_fisher", skill_loss))
 
 
-def flat_operator(fvp: Callable) -> Callable:
-    """``(v (n,), params, args) -> ravel(fvp(params, unravel(v), *args))``, jitted."""
-
-    def matvec(v, params, args):
-        unravel = ravel_pytree(params)[1]
-        return ravel_pytree(fvp(params, unravel(v), *args))[0]
-
-    return jax.jit(matvec)
-
-
-def cast_output(fisher: Callable) -> Callable:
-    """``fisher`` with its output cast to the dtypes of ``params``."""
+def cast_output(fisher: Callable) -> curvature.VectorProduct:
+    """``fisher`` with its output cast to ``params``' dtypes (equal for the same ``fisher``)."""
 
     def cast(params, v, *args):
         return jax.tree_util.tree_map(
             lambda o, p: o.astype(p.dtype), fisher(params, v, *args), params
         )
 
-    return cast
-
-
-_CACHED_FACTORIES = {
-    f: functools.lru_cache(maxsize=32)(f)
-    for f in (true_fvp, empirical_fvp, flat_operator, cast_output)
-}
+    return curvature.VectorProduct(cast, ("cast_output", fisher))
 
 
 def fisher_operator(
     fisher: Any, skill_loss: Callable, skill_logits: Any, params: PyTree, skill_args: tuple
+) -> tuple[curvature.LinearOperator, str]:
+    """The skill Fisher ``F`` at ``params`` as a :class:`geomcollapse.curvature.LinearOperator`
+    (``skill_args`` its data) and its label; ``fisher`` checked once here."""
+    fvp, name = _fisher_vp(fisher, skill_loss, skill_logits, params, skill_args)
+    return curvature.linear_operator(fvp, params, *skill_args), name
+
+
+def _fisher_vp(
+    fisher: Any, skill_loss: Callable, skill_logits: Any, params: PyTree, skill_args: tuple
 ) -> tuple[Callable, str]:
-    """The skill Fisher's matvec ``fvp(params, v, *skill_args)`` and its label."""
+    """The skill Fisher's matvec ``fvp(params, v, *skill_args)`` and its label, checked."""
     if callable(fisher):
         return check_matvec_output(fisher, params, skill_args), "custom"
     if fisher not in _FISHERS:
@@ -128,7 +115,7 @@ def fisher_operator(
                 "for one logit z per example (a binary classifier) "
                 "jnp.stack([jnp.zeros_like(z), z], -1)"
             )
-        return cached(true_fvp, skill_logits), "true"
+        return true_fvp(skill_logits), "true"
     leaves = jax.tree.leaves(skill_args)
     sizes = {np.shape(a)[0] if np.ndim(a) else None for a in leaves}
     if not leaves or len(sizes) != 1 or None in sizes:
@@ -141,7 +128,7 @@ def fisher_operator(
     scalar_loss(
         skill_loss, params, first, "skill_loss", "skill_loss(params, *skill_args) on one example"
     )
-    return cached(empirical_fvp, skill_loss), "empirical"
+    return empirical_fvp(skill_loss), "empirical"
 
 
 def check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) -> Callable:
@@ -170,7 +157,7 @@ def check_matvec_output(fisher: Callable, params: PyTree, skill_args: tuple) -> 
         )
     if leaves(out) == leaves(params):
         return fisher
-    return cached(cast_output, fisher)
+    return cast_output(fisher)
 
 
 def refuse_rounding_noise(along_v1: Callable, params: PyTree, trace: float, key) -> None:

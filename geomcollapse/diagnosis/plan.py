@@ -28,6 +28,7 @@ from geomcollapse._checks import (
     subspace_dim,
 )
 from geomcollapse._sharding import Layout, is_sharded
+from geomcollapse.curvature import LinearOperator
 from geomcollapse.diagnosis.fisher import fisher_operator
 
 __all__ = [
@@ -63,8 +64,9 @@ ONE_SHOT = {"xla_backend_optimization_level": 0}
 class Request(NamedTuple):
     """A diagnosis's arguments, checked: what the measurements read (host values only).
 
-    ``fvp`` is the skill Fisher's matvec ``fvp(params, v, *skill_args)`` and
-    ``fisher_name`` its label; ``layout`` the params' mesh layout (``None``
+    ``op`` is the skill Fisher at ``params`` (a
+    :class:`geomcollapse.curvature.LinearOperator` on vectors like them, ``skill_args``
+    its data) and ``fisher_name`` its label; ``layout`` the params' mesh layout (``None``
     unsharded, then ``flat`` holds them raveled); ``dense`` whether ``F`` is
     formed densely; ``trace`` the Lanczos route's trace method, resolved.
     """
@@ -74,7 +76,7 @@ class Request(NamedTuple):
     params: PyTree
     skill_args: tuple
     task_args: tuple
-    fvp: Callable
+    op: LinearOperator
     fisher_name: str
     d: int | None
     lr: float | None
@@ -215,7 +217,7 @@ def check_request(skill_loss, task_loss, params, **kw: Any) -> Request:
     )
     # the Fisher first: fisher='empirical' names mismatched example axes before skill_loss
     # trips over them
-    fvp, fisher_name = fisher_operator(
+    op, fisher_name = fisher_operator(
         kw["fisher"], skill_loss, kw["skill_logits"], params, skill_args
     )
     for name, loss, args in (("skill", skill_loss, skill_args), ("task", task_loss, task_args)):
@@ -229,7 +231,7 @@ def check_request(skill_loss, task_loss, params, **kw: Any) -> Request:
         params=params,
         skill_args=skill_args,
         task_args=task_args,
-        fvp=fvp,
+        op=op,
         fisher_name=fisher_name,
         d=d,
         lr=lr,

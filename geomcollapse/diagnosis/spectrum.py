@@ -16,16 +16,10 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from geomcollapse import aic, curvature, linalg
 from geomcollapse._sharding import tree_dot
-from geomcollapse.diagnosis.fisher import (
-    bad_fisher,
-    cached,
-    flat_operator,
-    refuse_rounding_noise,
-)
+from geomcollapse.diagnosis.fisher import bad_fisher, refuse_rounding_noise
 from geomcollapse.diagnosis.plan import FIRST_K, ONE_SHOT, Request
 from geomcollapse.errors import NotSymmetricError
 
@@ -60,22 +54,19 @@ def _rule_text(max_d: int, share: float, how: str) -> str:
     return f"smallest d ≤ {max_d} whose top-d eigenvalues hold ≥ {share:.0%} of tr F ({how})"
 
 
-def _columns(op, n, params, args):
-    eye = jnp.eye(n, dtype=ravel_pytree(params)[0].dtype)
-    return jax.lax.map(lambda e: op(e, params, args), eye, batch_size=min(n, 256))
+def _columns(op: curvature.LinearOperator, n: int) -> jax.Array:
+    """``(n, n)``: ``F e_i`` for every ``i`` (``op`` on raveled vectors), batched."""
+    eye = jnp.eye(n, dtype=op.dtype)
+    return jax.lax.map(op, eye, batch_size=min(n, 256))
 
 
-_JITTED_COLUMNS = jax.jit(_columns, static_argnums=(0, 1), compiler_options=ONE_SHOT)
+_JITTED_COLUMNS = jax.jit(_columns, static_argnums=1, compiler_options=ONE_SHOT)
 
 
-def _dense_fisher(op, n, fargs, fisher_name) -> tuple[np.ndarray, float, float]:
+def _dense_fisher(op, n, fisher_name) -> tuple[np.ndarray, float, float]:
     """``(F, tr F, eps)``: ``F`` from its ``n`` columns ``F e_i`` (one compiled, batched
     call), symmetrised once shown symmetric to ``√eps`` (``eps`` of the model's dtype)."""
-    try:
-        hash(op)
-        cols = _JITTED_COLUMNS(op, n, *fargs)
-    except TypeError:
-        cols = jax.jit(partial(_columns, op, n), compiler_options=ONE_SHOT)(*fargs)
+    cols = _JITTED_COLUMNS(op.raveled(), n)
     C = np.asarray(cols, np.float64)
     if not np.all(np.isfinite(C)):
         raise ValueError("fisher: the skill Fisher's matvec returned non-finite values at params")
@@ -91,14 +82,15 @@ def _dense_fisher(op, n, fargs, fisher_name) -> tuple[np.ndarray, float, float]:
     return 0.5 * (C + C.T), tr, eps
 
 
-def dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> Spectrum:
+def dense_spectrum(op, n, fisher_name, share, max_d, d) -> Spectrum:
     """``F`` formed from its ``n`` columns ``F e_i`` (one compiled, batched call) and ``eigh``.
 
     Exact spectrum and trace; cheaper than Lanczos plus a trace for small ``n``
     (the one-block test transformer, n = 249: one compile instead of three).
-    ``op(v (n,), *fargs) -> F v (n,)``; returns ``k = min(n−1, max(2d, 16))`` pairs.
+    ``op``: ``F`` as a :class:`geomcollapse.curvature.LinearOperator`; returns
+    ``k = min(n−1, max(2d, 16))`` pairs.
     """
-    F, tr, eps = _dense_fisher(op, n, fargs, fisher_name)
+    F, tr, eps = _dense_fisher(op, n, fisher_name)
     lam, U = np.linalg.eigh(F)
     lam, U = lam[::-1], U[:, ::-1]
     if lam[-1] < -np.sqrt(eps) * lam[0]:  # beyond rounding: an indefinite "Fisher"
@@ -128,12 +120,12 @@ def dense_spectrum(op, n, fargs, fisher_name, share, max_d, d) -> Spectrum:
     )
 
 
-def _top_pairs(matvec, like, k: int, key, req: Request, exact_trace) -> linalg.Eigenpairs:
+def _top_pairs(op, like, k: int, key, req: Request, exact_trace) -> linalg.Eigenpairs:
     """:func:`geomcollapse.linalg.top_eigenpairs`; a matvec of pure rounding noise is caught
     as non-symmetric (:class:`geomcollapse.errors.NotSymmetricError`) and refused."""
     try:
         return linalg.top_eigenpairs(
-            matvec,
+            op,
             like,
             k,
             key=jax.random.fold_in(key, k),
@@ -145,13 +137,15 @@ def _top_pairs(matvec, like, k: int, key, req: Request, exact_trace) -> linalg.E
         raise ValueError(bad_fisher(req.fisher_name, exact_trace, asymmetry=str(err))) from None
 
 
-def krylov_spectrum(matvec, like, trace_of, req: Request, host_vectors: bool) -> Spectrum:
+def krylov_spectrum(
+    op: curvature.LinearOperator, like, trace_of, req: Request, host_vectors: bool
+) -> Spectrum:
     """Top eigenpairs by Lanczos (``k = 8, 16, …`` until the rule is met) and ``tr F``.
 
     The trace is exact (``n`` matvecs) or Hutchinson on ``(I−P)F(I−P)`` deflated by
     the ``k`` pairs found, plus their eigenvalues: ``trace_of(method, key, deflate)``
     returns ``(value, stderr, matvecs)`` as :func:`geomcollapse.aic.fisher_trace`.
-    ``matvec`` maps vectors like ``like`` (``(n,)``, or a pytree sharded like the
+    ``op`` (``F``) maps vectors like ``like`` (``(n,)``, or a pytree sharded like the
     parameters); with ``host_vectors`` the eigenvectors come back as ``(k, n)``
     float64 rows, else they stay a stack on the devices. Eigenvalues and
     residuals are ``(k,)`` host arrays either way.
@@ -166,7 +160,7 @@ def krylov_spectrum(matvec, like, trace_of, req: Request, host_vectors: bool) ->
     d, max_d = req.d, req.max_d
     k = d if d is not None else min(FIRST_K, max_d)
     while True:
-        pairs = _top_pairs(matvec, like, k, k_eig, req, exact_trace)
+        pairs = _top_pairs(op, like, k, k_eig, req, exact_trace)
         lanczos_matvecs += int(pairs.num_matvecs)
         lam = np.asarray(jax.device_get(pairs.values), np.float64)
         V = np.asarray(pairs.vectors, np.float64) if host_vectors else pairs.vectors
@@ -196,66 +190,50 @@ def krylov_spectrum(matvec, like, trace_of, req: Request, host_vectors: bool) ->
         method="lanczos",
         trace_method=req.trace,
         num_matvecs=trace_matvecs + lanczos_matvecs,
-        matvec=matvec,
+        matvec=partial(curvature.apply, op),
     )
 
 
 def _flat_route(req: Request) -> tuple[Callable, Any, Callable]:
-    """``(matvec, like, trace_of)`` on raveled ``(n,)`` vectors."""
-    op = cached(flat_operator, req.fvp)
-    fargs = (req.params, req.skill_args)
-
-    def matvec(v):
-        return op(v, *fargs)
+    """``(operator, like, trace_of)`` on raveled ``(n,)`` vectors."""
+    op = req.op.raveled()
 
     def trace_of(method, k, deflate):
         return aic.fisher_trace(
-            op,
-            req.n,
-            req.dtype,
-            method=method,
-            key=k,
-            num_probes=req.num_probes,
-            deflate=deflate,
-            args=fargs,
+            op, req.n, req.dtype, method=method, key=k, num_probes=req.num_probes, deflate=deflate
         )
 
-    return matvec, req.flat, trace_of
+    return op, req.flat, trace_of
 
 
 def _tree_route(req: Request) -> tuple[Callable, Any, Callable]:
-    """``(matvec, like, trace_of)`` on pytrees laid out like the sharded params."""
-    static_fvp, layout = curvature.keyed(req.fvp), req.layout
-
-    def matvec(v):
-        return aic.tree_fvp(static_fvp, layout, req.params, v, req.skill_args)
+    """``(operator, like, trace_of)`` on pytrees laid out like the sharded params."""
+    op = req.op
 
     def trace_of(method, k, deflate):
         return aic.tree_fisher_trace(
-            static_fvp,
-            layout,
-            req.params,
-            req.skill_args,
+            op.fn,
+            req.layout,
+            op.params,
+            op.args,
             method,
             key=k,
             num_probes=req.num_probes,
             deflate=deflate,
         )
 
-    return matvec, req.params, trace_of
+    return op, req.params, trace_of
 
 
 def _along_top(req: Request, sp: Spectrum) -> Callable:
     """``θ ↦ ⟨v₁, F(θ) v₁⟩`` along the top eigenvector found, a host float."""
     if req.layout is None:
-        op = cached(flat_operator, req.fvp)
         v1 = jnp.asarray(sp.vectors[0], req.dtype)
-        return lambda theta: float(jnp.vdot(v1, op(v1, theta, req.skill_args)))
-    static_fvp = curvature.keyed(req.fvp)
+        return lambda theta: float(jnp.vdot(v1, curvature.apply(req.op.at(theta).raveled(), v1)))
     v1 = jax.tree_util.tree_map(lambda a: a[0], sp.vectors)
 
     def along_v1(theta):
-        fv = aic.tree_fvp(static_fvp, req.layout, theta, v1, req.skill_args)
+        fv = curvature.apply(req.op.at(theta), v1)
         return float(jax.device_get(tree_dot(v1, fv)))
 
     return along_v1
@@ -266,13 +244,11 @@ def measure_spectrum(req: Request) -> Spectrum:
     Lanczos on ``(n,)`` vectors, or Lanczos on pytrees sharded like the params. An
     empirical Fisher that is rounding noise is refused (:func:`refuse_rounding_noise`)."""
     if req.dense:
-        op = cached(flat_operator, req.fvp)
-        fargs = (req.params, req.skill_args)
-        sp = dense_spectrum(op, req.n, fargs, req.fisher_name, req.share, req.max_d, req.d)
+        sp = dense_spectrum(req.op, req.n, req.fisher_name, req.share, req.max_d, req.d)
     else:
         route = _flat_route if req.layout is None else _tree_route
-        matvec, like, trace_of = route(req)
-        sp = krylov_spectrum(matvec, like, trace_of, req, host_vectors=req.layout is None)
+        op, like, trace_of = route(req)
+        sp = krylov_spectrum(op, like, trace_of, req, host_vectors=req.layout is None)
     if req.fisher_name == "empirical":
         key = jax.random.fold_in(req.key, 7)
         refuse_rounding_noise(_along_top(req, sp), req.params, sp.trace, key)

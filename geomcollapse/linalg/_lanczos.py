@@ -1,24 +1,9 @@
 """Top-k eigenpairs of a symmetric operator by Lanczos with full reorthogonalisation.
 
-Why our own Lanczos and not a library's (measured, see ``benchmarks/``):
-``scipy.sparse.linalg.eigsh`` (ARPACK, implicit restarts with ``ncv = 2k+1``)
-spends more matvecs and host round trips than a plain full-reorthogonalisation
-Lanczos on the Hessians we care about (top-10 at 1e-3 over five start vectors:
-38-42 against 35-36 HVPs on the benchmark MLP, 35-36 against 31-34 on the
-benchmark transformer), and ``matfree`` runs a fixed depth with no
-residual-based stopping and stores the basis as ``(n, k)`` columns (≈ 2.5× its
-matvec time).
-
-Here the basis is stored row-wise in blocks of 8 rows ``(8, n)``: the
-reorthogonalisation is memory-bound, and a single preallocated ``(capacity, n)``
-buffer read its idle zero rows every step (2-4 HVPs of overhead per step on the
-benchmark) and recompiled for every capacity (≈ 0.4 s each). Blocks are read
-only when filled, each stays cache-hot between its two reads, and every kernel
-has one shape per ``n``. Two single-kernel-per-step variants over one
-``(capacity, n)`` buffer were measured slower on CPU (36 steps at n = 269,322
-with a diagonal matvec, best of 8): blocks taken by ``dynamic_slice`` in a
-``fori_loop`` 200 ms (XLA copies each sliced block before its dot), one dot
-over a doubling buffer 174 ms, against 144-146 ms here.
+Design choices, each measured (docs/benchmarks.md, "The host-driven Lanczos"): our
+own Lanczos rather than ARPACK or matfree, the basis stored row-wise in blocks
+of 8 rows ``(8, n)`` (read only when filled, one kernel shape per ``n``), and full
+rather than partial reorthogonalisation.
 
 Each step is one user matvec, the three-term step and one block Gram-Schmidt
 pass (a second only when DGKS asks for it), at ``Precision.HIGHEST`` (no TF32
@@ -37,27 +22,9 @@ their inputs, which underflows for an operator of scale 1e-19 in float32 or
 1e-300 in float64 (λ₁ came back at 26 % of its value there) and overflows for
 large ones. Eigenvalues and residuals are scaled back on return.
 
-Why full and not partial reorthogonalisation (Simon 1984; measured on the
-2-core CPU, float32, n = 1,068,810, top-10 at ``tol = 100·eps``): partial
-reorthogonalisation tracks the ω-recurrence estimate of ``⟨q_{j+1}, q_k⟩`` and
-reorthogonalises only when it exceeds ``√eps`` (3.5e-4 in float32). But a
-float32 dot product of length 10⁶ is itself only accurate to ~``eps·√n``:
-after two full passes the rows are orthogonal to 150-800·eps (2e-5 to 1e-4,
-measured in float64), so the ω model's rounding level (``eps·√n`` = 1.2e-4)
-crosses ``√eps`` one step after every reset, and 24 of 25 steps still took the
-full pass on the benchmark MLP's Fisher (25 of 25 before): no gain. Modelling
-the rounding level at 30·eps (below what was measured, so unsafe) cut the
-passes to 6 of 25 and Lanczos from 1.49 s to 1.21 s (best of 3, load 2.6), but
-the returned vectors' orthogonality fell from 1.5e-7 to 1.5e-5 and a diagonal
-test operator certified at 1.04e-5 against ``tol`` 1.19e-5. In float64, or at
-n ≈ 200, the sound model does pay (120 steps: 23-28 passes on clustered or
-repeated top eigenvalues, 84-86 on a 0.8ⁱ decay, instead of 120); it would
-need a more accurate reduction (smaller ``eps·√n``) before it helps the
-float32 runs that dominate here.
-
 The driver loop runs on the host (one small ``eigh`` of the tridiagonal ``T``
 per step, in float64) so that stopping is decided after every matvec; the
-user's matvec is called as given and should be jitted by the caller.
+matvec is one compiled operator (:func:`placed_operator`).
 
 One code path serves every layout: the kernels below are written on pytrees
 (a vector is a pytree, a block of basis rows the same leaves with a leading
@@ -91,7 +58,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import positive_int, prng_key, same_structure, working_dtype
+from geomcollapse._checks import (
+    positive_int,
+    prng_key,
+    working_dtype,
+)
 from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.curvature import host_matvec
@@ -528,13 +499,13 @@ def placed_operator(
 ) -> tuple[Callable[[PyTree], PyTree], Placement, Callable[[PyTree], PyTree]]:
     """``matvec`` on placed vectors, checked once against ``like``: ``(apply, placement, to_like)``.
 
-    On one device ``apply`` maps raveled ``(n,)`` vectors (a 1-D ``like`` is
-    used as is, no ravel/unravel copies) and ``to_like`` turns a ``(k, n)``
-    stack back into ``like``'s structure. For ``like`` sharded over a mesh
-    ``apply`` maps pytrees sharded like it; if the matvec's leaves come back
-    sharded otherwise (a jitted matvec without ``out_shardings`` often returns
-    replicated leaves) every output is resharded there by a compiled identity
-    (constrain the matvec's output to spare that copy).
+    ``matvec`` (a :class:`geomcollapse.curvature.LinearOperator` or a plain
+    ``v ↦ A v``, wrapped once by :func:`geomcollapse.curvature.host_matvec`)
+    runs compiled. On one device ``apply`` maps raveled ``(n,)`` vectors (a
+    1-D ``like`` is used as is, no ravel/unravel copies) and ``to_like`` turns
+    a ``(k, n)`` stack back into ``like``'s structure. For ``like`` sharded over
+    a mesh ``apply`` maps pytrees sharded like it; an output sharded otherwise
+    is resharded there by a compiled identity.
     """
     if isinstance(like, (jax.Array, np.ndarray)) and np.ndim(like) != 1:
         raise ValueError(
@@ -543,34 +514,28 @@ def placed_operator(
     if is_sharded(like):
         layout = Layout(like, "like")
         at = Placement(layout.n, layout.dtype, layout)
-        return _checked(matvec, like, at, lambda v: v, None), at, lambda s: s
+        return _resharded(host_matvec(matvec, like), at), at, lambda s: s
     working_dtype(like, "like")  # one dtype, float32 or float64: a mixture rounds as its narrowest
+    apply = host_matvec(matvec, like)
     flat_like, unravel = ravel_pytree(like)
     at = Placement(flat_like.size, flat_like.dtype)
     if isinstance(like, (jax.Array, np.ndarray)):
-        return _checked(matvec, like, at, lambda v: v, lambda o: o), at, lambda s: s
+        return apply, at, lambda s: s
     # Eager ravel/unravel: measured faster than jitted ones (which copy).
-    apply = _checked(matvec, like, at, unravel, lambda o: ravel_pytree(o)[0])
-    return apply, at, jax.vmap(unravel)
+    return (lambda v: ravel_pytree(apply(unravel(v)))[0]), at, jax.vmap(unravel)
 
 
-def _checked(matvec, like, at: Placement, unravel, ravel) -> Callable[[PyTree], PyTree]:
-    """``ravel(matvec(unravel(v)))``, the first output checked against ``like``.
-
-    ``ravel=None`` (sharded): outputs not sharded like ``like`` are resharded.
-    """
+def _resharded(apply: Callable[[PyTree], PyTree], at: Placement) -> Callable[[PyTree], PyTree]:
+    """``apply`` whose outputs are resharded like the parameters unless the first already is."""
     state: list[bool] = []
 
-    def apply(v: PyTree) -> PyTree:
-        out = matvec(unravel(v))
+    def resharded(v: PyTree) -> PyTree:
+        out = apply(v)
         if not state:
-            same_structure(like, out, "like", "matvec output")
-            state.append(ravel is not None or _sharded_like(out, at.layout))
-        if ravel is not None:
-            return ravel(out)
+            state.append(_sharded_like(out, at.layout))
         return out if state[0] else _reshard(out, at)
 
-    return apply
+    return resharded
 
 
 def _sharded_like(out: PyTree, layout: Layout) -> bool:
@@ -626,9 +591,10 @@ def top_eigenpairs(
 
     Args:
       matvec: a :class:`geomcollapse.curvature.LinearOperator` (applied
-        compiled), or ``v -> A v`` for a symmetric ``A``, called as given;
-        ``v`` and ``A v`` are like ``like``. Jit a plain one (with its data as
-        arguments, not closures) for speed.
+        compiled), or ``v -> A v`` for a symmetric ``A``, wrapped once into one
+        (:func:`geomcollapse.curvature.as_operator`: traced once, the arrays it
+        closes over passed to the compiled program as data, never folded into
+        it); ``v`` and ``A v`` are like ``like``, and it must be traceable.
       like: an example vector: a 1-D array ``(n,)`` or a pytree of floating
         arrays. Its dtype is the working and output dtype. If its leaves are
         sharded over a mesh (``NamedSharding``, one dtype), every Lanczos
@@ -655,8 +621,7 @@ def top_eigenpairs(
         is detected as non-symmetric.
     """
     key = prng_key(key)
-    matvec = host_matvec(matvec, like)  # a LinearOperator runs compiled; a plain matvec as given
-    apply, at, to_like = placed_operator(matvec, like)
+    apply, at, to_like = placed_operator(matvec, like)  # compiled, a plain matvec wrapped once
     n, dtype = at.n, at.dtype
     k = positive_int(k, "k")
     if k > n:

@@ -25,7 +25,6 @@ import numpy as np
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
 from geomcollapse._progress import progress_bar
-from geomcollapse.curvature import host_matvec
 from geomcollapse.linalg._lanczos import (
     Placement,
     key_home,
@@ -73,7 +72,7 @@ def spectral_density(
       :class:`SpectralDensity` (float64 numpy arrays).
     """
     key = prng_key(key)
-    apply, at, _ = placed_operator(host_matvec(matvec, like), like)
+    apply, at, _ = placed_operator(matvec, like)
     num_probes = positive_int(num_probes, "num_probes")
     num_steps = min(positive_int(num_steps, "num_steps"), at.n)
     nodes = np.zeros((num_probes, num_steps))

@@ -157,6 +157,116 @@ def is_symmetric_run(run: LanczosRun) -> jax.Array:
     return run.asymmetry <= 10.0 * jnp.sqrt(jnp.finfo(run.basis.dtype).eps)
 
 
+def _orthogonalizer(max_steps: int) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``(basis, w, filled) -> w`` with two Gram-Schmidt passes against the filled rows.
+
+    Runs against the smallest leading block of rows holding the basis (same
+    buckets as :func:`ritz`): a step costs ``O(j·n)``, not ``O(max_steps·n)``.
+    """
+    sizes = _buckets(max_steps)
+
+    def against(b: int):
+        def passes(basis, w):
+            rows = basis[:b]
+            for _ in range(2):
+                w = w - _dot(_dot(rows, w), rows)
+            return w
+
+        return passes
+
+    def orthogonalize(basis, w, filled):
+        index = jnp.searchsorted(jnp.asarray(sizes), filled)
+        return jax.lax.switch(index, [against(b) for b in sizes], basis, w)
+
+    return orthogonalize
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.dot(a, b, precision=_HIGHEST)
+
+
+def _asymmetry(run: LanczosRun, a, b, coupling, beta_prev, local, w) -> jax.Array:
+    """The run's asymmetry after one step (see :class:`LanczosRun`).
+
+    For symmetric ``A``, ``⟨q_{j−1}, A q_j⟩ = β_{j−1}`` and the three-term ``w``
+    is already orthogonal to the older rows; both gaps measure asymmetry.
+    """
+    scale = jnp.maximum(jnp.max(jnp.abs(run.alpha)), jnp.abs(a)) + jnp.max(run.beta)
+    gap = jnp.maximum(jnp.abs(coupling - beta_prev), jnp.linalg.norm(local - w))
+    tiny = jnp.finfo(run.basis.dtype).tiny
+    return jnp.maximum(run.asymmetry, gap / jnp.maximum(jnp.maximum(scale, b), tiny))
+
+
+def _restart_vector(orthogonalize, restart_key, run: LanczosRun, breakdown, j) -> jax.Array:
+    """At a breakdown, a random vector orthogonal to the basis (not normalised); else zeros."""
+    n = run.basis.shape[1]
+    zeros = jnp.zeros((n,), run.basis.dtype)
+    if restart_key is None:
+        return zeros
+
+    # Drawn only at a breakdown: n normals and a Gram-Schmidt at every step
+    # cost ≈ 30 ms at n = 1e6 on the 2-core CPU.
+    def draw():
+        fresh = jax.random.normal(jax.random.fold_in(restart_key, j), (n,), run.basis.dtype)
+        return orthogonalize(run.basis, fresh, j + 1)
+
+    return jax.lax.cond(breakdown, draw, lambda: zeros)
+
+
+def _step(matvec, orthogonalize, restart_key):
+    """One Lanczos step ``(run, q_{j−1}) -> (run, q_j)``: matvec, recurrence, breakdown."""
+
+    def step(carry):
+        run, q_prev = carry
+        j = run.num_steps
+        n = run.basis.shape[1]
+        q = run.basis[j]
+        beta_prev = jnp.where(j > 0, run.beta[jnp.maximum(j - 1, 0)], 0.0)
+        w = matvec(q)
+        norm = jnp.maximum(run.norm, jnp.linalg.norm(w))
+        a = _dot(q, w)
+        coupling = jnp.where(j > 0, _dot(q_prev, w), 0.0)
+        local = w - a * q - beta_prev * q_prev
+        w = orthogonalize(run.basis, local, j + 1)
+        b = jnp.linalg.norm(w)
+        asymmetry = _asymmetry(run, a, b, coupling, beta_prev, local, w)
+        breakdown = b <= zero_level(run.basis.dtype, norm, j + 1)
+        fresh = _restart_vector(orthogonalize, restart_key, run, breakdown, j)
+        fresh_norm = jnp.linalg.norm(fresh)
+        eps = jnp.finfo(run.basis.dtype).eps
+        can_restart = fresh_norm > jnp.sqrt(eps)  # zero once the basis spans R^n
+        nxt = jnp.where(breakdown, fresh / jnp.where(can_restart, fresh_norm, 1.0), w / b)
+        exhausted = (breakdown & ~can_restart) | (j + 1 >= n)
+        # Write one row in place: a select over the whole (max_steps, n) buffer
+        # copies it at every step.
+        row = jnp.minimum(j + 1, run.basis.shape[0] - 1)
+        keep = exhausted | (j + 1 >= run.basis.shape[0])
+        basis = run.basis.at[row].set(jnp.where(keep, run.basis[row], nxt))
+        return LanczosRun(
+            basis=basis,
+            alpha=run.alpha.at[j].set(a),
+            beta=run.beta.at[j].set(jnp.where(breakdown, 0.0, b)),
+            num_steps=j + 1,
+            restarted=breakdown & can_restart,
+            exhausted=exhausted,
+            asymmetry=asymmetry,
+            norm=norm,
+        ), q
+
+    return step
+
+
+def _start(v0: jax.Array, max_steps: int) -> LanczosRun:
+    """The empty run whose first basis row is ``v0 / ‖v0‖``."""
+    n, dtype = v0.shape[0], v0.dtype
+    basis = jnp.zeros((max_steps, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
+    zeros = jnp.zeros((max_steps,), dtype)
+    scalar = jnp.zeros((), dtype)
+    return LanczosRun(
+        basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False), scalar, scalar
+    )
+
+
 def lanczos(
     matvec: Callable[[jax.Array], jax.Array],
     v0: jax.Array,
@@ -188,76 +298,7 @@ def lanczos(
         raise ValueError(f"max_steps must be in [1, n={n}], got {max_steps}")
     if check_every < 1:
         raise ValueError(f"check_every must be ≥ 1, got {check_every}")
-    dtype = v0.dtype
-    eps = jnp.finfo(dtype).eps
-    dot = lambda a, b: jnp.dot(a, b, precision=_HIGHEST)  # noqa: E731
-
-    # Gram-Schmidt against the smallest leading block of rows holding the basis
-    # (same buckets as `ritz`): a step costs O(j·n), not O(max_steps·n).
-    sizes = _buckets(max_steps)
-
-    def against(b: int):
-        def passes(basis, w):
-            rows = basis[:b]
-            for _ in range(2):
-                w = w - dot(dot(rows, w), rows)
-            return w
-
-        return passes
-
-    def orthogonalize(basis, w, filled):
-        index = jnp.searchsorted(jnp.asarray(sizes), filled)
-        return jax.lax.switch(index, [against(b) for b in sizes], basis, w)
-
-    def step(carry):
-        run, q_prev = carry
-        j = run.num_steps
-        q = run.basis[j]
-        beta_prev = jnp.where(j > 0, run.beta[jnp.maximum(j - 1, 0)], 0.0)
-        w = matvec(q)
-        norm = jnp.maximum(run.norm, jnp.linalg.norm(w))
-        a = dot(q, w)
-        # For symmetric A, ⟨q_{j−1}, A q_j⟩ = β_{j−1} and the three-term w is
-        # already orthogonal to the older rows; both gaps measure asymmetry.
-        coupling = jnp.where(j > 0, dot(q_prev, w), 0.0)
-        local = w - a * q - beta_prev * q_prev
-        w = orthogonalize(run.basis, local, j + 1)
-        b = jnp.linalg.norm(w)
-        scale = jnp.maximum(jnp.max(jnp.abs(run.alpha)), jnp.abs(a)) + jnp.max(run.beta)
-        gap = jnp.maximum(jnp.abs(coupling - beta_prev), jnp.linalg.norm(local - w))
-        asymmetry = jnp.maximum(
-            run.asymmetry, gap / jnp.maximum(jnp.maximum(scale, b), jnp.finfo(dtype).tiny)
-        )
-        breakdown = b <= zero_level(dtype, norm, j + 1)
-        if restart_key is None:
-            fresh = jnp.zeros_like(w)
-        else:
-            # Drawn only at a breakdown: n normals and a Gram-Schmidt at every step
-            # cost ≈ 30 ms at n = 1e6 on the 2-core CPU.
-            def draw():
-                fresh = jax.random.normal(jax.random.fold_in(restart_key, j), (n,), dtype)
-                return orthogonalize(run.basis, fresh, j + 1)
-
-            fresh = jax.lax.cond(breakdown, draw, lambda: jnp.zeros_like(w))
-        fresh_norm = jnp.linalg.norm(fresh)
-        can_restart = fresh_norm > jnp.sqrt(eps)  # zero once the basis spans R^n
-        nxt = jnp.where(breakdown, fresh / jnp.where(can_restart, fresh_norm, 1.0), w / b)
-        exhausted = (breakdown & ~can_restart) | (j + 1 >= n)
-        # Write one row in place: a select over the whole (max_steps, n) buffer
-        # copies it at every step.
-        row = jnp.minimum(j + 1, run.basis.shape[0] - 1)
-        keep = exhausted | (j + 1 >= run.basis.shape[0])
-        basis = run.basis.at[row].set(jnp.where(keep, run.basis[row], nxt))
-        return LanczosRun(
-            basis=basis,
-            alpha=run.alpha.at[j].set(a),
-            beta=run.beta.at[j].set(jnp.where(breakdown, 0.0, b)),
-            num_steps=j + 1,
-            restarted=breakdown & can_restart,
-            exhausted=exhausted,
-            asymmetry=asymmetry,
-            norm=norm,
-        ), q
+    step = _step(matvec, _orthogonalizer(max_steps), restart_key)
 
     def active(run: LanczosRun):
         return (run.num_steps < max_steps) & ~run.exhausted
@@ -276,12 +317,7 @@ def lanczos(
         done = ~active(run) | (~run.restarted & stop(run))
         return run, done
 
-    basis = jnp.zeros((max_steps, n), dtype).at[0].set(v0 / jnp.linalg.norm(v0))
-    zeros = jnp.zeros((max_steps,), dtype)
-    scalar = jnp.zeros((), dtype)
-    start = LanczosRun(
-        basis, zeros, zeros, jnp.int32(0), jnp.bool_(False), jnp.bool_(False), scalar, scalar
-    )
+    start = _start(v0, max_steps)
     run, _ = jax.lax.while_loop(lambda c: ~c[1], block, (start, jnp.bool_(False)))
     return run
 
