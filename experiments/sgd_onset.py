@@ -27,7 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, committed_sweep_rows, conclude, require_x64
+from experiments._common import ROOT, Claim, cli, committed_sweep_rows, conclude, require_x64  # noqa: F401
 from geomcollapse import series, theory
 
 NAME = "sgd_onset"
@@ -286,6 +286,7 @@ class _TF(NamedTuple):
     deviations: np.ndarray  # (N, d) ⟨v_i, ∇ℓ_j − g⟩ at θ*
     fvp: object
     ref: tuple
+    flat_loss: object  # (flat θ, *row) -> ℓ_j(θ): one object, so _tf_runs compiles once
 
 
 def _tf_key(config: Config) -> tuple:
@@ -298,7 +299,9 @@ def _tf_setup(key: tuple, outdir: str) -> _TF:
     from experiments._transformer import aligned_model
     from geomcollapse import linalg, models, pipeline, tasks, training
 
-    c = dict(zip([f.name for f in dataclasses.fields(Config) if f.name[:3] == "tf_"], key))
+    c = dict(
+        zip([f.name for f in dataclasses.fields(Config) if f.name[:3] == "tf_"], key, strict=True)
+    )
     graphdef, params = aligned_model(c["tf_size"], Path(outdir)).as_dtype(jnp.float64)
     logits = models.transformer_logits(graphdef)
     # the keys of transformer_onset --quick: prompts, Lanczos start; shift is its task 1
@@ -342,6 +345,7 @@ def _tf_setup(key: tuple, outdir: str) -> _TF:
         np.asarray((grads - g) @ basis.T),
         fvp,
         ref,
+        lambda theta, *row: example_loss(unravel(theta), *row),
     )
 
 
@@ -353,7 +357,7 @@ def tf_steps(config: Config) -> np.ndarray:
 
 @functools.partial(jax.jit, static_argnames=("loss", "batch", "seeds"))
 def _tf_runs(loss, flat, basis, data, dev, lr, steps, *, batch, seeds, key):
-    """``S`` SGD runs from ``θ*`` (``seeds == 0``: full-batch GD); coordinates and ``x`` at steps."""
+    """``S`` SGD runs from ``θ*`` (``seeds == 0``: full-batch GD); ``x`` and ``w`` at ``steps``."""
     count = data[0].shape[0]
 
     def grad(x, idx):
@@ -430,10 +434,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """One block of ``tf_block`` SGD runs (one row each), or block −1: GD and the forecast."""
     s = _tf_setup(_tf_key(config), str(outdir))
     steps = tf_steps(config)
-
-    def loss(flat_theta, *row):
-        return s.example_loss(s.unravel(flat_theta), *row)
-
+    loss = s.flat_loss
     if config.seed_block < 0:
         return [_tf_deterministic(config, s, loss, steps)]
     key = jax.random.fold_in(jax.random.key(config.seed), config.seed_block)
