@@ -23,6 +23,7 @@ from experiments import (
     logistic_onset,
     prediction,
     quartic_quadratic,
+    sgd_onset,
     spectrum_mlp,
     transformer_finetune,
     transformer_fisher,
@@ -44,6 +45,7 @@ EXPERIMENTS = [
     prediction,
     defences,
     validation,
+    sgd_onset,
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically

@@ -27,7 +27,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, cli, committed_sweep_rows, conclude, require_x64  # noqa: F401
+from experiments._common import ROOT, Claim, cli, committed_sweep_rows, conclude, require_x64
 from geomcollapse import series, theory
 
 NAME = "sgd_onset"
@@ -128,7 +128,12 @@ def checks(config: Config, lr: float, steps, mc: dict, gd, fc: dict, k_n: float)
     every = np.arange(1, len(fc["deterministic"]) + 1, dtype=np.float64)
     forecast = first_step_over(every, fc["deterministic"], fc["noise"])
     inside = np.asarray(fc["grid_in_window"], bool)
-    z = np.abs(np.asarray(fc["grid_mean"]) - est) / se
+    diff = np.abs(np.asarray(fc["grid_mean"]) - est)
+    z = diff / se
+    # beside the registered check, not a verdict: the raw mean's SE and the relative error
+    z_raw = np.abs(np.asarray(fc["grid_mean"]) - np.asarray(mc["raw_mean"])) / np.asarray(
+        mc["raw_se"]
+    )
     return {
         "k_n": float(k_n),
         "fit_steps": [float(steps[0]), float(steps[below][-1]) if below.any() else float("nan")],
@@ -138,6 +143,10 @@ def checks(config: Config, lr: float, steps, mc: dict, gd, fc: dict, k_n: float)
         "crossover_in_window": bool(forecast <= fc["validity_step"]),
         "in_window_steps": int(inside.sum()),
         "max_z": float(np.max(z[inside])) if inside.any() else float("nan"),
+        "max_z_raw": float(np.max(z_raw[inside])) if inside.any() else float("nan"),
+        "max_relative_error": float(np.max(diff[inside] / est[inside]))
+        if inside.any()
+        else float("nan"),
         "z": z.tolist(),
     }
 
@@ -468,9 +477,59 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
 # --------------------------------------------------------------------------- claims, figure
 
 
+def transformer_row(config: Config, rows: list[dict] | None) -> dict | None:
+    """Row 2 from the sweep's rows: ``None`` without block −1 or any Monte Carlo block.
+
+    The forecast's checks need ``series.sgd_delta_u`` on the transformer, which
+    this configuration does not compute (docs/sgd_onset.md, results): the
+    numbers here are the Monte Carlo, full-batch GD and the two-term law.
+    """
+    det = [r for r in rows or [] if r["seed"] == -1]
+    runs = sorted((r for r in rows or [] if r["seed"] >= 0), key=lambda r: r["seed"])
+    if not det or len(runs) < 2:
+        return None
+    det, lr, batch = det[0], config.tf_lr, config.tf_batch
+    steps = np.asarray(det["steps"], np.float64)
+    y = np.array([r["projected"] for r in runs])
+    z = np.array([r["control"] for r in runs])
+    kl = np.array([r["kl"] for r in runs])
+    mc = control_variate_mean(y, z, 0.5 * lr**2 * steps * det["trace_fm_sigma"] / batch)
+    est, gd, gd_kl = np.asarray(mc["estimate"]), np.asarray(det["gd_projected"]), det["gd_kl"]
+    k_n = two_term_k_n(lr, batch, det["trace_fm_sigma"], det["gamma"])
+    below = steps <= config.fit_fraction * k_n
+    ok = below.sum() >= 3 and np.all(est[below] > 0)
+    kl_mean = kl.mean(0)
+    q, gamma = det["tail_quadratic"], det["gamma"]
+    return {
+        "steps": steps.tolist(),
+        "seeds": len(runs),
+        "monte_carlo": mc,
+        "gd": gd.tolist(),
+        "kl_mean": kl_mean.tolist(),
+        "kl_se": (kl.std(0, ddof=1) / np.sqrt(len(runs))).tolist(),
+        "gd_kl": list(gd_kl),
+        **{k: det[k] for k in ("trace_fm_sigma", "trace_f_sigma", "gamma", "H_norm")},
+        "tail_quadratic": q,
+        "pg_norm": det["pg_norm"],
+        "k_n": float(k_n),
+        "t_n_H": float(k_n * lr * det["H_norm"]),
+        "fit_steps": [float(steps[0]), float(steps[below][-1]) if below.any() else float("nan")],
+        "exponent": theory.fit_exponent(steps, est, (1.0, steps[below][-1])).exponent
+        if ok
+        else float("nan"),
+        "crossover_measured": first_step_over(steps, gd, est - gd),
+        "kl_noise_crossover_measured": first_step_over(steps, gd_kl, kl_mean - gd_kl),
+        "kl_noise_crossover_forecast": det["trace_f_sigma"] / (batch * q),
+        "kl_quartic_crossover_measured": first_step_over(steps, gd, np.asarray(gd_kl) - gd),
+        "kl_quartic_crossover_forecast": 2 * np.sqrt(q) / gamma / lr,
+    }
+
+
 def compute(config: Config, outdir: Path = ROOT) -> dict:
     """Row 1 here; row 2 from the committed sweep rows (``None`` when absent)."""
-    return {"quadratic": quadratic_row(config), "transformer": None}
+    path = Path(config.tf_rows)
+    rows = committed_sweep_rows(outdir, path) or committed_sweep_rows(ROOT, path)
+    return {"quadratic": quadratic_row(config), "transformer": transformer_row(config, rows)}
 
 
 def _row_claims(row: dict, config: Config, command: str, label: str) -> list[Claim]:
@@ -497,7 +556,9 @@ def _row_claims(row: dict, config: Config, command: str, label: str) -> list[Cla
             f"series.sgd_delta_u forecast vs Monte Carlo E[Δu], {label}",
             command,
             f"within {config.standard_errors:g} SE at every in-window grid step",
-            f"max |forecast − MC|/SE = {c['max_z']:.3g} over {c['in_window_steps']} steps",
+            f"max |forecast − MC|/SE = {c['max_z']:.3g} over {c['in_window_steps']} steps "
+            f"(beside it, no verdict: with the raw mean's SE {c['max_z_raw']:.3g}; max "
+            f"relative error {c['max_relative_error']:.2g})",
             c["in_window_steps"] > 0 and c["max_z"] <= config.standard_errors,
         ),
     ]
@@ -507,8 +568,55 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
     """Three checks per row (docs/sgd_onset.md); row 2 'not run' without committed rows."""
     q = results["quadratic"]
     label = f"quadratic, no tail ({config.seeds} seeds)"
-    out = _row_claims(q, config, command, label)
-    return out
+    return _row_claims(q, config, command, label) + _transformer_claims(
+        results["transformer"], config, command
+    )
+
+
+def _transformer_claims(t: dict | None, config: Config, command: str) -> list[Claim]:
+    """Row 2: the onset exponent (a verdict only with every planned seed), the rest reported."""
+    sweep = "geomcollapse sweep sweeps/sgd_onset_tiny.json"
+    label = f"tiny transformer, shift, projected loss (η = {config.tf_lr:g}, B = {config.tf_batch})"
+    not_run = ("not run", "not run")
+    if t is None:
+        why = f"no committed rows ({config.tf_rows}); run `{sweep}`"
+        return [Claim(f"SGD linear onset, {label}", sweep, "exponent 1 ± 0.1", why, False, not_run)]
+    complete = t["seeds"] >= config.tf_seeds
+    partial = ("partial: no verdict",) * 2
+    seeds = f"{t['seeds']} of {config.tf_seeds} seeds"
+    return [
+        Claim(
+            f"SGD linear onset, {label}: with Pg = 0, E[½‖F^{{1/2}}Px‖²] starts linearly in k",
+            sweep,
+            f"exponent 1 ± {config.exponent_tolerance} for k ≤ k_n/10 (k_n = {t['k_n']:.4g}, "
+            f"t_n‖H‖ = {t['t_n_H']:.2f})",
+            f"{t['exponent']:.4f} on k ∈ [{t['fit_steps'][0]:.0f}, {t['fit_steps'][1]:.0f}] "
+            f"({seeds})",
+            abs(t["exponent"] - 1) <= config.exponent_tolerance,
+            Claim.labels if complete else partial,
+        ),
+        Claim(
+            f"SGD noise/deterministic crossover and forecast vs Monte Carlo, {label}",
+            sweep,
+            "measured crossover within 20 % of the forecast's; forecast within 3 SE",
+            f"forecast not computed (series.sgd_delta_u needs > 50 GB at N = 64 on this CPU); "
+            f"measured crossover k = {t['crossover_measured']:.4g} (two-term k_n = "
+            f"{t['k_n']:.4g}, beyond the window: t_n‖H‖ = {t['t_n_H']:.2f} > 0.2)",
+            False,
+            not_run,
+        ),
+        Claim(
+            "KL Δu under SGD on the tiny transformer: noise-linear → tail t² → quartic",
+            sweep,
+            f"crossovers at k = {t['kl_noise_crossover_forecast']:.3g} (η tr(FΣ)/(Bq)) and "
+            f"k = {t['kl_quartic_crossover_forecast']:.3g} (2q^{{1/2}}/γ)",
+            f"k = {t['kl_noise_crossover_measured']:.3g} and "
+            f"{t['kl_quartic_crossover_measured']:.3g} (nan: not reached by k = "
+            f"{config.tf_k_max}) ({seeds})",
+            True,
+            ("reported (no verdict)",) * 2,
+        ),
+    ]
 
 
 FIGURE_NEEDS = ("quadratic", "transformer")
@@ -516,33 +624,47 @@ FIGURE_NEEDS = ("quadratic", "transformer")
 
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """E[Δu] under SGD (Monte Carlo ± 3 SE), its noise and deterministic parts, the forecast."""
-    rows = [(k, r) for k, r in (("quadratic", results["quadratic"]),) if r is not None]
-    transformer = results.get("transformer")
+    """E[loss] under SGD (Monte Carlo ± 3 SE) against GD and the forecast, one panel per row."""
+    transformer = results["transformer"]
+    fig, axes = style.subplots(ncols=1 if transformer is None else 2, height=3.4)
+    _quadratic_panel(axes[0, 0], results["quadratic"])
     if transformer is not None:
-        rows.append(("transformer", transformer))
-    fig, axes = style.subplots(ncols=len(rows), height=3.2)
-    for ax, (name, r) in zip(axes[0], rows, strict=True):
-        _panel(ax, name, r)
+        _transformer_panel(axes[0, 1], transformer)
     style.legend_below(fig, ncol=3)
     return style.save(fig, path)
 
 
-def _panel(ax, name: str, r: dict) -> None:
-    steps = np.asarray(r["steps"], np.float64)
-    mc, fc, gd = r["monte_carlo"], r["forecast"], np.asarray(r["gd"])
+def _mc(ax, steps, mc: dict, label: str, color) -> None:
     est, se = np.asarray(mc["estimate"]), np.asarray(mc["se"])
+    ax.errorbar(steps, est, yerr=3 * se, fmt="o", ms=2.5, color=color, label=label)
+
+
+def _quadratic_panel(ax, r: dict) -> None:
+    steps = np.asarray(r["steps"], np.float64)
+    fc, gd = r["forecast"], np.asarray(r["gd"])
     every = np.arange(1, len(fc["mean"]) + 1)
-    ax.loglog(every, fc["mean"], color=style.THEORY, lw=0.8, label="forecast E[$\\Delta u$]")
-    ax.loglog(every, fc["noise"], "--", color=style.THEORY, lw=0.8, label="forecast noise part")
+    ax.loglog(every, fc["mean"], color=style.THEORY, lw=0.8, label="forecast (sgd_delta_u)")
+    ax.loglog(every, fc["noise"], "--", color=style.THEORY, lw=0.8, label="its noise part")
     ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
-    ax.errorbar(steps, est, yerr=3 * se, fmt="o", ms=2.5, color=style.PALETTE[0], label="SGD MC")
+    _mc(ax, steps, r["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
     ax.axvline(r["checks"]["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
-    ax.axvline(fc["validity_step"], color="gray", lw=0.8, ls=":", label="forecast window")
     ax.set_xlim(steps[0] * 0.8, steps[-1] * 1.2)
     ax.set_xlabel("SGD step $k$")
-    ax.set_ylabel("loss increase")
-    ax.set_title(name)
+    ax.set_ylabel(r"$E[\Delta u]$")
+    ax.set_title("quadratic, no tail")
+
+
+def _transformer_panel(ax, t: dict) -> None:
+    steps = np.asarray(t["steps"], np.float64)
+    gd, gd_kl = np.asarray(t["gd"]), np.asarray(t["gd_kl"])
+    _mc(ax, steps, t["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
+    ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
+    ax.loglog(steps, t["kl_mean"], "s", ms=2.5, color=style.PALETTE[2], label=r"KL $\Delta u$, SGD")
+    ax.loglog(steps, gd_kl, color=style.PALETTE[3], label=r"KL $\Delta u$, GD")
+    ax.axvline(t["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
+    ax.set_xlabel("SGD step $k$")
+    ax.set_ylabel(r"projected loss / KL $\Delta u$")
+    ax.set_title("tiny transformer, shift")
 
 
 def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:
