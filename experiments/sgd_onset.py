@@ -579,7 +579,7 @@ def _transformer_claims(t: dict | None, config: Config, command: str) -> list[Cl
     label = f"tiny transformer, shift, projected loss (η = {config.tf_lr:g}, B = {config.tf_batch})"
     not_run = ("not run", "not run")
     if t is None:
-        why = f"no committed rows ({config.tf_rows}); run `{sweep}`"
+        why = f"no committed Monte Carlo rows in {config.tf_rows} yet; run `{sweep}`"
         return [Claim(f"SGD linear onset, {label}", sweep, "exponent 1 ± 0.1", why, False, not_run)]
     complete = t["seeds"] >= config.tf_seeds
     partial = ("partial: no verdict",) * 2
@@ -630,7 +630,7 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     _quadratic_panel(axes[0, 0], results["quadratic"])
     if transformer is not None:
         _transformer_panel(axes[0, 1], transformer)
-    style.legend_below(fig, ncol=3)
+    style.legend_below(fig, ncol=2 if transformer is None else 3)
     return style.save(fig, path)
 
 
@@ -643,12 +643,15 @@ def _quadratic_panel(ax, r: dict) -> None:
     steps = np.asarray(r["steps"], np.float64)
     fc, gd = r["forecast"], np.asarray(r["gd"])
     every = np.arange(1, len(fc["mean"]) + 1)
-    ax.loglog(every, fc["mean"], color=style.THEORY, lw=0.8, label="forecast (sgd_delta_u)")
-    ax.loglog(every, fc["noise"], "--", color=style.THEORY, lw=0.8, label="its noise part")
+    inside = every <= fc["validity_step"]  # the truncated series only inside its window
+    mean, noise = np.asarray(fc["mean"])[inside], np.asarray(fc["noise"])[inside]
+    ax.loglog(every[inside], mean, color=style.THEORY, lw=0.8, label="forecast (sgd_delta_u)")
+    ax.loglog(every[inside], noise, "--", color=style.THEORY, lw=0.8, label="its noise part")
     ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
     _mc(ax, steps, r["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
     ax.axvline(r["checks"]["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
     ax.set_xlim(steps[0] * 0.8, steps[-1] * 1.2)
+    ax.set_ylim(0.1 * np.min(r["monte_carlo"]["estimate"]), None)
     ax.set_xlabel("SGD step $k$")
     ax.set_ylabel(r"$E[\Delta u]$")
     ax.set_title("quadratic, no tail")
@@ -657,6 +660,7 @@ def _quadratic_panel(ax, r: dict) -> None:
 def _transformer_panel(ax, t: dict) -> None:
     steps = np.asarray(t["steps"], np.float64)
     gd, gd_kl = np.asarray(t["gd"]), np.asarray(t["gd_kl"])
+    ax.set_ylim(0.1 * np.min(t["monte_carlo"]["estimate"]), None)
     _mc(ax, steps, t["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
     ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
     ax.loglog(steps, t["kl_mean"], "s", ms=2.5, color=style.PALETTE[2], label=r"KL $\Delta u$, SGD")
