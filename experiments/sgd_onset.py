@@ -660,12 +660,12 @@ def _quadratic_panel(ax, r: dict) -> None:
 def _transformer_panel(ax, t: dict) -> None:
     steps = np.asarray(t["steps"], np.float64)
     gd, gd_kl = np.asarray(t["gd"]), np.asarray(t["gd_kl"])
-    ax.set_ylim(0.1 * np.min(t["monte_carlo"]["estimate"]), None)
     _mc(ax, steps, t["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
     ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
     ax.loglog(steps, t["kl_mean"], "s", ms=2.5, color=style.PALETTE[2], label=r"KL $\Delta u$, SGD")
     ax.loglog(steps, gd_kl, color=style.PALETTE[3], label=r"KL $\Delta u$, GD")
     ax.axvline(t["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
+    ax.set_ylim(0.1 * np.min(t["monte_carlo"]["estimate"]), 3 * np.max(t["kl_mean"]))
     ax.set_xlabel("SGD step $k$")
     ax.set_ylabel(r"projected loss / KL $\Delta u$")
     ax.set_title("tiny transformer, shift")
