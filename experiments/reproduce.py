@@ -24,6 +24,7 @@ from experiments import (
     logistic_onset,
     prediction,
     quartic_quadratic,
+    sgd_onset,
     spectrum_mlp,
     transformer_finetune,
     transformer_fisher,
@@ -46,6 +47,7 @@ EXPERIMENTS = [
     defences,
     validation,
     early_warning,  # re-analyses the committed early-warning rows
+    sgd_onset,
 ]
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically

@@ -60,6 +60,7 @@ QUICK_RUNTIME_S = {
     "defences": 114,
     "validation": 1,
     "early_warning": 35,
+    "sgd_onset": 110,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})

@@ -84,6 +84,12 @@ class Diagnosis:
       series: the forecast as a :class:`geomcollapse.series.Series` made with ``subspace``
         (its ``delta_u`` and ``projected`` are the coefficients above, its displacement
         ``x₁ … x_K``), or ``None`` as ``subspace``.
+      batch_size: ``B`` of minibatch SGD when given (``None``: the SGD fields below are too).
+      noise_rate: ``½(lr/B)tr(FΣ)``, ``dE[Δu]/dt`` at ``t = 0`` from minibatch noise alone.
+      sgd_coefficients: ``E[Δu]`` under SGD as a polynomial in ``t`` at ``lr``
+        (:attr:`geomcollapse.series.SGDForecast.mean_coefficients`, docs/theory.md §8).
+      sgd_validity_time: its window (:attr:`~geomcollapse.series.SGDForecast.validity_time`).
+      sgd_crossing_step: the smallest step with the SGD forecast ``≥ threshold`` inside it.
     """
 
     n: int
@@ -127,6 +133,11 @@ class Diagnosis:
     num_matvecs: int
     subspace: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
     series: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
+    batch_size: int | None = None
+    noise_rate: float | None = None
+    sgd_coefficients: tuple[float, ...] | None = None
+    sgd_validity_time: float | None = None
+    sgd_crossing_step: int | None = None
 
     @property
     def planned_time(self) -> float | None:
@@ -291,7 +302,16 @@ _TEXT_FIELDS = {
     "spectrum_method",
     "warnings",
 }
-_INT_FIELDS = {"n", "d", "steps", "order", "crossing_step", "num_matvecs"}
+_INT_FIELDS = {
+    "n",
+    "d",
+    "steps",
+    "order",
+    "crossing_step",
+    "num_matvecs",
+    "batch_size",
+    "sgd_crossing_step",
+}
 
 
 def _encode(value: Any) -> Any:
@@ -439,6 +459,7 @@ def _markdown_forecast(dg: Diagnosis) -> list[str]:
         f"projected loss: t ≤ {_fmt(dg.projected_validity_time)}",
         f"- ‖∇u(θ*)‖ = {_fmt(dg.skill_gradient_norm)}, ‖g(θ*)‖ = {_fmt(dg.task_gradient_norm)}",
         f"- Δu crosses the threshold at: {crossing}",
+        *_markdown_sgd(dg),
         "",
         "## Overlap with M (Section 7)",
         "",
@@ -449,3 +470,14 @@ def _markdown_forecast(dg: Diagnosis) -> list[str]:
         "",
     ]
     return lines
+
+
+def _markdown_sgd(dg: Diagnosis) -> list[str]:
+    """The minibatch-SGD forecast's lines (none without ``batch_size``)."""
+    if dg.batch_size is None:
+        return []
+    return [
+        f"- minibatch SGD (B = {dg.batch_size}, docs/theory.md §8): noise rate ½(lr/B)tr(FΣ) = "
+        f"{_fmt(dg.noise_rate)} per unit t; E[Δu] window t ≤ {_fmt(dg.sgd_validity_time)}; "
+        f"crosses the threshold at step {_fmt(dg.sgd_crossing_step)}",
+    ]

@@ -110,14 +110,16 @@ def diagnose(
     trace: str = "auto",
     spectrum: str = "auto",
     progress: bool = False,
+    batch_size: int | None = None,
+    example_loss: Callable[..., jax.Array] | None = None,
 ) -> Diagnosis:
     """Diagnose ``θ* = params`` for a skill to keep and a fine-tuning task (docs/theory.md §2-§6).
 
     The skill Fisher's spectrum and trace, the AIC of Def. 5.1, the Taylor forecast of
     ``Δu(t)`` and of ``½‖F^{1/2}Px(t)‖²`` with its validity window, the overlap of the
     forecast update with ``M``, the SGD step where ``Δu`` crosses ``threshold`` (``t =
-    lr·k``), and warnings. The choices of ``F``, the routes, the rule for ``d`` and the
-    warnings' rules: :mod:`geomcollapse.diagnosis.run` and docs/diagnose.md.
+    lr·k``), and warnings: a :class:`geomcollapse.Diagnosis`. The choices of ``F``, the routes,
+    the rule for ``d`` and the warnings' rules: :mod:`geomcollapse.diagnosis.run`, docs/diagnose.md.
 
     Args:
       skill_loss, task_loss: ``u(params, *skill_args)``, ``L(params, *task_args)`` -> scalar.
@@ -139,16 +141,15 @@ def diagnose(
         ``tr F`` off ``F``'s diagonal, so ``'hutchinson'`` makes ``'auto'`` take Lanczos).
       spectrum: ``'auto'`` (dense for ``n ≤ 2048`` unsharded), ``'dense'`` or ``'lanczos'``.
       progress: a progress bar over the stages.
-
-    Returns:
-      A :class:`geomcollapse.Diagnosis`.
+      batch_size, example_loss: ``B`` and ``example_loss(params, *row)`` (its mean over the rows
+        of ``task_args`` is ``task_loss``): adds the SGD forecast (docs/theory.md §8).
 
     Raises:
       ValueError: a bad argument (named), non-finite ``params``, a user function that raises
         (evaluated once abstractly up front), a loss that is not a scalar or not finite with
         its derivatives at ``θ*``, or a skill Fisher that vanishes at ``θ*`` (or is no Fisher).
     """
-    req = check_request(**locals())
+    req = _check_sgd(check_request(**locals()), batch_size, example_loss)
     compilation_cache.enable()  # a second process loads these programs from disk
     bar = progress_bar(total=3, desc="diagnose", enabled=progress)
 
@@ -164,7 +165,8 @@ def diagnose(
         f = _window(req, sp, m)
     finally:  # the bar's end line, also when a stage raises
         bar.close()
-    return _with_arrays(_assemble(req, sp, m, f), req, m, f)
+    dg = _assemble(req, sp, m, f, _sgd(req, batch_size, example_loss))
+    return _with_arrays(dg, req, m, f)
 
 
 def _with_arrays(dg: Diagnosis, req: Request, m: AtD, f: _Window) -> Diagnosis:
@@ -177,6 +179,65 @@ def _with_arrays(dg: Diagnosis, req: Request, m: AtD, f: _Window) -> Diagnosis:
         route=m.route,
     )
     return dataclasses.replace(dg, subspace=m.subspace, series=forecast)
+
+
+class _SGD(NamedTuple):
+    """The minibatch-SGD forecast (docs/theory.md §8), host numbers."""
+
+    batch_size: int
+    noise_rate: float
+    coefficients: tuple[float, ...]  # E[Δu] as a polynomial in t at this lr
+    validity_time: float
+    crossing: int | None
+
+
+def _check_sgd(req: Request, batch_size: Any, example_loss: Any) -> Request:
+    """``batch_size`` and ``example_loss`` come together, need ``lr`` and unsharded params,
+    and the mean of ``example_loss`` over the rows of ``task_args`` is ``task_loss`` at θ*."""
+    if batch_size is None and example_loss is None:
+        return req
+    if batch_size is None or not callable(example_loss):
+        raise ValueError(
+            "batch_size and example_loss go together: example_loss(params, *row) must be a "
+            f"callable and batch_size an integer ≥ 1, got {batch_size!r}, {example_loss!r}"
+        )
+    if req.lr is None:
+        raise ValueError("lr is required with batch_size: SGD steps map to flow time as t = lr·k")
+    if req.layout is not None:
+        raise ValueError("batch_size: the SGD forecast needs params on one device (not sharded)")
+    mean = jax.vmap(lambda *row: example_loss(req.params, *row))(*req.task_args).mean()
+    total = req.task_loss(req.params, *req.task_args)
+    if not abs(float(mean) - float(total)) <= 1e-6 * max(abs(float(total)), 1e-30):
+        raise ValueError(
+            f"example_loss: its mean over the rows of task_args is {float(mean):.8g}, not "
+            f"task_loss = {float(total):.8g} (the task loss must be the examples' mean)"
+        )
+    return req
+
+
+def _sgd(req: Request, batch_size: int | None, example_loss: Callable | None) -> _SGD | None:
+    """:func:`geomcollapse.series.sgd_delta_u` at ``θ*``, its crossing of ``threshold``."""
+    if batch_size is None:
+        return None
+    fc = series.sgd_delta_u(
+        req.skill_loss,
+        example_loss,
+        req.params,
+        req.task_args,
+        lr=req.lr,
+        batch_size=batch_size,
+        steps=[1],
+        order=req.order,
+        skill_args=req.skill_args,
+    )
+    validity = fc.validity_time
+    coeffs = np.asarray(fc.mean_coefficients, np.float64)
+    crossing = None
+    if req.threshold is not None and not math.isnan(validity):
+        crossing = series.crossing_step(coeffs, req.threshold, req.lr, validity)
+    return _SGD(
+        batch_size, float(fc.noise_rate), tuple(float(c) for c in coeffs), validity, crossing
+    )
 
 
 class _Window(NamedTuple):
@@ -236,11 +297,21 @@ def _window(req: Request, sp: Spectrum, m: AtD) -> _Window:
     )
 
 
-def _assemble(req: Request, sp: Spectrum, m: AtD, f: _Window) -> Diagnosis:
+def _assemble(req: Request, sp: Spectrum, m: AtD, f: _Window, sgd: _SGD | None) -> Diagnosis:
     """The :class:`Diagnosis` of the measurements."""
     lam, d, report, g_norm = sp.values, sp.d, m.report, m.task_gradient_norm
     polyval = np.polynomial.polynomial.polyval
+    sgd_fields = {}
+    if sgd is not None:
+        sgd_fields = {
+            "batch_size": sgd.batch_size,
+            "noise_rate": sgd.noise_rate,
+            "sgd_coefficients": sgd.coefficients,
+            "sgd_validity_time": sgd.validity_time,
+            "sgd_crossing_step": sgd.crossing,
+        }
     return Diagnosis(
+        **sgd_fields,
         n=req.n,
         dtype=str(np.dtype(req.dtype)),
         fisher=req.fisher_name,

@@ -1,0 +1,133 @@
+"""The analysis of ``experiments.sgd_onset`` on its tiny configuration (docs/sgd_onset.md).
+
+The control-variate Monte Carlo of the quadratic row against the exact moment
+recursion of ``E[x]``, ``E[xxᵀ]`` (with the ``Pg₀`` shift), the estimator's
+algebra, and the three checks and the transformer row on synthetic power laws.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import sgd_onset as so
+
+CONFIG = so.TINY
+
+
+def exact_expected_loss(p: dict, lr: float, batch: int, steps) -> tuple[np.ndarray, np.ndarray]:
+    """``E[½xᵀFx]`` under SGD (with replacement) and ``½xᵀFx`` under GD at ``steps`` (dense)."""
+    a, y, f, shift = p["a"], p["y"], p["f"], p["shift"]
+    count, n = a.shape
+    b = -a * y[:, None] - shift  # ∇ℓ_j(x) = a_j a_jᵀ x + b_j
+    h, c = a.T @ a / count, b.mean(0)
+    m, sec, gd = np.zeros(n), np.zeros((n, n)), np.zeros(n)
+    out_sgd, out_gd, k = [], [], 0
+    for target in steps:
+        for _ in range(k, target):
+            hsh = h @ sec @ h
+            quad = np.einsum("jx,xy,jy->j", a, sec, a)
+            e_hsh = hsh + (np.einsum("jx,j,jy->xy", a, quad, a) / count - hsh) / batch
+            hmc = np.outer(h @ m, c)
+            e_hmb = hmc + (np.einsum("jx,j,jy->xy", a, a @ m, b) / count - hmc) / batch
+            e_bb = np.outer(c, c) + (b.T @ b / count - np.outer(c, c)) / batch
+            mc = np.outer(m, c)
+            sec = (
+                sec
+                - lr * (h @ sec + sec @ h + mc + mc.T)
+                + lr**2 * (e_hsh + e_hmb + e_hmb.T + e_bb)
+            )
+            m = m - lr * (h @ m + c)
+            gd = gd - lr * (h @ gd + c)
+        k = target
+        out_sgd.append(0.5 * np.trace(f @ sec))
+        out_gd.append(0.5 * gd @ f @ gd)
+    return np.array(out_sgd), np.array(out_gd)
+
+
+def test_quadratic_monte_carlo_matches_the_exact_moments():
+    p = so.regression_problem(CONFIG)
+    k_n = so.two_term_k_n(CONFIG.lr, CONFIG.batch, p["trace_f_sigma"], p["gamma"])
+    steps = np.unique(np.geomspace(1, 3 * k_n, 12).round().astype(np.int64))
+    y, z, gd = so._quadratic_runs(
+        *(jnp.asarray(p[k]) for k in ("a", "y", "f", "shift")),
+        CONFIG.lr,
+        jnp.asarray(steps),
+        batch=CONFIG.batch,
+        seeds=256,
+        key=jax.random.key(1),
+    )
+    z_mean = 0.5 * CONFIG.lr**2 * steps * p["trace_f_sigma"] / CONFIG.batch
+    mc = so.control_variate_mean(np.asarray(y).T, np.asarray(z).T, z_mean)
+    exact, exact_gd = exact_expected_loss(p, CONFIG.lr, CONFIG.batch, steps)
+    np.testing.assert_allclose(np.asarray(gd), exact_gd, rtol=1e-9, atol=1e-12 * exact_gd.max())
+    est, se = np.asarray(mc["estimate"]), np.asarray(mc["se"])
+    # k = 1: Y = Z exactly (Fg = 0, no tail), so the estimate is E[Z] itself
+    assert est[0] == pytest.approx(exact[0], rel=1e-9) and se[0] <= 1e-9 * est[0]
+    assert np.all(np.abs(est[1:] - exact[1:]) <= 4 * se[1:])
+    assert np.all(se[1:] < np.asarray(mc["raw_se"])[1:])  # the control variate helps
+
+
+def test_control_variate_algebra():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(50, 3))
+    out = so.control_variate_mean(2 * z + 3, z, np.array([0.5, 0.0, -1.0]))
+    np.testing.assert_allclose(out["estimate"], [4.0, 3.0, 1.0], atol=1e-12)
+    np.testing.assert_allclose(out["se"], 0, atol=1e-12)
+    np.testing.assert_allclose(out["beta"], 2.0)
+    np.testing.assert_allclose(out["raw_se"], 2 * z.std(0, ddof=1) / np.sqrt(50))
+
+
+def power_law_row(alpha=1e-6, beta=1e-12, last=400):
+    """``E = αk + βk⁴``, ``GD = βk⁴``: noise and deterministic parts cross at ``(α/β)^{1/3}``."""
+    steps = np.unique(np.geomspace(1, last, 30).round())
+    every = np.arange(1, last + 1.0)
+    mc = {"estimate": alpha * steps + beta * steps**4, "se": np.full(steps.size, 1e-3)}
+    mc["raw_mean"], mc["raw_se"] = mc["estimate"], mc["se"]
+    fc = {
+        "deterministic": beta * every**4,
+        "noise": alpha * every,
+        "grid_mean": mc["estimate"] * (1 + 1e-9),
+        "grid_in_window": steps <= 300,
+        "validity_step": 300.0,
+    }
+    return steps, mc, beta * steps**4, fc, (alpha / beta) ** (1 / 3)
+
+
+def test_checks_on_power_laws():
+    steps, mc, gd, fc, cross = power_law_row()
+    c = so.checks(CONFIG, 1e-3, steps, mc, gd, fc, k_n=cross)
+    assert c["exponent"] == pytest.approx(1, abs=2e-3)  # k ≤ k_n/10: βk³/α ≤ 1e-3
+    assert c["crossover_measured"] == pytest.approx(cross, rel=1e-6)
+    assert c["crossover_forecast"] == pytest.approx(cross, rel=1e-6)
+    assert c["crossover_in_window"] and c["max_z"] < 1e-3
+    claims = so._row_claims({"checks": c}, CONFIG, "cmd", "synthetic")
+    assert [x.passed for x in claims] == [True, True, True]
+
+
+def test_transformer_row_from_synthetic_rows():
+    lr, batch, gamma, k_n = CONFIG.tf_lr, CONFIG.tf_batch, 2.0, 100.0
+    trace = k_n**3 * batch * gamma**2 * lr**2 / 4  # the two-term law's k_n
+    steps = np.unique(np.geomspace(1, 400, 30).round())
+    gd = gamma**2 * (lr * steps) ** 4 / 8  # the deterministic quartic
+    rng = np.random.default_rng(0)
+    z = np.outer(1 + 0.1 * rng.normal(size=8), 0.5 * lr**2 * steps * trace / batch)
+    y = z + gd  # the linear noise walk plus the quartic: they cross at k_n
+    det = {
+        "seed": -1,
+        "steps": steps,
+        "gd_projected": gd,
+        "gd_kl": gd + 1e-9 * steps**2,
+        "trace_fm_sigma": trace,
+        "trace_f_sigma": trace,
+        "gamma": gamma,
+        "tail_quadratic": 1.0,
+        "pg_norm": 0.0,
+        "H_norm": 1.0,
+    }
+    runs = [{"seed": i, "projected": y[i], "control": z[i], "kl": y[i]} for i in range(8)]
+    t = so.transformer_row(CONFIG, [det, *runs])
+    assert t["k_n"] == pytest.approx(k_n, rel=1e-9)
+    assert t["exponent"] == pytest.approx(1, abs=2e-3)  # k ≤ 10: the quartic is ≤ 1e-3
+    assert t["crossover_measured"] == pytest.approx(k_n, rel=1e-6)  # β̂ = 1: exact
+    assert so.transformer_row(CONFIG, [det]) is None
