@@ -62,6 +62,21 @@ figures: `figures/`.
 """
 
 
+def _other_rows(claims: list[Claim]) -> str:
+    """The rows that are not checks, counted by kind: control, reported, not run."""
+    counts = {"control": 0, "reported without a verdict": 0, "not run": 0}
+    for c in claims:
+        if c.labels == Claim.labels:
+            continue
+        if "control" in c.verdict:
+            counts["control"] += 1
+        elif c.verdict == "not run":
+            counts["not run"] += 1
+        else:
+            counts["reported without a verdict"] += 1
+    return ", ".join(f"{n} {kind}" for kind, n in counts.items() if n)
+
+
 def render(claims: list[Claim], seconds: float) -> str:
     """The markdown table for ``claims``."""
 
@@ -76,7 +91,7 @@ def render(claims: list[Claim], seconds: float) -> str:
     checks = [c for c in claims if c.labels == Claim.labels]
     footer = (
         f"\n{sum(c.passed for c in checks)} of {len(checks)} claims reproduced "
-        f"({len(claims) - len(checks)} control rows); "
+        f"({_other_rows(claims)}); "
         f"main job wall time {seconds:.0f} s on {jax.devices()[0].platform.upper()}.\n"
     )
     return HEADER + "\n".join(rows) + "\n" + footer
