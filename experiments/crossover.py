@@ -52,20 +52,25 @@ def _slope3_time(ts: np.ndarray, ys: np.ndarray) -> float:
     return float(np.exp(np.log(ts[i - 1]) + frac * np.log(ts[i] / ts[i - 1])))
 
 
+def _landscape(config: Config, eps: float):
+    """The config's quadratic landscape at ``ε = eps`` (no tail)."""
+    return landscapes.make_quadratic_landscape(
+        jax.random.key(config.seed),
+        config.n,
+        config.d,
+        top=config.top,
+        tail_mass=0.0,
+        epsilon=float(eps),
+        coupling=config.coupling,
+        curvature_scale=0.1,
+    )
+
+
 def compute(config: Config) -> dict:
     """Predicted and measured crossover time for every ε; the results payload."""
     rows = []
     for eps in config.epsilons:
-        L = landscapes.make_quadratic_landscape(
-            jax.random.key(config.seed),
-            config.n,
-            config.d,
-            top=config.top,
-            tail_mass=0.0,
-            epsilon=float(eps),
-            coupling=config.coupling,
-            curvature_scale=0.1,
-        )
+        L = _landscape(config, eps)
         r = L.aic(config.d)
         ts = np.logspace(
             np.log10(r.crossover_time) - 3, np.log10(r.crossover_time) + 2, config.num_times
@@ -136,16 +141,7 @@ def check_config(config: Config) -> None:
             f"need epsilons and num_times ≥ 3, got {config.epsilons}, {config.num_times}"
         )
     for eps in config.epsilons:
-        landscapes.make_quadratic_landscape(
-            jax.random.key(config.seed),
-            config.n,
-            config.d,
-            top=config.top,
-            tail_mass=0.0,
-            epsilon=float(eps),
-            coupling=config.coupling,
-            curvature_scale=0.1,
-        )
+        _landscape(config, eps)
 
 
 sweep_cell = theory_sweep_cell(NAME, compute, claims, ("max_relative_error", "rows"))

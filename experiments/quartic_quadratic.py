@@ -43,9 +43,9 @@ QUICK = Config(n=64, d=4, top=(4.0, 3.0, 2.0, 1.0), tail_mass=0.2, num_times=241
 TINY = Config(n=16, d=2, top=(2.0, 1.0), tail_mass=0.1, num_times=121)
 
 
-def compute(config: Config) -> dict:
-    """The exact flow's Δu and projected loss, the AIC report and the onset fit; the payload."""
-    L = landscapes.make_quadratic_landscape(
+def _landscape(config: Config):
+    """The config's quadratic landscape (ε = 0: ``Pc = 0``)."""
+    return landscapes.make_quadratic_landscape(
         jax.random.key(config.seed),
         config.n,
         config.d,
@@ -54,6 +54,11 @@ def compute(config: Config) -> dict:
         epsilon=0.0,
         coupling=config.coupling,
     )
+
+
+def compute(config: Config) -> dict:
+    """The exact flow's Δu and projected loss, the AIC report and the onset fit; the payload."""
+    L = _landscape(config)
     r = L.aic(config.d)
     ts = np.logspace(np.log10(config.t_min), np.log10(config.t_max), config.num_times)
     projected = np.asarray(L.projected_loss(ts))
@@ -157,15 +162,7 @@ def check_config(config: Config) -> None:
             f"need 0 < t_min < t_max and num_times ≥ 2, got t_min={config.t_min}, "
             f"t_max={config.t_max}, num_times={config.num_times}"
         )
-    landscapes.make_quadratic_landscape(
-        jax.random.key(config.seed),
-        config.n,
-        config.d,
-        top=config.top,
-        tail_mass=config.tail_mass,
-        epsilon=0.0,
-        coupling=config.coupling,
-    )
+    _landscape(config)
 
 
 sweep_cell = theory_sweep_cell(
