@@ -37,6 +37,7 @@ FULL_EXPERIMENTS = (  # geomcollapse.cli.EXPERIMENTS (tested equal; not imported
     "defences",
     "validation",
     "early_warning",  # re-analyses committed rows: --full is the same as --quick
+    "sgd_onset",  # the quadratic row; the transformer rows are a sweep's committed rows
 )
 SWEEPS = ("prediction", "defences")
 # Targets of the issue for one H100/H200-class GPU.

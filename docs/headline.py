@@ -6,8 +6,9 @@ while the README's table differs from what this produces from the current
 ``paper_repro.md``. One row per claim with a computed verdict: the
 experiment, the claim, the prediction and the measurement (each abridged to
 ``CELL_CHARS`` characters; the full text is in ``paper_repro.md``) and the
-verdict. Rows that only report a measurement (verdict ``measured``) are
-counted under the table, not shown: the README stays one screen as they grow.
+verdict. Rows without a verdict (``measured``, ``reported (no verdict)``,
+``partial: no verdict``, ``not testable``, ``not run``) are counted under the
+table, not shown: the README stays one screen as they grow.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ PAPER_REPRO = ROOT / "paper_repro.md"
 MARKER = "headline"
 CELL_CHARS = 72
 
+NO_VERDICT = {"measured", "reported (no verdict)", "partial: no verdict", "not testable", "not run"}
 _CELL_SPLIT = re.compile(r"(?<!\\)\|")
 _EXPERIMENT = re.compile(r"python -m experiments\.(\w+)")
 # "(Sec. 7 claims it for skill Fishers: issue #4)": a tracker reference means
@@ -80,7 +82,7 @@ def headline_table(text: str) -> str:
     ]
     previous = None
     rows = parse_rows(text)
-    reported = [r for r in rows if r["verdict"].strip("*") == "measured"]
+    reported = [r for r in rows if r["verdict"].strip("*") in NO_VERDICT]
     for row in rows:
         if row in reported:
             continue
@@ -100,7 +102,8 @@ def headline_table(text: str) -> str:
         out += [
             "",
             f"Not shown: {len(reported)} row{'s' * (len(reported) != 1)} that report"
-            f"{'s' * (len(reported) == 1)} a measurement without a verdict (in paper_repro.md).",
+            f"{'s' * (len(reported) == 1)} a measurement without a verdict or are not run yet "
+            "(in paper_repro.md).",
         ]
     return "\n".join(out)
 

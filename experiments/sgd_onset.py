@@ -654,7 +654,7 @@ def _quadratic_panel(ax, r: dict) -> None:
     ax.set_ylim(0.1 * np.min(r["monte_carlo"]["estimate"]), None)
     ax.set_xlabel("SGD step $k$")
     ax.set_ylabel(r"$E[\Delta u]$")
-    ax.set_title("quadratic, no tail")
+    ax.set_title("(a) quadratic, no tail", loc="left")
 
 
 def _transformer_panel(ax, t: dict) -> None:
@@ -668,7 +668,7 @@ def _transformer_panel(ax, t: dict) -> None:
     ax.set_ylim(0.1 * np.min(t["monte_carlo"]["estimate"]), 3 * np.max(t["kl_mean"]))
     ax.set_xlabel("SGD step $k$")
     ax.set_ylabel(r"projected loss / KL $\Delta u$")
-    ax.set_title("tiny transformer, shift")
+    ax.set_title("(b) tiny transformer, shift", loc="left")
 
 
 def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None) -> dict:

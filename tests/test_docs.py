@@ -249,15 +249,17 @@ def test_headline_shows_verdict_rows_and_counts_the_reported_ones():
             "| A holds | `python -m experiments.a` | 1 | 1.0 | **reproduced** |",
             "| B reported | `python -m experiments.a` | reported | 2.0 | **measured** |",
             "| C fails | `python -m experiments.b` | 3 | 4.0 | **NOT reproduced** |",
+            "| D later | `python -m experiments.b` | 5 | rows not committed | **not run** |",
             "",
             "1 of 2 claims reproduced; main job wall time 1 s on CPU.",
         ]
     )
     table = headline.headline_table(text)
     assert "| `a` | A holds |" in table and "| `b` | C fails |" in table
-    assert "B reported" not in table
+    assert "B reported" not in table and "D later" not in table
     assert table.endswith(
-        "Not shown: 1 row that reports a measurement without a verdict (in paper_repro.md)."
+        "Not shown: 2 rows that report a measurement without a verdict or are not run yet "
+        "(in paper_repro.md)."
     )
 
 

@@ -71,6 +71,12 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
         "(b) tiny, fresh seeds",
         "(c) tiny, fresh seeds",
         "(f) a stop rule that transfers",
+        # the SGD onset's crossover and forecast rows (experiments.sgd_onset): on the tiny
+        # config (64 seeds) the crossover falls outside the forecast's window and the forecast
+        # check fails as in the main job; tests/test_sgd_onset.py checks the verdicts against
+        # their numbers on synthetic power laws and rows
+        "SGD noise/deterministic crossover",
+        "series.sgd_delta_u forecast vs Monte Carlo",
     )
     assert all(
         c.passed
