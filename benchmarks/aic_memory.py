@@ -1,11 +1,11 @@
-"""Peak memory above the loaded model: ``measure_aic`` (d = 10) and ``top_eigenpairs`` at 1M.
+"""Peak memory above the loaded model: ``measure_aic`` (d = 10), ``top_eigenpairs``, one FVP at 1M.
 
 Problem: MLP 784-1024-256-10 (1,068,810 parameters, float32), the true Fisher
 on 256 examples. For each call (twice: cold, then warm), this process's
 ``VmRSS`` before it and its ``VmHWM`` (peak, reset through
 ``/proc/self/clear_refs`` just before the call) after it, with the Lanczos
 basis size (steps rounded up to blocks of 8 rows × n × 4 bytes) for scale.
-Linux only. Run: ``.venv/bin/python -m benchmarks.aic_memory {aic|lanczos}``.
+Linux only. Run: ``.venv/bin/python -m benchmarks.aic_memory {aic|lanczos|fvp}``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ def main(which: str) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         start = time.perf_counter()
-        if which == "lanczos":
+        if which == "fvp":  # one Fisher-vector product: the goal's "workspace"
+            jax.block_until_ready(jfvp(params, params, skill_x))
+            pairs = None
+        elif which == "lanczos":
             pairs = linalg.top_eigenpairs(
                 lambda v: jfvp(params, v, skill_x), params, 10, key=jax.random.key(1)
             )
@@ -66,7 +69,7 @@ def main(which: str) -> dict:
                 fisher_args=(skill_x,),
                 loss_args=(task_x, task_y),
             ).eigenpairs
-        steps = int(pairs.num_matvecs) - 10
+        steps = 0 if pairs is None else int(pairs.num_matvecs) - 10
         out[run] = {
             "peak_above_MiB": (_status("VmHWM:") - base) / 2**20,
             "basis_MiB": 8 * -(-steps // 8) * n * 4 / 2**20,

@@ -181,11 +181,22 @@ def rademacher_probes(key: jax.Array, num: int, n: int, dtype) -> jax.Array:
     Same distribution as ``jax.random.rademacher``, which spends one threefry
     draw per entry: on the 2-core CPU, 64 probes of 1,068,810 entries took
     1.4 s that way against 0.2 s here, more than their 64 Fisher matvecs.
+    Row ``i`` depends only on ``key`` and ``i`` (threefry counters are the
+    entries' indices), so the first rows of a larger draw are a smaller draw.
     """
-    words = -(-n // 32)
-    bits = jax.random.bits(key, (num, words), jnp.uint32)
-    signs = (bits[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
-    return (2 * signs.reshape(num, words * 32)[:, :n].astype(dtype) - 1).astype(dtype)
+    return _probe_signs(_probe_bits(key, num, n), n, dtype)
+
+
+def _probe_bits(key: jax.Array, num: int, n: int) -> jax.Array:
+    """``(num, ⌈n/32⌉)`` random ``uint32`` words: :func:`rademacher_probes`' draw."""
+    return jax.random.bits(key, (num, -(-n // 32)), jnp.uint32)
+
+
+def _probe_signs(bits: jax.Array, n: int, dtype) -> jax.Array:
+    """``(..., n)`` ±1 in ``dtype``: bit ``b`` of word ``w`` gives entry ``32w + b``."""
+    signs = (bits[..., None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    signs = signs.reshape(*bits.shape[:-1], bits.shape[-1] * 32)[..., :n]
+    return (2 * signs.astype(dtype) - 1).astype(dtype)
 
 
 def fisher_trace(
@@ -259,40 +270,66 @@ def tail_mass(
         return _tail_mass(sums, None, n, dtype, d, top_eigenvalue)
     key = prng_key(key)
     num_probes = probe_count(num_probes)
-    chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
-    terms = _JITTED_HUTCHINSON(op, key, Vd, num_probes, min(chunk, num_probes))
+    terms = _JITTED_HUTCHINSON(op, key, Vd, num_probes, _probe_batch(n, dtype))
     terms = np.asarray(terms, np.float64)
     return _tail_mass(terms.sum(axis=0), terms[:, 0], n, dtype, d, top_eigenvalue)
 
 
-# Hutchinson probes per compiled batch, and the most memory one batch of probes may take.
-# Measured on the 2-core CPU (1,068,810-parameter MLP, 64 probes, Fisher matvec 13 ms):
-# 16 per batch 0.90 s, 8 1.03 s, 64 1.00 s, 1 1.30 s; the former eager route (all 64
-# probes drawn, deflated, then one vmapped call) 1.32 s, 0.4 s of it making and
-# deflating the (64, n) probe matrix outside the compiled matvec.
-_PROBE_CHUNK = 16
-_PROBE_CHUNK_BYTES = 1 << 26
+# Hutchinson probes per random key (the draw: fixed, so the probes do not depend on
+# memory), and the most memory one vmapped batch of probes may take (the batch only
+# groups matvecs). Measured on the 2-core CPU (1,068,810-parameter MLP, 64 probes,
+# Fisher matvec 13 ms): 16 per batch 0.90 s, 8 1.03 s, 64 1.00 s, 1 1.30 s; the former
+# eager route (all 64 probes drawn, deflated, then one vmapped call) 1.32 s, 0.4 s of it
+# making and deflating the (64, n) probe matrix outside the compiled matvec.
+# measure_aic's peak above the model there (d = 10, warm; benchmarks/aic_memory.py):
+# 275-294 MiB with batches of 15 probes (64 MiB); 199-230 MiB (4 runs) with 16 MiB (3).
+_PROBE_DRAW = 16
+_PROBE_BATCH_BYTES = 1 << 24
+
+
+def _probe_batch(n: int, dtype) -> int:
+    """Probes per vmapped batch of Fisher matvecs: ``_PROBE_BATCH_BYTES`` of probes, 1 to 16."""
+    return int(np.clip(_PROBE_BATCH_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_DRAW))
+
+
+def _hutchinson_draws(key: jax.Array, num: int, n: int, row_terms: Callable) -> jax.Array:
+    """``(num, 4)`` ``row_terms(words)`` over the words of ``num`` probes, ``_PROBE_DRAW`` per key.
+
+    Probe ``16c + i`` is row ``i`` of :func:`rademacher_probes` of ``fold_in(key, c)``;
+    ``row_terms`` maps one probe's ``(⌈n/32⌉,)`` words to its ``(4,)`` terms and is
+    vmapped in batches inside (``lax.map(batch_size=…)`` by the caller's closure).
+    """
+    full, rest = divmod(num, _PROBE_DRAW)
+
+    def draw(c, size):
+        return row_terms(_probe_bits(jax.random.fold_in(key, c), size, n))
+
+    parts = []
+    if full == 1:  # one draw: no loop to compile
+        parts.append(draw(0, _PROBE_DRAW))
+    elif full:
+        parts.append(jax.lax.map(lambda c: draw(c, _PROBE_DRAW), jnp.arange(full)).reshape(-1, 4))
+    if rest:
+        parts.append(draw(full, rest))
+    return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
 def _hutchinson_samples(
-    op: LinearOperator, key: jax.Array, Vd: jax.Array, num: int, chunk: int
+    op: LinearOperator, key: jax.Array, Vd: jax.Array, num: int, batch: int
 ) -> jax.Array:
     """``(num, 4)`` :func:`_probe` terms of ``num`` Rademacher probes deflated by ``Vd``.
 
-    Probe batch ``c`` is :func:`rademacher_probes` of ``fold_in(key, c)``, made
-    and deflated (``z − (zVdᵀ)Vd``) inside the compiled loop, so the ``(num, n)``
-    probe matrix never exists.
+    The probes of :func:`_hutchinson_draws`, each made from its words and deflated
+    (``z − (zVdᵀ)Vd``) inside the compiled loop, ``batch`` matvecs at a time: the
+    ``(num, n)`` probe matrix never exists, and ``batch`` changes no number.
     """
     n = Vd.shape[1]
 
-    def batch(c, size):
-        z = rademacher_probes(jax.random.fold_in(key, c), size, n, Vd.dtype)
-        z = z - (z @ Vd.T) @ Vd
-        return _probe(op, z)
+    def one(words):
+        z = _probe_signs(words, n, Vd.dtype)[None]
+        return _probe(op, z - (z @ Vd.T) @ Vd)[0]
 
-    full, rest = divmod(num, chunk)
-    out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1, 4)
-    return jnp.concatenate([out, batch(full, rest)]) if rest else out
+    return _hutchinson_draws(key, num, n, lambda w: jax.lax.map(one, w, batch_size=batch))
 
 
 _JITTED_HUTCHINSON = jax.jit(_hutchinson_samples, static_argnums=(3, 4))
@@ -379,25 +416,21 @@ def _tree_probe_terms(fisher_vp, layout: Layout, z, basis, params, args) -> jax.
 
 
 @partial(jax.jit, static_argnums=(0, 1, 5, 6))
-def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, chunk: int, args):
+def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, batch: int, args):
     """As :func:`_hutchinson_samples` with probes and basis laid out like the parameters.
 
-    The probes are the flat path's (same key, same values), unraveled per batch
-    and deflated by the stacked basis: ``z − Σ_i ⟨v_i, z⟩ v_i``. Returns the
-    ``(num,)`` samples and the ``(4,)`` terms summed over probes.
+    The probes are the flat path's (same key, same values), unraveled one by one
+    (``batch`` matvecs at a time) and deflated by the stacked basis:
+    ``z − Σ_i ⟨v_i, z⟩ v_i``. Returns the ``(num,)`` samples and the ``(4,)``
+    terms summed over probes.
     """
 
-    def batch(c, size):
-        z = rademacher_probes(jax.random.fold_in(key, c), size, layout.n, layout.dtype)
-        z = jax.lax.with_sharding_constraint(layout.unravel(z), layout.stacked)
-        return _tree_probe_terms(fisher_vp, layout, z, basis, params, args)
+    def one(words):
+        z = layout.unravel(_probe_signs(words, layout.n, layout.dtype)[None])
+        z = jax.lax.with_sharding_constraint(z, layout.stacked)
+        return _tree_probe_terms(fisher_vp, layout, z, basis, params, args)[0]
 
-    full, rest = divmod(num, chunk)
-    if full == 1:  # one batch: no loop to compile
-        out = batch(0, chunk)
-    else:
-        out = jax.lax.map(lambda c: batch(c, chunk), jnp.arange(full)).reshape(-1, 4)
-    out = jnp.concatenate([out, batch(full, rest)]) if rest else out
+    out = _hutchinson_draws(key, num, layout.n, lambda w: jax.lax.map(one, w, batch_size=batch))
     return out[:, 0], jnp.sum(out, axis=0)
 
 
@@ -473,7 +506,6 @@ def _tree_tail_mass(
         raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
     key = prng_key(key)
     num_probes = probe_count(num_probes)
-    chunk = int(np.clip(_PROBE_CHUNK_BYTES // (n * np.dtype(dtype).itemsize), 1, _PROBE_CHUNK))
     samples, sums = jax.device_get(
         _tree_hutchinson(
             fisher_vp,
@@ -482,7 +514,7 @@ def _tree_tail_mass(
             deflate,
             params,
             num_probes,
-            min(chunk, num_probes),
+            _probe_batch(n, dtype),
             args,
         )
     )

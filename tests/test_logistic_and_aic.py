@@ -325,15 +325,18 @@ def test_rademacher_probes_are_independent_signs():
     assert np.mean(other == z) < 0.55
 
 
+@pytest.mark.parametrize("batch", [16, 3, 1])
 @pytest.mark.parametrize("num_probes", [37, 16, 2])
-def test_hutchinson_samples_are_deflated_probe_quadratics(num_probes, monkeypatch):
+def test_hutchinson_samples_are_deflated_probe_quadratics(num_probes, batch, monkeypatch):
     """Dense twin: each Hutchinson sample is ``zᵀ(I−P)A(I−P)z`` for the documented probes.
 
-    Probe batch ``c`` is ``rademacher_probes(fold_in(key, c), chunk, n)``; 37 probes
-    in batches of 16 leave a remainder of 5. The trace and its standard error
-    are the sample mean and standard error of exactly these numbers.
+    Probe draw ``c`` is ``rademacher_probes(fold_in(key, c), 16, n)``; 37 probes
+    leave a remainder of 5. The trace and its standard error are the sample
+    mean and standard error of exactly these numbers, whatever the memory
+    budget's batch of matvecs (16, 3 or 1 probes at a time).
     """
-    monkeypatch.setattr(aic, "_PROBE_CHUNK", 16)
+    monkeypatch.setattr(aic, "_PROBE_DRAW", 16)
+    monkeypatch.setattr(aic, "_PROBE_BATCH_BYTES", batch * 40 * 8)
     n, d = 40, 3
     rng = np.random.default_rng(0)
     B = rng.standard_normal((n, n))
