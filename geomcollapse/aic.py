@@ -32,6 +32,7 @@ from geomcollapse._checks import (
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
 from geomcollapse.curvature import LinearOperator, apply, as_operator, hessian_vp, keyed
+from geomcollapse.errors import NotSymmetricError
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -638,27 +639,31 @@ def measure_aic(
 
     Raises:
       ValueError: bad or non-finite input; eigenpairs not converged (unless
-        ``allow_unconverged``).
+        ``allow_unconverged``); :class:`geomcollapse.errors.NotSymmetricError`
+        (a ``ValueError``) naming ``fisher_vp`` when its matvec is not symmetric.
     """
     check_params(params)
     key = prng_key(key)
     trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
     loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
-    out = route(
-        fisher_vp,
-        loss_fn,
-        params,
-        d,
-        key,
-        tuple(fisher_args),
-        tuple(loss_args),
-        trace,
-        num_probes,
-        tol,
-        max_matvecs,
-        allow_unconverged,
-    )
+    try:
+        out = route(
+            fisher_vp,
+            loss_fn,
+            params,
+            d,
+            key,
+            tuple(fisher_args),
+            tuple(loss_args),
+            trace,
+            num_probes,
+            tol,
+            max_matvecs,
+            allow_unconverged,
+        )
+    except NotSymmetricError as err:  # Lanczos saw it; the user knows the argument's name
+        raise NotSymmetricError(f"fisher_vp: {err} (a Fisher F = JᵀΛJ is symmetric)") from None
     return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
 
 

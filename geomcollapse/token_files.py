@@ -6,7 +6,8 @@ A token file holds ``N`` sequences of token ids (docs/diagnose.md):
 * ``.npz``: an integer array ``tokens`` ``(N, T)``, optionally ``answer_start``
   ``(N,)`` and, for a task file, ``targets`` ``(N, T)`` and ``mask`` ``(N, T)``
   (a :class:`geomcollapse.tasks.TokenBatch` saved by ``np.savez(path,
-  **batch._asdict())`` is one); other arrays are ignored.
+  **batch._asdict())`` is one, its ``harmful`` array not read); any other
+  array is refused (a misspelled name would otherwise be read as a default).
 * ``.jsonl``: one sequence per line, a JSON list of ids or an object
   ``{"tokens": [...], "answer_start": s}`` (``answer_start`` optional, any other
   key refused); rows
@@ -93,8 +94,14 @@ def _read_npz(path: Path) -> dict:
         with np.load(path, allow_pickle=False) as archive:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise ValueError(f"{path}: is not an .npz archive")
-            data = {k: archive[k] for k in archive.files if k in _NPZ_KEYS}
             found = sorted(archive.files)
+            unknown = sorted(set(found) - set(_NPZ_KEYS) - {"harmful"})
+            if unknown:  # a misspelled 'answer_start' would be read as the default, silently
+                raise ValueError(
+                    f"{path}: unknown arrays {unknown}; an archive holds only "
+                    f"{list(_NPZ_KEYS)} (and a TokenBatch's 'harmful', not read)"
+                )
+            data = {k: archive[k] for k in archive.files if k in _NPZ_KEYS}
     except ValueError:
         raise
     except Exception as err:

@@ -50,6 +50,13 @@ def vector_loss(w, x, y):
     return jnp.mean(x @ w, axis=0)
 
 
+ASYM = np.eye(P * C) + 0.5 * np.triu(np.ones((P * C, P * C)), 1)  # PSD part I, not symmetric
+
+
+def asymmetric(w, v, *_):
+    return (jnp.asarray(ASYM, v.dtype) @ v.ravel()).reshape(v.shape)
+
+
 def indefinite(w, v, *_):
     return (D_INDEF * v.ravel()).reshape(v.shape)
 
@@ -114,6 +121,9 @@ CASES = [
     # tail mass −42.5 returned as a number
     ("measure_aic-indefinite-fisher", lambda: measure(fisher_vp=indefinite, fisher_args=()),
      r"^fisher_vp is not positive semidefinite at params \(tail mass"),
+    # "matvec is not symmetric", naming no argument
+    ("measure_aic-asymmetric-fisher", lambda: measure(fisher_vp=asymmetric, fisher_args=()),
+     r"^fisher_vp: matvec is not symmetric"),
     # a NaN coupling in the report
     ("measure_aic-inf-loss_args", lambda: measure(loss_args=(INF_X, Y)),
      r"^loss_args has 1 non-finite"),
@@ -204,6 +214,13 @@ def test_a_flat_loss_is_said_to_be_flat_not_safe():
     assert any(w.startswith("task_loss: its gradient and Hg are exactly zero") for w in dg.warnings)
     # a differentiable loss is not flagged
     assert not any("exactly zero" in w for w in diag().warnings)
+    # the forecast alone says so too (before: all-zero coefficients, no warning)
+    with pytest.warns(UserWarning, match=r"^task_loss: its gradient and Hg are exactly zero"):
+        s = forecast(task_loss=argmax_error)
+    assert np.all(np.asarray(s.delta_u) == 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert float(forecast().delta_u[2]) > 0.0  # a differentiable loss: no warning
 
 
 def test_a_token_file_refuses_unknown_keys(tmp_path):
@@ -216,6 +233,15 @@ def test_a_token_file_refuses_unknown_keys(tmp_path):
     config = models.TransformerConfig(vocab=8, context=6, d_model=4, heads=2, layers=1)
     with pytest.raises(ValueError, match=r"skill\.jsonl: line 1: unknown keys \['answer_strat'\]"):
         token_files.read_token_file(path, "skill", config)
+    # an .npz archive (before: the misspelled array was ignored, the default start read)
+    tokens = np.array([[1, 2, 3, 4], [1, 2, 3, 0]])
+    npz = tmp_path / "skill.npz"
+    np.savez(npz, tokens=tokens, answer_strat=np.array([1, 1]))
+    with pytest.raises(ValueError, match=r"skill\.npz: unknown arrays \['answer_strat'\]"):
+        token_files.read_token_file(npz, "skill", config)
+    np.savez(npz, tokens=tokens, answer_start=np.array([1, 1]), harmful=np.array([1, 0]))
+    got = token_files.read_token_file(npz, "skill", config)  # a TokenBatch's own arrays
+    assert np.array_equal(np.asarray(got.answer_start), [1, 1])
 
 
 def test_save_checkpoint_refuses_non_finite_weights(tmp_path):

@@ -37,6 +37,8 @@ from geomcollapse._checks import (
     check_data,
     check_params,
     finite_leaves,
+    flat_loss,
+    is_concrete,
     positive_float,
     positive_int,
     scalar_loss,
@@ -615,6 +617,10 @@ def delta_u_series(
 
     Raises:
       ValueError: non-finite ``params``, ``order < 1``, a malformed ``subspace``.
+
+    Warns (``UserWarning``) when ``task_loss``'s gradient is exactly zero at
+    ``θ*`` (e.g. a loss built on ``argmax``): the zero forecast then says the
+    loss does not move ``θ``, not that fine-tuning is safe.
     """
     leaves, treedef = _params_leaves(params)
     order = positive_int(order, "order")
@@ -643,4 +649,15 @@ def delta_u_series(
         return Series(delta_u, projected, stacked, _route([*routes, u_route]))
 
     layout = Layout(params, "params") if is_sharded(params) else None
-    return _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))
+    out = _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))
+    _warn_if_flat(out.displacement)
+    return out
+
+
+def _warn_if_flat(displacement: PyTree) -> None:
+    """Warn (:func:`flat_loss`) when ``x₁ = −g(θ*)`` is exactly zero: every ``c_k`` is then 0."""
+    first = [x[0] for x in jax.tree_util.tree_leaves(displacement)]
+    if not all(is_concrete(x) for x in first):
+        return  # traced: nothing to say at trace time
+    if not any(bool(jnp.any(x != 0)) for x in first):
+        warnings.warn(flat_loss("task_loss", 0.0), UserWarning, stacklevel=3)
