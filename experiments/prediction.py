@@ -571,6 +571,12 @@ def _per_dataset(rows: list[dict], field: str, datasets) -> np.ndarray:
     return np.array([np.mean([r[field] for r in rows if r["dataset"] == d]) for d in datasets])
 
 
+def _seed_range(rows: list[dict], field: str, datasets) -> list[list[float]]:
+    """``[min, max]`` of ``field`` over the seeds, per dataset in ``datasets`` order."""
+    values = [[r[field] for r in rows if r["dataset"] == d] for d in datasets]
+    return [[float(np.min(v)), float(np.max(v))] for v in values]
+
+
 def _correlations(
     config: Config, rows: list[dict], harm: str = "harmfulness", intervals: bool = True
 ) -> dict:
@@ -880,35 +886,61 @@ def _forecast_claim(forecast: dict, config: Config, command: str) -> Claim:
 
 
 # ----------------------------------------------------------------------- figure
-FIGURE_NEEDS = ("table", "scores")
+FIGURE_NEEDS = ("table", "scores", "spread")
+
+
+def _seed_bars(ax, x, y, spread: dict, names: tuple[str, str], color, label: str) -> None:
+    """Per-dataset seed means ``(x, y)`` with bars over the seeds' range on both axes."""
+    x, y = np.asarray(x), np.asarray(y)
+    (xlo, xhi), (ylo, yhi) = (np.asarray(spread[n]).T for n in names)
+    ax.errorbar(
+        x,
+        y,
+        xerr=[x - xlo, xhi - x],
+        yerr=[y - ylo, yhi - y],
+        fmt="o",
+        ms=3,
+        elinewidth=0.5,
+        capsize=0,
+        alpha=0.85,
+        color=color,
+        label=label,
+    )
 
 
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """Harmfulness against the overlap score per horizon (full and LoRA), and ρ per horizon."""
+    """Harmfulness against the overlap score (seed means per dataset, bars: range over the
+    seeds) at the primary horizon, full and LoRA; and ρ per horizon with its interval."""
 
     config = results["config"]
     table = results["table"]
-    d0 = config["dims"][0]
+    d0, K0 = config["dims"][0], config["primary_horizon"]
     primary = PRIMARY.format(d=d0)
-    opts = [o for o in config["optimizers"] if f"{o}/full/{config['primary_horizon']}" in table]
+    opts = [o for o in config["optimizers"] if f"{o}/full/{K0}" in table]
     fig, axes = style.subplots(2, len(opts), height=2.6 * len(opts) + 0.4)
     axes = np.atleast_2d(axes)
+    seeds = len(config["seeds"])
+    left = ", ".join(f"({chr(ord('a') + 2 * k)})" for k in range(len(opts)))
+    what = f"seed mean per dataset, bars: range of {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{config['size']}, {len(config['datasets'])} datasets; {left}: {what}")
     for k, (row, opt) in enumerate(zip(axes, opts, strict=True)):
         ax = row[0]
         ax.set_title(f"({chr(ord('a') + 2 * k)}) {opt}: harm against overlap", loc="left")
         for j, method in enumerate(config["methods"]):
-            entry = table.get(f"{opt}/{method}/{config['primary_horizon']}")
+            entry = table.get(f"{opt}/{method}/{K0}")
             if entry is None:
                 continue
-            ax.scatter(
-                _scores(results, opt, method, config["primary_horizon"], primary),
+            _seed_bars(
+                ax,
+                _scores(results, opt, method, K0, primary),
                 entry["harmfulness"],
-                s=14,
-                color=style.PALETTE[j % len(style.PALETTE)],
-                label=method,
+                results["spread"][f"{opt}/{method}/{K0}"],
+                (primary, "harmfulness"),
+                style.PALETTE[j % len(style.PALETTE)],
+                method,
             )
-        ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {config['primary_horizon']}")
+        ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {K0}")
         ax.set_ylabel(f"harmfulness ({opt})")
         ax = row[1]
         ax.set_title(f"({chr(ord('a') + 2 * k + 1)}) {opt}: ρ per horizon, 95 % CI", loc="left")
@@ -972,6 +1004,7 @@ def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
 def _results(config: Config, rows: list[dict]) -> dict:
     results = analyse(config, rows)
     scores: dict = {}
+    spread: dict = {}
     for key in results["table"]:
         opt, method, K = key.split("/")
         sel = [
@@ -979,7 +1012,10 @@ def _results(config: Config, rows: list[dict]) -> dict:
         ]
         names = _predictor_names(config, False)
         scores[key] = {n: _per_dataset(sel, n, results["datasets"]).tolist() for n in names}
-    results["scores"] = scores
+        if int(K) == config.primary_horizon:  # the figure's seed ranges (its bars)
+            fields = (PRIMARY.format(d=config.dims[0]), "harmfulness")
+            spread[key] = {f: _seed_range(sel, f, results["datasets"]) for f in fields}
+    results["scores"], results["spread"] = scores, spread
     return results
 
 
