@@ -179,20 +179,36 @@ def skill_prompts(num_prompts: int, seed: int) -> tasks.TokenBatch:
     return tasks.harmful_prompts(_setup_keys(seed)[0], num_prompts)
 
 
+def geometry_dtype() -> jnp.dtype:
+    """The dtype of the geometry (``M``, ``Δu``, the projections): float64 where JAX has it,
+    float32 with ``jax_enable_x64`` off (a TPU has no float64; docs/early_warning.md)."""
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def lanczos_tol(dtype) -> float | None:
+    """``M``'s Lanczos tolerance: the study's 1e-8 in float64; in float32, which cannot
+    certify 1e-8, the library's default (100·eps ≈ 1.2e-5 of ‖F‖)."""
+    return 1e-8 if jnp.dtype(dtype) == jnp.float64 else None
+
+
 @functools.lru_cache(maxsize=2)
-def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Setup:
+def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: str) -> _Setup:
+    """``θ*``, ``M`` and the skill at ``θ*``; the geometry in ``dtype`` (``geometry_dtype``:
+    every name ``…64`` below is float64 when x64 is on, as in the committed study)."""
     aligned = aligned_model(size, outdir)
     graphdef, params32 = aligned.graphdef, aligned.params
-    graphdef64, params64 = aligned.as_dtype(jnp.float64)  # the graph carries the compute dtype
+    graphdef64, params64 = aligned.as_dtype(dtype)  # the graph carries the compute dtype
     logits32 = models.transformer_logits(graphdef)
     logits64 = models.transformer_logits(graphdef64)
     _, k_eig, k_rand = _setup_keys(seed)
     skill = skill_prompts(num_prompts, seed)
     fvp = pipeline.skill_fisher_vp(logits64, params64, skill)
-    pairs = linalg.top_eigenpairs(fvp, params64, k, key=k_eig, tol=1e-8, progress=True)
+    pairs = linalg.top_eigenpairs(
+        fvp, params64, k, key=k_eig, tol=lanczos_tol(dtype), progress=True
+    )
     basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
     n = basis.shape[1]
-    random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), jnp.float64)))[0].T
+    random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), dtype)))[0].T
     harm, _ = pipeline.evaluation_sets(aligned.config)
     return _Setup(
         graphdef,
@@ -210,7 +226,10 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Set
 
 
 def _setup_for(config: Config, outdir: Path) -> _Setup:
-    return _setup(config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir))
+    dtype = geometry_dtype().name  # in the cache's key: x64 may be switched between calls
+    return _setup(
+        config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir), dtype
+    )
 
 
 def _dataset(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
@@ -299,7 +318,10 @@ def _predictor_cache(config: Config, outdir: Path) -> Path:
         "forecast_examples",
         "key_seed",
     )
-    key = json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True)
+    entries = {f: getattr(config, f) for f in fields}
+    if geometry_dtype() != jnp.float64:  # float64 caches keep their names
+        entries["dtype"] = geometry_dtype().name
+    key = json.dumps(entries, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(outdir) / "experiments" / "results" / "cache" / f"{NAME}_at_theta_{digest}.json"
 
@@ -533,11 +555,23 @@ def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_n
     if method != "full":
         row.update(_intruders(s, config, xs, r))
     row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
-    if opt_name == "sgd":
+    if opt_name == "sgd" and "forecast_coefficients" in at[name]:  # {}: the geometry only
         c = np.asarray(at[name]["forecast_coefficients"])
         row["eta_K"] = float(b.lr * K_h)
         row["forecast"] = float(np.polyval(c[::-1], b.lr * K_h))
     return row
+
+
+def geometry_rows(config: Config, outdir: Path) -> list[dict]:
+    """``sweep_cell``'s rows without the predictors at ``θ*``: the runs, their behaviour and
+    their geometry (``M``, ``E_k``, the projected loss, ``Δu``) in ``geometry_dtype()``."""
+    s = _setup_for(config, outdir)
+    at = {name: {} for name in config.datasets}
+    rows = []
+    for method in config.methods:
+        for opt in config.optimizers:
+            rows.extend(_runs(s, config, method, opt, at))
+    return rows
 
 
 # --------------------------------------------------------------------- analysis
