@@ -179,20 +179,36 @@ def skill_prompts(num_prompts: int, seed: int) -> tasks.TokenBatch:
     return tasks.harmful_prompts(_setup_keys(seed)[0], num_prompts)
 
 
+def geometry_dtype() -> jnp.dtype:
+    """The dtype of the geometry (``M``, ``Δu``, the projections): float64 where JAX has it,
+    float32 with ``jax_enable_x64`` off (a TPU has no float64; docs/early_warning.md)."""
+    return jnp.dtype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+
+
+def lanczos_tol(dtype) -> float | None:
+    """``M``'s Lanczos tolerance: the study's 1e-8 in float64; in float32, which cannot
+    certify 1e-8, the library's default (100·eps ≈ 1.2e-5 of ‖F‖)."""
+    return 1e-8 if jnp.dtype(dtype) == jnp.float64 else None
+
+
 @functools.lru_cache(maxsize=2)
-def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Setup:
+def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: str) -> _Setup:
+    """``θ*``, ``M`` and the skill at ``θ*``; the geometry in ``dtype`` (``geometry_dtype``:
+    every name ``…64`` below is float64 when x64 is on, as in the committed study)."""
     aligned = aligned_model(size, outdir)
     graphdef, params32 = aligned.graphdef, aligned.params
-    graphdef64, params64 = aligned.as_dtype(jnp.float64)  # the graph carries the compute dtype
+    graphdef64, params64 = aligned.as_dtype(dtype)  # the graph carries the compute dtype
     logits32 = models.transformer_logits(graphdef)
     logits64 = models.transformer_logits(graphdef64)
     _, k_eig, k_rand = _setup_keys(seed)
     skill = skill_prompts(num_prompts, seed)
     fvp = pipeline.skill_fisher_vp(logits64, params64, skill)
-    pairs = linalg.top_eigenpairs(fvp, params64, k, key=k_eig, tol=1e-8, progress=True)
+    pairs = linalg.top_eigenpairs(
+        fvp, params64, k, key=k_eig, tol=lanczos_tol(dtype), progress=True
+    )
     basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
     n = basis.shape[1]
-    random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), jnp.float64)))[0].T
+    random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), dtype)))[0].T
     harm, _ = pipeline.evaluation_sets(aligned.config)
     return _Setup(
         graphdef,
@@ -210,7 +226,10 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path) -> _Set
 
 
 def _setup_for(config: Config, outdir: Path) -> _Setup:
-    return _setup(config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir))
+    dtype = geometry_dtype().name  # in the cache's key: x64 may be switched between calls
+    return _setup(
+        config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir), dtype
+    )
 
 
 def _dataset(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
@@ -299,7 +318,10 @@ def _predictor_cache(config: Config, outdir: Path) -> Path:
         "forecast_examples",
         "key_seed",
     )
-    key = json.dumps({f: getattr(config, f) for f in fields}, sort_keys=True)
+    entries = {f: getattr(config, f) for f in fields}
+    if geometry_dtype() != jnp.float64:  # float64 caches keep their names
+        entries["dtype"] = geometry_dtype().name
+    key = json.dumps(entries, sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(outdir) / "experiments" / "results" / "cache" / f"{NAME}_at_theta_{digest}.json"
 
@@ -533,11 +555,23 @@ def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_n
     if method != "full":
         row.update(_intruders(s, config, xs, r))
     row.update({k: v for k, v in at[name].items() if k != "forecast_coefficients"})
-    if opt_name == "sgd":
+    if opt_name == "sgd" and "forecast_coefficients" in at[name]:  # {}: the geometry only
         c = np.asarray(at[name]["forecast_coefficients"])
         row["eta_K"] = float(b.lr * K_h)
         row["forecast"] = float(np.polyval(c[::-1], b.lr * K_h))
     return row
+
+
+def geometry_rows(config: Config, outdir: Path) -> list[dict]:
+    """``sweep_cell``'s rows without the predictors at ``θ*``: the runs, their behaviour and
+    their geometry (``M``, ``E_k``, the projected loss, ``Δu``) in ``geometry_dtype()``."""
+    s = _setup_for(config, outdir)
+    at = {name: {} for name in config.datasets}
+    rows = []
+    for method in config.methods:
+        for opt in config.optimizers:
+            rows.extend(_runs(s, config, method, opt, at))
+    return rows
 
 
 # --------------------------------------------------------------------- analysis
@@ -569,6 +603,12 @@ def _predictor_names(config: Config, with_forecast: bool) -> list[str]:
 def _per_dataset(rows: list[dict], field: str, datasets) -> np.ndarray:
     """Seed mean of ``field`` per dataset, in ``datasets`` order."""
     return np.array([np.mean([r[field] for r in rows if r["dataset"] == d]) for d in datasets])
+
+
+def _seed_range(rows: list[dict], field: str, datasets) -> list[list[float]]:
+    """``[min, max]`` of ``field`` over the seeds, per dataset in ``datasets`` order."""
+    values = [[r[field] for r in rows if r["dataset"] == d] for d in datasets]
+    return [[float(np.min(v)), float(np.max(v))] for v in values]
 
 
 def _correlations(
@@ -880,35 +920,61 @@ def _forecast_claim(forecast: dict, config: Config, command: str) -> Claim:
 
 
 # ----------------------------------------------------------------------- figure
-FIGURE_NEEDS = ("table", "scores")
+FIGURE_NEEDS = ("table", "scores", "spread")
+
+
+def _seed_bars(ax, x, y, spread: dict, names: tuple[str, str], color, label: str) -> None:
+    """Per-dataset seed means ``(x, y)`` with bars over the seeds' range on both axes."""
+    x, y = np.asarray(x), np.asarray(y)
+    (xlo, xhi), (ylo, yhi) = (np.asarray(spread[n]).T for n in names)
+    ax.errorbar(
+        x,
+        y,
+        xerr=[x - xlo, xhi - x],
+        yerr=[y - ylo, yhi - y],
+        fmt="o",
+        ms=3,
+        elinewidth=0.5,
+        capsize=0,
+        alpha=0.85,
+        color=color,
+        label=label,
+    )
 
 
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
-    """Harmfulness against the overlap score per horizon (full and LoRA), and ρ per horizon."""
+    """Harmfulness against the overlap score (seed means per dataset, bars: range over the
+    seeds) at the primary horizon, full and LoRA; and ρ per horizon with its interval."""
 
     config = results["config"]
     table = results["table"]
-    d0 = config["dims"][0]
+    d0, K0 = config["dims"][0], config["primary_horizon"]
     primary = PRIMARY.format(d=d0)
-    opts = [o for o in config["optimizers"] if f"{o}/full/{config['primary_horizon']}" in table]
+    opts = [o for o in config["optimizers"] if f"{o}/full/{K0}" in table]
     fig, axes = style.subplots(2, len(opts), height=2.6 * len(opts) + 0.4)
     axes = np.atleast_2d(axes)
+    seeds = len(config["seeds"])
+    left = ", ".join(f"({chr(ord('a') + 2 * k)})" for k in range(len(opts)))
+    what = f"seed mean per dataset, bars: range of {seeds} seeds" if seeds > 1 else "one seed"
+    fig.suptitle(f"{config['size']}, {len(config['datasets'])} datasets; {left}: {what}")
     for k, (row, opt) in enumerate(zip(axes, opts, strict=True)):
         ax = row[0]
         ax.set_title(f"({chr(ord('a') + 2 * k)}) {opt}: harm against overlap", loc="left")
         for j, method in enumerate(config["methods"]):
-            entry = table.get(f"{opt}/{method}/{config['primary_horizon']}")
+            entry = table.get(f"{opt}/{method}/{K0}")
             if entry is None:
                 continue
-            ax.scatter(
-                _scores(results, opt, method, config["primary_horizon"], primary),
+            _seed_bars(
+                ax,
+                _scores(results, opt, method, K0, primary),
                 entry["harmfulness"],
-                s=14,
-                color=style.PALETTE[j % len(style.PALETTE)],
-                label=method,
+                results["spread"][f"{opt}/{method}/{K0}"],
+                (primary, "harmfulness"),
+                style.PALETTE[j % len(style.PALETTE)],
+                method,
             )
-        ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {config['primary_horizon']}")
+        ax.set_xlabel(f"‖PΔθ‖/‖Δθ‖ (d = {d0}), K = {K0}")
         ax.set_ylabel(f"harmfulness ({opt})")
         ax = row[1]
         ax.set_title(f"({chr(ord('a') + 2 * k + 1)}) {opt}: ρ per horizon, 95 % CI", loc="left")
@@ -972,6 +1038,7 @@ def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
 def _results(config: Config, rows: list[dict]) -> dict:
     results = analyse(config, rows)
     scores: dict = {}
+    spread: dict = {}
     for key in results["table"]:
         opt, method, K = key.split("/")
         sel = [
@@ -979,7 +1046,10 @@ def _results(config: Config, rows: list[dict]) -> dict:
         ]
         names = _predictor_names(config, False)
         scores[key] = {n: _per_dataset(sel, n, results["datasets"]).tolist() for n in names}
-    results["scores"] = scores
+        if int(K) == config.primary_horizon:  # the figure's seed ranges (its bars)
+            fields = (PRIMARY.format(d=config.dims[0]), "harmfulness")
+            spread[key] = {f: _seed_range(sel, f, results["datasets"]) for f in fields}
+    results["scores"], results["spread"] = scores, spread
     return results
 
 

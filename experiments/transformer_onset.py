@@ -869,23 +869,29 @@ KEYS = (
 )
 
 
-def _draw(ax, plot, ts, ys, key, color) -> None:
+def _width(i: int, first: int) -> float:
+    """Line width of a chunk's ``i``-th task: the first drawn widest, so that where two
+    tasks' curves coincide (e.g. two tail floors within 10 %) both colours stay in view."""
+    return 1.0 + 0.9 * (TASKS_PER_ROW - 1 - (i - first))
+
+
+def _draw(ax, plot, ts, ys, key, color, lw: float) -> None:
     ls, marker = key
-    getattr(ax, plot)(ts, ys, ls=ls, marker=marker, color=color, markersize=3)
+    getattr(ax, plot)(ts, ys, ls=ls, marker=marker, color=color, markersize=3, lw=lw)
 
 
 def _onset_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
     """Projected loss (with ``⅛γ̃²t⁴``) and its local slope for up to ``TASKS_PER_ROW`` tasks."""
     for i, (_, r) in enumerate(tasks_, start=first):
-        color = style.PALETTE[i % len(style.PALETTE)]
+        color, lw = style.PALETTE[i % len(style.PALETTE)], _width(i, first)
         by_d = r[f"d{d}"]
         o, w = by_d["orthogonalized"], by_d["raw"]
         ts = np.asarray(r["times"])
         quartic = by_d["report_orthogonalized"]["quartic_coefficient"] * ts**4
         for ys, key in ((o["projected"], MEASURED), (w["projected"], RAW), (quartic, PREDICTED)):
-            _draw(ax1, "loglog", ts, ys, key, color)
-        _draw(ax2, "semilogx", ts, o["local_slope_projected"], MEASURED, color)
-        _draw(ax2, "semilogx", ts, w["local_slope_projected"], RAW, color)
+            _draw(ax1, "loglog", ts, ys, key, color, lw)
+        _draw(ax2, "semilogx", ts, o["local_slope_projected"], MEASURED, color, lw)
+        _draw(ax2, "semilogx", ts, w["local_slope_projected"], RAW, color, lw)
     ax1.set_ylabel(r"$\frac{1}{2}\|F^{1/2}P(\theta(t) - \theta^*)\|^2$")
     for level in (2, 4):
         ax2.axhline(level, color="gray", lw=0.5)
@@ -895,7 +901,7 @@ def _onset_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
 def _kl_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
     """KL ``Δu`` with ``Pg`` removed, its ``t²`` floor and M-part; the cubic term's ratio."""
     for i, (_, r) in enumerate(tasks_, start=first):
-        color = style.PALETTE[i % len(style.PALETTE)]
+        color, lw = style.PALETTE[i % len(style.PALETTE)], _width(i, first)
         o = r[f"d{d}"]["orthogonalized"]
         ts = np.asarray(r["times"])
         floor = 0.5 * o["tail_quadratic"] * ts**2
@@ -904,11 +910,12 @@ def _kl_row(ax1, ax2, tasks_: list, first: int, d: int) -> None:
             (floor, PREDICTED),
             (o["projected"], M_PART),
         ):
-            _draw(ax1, "loglog", ts, ys, key, color)
+            _draw(ax1, "loglog", ts, ys, key, color, lw)
         if np.isfinite(o["crossover_predicted"]):
-            ax1.axvline(o["crossover_predicted"], color=color, lw=0.6, ls=PREDICTED[0])
+            ax1.axvline(o["crossover_predicted"], color=color, lw=lw / 2, ls=PREDICTED[0])
         for v, key in (("orthogonalized", MEASURED), ("raw", RAW)):
-            _draw(ax2, "semilogx", ts, r[f"d{d}"][v]["kl"]["remainder_over_cubic"], key, color)
+            cubic = r[f"d{d}"][v]["kl"]["remainder_over_cubic"]
+            _draw(ax2, "semilogx", ts, cubic, key, color, lw)
         ax2.axvspan(r["local_window"][1], ts[-1], color=color, alpha=0.06, lw=0)
     ax1.set_ylabel(r"KL $\Delta u$ and its parts")
     ax2.axhline(1, color="gray", lw=0.5)
@@ -927,7 +934,8 @@ TITLES = (
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
     """Per pair of tasks: projected loss and slope (first row), KL ``Δu``'s parts and cubic term.
 
-    Line style means the same in every panel (``KEYS``); colour is the task.
+    Line style means the same in every panel (``KEYS``); colour is the task; a chunk's first
+    task is drawn wider (``_width``) so that coinciding curves of two tasks both show.
     """
     items, config = list(results["tasks"].items()), results["config"]
     d = results["dims"][0]

@@ -185,6 +185,12 @@ def compute(config: Config, outdir: Path) -> dict:
 # --------------------------------------------------------------------- analysis
 def study_harm(config: Config, outdir: Path) -> dict[str, float] | None:
     """Seed-mean harmfulness of the Table 1 study's SGD full fine-tuning at ``study_horizon``."""
+    harms = study_harms(config, outdir)
+    return None if harms is None else {d: float(np.mean(h)) for d, h in harms.items()}
+
+
+def study_harms(config: Config, outdir: Path) -> dict[str, list[float]] | None:
+    """Per dataset, the harmfulness of each seed of the Table 1 study (see ``study_harm``)."""
     rows = committed_sweep_rows(outdir, P.STUDY_OUTPUT) or committed_sweep_rows(
         ROOT, P.STUDY_OUTPUT
     )  # the repository's committed study rows when ``outdir`` has none
@@ -197,14 +203,23 @@ def study_harm(config: Config, outdir: Path) -> dict[str, float] | None:
     ]
     out = {}
     for d in config.datasets:
-        harms = [r["harmfulness"] for r in sel if r["dataset"] == d]
+        harms = [float(r["harmfulness"]) for r in sel if r["dataset"] == d]
         if harms:
-            out[d] = float(np.mean(harms))
+            out[d] = harms
     return out
 
 
-def analyse(config: Config, computed: dict, harm: dict[str, float] | None) -> dict:
-    """Row (a)'s in-window cells and log-ratios; row (b)'s ranking with its interval."""
+def analyse(
+    config: Config,
+    computed: dict,
+    harm: dict[str, float] | None,
+    harms: dict[str, list[float]] | None = None,
+) -> dict:
+    """Row (a)'s in-window cells and log-ratios; row (b)'s ranking with its interval.
+
+    ``harm``: seed-mean harm per dataset; ``harms`` (optional): each seed's, whose range
+    the ranking records as ``harm_range`` (the figure's bars).
+    """
     ts = computed["lr"] * np.asarray(computed["horizons"], np.float64)
     cells = []
     for r in computed["rows"]:
@@ -241,6 +256,8 @@ def analyse(config: Config, computed: dict, harm: dict[str, float] | None) -> di
             "rho": float(stats.spearman(x, y)),
             "interval": [lo, hi],
         }
+        if harms:
+            out["ranking"]["harm_range"] = [[min(harms[d]), max(harms[d])] for d in names]
     return out
 
 
@@ -287,6 +304,7 @@ def claims(results: dict, config: Config, command: str) -> list[Claim]:
     return out
 
 
+@style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
     """Forecast / realised ``Δu`` at every (dataset, ``K``), in and beyond the window; ranking."""
     fig, axes = style.subplots(2, height=3.2)
@@ -308,10 +326,23 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
     ax = axes[0][1]
     rank = results.get("ranking")
     if rank is not None:
-        ax.loglog(rank["forecast"], np.maximum(rank["harm"], 1e-3), "o", ls="none")
-        for x, y, d in zip(rank["forecast"], rank["harm"], rank["datasets"], strict=True):
-            ax.annotate(d, (x, max(y, 1e-3)), fontsize=8)
-        ax.set(xlabel=f"forecast Δu(t₀ = {rank['t0']:.2g})", ylabel="harmfulness (Table 1)")
+        y = np.maximum(rank["harm"], 1e-3)
+        ylabel = "harmfulness (Table 1)"
+        if "harm_range" in rank:  # the seeds' range around their mean
+            lo, hi = np.maximum(np.asarray(rank["harm_range"]).T, 1e-3)
+            ax.errorbar(
+                rank["forecast"],
+                y,
+                yerr=[y - lo, hi - y],
+                fmt="none",
+                lw=0.6,
+                color=style.PALETTE[0],
+            )
+            ylabel = "harm (Table 1): seed mean, range"
+        ax.loglog(rank["forecast"], y, "o", ls="none", color=style.PALETTE[0])
+        for x, yy, d in zip(rank["forecast"], y, rank["datasets"], strict=True):
+            ax.annotate(d, (x, yy), fontsize=8)
+        ax.set(xlabel=f"forecast Δu(t₀ = {rank['t0']:.2g})", ylabel=ylabel)
         ax.set_title(f"(b) ranking, ρ = {rank['rho']:.2f}", loc="left")
     return style.save(fig, path)
 
@@ -388,7 +419,8 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     else:
         spec = dataclasses.replace(config, reanalyse=False)
         computed = compute(spec, outdir)
-    results = analyse(spec, computed, study_harm(spec, outdir))
+    harms = study_harms(spec, outdir)
+    results = analyse(spec, computed, study_harm(spec, outdir), harms)
     out = conclude(NAME, config, outdir, command, results, figure, claims)
     if outdir.resolve() == ROOT and config in (STUDY, QUICK):  # this checkout's docs
         P._write_between(

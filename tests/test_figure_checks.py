@@ -1,5 +1,6 @@
 """The figure checks can fail: each finds the defect planted in a small figure, and only it."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -82,6 +83,9 @@ def _committed(name: str) -> dict | None:
         ("defences", "defences_study"),
         ("prediction", "prediction_study"),
         ("prediction", "prediction"),
+        ("transformer_onset", "transformer_onset_all_tasks"),  # two tasks' equal tail floors
+        ("validation", "validation"),
+        ("validation", "validation_study"),
     ],
 )
 def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp_path):
@@ -104,3 +108,97 @@ def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp
     monkeypatch.setattr(_style, "save", checked)
     module.figure(results, tmp_path / f"{result}.png")
     assert seen == []
+
+
+def _drawn(module, results: dict, tmp_path, monkeypatch, optional=()) -> list:
+    """``module.figure``'s figure of ``results``' ``FIGURE_NEEDS`` (and ``optional`` keys),
+    checked by :func:`figure_checks.check`, kept open."""
+    from experiments import _style
+
+    kept = []
+
+    def keep(fig, path):
+        kept.append(fig)
+        return [path]
+
+    monkeypatch.setattr(_style, "save", keep)
+    keys = ("config", *module.FIGURE_NEEDS, *optional)
+    module.figure(json.loads(json.dumps({k: results[k] for k in keys})), tmp_path / "f.png")
+    (fig,) = kept
+    assert figure_checks.check(fig) == []
+    return fig
+
+
+def _bars(ax) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every error-bar container's (x, y) segment extents of ``ax``: ``(n, 2)`` lows/highs."""
+    out = []
+    for c in ax.containers:
+        for bars in c.lines[2]:
+            seg = np.array(bars.get_segments())  # (n, 2 ends, xy)
+            out.append(seg)
+    return out
+
+
+def test_prediction_seed_means_show_the_seeds_range(tmp_path, monkeypatch):
+    """Panel (a): one point per dataset at the seed mean, bars spanning the seeds' min–max."""
+    from experiments import prediction as P
+    from geomcollapse import tasks
+
+    config = dataclasses.replace(
+        P.QUICK,
+        datasets=tuple(tasks.DATASET_FAMILY)[:5],
+        seeds=(0, 1, 2),
+        horizons=(1, 4),
+        primary_horizon=4,
+        num_resamples=50,
+    )
+    rng = np.random.default_rng(0)
+    rows = []
+    for method in config.methods:
+        for d in config.datasets:
+            for seed in config.seeds:
+                for K in config.horizons:
+                    row = {p: float(rng.uniform()) for p in P._predictor_names(config, False)}
+                    row.update(dataset=d, method=method, optimizer="sgd", seed=seed, K=K)
+                    row.update(harmfulness=float(rng.uniform()), delta_u=1.0, accuracy=0.5)
+                    row.update(locality=0.1, intruder_count=1, update_intruder_p_ratio=0.0)
+                    row.update(update_intruder_fisher_half=0.0, eta_K=0.03 * K, forecast=1.0)
+                    row.update(forecast_validity_time=1.0)
+                    rows.append(row)
+    results = dict(P._results(config, rows), config=dataclasses.asdict(config))
+    fig = _drawn(P, results, tmp_path, monkeypatch)
+    full = [r for r in rows if r["method"] == "full" and r["K"] == 4]
+    want = {}
+    for i, field in enumerate(("update_p_ratio_d10", "harmfulness")):
+        v = np.array([[r[field] for r in full if r["dataset"] == d] for d in config.datasets])
+        want[i] = (v.min(axis=1), v.max(axis=1))
+    xbars, ybars = _bars(fig.axes[0])[:2]  # the first method's (full) x and y bars
+    np.testing.assert_allclose(xbars[:, :, 0], np.column_stack(want[0]), rtol=1e-12)
+    np.testing.assert_allclose(ybars[:, :, 1], np.column_stack(want[1]), rtol=1e-12)
+    assert "range of 3 seeds" in fig.get_suptitle()
+    plt.close("all")
+
+
+def test_validation_ranking_shows_the_seeds_range_of_harm(tmp_path, monkeypatch):
+    """Panel (b): the study's seed-mean harm per held-out dataset with the seeds' range."""
+    from experiments import validation as V
+
+    names = ("label_noise", "shift_lookalike", "delimited_all", "noisy_lookalike")
+    rows = [
+        {"dataset": d, "validity_time": 0.02 + 0.01 * i, "coefficients": [0.0, 0.0, 1.0 + i],
+         "forecast": [1.0, 1.0], "gd": [1.1, 0.9], "sgd": [1.0, 1.0]}
+        for i, d in enumerate(names)
+    ]  # fmt: skip
+    harms = {
+        d: [0.1 * (i + 1), 0.1 * (i + 1) + 0.05, 0.1 * (i + 1) + 0.2] for i, d in enumerate(names)
+    }
+    config = V.Config(datasets=names, resamples=50)
+    computed = {"rows": rows, "lr": 0.01, "horizons": [1, 2]}
+    mean = {d: float(np.mean(h)) for d, h in harms.items()}
+    results = dict(V.analyse(config, computed, mean, harms), config=dataclasses.asdict(config))
+    fig = _drawn(V, results, tmp_path, monkeypatch, optional=("ranking",))
+    (ybars,) = _bars(fig.axes[1])
+    np.testing.assert_allclose(
+        ybars[:, :, 1], [[min(harms[d]), max(harms[d])] for d in names], rtol=1e-12
+    )
+    plt.close("all")
