@@ -177,8 +177,13 @@ class _Spec:
 
             return jax.vmap(one)(*rows)
 
-        def grad(th):
-            return jnp.mean(example_grads(th), axis=0)
+        def task_loss(th):
+            params = self.unravel(th)
+            return jnp.mean(jax.vmap(lambda *row: self.example_loss(params, *row))(*rows))
+
+        # the gradient of the mean loss, not the mean of per-example gradients: its
+        # Hessian-vector products never hold the ``N × n`` per-example gradients
+        grad = jax.grad(task_loss)
 
         def hvp(th, v):
             return jax.jvp(grad, (th,), (v,))[1]
@@ -203,13 +208,14 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
     A separate compilation per ``kind`` (and shapes), reused across the
     recursions' levels: one program holding every level compiles far slower
     (minutes for a 26-parameter MLP at order 4) than these few small ones.
+    The batched kinds (``tangent``, ``skill_hvp``, ``third``) take one chunk of
+    tangent series, ``(K+1, chunk, n)`` each, the same shape at every level.
     """
     prob = spec.problem(rows, skill_args)
-    over_batch = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # (a, example) batches
     if kind == "example_grads":
         return _taylor(prob.example_grads, xs)
     if kind == "tangent":
-        return _taylor(over_batch, xs, *extra)
+        return _taylor(jax.vmap(prob.hvp, (None, 0)), xs, *extra)
     if kind == "hvp":
         return _taylor(prob.hvp, xs, *extra)
     if kind == "skill_grad":
@@ -219,13 +225,30 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
         def skill_hvp(th, v):
             return jax.jvp(jax.grad(prob.skill), (th,), (v,))[1]
 
-        return _taylor(jax.vmap(jax.vmap(skill_hvp, (None, 0)), (None, 0)), xs, *extra)
+        return _taylor(jax.vmap(skill_hvp, (None, 0)), xs, *extra)
     if kind == "third":
-        third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
-        return jnp.mean(_taylor(third, xs, *extra), axis=2)
+        return _taylor(jax.vmap(prob.third, (None, 0, 0)), xs, *extra)
     if kind == "skill":
         return _taylor(prob.skill, xs)
     raise ValueError(f"unknown stage {kind!r}")
+
+
+class _Batch(NamedTuple):
+    """Tangent series ``source[:, which[i // N], i % N]`` for ``i < len(which)·N``.
+
+    ``source`` is ``(K+1, A, N, n)``; a batch is gathered chunk by chunk, never whole.
+    """
+
+    source: np.ndarray
+    which: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.which.size * self.source.shape[2]
+
+    def chunk(self, index: np.ndarray, keep: int) -> np.ndarray:
+        count = self.source.shape[2]
+        return self.source[:keep, self.which[index // count], index % count]
 
 
 # --------------------------------------------------------------------------- the noise series
@@ -245,8 +268,8 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     dev -= np.mean(dev, axis=1, keepdims=True)
     psi = np.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
     for level in range(order):
-        if level:
-            prod = stage("tangent", xs, psi, keep=order - 1)
+        if level:  # only the tangents ``a < level`` are needed (and set) at this level
+            prod = stage("tangent", xs, _Batch(psi, np.arange(level)), keep=order - 1)
             for a in range(level):
                 psi[level - a, a] = -prod[level - a - 1, a] / (level - a)
         psi[0, level] = dev[level] - sum(psi[level - a, a] for a in range(level))
@@ -265,7 +288,7 @@ def _trace_weights(order: int) -> np.ndarray:
 
 def _trace_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
-    h = stage("skill_hvp", xs, psi, keep=xs.shape[0] - 1)
+    h = stage("skill_hvp", xs, _Batch(psi, np.arange(psi.shape[1])), keep=xs.shape[0] - 1)
     dots = np.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
     return np.einsum("abij,abijc->c", dots, _trace_weights(xs.shape[0] - 1))
 
@@ -294,8 +317,8 @@ def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Ar
     source = np.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
-        r = stage("third", xs, psi[:, pa], psi[:, pb], keep=order - 1)  # (K+1, pairs, n)
-        source = 0.5 * np.einsum("ipx,pic->cx", r, w)
+        r = stage("third", xs, _Batch(psi, pa), _Batch(psi, pb), keep=order - 1)
+        source = 0.5 * np.einsum("ipx,pic->cx", np.mean(r, axis=2), w)  # r: (K+1, pairs, N, n)
     mu = np.zeros_like(xs)
     for c in range(order):
         hm = stage("hvp", xs, mu, keep=order)
@@ -320,7 +343,25 @@ def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
     return np.stack(values, axis=1)
 
 
-def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
+def _chunked(run: Callable, batches: tuple, keep: int, chunk: int) -> np.ndarray:
+    """``run`` over the :class:`_Batch` es ``chunk`` tangents at a time: ``(keep, A, N, n)``.
+
+    Every chunk has the same shape (the last one zero-padded), so ``run``
+    compiles once; peak memory is one chunk's pass, not the whole batch's.
+    """
+    total, size = batches[0].size, min(chunk, batches[0].size)
+    parts = []
+    for start in range(0, total, size):
+        index = np.arange(start, start + size)
+        valid = index < total
+        index = np.where(valid, index, 0)
+        tangents = tuple(np.where(valid[:, None], b.chunk(index, keep), 0.0) for b in batches)
+        parts.append(np.asarray(run(tangents))[:, valid])
+    source = batches[0].source
+    return np.concatenate(parts, axis=1).reshape(keep, batches[0].which.size, source.shape[2], -1)
+
+
+def _coefficients(skill_loss, example_loss, params, order, rows, skill_args, chunk):
     """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``."""
     flow = delta_u_series(
         skill_loss,
@@ -341,11 +382,19 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
         """A compiled ``jet`` pass on the first ``keep`` coefficients, zero-padded to ``K+1``.
 
         Each use needs only the low coefficients (e.g. ``∇H[C̃]`` to ``t^{K−2}``),
-        and a ``jet`` of fewer terms compiles much faster.
+        and a ``jet`` of fewer terms compiles much faster. :class:`_Batch` es of
+        tangent series go through in chunks of ``chunk``.
         """
-        out = np.array(
-            _stage(spec, kind, xs[:keep], tuple(e[:keep] for e in extra), rows, skill_args)
-        )
+        if extra and isinstance(extra[0], _Batch):
+
+            def run(tangents):
+                return _stage(spec, kind, xs[:keep], tangents, rows, skill_args)
+
+            out = _chunked(run, extra, keep, chunk)
+        else:
+            out = np.array(
+                _stage(spec, kind, xs[:keep], tuple(e[:keep] for e in extra), rows, skill_args)
+            )
         return np.concatenate([out, np.zeros((order + 1 - keep, *out.shape[1:]), out.dtype)])
 
     psi = _propagated_deviations(stage, xs)
@@ -480,6 +529,7 @@ def sgd_delta_u(
     order: int = 4,
     skill_args: tuple = (),
     replacement: bool = True,
+    chunk_size: int = 16,
 ) -> SGDForecast:
     """Forecast ``E[Δu_k]`` under minibatch SGD from ``θ*`` (docs/theory.md §8).
 
@@ -489,11 +539,20 @@ def sgd_delta_u(
     ``n₂ = ¼tr(F(Σ̇ − HΣ − ΣH)) − ½tr(∇³u[g]Σ)`` (``Σ̇``: ``Σ``'s change along
     the flow); beyond quadratics ``∇H`` acting on the covariance shifts the mean.
     Matrix-free: ``K`` batched ``jet`` passes (nested ``jvp`` where ``jet`` has
-    no rule) of Hessian-vector products over the ``N`` per-example gradient
-    deviations, one of skill-Hessian- and one of third-derivative-vector
-    products; memory ``O(K²·N·n)``. Not jit-able as a whole (it checks concrete
-    inputs; numpy glue); every pass but the flow series' is compiled once per
-    losses and shapes, so other ``lr``, ``batch_size`` and ``steps`` reuse it.
+    no rule) of Hessian-vector products of the task loss over the ``N``
+    per-example gradient deviations (``K·N`` tangent series), one of
+    skill-Hessian- and one of third-derivative-vector products.
+
+    Memory: the tangent series live on the host, ``O(K²·N·n)`` numbers
+    (``n`` parameters); the batched passes run ``chunk_size`` tangents at a
+    time, so the compiled programs' peak is that of ``chunk_size`` order-``K``
+    Taylor passes of one Hessian-vector product of the mean task loss (each
+    a forward and backward pass over the ``N`` examples), independent of the
+    ``K·N`` batch: ``O(chunk_size·K·(N·activations + n))``. Lower it to trade
+    speed for memory; the numbers do not depend on it. Not jit-able as a whole
+    (it checks concrete inputs; numpy glue); every pass but the flow series'
+    is compiled once per losses and shapes (one chunk shape per kind), so
+    other ``lr``, ``batch_size`` and ``steps`` reuse it.
 
     Args:
       skill_loss: ``skill_loss(params, *skill_args) -> scalar``, ``u``.
@@ -507,6 +566,8 @@ def sgd_delta_u(
       skill_args: extra arguments of ``skill_loss``.
       replacement: draw with replacement (``Cov(ĝ) = Σ/B``) or without
         (``× (N − B)/(N − 1)``, needs ``B ≤ N``).
+      chunk_size: tangent series per compiled batched pass (``≥ 1``): bounds
+        the peak memory, not the result.
 
     Returns:
       An :class:`SGDForecast`.
@@ -514,18 +575,22 @@ def sgd_delta_u(
     Raises:
       ValueError, naming the argument: non-finite ``params`` or ``task_data``,
         ragged ``task_data``, ``lr ≤ 0``, ``batch_size < 1`` (or ``> N`` without
-        replacement), negative or non-integer ``steps``, ``order < 1``.
+        replacement), negative or non-integer ``steps``, ``order < 1``,
+        ``chunk_size < 1``.
     """
     lr = positive_float(lr, "lr")
     batch_size = positive_int(batch_size, "batch_size")
     order = positive_int(order, "order")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     if not isinstance(replacement, (bool, np.bool_)):
         raise ValueError(f"replacement must be True or False, got {replacement!r}")
     rows = _checked_rows(task_data, batch_size, bool(replacement))
     steps = _checked_steps(steps)
     skill_args = tuple(skill_args)
     check_example_loss(example_loss, params, rows)  # params, and a scalar on one example
-    flow, noise, values = _coefficients(skill_loss, example_loss, params, order, rows, skill_args)
+    flow, noise, values = _coefficients(
+        skill_loss, example_loss, params, order, rows, skill_args, chunk_size
+    )
     dtype = flow.delta_u.dtype
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
