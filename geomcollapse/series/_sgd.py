@@ -261,15 +261,16 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     flow, solved order by order from ``Ψ(s) e_j(s) = d_j(s)``:
     ``e_a = d_a − Σ_{c≥1} [Ψ e_{a−c}]_c``; ``Ψ(t)e`` is the tangent flow
     ``ψ' = −H(x(t))ψ``, ``ψ_{c+1} = −[H(x(t))ψ(t)]_c/(c+1)``. Level ``a + c``
-    needs only lower levels, so one batched ``jet`` per level serves every ``a``.
+    needs only lower levels, so one batched ``jet`` per level serves every ``a``;
+    level ``L`` needs the tangents ``a < L`` to ``t^{L−1}`` only.
     """
     order = xs.shape[0] - 1
     dev = stage("example_grads", xs, keep=order)  # (K+1, N, n)
     dev -= np.mean(dev, axis=1, keepdims=True)
     psi = np.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
     for level in range(order):
-        if level:  # only the tangents ``a < level`` are needed (and set) at this level
-            prod = stage("tangent", xs, _Batch(psi, np.arange(level)), keep=order - 1)
+        if level:
+            prod = stage("tangent", xs, _Batch(psi, np.arange(level)), keep=level)
             for a in range(level):
                 psi[level - a, a] = -prod[level - a - 1, a] / (level - a)
         psi[0, level] = dev[level] - sum(psi[level - a, a] for a in range(level))
@@ -311,14 +312,19 @@ def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Ar
     """``[t^c] ∇u(x(t))·μ̃(t)`` with ``μ̃' = −Hμ̃ − ½∇H[C̃]``, ``μ̃(0) = 0``.
 
     ``∇H[C̃] = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) ∇³L[Ψe_a, Ψe_b]``: third-derivative
-    products along the flow, one batched ``jet`` over (pair, example).
+    products along the flow, one batched ``jet`` over (pair, example) per
+    ``a + b``: ``μ̃`` to ``t^K`` needs pair ``(a, b)`` to ``t^{K−2−a−b}`` only.
     """
     order = xs.shape[0] - 1
     source = np.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
-        r = stage("third", xs, _Batch(psi, pa), _Batch(psi, pb), keep=order - 1)
-        source = 0.5 * np.einsum("ipx,pic->cx", np.mean(r, axis=2), w)  # r: (K+1, pairs, N, n)
+        r = np.zeros((order + 1, pa.size, xs.shape[1]), xs.dtype)
+        for total in np.unique(pa + pb):
+            sel = np.flatnonzero(pa + pb == total)
+            pairs = (_Batch(psi, pa[sel]), _Batch(psi, pb[sel]))
+            r[:, sel] = np.mean(stage("third", xs, *pairs, keep=order - 1 - total), axis=2)
+        source = 0.5 * np.einsum("ipx,pic->cx", r, w)
     mu = np.zeros_like(xs)
     for c in range(order):
         hm = stage("hvp", xs, mu, keep=order)
@@ -543,16 +549,12 @@ def sgd_delta_u(
     per-example gradient deviations (``K·N`` tangent series), one of
     skill-Hessian- and one of third-derivative-vector products.
 
-    Memory: the tangent series live on the host, ``O(K²·N·n)`` numbers
-    (``n`` parameters); the batched passes run ``chunk_size`` tangents at a
-    time, so the compiled programs' peak is that of ``chunk_size`` order-``K``
-    Taylor passes of one Hessian-vector product of the mean task loss (each
-    a forward and backward pass over the ``N`` examples), independent of the
-    ``K·N`` batch: ``O(chunk_size·K·(N·activations + n))``. Lower it to trade
-    speed for memory; the numbers do not depend on it. Not jit-able as a whole
-    (it checks concrete inputs; numpy glue); every pass but the flow series'
-    is compiled once per losses and shapes (one chunk shape per kind), so
-    other ``lr``, ``batch_size`` and ``steps`` reuse it.
+    Memory: ``O(K²·N·n)`` numbers on the host (the tangent series, ``n``
+    parameters) plus one chunk's compiled pass, ``O(chunk_size·K·(N·a + n))``
+    (``a`` the activations of one example: each product is a forward and
+    backward pass of the mean task loss), whatever ``K·N``. Not jit-able as a
+    whole (numpy glue); each pass but the flow series' compiles once per losses
+    and shapes, so other ``lr``, ``batch_size`` and ``steps`` reuse it.
 
     Args:
       skill_loss: ``skill_loss(params, *skill_args) -> scalar``, ``u``.
@@ -591,10 +593,15 @@ def sgd_delta_u(
     flow, noise, values = _coefficients(
         skill_loss, example_loss, params, order, rows, skill_args, chunk_size
     )
-    dtype = flow.delta_u.dtype
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
-    noise = (noise * factor).astype(dtype)
+    return _forecast(flow, noise * factor, values, steps, lr, batch_size)
+
+
+def _forecast(flow: Series, noise, values, steps, lr: float, batch_size: int) -> SGDForecast:
+    """The :class:`SGDForecast` from the coefficients, at ``steps``."""
+    dtype = flow.delta_u.dtype
+    noise = np.asarray(noise).astype(dtype)
     det = _deterministic_coefficients(np.asarray(values, np.float64), lr).astype(dtype)
     ts = (lr * steps.astype(np.float64)).astype(dtype)
     kappa = lr / batch_size
