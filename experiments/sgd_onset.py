@@ -546,8 +546,8 @@ def transformer_forecast(config: Config, outdir: Path = ROOT, chunk_size: int = 
 def forecast_main(config: Config = QUICK, outdir: Path = ROOT) -> dict:
     """``--forecast-transformer``: compute row 2's forecast and write :data:`TF_FORECAST`."""
     require_x64(NAME)
-    result = transformer_forecast(config, outdir)
-    result |= {"command": TF_FORECAST_COMMAND, **_code_commit()}
+    commit = _code_commit()  # the code as it starts, not as it may be edited meanwhile
+    result = transformer_forecast(config, outdir) | {"command": TF_FORECAST_COMMAND, **commit}
     write_json(Path(outdir) / TF_FORECAST, result)
     return result
 
@@ -796,6 +796,11 @@ def _transformer_panel(ax, t: dict) -> None:
     gd, gd_kl = np.asarray(t["gd"]), np.asarray(t["gd_kl"])
     _mc(ax, steps, t["monte_carlo"], "SGD Monte Carlo ± 3 SE", style.PALETTE[0])
     ax.loglog(steps[gd > 0], gd[gd > 0], color=style.PALETTE[1], label="full-batch GD")
+    if "forecast" in t:  # the truncated series only inside its window
+        mean = np.asarray(t["forecast"]["mean"])
+        every = np.arange(1, mean.size + 1)
+        inside = (every <= t["forecast"]["validity_step"]) & (mean > 0)
+        ax.loglog(every[inside], mean[inside], color=style.THEORY, lw=0.8)
     ax.loglog(steps, t["kl_mean"], "s", ms=2.5, color=style.PALETTE[2], label=r"KL $\Delta u$, SGD")
     ax.loglog(steps, gd_kl, color=style.PALETTE[3], label=r"KL $\Delta u$, GD")
     ax.axvline(t["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
