@@ -131,3 +131,62 @@ def test_transformer_row_from_synthetic_rows():
     assert t["exponent"] == pytest.approx(1, abs=2e-3)  # k ≤ 10: the quartic is ≤ 1e-3
     assert t["crossover_measured"] == pytest.approx(k_n, rel=1e-6)  # β̂ = 1: exact
     assert so.transformer_row(CONFIG, [det]) is None
+
+
+def synthetic_transformer(h_norm=1.0, scale=1.0):
+    """Sweep rows (linear noise walk + quartic, crossing at ``k_n = 100``) and their forecast."""
+    lr, batch, gamma, k_n = CONFIG.tf_lr, CONFIG.tf_batch, 2.0, 100.0
+    trace = k_n**3 * batch * gamma**2 * lr**2 / 4
+    steps = np.unique(np.geomspace(1, 400, 30).round())
+    rng = np.random.default_rng(1)
+    z = np.outer(1 + 0.1 * rng.normal(size=64), 0.5 * lr**2 * steps * trace / batch)
+    gd = gamma**2 * (lr * steps) ** 4 / 8
+    y = z + gd * (1 + 0.01 * rng.normal(size=z.shape))  # the residual has a positive SE
+    det = {
+        "seed": -1,
+        "steps": steps,
+        "gd_projected": gd,
+        "gd_kl": gd + 1e-9 * steps**2,
+        "trace_fm_sigma": trace,
+        "trace_f_sigma": trace,
+        "gamma": gamma,
+        "tail_quadratic": 1.0,
+        "pg_norm": 0.0,
+        "H_norm": h_norm,
+    }
+    runs = [{"seed": i, "projected": y[i], "control": z[i], "kl": y[i]} for i in range(64)]
+    every = np.arange(1, 401.0)
+    noise, det_fc = 0.5 * lr**2 * every * trace / batch, gamma**2 * (lr * every) ** 4 / 8
+    forecast = {
+        "mean": (scale * (noise + det_fc)).tolist(),
+        "deterministic": det_fc.tolist(),
+        "noise": noise.tolist(),
+        "in_window": (every <= 300).tolist(),
+        "validity_step": 300.0,
+        "noise_rate": 0.5 * lr * trace / batch,
+        "noise_coefficients": [0.0, 0.5 * trace],
+    }
+    return [det, *runs], forecast, k_n
+
+
+@pytest.mark.parametrize(
+    ("h_norm", "scale", "verdicts"),
+    [(1.0, 1.0, [True, True]), (1e3, 1.0, [False, True]), (1.0, 1.05, [True, False])],
+)
+def test_transformer_forecast_checks_on_synthetic_rows(h_norm, scale, verdicts):
+    """Checks 2 and 3 of row 2: crossover (outside the window when t_n‖H‖ > 0.2), 3 SE."""
+    rows, forecast, k_n = synthetic_transformer(h_norm, scale)
+    t = so.transformer_row(CONFIG, rows, forecast)
+    c = t["checks"]
+    assert c["crossover_forecast"] == pytest.approx(k_n, rel=1e-3)
+    assert c["crossover_measured"] == pytest.approx(k_n, rel=0.05)
+    assert t["t_n_H"] == pytest.approx(k_n * CONFIG.tf_lr * h_norm)
+    assert c["in_window_steps"] == np.sum(np.asarray(t["steps"]) <= 300)
+    assert (c["max_z"] <= 3) == (scale == 1.0)
+    claims = so._transformer_claims(t, CONFIG, "cmd")
+    pair = [x for x in claims if x.claim.startswith(("SGD noise/det", "series.sgd_delta_u"))]
+    assert [x.passed for x in pair] == verdicts
+    assert ("outside its window" in pair[0].measured) == (h_norm > 1)
+    # without the committed forecast both checks are 'not run'
+    bare = so._transformer_claims(so.transformer_row(CONFIG, rows), CONFIG, "cmd")
+    assert [x.verdict for x in bare[1:3]] == ["not run", "not run"]

@@ -177,8 +177,13 @@ class _Spec:
 
             return jax.vmap(one)(*rows)
 
-        def grad(th):
-            return jnp.mean(example_grads(th), axis=0)
+        def task_loss(th):
+            params = self.unravel(th)
+            return jnp.mean(jax.vmap(lambda *row: self.example_loss(params, *row))(*rows))
+
+        # the gradient of the mean loss, not the mean of per-example gradients: its
+        # Hessian-vector products never hold the ``N × n`` per-example gradients
+        grad = jax.grad(task_loss)
 
         def hvp(th, v):
             return jax.jvp(grad, (th,), (v,))[1]
@@ -203,13 +208,14 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
     A separate compilation per ``kind`` (and shapes), reused across the
     recursions' levels: one program holding every level compiles far slower
     (minutes for a 26-parameter MLP at order 4) than these few small ones.
+    The batched kinds (``tangent``, ``skill_hvp``, ``third``) take one chunk of
+    tangent series, ``(K+1, chunk, n)`` each, the same shape at every level.
     """
     prob = spec.problem(rows, skill_args)
-    over_batch = jax.vmap(jax.vmap(prob.hvp, (None, 0)), (None, 0))  # (a, example) batches
     if kind == "example_grads":
         return _taylor(prob.example_grads, xs)
     if kind == "tangent":
-        return _taylor(over_batch, xs, *extra)
+        return _taylor(jax.vmap(prob.hvp, (None, 0)), xs, *extra)
     if kind == "hvp":
         return _taylor(prob.hvp, xs, *extra)
     if kind == "skill_grad":
@@ -219,13 +225,30 @@ def _stage(spec: _Spec, kind: str, xs: jax.Array, extra: tuple, rows: tuple, ski
         def skill_hvp(th, v):
             return jax.jvp(jax.grad(prob.skill), (th,), (v,))[1]
 
-        return _taylor(jax.vmap(jax.vmap(skill_hvp, (None, 0)), (None, 0)), xs, *extra)
+        return _taylor(jax.vmap(skill_hvp, (None, 0)), xs, *extra)
     if kind == "third":
-        third = jax.vmap(jax.vmap(prob.third, (None, 0, 0)), (None, 0, 0))
-        return jnp.mean(_taylor(third, xs, *extra), axis=2)
+        return _taylor(jax.vmap(prob.third, (None, 0, 0)), xs, *extra)
     if kind == "skill":
         return _taylor(prob.skill, xs)
     raise ValueError(f"unknown stage {kind!r}")
+
+
+class _Batch(NamedTuple):
+    """Tangent series ``source[:, which[i // N], i % N]`` for ``i < len(which)·N``.
+
+    ``source`` is ``(K+1, A, N, n)``; a batch is gathered chunk by chunk, never whole.
+    """
+
+    source: np.ndarray
+    which: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return self.which.size * self.source.shape[2]
+
+    def chunk(self, index: np.ndarray, keep: int) -> np.ndarray:
+        count = self.source.shape[2]
+        return self.source[:keep, self.which[index // count], index % count]
 
 
 # --------------------------------------------------------------------------- the noise series
@@ -238,7 +261,8 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     flow, solved order by order from ``Ψ(s) e_j(s) = d_j(s)``:
     ``e_a = d_a − Σ_{c≥1} [Ψ e_{a−c}]_c``; ``Ψ(t)e`` is the tangent flow
     ``ψ' = −H(x(t))ψ``, ``ψ_{c+1} = −[H(x(t))ψ(t)]_c/(c+1)``. Level ``a + c``
-    needs only lower levels, so one batched ``jet`` per level serves every ``a``.
+    needs only lower levels, so one batched ``jet`` per level serves every ``a``;
+    level ``L`` needs the tangents ``a < L`` to ``t^{L−1}`` only.
     """
     order = xs.shape[0] - 1
     dev = stage("example_grads", xs, keep=order)  # (K+1, N, n)
@@ -246,7 +270,7 @@ def _propagated_deviations(stage: Callable, xs: jax.Array) -> jax.Array:
     psi = np.zeros((order + 1, order, *dev.shape[1:]), dev.dtype)
     for level in range(order):
         if level:
-            prod = stage("tangent", xs, psi, keep=order - 1)
+            prod = stage("tangent", xs, _Batch(psi, np.arange(level)), keep=level)
             for a in range(level):
                 psi[level - a, a] = -prod[level - a - 1, a] / (level - a)
         psi[0, level] = dev[level] - sum(psi[level - a, a] for a in range(level))
@@ -265,7 +289,7 @@ def _trace_weights(order: int) -> np.ndarray:
 
 def _trace_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Array:
     """``[t^c] tr(∇²u(x(t)) C̃(t))``, ``C̃ = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) Ψe_a (Ψe_b)ᵀ``."""
-    h = stage("skill_hvp", xs, psi, keep=xs.shape[0] - 1)
+    h = stage("skill_hvp", xs, _Batch(psi, np.arange(psi.shape[1])), keep=xs.shape[0] - 1)
     dots = np.einsum("ianx,jbnx->abij", psi, h) / psi.shape[2]
     return np.einsum("abij,abijc->c", dots, _trace_weights(xs.shape[0] - 1))
 
@@ -288,13 +312,18 @@ def _mean_shift_series(stage: Callable, xs: jax.Array, psi: jax.Array) -> jax.Ar
     """``[t^c] ∇u(x(t))·μ̃(t)`` with ``μ̃' = −Hμ̃ − ½∇H[C̃]``, ``μ̃(0) = 0``.
 
     ``∇H[C̃] = E_j Σ_{a,b} t^{a+b+1}/(a+b+1) ∇³L[Ψe_a, Ψe_b]``: third-derivative
-    products along the flow, one batched ``jet`` over (pair, example).
+    products along the flow, one batched ``jet`` over (pair, example) per
+    ``a + b``: ``μ̃`` to ``t^K`` needs pair ``(a, b)`` to ``t^{K−2−a−b}`` only.
     """
     order = xs.shape[0] - 1
     source = np.zeros_like(xs)
     if order >= 2:
         pa, pb, w = _source_weights(order)
-        r = stage("third", xs, psi[:, pa], psi[:, pb], keep=order - 1)  # (K+1, pairs, n)
+        r = np.zeros((order + 1, pa.size, xs.shape[1]), xs.dtype)
+        for total in np.unique(pa + pb):
+            sel = np.flatnonzero(pa + pb == total)
+            pairs = (_Batch(psi, pa[sel]), _Batch(psi, pb[sel]))
+            r[:, sel] = np.mean(stage("third", xs, *pairs, keep=order - 1 - total), axis=2)
         source = 0.5 * np.einsum("ipx,pic->cx", r, w)
     mu = np.zeros_like(xs)
     for c in range(order):
@@ -320,7 +349,25 @@ def _gd_values(stage: Callable, theta: jax.Array, order: int) -> jax.Array:
     return np.stack(values, axis=1)
 
 
-def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
+def _chunked(run: Callable, batches: tuple, keep: int, chunk: int) -> np.ndarray:
+    """``run`` over the :class:`_Batch` es ``chunk`` tangents at a time: ``(keep, A, N, n)``.
+
+    Every chunk has the same shape (the last one zero-padded), so ``run``
+    compiles once; peak memory is one chunk's pass, not the whole batch's.
+    """
+    total, size = batches[0].size, min(chunk, batches[0].size)
+    parts = []
+    for start in range(0, total, size):
+        index = np.arange(start, start + size)
+        valid = index < total
+        index = np.where(valid, index, 0)
+        tangents = tuple(np.where(valid[:, None], b.chunk(index, keep), 0.0) for b in batches)
+        parts.append(np.asarray(run(tangents))[:, valid])
+    source = batches[0].source
+    return np.concatenate(parts, axis=1).reshape(keep, batches[0].which.size, source.shape[2], -1)
+
+
+def _coefficients(skill_loss, example_loss, params, order, rows, skill_args, chunk):
     """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``."""
     flow = delta_u_series(
         skill_loss,
@@ -341,11 +388,19 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args):
         """A compiled ``jet`` pass on the first ``keep`` coefficients, zero-padded to ``K+1``.
 
         Each use needs only the low coefficients (e.g. ``∇H[C̃]`` to ``t^{K−2}``),
-        and a ``jet`` of fewer terms compiles much faster.
+        and a ``jet`` of fewer terms compiles much faster. :class:`_Batch` es of
+        tangent series go through in chunks of ``chunk``.
         """
-        out = np.array(
-            _stage(spec, kind, xs[:keep], tuple(e[:keep] for e in extra), rows, skill_args)
-        )
+        if extra and isinstance(extra[0], _Batch):
+
+            def run(tangents):
+                return _stage(spec, kind, xs[:keep], tangents, rows, skill_args)
+
+            out = _chunked(run, extra, keep, chunk)
+        else:
+            out = np.array(
+                _stage(spec, kind, xs[:keep], tuple(e[:keep] for e in extra), rows, skill_args)
+            )
         return np.concatenate([out, np.zeros((order + 1 - keep, *out.shape[1:]), out.dtype)])
 
     psi = _propagated_deviations(stage, xs)
@@ -480,6 +535,7 @@ def sgd_delta_u(
     order: int = 4,
     skill_args: tuple = (),
     replacement: bool = True,
+    chunk_size: int = 16,
 ) -> SGDForecast:
     """Forecast ``E[Δu_k]`` under minibatch SGD from ``θ*`` (docs/theory.md §8).
 
@@ -489,11 +545,16 @@ def sgd_delta_u(
     ``n₂ = ¼tr(F(Σ̇ − HΣ − ΣH)) − ½tr(∇³u[g]Σ)`` (``Σ̇``: ``Σ``'s change along
     the flow); beyond quadratics ``∇H`` acting on the covariance shifts the mean.
     Matrix-free: ``K`` batched ``jet`` passes (nested ``jvp`` where ``jet`` has
-    no rule) of Hessian-vector products over the ``N`` per-example gradient
-    deviations, one of skill-Hessian- and one of third-derivative-vector
-    products; memory ``O(K²·N·n)``. Not jit-able as a whole (it checks concrete
-    inputs; numpy glue); every pass but the flow series' is compiled once per
-    losses and shapes, so other ``lr``, ``batch_size`` and ``steps`` reuse it.
+    no rule) of Hessian-vector products of the task loss over the ``N``
+    per-example gradient deviations (``K·N`` tangent series), one of
+    skill-Hessian- and one of third-derivative-vector products.
+
+    Memory: ``O(K²·N·n)`` numbers on the host (the tangent series, ``n``
+    parameters) plus one chunk's compiled pass, ``O(chunk_size·K·(N·a + n))``
+    (``a`` the activations of one example: each product is a forward and
+    backward pass of the mean task loss), whatever ``K·N``. Not jit-able as a
+    whole (numpy glue); each pass but the flow series' compiles once per losses
+    and shapes, so other ``lr``, ``batch_size`` and ``steps`` reuse it.
 
     Args:
       skill_loss: ``skill_loss(params, *skill_args) -> scalar``, ``u``.
@@ -507,6 +568,8 @@ def sgd_delta_u(
       skill_args: extra arguments of ``skill_loss``.
       replacement: draw with replacement (``Cov(ĝ) = Σ/B``) or without
         (``× (N − B)/(N − 1)``, needs ``B ≤ N``).
+      chunk_size: tangent series per compiled batched pass (``≥ 1``): bounds
+        the peak memory, not the result.
 
     Returns:
       An :class:`SGDForecast`.
@@ -514,22 +577,31 @@ def sgd_delta_u(
     Raises:
       ValueError, naming the argument: non-finite ``params`` or ``task_data``,
         ragged ``task_data``, ``lr ≤ 0``, ``batch_size < 1`` (or ``> N`` without
-        replacement), negative or non-integer ``steps``, ``order < 1``.
+        replacement), negative or non-integer ``steps``, ``order < 1``,
+        ``chunk_size < 1``.
     """
     lr = positive_float(lr, "lr")
     batch_size = positive_int(batch_size, "batch_size")
     order = positive_int(order, "order")
+    chunk_size = positive_int(chunk_size, "chunk_size")
     if not isinstance(replacement, (bool, np.bool_)):
         raise ValueError(f"replacement must be True or False, got {replacement!r}")
     rows = _checked_rows(task_data, batch_size, bool(replacement))
     steps = _checked_steps(steps)
     skill_args = tuple(skill_args)
     check_example_loss(example_loss, params, rows)  # params, and a scalar on one example
-    flow, noise, values = _coefficients(skill_loss, example_loss, params, order, rows, skill_args)
-    dtype = flow.delta_u.dtype
+    flow, noise, values = _coefficients(
+        skill_loss, example_loss, params, order, rows, skill_args, chunk_size
+    )
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
-    noise = (noise * factor).astype(dtype)
+    return _forecast(flow, noise * factor, values, steps, lr, batch_size)
+
+
+def _forecast(flow: Series, noise, values, steps, lr: float, batch_size: int) -> SGDForecast:
+    """The :class:`SGDForecast` from the coefficients, at ``steps``."""
+    dtype = flow.delta_u.dtype
+    noise = np.asarray(noise).astype(dtype)
     det = _deterministic_coefficients(np.asarray(values, np.float64), lr).astype(dtype)
     ts = (lr * steps.astype(np.float64)).astype(dtype)
     kappa = lr / batch_size
