@@ -801,7 +801,9 @@ def _transformer_panel(ax, t: dict) -> None:
         every = np.arange(1, mean.size + 1)
         inside = (every <= t["forecast"]["validity_step"]) & (mean > 0)
         ax.loglog(every[inside], mean[inside], color=style.THEORY, lw=0.8)
-    ax.loglog(steps, t["kl_mean"], "s", ms=2.5, color=style.PALETTE[2], label=r"KL $\Delta u$, SGD")
+    kl_mean, kl_se = np.asarray(t["kl_mean"]), np.asarray(t["kl_se"])
+    ax.errorbar(steps, kl_mean, yerr=3 * kl_se, fmt="s", ms=2.5, color=style.PALETTE[2],
+                label=r"KL $\Delta u$, SGD ± 3 SE")  # fmt: skip
     ax.loglog(steps, gd_kl, color=style.PALETTE[3], label=r"KL $\Delta u$, GD")
     ax.axvline(t["k_n"], color="gray", lw=0.8, ls="-.", label="$k_n$ (two-term law)")
     ax.set_ylim(0.1 * np.min(t["monte_carlo"]["estimate"]), 3 * np.max(t["kl_mean"]))

@@ -86,6 +86,7 @@ def _committed(name: str) -> dict | None:
         ("transformer_onset", "transformer_onset_all_tasks"),  # two tasks' equal tail floors
         ("validation", "validation"),
         ("validation", "validation_study"),
+        ("sgd_onset", "sgd_onset"),  # the seed means of KL Δu with their 3 SE
     ],
 )
 def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp_path):
