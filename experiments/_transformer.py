@@ -7,6 +7,7 @@ experiments and reruns restore it bit-exactly instead of retraining.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse import linalg, models, pipeline, tasks
+from geomcollapse import curvature, linalg, models, pipeline, tasks, training
 from geomcollapse.subspace import Subspace
 
 ALIGNMENT = {
@@ -87,8 +88,14 @@ def skill_fisher(
     graphdef, params = aligned_model(size, outdir).as_dtype(jnp.float64)
     logits = models.transformer_logits(graphdef)
     harmful = tasks.harmful_prompts(prompt_key, num_prompts)
-    fvp = pipeline.skill_fisher_vp(logits, params, harmful)
-    pairs = linalg.top_eigenpairs(fvp, params, k, key=lanczos_key, tol=tol, progress=True)
+    # pipeline.skill_fisher_vp's F, bound once: Lanczos and every later F v run one compiled
+    # program (curvature.apply), not a traced copy of the matvec beside it
+    short = harmful.prompts_only()
+    op = curvature.fisher_vp(training.answer_logits(logits)).bind(
+        params, jnp.asarray(short.tokens), jnp.asarray(short.answer_start)
+    )
+    fvp = partial(curvature.apply, op)
+    pairs = linalg.top_eigenpairs(op, params, k, key=lanczos_key, tol=tol, progress=True)
     return SkillFisher(
         params,
         logits,

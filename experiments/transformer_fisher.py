@@ -189,16 +189,12 @@ def _blockwise(config: Config, sf, key) -> dict[str, _Estimate]:
     unravel = ravel_pytree(sf.params)[1]
     out = {}
     for i, by in enumerate(BLOCKINGS):
-        bd = jax.jit(curvature.block_diagonal(fvp, by))
+        # one operator, one compiled program (curvature.apply) for Lanczos and the numbers
+        op = curvature.block_diagonal(fvp, by).bind(sf.params, *args)
         pairs = linalg.top_eigenpairs(
-            lambda v, bd=bd: bd(sf.params, v, *args),
-            sf.params,
-            config.d,
-            key=jax.random.fold_in(key, i),
-            tol=config.tol,
-            progress=True,
+            op, sf.params, config.d, key=jax.random.fold_in(key, i), tol=config.tol, progress=True
         )
-        flat_fvp = partial(lambda v, bd: flat(bd(sf.params, unravel(v), *args)), bd=bd)
+        flat_fvp = partial(lambda v, op: flat(curvature.apply(op, unravel(v))), op=op)
         out[by] = _Estimate(Subspace.from_eigenpairs(pairs), flat_fvp)
     return out
 

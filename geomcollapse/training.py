@@ -269,6 +269,19 @@ def greedy_decode(
     return out
 
 
+def _placed_like(state: PyTree, params: PyTree) -> PyTree:
+    """``state`` committed to ``params``' one device, where they are committed to one.
+
+    ``optimizer.init``'s fresh arrays (Adam's count) are uncommitted: the first
+    chunk would see them so and the next ones committed (the previous chunk's
+    output), and XLA would compile the same program twice.
+    """
+    placed = {x.sharding for x in jax.tree.leaves(params) if getattr(x, "committed", False)}
+    if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
+        return state
+    return jax.device_put(state, next(iter(placed)))
+
+
 def train(
     loss_fn: Callable[..., jax.Array],
     params: PyTree,
@@ -323,7 +336,7 @@ def train(
 
         return jax.lax.scan(step, (params, opt_state), idx)
 
-    opt_state = optimizer.init(params)
+    opt_state = _placed_like(optimizer.init(params), params)
     losses = []
     bar = progress_bar(total=num_steps, desc=desc, enabled=progress)
     for start in range(0, num_steps, chunk):

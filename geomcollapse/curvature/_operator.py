@@ -272,7 +272,20 @@ def host_matvec(matvec: Any, like: PyTree) -> Callable[[PyTree], PyTree]:
     if isinstance(op, LinearOperator) and isinstance(like, (jax.Array, np.ndarray)):
         op = op.raveled() if np.ndim(like) == 1 else op
     op = as_operator(op, like, name="matvec")
-    return lambda v: apply(op, v)
+    placed = _one_device(op)
+    if placed is None:
+        return lambda v: apply(op, v)
+    # v committed where op's arrays are: a first v drawn uncommitted (a random start)
+    # and the next ones committed (outputs) would compile the same program twice
+    return lambda v: apply(op, jax.device_put(v, placed))
+
+
+def _one_device(op: LinearOperator) -> Any:
+    """The one-device sharding that ``op``'s committed arrays share, else ``None``."""
+    placed = {x.sharding for x in jax.tree_util.tree_leaves(op) if getattr(x, "committed", False)}
+    if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
+        return None
+    return next(iter(placed))
 
 
 def flat_matvec(matvec: Any) -> Callable[[jax.Array], jax.Array]:
