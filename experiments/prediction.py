@@ -978,33 +978,38 @@ def figure(results: dict, path: Path) -> tuple[Path, Path]:
         ax.set_ylabel(f"harmfulness ({opt})")
         ax = row[1]
         ax.set_title(f"({chr(ord('a') + 2 * k + 1)}) {opt}: ρ per horizon, 95 % CI", loc="left")
-        for j, method in enumerate(config["methods"]):
-            Ks, rhos, low, high = [], [], [], []
-            for K in config["horizons"]:
-                c = table.get(f"{opt}/{method}/{K}", {}).get("correlations", {}).get(primary)
-                if c is not None:
-                    Ks.append(K)
-                    rhos.append(c["rho"])
-                    lo, hi = c.get("rho_interval") or (np.nan, np.nan)
-                    low.append(c["rho"] - lo)
-                    high.append(hi - c["rho"])
-            ax.errorbar(
-                Ks,
-                rhos,
-                yerr=[low, high],
-                fmt="o-",
-                color=style.PALETTE[j % len(style.PALETTE)],
-                capsize=1.5,
-                elinewidth=0.6,
-                label=method,
-            )
-        ax.axhline(config["rho_min"], color="0.5", lw=0.8, ls="--")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("horizon K (steps)")
-        ax.set_ylabel("Spearman ρ with harmfulness")
-        ax.set_ylim(-1, 1)
+        _rho_per_horizon(ax, config, table, opt, primary)
     style.legend_below(fig)
     return style.save(fig, path)
+
+
+def _rho_per_horizon(ax, config: dict, table: dict, opt: str, primary: str) -> None:
+    """ρ of ``primary`` with harmfulness against the horizon, with its 95 % interval."""
+    for j, method in enumerate(config["methods"]):
+        Ks, rhos, low, high = [], [], [], []
+        for K in config["horizons"]:
+            c = table.get(f"{opt}/{method}/{K}", {}).get("correlations", {}).get(primary)
+            if c is not None:
+                Ks.append(K)
+                rhos.append(c["rho"])
+                lo, hi = c.get("rho_interval") or (np.nan, np.nan)
+                low.append(c["rho"] - lo)
+                high.append(hi - c["rho"])
+        ax.errorbar(
+            Ks,
+            rhos,
+            yerr=[low, high],
+            fmt="o-",
+            color=style.PALETTE[j % len(style.PALETTE)],
+            capsize=1.5,
+            elinewidth=0.6,
+            label=method,
+        )
+    ax.axhline(config["rho_min"], color="0.5", lw=0.8, ls="--")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("horizon K (steps)")
+    ax.set_ylabel("Spearman ρ with harmfulness")
+    ax.set_ylim(-1, 1)
 
 
 def _scores(results: dict, opt: str, method: str, K: int, name: str) -> list[float]:
