@@ -647,21 +647,10 @@ def measure_aic(
     trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
     loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
+    data = (tuple(fisher_args), tuple(loss_args))
     try:
-        out = route(
-            fisher_vp,
-            loss_fn,
-            params,
-            d,
-            key,
-            tuple(fisher_args),
-            tuple(loss_args),
-            trace,
-            num_probes,
-            tol,
-            max_matvecs,
-            allow_unconverged,
-        )
+        out = route(fisher_vp, loss_fn, params, d, key, *data, trace, num_probes, tol,
+                    max_matvecs, allow_unconverged)  # fmt: skip
     except NotSymmetricError as err:  # Lanczos saw it; the user knows the argument's name
         raise NotSymmetricError(f"fisher_vp: {err} (a Fisher F = JᵀΛJ is symmetric)") from None
     return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
