@@ -95,6 +95,8 @@ def _read_npz(path: Path) -> dict:
             if not isinstance(archive, np.lib.npyio.NpzFile):
                 raise ValueError(f"{path}: is not an .npz archive")
             found = sorted(archive.files)
+            if "tokens" not in found:
+                raise ValueError(f"{path}: no 'tokens' array (the archive holds {found})")
             unknown = sorted(set(found) - set(_NPZ_KEYS) - {"harmful"})
             if unknown:  # a misspelled 'answer_start' would be read as the default, silently
                 raise ValueError(
@@ -106,8 +108,6 @@ def _read_npz(path: Path) -> dict:
         raise
     except Exception as err:
         raise ValueError(f"{path}: not a readable .npz file ({_one_line(err)})") from None
-    if "tokens" not in data:
-        raise ValueError(f"{path}: no 'tokens' array (the archive holds {found})")
     return data
 
 

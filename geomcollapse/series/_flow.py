@@ -655,9 +655,19 @@ def delta_u_series(
 
 
 def _warn_if_flat(displacement: PyTree) -> None:
-    """Warn (:func:`flat_loss`) when ``x₁ = −g(θ*)`` is exactly zero: every ``c_k`` is then 0."""
-    first = [x[0] for x in jax.tree_util.tree_leaves(displacement)]
-    if not all(is_concrete(x) for x in first):
+    """Warn (:func:`flat_loss`) when ``x₁ = −g(θ*)`` is exactly zero: every ``c_k`` is then 0.
+
+    One compiled reduction and an explicit ``jax.device_get`` of its flag: sharded
+    displacements stay where they are (no implicit transfer).
+    """
+    leaves = jax.tree_util.tree_leaves(displacement)
+    if not all(is_concrete(x) for x in leaves):
         return  # traced: nothing to say at trace time
-    if not any(bool(jnp.any(x != 0)) for x in first):
+    if not bool(jax.device_get(_moves(leaves))):
         warnings.warn(flat_loss("task_loss", 0.0), UserWarning, stacklevel=3)
+
+
+@jax.jit
+def _moves(leaves: list) -> jax.Array:
+    """Whether any entry of ``x₁`` (row 0 of each leaf) is non-zero."""
+    return jnp.any(jnp.stack([jnp.any(x[0] != 0) for x in leaves]))
