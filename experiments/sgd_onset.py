@@ -408,12 +408,10 @@ def _tf_runs(loss, flat, basis, data, dev, lr, steps, *, batch, seeds, key):
     return jax.lax.scan(segment, init, steps)[1]
 
 
-def _tf_deterministic(config: Config, s: _TF, loss, steps) -> dict:
-    """Block −1: full-batch GD at the grid, and ``tr(F_M Σ)``, ``tr(FΣ)``, ``γ``, ``q``, ``‖H‖``."""
-    from geomcollapse import linalg
-
-    xs, _ = _tf_runs(
-        loss,
+def _tf_sgd(config: Config, s: _TF, steps, *, seeds: int, key: jax.Array):
+    """:func:`_tf_runs` on ``s``'s problem at the config's ``η`` and ``B`` (``seeds = 0``: GD)."""
+    return _tf_runs(
+        s.flat_loss,
         s.flat,
         s.basis,
         s.data,
@@ -421,9 +419,16 @@ def _tf_deterministic(config: Config, s: _TF, loss, steps) -> dict:
         config.tf_lr,
         jnp.asarray(steps),
         batch=config.tf_batch,
-        seeds=0,
-        key=jax.random.key(0),
+        seeds=seeds,
+        key=key,
     )
+
+
+def _tf_deterministic(config: Config, s: _TF, loss, steps) -> dict:
+    """Block −1: full-batch GD at the grid, and ``tr(F_M Σ)``, ``tr(FΣ)``, ``γ``, ``q``, ``‖H‖``."""
+    from geomcollapse import linalg
+
+    xs, _ = _tf_sgd(config, s, steps, seeds=0, key=jax.random.key(0))
     lam, n = s.values, s.flat.size
     coords = np.asarray(xs @ s.basis.T)
     count = s.data[0].shape[0]
@@ -464,18 +469,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     if config.seed_block < 0:
         return [_tf_deterministic(config, s, loss, steps)]
     key = jax.random.fold_in(jax.random.key(config.seed), config.seed_block)
-    xs, ws = _tf_runs(
-        loss,
-        s.flat,
-        s.basis,
-        s.data,
-        jnp.asarray(s.deviations),
-        config.tf_lr,
-        jnp.asarray(steps),
-        batch=config.tf_batch,
-        seeds=config.tf_block,
-        key=key,
-    )
+    xs, ws = _tf_sgd(config, s, steps, seeds=config.tf_block, key=key)
     lam = s.values
     proj = 0.5 * np.einsum("ksi,i->ks", np.asarray(xs @ s.basis.T) ** 2, lam)
     cv = 0.5 * np.einsum("ksi,i->ks", np.asarray(ws) ** 2, lam)

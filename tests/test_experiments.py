@@ -21,43 +21,20 @@ from matplotlib.text import Text
 from experiments import (
     _common,
     _style,
-    aic_phase,
-    crossover,
     defences,
-    early_warning,
     figures,
-    gd_vs_flow,
-    logistic_onset,
     prediction,
-    quartic_quadratic,
     reproduce,
-    sgd_onset,
     spectrum_mlp,
     transformer_finetune,
     transformer_fisher,
     transformer_onset,
-    validation,
 )
 from experiments._common import ROOT, Claim
 from experiments._transformer import checkpoint_dir
 from geomcollapse import tasks
 from tests import figure_checks
 
-# run end to end here, in reproduce's order (transformer_finetune before transformer_fisher)
-RUN = [
-    spectrum_mlp,
-    quartic_quadratic,
-    crossover,
-    aic_phase,
-    logistic_onset,
-    gd_vs_flow,
-    transformer_finetune,
-    transformer_fisher,
-    transformer_onset,
-    validation,
-    early_warning,
-    sgd_onset,
-]
 # the two costliest tiny runs (≈ 150 of the ≈ 370 CPU s of the whole tiny reproduce, on
 # the 2-core machine): checked in their own files instead, on configurations built for
 # testing (tests/test_prediction.py, tests/test_defences_study.py: vmapped runs against
@@ -65,6 +42,9 @@ RUN = [
 # is a finding, so no row of theirs was required to hold on the tiny config here; their
 # rows are checked by the main job
 NOT_RUN = [prediction, defences]
+# run end to end here: every other experiment of the main job, in reproduce's order
+# (transformer_finetune before transformer_fisher)
+RUN = [m for m in reproduce.EXPERIMENTS if m not in NOT_RUN]
 
 
 # Every theory claim (not the labelled control) holds even on the tiny configs except these

@@ -113,18 +113,7 @@ def test_transformer_row_from_synthetic_rows():
     rng = np.random.default_rng(0)
     z = np.outer(1 + 0.1 * rng.normal(size=8), 0.5 * lr**2 * steps * trace / batch)
     y = z + gd  # the linear noise walk plus the quartic: they cross at k_n
-    det = {
-        "seed": -1,
-        "steps": steps,
-        "gd_projected": gd,
-        "gd_kl": gd + 1e-9 * steps**2,
-        "trace_fm_sigma": trace,
-        "trace_f_sigma": trace,
-        "gamma": gamma,
-        "tail_quadratic": 1.0,
-        "pg_norm": 0.0,
-        "H_norm": 1.0,
-    }
+    det = _gd_row(steps, gd, trace, gamma)
     runs = [{"seed": i, "projected": y[i], "control": z[i], "kl": y[i]} for i in range(8)]
     t = so.transformer_row(CONFIG, [det, *runs])
     assert t["k_n"] == pytest.approx(k_n, rel=1e-9)
@@ -133,16 +122,9 @@ def test_transformer_row_from_synthetic_rows():
     assert so.transformer_row(CONFIG, [det]) is None
 
 
-def synthetic_transformer(h_norm=1.0, scale=1.0):
-    """Sweep rows (linear noise walk + quartic, crossing at ``k_n = 100``) and their forecast."""
-    lr, batch, gamma, k_n = CONFIG.tf_lr, CONFIG.tf_batch, 2.0, 100.0
-    trace = k_n**3 * batch * gamma**2 * lr**2 / 4
-    steps = np.unique(np.geomspace(1, 400, 30).round())
-    rng = np.random.default_rng(1)
-    z = np.outer(1 + 0.1 * rng.normal(size=64), 0.5 * lr**2 * steps * trace / batch)
-    gd = gamma**2 * (lr * steps) ** 4 / 8
-    y = z + gd * (1 + 0.01 * rng.normal(size=z.shape))  # the residual has a positive SE
-    det = {
+def _gd_row(steps, gd, trace, gamma, h_norm=1.0) -> dict:
+    """A synthetic block −1 row: full-batch GD at ``steps`` and the numbers at ``θ*``."""
+    return {
         "seed": -1,
         "steps": steps,
         "gd_projected": gd,
@@ -154,6 +136,18 @@ def synthetic_transformer(h_norm=1.0, scale=1.0):
         "pg_norm": 0.0,
         "H_norm": h_norm,
     }
+
+
+def synthetic_transformer(h_norm=1.0, scale=1.0):
+    """Sweep rows (linear noise walk + quartic, crossing at ``k_n = 100``) and their forecast."""
+    lr, batch, gamma, k_n = CONFIG.tf_lr, CONFIG.tf_batch, 2.0, 100.0
+    trace = k_n**3 * batch * gamma**2 * lr**2 / 4
+    steps = np.unique(np.geomspace(1, 400, 30).round())
+    rng = np.random.default_rng(1)
+    z = np.outer(1 + 0.1 * rng.normal(size=64), 0.5 * lr**2 * steps * trace / batch)
+    gd = gamma**2 * (lr * steps) ** 4 / 8
+    y = z + gd * (1 + 0.01 * rng.normal(size=z.shape))  # the residual has a positive SE
+    det = _gd_row(steps, gd, trace, gamma, h_norm)
     runs = [{"seed": i, "projected": y[i], "control": z[i], "kl": y[i]} for i in range(64)]
     every = np.arange(1, 401.0)
     noise, det_fc = 0.5 * lr**2 * every * trace / batch, gamma**2 * (lr * every) ** 4 / 8
