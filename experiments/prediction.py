@@ -24,6 +24,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -203,10 +204,8 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: 
     _, k_eig, k_rand = _setup_keys(seed)
     skill = skill_prompts(num_prompts, seed)
     fvp = pipeline.skill_fisher_vp(logits64, params64, skill)
-    pairs = linalg.top_eigenpairs(
-        fvp, params64, k, key=k_eig, tol=lanczos_tol(dtype), progress=True
-    )
-    basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
+    tag = {"size": size, "num_prompts": num_prompts, "k": k, "seed": seed, "dtype": dtype}
+    values, basis = _skill_subspace(fvp, params64, k, k_eig, tag, outdir)
     n = basis.shape[1]
     random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), dtype)))[0].T
     harm, _ = pipeline.evaluation_sets(aligned.config)
@@ -218,11 +217,36 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: 
         logits64,
         pipeline.skill_reference(logits64, params64, skill),
         harm.prompts_only(),
-        np.asarray(pairs.values, np.float64),
+        values,
         basis,
         random_basis,
         fvp,
     )
+
+
+def _skill_subspace(fvp, params, k: int, key, tag: dict, outdir: Path):
+    """``F``'s top ``k`` eigenvalues ``(k,)`` and eigenvectors ``(k, n)``, both float64.
+
+    Cached on disk beside the predictors, keyed by ``tag`` and a digest of ``θ*`` itself
+    (a re-aligned ``θ*`` never meets a stale ``M``): on ``small`` the Lanczos run takes
+    tens of minutes on a CPU, and a sweep interrupted after it must not repeat it.
+    """
+    flat = np.asarray(ravel_pytree(params)[0])
+    digest = hashlib.sha256(json.dumps(tag, sort_keys=True).encode() + flat.tobytes())
+    path = Path(outdir) / "experiments" / "results" / "cache"
+    path = path / f"{NAME}_M_{digest.hexdigest()[:16]}.npz"
+    if path.is_file():
+        with np.load(path) as saved:
+            return saved["values"], saved["basis"]
+    dtype = tag["dtype"]
+    pairs = linalg.top_eigenpairs(fvp, params, k, key=key, tol=lanczos_tol(dtype), progress=True)
+    values = np.asarray(pairs.values, np.float64)
+    basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, values=values, basis=basis)
+    os.replace(tmp, path)  # atomic: an interrupted write leaves no half cache
+    return values, basis
 
 
 def _setup_for(config: Config, outdir: Path) -> _Setup:
@@ -335,7 +359,7 @@ def predictors(config: Config, outdir: Path, s: _Setup | None = None) -> dict[st
         s = s or _setup_for(config, outdir)
         for name in progress_bar(missing, desc="predictors at θ*", enabled=True):
             cached[name] = _predictors_at_theta_star(s, config, name)
-        write_json(path, cached)
+            write_json(path, cached)  # per dataset: an interrupted run keeps what it did
     return {d: cached[d] for d in config.datasets}
 
 

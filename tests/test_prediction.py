@@ -172,3 +172,29 @@ def test_the_docs_dataset_table_is_current():
     assert block.strip() == P.dataset_table().strip(), (
         "run python -m experiments.prediction --table"
     )
+
+
+def test_the_skill_subspace_is_cached_on_disk_and_keyed_by_theta(tmp_path):
+    """``M`` computed once equals ``numpy.linalg.eigh``'s top pairs; a second call reads
+    it back bit for bit without a matvec; another ``θ*`` misses the cache."""
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    q = np.linalg.qr(rng.normal(size=(12, 12)))[0]
+    a = (q * np.geomspace(1.0, 1e-3, 12)) @ q.T
+    theta = {"w": jnp.arange(12.0)}
+    fvp = lambda v: {"w": jnp.asarray(a) @ v["w"]}  # noqa: E731
+    tag = {"size": "toy", "num_prompts": 1, "k": 3, "seed": 0, "dtype": "float64"}
+    values, basis = P._skill_subspace(fvp, theta, 3, jax.random.key(1), tag, tmp_path)
+    w, v = np.linalg.eigh(a)
+    np.testing.assert_allclose(values, w[::-1][:3], rtol=1e-10)
+    np.testing.assert_allclose(np.abs(basis @ v[:, ::-1][:, :3]), np.eye(3), atol=1e-8)
+
+    def refuse(v):
+        raise AssertionError("the cached M was recomputed")
+
+    again = P._skill_subspace(refuse, theta, 3, jax.random.key(1), tag, tmp_path)
+    np.testing.assert_array_equal(again[0], values)
+    np.testing.assert_array_equal(again[1], basis)
+    moved = {"w": theta["w"] + 1.0}
+    with pytest.raises(Exception, match="recomputed"):
+        P._skill_subspace(refuse, moved, 3, jax.random.key(1), tag, tmp_path)
