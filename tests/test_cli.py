@@ -91,3 +91,21 @@ def test_progress_prints_a_line_per_stage_when_not_a_terminal(capfd):
     assert "[lanczos] started" in err and "[lanczos] done:" in err
     linalg.top_eigenpairs(lambda v: A @ v, jnp.zeros(40), 2, key=jax.random.key(0))
     assert "[lanczos]" not in capfd.readouterr().err  # progress off: silent
+
+
+def test_a_long_stage_says_where_it_is_between_its_start_and_end(capfd, monkeypatch):
+    """Off a terminal, a running stage prints its count every ``interval`` seconds."""
+    from geomcollapse._progress import _StageLines, progress_bar
+
+    monkeypatch.setattr(_StageLines, "interval", 0.0)  # every step: the lines are checkable
+    assert list(progress_bar(range(3), desc="stage", enabled=True)) == [0, 1, 2]
+    lines = capfd.readouterr().err.splitlines()
+    assert lines[0] == "[stage] started (3 steps)"
+    assert [line.split(",")[0] for line in lines[1:4]] == [
+        f"[stage] {i}/3 steps" for i in (1, 2, 3)
+    ]
+    assert lines[4].startswith("[stage] done: 3 steps in ") and len(lines) == 5
+    monkeypatch.setattr(_StageLines, "interval", 3600.0)
+    with progress_bar(total=5, desc="quiet", enabled=True) as bar:
+        bar.update(5)
+    assert len(capfd.readouterr().err.splitlines()) == 2  # within the hour: start and end
