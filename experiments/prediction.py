@@ -99,6 +99,9 @@ class Config:
     lora_alpha: float = 8.0
     forecast_order: int = 4
     forecast_examples: int = 1000  # the series' task loss: the first examples of the 4,000
+    # False: the runs and their geometry only, no predictors at θ* (docs/early_warning.md,
+    # amendment 3: on small the float64 forecast alone needs ≈ 28 GiB on a CPU)
+    predictors_at_theta: bool = True
     primary_horizon: int = 256
     rho_min: float = 0.7
     forecast_factor: float = 1.5
@@ -589,13 +592,7 @@ def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_n
 def geometry_rows(config: Config, outdir: Path) -> list[dict]:
     """``sweep_cell``'s rows without the predictors at ``θ*``: the runs, their behaviour and
     their geometry (``M``, ``E_k``, the projected loss, ``Δu``) in ``geometry_dtype()``."""
-    s = _setup_for(config, outdir)
-    at = {name: {} for name in config.datasets}
-    rows = []
-    for method in config.methods:
-        for opt in config.optimizers:
-            rows.extend(_runs(s, config, method, opt, at))
-    return rows
+    return sweep_cell(dataclasses.replace(config, predictors_at_theta=False), outdir)
 
 
 # --------------------------------------------------------------------- analysis
@@ -1044,7 +1041,10 @@ def _scores(results: dict, opt: str, method: str, K: int, name: str) -> list[flo
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``."""
     s = _setup_for(config, outdir)
-    at = predictors(config, outdir, s)
+    if config.predictors_at_theta:
+        at = predictors(config, outdir, s)
+    else:
+        at = {name: {} for name in config.datasets}
     rows = []
     for method in config.methods:
         for opt in config.optimizers:
@@ -1209,6 +1209,12 @@ def report(rows: list[dict], outdir: Path) -> list[Path]:
 
 
 def _report(rows: list[dict], outdir: Path) -> dict:
+    if rows and "at_grad_norm" not in rows[0]:
+        raise ValueError(
+            "these rows were swept with predictors_at_theta=false (no predictors at θ*), so"
+            " the Table 1 report cannot be built from them; their analysis is"
+            " experiments.early_warning's (python -m experiments.early_warning)"
+        )
     config = _config_from_rows(rows)
     name = f"{NAME}_study"
     out = conclude(name, config, outdir, STUDY_COMMAND, _results(config, rows), figure, claims)

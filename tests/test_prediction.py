@@ -198,3 +198,12 @@ def test_the_skill_subspace_is_cached_on_disk_and_keyed_by_theta(tmp_path):
     moved = {"w": theta["w"] + 1.0}
     with pytest.raises(Exception, match="recomputed"):
         P._skill_subspace(refuse, moved, 3, jax.random.key(1), tag, tmp_path)
+
+
+def test_rows_swept_without_predictors_at_theta_are_refused_by_the_table_1_report(tmp_path):
+    """``predictors_at_theta=false`` rows (the small sweep's) carry no ``at_*`` columns:
+    the report says where they are analysed instead of failing on a missing key."""
+    row = {"dataset": "shift", "method": "full", "optimizer": "sgd", "seed": 0, "K": 1}
+    with pytest.raises(ValueError, match=r"experiments\.early_warning"):
+        P.report([row], tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written

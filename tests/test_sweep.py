@@ -300,3 +300,14 @@ def test_cli_reports_an_unwritable_output_directory(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"cannot write the sweep output {output} ('output')" in err, err
     assert "Traceback" not in err and not output.exists()
+
+
+def test_every_committed_sweep_config_parses():
+    """The configs under ``sweeps/`` (run across sessions, some only on a GPU) load as they
+    are committed: a field an experiment's ``Config`` does not have would stop them cold."""
+    from experiments._common import ROOT
+
+    paths = sorted((ROOT / "sweeps").glob("*.json"))
+    assert len(paths) >= 6
+    for path in paths:
+        assert sweep.load_config(path).name == path.stem, path.name
