@@ -38,8 +38,8 @@ from experiments import prediction as P
 from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
 from geomcollapse import aic, curvature, flow, tasks, theory, training
 from geomcollapse import defences as transforms
-from geomcollapse._progress import progress_bar
 from geomcollapse.linalg import top_eigenpairs_traced
+from geomcollapse.progress import progress_bar
 from geomcollapse.subspace import Subspace
 
 NAME = "defences"
@@ -157,7 +157,7 @@ class Config:
 
     @property
     def dims(self) -> tuple[int, ...]:
-        """Every ``d`` whose ``M_d(θ*)`` is needed (what ``prediction._setup_for`` computes)."""
+        """Every ``d`` whose ``M_d(θ*)`` is needed (what ``prediction.setup_for`` computes)."""
         return tuple(sorted({*self.static_dims, self.penalty_d, self.tracking_d, self.angle_dim}))
 
     def strengths(self, defence: str, optimizer: str) -> tuple:
@@ -386,7 +386,7 @@ def _fargs(s) -> tuple[jax.Array, jax.Array]:
 # ------------------------------------------------------------------ fine-tuning
 def _runs(s, config: Config, spec: Spec, index: int, middle: bool) -> list[dict]:
     """Fine-tune every (dataset, seed) of ``config`` under ``spec``; one row per run and K."""
-    b = P._batch(s, config, "full", spec.optimizer)
+    b = P.run_batch(s, config, "full", spec.optimizer)
     init, advance = trainer(s.logits32, spec)
     aux = _aux(s, spec, jnp.float32)
     params, opt_state = b.state, init(b.state, aux)
@@ -395,7 +395,7 @@ def _runs(s, config: Config, spec: Spec, index: int, middle: bool) -> list[dict]
     if spec.defence != "none":
         label += f" {SYMBOL[spec.defence]}={spec.strength:g}"
     bar = progress_bar(total=K, desc=f"{label} ({spec.optimizer})", enabled=True)
-    for K_h, lengths in zip(config.horizons, P._chunks(config.horizons), strict=True):
+    for K_h, lengths in zip(config.horizons, P.scan_chunks(config.horizons), strict=True):
         for c in lengths:
             chunk = jnp.asarray(b.idx[:, done : done + c])
             (params, opt_state), losses = advance(params, opt_state, aux, b.data, chunk, _fargs(s))
@@ -421,7 +421,7 @@ def _runs(s, config: Config, spec: Spec, index: int, middle: bool) -> list[dict]
 
 def _measure(s, config: Config, b, params, opt_state) -> list[dict]:
     """Per run: behaviour (float32), ``Δu``, ``½xᵀFx`` and the channels of ``Δu`` (float64)."""
-    behaviour, displacement, geometry = P._measurer(s.logits32, s.logits64, "full", 1.0)
+    behaviour, displacement, geometry = P.measurer(s.logits32, s.logits64, "full", 1.0)
     harm, nll, acc = behaviour(params, s.params32, s.harm.tokens, s.harm.answer_start, b.evals)
     xs = displacement(params, s.params32, s.params64)
     du, quad, flat = geometry(xs, s.params64, tuple(s.reference), _fargs(s))
@@ -459,7 +459,7 @@ def _cost(s, config: Config, spec: Spec, b, carry, aux) -> dict:
     per-pair ratios: a ratio from one moment of a shared CPU, not two timings
     taken hours apart under different loads.
     """
-    chunk = P._chunks(config.horizons)[-1][0]
+    chunk = P.scan_chunks(config.horizons)[-1][0]
     base = chunk * math.ceil(16 / chunk)
     window = base
     if spec.defence == "project_out_tracking":
@@ -611,9 +611,9 @@ def _quartic_rows(s, config: Config) -> list[dict]:
     if not names:
         return []
     N, d, K = config.quartic_examples, config.primary_dim, config.quartic_steps
-    sets = [P._dataset(config, n)[0] for n in names]
+    sets = [P.dataset_split(config, n)[0] for n in names]
     data = tuple(jnp.asarray(np.stack([getattr(t, f)[:N] for t in sets])) for f in FIELDS)
-    params = P._stack([s.params64] * len(names))
+    params = P.stack_trees([s.params64] * len(names))
     aux = _aux(s, Spec("", 0, "", 0.0, 0.0, d, 0), jnp.float64)
     ks = np.arange(1, K + 1)
     j = config.quartic_check_step - 1
@@ -638,7 +638,7 @@ def _quartic_rows(s, config: Config) -> list[dict]:
 # -------------------------------------------------------------- running it all
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (defence, strength, optimizer) of ``config``, and the theory check's."""
-    s = P._setup_for(config, outdir)
+    s = P.setup_for(config, outdir)
     check_stable(config, float(s.values[0]))
     rows = []
     for opt_name in config.optimizers:

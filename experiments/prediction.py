@@ -49,8 +49,8 @@ from geomcollapse import (
     tasks,
     training,
 )
-from geomcollapse._progress import progress_bar
 from geomcollapse.models import lora_init, lora_merge
+from geomcollapse.progress import progress_bar
 
 NAME = "prediction"
 FULL_FLAG = True
@@ -157,7 +157,7 @@ TINY = Config(
 
 
 # ------------------------------------------------------------------ set-up at θ*
-class _Setup(NamedTuple):
+class Setup(NamedTuple):
     """What every run shares: ``θ*`` (float32 and float64), the skill, ``M`` and compiled maps."""
 
     graphdef: object
@@ -196,7 +196,7 @@ def lanczos_tol(dtype) -> float | None:
 
 
 @functools.lru_cache(maxsize=2)
-def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: str) -> _Setup:
+def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: str) -> Setup:
     """``θ*``, ``M`` and the skill at ``θ*``; the geometry in ``dtype`` (``geometry_dtype``:
     every name ``…64`` below is float64 when x64 is on, as in the committed study)."""
     aligned = aligned_model(size, outdir)
@@ -212,7 +212,7 @@ def _setup(size: str, num_prompts: int, k: int, seed: int, outdir: Path, dtype: 
     n = basis.shape[1]
     random_basis = np.linalg.qr(np.asarray(jax.random.normal(k_rand, (n, k), dtype)))[0].T
     harm, _ = pipeline.evaluation_sets(aligned.config)
-    return _Setup(
+    return Setup(
         graphdef,
         params32,
         params64,
@@ -252,14 +252,15 @@ def _skill_subspace(fvp, params, k: int, key, tag: dict, outdir: Path):
     return values, basis
 
 
-def _setup_for(config: Config, outdir: Path) -> _Setup:
+def setup_for(config: Config, outdir: Path) -> Setup:
+    """What every run of ``config`` shares (``θ*``, ``M``, the skill), built once per process."""
     dtype = geometry_dtype().name  # in the cache's key: x64 may be switched between calls
     return _setup(
         config.size, config.num_prompts, max(config.dims), config.key_seed, Path(outdir), dtype
     )
 
 
-def _dataset(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
+def dataset_split(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
     """The training data (same for every seed) and clean evaluation examples of ``name``."""
     index = sorted(tasks.DATASET_FAMILY).index(name)
     k_data, k_eval = jax.random.split(jax.random.fold_in(jax.random.key(config.key_seed), index))
@@ -270,7 +271,7 @@ def _dataset(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBa
 
 
 # ------------------------------------------------------------ predictors at θ*
-def _norms(s: _Setup, dims, flat: np.ndarray, prefix: str) -> dict:
+def _norms(s: Setup, dims, flat: np.ndarray, prefix: str) -> dict:
     """``‖P v‖``, ``‖P v‖/‖v‖``, ``‖F^{1/2}P v‖`` and the random-subspace ratio, per ``d``."""
     coeffs, rand = s.basis @ flat, s.random_basis @ flat
     norm = float(np.linalg.norm(flat))
@@ -310,9 +311,9 @@ def _compiled_predictors(logits):
     return jax.jit(loss), forecast
 
 
-def _predictors_at_theta_star(s: _Setup, config: Config, name: str) -> dict:
+def _predictors_at_theta_star(s: Setup, config: Config, name: str) -> dict:
     """The predictors available before any fine-tuning, for dataset ``name`` (float64)."""
-    train, _ = _dataset(config, name)  # full SEQUENCE_LENGTH: one compile for every dataset
+    train, _ = dataset_split(config, name)  # full SEQUENCE_LENGTH: one compile for every dataset
     data = tuple(jnp.asarray(a) for a in (train.tokens, train.targets, train.mask))
     loss, forecast = _compiled_predictors(s.logits64)
     g, Hg = (np.asarray(a, np.float64) for a in aic.gradient_and_hg(loss, s.params64, data))
@@ -353,13 +354,13 @@ def _predictor_cache(config: Config, outdir: Path) -> Path:
     return Path(outdir) / "experiments" / "results" / "cache" / f"{NAME}_at_theta_{digest}.json"
 
 
-def predictors(config: Config, outdir: Path, s: _Setup | None = None) -> dict[str, dict]:
+def predictors(config: Config, outdir: Path, s: Setup | None = None) -> dict[str, dict]:
     """Per dataset, the predictors at ``θ*``; cached on disk (the sweep's cells share them)."""
     path = _predictor_cache(config, outdir)
     cached = json.loads(path.read_text()) if path.is_file() else {}
     missing = [d for d in config.datasets if d not in cached]
     if missing:
-        s = s or _setup_for(config, outdir)
+        s = s or setup_for(config, outdir)
         for name in progress_bar(missing, desc="predictors at θ*", enabled=True):
             cached[name] = _predictors_at_theta_star(s, config, name)
             write_json(path, cached)  # per dataset: an interrupted run keeps what it did
@@ -373,7 +374,7 @@ def _optimizer(config: Config, name: str) -> tuple[optax.GradientTransformation,
     return optax.adamw(config.adamw_lr, weight_decay=config.weight_decay), config.adamw_lr
 
 
-def _chunks(horizons: tuple[int, ...]) -> list[list[int]]:
+def scan_chunks(horizons: tuple[int, ...]) -> list[list[int]]:
     """Per gap between horizons, the scan lengths that cover it: two compiled lengths at most."""
     gaps = np.diff((0, *horizons)).tolist()
     long = [g for g in gaps if g >= 8]
@@ -381,7 +382,7 @@ def _chunks(horizons: tuple[int, ...]) -> list[list[int]]:
     return [[big] * (g // big) + [1] * (g % big) for g in gaps]
 
 
-def _order(key: jax.Array, num: int, steps: int, batch: int) -> np.ndarray:
+def minibatch_order(key: jax.Array, num: int, steps: int, batch: int) -> np.ndarray:
     """``(steps, batch)`` minibatch rows: a fresh permutation of the ``num`` examples each epoch."""
     per_epoch = num // batch
     epochs = -(-steps // per_epoch)
@@ -419,7 +420,7 @@ def _trainer(logits, method: str, alpha: float, opt: optax.GradientTransformatio
 
 
 @functools.lru_cache(maxsize=4)
-def _measurer(logits, logits64, method: str, alpha: float):
+def measurer(logits, logits64, method: str, alpha: float):
     """Jitted measurements of a vmapped batch of runs at one horizon.
 
     Behaviour (harm, NLL, accuracy) in the training dtype with ``logits``;
@@ -466,11 +467,12 @@ def _measurer(logits, logits64, method: str, alpha: float):
     return behaviour, displacement, geometry
 
 
-def _stack(trees):
+def stack_trees(trees):
+    """One pytree whose leaves stack the leaves of ``trees`` on a new leading axis."""
     return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
-def _intruders(s: _Setup, config: Config, xs, r: int) -> dict:
+def _intruders(s: Setup, config: Config, xs, r: int) -> dict:
     """LoRA run ``r``'s intruder dimensions (k = 10, ε = 0.5) and their overlap with ``M``.
 
     ``update_intruder_*`` are the scores of ``Δθ_intr`` (the update along the
@@ -492,7 +494,7 @@ def _intruders(s: _Setup, config: Config, xs, r: int) -> dict:
     }
 
 
-class _Batch(NamedTuple):
+class RunBatch(NamedTuple):
     """The vmapped runs of one (method, optimizer): who they are and what they train on."""
 
     runs: list  # (dataset, seed) per run
@@ -503,10 +505,10 @@ class _Batch(NamedTuple):
     lr: float
 
 
-def _batch(s: _Setup, config: Config, method: str, opt_name: str) -> _Batch:
+def run_batch(s: Setup, config: Config, method: str, opt_name: str) -> RunBatch:
     """Every (dataset, seed) of ``config``: data, minibatch order and starting state."""
     runs = [(n, seed) for n in config.datasets for seed in config.seeds]
-    pairs = {n: _dataset(config, n) for n in config.datasets}
+    pairs = {n: dataset_split(config, n) for n in config.datasets}
     fields = ("tokens", "targets", "mask")
     data = tuple(jnp.asarray(np.stack([getattr(pairs[n][0], f) for n, _ in runs])) for f in fields)
     evals = tuple(jnp.asarray(np.stack([getattr(pairs[n][1], f) for n, _ in runs])) for f in fields)
@@ -514,33 +516,36 @@ def _batch(s: _Setup, config: Config, method: str, opt_name: str) -> _Batch:
     keys = [jax.random.fold_in(jax.random.key(seed), family.index(n)) for n, seed in runs]
     K = config.horizons[-1]
     idx = np.stack(
-        [_order(jax.random.fold_in(k, 1), config.num_examples, K, config.batch_size) for k in keys]
+        [
+            minibatch_order(jax.random.fold_in(k, 1), config.num_examples, K, config.batch_size)
+            for k in keys
+        ]
     )
     theta = s.params32
     if method == "full":
-        state = _stack([theta] * len(runs))
+        state = stack_trees([theta] * len(runs))
     else:
         rank = LORA_RANKS[method]
-        state = _stack([lora_init(jax.random.fold_in(k, 2), theta, rank) for k in keys])
-    return _Batch(runs, data, evals, idx, state, _optimizer(config, opt_name)[1])
+        state = stack_trees([lora_init(jax.random.fold_in(k, 2), theta, rank) for k in keys])
+    return RunBatch(runs, data, evals, idx, state, _optimizer(config, opt_name)[1])
 
 
-def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> list:
+def _runs(s: Setup, config: Config, method: str, opt_name: str, at: dict) -> list:
     """Fine-tune every (dataset, seed) of ``config`` with ``method`` and ``opt_name``.
 
     All runs are vmapped in one compiled scan (seeds included, on any backend).
     Returns one row per run and horizon.
     """
-    b = _batch(s, config, method, opt_name)
+    b = run_batch(s, config, method, opt_name)
     opt = _optimizer(config, opt_name)[0]
     state, opt_state = b.state, jax.vmap(opt.init)(b.state)
     advance = _trainer(s.logits32, method, config.lora_alpha, opt)
-    behaviour, displacement, geometry = _measurer(s.logits32, s.logits64, method, config.lora_alpha)
+    behaviour, displacement, geometry = measurer(s.logits32, s.logits64, method, config.lora_alpha)
     ref, theta = tuple(s.reference), s.params32
     rows, done, K = [], 0, config.horizons[-1]
     desc = f"fine-tune {len(b.runs)} runs ({method}, {opt_name})"
     bar = progress_bar(total=K, desc=desc, enabled=True)
-    for K_h, lengths in zip(config.horizons, _chunks(config.horizons), strict=True):
+    for K_h, lengths in zip(config.horizons, scan_chunks(config.horizons), strict=True):
         for c in lengths:
             chunk = jnp.asarray(b.idx[:, done : done + c])
             (state, opt_state), losses = advance(state, opt_state, theta, b.data, chunk)
@@ -559,7 +564,7 @@ def _runs(s: _Setup, config: Config, method: str, opt_name: str, at: dict) -> li
     return rows
 
 
-def _row(s, config, b: _Batch, r: int, K_h: int, measured, xs, at, method, opt_name) -> dict:
+def _row(s, config, b: RunBatch, r: int, K_h: int, measured, xs, at, method, opt_name) -> dict:
     """Run ``r``'s row at horizon ``K_h`` from the batch's measurements."""
     harm, nll, acc, delta_u, quad, flat = (m[r] for m in measured)
     name, seed = b.runs[r]
@@ -1040,7 +1045,7 @@ def _scores(results: dict, opt: str, method: str, K: int, name: str) -> list[flo
 # -------------------------------------------------------------- running it all
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``."""
-    s = _setup_for(config, outdir)
+    s = setup_for(config, outdir)
     if config.predictors_at_theta:
         at = predictors(config, outdir, s)
     else:
@@ -1222,7 +1227,7 @@ def _report(rows: list[dict], outdir: Path) -> dict:
     tables = results_dir / f"{name}_tables.md"
     tables.write_text(study_tables(out["result"]) + "\n", encoding="utf-8")
     if outdir.resolve() == ROOT:  # this checkout's docs carry the committed study's tables
-        _write_between(ROOT / "docs" / "prediction.md", "study-tables", study_tables(out["result"]))
+        write_between(ROOT / "docs" / "prediction.md", "study-tables", study_tables(out["result"]))
     out["paths"] = [results_dir / f"{name}.json", tables, outdir / out["result"]["figure"]]
     return out
 
@@ -1254,7 +1259,7 @@ def dataset_table() -> str:
     return "\n".join(rows)
 
 
-def _write_between(doc: Path, marker: str, text: str) -> None:
+def write_between(doc: Path, marker: str, text: str) -> None:
     """Replace what stands between ``<!-- marker:start -->`` and ``<!-- marker:end -->``."""
     page = doc.read_text(encoding="utf-8")
     start = page.index(f"<!-- {marker}:start -->") + len(f"<!-- {marker}:start -->")
@@ -1264,7 +1269,7 @@ def _write_between(doc: Path, marker: str, text: str) -> None:
 
 def write_dataset_table(doc: Path = ROOT / "docs" / "prediction.md") -> None:
     """Rewrite the table between the ``dataset-table`` markers of ``doc``."""
-    _write_between(doc, "dataset-table", dataset_table())
+    write_between(doc, "dataset-table", dataset_table())
 
 
 if __name__ == "__main__":

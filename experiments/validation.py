@@ -30,7 +30,7 @@ from experiments import prediction as P
 from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
 from experiments._transformer import aligned_model
 from geomcollapse import diagnose, pipeline, stats, tasks, training
-from geomcollapse._progress import progress_bar
+from geomcollapse.progress import progress_bar
 
 NAME = "validation"
 FULL_FLAG = False
@@ -103,7 +103,7 @@ def _theta_star(size: str, num_prompts: int, seed: int, outdir: Path):
 
 
 def _data(config: Config, name: str) -> tuple[tuple, tasks.TokenBatch]:
-    train, _ = P._dataset(_prediction_config(config), name)
+    train, _ = P.dataset_split(_prediction_config(config), name)
     fields = tuple(jnp.asarray(getattr(train, f)) for f in ("tokens", "targets", "mask"))
     return fields, train
 
@@ -156,7 +156,7 @@ def _dataset_row(config: Config, name: str, outdir: Path) -> dict:
     sgd = []
     for seed in config.seeds:
         key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), family.index(name)), 1)
-        idx = P._order(key, config.num_examples, K, config.batch_size)
+        idx = P.minibatch_order(key, config.num_examples, K, config.batch_size)
         sgd.append(np.asarray(run(theta, data, jnp.asarray(idx), tuple(ref)), np.float64))
     at = np.asarray(config.horizons) - 1
     ts = config.lr * np.asarray(config.horizons, np.float64)
@@ -423,7 +423,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     results = analyse(spec, computed, study_harm(spec, outdir), harms)
     out = conclude(NAME, config, outdir, command, results, figure, claims)
     if outdir.resolve() == ROOT and config in (STUDY, QUICK):  # this checkout's docs
-        P._write_between(
+        P.write_between(
             ROOT / "docs" / "validation.md", "results", results_table(results, spec.factor)
         )
     return out

@@ -39,7 +39,6 @@ import jax
 import numpy as np
 
 from geomcollapse import registry
-from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
     barrier,
@@ -50,6 +49,7 @@ from geomcollapse._sweep_io import (
     reject_unknown,
     whole_lines,
 )
+from geomcollapse.progress import progress_bar
 
 TOP_KEYS = {"experiment", "output", "base", "grid", "name"}
 FORMAT_VERSION = 1

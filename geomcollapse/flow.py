@@ -33,8 +33,8 @@ from geomcollapse._checks import (
     prng_key,
 )
 from geomcollapse._phi import phi2
-from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
+from geomcollapse.progress import progress_bar
 from geomcollapse.subspace import Subspace
 
 __all__ = [

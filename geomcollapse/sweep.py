@@ -70,7 +70,6 @@ from jax.sharding import PartitionSpec as P
 
 from geomcollapse import _experiment_sweep, _sweep_report, landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
-from geomcollapse._progress import progress_bar
 from geomcollapse._sweep_io import (
     append,
     barrier,
@@ -82,6 +81,7 @@ from geomcollapse._sweep_io import (
     reject_unknown,
     whole_lines,
 )
+from geomcollapse.progress import progress_bar
 
 __all__ = [
     "FORMAT_VERSION",

@@ -31,7 +31,7 @@ import optax
 from geomcollapse import tasks
 from geomcollapse._checks import positive_int, prng_key
 from geomcollapse._phi import phi2
-from geomcollapse._progress import progress_bar
+from geomcollapse.progress import progress_bar
 
 __all__ = [
     "Metrics",

@@ -95,7 +95,7 @@ def test_progress_prints_a_line_per_stage_when_not_a_terminal(capfd):
 
 def test_a_long_stage_says_where_it_is_between_its_start_and_end(capfd, monkeypatch):
     """Off a terminal, a running stage prints its count every ``interval`` seconds."""
-    from geomcollapse._progress import _StageLines, progress_bar
+    from geomcollapse.progress import _StageLines, progress_bar
 
     monkeypatch.setattr(_StageLines, "interval", 0.0)  # every step: the lines are checkable
     assert list(progress_bar(range(3), desc="stage", enabled=True)) == [0, 1, 2]

@@ -65,11 +65,11 @@ def test_vmapped_defended_runs_equal_single_runs_of_the_chain(
     logits, theta, aux, fargs = small_model
     lr = 0.05 if opt_name == "sgd" else 1e-2
     spec = D.Spec(defence, strength, opt_name, lr, 0.01, DIM, 14)
-    datas = [P._dataset(D.TINY, n)[0] for n in ("shift", "always_answer")]
+    datas = [P.dataset_split(D.TINY, n)[0] for n in ("shift", "always_answer")]
     data = tuple(jnp.asarray(np.stack([getattr(b, f)[:64] for b in datas])) for f in D.FIELDS)
-    idx = np.stack([P._order(jax.random.key(i), 64, 6, 8) for i in range(2)])
+    idx = np.stack([P.minibatch_order(jax.random.key(i), 64, 6, 8) for i in range(2)])
     init, advance = D.trainer(logits, spec)
-    start = P._stack([theta, theta])
+    start = P.stack_trees([theta, theta])
     (got, state), _ = advance(start, init(start, aux), aux, data, jnp.asarray(idx), fargs)
     if defence == "project_out_tracking":  # vmapped, one shared count: the refresh stays a branch
         count = np.asarray(state[1].count)
@@ -230,7 +230,7 @@ def test_initial_orthogonalization_leaves_the_quartic_drift_on(small_model):
     from types import SimpleNamespace
 
     logits, theta, (values, rows), _ = small_model
-    data = P._dataset(D.TINY, "shift")[0]
+    data = P.dataset_split(D.TINY, "shift")[0]
     batch = tuple(jnp.asarray(getattr(data, f)[:32]) for f in D.FIELDS)
     s = SimpleNamespace(
         logits64=logits, params64=theta, values=np.asarray(values), basis=np.asarray(rows)
@@ -238,7 +238,7 @@ def test_initial_orthogonalization_leaves_the_quartic_drift_on(small_model):
     gamma, fisher_pg = D._couplings(s, DIM, batch)
     eta, ks = 1e-4, np.arange(1, 7)
     stacked = tuple(a[None] for a in batch)
-    args = (P._stack([theta]), values, rows, stacked, eta)
+    args = (P.stack_trees([theta]), values, rows, stacked, eta)
     defended = np.asarray(D._gd_projected(logits, "initial_orthogonalization", 6)(*args))[0]
     raw = np.asarray(D._gd_projected(logits, "none", 6)(*args))[0]
     assert defended[0] <= 1e-24 < raw[0]  # the first step leaves M exactly: P g̃(θ*) = 0

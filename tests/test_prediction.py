@@ -32,13 +32,13 @@ def test_vmapped_runs_equal_single_runs_of_the_training_loop(small_model, method
     names = ("shift", "always_answer")
     loss = training.sequence_loss(logits)
     keys = [jax.random.key(i) for i in range(2)]
-    datas = [P._dataset(config, n)[0] for n in names]
-    idx = np.stack([P._order(k, 128, 8, 16) for k in keys])
+    datas = [P.dataset_split(config, n)[0] for n in names]
+    idx = np.stack([P.minibatch_order(k, 128, 8, 16) for k in keys])
     if method == "full":
-        state = P._stack([theta, theta])
+        state = P.stack_trees([theta, theta])
     else:
         starts = [lora_init(jax.random.fold_in(k, 2), theta, 2) for k in keys]
-        state = P._stack(starts)
+        state = P.stack_trees(starts)
     data = tuple(
         jnp.asarray(np.stack([getattr(b, f) for b in datas])) for f in ("tokens", "targets", "mask")
     )
@@ -63,7 +63,7 @@ def test_vmapped_runs_equal_single_runs_of_the_training_loop(small_model, method
 
 @pytest.mark.parametrize("horizons", [(1, 4, 16, 64, 256), (1, 4, 8), (3, 10, 50, 51), (5,)])
 def test_scan_chunks_cover_every_gap_with_at_most_two_lengths(horizons):
-    chunks = P._chunks(horizons)
+    chunks = P.scan_chunks(horizons)
     assert [sum(c) for c in chunks] == np.diff((0, *horizons)).tolist()
     assert len({n for c in chunks for n in c}) <= 2
 

@@ -68,7 +68,6 @@ import numpy as np
 
 from geomcollapse import compilation_cache, series
 from geomcollapse._checks import flat_loss
-from geomcollapse._progress import progress_bar
 from geomcollapse.diagnosis.forecast import AtD, at_d
 from geomcollapse.diagnosis.plan import (
     DEFAULT_MAX_D,
@@ -79,6 +78,7 @@ from geomcollapse.diagnosis.plan import (
 )
 from geomcollapse.diagnosis.report import Diagnosis
 from geomcollapse.diagnosis.spectrum import Spectrum, measure_spectrum
+from geomcollapse.progress import progress_bar
 
 __all__ = ["NUM_FORECAST_TIMES", "diagnose"]
 

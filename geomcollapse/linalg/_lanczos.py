@@ -63,7 +63,6 @@ from geomcollapse._checks import (
     prng_key,
     working_dtype,
 )
-from geomcollapse._progress import progress_bar
 from geomcollapse._sharding import Layout, is_sharded
 from geomcollapse.curvature import host_matvec
 from geomcollapse.errors import NotSymmetricError
@@ -76,6 +75,7 @@ from geomcollapse.linalg._contract import (
     residual_norms,
     zero_level,
 )
+from geomcollapse.progress import progress_bar
 
 PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST

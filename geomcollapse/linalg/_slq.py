@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse._checks import positive_float, positive_int, prng_key
-from geomcollapse._progress import progress_bar
 from geomcollapse.linalg._lanczos import (
     Placement,
     key_home,
@@ -33,6 +32,7 @@ from geomcollapse.linalg._lanczos import (
     scaled_operator,
     tridiagonal,
 )
+from geomcollapse.progress import progress_bar
 
 PyTree = Any
 
