@@ -633,6 +633,7 @@ def _optional(value: Any, check: Callable[[Any, str], Any], name: str) -> Any:
 
 
 def _config(
+    *,
     every,
     rotation_every,
     budget,
@@ -786,28 +787,18 @@ def _init_state(
     )
 
 
-def _prepared(subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
-              time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity,
-              key):  # fmt: skip
-    """``monitor``'s checked inputs: ``(values, reference, cfg, early, capacity, key)``."""
+def _prepared(subspace, *, early_warning, capacity, key, **options):
+    """``monitor``'s checked inputs: ``(values, reference, cfg, early, capacity, key)``.
+
+    ``options``: :func:`monitor`'s other keyword arguments, by name (:func:`_config`).
+    """
     if isinstance(subspace, Diagnosis):
-        subspace, budget, series, time_per_step = _diagnosis_inputs(
-            subspace, budget, series, time_per_step
+        subspace, *found = _diagnosis_inputs(
+            subspace, options["budget"], options["series"], options["time_per_step"]
         )
+        options.update(zip(("budget", "series", "time_per_step"), found, strict=True))
     values, reference = subspace_arrays(subspace)
-    cfg = _config(
-        every,
-        rotation_every,
-        budget,
-        angle_budget,
-        on_exceed,
-        series,
-        time_per_step,
-        fisher_vp,
-        fisher_args,
-        tol,
-        max_steps,
-    )
+    cfg = _config(**options)
     early = _early(early_warning)
     # the step sees τ and the step only: the rows travel in the state, as arguments
     cfg = cfg._replace(early=None if early is None else early._replace(values=None, rows=None))
@@ -876,9 +867,22 @@ def monitor(
         budget does (``on_exceed``).
     """
     values, reference, cfg, early, capacity, key = _prepared(
-        subspace, every, rotation_every, budget, angle_budget, on_exceed, series,
-        time_per_step, fisher_vp, fisher_args, tol, max_steps, early_warning, capacity, key,
-    )  # fmt: skip
+        subspace,
+        early_warning=early_warning,
+        capacity=capacity,
+        key=key,
+        every=every,
+        rotation_every=rotation_every,
+        budget=budget,
+        angle_budget=angle_budget,
+        on_exceed=on_exceed,
+        series=series,
+        time_per_step=time_per_step,
+        fisher_vp=fisher_vp,
+        fisher_args=fisher_args,
+        tol=tol,
+        max_steps=max_steps,
+    )
 
     def init(params: PyTree) -> MonitorState:
         check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # one probe: vᵀFv ≥ 0
