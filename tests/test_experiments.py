@@ -81,6 +81,8 @@ FINDINGS = (
     "(a) tiny, fresh seeds",
     "(b) tiny, fresh seeds",
     "(c) tiny, fresh seeds",
+    "(d) small",
+    "(e) small",
     "(f) a stop rule that transfers",
     # the SGD onset's crossover and forecast rows (experiments.sgd_onset): on the tiny
     # config (64 seeds) the crossover falls outside the forecast's window and the forecast
