@@ -482,7 +482,7 @@ LABELS = {"E": "E_k (d = 50)", "E_side": "E_k (d = 10)", "harm": "harm_k", "delt
 MARKERS = {"E": "o", "E_side": "s", "harm": "^", "delta_u": "D"}
 # top row: E_k against the two baselines; bottom row: E_k at the two d (E_k in both, same mark)
 PANEL_SERIES = (("E", "harm", "delta_u"), ("E", "E_side"))
-FIGURE_NEEDS = ("tiny", "exploration")  # what figure() reads from the results
+FIGURE_NEEDS = ("tiny", "exploration", "small")  # what figure() reads from the results
 
 
 def _curve(ax, cell: dict, name: str, offset: float) -> None:
@@ -509,32 +509,42 @@ def _curve(ax, cell: dict, name: str, offset: float) -> None:
 @style.styled
 def figure(results: dict, path: Path) -> tuple[Path, Path]:
     """ρ(·_k, harm_256) against k with 95 % intervals, per cell: one column per (optimizer,
-    method), E_k beside harm_k and Δu_k (top) and beside E_k at d = 10 (bottom); fresh tiny
-    seeds when committed, else the exploration rows."""
+    method), E_k beside harm_k and Δu_k (top) and beside E_k at d = 10 (middle); fresh tiny
+    seeds when committed, else the exploration rows; a bottom row for ``small`` (full
+    fine-tuning only) once its rows are committed."""
     which = "tiny" if results.get("tiny") else "exploration"
-    cells = results[which]["cells"]
-    fig, axes = style.subplots(len(CELLS), len(PANEL_SERIES), height=4.6, sharex=True, sharey=True)
-    for col, (opt, method) in enumerate(CELLS):
-        cell = cells.get(f"{opt}/{method}")
-        for row, names in enumerate(PANEL_SERIES):
+    panels = [(results[which]["cells"], names) for names in PANEL_SERIES]
+    small = results.get("small")
+    if small:
+        panels.append((small["cells"], PANEL_SERIES[0]))
+    fig, axes = style.subplots(
+        len(CELLS), len(panels), height=2.3 * len(panels), sharex=True, sharey=True
+    )
+    for row, (cells, names) in enumerate(panels):
+        model = "small" if small and row == len(PANEL_SERIES) else "tiny"
+        for col, (opt, method) in enumerate(CELLS):
             ax = axes[row, col]
-            letter = "abcdefgh"[row * len(CELLS) + col]
-            ax.set_title(f"({letter}) {opt}, {method}", fontsize=8)
+            letter = "abcdefghijkl"[row * len(CELLS) + col]
+            ax.set_title(f"({letter}) {model}: {opt}, {method}", fontsize=8)
             ax.axhline(0.7, color="0.5", lw=0.8, ls=":")  # row (a)'s bar
             ax.axhline(0.0, color="0.8", lw=0.6)
-            if cell is not None:
-                for j, name in enumerate(names):
-                    _curve(ax, cell, name, 0.12 * (j - (len(names) - 1) / 2))
+            cell = cells.get(f"{opt}/{method}")
+            for j, name in enumerate(names if cell is not None else ()):
+                _curve(ax, cell, name, 0.12 * (j - (len(names) - 1) / 2))
+            if cell is None:  # small: full fine-tuning only (the plan); or rows not committed
+                ax.text(0.5, 0.3, "no runs in this cell", transform=ax.transAxes, ha="center")
             ax.set_xscale("log", base=2)
             ax.set_xticks([1, 4, 16, 64, 256], ["1", "4", "16", "64", "256"])
             ax.set_ylim(-1, 1)
-            if row == len(PANEL_SERIES) - 1:
+            if row == len(panels) - 1:
                 ax.set_xlabel("k (steps)")
             if col == 0:
                 ax.set_ylabel("ρ with harm_256")
     seeds = ", ".join(str(s) for s in results[which].get("seeds", []))
-    rows = {"tiny": "fresh", "exploration": "exploration"}[which]
-    fig.suptitle(f"tiny, {rows} seeds {seeds}; bars: 95 % bootstrap over datasets", fontsize=8)
+    title = f"tiny, {'fresh' if which == 'tiny' else 'exploration'} seeds {seeds}"
+    if small:
+        title += f"; small, seeds {', '.join(str(s) for s in small.get('seeds', []))}"
+    fig.suptitle(f"{title}; bars: 95 % bootstrap over datasets", fontsize=8)
     style.legend_below(fig, ncol=4)
     return style.save(fig, path)
 

@@ -163,8 +163,12 @@ def test_figure_draws_from_the_results_json_in_the_house_style(tmp_path, monkeyp
     from tests.test_experiments import _check_style
 
     exploration = synthetic_rows(4, (0, 1, 2))
-    for tiny in (None, synthetic_rows(5, (3, 4, 5))):
-        results = E.analyse(FAST, exploration, tiny, None)
+    small = [
+        r for r in synthetic_rows(6, (0, 1)) if r["method"] == "full" and r["optimizer"] == "sgd"
+    ]
+    cases = ((None, None), (synthetic_rows(5, (3, 4, 5)), None), (None, small))
+    for tiny, small_rows in cases:
+        results = E.analyse(FAST, exploration, tiny, small_rows)
         stored = json.loads(json.dumps(results, default=float))  # what figure() reads back
         needed = {k: stored[k] for k in E.FIGURE_NEEDS}
         drawn = []
@@ -178,8 +182,11 @@ def test_figure_draws_from_the_results_json_in_the_house_style(tmp_path, monkeyp
         monkeypatch.setattr(_style, "save", checked)
         png, pdf = E.figure(needed, tmp_path / "early_warning.png")
         assert png.is_file() and pdf.is_file()
-        # 4 cells × (3 + 2 series) data lines, plus two reference lines per panel
-        assert drawn == [4 * (3 + 2) + 8 * 2]
+        # 4 cells × (3 + 2 series) data lines, plus two reference lines per panel; small:
+        # a third row, its one committed cell's 3 series (full fine-tuning under SGD here)
+        expected = 4 * (3 + 2) + 8 * 2 + (3 + 4 * 2 if small_rows else 0)
+        assert drawn == [expected]
+        drawn.clear()
 
 
 def test_registered_in_the_main_job_with_the_plans_statistics():
