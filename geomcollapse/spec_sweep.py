@@ -1,0 +1,86 @@
+"""Sweep :func:`geomcollapse.diagnose` over any model: an ablation of your own ``θ*``.
+
+A sweep config names this module as its experiment (``"experiment":
+"geomcollapse.spec_sweep"``) and the model by its spec, as ``geomcollapse
+diagnose --spec`` does (docs/diagnose.md): a Python file or module, optionally
+with ``:function``. Each grid cell diagnoses the model with the cell's options
+(``lr``, ``d``, ``steps``, ``seed``, ...); its one row is the report's
+numbers (:meth:`geomcollapse.Diagnosis.to_dict`: ``aic.coupling``,
+``crossing_step``, ``validity_time``, ...), so that ``geomcollapse report OUTPUT
+--x lr --y crossing_step`` plots any of them against any grid axis, seeds
+aggregated (docs/sweeps.md). As the command does, float64 is turned on before
+the spec's function runs, so arrays it builds from NumPy float64 stay float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import jax
+
+from geomcollapse import model_spec
+from geomcollapse.diagnosis.plan import DEFAULT_ORDER
+
+__all__ = ["Config", "check_config", "sweep_cell"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One diagnosis: the spec and :func:`geomcollapse.diagnose`'s options (``None``: default)."""
+
+    spec: str = ""  # FILE.py[:function] or package.module[:function], as --spec
+    seed: int = 0  # key = jax.random.key(seed): the Lanczos start and the probes
+    d: int | None = None
+    lr: float | None = None
+    steps: int | None = None
+    threshold: float | None = None
+    order: int = DEFAULT_ORDER
+
+
+def _load(config: Config) -> model_spec.ModelSpec:
+    if not isinstance(config.spec, str) or not config.spec.strip():
+        raise ValueError(
+            "spec: name the model's spec, a Python file or module as for "
+            "`geomcollapse diagnose --spec` (e.g. base {'spec': 'my_model.py'})"
+        )
+    jax.config.update("jax_enable_x64", True)  # as `geomcollapse diagnose --spec` does
+    return model_spec.load_spec(config.spec)
+
+
+def check_config(config: Config) -> None:
+    """Refuse a cell before the sweep writes anything: no spec, or one that does not load."""
+    _load(config)
+
+
+def sweep_cell(config: Config, outdir: Path) -> list[dict]:
+    """One row: the diagnosis of ``config.spec`` with the cell's options, as numbers.
+
+    ``outdir`` (the sweep's working directory) is not used: nothing is cached.
+    Non-finite numbers of the report (e.g. no crossing step: ``inf``) are
+    recorded as ``None``, since a sweep's rows are strict JSON.
+    """
+    del outdir
+    diagnosis = model_spec.diagnose_spec(
+        _load(config),
+        key=jax.random.key(config.seed),
+        d=config.d,
+        lr=config.lr,
+        steps=config.steps,
+        threshold=config.threshold,
+        order=config.order,
+    )
+    return [_finite_or_none(diagnosis.to_dict())]
+
+
+def _finite_or_none(value):
+    if isinstance(value, str) and value in ("inf", "-inf", "nan"):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    return value
