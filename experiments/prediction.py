@@ -550,6 +550,7 @@ def _runs(s: Setup, config: Config, method: str, opt_name: str, at: dict) -> lis
             chunk = jnp.asarray(b.idx[:, done : done + c])
             (state, opt_state), losses = advance(state, opt_state, theta, b.data, chunk)
             done += c
+            jax.block_until_ready(losses)  # the progress line counts steps done, not dispatched
             bar.update(c)
         if not np.all(np.isfinite(np.asarray(losses))):
             raise FloatingPointError(f"a {method}/{opt_name} run diverged before step {K_h}")
