@@ -101,7 +101,10 @@ class Config:
     forecast_examples: int = 1000  # the series' task loss: the first examples of the 4,000
     # False: the runs and their geometry only, no predictors at θ* (docs/early_warning.md,
     # amendment 3: on small the float64 forecast alone needs ≈ 28 GiB on a CPU)
-    predictors_at_theta: bool = True
+    # (marked so that the cells of sweeps written before the field keep their ids)
+    predictors_at_theta: bool = dataclasses.field(
+        default=True, metadata={"cell_id": "omit_at_default"}
+    )
     primary_horizon: int = 256
     rho_min: float = 0.7
     forecast_factor: float = 1.5

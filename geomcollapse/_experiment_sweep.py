@@ -180,6 +180,25 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=repr)
 
 
+OMIT_AT_DEFAULT = "omit_at_default"  # a Config field's metadata["cell_id"] (cell_fields)
+
+
+def cell_fields(config: Any) -> dict:
+    """The fields a cell's id hashes: ``dataclasses.asdict(config)`` less the fields marked
+    ``metadata={"cell_id": "omit_at_default"}`` that hold their default.
+
+    A field added to an experiment's ``Config`` later, with a default that keeps the
+    old behaviour, is marked so: the cells of sweeps written before it keep their ids
+    and those files still resume (and are still refused if the field is set).
+    """
+    out = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        marked = field.metadata.get("cell_id") == OMIT_AT_DEFAULT
+        if marked and getattr(config, field.name) == field.default:
+            del out[field.name]
+    return out
+
+
 def parse_config(raw: dict, base_dir: Path = Path()) -> ExperimentSweepConfig:
     """Validate an experiment sweep config; imports the experiment to check its fields."""
     reject_non_finite(raw, "")
@@ -240,7 +259,7 @@ def expand_cells(config: ExperimentSweepConfig) -> list[Cell]:
                 check(resolved)
         except (ValueError, TypeError) as err:
             raise ValueError(f"grid cell {index} {params}: {err}") from None
-        digest = hashlib.sha256(_canonical(dataclasses.asdict(resolved)).encode()).hexdigest()
+        digest = hashlib.sha256(_canonical(cell_fields(resolved)).encode()).hexdigest()
         cells.append(Cell(index, f"{index}-{digest[:10]}", params, resolved))
     return cells
 

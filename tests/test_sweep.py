@@ -311,3 +311,35 @@ def test_every_committed_sweep_config_parses():
     assert len(paths) >= 6
     for path in paths:
         assert sweep.load_config(path).name == path.stem, path.name
+
+
+def test_every_committed_experiment_sweep_resumes_with_nothing_left_to_run(tmp_path):
+    """Each committed sweep's rows have the cell ids this checkout plans (a changed
+    ``Config`` default would make ``geomcollapse sweep`` refuse the file): run on a
+    copy, every complete sweep finds nothing to compute and leaves its rows as they are."""
+    import shutil
+
+    from experiments._common import ROOT
+    from geomcollapse import _experiment_sweep
+
+    checked = 0
+    for path in sorted((ROOT / "sweeps").glob("*.json")):
+        config = sweep.load_config(path)
+        if not isinstance(config, _experiment_sweep.ExperimentSweepConfig):
+            continue
+        output = ROOT / "sweeps" / json.loads(path.read_text())["output"]
+        if not output.exists():
+            continue
+        shutil.copy(path, tmp_path / path.name)
+        shutil.copy(output, tmp_path / output.name)
+        before = (tmp_path / output.name).read_bytes()
+        copied = sweep.load_config(tmp_path / path.name)
+        cells = _experiment_sweep.expand_cells(copied)
+        _, rows = sweep.read_rows(tmp_path / output.name)
+        assert {r["cell"] for r in rows} == {c.index for c in cells}, path.name
+        ids = {c.index: c.id for c in cells}
+        assert all(r["cell_id"] == ids[r["cell"]] for r in rows), path.name
+        out = sweep.run_sweep(copied, progress=False, outdir=tmp_path)
+        assert out.read_bytes() == before, path.name
+        checked += 1
+    assert checked >= 5
