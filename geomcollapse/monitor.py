@@ -867,22 +867,11 @@ def monitor(
         budget does (``on_exceed``).
     """
     values, reference, cfg, early, capacity, key = _prepared(
-        subspace,
-        early_warning=early_warning,
-        capacity=capacity,
-        key=key,
-        every=every,
-        rotation_every=rotation_every,
-        budget=budget,
-        angle_budget=angle_budget,
-        on_exceed=on_exceed,
-        series=series,
-        time_per_step=time_per_step,
-        fisher_vp=fisher_vp,
-        fisher_args=fisher_args,
-        tol=tol,
-        max_steps=max_steps,
-    )
+        subspace, early_warning=early_warning, capacity=capacity, key=key, every=every,
+        rotation_every=rotation_every, budget=budget, angle_budget=angle_budget,
+        on_exceed=on_exceed, series=series, time_per_step=time_per_step, fisher_vp=fisher_vp,
+        fisher_args=fisher_args, tol=tol, max_steps=max_steps,
+    )  # fmt: skip
 
     def init(params: PyTree) -> MonitorState:
         check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # one probe: vᵀFv ≥ 0
