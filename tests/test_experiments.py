@@ -366,7 +366,12 @@ def test_each_figure_redraws_from_its_results_as_png_and_pdf(
 
     From the tiny run's results for :data:`RUN`, the main job's committed ones for the rest.
     """
-    _, result = _results(module, request)
+    redraw_checked(module, _results(module, request)[1], tmp_path, monkeypatch)
+
+
+def redraw_checked(module, result: dict, tmp_path: Path, monkeypatch) -> None:
+    """``module.figure`` from ``FIGURE_NEEDS`` of ``result`` alone, in the house style
+    (:func:`_check_style`): a ≥ 200 dpi PNG and a PDF beside it."""
     needed = {k: result[k] for k in ("config", *module.FIGURE_NEEDS)}
     save = _style.save
 

@@ -8,9 +8,9 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import _style, reproduce, transformer_onset
+from experiments import reproduce, transformer_onset
 from experiments._transformer import checkpoint_dir
-from tests.test_experiments import FINDINGS, _check_style
+from tests.test_experiments import FINDINGS, redraw_checked
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +41,8 @@ def test_the_onset_run_writes_results_and_a_figure_that_redraws(onset_run, tmp_p
     result = json.loads((out / "experiments/results/transformer_onset.json").read_text())
     assert (out / result["figure"]).stat().st_size > 10_000
     assert (out / result["figure"]).with_suffix(".pdf").stat().st_size > 5_000
-    needed = {k: result[k] for k in ("config", *transformer_onset.FIGURE_NEEDS)}
-    save = _style.save
-
-    def checked_save(fig, path):
-        _check_style(fig)
-        return save(fig, path)
-
-    monkeypatch.setattr(_style, "save", checked_save)
-    png, pdf = transformer_onset.figure(needed, tmp_path / "onset.png")
-    assert png.stat().st_size > 10_000
-    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 5_000
+    redraw_checked(transformer_onset, result, tmp_path, monkeypatch)
+    assert (tmp_path / "transformer_onset.png").stat().st_size > 10_000
 
 
 def test_onset_numbers(onset_run):
