@@ -15,6 +15,7 @@ the spec's function runs, so arrays it builds from NumPy float64 stay float64.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -46,7 +47,13 @@ def _load(config: Config) -> model_spec.ModelSpec:
             "`geomcollapse diagnose --spec` (e.g. base {'spec': 'my_model.py'})"
         )
     jax.config.update("jax_enable_x64", True)  # as `geomcollapse diagnose --spec` does
-    return model_spec.load_spec(config.spec)
+    return _loaded(config.spec)
+
+
+@functools.lru_cache(maxsize=4)
+def _loaded(spec: str) -> model_spec.ModelSpec:
+    """The spec's model, built once per process: every cell's check and run share it."""
+    return model_spec.load_spec(spec)
 
 
 def check_config(config: Config) -> None:
