@@ -355,16 +355,29 @@ def skill_per_example_gradients(logits_fn, params: PyTree, harmful: tasks.TokenB
 
 
 def skill_fisher_trace(
-    logits_fn, params: PyTree, harmful: tasks.TokenBatch, *, chunk: int = 16
+    logits_fn,
+    params: PyTree,
+    harmful: tasks.TokenBatch,
+    *,
+    chunk: int = 16,
+    max_bytes: int = 2**32,
 ) -> float:
     """Exact ``tr F = (1/N) Σ_x tr((diag p − p pᵀ) J_x J_xᵀ)`` from per-prompt logit Jacobians.
 
-    ``J_x`` (``V × n``) is formed for ``chunk`` prompts at a time (memory
-    ``chunk · V · n`` floats); cost ``≈ V`` backward passes per prompt.
+    ``J_x`` (``V × n``) is formed for ``chunk`` prompts at a time, fewer where
+    ``J`` and its raveled copy (``2 · V · n`` floats a prompt) would pass
+    ``max_bytes``: at least one prompt, so one prompt's two copies set the floor
+    (``small``: 1.0 GB a prompt, 16 prompts would ask for 16.6 GB).
+    Cost ``≈ V`` backward passes per prompt.
     """
     chunk = positive_int(chunk, "chunk")
+    max_bytes = positive_int(max_bytes, "max_bytes")
     harmful = harmful.prompts_only()
     first = training.answer_logits(logits_fn)
+    out = jax.eval_shape(first, params, harmful.tokens[:1], harmful.answer_start[:1])
+    leaves = jax.tree.leaves(params)
+    per_prompt = 2 * out.shape[-1] * sum(x.size * x.dtype.itemsize for x in leaves)
+    chunk = max(1, min(chunk, max_bytes // per_prompt))
 
     @jax.jit
     def part(params, tokens, start):  # weights as an argument: no constant folding

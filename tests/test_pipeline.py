@@ -224,6 +224,11 @@ def test_skill_fisher_trace_equals_the_trace_of_the_explicit_fisher(aligned):
     assert matvecs == flat.size == 5184
     assert explicit > 0
     assert abs(traced - explicit) <= 1e-11 * explicit, (traced, explicit)
+    # a memory cap below one prompt's Jacobian: one prompt at a time, the same trace
+    one_at_a_time = pipeline.skill_fisher_trace(block_logits, block, harm, max_bytes=1)
+    assert abs(one_at_a_time - explicit) <= 1e-11 * explicit, (one_at_a_time, explicit)
+    with pytest.raises(ValueError, match="max_bytes"):
+        pipeline.skill_fisher_trace(block_logits, block, harm, max_bytes=0)
 
 
 def test_empirical_skill_fisher_from_per_example_gradients(aligned):
