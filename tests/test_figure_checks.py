@@ -87,6 +87,7 @@ def _committed(name: str) -> dict | None:
         ("validation", "validation"),
         ("validation", "validation_study"),
         ("sgd_onset", "sgd_onset"),  # the seed means of KL Δu with their 3 SE
+        ("transformer_onset", "transformer_onset_small_tasks"),  # --full on small, two tasks
     ],
 )
 def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp_path):
