@@ -59,8 +59,7 @@ def _measure(devices: int, h: int, quick: bool) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from geomcollapse import aic, curvature, models
-    from geomcollapse.linalg import _lanczos
+    from geomcollapse import aic, curvature, linalg, models
 
     problem = models.mlp_problem(jax.random.key(0), (INPUTS, h, h, CLASSES), 512, gd_steps=2)
     params, batch = problem.params, problem.batch
@@ -101,20 +100,18 @@ def _measure(devices: int, h: int, quick: bool) -> dict:
         warm.append(time.perf_counter() - start)
     # The Lanczos basis after BASIS_STEPS steps: its bytes on device 0.
     jfvp = jax.jit(fvp)
-    apply, at, _ = _lanczos.placed_operator(lambda v: jfvp(params, v, skill), params)
-    q0 = _lanczos._random_vector(jax.random.key(0), at, start=True)
-    basis = _lanczos.run_lanczos(
-        apply, q0, BASIS_STEPS, stop=lambda *_: False, restart_key=None, at=at
+    blocks = linalg.lanczos_basis(
+        lambda v: jfvp(params, v, skill), params, BASIS_STEPS, key=jax.random.key(0)
     )
     device0 = jax.devices()[0]
     on_device0 = sum(
         shard.data.nbytes
-        for block in basis.blocks
+        for block in blocks
         for leaf in jax.tree_util.tree_leaves(block)
         for shard in leaf.addressable_shards
         if shard.device == device0
     )
-    rows = len(basis.blocks) * _lanczos._CHUNK
+    rows = sum(jax.tree_util.tree_leaves(block)[0].shape[0] for block in blocks)
     n = num_params(h)
     return {
         "width": h,

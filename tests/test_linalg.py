@@ -3,6 +3,7 @@
 import warnings
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -106,6 +107,29 @@ def test_lanczos_identities():
         np.testing.assert_allclose(np.linalg.norm(R[:, -1]), b.last_beta, rtol=1e-8, atol=1e-12)
         assert np.linalg.norm(Q @ R[:, -1]) < 1e-12
     np.testing.assert_allclose(Q.T @ T @ Q, A, atol=1e-11)
+
+
+def test_lanczos_basis_is_the_stored_krylov_basis_of_a_pytree_operator():
+    """The public basis: orthonormal rows spanning ``K_m(A, q₀)``, in blocks of ≤ 8 rows,
+    ``Q A Qᵀ`` tridiagonal (dense twin), the same for a flat and a pytree ``like``."""
+    A = _operator(np.linspace(1.0, 10.0, 60), seed=5)
+    Aj = jnp.asarray(A)
+    like = {"a": jnp.zeros((4, 5)), "b": jnp.zeros(40)}
+    flat, unravel = jax.flatten_util.ravel_pytree(like)
+    tree_op = lambda v: unravel(Aj @ jax.flatten_util.ravel_pytree(v)[0])  # noqa: E731
+    for op, start in ((lambda v: Aj @ v, flat), (tree_op, like)):
+        blocks = linalg.lanczos_basis(op, start, 13, key=jax.random.key(2))
+        assert [b.shape[0] for b in blocks] == [8, 8]  # 13 rows stored in two blocks
+        Q = np.concatenate([np.asarray(b) for b in blocks])[:13]
+        np.testing.assert_allclose(Q @ Q.T, np.eye(13), atol=1e-12)
+        T = Q @ A @ Q.T
+        np.testing.assert_allclose(np.triu(T, 2), 0, atol=1e-11)
+        # K_13(A, q₀): A^j q₀ for j < 13 lies in the span of Q
+        K = np.stack([np.linalg.matrix_power(A, j) @ Q[0] for j in range(13)], axis=1)
+        K /= np.linalg.norm(K, axis=0)
+        np.testing.assert_allclose(Q.T @ (Q @ K), K, atol=1e-9)
+    with pytest.raises(ValueError, match="steps"):
+        linalg.lanczos_basis(lambda v: Aj @ v, flat, 0, key=jax.random.key(2))
 
 
 def test_pytree_like_and_which_magnitude(mlp64):

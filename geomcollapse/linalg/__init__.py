@@ -8,7 +8,7 @@ from geomcollapse.linalg._contract import (
     min_certifiable_tol,
 )
 from geomcollapse.linalg._gram import empirical_fisher_eigenpairs
-from geomcollapse.linalg._lanczos import top_eigenpairs
+from geomcollapse.linalg._lanczos import lanczos_basis, top_eigenpairs
 from geomcollapse.linalg._slq import SpectralDensity, density_on_grid, spectral_density
 from geomcollapse.linalg._traced import (
     LanczosRun,
@@ -33,6 +33,7 @@ __all__ = [
     "empirical_fisher_eigenpairs",
     "is_symmetric_run",
     "lanczos",
+    "lanczos_basis",
     "min_certifiable_tol",
     "ritz",
     "spectral_density",

@@ -472,6 +472,21 @@ def run_lanczos(
     )
 
 
+def lanczos_basis(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, *, key) -> list:
+    """The basis ``top_eigenpairs`` stores after ``steps`` Lanczos steps, as stored.
+
+    From a random start (``key``), no early stop: a list of blocks, each a stack
+    of at most 8 rows placed like the vectors (``(8, n)`` on one device; a pytree
+    like ``like`` with a leading axis of 8, sharded like it, on a mesh). For
+    measuring where the basis lives and what it costs (``benchmarks/``).
+    """
+    if int(steps) < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    apply, at, _ = placed_operator(matvec, like)
+    q0 = _random_vector(key, at, start=True)
+    return run_lanczos(apply, q0, int(steps), stop=lambda *_: False, restart_key=None, at=at).blocks
+
+
 def tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
     return np.diag(alphas) + np.diag(betas, 1) + np.diag(betas, -1)
 
