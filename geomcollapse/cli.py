@@ -318,6 +318,14 @@ def _add_experiment_commands(commands) -> None:
             sub.add_argument(
                 "--tasks", help="transformer experiments: comma-separated benign tasks"
             )
+        else:
+            sub.add_argument(
+                "--jobs",
+                type=int,
+                default=None,
+                help="experiments at once, each in its own process (default: 2 on a CPU "
+                "with 2 or more cores, 1 on an accelerator)",
+            )
         size = sub.add_mutually_exclusive_group()
         size.add_argument("--quick", action="store_true", help="the CPU configuration (default)")
         size.add_argument("--full", action="store_true", help="the long configuration")

@@ -45,22 +45,23 @@ COMMAND_GROUP = "geomcollapse.commands"  # entry points: CLI command -> function
 
 # Wall time of each experiment's --quick configuration in the main job on the
 # 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
-# about 1-2 minutes), from the stage lines of `make reproduce`.
+# about 1-2 minutes), from the stage lines of `make reproduce` run one experiment at a
+# time (`--jobs 1`); the main job also orders its parallel schedule by them.
 QUICK_RUNTIME_S = {
-    "spectrum_mlp": 24,
+    "spectrum_mlp": 28,
     "quartic_quadratic": 5,
     "crossover": 4,
     "aic_phase": 5,
-    "logistic_onset": 13,
+    "logistic_onset": 15,
     "gd_vs_flow": 3,
-    "transformer_finetune": 55,
-    "transformer_fisher": 57,
-    "transformer_onset": 95,
-    "prediction": 145,
-    "defences": 114,
+    "transformer_finetune": 40,
+    "transformer_fisher": 61,
+    "transformer_onset": 215,
+    "prediction": 64,
+    "defences": 119,
     "validation": 1,
-    "early_warning": 35,
-    "sgd_onset": 110,
+    "early_warning": 8,
+    "sgd_onset": 39,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})

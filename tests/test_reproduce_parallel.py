@@ -1,0 +1,58 @@
+"""The main job's process schedule (``--jobs``): one result for every schedule."""
+
+import json
+
+import numpy as np
+import pytest
+
+from experiments import gd_vs_flow, quartic_quadratic, reproduce
+
+CHEAP = [quartic_quadratic, gd_vs_flow]  # seconds each on TINY
+
+
+def _run(out, jobs):
+    claims = reproduce.main(outdir=out, tiny=True, experiments=CHEAP, jobs=jobs)
+    results = {m.NAME: (out / f"experiments/results/{m.NAME}.json").read_text() for m in CHEAP}
+    table = (out / "paper_repro.md").read_text().rstrip().splitlines()[:-1]  # footer: wall time
+    return claims, results, table
+
+
+def _numbers(tree) -> list[float]:
+    if isinstance(tree, dict):
+        return [x for k in sorted(tree) for x in _numbers(tree[k])]
+    if isinstance(tree, list):
+        return [x for v in tree for x in _numbers(v)]
+    if isinstance(tree, bool) or not isinstance(tree, (int, float)):
+        return []
+    return [float(tree)]
+
+
+def test_every_process_schedule_gives_the_same_bytes_and_the_in_process_numbers(tmp_path):
+    one = _run(tmp_path / "one", 1)  # a fresh process per experiment, one at a time
+    two = _run(tmp_path / "two", 2)  # two at a time, in whatever order they finish
+    assert [c.claim for c in two[0]] == [
+        row["claim"] for m in CHEAP for row in json.loads(one[1][m.NAME])["claims"]
+    ]
+    assert two[0] == one[0]  # every claim: measured text, verdict and labels
+    assert two[1] == one[1]  # every results file, byte for byte
+    assert two[2] == one[2]  # paper_repro.md but its wall-time footer
+    here = _run(tmp_path / "here", None)  # one after another in this process
+    for m in CHEAP:
+        a = np.array(_numbers(json.loads(here[1][m.NAME])))
+        b = np.array(_numbers(json.loads(two[1][m.NAME])))
+        assert a.shape == b.shape and a.size > 10
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0, equal_nan=True, err_msg=m.NAME)
+    assert [c.verdict for c in here[0]] == [c.verdict for c in two[0]]
+
+
+def test_needs_name_experiments_of_the_main_job_that_come_before_them():
+    names = [m.NAME for m in reproduce.EXPERIMENTS]
+    for name, needs in reproduce.NEEDS.items():
+        assert name in names
+        assert all(names.index(d) < names.index(name) for d in needs), (name, needs)
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
+def test_jobs_must_be_a_positive_integer(tmp_path, jobs):
+    with pytest.raises(ValueError, match="jobs"):
+        reproduce.main(outdir=tmp_path, tiny=True, experiments=CHEAP[:1], jobs=jobs)
