@@ -1,6 +1,9 @@
 """The main job's process schedule (``--jobs``): one result for every schedule."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,3 +59,28 @@ def test_needs_name_experiments_of_the_main_job_that_come_before_them():
 def test_jobs_must_be_a_positive_integer(tmp_path, jobs):
     with pytest.raises(ValueError, match="jobs"):
         reproduce.main(outdir=tmp_path, tiny=True, experiments=CHEAP[:1], jobs=jobs)
+
+
+def test_workers_use_the_callers_compilation_cache(tmp_path):
+    """``geomcollapse reproduce`` turns the persistent cache on in its own process; the
+    experiments' fresh worker processes (``spawn``) write their programs there too."""
+    code = (
+        "from pathlib import Path; import sys\n"
+        "from geomcollapse import compilation_cache\n"
+        "from experiments import gd_vs_flow, reproduce\n"
+        "assert compilation_cache.enable() == Path(sys.argv[1])\n"
+        "reproduce.main(outdir=Path(sys.argv[2]), tiny=True, experiments=[gd_vs_flow], jobs=1)\n"
+    )
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    env = {**os.environ, "GEOMCOLLAPSE_COMPILATION_CACHE": str(cache)}
+    env["JAX_COMPILATION_CACHE_DIR"] = ""
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(cache), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "experiments/results/gd_vs_flow.json").is_file()
+    assert any(cache.iterdir()), "the worker compiled nothing into the caller's cache"
