@@ -364,10 +364,10 @@ def skill_fisher_trace(
 ) -> float:
     """Exact ``tr F = (1/N) Σ_x tr((diag p − p pᵀ) J_x J_xᵀ)`` from per-prompt logit Jacobians.
 
-    ``J_x`` (``V × n``) is formed for ``chunk`` prompts at a time, fewer where
-    ``J`` and its raveled copy (``2 · V · n`` floats a prompt) would pass
-    ``max_bytes``: at least one prompt, so one prompt's two copies set the floor
-    (``small``: 1.0 GB a prompt, 16 prompts would ask for 16.6 GB).
+    ``J_x`` (``V × n``, as one block per parameter leaf; ``J_x J_xᵀ`` is summed
+    over the leaves, never a raveled copy) is formed for ``chunk`` prompts at a
+    time, fewer where it (``V · n`` floats a prompt) would pass ``max_bytes``:
+    at least one prompt, which sets the floor (``small``: 0.5 GB a prompt).
     Cost ``≈ V`` backward passes per prompt.
     """
     chunk = positive_int(chunk, "chunk")
@@ -376,7 +376,7 @@ def skill_fisher_trace(
     first = training.answer_logits(logits_fn)
     out = jax.eval_shape(first, params, harmful.tokens[:1], harmful.answer_start[:1])
     leaves = jax.tree.leaves(params)
-    per_prompt = 2 * out.shape[-1] * sum(x.size * x.dtype.itemsize for x in leaves)
+    per_prompt = out.shape[-1] * sum(x.size * x.dtype.itemsize for x in leaves)
     chunk = max(1, min(chunk, max_bytes // per_prompt))
 
     @jax.jit
@@ -384,10 +384,10 @@ def skill_fisher_trace(
         z = first(params, tokens, start)
         p = jax.nn.softmax(z, axis=-1)
         J = jax.jacrev(lambda q: first(q, tokens, start))(params)  # leaves (m, V, ...)
-        flat = jnp.concatenate(
-            [x.reshape(x.shape[0], x.shape[1], -1) for x in jax.tree.leaves(J)], axis=-1
+        K = sum(
+            jnp.einsum("mci,mdi->mcd", x, x)
+            for x in (b.reshape(b.shape[0], b.shape[1], -1) for b in jax.tree.leaves(J))
         )
-        K = jnp.einsum("mci,mdi->mcd", flat, flat)
         Lam = jax.vmap(jnp.diag)(p) - p[:, :, None] * p[:, None, :]
         return jnp.sum(Lam * K)
 
