@@ -31,6 +31,7 @@ __all__ = [
     "COMMAND_GROUP",
     "EXPERIMENTS",
     "EXPERIMENT_GROUP",
+    "QUICK_MAIN_JOB_S",
     "QUICK_RUNTIME_S",
     "TRANSFORMER",
     "command",
@@ -64,6 +65,7 @@ QUICK_RUNTIME_S = {
     "sgd_onset": 39,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
+QUICK_MAIN_JOB_S = 507  # the main job two experiments at a time (its default there)
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})
 
 
@@ -76,7 +78,11 @@ def runtime_help(name: str | None = None) -> str:
     if name is None:
         quick = ", ".join(f"{k} {v} s" for k, v in QUICK_RUNTIME_S.items())
         total = sum(QUICK_RUNTIME_S.values())
-        return f"--quick on a 2-core CPU: {quick} (about {total // 60 + 1} minutes in all); {full}."
+        return (
+            f"--quick on a 2-core CPU, each alone: {quick} (about {total // 60 + 1} minutes "
+            f"one at a time, --jobs 1; about {QUICK_MAIN_JOB_S // 60 + 1} minutes two at a "
+            f"time, the default there); {full}."
+        )
     if name not in QUICK_RUNTIME_S:  # an experiment the main job does not run (yet)
         return f"--quick is not part of the main job and not timed here; {full}."
     return f"--quick takes about {QUICK_RUNTIME_S[name]} s on a 2-core CPU; {full}."
