@@ -249,7 +249,7 @@ def _skill_subspace(fvp, params, k: int, key, tag: dict, outdir: Path):
     values = np.asarray(pairs.values, np.float64)
     basis = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(pairs.vectors), np.float64)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")  # two processes never share one
     np.savez(tmp, values=values, basis=basis)
     os.replace(tmp, path)  # atomic: an interrupted write leaves no half cache
     return values, basis

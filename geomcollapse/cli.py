@@ -39,6 +39,22 @@ from geomcollapse import compilation_cache
 from geomcollapse._checks import writable_directory
 from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
+JOBS_HELP = (
+    "experiments at once, each in a fresh process of its own (default: 2 on a CPU with "
+    "2 or more cores; on an accelerator all of them in this one process)"
+)
+
+
+def positive_count(text: str) -> int:
+    """An ``argparse`` type: a positive integer, else a usage error naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
 
 def _distributed(args: argparse.Namespace) -> str | None:
     """Start JAX's multi-controller runtime as the flags ask; an error message or None."""
@@ -320,11 +336,7 @@ def _add_experiment_commands(commands) -> None:
             )
         else:
             sub.add_argument(
-                "--jobs",
-                type=int,
-                default=None,
-                help="experiments at once, each in its own process (default: 2 on a CPU "
-                "with 2 or more cores, 1 on an accelerator)",
+                "--jobs", type=positive_count, default=None, help=JOBS_HELP, metavar="N"
             )
         size = sub.add_mutually_exclusive_group()
         size.add_argument("--quick", action="store_true", help="the CPU configuration (default)")

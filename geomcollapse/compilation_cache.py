@@ -59,8 +59,15 @@ def enable() -> Path | None:
         return None  # an unwritable cache directory only costs compile time
     if not os.access(directory, os.W_OK):
         return None
-    if jax.config.jax_persistent_cache_min_compile_time_secs == 1.0:  # JAX's default
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_S)
+    least = jax.config.jax_persistent_cache_min_compile_time_secs
+    use(directory, MIN_COMPILE_TIME_S if least == 1.0 else least)  # 1.0: JAX's default
+    return directory
+
+
+def use(directory: str | Path, min_compile_time_s: float) -> None:
+    """Use ``directory`` as this process's persistent cache for programs that take at
+    least ``min_compile_time_s`` to compile: e.g. what :func:`enable` chose in another
+    process (a ``spawn``-ed worker does not inherit ``jax.config``)."""
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_s))
     compilation_cache.set_cache_dir(str(directory))
     compilation_cache.reset_cache()  # JAX decides once per process whether a cache is used
-    return directory

@@ -46,8 +46,9 @@ COMMAND_GROUP = "geomcollapse.commands"  # entry points: CLI command -> function
 
 # Wall time of each experiment's --quick configuration in the main job on the
 # 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
-# about 1-2 minutes), from the stage lines of `make reproduce` run one experiment at a
-# time (`--jobs 1`); the main job also orders its parallel schedule by them.
+# about 1-2 minutes), from the stage lines of `make reproduce` at 187d34d, when it ran the
+# experiments one after another in one process; the main job also orders its parallel
+# schedule by them.
 QUICK_RUNTIME_S = {
     "spectrum_mlp": 28,
     "quartic_quadratic": 5,
@@ -65,7 +66,7 @@ QUICK_RUNTIME_S = {
     "sgd_onset": 39,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
-QUICK_MAIN_JOB_S = 507  # the main job two experiments at a time (its default there)
+QUICK_MAIN_JOB_S = 507  # the main job two experiments at a time (485-518 s measured)
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})
 
 
@@ -80,7 +81,7 @@ def runtime_help(name: str | None = None) -> str:
         total = sum(QUICK_RUNTIME_S.values())
         return (
             f"--quick on a 2-core CPU, each alone: {quick} (about {total // 60 + 1} minutes "
-            f"one at a time, --jobs 1; about {QUICK_MAIN_JOB_S // 60 + 1} minutes two at a "
+            f"one after another; about {QUICK_MAIN_JOB_S // 60 + 1} minutes two at a "
             f"time, the default there); {full}."
         )
     if name not in QUICK_RUNTIME_S:  # an experiment the main job does not run (yet)

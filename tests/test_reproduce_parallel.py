@@ -1,6 +1,7 @@
 """The main job's process schedule (``--jobs``): one result for every schedule."""
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -40,12 +41,34 @@ def test_every_process_schedule_gives_the_same_bytes_and_the_in_process_numbers(
     assert two[1] == one[1]  # every results file, byte for byte
     assert two[2] == one[2]  # paper_repro.md but its wall-time footer
     here = _run(tmp_path / "here", None)  # one after another in this process
-    for m in CHEAP:
+    assert [c.verdict for c in here[0]] == [c.verdict for c in two[0]]
+    for m in CHEAP:  # the same science; the last bits may follow this process's history
         a = np.array(_numbers(json.loads(here[1][m.NAME])))
         b = np.array(_numbers(json.loads(two[1][m.NAME])))
         assert a.shape == b.shape and a.size > 10
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=0, equal_nan=True, err_msg=m.NAME)
-    assert [c.verdict for c in here[0]] == [c.verdict for c in two[0]]
+        floor = 1e-12 * np.nanmax(np.abs(a))
+        np.testing.assert_allclose(b, a, rtol=1e-8, atol=floor, equal_nan=True, err_msg=m.NAME)
+
+
+def test_a_failed_experiment_stops_the_run_before_what_needs_it(tmp_path, capfd, monkeypatch):
+    """``gd_vs_flow`` made to need ``quartic_quadratic``, which fails (its output root is
+    a file): the run raises naming it, ``gd_vs_flow`` never starts, no worker is left."""
+    monkeypatch.setattr(reproduce, "NEEDS", {"gd_vs_flow": ("quartic_quadratic",)})
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    with pytest.raises(RuntimeError, match="experiment quartic_quadratic failed"):
+        reproduce.main(outdir=blocked, tiny=True, experiments=CHEAP, jobs=2)
+    printed = capfd.readouterr().out
+    assert "== quartic_quadratic ==" in printed and "== gd_vs_flow ==" not in printed
+    assert multiprocessing.active_children() == []
+
+
+def test_a_needs_cycle_is_refused_before_any_process_starts(tmp_path, monkeypatch):
+    cycle = {"gd_vs_flow": ("quartic_quadratic",), "quartic_quadratic": ("gd_vs_flow",)}
+    monkeypatch.setattr(reproduce, "NEEDS", cycle)
+    with pytest.raises(ValueError, match="cycle"):
+        reproduce.main(outdir=tmp_path, tiny=True, experiments=CHEAP, jobs=2)
+    assert not (tmp_path / "experiments").exists()
 
 
 def test_needs_name_experiments_of_the_main_job_that_come_before_them():
@@ -68,6 +91,7 @@ def test_workers_use_the_callers_compilation_cache(tmp_path):
         "from pathlib import Path; import sys\n"
         "from geomcollapse import compilation_cache\n"
         "from experiments import gd_vs_flow, reproduce\n"
+        "import jax; jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)\n"
         "assert compilation_cache.enable() == Path(sys.argv[1])\n"
         "reproduce.main(outdir=Path(sys.argv[2]), tiny=True, experiments=[gd_vs_flow], jobs=1)\n"
     )

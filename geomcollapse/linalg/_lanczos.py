@@ -473,18 +473,21 @@ def run_lanczos(
 
 
 def lanczos_basis(matvec: Callable[[PyTree], PyTree], like: PyTree, steps: int, *, key) -> list:
-    """The basis ``top_eigenpairs`` stores after ``steps`` Lanczos steps, as stored.
+    """The basis rows of ``steps`` Lanczos steps, stored as :func:`top_eigenpairs` stores them.
 
-    From a random start (``key``), no early stop: a list of blocks, each a stack
-    of at most 8 rows placed like the vectors (``(8, n)`` on one device; a pytree
-    like ``like`` with a leading axis of 8, sharded like it, on a mesh). For
-    measuring where the basis lives and what it costs (``benchmarks/``).
+    The same driver, blocks and placement as :func:`top_eigenpairs`, from a random
+    unit start drawn with ``key`` itself (``top_eigenpairs`` draws its start from a
+    split of its key), with no convergence test: ``m = steps`` rows unless the
+    Krylov space becomes invariant first (a breakdown ends it) or ``m = n``.
+    Returns ``⌈m/8⌉`` blocks of 8 rows each, rows past ``m`` zero: ``(8, n)`` arrays
+    on one device, on a mesh pytrees like ``like`` with a leading axis of 8,
+    sharded like it. For measuring where the basis lives and what it costs
+    (``benchmarks/sharded_scaling.py``).
     """
-    if int(steps) < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    steps = positive_int(steps, "steps")
     apply, at, _ = placed_operator(matvec, like)
-    q0 = _random_vector(key, at, start=True)
-    return run_lanczos(apply, q0, int(steps), stop=lambda *_: False, restart_key=None, at=at).blocks
+    q0 = _random_vector(prng_key(key), at, start=True)
+    return run_lanczos(apply, q0, steps, stop=lambda *_: False, restart_key=None, at=at).blocks
 
 
 def tridiagonal(alphas: np.ndarray, betas: np.ndarray) -> np.ndarray:
