@@ -140,11 +140,11 @@ def main(
     t0 = time.perf_counter()
     modules = EXPERIMENTS if experiments is None else experiments
     if jobs is None:
-        by_name = {m.NAME: _run_one(m.NAME, outdir, tiny, full) for m in modules}
+        by_name = {m.NAME: _run_one(m.__name__, outdir, tiny, full) for m in modules}
     else:
         if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
             raise ValueError(f"jobs must be a positive integer or None, got {jobs!r}")
-        by_name = _run_in_processes([m.NAME for m in modules], outdir, tiny, full, jobs)
+        by_name = _run_in_processes(modules, outdir, tiny, full, jobs)
     claims = [c for m in modules for c in by_name[m.NAME]]
     name = "paper_repro_full.md" if full else "paper_repro.md"
     (outdir / name).write_text(render(claims, time.perf_counter() - t0))
@@ -153,9 +153,10 @@ def main(
     return claims
 
 
-def _run_one(name: str, outdir: Path, tiny: bool, full: bool) -> list[Claim]:
-    """Run experiment ``name`` (its tiny, full or quick configuration); its claims."""
-    module = importlib.import_module(f"experiments.{name}")
+def _run_one(module_name: str, outdir: Path, tiny: bool, full: bool) -> list[Claim]:
+    """Run the experiment module ``module_name`` (its tiny, full or quick configuration)
+    in this process; its claims. By name, so that a worker process can import it."""
+    module = importlib.import_module(module_name)
     config = module.TINY if tiny else module.Config() if full else module.QUICK
     command = f"python -m experiments.{module.NAME} --full" if full else quick_command(module)
     print(f"== {module.NAME} ==", flush=True)
@@ -174,12 +175,13 @@ class CompileCache(NamedTuple):
     min_compile_time_s: float
 
 
-def _worker(conn, name: str, outdir: Path, tiny: bool, full: bool, cache) -> None:
-    """A worker process: run ``name``; send ``("ok", claims)`` or ``("error", exc, traceback)``."""
+def _worker(conn, module_name: str, outdir: Path, tiny: bool, full: bool, cache) -> None:
+    """A worker process: run ``module_name``; send ``("ok", claims)`` or ``("error", exc,
+    traceback)``."""
     try:
         if cache is not None:
             compilation_cache.use(cache.directory, cache.min_compile_time_s)
-        conn.send(("ok", _run_one(name, outdir, tiny, full)))
+        conn.send(("ok", _run_one(module_name, outdir, tiny, full)))
     except BaseException as err:  # handed to the parent, which stops the run with it
         text = traceback.format_exc()
         try:
@@ -190,15 +192,16 @@ def _worker(conn, name: str, outdir: Path, tiny: bool, full: bool, cache) -> Non
         conn.close()
 
 
-def _run_in_processes(names: list[str], outdir: Path, tiny: bool, full: bool, jobs: int) -> dict:
-    """``{name: claims}``: each experiment in a fresh process, at most ``jobs`` at once.
+def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs: int) -> dict:
+    """``{NAME: claims}``: each experiment in a fresh process, at most ``jobs`` at once.
 
-    An experiment starts once every experiment it :data:`NEEDS` (among ``names``)
+    An experiment starts once every experiment it :data:`NEEDS` (among ``modules``)
     has finished, the longest (``registry.QUICK_RUNTIME_S``) first among those ready.
     A failed experiment, or SIGTERM or Ctrl-C here, ends the other workers at once
     and raises (the failure's traceback in a ``RuntimeError`` naming it).
     """
-    waiting, running, done = list(names), {}, {}
+    by_name = {m.NAME: m.__name__ for m in modules}
+    waiting, running, done = list(by_name), {}, {}
     context = multiprocessing.get_context("spawn")  # no forked JAX runtime
     configured = jax.config.jax_compilation_cache_dir  # the CLI's (or the user's) cache
     least = jax.config.jax_persistent_cache_min_compile_time_secs
@@ -207,14 +210,14 @@ def _run_in_processes(names: list[str], outdir: Path, tiny: bool, full: bool, jo
     try:
         while waiting or running:
             ready = [
-                n for n in waiting if all(d in done or d not in names for d in NEEDS.get(n, ()))
+                n for n in waiting if all(d in done or d not in by_name for d in NEEDS.get(n, ()))
             ]
             if not ready and not running:
                 raise ValueError(f"NEEDS has a cycle among {waiting}")
             ready.sort(key=lambda n: -registry.QUICK_RUNTIME_S.get(n, 0))
             for n in ready[: jobs - len(running)]:
                 waiting.remove(n)
-                running.update(_start(context, n, outdir, tiny, full, cache))
+                running.update(_start(context, n, by_name[n], outdir, tiny, full, cache))
             for conn in multiprocessing.connection.wait(list(running)):
                 n, worker = running.pop(conn)
                 done[n] = _received(n, conn, worker)
@@ -228,10 +231,10 @@ def _run_in_processes(names: list[str], outdir: Path, tiny: bool, full: bool, jo
     return done
 
 
-def _start(context, name: str, outdir: Path, tiny: bool, full: bool, cache) -> dict:
-    """``{receiving end: (name, process)}`` of a new worker process running ``name``."""
+def _start(context, name: str, module_name: str, outdir, tiny, full, cache) -> dict:
+    """``{receiving end: (name, process)}`` of a new worker process running ``module_name``."""
     receive, send = context.Pipe(duplex=False)
-    args = (send, name, outdir, tiny, full, cache)
+    args = (send, module_name, outdir, tiny, full, cache)
     worker = context.Process(target=_worker, args=args, name=f"reproduce-{name}")
     worker.start()
     send.close()  # the worker holds the other copy: EOF here if it dies

@@ -36,7 +36,7 @@ from pathlib import Path
 import jax
 
 from geomcollapse import compilation_cache
-from geomcollapse._checks import writable_directory
+from geomcollapse._checks import positive_int, writable_directory
 from geomcollapse.registry import EXPERIMENTS, TRANSFORMER, command, runtime_help
 
 JOBS_HELP = (
@@ -48,12 +48,9 @@ JOBS_HELP = (
 def positive_count(text: str) -> int:
     """An ``argparse`` type: a positive integer, else a usage error naming the value."""
     try:
-        value = int(text)
+        return positive_int(int(text), "the count")
     except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
-    return value
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer") from None
 
 
 def _distributed(args: argparse.Namespace) -> str | None:

@@ -110,7 +110,7 @@ def test_lanczos_identities():
 
 
 def test_lanczos_basis_is_the_stored_krylov_basis_of_a_pytree_operator():
-    """The public basis: orthonormal rows spanning ``K_m(A, q₀)``, in blocks of ≤ 8 rows,
+    """The public basis: orthonormal rows spanning ``K_m(A, q₀)``, in blocks of 8 rows,
     ``Q A Qᵀ`` tridiagonal (dense twin), the same for a flat and a pytree ``like``."""
     A = _operator(np.linspace(1.0, 10.0, 60), seed=5)
     Aj = jnp.asarray(A)
