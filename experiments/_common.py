@@ -16,6 +16,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse
 import dataclasses
 import json
+import math
 import tempfile
 import time
 from collections.abc import Callable
@@ -79,6 +80,45 @@ def result_name(name: str, config) -> str:
     stem = f"{name}_{size}" if size in GPU_SIZES else name
     tag = getattr(config, "tag", "")
     return f"{stem}_{tag}" if tag else stem
+
+
+def check_fields(config, *, positive=(), counts=(), nonnegative=(), choices=None) -> None:
+    """Refuse a config whose numbers a run cannot use, naming the field (a sweep's up-front check).
+
+    ``positive``: finite numbers ``> 0``; ``counts``: integers ``≥ 1``;
+    ``nonnegative``: finite numbers (integers where the field holds integers)
+    ``≥ 0``; ``choices``: ``{field: allowed values}``. A tuple field is checked
+    element by element. Raises ``ValueError`` naming the field and its value.
+    """
+    rules = [(f, "a finite number > 0", _positive) for f in positive]
+    rules += [(f, "an integer ≥ 1", _count) for f in counts]
+    rules += [(f, "a finite number ≥ 0", _nonnegative) for f in nonnegative]
+    for field, wanted, ok in rules:
+        value = getattr(config, field)
+        values = value if isinstance(value, tuple) else (value,)
+        if not values or not all(ok(v) for v in values):
+            each = " (each)" if isinstance(value, tuple) else ""
+            raise ValueError(f"{field} must be {wanted}{each}, got {value!r}")
+    for field, allowed in (choices or {}).items():
+        value = getattr(config, field)
+        if value not in allowed:
+            raise ValueError(f"{field} must be one of {sorted(allowed)}, got {value!r}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _positive(v) -> bool:
+    return _is_number(v) and v > 0
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _nonnegative(v) -> bool:
+    return _is_number(v) and v >= 0
 
 
 def float64_main(name: str, default, compute: Callable, figure, claims) -> Callable:

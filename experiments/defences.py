@@ -35,7 +35,8 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
 from experiments import prediction as P
-from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
+from experiments._common import ROOT, Claim, check_fields, committed_sweep_rows, conclude
+from experiments._transformer import ALIGNMENT
 from geomcollapse import aic, curvature, flow, tasks, theory, training
 from geomcollapse import defences as transforms
 from geomcollapse.linalg import top_eigenpairs_traced
@@ -636,6 +637,42 @@ def _quartic_rows(s, config: Config) -> list[dict]:
 
 
 # -------------------------------------------------------------- running it all
+def check_config(config: Config) -> None:
+    """Refuse a config the study cannot run, naming the field (a sweep checks every cell first)."""
+    check_fields(
+        config,
+        positive=("sgd_lr", "adamw_lr", "angle_tol", "quartic_tolerance", "harm_ratio"),
+        counts=(
+            "primary_dim",
+            "tracking_d",
+            "penalty_d",
+            "batch_size",
+            "num_examples",
+            "num_eval",
+            "num_prompts",
+            "angle_dim",
+            "angle_steps",
+            "timing_repeats",
+            "quartic_datasets",
+            "quartic_examples",
+            "quartic_steps",
+        ),
+        nonnegative=(
+            "seeds",
+            "weight_decay",
+            "angle_datasets",
+            "accuracy_loss",
+            "harm_floor",
+            "key_seed",
+        ),
+        choices={"size": tuple(ALIGNMENT)},
+    )
+    if config.batch_size > config.num_examples:
+        raise ValueError(
+            f"batch_size={config.batch_size} exceeds num_examples={config.num_examples}"
+        )
+
+
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (defence, strength, optimizer) of ``config``, and the theory check's."""
     s = P.setup_for(config, outdir)

@@ -35,8 +35,15 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, committed_sweep_rows, conclude, write_json
-from experiments._transformer import aligned_model
+from experiments._common import (
+    ROOT,
+    Claim,
+    check_fields,
+    committed_sweep_rows,
+    conclude,
+    write_json,
+)
+from experiments._transformer import ALIGNMENT, aligned_model
 from geomcollapse import (
     aic,
     curvature,
@@ -1047,6 +1054,34 @@ def _scores(results: dict, opt: str, method: str, K: int, name: str) -> list[flo
 
 
 # -------------------------------------------------------------- running it all
+def check_config(config: Config) -> None:
+    """Refuse a config the study cannot run, naming the field (a sweep checks every cell first)."""
+    check_fields(
+        config,
+        positive=("sgd_lr", "adamw_lr", "lora_alpha", "rho_min", "forecast_factor"),
+        counts=(
+            "horizons",
+            "dims",
+            "batch_size",
+            "num_examples",
+            "num_eval",
+            "num_prompts",
+            "forecast_order",
+            "forecast_examples",
+            "num_resamples",
+        ),
+        nonnegative=("seeds", "weight_decay", "forecast_share", "key_seed"),
+        choices={"size": tuple(ALIGNMENT)},
+    )
+    if not config.seeds:
+        raise ValueError("seeds must not be empty")
+    for field in ("batch_size", "forecast_examples"):
+        if getattr(config, field) > config.num_examples:
+            raise ValueError(
+                f"{field}={getattr(config, field)} exceeds num_examples={config.num_examples}"
+            )
+
+
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``."""
     s = setup_for(config, outdir)

@@ -34,13 +34,15 @@ from experiments import _style as style
 from experiments._common import (
     ROOT,
     Claim,
+    check_fields,
     cli,
     committed_sweep_rows,
     conclude,
     require_x64,
     write_json,
 )
-from geomcollapse import series, theory
+from experiments._transformer import ALIGNMENT
+from geomcollapse import series, tasks, theory
 
 NAME = "sgd_onset"
 # row 2's forecast, computed once by ``--forecast-transformer`` and committed
@@ -459,6 +461,38 @@ def _tf_deterministic(config: Config, s: _TF, loss, steps) -> dict:
         "H_norm": float(np.abs(np.asarray(top.values)[0])),
         "eigenvalues": lam,
     }
+
+
+def check_config(config: Config) -> None:
+    """Refuse a config the experiment cannot run, naming the field (a sweep checks cells first)."""
+    check_fields(
+        config,
+        positive=("top", "lr", "reach", "fit_fraction", "tf_lr", "standard_errors"),
+        counts=(
+            "n",
+            "d",
+            "examples",
+            "batch",
+            "order",
+            "seeds",
+            "grid",
+            "tf_d",
+            "tf_prompts",
+            "tf_examples",
+            "tf_batch",
+            "tf_order",
+            "tf_seeds",
+            "tf_block",
+            "tf_k_max",
+            "tf_grid",
+        ),
+        nonnegative=("noise", "seed", "exponent_tolerance", "crossover_tolerance"),
+        choices={"tf_size": tuple(ALIGNMENT), "tf_task": tuple(tasks.BENIGN_TASKS)},
+    )
+    if config.d > config.n or len(config.top) != config.d:
+        raise ValueError(
+            f"need d ≤ n and top holding d values, got n={config.n}, d={config.d}, top={config.top}"
+        )
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:

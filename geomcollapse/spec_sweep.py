@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 
 from geomcollapse import model_spec
-from geomcollapse.diagnosis.plan import DEFAULT_ORDER
+from geomcollapse.diagnosis.plan import DEFAULT_ORDER, check_plan
 
 __all__ = ["Config", "check_config", "sweep_cell"]
 
@@ -57,8 +57,25 @@ def _loaded(spec: str) -> model_spec.ModelSpec:
 
 
 def check_config(config: Config) -> None:
-    """Refuse a cell before the sweep writes anything: no spec, or one that does not load."""
-    _load(config)
+    """Refuse a cell before the sweep writes anything, naming the option.
+
+    No spec, one that does not load, a ``seed`` that is not an integer ``≥ 0``,
+    or options :func:`geomcollapse.diagnose` would refuse for this model
+    (``d`` beyond its parameters, ``lr``, ``steps``, ``threshold`` not positive,
+    ``steps`` or ``threshold`` without ``lr``, ``order`` out of range).
+    """
+    spec = _load(config)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
+        raise ValueError(f"seed must be an integer ≥ 0, got {config.seed!r}")
+    n = sum(math.prod(jax.numpy.shape(x)) for x in jax.tree_util.tree_leaves(spec.params))
+    check_plan(
+        n,
+        d=config.d,
+        lr=config.lr,
+        steps=config.steps,
+        threshold=config.threshold,
+        order=config.order,
+    )
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:

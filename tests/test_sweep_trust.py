@@ -237,3 +237,44 @@ def test_logistic_onset_is_sweepable_and_checks_its_cells():
     with pytest.raises(ValueError, match="num_landscapes ≥ 2"):
         logistic_onset.check_config(bad)
     logistic_onset.check_config(logistic_onset.TINY)
+
+
+@pytest.mark.parametrize(
+    ("grid", "message"),
+    [
+        ({"lr": [0.1, -1.0]}, r"grid cell 1 \{'lr': -1.0\}: lr must be"),
+        ({"order": [4, 99]}, r"grid cell 1 \{'order': 99\}: order must lie in \[2, "),
+        ({"d": [2, 100000]}, r"grid cell 1 \{'d': 100000\}: d=100000 must be smaller than n=51"),
+        ({"steps": [10]}, r"grid cell 0 \{'steps': 10\}: lr is required with steps"),
+        ({"seed": [0, -1]}, r"grid cell 1 \{'seed': -1\}: seed must be an integer"),
+    ],
+)
+def test_a_spec_sweep_refuses_a_bad_later_cell_before_writing(tmp_path, grid, message):
+    config = {
+        "experiment": "geomcollapse.spec_sweep",
+        "output": "out.jsonl",
+        "base": {"spec": str(ROOT / "tests" / "spec_mlp.py")},
+        "grid": grid,
+    }
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(sweep.load_config(_write(tmp_path, config)), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json"]
+
+
+@pytest.mark.parametrize(
+    ("experiment", "grid", "message"),
+    [
+        ("prediction", {"size": ["tiny", "bogus"]}, r"grid cell 1 .*size must be one of"),
+        ("prediction", {"sgd_lr": [-0.03]}, r"grid cell 0 .*sgd_lr must be a finite number > 0"),
+        ("defences", {"batch_size": [0]}, r"grid cell 0 .*batch_size must be an integer ≥ 1"),
+        ("defences", {"size": ["bogus"]}, r"grid cell 0 .*size must be one of"),
+        ("sgd_onset", {"batch": [8, 0]}, r"grid cell 1 .*batch must be an integer ≥ 1"),
+        ("sgd_onset", {"lr": [-1e-5]}, r"grid cell 0 .*lr must be a finite number > 0"),
+        ("sgd_onset", {"tf_task": ["nope"]}, r"grid cell 0 .*tf_task must be one of"),
+    ],
+)
+def test_a_study_sweep_refuses_bad_cell_values_before_writing(tmp_path, experiment, grid, message):
+    config = {"experiment": experiment, "output": "out.jsonl", "grid": grid}
+    with pytest.raises(ValueError, match=message):
+        sweep.run_sweep(sweep.load_config(_write(tmp_path, config)), progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["cfg.json"]
