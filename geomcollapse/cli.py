@@ -177,7 +177,7 @@ def _diagnose(args: argparse.Namespace) -> int:
         print(f"geomcollapse diagnose: error: {message}", file=sys.stderr)
         return 2
     try:
-        paths = diagnosis.save(args.out)
+        paths = diagnosis.save(args.out, arrays=args.arrays)
     except OSError as err:  # checked above, but the file system can still refuse (disk full)
         message = " ".join(str(err).split())
         print(f"geomcollapse diagnose: error: --out {args.out}: {message}", file=sys.stderr)
@@ -303,6 +303,12 @@ def _add_diagnose(commands) -> None:
     diagnose.add_argument("--seed", type=int, default=0, help="random seed (Lanczos, probes)")
     diagnose.add_argument(
         "--out", type=Path, default=Path("."), metavar="DIR", help="output directory (default: .)"
+    )
+    diagnose.add_argument(
+        "--arrays",
+        action="store_true",
+        help="also write subspace.npz (M(θ*) and the forecast's x_1..x_K, (d + K) × n floats), "
+        "so Diagnosis.load(DIR) can hand the report to monitor()",
     )
     diagnose.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -110,3 +110,47 @@ def test_the_spec_file_in_docs_diagnose_md_runs_through_the_cli(tmp_path, capsys
     library = model_spec.diagnose_spec(spec, key=jax.random.key(0))
     assert report["n"] == 15
     assert _numbers(report) == _numbers(json.loads(library.to_json()))
+
+
+def test_a_cli_report_saved_with_arrays_feeds_the_monitor_in_one_line(tmp_path, capsys):
+    """``diagnose --spec … --arrays`` → ``Diagnosis.load`` → ``monitor``: the same log as the
+    monitor built from the library's diagnosis, on SGD of the spec's task loss."""
+    import optax
+
+    from geomcollapse import monitor as mon
+    from geomcollapse.diagnosis import ARRAYS_FILE, Diagnosis
+    from tests.conftest import run_optimizer
+
+    out, lr, steps = tmp_path / "out", 0.1, 8
+    argv = ["diagnose", "--spec", SPEC, "--out", str(out), "--seed", "3", "--lr", str(lr)]
+    assert cli.main([*argv, "--steps", str(steps), "--arrays", "--no-progress"]) == 0
+    assert str(out / ARRAYS_FILE) in capsys.readouterr().out.split()
+    loaded = Diagnosis.load(out)
+    fields = spec_mlp.spec()
+    library = geomcollapse.diagnose(
+        fields["skill_loss"],
+        fields["task_loss"],
+        fields["params"],
+        skill_args=fields["skill_args"],
+        task_args=fields["task_args"],
+        skill_logits=fields["skill_logits"],
+        key=jax.random.key(3),
+        lr=lr,
+        steps=steps,
+    )
+    grad = jax.grad(fields["task_loss"])
+
+    def log_of(diagnosis):
+        tx = mon.monitor(optax.sgd(lr), diagnosis, every=2)
+        states = run_optimizer(tx, fields["params"], grad, steps, *fields["task_args"])[2]
+        return mon.monitor_log(states[-1])
+
+    ours, theirs = log_of(loaded), log_of(library)
+    assert ours.step.size == steps // 2 - 1 and np.all(np.isfinite(ours.projected_loss))
+    for name in ("projected_loss", "forecast", "exceeded"):
+        np.testing.assert_allclose(getattr(ours, name), getattr(theirs, name), rtol=1e-12)
+    # without --arrays the saved report has no subspace, and the monitor says so
+    bare = tmp_path / "bare"
+    assert cli.main(["diagnose", "--spec", SPEC, "--out", str(bare), "--no-progress"]) == 0
+    with pytest.raises(ValueError, match="carries no subspace"):
+        mon.monitor(optax.sgd(lr), Diagnosis.load(bare), every=2)
