@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from geomcollapse.errors import FlatLossWarning
+
 
 def floating_leaves(tree: Any, name: str) -> list:
     """Return the leaves of ``tree``; raise if any is not a floating-point array."""
@@ -338,31 +340,51 @@ def not_psd(name: str, detail: str) -> str:
     )
 
 
-def probe_operator(matvec: Callable, like: Any, name: str, *, psd: bool, key: jax.Array) -> None:
-    """One matvec ``w = A v`` on a Rademacher probe ``v`` shaped like ``like`` (drawn from
-    ``key``): ``w`` finite and, with ``psd``, ``vᵀw ≥ −√eps·‖v‖‖w‖`` (for a diagonal ``A``
-    ``vᵀAv = tr A``). Skipped when ``like`` or the output is traced."""
+def probe_operator(
+    matvec: Callable, like: Any, name: str, *, psd: bool, key: jax.Array, symmetric: bool = False
+) -> None:
+    """Matvecs ``w = A v`` on Rademacher probes ``v`` shaped like ``like`` (drawn from ``key``):
+    ``w`` finite and, with ``psd``, ``vᵀw ≥ −√eps·‖v‖‖w‖`` (for a diagonal ``A``
+    ``vᵀAv = tr A``); with ``symmetric``, a second probe ``u`` and
+    ``|uᵀAv − vᵀAu| ≤ 10√eps·(‖u‖‖Av‖ + ‖v‖‖Au‖)`` (an operator that is not symmetric
+    gives Lanczos pairs that mean nothing). Skipped when ``like`` or the output is traced."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
     if not all(is_concrete(x) for x in leaves):
         return
-    keys = jax.random.split(key, len(leaves))
-    v = [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
-    w = jax.tree_util.tree_leaves(matvec(treedef.unflatten(v)))
-    if not all(is_concrete(x) for x in w):
+    draws = [_probe_vector(k, leaves) for k in jax.random.split(key, 2 if symmetric else 1)]
+    outs = [jax.tree_util.tree_leaves(matvec(treedef.unflatten(v))) for v in draws]
+    if not all(is_concrete(x) for w in outs for x in w):
         return
-    w64 = [np.asarray(x, np.float64) for x in w]
-    if not all(np.all(np.isfinite(x)) for x in w64):
+    v64 = [[np.asarray(x, np.float64) for x in v] for v in draws]
+    w64 = [[np.asarray(x, np.float64) for x in w] for w in outs]
+    if not all(np.all(np.isfinite(x)) for w in w64 for x in w):
         raise ValueError(
             f"{name} returned non-finite values (NaN or inf) on a probe vector at params"
         )
+    eps = float(jnp.finfo(jnp.result_type(*outs[0])).eps)
     if psd:
-        v64 = [np.asarray(x, np.float64) for x in v]
-        q = sum(float(np.vdot(a, b)) for a, b in zip(v64, w64, strict=True))
-        norm = math.sqrt(sum(float(np.vdot(a, a)) for a in v64))
-        scale = norm * math.sqrt(sum(float(np.vdot(b, b)) for b in w64))
-        eps = float(jnp.finfo(jnp.result_type(*w)).eps)
-        if q < -math.sqrt(eps) * scale:
+        q = _dot(v64[0], w64[0])
+        if q < -math.sqrt(eps) * math.sqrt(_dot(v64[0], v64[0]) * _dot(w64[0], w64[0])):
             raise ValueError(not_psd(name, f"vᵀAv = {q:.3g} < 0 on a probe vector v"))
+    if symmetric:
+        (v, u), (av, au) = v64, w64
+        gap = abs(_dot(u, av) - _dot(v, au))
+        scale = math.sqrt(_dot(u, u) * _dot(av, av)) + math.sqrt(_dot(v, v) * _dot(au, au))
+        if gap > 10 * math.sqrt(eps) * scale:
+            raise ValueError(
+                f"{name} is not symmetric at params: uᵀAv − vᵀAu = {gap:.3g} on two probe "
+                f"vectors, against a scale {scale:.3g} (‖u‖‖Av‖ + ‖v‖‖Au‖); a Fisher or "
+                "Hessian is symmetric: check that it computes A v"
+            )
+
+
+def _probe_vector(key: jax.Array, leaves: list) -> list:
+    keys = jax.random.split(key, len(leaves))
+    return [jax.random.rademacher(k, x.shape, x.dtype) for k, x in zip(keys, leaves, strict=True)]
+
+
+def _dot(a: list, b: list) -> float:
+    return sum(float(np.vdot(x, y)) for x, y in zip(a, b, strict=True))
 
 
 def finite_derivatives(name: str, **values: float) -> None:
@@ -464,15 +486,32 @@ def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> A
     psd_spectrum(fisher, out.eigenpairs.values, out.report.tail_mass, margin)
     flat = flat_loss(loss, out.gradient_norm)
     if flat:
-        warnings.warn(flat, UserWarning, stacklevel=3)
+        warnings.warn(flat, FlatLossWarning, stacklevel=3)
     return out
 
 
 def check_fisher_at(params: Any, fisher_vp: Any, fisher_args: Any, key: jax.Array) -> None:
     """:func:`check_params` of ``θ*`` and, for a ``fisher_vp(params, v, *fisher_args)``
-    (``None``: none), :func:`check_data` of its data and one PSD probe at ``θ*``."""
+    (``None``: none), :func:`check_fisher_call` and probes at ``θ*``: finite, PSD, symmetric."""
     check_params(params)
     if fisher_vp is not None:
-        fargs = check_data(fisher_args, "fisher_args")
+        fargs = check_fisher_call(params, fisher_vp, fisher_args)
         matvec = functools.partial(fisher_vp, params)
-        probe_operator(lambda v: matvec(v, *fargs), params, "fisher_vp", psd=True, key=key)
+        probe_operator(
+            lambda v: matvec(v, *fargs), params, "fisher_vp", psd=True, key=key, symmetric=True
+        )
+
+
+def check_fisher_call(params: Any, fisher_vp: Any, fisher_args: Any) -> tuple:
+    """``fisher_vp`` callable, :func:`check_data` of ``fisher_args`` and ``fisher_vp(params,
+    v, *fisher_args)`` traced once (nothing computed) to a pytree shaped like ``params``;
+    one ``ValueError`` naming what to fix. Returns ``fisher_args`` as a tuple."""
+    if not callable(fisher_vp):
+        raise ValueError(f"fisher_vp must be callable, got {type(fisher_vp).__name__}")
+    fargs = check_data(fisher_args, "fisher_args")
+    call = "fisher_vp(params, v, *fisher_args)"
+    out = evaluate_abstractly(
+        fisher_vp, (params, params, *fargs), "fisher_vp", call, ("fisher_args", fargs)
+    )
+    same_structure(params, out, "params", "fisher_vp's output F v", same_dtype=False)
+    return fargs

@@ -21,6 +21,7 @@ from jax.flatten_util import ravel_pytree
 from geomcollapse import linalg, theory
 from geomcollapse._checks import (
     check_data,
+    check_fisher_call,
     check_loss,
     check_params,
     checked_aic,
@@ -28,6 +29,7 @@ from geomcollapse._checks import (
     positive_int,
     prng_key,
     probe_count,
+    probe_operator,
     subspace_dim,
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot, tree_dot
@@ -646,6 +648,8 @@ def measure_aic(
     key = prng_key(key)
     trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
     loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
+    if not is_sharded(params):  # finite, PSD, symmetric on probes (not the Lanczos key's draws)
+        _probe_fisher(fisher_vp, params, tuple(fisher_args), jax.random.fold_in(key, _PROBE_SALT))
     route = _measure_aic_sharded if is_sharded(params) else _measure_aic_flat
     data = (tuple(fisher_args), tuple(loss_args))
     try:
@@ -654,6 +658,18 @@ def measure_aic(
     except NotSymmetricError as err:  # Lanczos saw it; the user knows the argument's name
         raise NotSymmetricError(f"fisher_vp: {err} (a Fisher F = JᵀΛJ is symmetric)") from None
     return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
+
+
+_PROBE_SALT = 0x5EED  # measure_aic's boundary probes: a key apart from Lanczos' and Hutchinson's
+
+
+def _probe_fisher(fisher_vp: Any, params: PyTree, fisher_args: tuple, key: jax.Array) -> None:
+    """``fisher_vp`` checked at ``θ*``: a plain one by :func:`check_fisher_call`, then the
+    operator's compiled matvec (the one Lanczos runs: nothing traced again) on probes."""
+    if not isinstance(fisher_vp, LinearOperator):
+        fisher_args = check_fisher_call(params, fisher_vp, fisher_args)
+    op = _fisher_operator(fisher_vp, params, fisher_args)
+    probe_operator(partial(apply, op), params, "fisher_vp", psd=True, key=key, symmetric=True)
 
 
 def _measure_aic_flat(

@@ -5,7 +5,7 @@ Each subclasses ``ValueError``, so ``except ValueError`` keeps catching it.
 
 from __future__ import annotations
 
-__all__ = ["NotSymmetricError"]
+__all__ = ["FlatLossWarning", "NotSymmetricError"]
 
 
 class NotSymmetricError(ValueError):
@@ -13,4 +13,14 @@ class NotSymmetricError(ValueError):
 
     Raised by :func:`geomcollapse.linalg.top_eigenpairs`; :func:`geomcollapse.diagnose`
     reads it as a skill Fisher that is rounding noise or not a Fisher.
+    """
+
+
+class FlatLossWarning(UserWarning):
+    """A loss whose gradient (hence ``Hg``) is exactly zero at ``θ*``: ``γ = 0`` and a zero
+    forecast then say the loss is flat (e.g. built on ``argmax``), not that fine-tuning is safe.
+
+    Warned by :func:`geomcollapse.aic.measure_aic`, :func:`geomcollapse.series.delta_u_series`
+    and :func:`geomcollapse.series.sgd_delta_u`; :func:`geomcollapse.diagnose` lists it in
+    the report's warnings.
     """

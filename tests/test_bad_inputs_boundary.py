@@ -20,6 +20,7 @@ import optax
 import pytest
 
 from geomcollapse import aic, cli, curvature, diagnose, linalg, models, monitor, series
+from geomcollapse.errors import FlatLossWarning
 from geomcollapse.subspace import Subspace
 
 N, P, C = 32, 6, 3
@@ -59,6 +60,19 @@ def asymmetric(w, v, *_):
 
 def indefinite(w, v, *_):
     return (D_INDEF * v.ravel()).reshape(v.shape)
+
+
+def nan_fvp(w, v, *_):
+    return v * jnp.nan
+
+
+def short_fvp(w, v, *_):
+    return v.ravel()[:3]
+
+
+def weighted(w, v, x, y):  # an empirical-Fisher-like matvec reading both arrays per example
+    r = (x @ v) * (1.0 + y[:, None])
+    return x.T @ r / x.shape[0]
 
 
 FVP = curvature.fisher_vp(logits)
@@ -118,12 +132,22 @@ def top(like):
 
 # (id, call, the message's start); "before" in the id's comment: what it did on main
 CASES = [
-    # tail mass −42.5 returned as a number
+    # tail mass −42.5 returned as a number (then: refused after Lanczos, from the tail mass)
     ("measure_aic-indefinite-fisher", lambda: measure(fisher_vp=indefinite, fisher_args=()),
-     r"^fisher_vp is not positive semidefinite at params \(tail mass"),
-    # "matvec is not symmetric", naming no argument
+     r"^fisher_vp is not positive semidefinite at params \(vᵀAv = -41 < 0"),
+    # "matvec is not symmetric", naming no argument (then: "fisher_vp: matvec is not ...")
     ("measure_aic-asymmetric-fisher", lambda: measure(fisher_vp=asymmetric, fisher_args=()),
-     r"^fisher_vp: matvec is not symmetric"),
+     r"^fisher_vp is not symmetric at params: uᵀAv − vᵀAu = "),
+    # "matvec returned non-finite values (at matvec 1)", naming no argument
+    ("measure_aic-nan-fisher_vp", lambda: measure(fisher_vp=nan_fvp, fisher_args=()),
+     r"^fisher_vp returned non-finite values \(NaN or inf\) on a probe vector"),
+    # "cannot reshape array of size 3 into shape (18,)"
+    ("measure_aic-wrong-shape-fisher_vp", lambda: measure(fisher_vp=short_fvp, fisher_args=()),
+     r"^fisher_vp's output F v leaf 0 has shape \(3,\), params has \(6, 3\)"),
+    # a JAX IndexError/broadcasting error from inside the matvec
+    ("measure_aic-fisher_args-axes", lambda: measure(fisher_vp=weighted, fisher_args=(X, Y[:5])),
+     r"^fisher_vp: calling fisher_vp\(params, v, \*fisher_args\) failed \(the leading, "
+     r"example, axes of fisher_args differ: \[32, 5\]\)"),
     # a NaN coupling in the report
     ("measure_aic-inf-loss_args", lambda: measure(loss_args=(INF_X, Y)),
      r"^loss_args has 1 non-finite"),
@@ -188,6 +212,17 @@ CASES = [
     # accepted: the traced Lanczos ran on it
     ("monitor-indefinite-fisher_vp", lambda: monitored(fisher_vp=indefinite, fisher_args=()),
      r"^fisher_vp is not positive semidefinite at params \(vᵀAv = -41 < 0"),
+    # accepted silently: angles of ~1.4 rad logged with converged=False
+    ("monitor-asymmetric-fisher_vp", lambda: monitored(fisher_vp=asymmetric, fisher_args=()),
+     r"^fisher_vp is not symmetric at params"),
+    # "cannot reshape array of size 3 into shape (18,)"
+    ("monitor-wrong-shape-fisher_vp", lambda: monitored(fisher_vp=short_fvp, fisher_args=()),
+     r"^fisher_vp's output F v leaf 0 has shape \(3,\)"),
+    # NumPy's "zero-size array to reduction operation maximum"
+    ("spectral_density-empty-like", lambda: linalg.spectral_density(
+        lambda v: v, jnp.zeros(0), key=key()), r"^like has no elements"),
+    # "k exceeds the operator dimension n=0", naming k
+    ("top_eigenpairs-empty-like", lambda: top(jnp.zeros(0)), r"^like has no elements"),
     ("monitor-inf-fisher_args", lambda: monitored(fisher_args=(INF_X,)),
      r"^fisher_args has 1 non-finite"),
     ("monitor-bfloat16", lambda: monitored(params=W.astype(jnp.bfloat16)),
@@ -221,6 +256,16 @@ def test_a_flat_loss_is_said_to_be_flat_not_safe():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         assert float(forecast().delta_u[2]) > 0.0  # a differentiable loss: no warning
+    # the SGD forecast names its own argument, example_loss (before: "task_loss", which it
+    # does not take), with the typed warning
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = sgd(lambda w, x, y: argmax_error(w, x[None], y[None]))
+    flat = [w for w in caught if issubclass(w.category, FlatLossWarning)]
+    assert len(flat) == 1 and str(flat[0].message).startswith(
+        "example_loss: its gradient and Hg are exactly zero"
+    )
+    assert np.all(np.asarray(got.deterministic) == 0.0)
 
 
 def test_a_token_file_refuses_unknown_keys(tmp_path):

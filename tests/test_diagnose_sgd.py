@@ -99,3 +99,24 @@ def test_without_batch_size_the_sgd_fields_are_none():
 def test_bad_sgd_arguments_are_refused_by_name(kw, match):
     with pytest.raises(ValueError, match=match):
         run(**kw)
+
+
+def test_the_report_figure_draws_the_sgd_forecast_it_reports():
+    """The forecast panel draws ``E[Δu]`` under SGD from ``sgd_coefficients`` (its points are
+    the polynomial at the plotted times), labelled with ``B``, and passes the figure checks."""
+    from tests import figure_checks
+
+    dg = run(batch_size=BATCH, example_loss=sq_loss)
+    fig = dg.figure()
+    assert figure_checks.check(fig) == []
+    panel = fig.axes[1]
+    label = rf"$E[\Delta u]$ under SGD, B = {BATCH}"
+    assert label in panel.get_legend_handles_labels()[1]
+    line = next(ln for ln in panel.get_lines() if ln.get_label() == label)
+    t, y = (np.asarray(a, np.float64) for a in line.get_data())
+    expected = np.polyval(np.asarray(dg.sgd_coefficients)[::-1], t)
+    np.testing.assert_allclose(y, expected, rtol=1e-12)
+    assert t.max() <= dg.sgd_validity_time  # the solid part lies inside its window
+    # without batch_size nothing of the kind is drawn
+    bare = run().figure().axes[1].get_legend_handles_labels()[1]
+    assert not any("SGD" in text for text in bare)

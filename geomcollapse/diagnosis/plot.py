@@ -47,12 +47,19 @@ def diagnosis_figure(dg) -> Figure:
     window = dg.validity_time if math.isfinite(dg.validity_time) else math.inf
     # Δu wide underneath, the projected loss narrow on top: both stay visible where they agree
     past = False
-    for ys, label, color, lw in (
-        (np.asarray(dg.forecast_delta_u), r"forecast $\Delta u(t)$", BLUE, 2.4),
-        (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN, 1.0),
-    ):
+    curves = [(np.asarray(dg.forecast_delta_u), r"forecast $\Delta u(t)$", BLUE, 2.4, window)]
+    if dg.sgd_coefficients is not None:  # between the two: its own window, narrower line
+        sgd = np.polyval(np.asarray(dg.sgd_coefficients, np.float64)[::-1], ts)
+        end = dg.sgd_validity_time
+        sgd_window = end if end is not None and math.isfinite(end) else math.inf
+        label = rf"$E[\Delta u]$ under SGD, B = {dg.batch_size}"
+        curves.append((sgd, label, ORANGE, 1.6, sgd_window))
+    curves.append(
+        (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN, 1.0, window)
+    )
+    for ys, label, color, lw, end in curves:
         t, y = _positive(ts, ys)
-        inside = t <= window  # past the window the truncated series is no forecast: dotted
+        inside = t <= end  # past the window the truncated series is no forecast: dotted
         if np.any(inside):
             ax_fc.loglog(t[inside], y[inside], color=color, lw=lw, label=label)
         if np.any(~inside):

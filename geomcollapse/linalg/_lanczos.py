@@ -529,6 +529,8 @@ def placed_operator(
         raise ValueError(
             f"like must be a 1-D array or a pytree, got an array of shape {np.shape(like)}"
         )
+    if sum(np.size(x) for x in jax.tree_util.tree_leaves(like)) == 0:
+        raise ValueError("like has no elements: it fixes the operator's vectors (n ≥ 1)")
     if is_sharded(like):
         layout = Layout(like, "like")
         at = Placement(layout.n, layout.dtype, layout)

@@ -44,6 +44,7 @@ from geomcollapse._checks import (
     scalar_loss,
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
+from geomcollapse.errors import FlatLossWarning
 
 __all__ = [
     "Series",
@@ -664,7 +665,7 @@ def _warn_if_flat(displacement: PyTree) -> None:
     if not all(is_concrete(x) for x in leaves):
         return  # traced: nothing to say at trace time
     if not bool(jax.device_get(_moves(leaves))):
-        warnings.warn(flat_loss("task_loss", 0.0), UserWarning, stacklevel=3)
+        warnings.warn(flat_loss("task_loss", 0.0), FlatLossWarning, stacklevel=3)
 
 
 @jax.jit

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -37,7 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import jet
 
-from geomcollapse._checks import check_example_loss, finite_leaves, positive_float, positive_int
+from geomcollapse._checks import (
+    check_example_loss,
+    finite_leaves,
+    flat_loss,
+    positive_float,
+    positive_int,
+)
+from geomcollapse.errors import FlatLossWarning
 from geomcollapse.series._flow import Series, delta_u_series, polynomial_validity_time
 
 __all__ = ["SGDForecast", "sgd_delta_u"]
@@ -369,14 +377,20 @@ def _chunked(run: Callable, batches: tuple, keep: int, chunk: int) -> np.ndarray
 
 def _coefficients(skill_loss, example_loss, params, order, rows, skill_args, chunk):
     """The flow :class:`Series`, the noise series ``n₀ … n_K`` and the GD values ``V[m, k]``."""
-    flow = delta_u_series(
-        skill_loss,
-        _mean_loss(example_loss),
-        params,
-        order,
-        skill_args=skill_args,
-        task_args=rows,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        flow = delta_u_series(
+            skill_loss,
+            _mean_loss(example_loss),
+            params,
+            order,
+            skill_args=skill_args,
+            task_args=rows,
+        )
+    for w in caught:  # the task loss here is example_loss's mean: name the argument given
+        flat = issubclass(w.category, FlatLossWarning)
+        message = flat_loss("example_loss", 0.0) if flat else w.message
+        warnings.warn(message, w.category if flat else None, stacklevel=4)
     spec = _Spec.of(skill_loss, example_loss, params)
     # the glue between compiled stages runs on the host in numpy: small arrays,
     # and eager jax ops would compile one program per operation and shape
