@@ -49,6 +49,7 @@ from geomcollapse._sweep_io import (
     reject_unknown,
     whole_lines,
 )
+from geomcollapse._sweep_report import columns_table
 from geomcollapse.progress import progress_bar
 
 TOP_KEYS = {"experiment", "output", "base", "grid", "name"}
@@ -461,14 +462,12 @@ def read_rows(path: Path, text: str) -> tuple[dict, list[dict]]:
 
 
 def report(header: dict, rows: list[dict], path: Path, outdir: Path) -> list[Path]:
-    """Call the experiment's ``report(rows, outdir)`` on a sweep's rows; the paths written."""
+    """Call the experiment's ``report(rows, outdir)`` on a sweep's rows, or, where it
+    defines none, write :func:`~geomcollapse._sweep_report.columns_table`; the paths written."""
     module = import_experiment(header["experiment"])
-    build = getattr(module, "report", None)
-    if not callable(build):
-        raise ValueError(
-            f"experiment {header['experiment']!r} ({module.__name__}) defines no "
-            "report(rows, outdir); plot a column against a grid axis with --x AXIS --y COLUMN"
-        )
     if not rows:
         raise ValueError(f"{path} holds no complete cell yet: run the sweep first")
+    build = getattr(module, "report", None)
+    if not callable(build):  # every number column, per grid combination
+        return [columns_table(header, rows, outdir)]
     return [Path(p) for p in build(rows, outdir)]

@@ -165,6 +165,63 @@ def table(series: list[Series], x: str, y: str) -> str:
     return "\n".join(lines)
 
 
+_ROW_KEYS = ("cell", "cell_id", "cell_rows", "params", "seed")  # the runner's, not recorded
+
+
+def scalar_columns(row: dict, prefix: str = "") -> list[str]:
+    """The dotted paths of every number in ``row`` outside lists (what ``--y`` can name)."""
+    out = []
+    for key, value in row.items():
+        if not prefix and key in _ROW_KEYS:
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += scalar_columns(value, f"{path}.")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out.append(path)
+    return out
+
+
+def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
+    """An experiment sweep's default report: each number column of ``rows``, mean [95 %
+    interval] over the rows of each combination of the grid axes that vary; one
+    Markdown table (a line per column, a column per combination). The path written."""
+    grid = header.get("grid", {})
+    varying = [k for k, values in grid.items() if len(values) > 1]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        label = ", ".join(f"{k}={row['params'].get(k)}" for k in varying) or "every row"
+        groups.setdefault(label, []).append(row)
+    lines = [
+        f"| column | {' | '.join(groups)} |",
+        "|---|" + "---|" * len(groups),
+        f"| rows (n) | {' | '.join(str(len(m)) for m in groups.values())} |",
+    ]
+    for path in scalar_columns(rows[0]):
+        cells = []
+        for members in groups.values():
+            values = [_number_or_nan(r, path) for r in members]
+            mean, low, high, n = mean_interval(values)
+            cells.append("–" if n == 0 else f"{mean:.4g} [{low:.4g}, {high:.4g}]")
+        lines.append(f"| {path} | {' | '.join(cells)} |")
+    name = header.get("sweep", "sweep")
+    intro = (
+        f"# {name}: every number column, mean [95% interval] over each cell's rows\n\n"
+        f"Plot one against a grid axis: `geomcollapse report OUTPUT --x AXIS --y COLUMN`.\n\n"
+    )
+    md = outdir / f"{name}_columns.md"
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text(intro + "\n".join(lines) + "\n", encoding="utf-8")
+    return md
+
+
+def _number_or_nan(row: dict, path: str) -> float:
+    try:
+        return column(row, path)
+    except ValueError:  # missing in this row, or not a number there (e.g. None)
+        return math.nan
+
+
 def _log_scale(values: np.ndarray) -> bool:
     v = values[np.isfinite(values)]
     return v.size > 1 and bool(np.all(v > 0)) and v.max() / v.min() > 100

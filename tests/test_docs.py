@@ -278,6 +278,23 @@ def test_every_code_block_names_its_language_and_fragments_say_so():
     assert not bad, "\n".join(bad)
 
 
+def test_json_blocks_parse():
+    import json
+
+    blocks = [
+        (page.name, line, code)
+        for page in PAGES
+        for line, info, code in _blocks(page)
+        if info.split()[:1] == ["json"] and FRAGMENT not in info.split()
+    ]
+    assert blocks, "no json block found"
+    for name, line, code in blocks:
+        try:
+            json.loads(code)
+        except json.JSONDecodeError as err:
+            pytest.fail(f"{name}:{line}: json block does not parse: {err}")
+
+
 def test_runnable_blocks_elsewhere_are_run_there():
     for page, test in RUN_ELSEWHERE.items():
         assert _runnable([ROOT / page]), f"{page} has no runnable python block"

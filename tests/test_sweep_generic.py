@@ -257,7 +257,7 @@ def test_report_rebuilds_the_toys_table_and_refuses_what_it_cannot(tmp_path, cap
         "absent.jsonl": "absent.jsonl' does not exist",
         "garbage.jsonl": "garbage.jsonl is not a sweep output",
         "landscape.jsonl": "landscape.jsonl holds no complete row yet",
-        "no_report.jsonl": "'geomcollapse.theory' (geomcollapse.theory) defines no report",
+        "no_report.jsonl": "no_report.jsonl holds no complete cell yet",
         "empty.jsonl": "empty.jsonl holds no complete cell yet",
     }.items():
         assert cli.main(["report", str(tmp_path / name)]) == 2, name

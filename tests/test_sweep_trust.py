@@ -203,6 +203,7 @@ def test_report_names_a_bad_axis_or_column(tmp_path, capsys, args, message, land
             {"n": 8, "kappas": [0.0, 1e-3, 1.0], "epsilons": [0.0, 1e-5]},
             {"T": [0.01]},
         ),
+        ("logistic_onset", {"num_landscapes": 16, "num_times": 12}, {"seed": [0, 1]}),
     ],
 )
 def test_theory_experiments_sweep_and_their_rows_are_their_compute(
@@ -227,6 +228,22 @@ def test_theory_experiments_sweep_and_their_rows_are_their_compute(
             assert row[key] == json.loads(as_json), key
         verdicts = [c.passed for c in module.claims(results, cell.config, "x")]
         assert row["passed"] == verdicts and row["all_passed"] == all(verdicts)
+    # no report of its own: the default one tabulates every number column per grid value
+    (table,) = sweep.report(config.output, tmp_path / "report")
+    assert table.name == "e_columns.md"
+    lines = table.read_text().splitlines()
+    varying = [k for k, v in grid.items() if len(v) > 1]
+    want = [", ".join(f"{k}={r['params'][k]}" for k in varying) or "every row" for r in rows]
+    assert lines[4].strip("| ").split(" | ")[1:] == list(dict.fromkeys(want))
+    body = {
+        line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[1:] for line in lines[6:]
+    }
+    columns = _sweep_report.scalar_columns(rows[0])
+    assert columns and list(body)[1:] == columns
+    for path in columns:  # one row per cell here: the mean is the row's number
+        for row, text in zip(rows, body[path], strict=True):
+            value = _sweep_report.column(row, path)
+            assert text.split(" [")[0] == f"{value:.4g}", (path, text)
 
 
 def test_logistic_onset_is_sweepable_and_checks_its_cells():
