@@ -75,23 +75,32 @@ def _committed(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-@pytest.mark.parametrize(
-    "module_name,result",
-    [
-        ("transformer_onset", "transformer_onset"),
-        ("defences", "defences"),
-        ("defences", "defences_study"),
-        ("prediction", "prediction_study"),
-        ("prediction", "prediction"),
-        ("transformer_onset", "transformer_onset_all_tasks"),  # two tasks' equal tail floors
-        ("validation", "validation"),
-        ("validation", "validation_study"),
-        ("sgd_onset", "sgd_onset"),  # the seed means of KL Δu with their 3 SE
-        ("transformer_onset", "transformer_onset_small_tasks"),  # --full on small, two tasks
-    ],
-)
+def _committed_figures() -> list[tuple[str, str]]:
+    """``(module, results name)`` of every committed figure: ``figures/NAME.png`` drawn from
+    ``experiments/results/NAME.json`` by the experiment whose name prefixes ``NAME``."""
+    from geomcollapse import registry
+
+    pairs = []
+    for png in sorted((ROOT / "figures").glob("*.png")):
+        owners = [m for m in registry.EXPERIMENTS if png.stem == m or png.stem.startswith(f"{m}_")]
+        pairs.append((max(owners, key=len), png.stem))
+    return pairs
+
+
+COMMITTED = _committed_figures()
+
+
+def test_every_committed_figure_is_checked():
+    """Each committed figure has its results file and an experiment that draws it."""
+    assert len(COMMITTED) == len(list((ROOT / "figures").glob("*.png"))) >= 21
+    for _, result in COMMITTED:
+        assert _committed(result) is not None, result
+
+
+@pytest.mark.parametrize("module_name,result", COMMITTED, ids=[r for _, r in COMMITTED])
 def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp_path):
-    """The figures these checks were written for, redrawn from the committed results."""
+    """Every committed figure, redrawn from its committed results (the data decide what
+    overlaps: two tasks' equal tail floors, seed means with their standard errors)."""
     import importlib
 
     from experiments import _style
