@@ -265,7 +265,9 @@ def check_params(params: Any, name: str = "params") -> np.dtype:
 
 def check_data(args: Any, name: str) -> tuple:
     """The boundary check of a loss's data: a tuple whose array leaves are non-empty and,
-    where floating and concrete, finite. Returns it as a tuple."""
+    where floating and concrete, finite; a warning when one leaf's leading (example) axis
+    is 1 while another's is longer (JAX would broadcast it silently; a length that does
+    not broadcast fails the loss's trace with a hint). Returns it as a tuple."""
     if not isinstance(args, (tuple, list)):
         raise ValueError(
             f"{name} must be a tuple of the function's extra arguments, got "
@@ -285,6 +287,16 @@ def check_data(args: Any, name: str) -> tuple:
     ]
     if floating:
         finite_leaves(floating, name)
+    sizes = leading_axes(tuple(args))
+    if 1 in sizes and max(sizes) > 1:  # the one shape mismatch that JAX broadcasts silently
+        warnings.warn(
+            f"{name}: leaf {sizes.index(1)} has a leading axis of 1 while others have "
+            f"{max(sizes)}: it broadcasts over the examples. If it should hold one entry per "
+            "example, its length is wrong (extra arguments that are not per-example data "
+            "are fine: ignore this)",
+            UserWarning,
+            stacklevel=3,
+        )
     return tuple(args)
 
 

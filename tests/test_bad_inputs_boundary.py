@@ -105,8 +105,10 @@ def diag_mixed():
     )  # fmt: skip
 
 
-def forecast(params=W, task_loss=ce, skill_args=(X, Y)):
-    return series.delta_u_series(ce, task_loss, params, 2, skill_args=skill_args, task_args=(X, Y))
+def forecast(params=W, task_loss=ce, skill_args=(X, Y), task_args=(X, Y)):
+    return series.delta_u_series(
+        ce, task_loss, params, 2, skill_args=skill_args, task_args=task_args
+    )
 
 
 def sgd(example_loss):
@@ -266,6 +268,21 @@ def test_a_flat_loss_is_said_to_be_flat_not_safe():
         "example_loss: its gradient and Hg are exactly zero"
     )
     assert np.all(np.asarray(got.deterministic) == 0.0)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: measure(loss_args=(X, Y[:1])),
+        lambda: diag(task_args=(X, Y[:1])),
+        lambda: forecast(task_args=(X, Y[:1])),
+    ],
+    ids=["measure_aic", "diagnose", "delta_u_series"],
+)
+def test_a_length_one_example_axis_that_broadcasts_is_said(call):
+    """Before: (X, Y[:1]) broadcast Y's one label over the 32 examples, silently."""
+    with pytest.warns(UserWarning, match=r"_args: leaf 1 has a leading axis of 1 while others"):
+        call()
 
 
 def test_a_token_file_refuses_unknown_keys(tmp_path):
