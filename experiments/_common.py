@@ -82,17 +82,20 @@ def result_name(name: str, config) -> str:
     return f"{stem}_{tag}" if tag else stem
 
 
-def check_fields(config, *, positive=(), counts=(), nonnegative=(), choices=None) -> None:
+def check_fields(
+    config, *, positive=(), counts=(), nonnegative=(), indices=(), choices=None
+) -> None:
     """Refuse a config whose numbers a run cannot use, naming the field (a sweep's up-front check).
 
     ``positive``: finite numbers ``> 0``; ``counts``: integers ``≥ 1``;
-    ``nonnegative``: finite numbers (integers where the field holds integers)
-    ``≥ 0``; ``choices``: ``{field: allowed values}``. A tuple field is checked
+    ``nonnegative``: finite numbers ``≥ 0``; ``indices``: integers ``≥ 0`` (seeds);
+    ``choices``: ``{field: allowed values}``. A tuple field is checked
     element by element. Raises ``ValueError`` naming the field and its value.
     """
     rules = [(f, "a finite number > 0", _positive) for f in positive]
     rules += [(f, "an integer ≥ 1", _count) for f in counts]
     rules += [(f, "a finite number ≥ 0", _nonnegative) for f in nonnegative]
+    rules += [(f, "an integer ≥ 0", _index) for f in indices]
     for field, wanted, ok in rules:
         value = getattr(config, field)
         values = value if isinstance(value, tuple) else (value,)
@@ -119,6 +122,10 @@ def _count(v) -> bool:
 
 def _nonnegative(v) -> bool:
     return _is_number(v) and v >= 0
+
+
+def _index(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def float64_main(name: str, default, compute: Callable, figure, claims) -> Callable:

@@ -657,14 +657,8 @@ def check_config(config: Config) -> None:
             "quartic_examples",
             "quartic_steps",
         ),
-        nonnegative=(
-            "seeds",
-            "weight_decay",
-            "angle_datasets",
-            "accuracy_loss",
-            "harm_floor",
-            "key_seed",
-        ),
+        nonnegative=("weight_decay", "accuracy_loss", "harm_floor"),
+        indices=("seeds", "angle_datasets", "key_seed"),
         choices={"size": tuple(ALIGNMENT)},
     )
     if config.batch_size > config.num_examples:

@@ -1070,11 +1070,10 @@ def check_config(config: Config) -> None:
             "forecast_examples",
             "num_resamples",
         ),
-        nonnegative=("seeds", "weight_decay", "forecast_share", "key_seed"),
+        nonnegative=("weight_decay", "forecast_share"),
+        indices=("seeds", "key_seed"),
         choices={"size": tuple(ALIGNMENT)},
     )
-    if not config.seeds:
-        raise ValueError("seeds must not be empty")
     for field in ("batch_size", "forecast_examples"):
         if getattr(config, field) > config.num_examples:
             raise ValueError(

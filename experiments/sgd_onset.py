@@ -41,7 +41,6 @@ from experiments._common import (
     require_x64,
     write_json,
 )
-from experiments._transformer import ALIGNMENT
 from geomcollapse import series, tasks, theory
 
 NAME = "sgd_onset"
@@ -465,6 +464,8 @@ def _tf_deterministic(config: Config, s: _TF, loss, steps) -> dict:
 
 def check_config(config: Config) -> None:
     """Refuse a config the experiment cannot run, naming the field (a sweep checks cells first)."""
+    from experiments._transformer import ALIGNMENT  # flax and the pipeline: only when asked
+
     check_fields(
         config,
         positive=("top", "lr", "reach", "fit_fraction", "tf_lr", "standard_errors"),
@@ -486,12 +487,20 @@ def check_config(config: Config) -> None:
             "tf_k_max",
             "tf_grid",
         ),
-        nonnegative=("noise", "seed", "exponent_tolerance", "crossover_tolerance"),
+        nonnegative=("noise", "exponent_tolerance", "crossover_tolerance"),
+        indices=("seed",),
         choices={"tf_size": tuple(ALIGNMENT), "tf_task": tuple(tasks.BENIGN_TASKS)},
     )
     if config.d > config.n or len(config.top) != config.d:
         raise ValueError(
             f"need d ≤ n and top holding d values, got n={config.n}, d={config.d}, top={config.top}"
+        )
+    blocks = -(-config.tf_seeds // config.tf_block)  # the seeds' blocks: 0 … blocks − 1
+    if not isinstance(config.seed_block, int) or not -1 <= config.seed_block < blocks:
+        raise ValueError(
+            f"seed_block must be -1 (GD and the forecast) or a block in [0, {blocks}) of "
+            f"tf_seeds={config.tf_seeds} in blocks of tf_block={config.tf_block}, "
+            f"got {config.seed_block!r}"
         )
 
 

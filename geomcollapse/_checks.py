@@ -8,10 +8,10 @@ is made of the checks here, in this order: :func:`check_params` (finite, one
 floating dtype, not bfloat16/float16), :func:`check_data` (a tuple of non-empty,
 finite data), :func:`scalar_loss` (the loss, traced once abstractly: a floating
 scalar; a failing call names the data's leading axes when they differ),
-:func:`probe_operator` (one matvec on a probe: finite, ``vᵀAv ≥ 0`` where ``A``
-must be positive semidefinite) and, on what the measurement computed anyway,
-:func:`finite_derivatives`, :func:`not_psd` and :func:`flat_loss`. They run
-eagerly at the boundary; tracers pass through.
+:func:`probe_operator` (matvecs on probes: finite, ``vᵀAv ≥ 0`` where ``A``
+must be positive semidefinite, ``uᵀAv = vᵀAu`` where it must be symmetric) and,
+on what the measurement computed anyway, :func:`finite_derivatives`, :func:`not_psd`
+and :func:`flat_loss`. They run eagerly at the boundary; tracers pass through.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse.errors import FlatLossWarning
+from geomcollapse.errors import BroadcastDataWarning, FlatLossWarning, NotSymmetricError
 
 
 def floating_leaves(tree: Any, name: str) -> list:
@@ -289,15 +289,23 @@ def check_data(args: Any, name: str) -> tuple:
         finite_leaves(floating, name)
     sizes = leading_axes(tuple(args))
     if 1 in sizes and max(sizes) > 1:  # the one shape mismatch that JAX broadcasts silently
-        warnings.warn(
+        # one place and one registry: said once per message, however many layers check it
+        warnings.warn_explicit(
             f"{name}: leaf {sizes.index(1)} has a leading axis of 1 while others have "
             f"{max(sizes)}: it broadcasts over the examples. If it should hold one entry per "
-            "example, its length is wrong (extra arguments that are not per-example data "
-            "are fine: ignore this)",
-            UserWarning,
-            stacklevel=3,
+            "example, its length is wrong (an extra argument that is not per-example data "
+            "is fine: filter geomcollapse.errors.BroadcastDataWarning)",
+            BroadcastDataWarning,
+            __file__,
+            _CHECK_DATA_LINE,
+            module=__name__,
+            registry=_BROADCAST_SAID,
         )
     return tuple(args)
+
+
+_CHECK_DATA_LINE = check_data.__code__.co_firstlineno
+_BROADCAST_SAID: dict = {}  # warnings.warn_explicit's registry for check_data
 
 
 def leading_axes(args: tuple) -> list[int]:
@@ -373,7 +381,8 @@ def probe_operator(
         raise ValueError(
             f"{name} returned non-finite values (NaN or inf) on a probe vector at params"
         )
-    eps = float(jnp.finfo(jnp.result_type(*outs[0])).eps)
+    # the coarser of the vectors' and the products' precision (float32 params, float64 F v)
+    eps = max(float(jnp.finfo(jnp.result_type(x)).eps) for x in [*draws[0], *outs[0]])
     if psd:
         q = _dot(v64[0], w64[0])
         if q < -math.sqrt(eps) * math.sqrt(_dot(v64[0], v64[0]) * _dot(w64[0], w64[0])):
@@ -383,7 +392,7 @@ def probe_operator(
         gap = abs(_dot(u, av) - _dot(v, au))
         scale = math.sqrt(_dot(u, u) * _dot(av, av)) + math.sqrt(_dot(v, v) * _dot(au, au))
         if gap > 10 * math.sqrt(eps) * scale:
-            raise ValueError(
+            raise NotSymmetricError(
                 f"{name} is not symmetric at params: uᵀAv − vᵀAu = {gap:.3g} on two probe "
                 f"vectors, against a scale {scale:.3g} (‖u‖‖Av‖ + ‖v‖‖Au‖); a Fisher or "
                 "Hessian is symmetric: check that it computes A v"

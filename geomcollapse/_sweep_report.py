@@ -183,11 +183,12 @@ def scalar_columns(row: dict, prefix: str = "") -> list[str]:
 
 
 def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
-    """An experiment sweep's default report: each number column of ``rows``, mean [95 %
-    interval] over the rows of each combination of the grid axes that vary; one
-    Markdown table (a line per column, a column per combination). The path written."""
-    grid = header.get("grid", {})
-    varying = [k for k, values in grid.items() if len(values) > 1]
+    """An experiment sweep's default report: each number column of ``rows`` (any row's),
+    mean [95 % interval] over the rows of each combination of the grid axes that vary
+    (``seed`` aggregated); one Markdown table (a line per column, a column per
+    combination; ``–`` where no row of it holds a number). The path written."""
+    grid = header.get("grid", {})  # seeds are aggregated, as with --x/--y
+    varying = [k for k, values in grid.items() if len(values) > 1 and k != "seed"]
     groups: dict[str, list[dict]] = {}
     for row in rows:
         label = ", ".join(f"{k}={row['params'].get(k)}" for k in varying) or "every row"
@@ -197,7 +198,8 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
         "|---|" + "---|" * len(groups),
         f"| rows (n) | {' | '.join(str(len(m)) for m in groups.values())} |",
     ]
-    for path in scalar_columns(rows[0]):
+    columns = dict.fromkeys(path for row in rows for path in scalar_columns(row))
+    for path in columns:  # every row's numbers, in first-seen order (None in some rows)
         cells = []
         for members in groups.values():
             values = [_number_or_nan(r, path) for r in members]

@@ -664,8 +664,10 @@ _PROBE_SALT = 0x5EED  # measure_aic's boundary probes: a key apart from Lanczos'
 
 
 def _probe_fisher(fisher_vp: Any, params: PyTree, fisher_args: tuple, key: jax.Array) -> None:
-    """``fisher_vp`` checked at ``θ*``: a plain one by :func:`check_fisher_call`, then the
-    operator's compiled matvec (the one Lanczos runs: nothing traced again) on probes."""
+    """``fisher_vp`` checked at ``θ*``: a plain one by :func:`check_fisher_call` (traced
+    abstractly), then the operator's compiled pytree matvec on probes (one compile beside
+    Lanczos' raveled one, cached across calls; two matvecs). Numbers are unchanged: the
+    probes' key is ``key`` folded with a salt, and Lanczos draws from ``key`` itself."""
     if not isinstance(fisher_vp, LinearOperator):
         fisher_args = check_fisher_call(params, fisher_vp, fisher_args)
     op = _fisher_operator(fisher_vp, params, fisher_args)

@@ -5,7 +5,7 @@ Each subclasses ``ValueError``, so ``except ValueError`` keeps catching it.
 
 from __future__ import annotations
 
-__all__ = ["FlatLossWarning", "NotSymmetricError"]
+__all__ = ["BroadcastDataWarning", "FlatLossWarning", "NotSymmetricError"]
 
 
 class NotSymmetricError(ValueError):
@@ -22,5 +22,13 @@ class FlatLossWarning(UserWarning):
 
     Warned by :func:`geomcollapse.aic.measure_aic`, :func:`geomcollapse.series.delta_u_series`
     and :func:`geomcollapse.series.sgd_delta_u`; :func:`geomcollapse.diagnose` lists it in
-    the report's warnings.
+    the report's warnings instead.
+    """
+
+
+class BroadcastDataWarning(UserWarning):
+    """A loss's data where one array's leading (example) axis is 1 while another's is longer:
+    JAX broadcasts it over the examples without a word. Said once per message by the
+    boundary check of every entry point; filter it (``warnings.filterwarnings("ignore",
+    category=BroadcastDataWarning)``) where such an argument is meant (not per-example data).
     """

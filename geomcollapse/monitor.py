@@ -874,7 +874,7 @@ def monitor(
     )  # fmt: skip
 
     def init(params: PyTree) -> MonitorState:
-        check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # one probe: vᵀFv ≥ 0
+        check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # finite, PSD, symmetric
         return _init_state(inner.init(params), params, values, reference, key, capacity, early)
 
     update = functools.partial(_monitored_update, inner, cfg, values, reference)

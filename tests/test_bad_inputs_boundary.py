@@ -7,6 +7,7 @@ seconds; each message is matched from its start (the argument's name first).
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import optax
 import pytest
 
 from geomcollapse import aic, cli, curvature, diagnose, linalg, models, monitor, series
-from geomcollapse.errors import FlatLossWarning
+from geomcollapse.errors import BroadcastDataWarning, FlatLossWarning, NotSymmetricError
 from geomcollapse.subspace import Subspace
 
 N, P, C = 32, 6, 3
@@ -280,9 +281,16 @@ def test_a_flat_loss_is_said_to_be_flat_not_safe():
     ids=["measure_aic", "diagnose", "delta_u_series"],
 )
 def test_a_length_one_example_axis_that_broadcasts_is_said(call):
-    """Before: (X, Y[:1]) broadcast Y's one label over the 32 examples, silently."""
-    with pytest.warns(UserWarning, match=r"_args: leaf 1 has a leading axis of 1 while others"):
+    """Before: (X, Y[:1]) broadcast Y's one label over the 32 examples, silently. Now one
+    typed warning, said once however many layers check the data."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
         call()
+    said = [w for w in caught if issubclass(w.category, BroadcastDataWarning)]
+    assert len(said) == 1, [str(w.message) for w in said]
+    assert re.match(
+        r"\w+_args: leaf 1 has a leading axis of 1 while others have 32", str(said[0].message)
+    )
 
 
 def test_a_token_file_refuses_unknown_keys(tmp_path):
@@ -381,3 +389,14 @@ def test_cli_refuses_an_outdir_that_is_a_file_before_running(tmp_path, capsys):
     assert cli.main(["run", "quartic_quadratic", "--outdir", str(file)]) == 2
     assert "--outdir: " in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # nothing ran or was written
+
+
+def test_an_asymmetric_fisher_is_the_typed_error_at_every_entry_point():
+    """The boundary probe raises :class:`NotSymmetricError` (a ``ValueError``), as Lanczos
+    does, so callers classify it by class (measure_aic documents it)."""
+    for call in (
+        lambda: measure(fisher_vp=asymmetric, fisher_args=()),
+        lambda: monitored(fisher_vp=asymmetric, fisher_args=()),
+    ):
+        with pytest.raises(NotSymmetricError, match=r"^fisher_vp is not symmetric at params"):
+            call()

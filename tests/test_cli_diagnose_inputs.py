@@ -113,7 +113,7 @@ def test_a_failed_write_of_the_reports_names_out(tmp_path, capsys, monkeypatch):
     class Refused:
         warnings = ()
 
-        def save(self, directory):
+        def save(self, directory, arrays=False):
             raise OSError(28, "No space left on device", str(directory / "report.png"))
 
     monkeypatch.setattr(token_files, "diagnose_checkpoint", lambda *a, **k: Refused())

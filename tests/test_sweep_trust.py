@@ -229,21 +229,28 @@ def test_theory_experiments_sweep_and_their_rows_are_their_compute(
         verdicts = [c.passed for c in module.claims(results, cell.config, "x")]
         assert row["passed"] == verdicts and row["all_passed"] == all(verdicts)
     # no report of its own: the default one tabulates every number column per grid value
+    # (seeds aggregated), each cell the mean [95% interval] of its group's rows
     (table,) = sweep.report(config.output, tmp_path / "report")
     assert table.name == "e_columns.md"
-    lines = table.read_text().splitlines()
-    varying = [k for k, v in grid.items() if len(v) > 1]
-    want = [", ".join(f"{k}={r['params'][k]}" for k in varying) or "every row" for r in rows]
-    assert lines[4].strip("| ").split(" | ")[1:] == list(dict.fromkeys(want))
-    body = {
-        line.strip("| ").split(" | ")[0]: line.strip("| ").split(" | ")[1:] for line in lines[6:]
-    }
+    lines = [line.strip("| ").split(" | ") for line in table.read_text().splitlines()[4:]]
+    varying = [k for k, v in grid.items() if len(v) > 1 and k != "seed"]
+    groups: dict = {}
+    for r in rows:
+        label = ", ".join(f"{k}={r['params'][k]}" for k in varying) or "every row"
+        groups.setdefault(label, []).append(r)
+    assert lines[0][1:] == list(groups) and lines[2] == [
+        "rows (n)",
+        *map(str, map(len, groups.values())),
+    ]
+    body = {line[0]: line[1:] for line in lines[3:]}
     columns = _sweep_report.scalar_columns(rows[0])
-    assert columns and list(body)[1:] == columns
-    for path in columns:  # one row per cell here: the mean is the row's number
-        for row, text in zip(rows, body[path], strict=True):
-            value = _sweep_report.column(row, path)
-            assert text.split(" [")[0] == f"{value:.4g}", (path, text)
+    assert columns and list(body) == columns
+    for path in columns:
+        for members, text in zip(groups.values(), body[path], strict=True):
+            mean, low, high, _ = _sweep_report.mean_interval(
+                [_sweep_report.column(r, path) for r in members]
+            )
+            assert text == f"{mean:.4g} [{low:.4g}, {high:.4g}]", (path, text)
 
 
 def test_logistic_onset_is_sweepable_and_checks_its_cells():

@@ -26,6 +26,7 @@ from geomcollapse import aic, curvature, series, theory
 from geomcollapse._sharding import Layout, stack_combine, stack_dot, tree_norm
 from geomcollapse.diagnosis.plan import ONE_SHOT, Request, one_shot_options
 from geomcollapse.diagnosis.spectrum import Spectrum
+from geomcollapse.errors import FlatLossWarning
 from geomcollapse.subspace import Subspace
 
 __all__ = ["AtD", "at_d"]
@@ -130,7 +131,7 @@ def _at_d_sharded(
     ``(K, d)`` and ``(d,)`` coordinates come back to the host (``jax.device_get``).
     """
     with warnings.catch_warnings():  # a flat task loss: diagnose says so once, in its report
-        warnings.filterwarnings("ignore", message="task_loss: its gradient and Hg are exactly")
+        warnings.simplefilter("ignore", FlatLossWarning)
         s = series.delta_u_series(
             skill_loss, task_loss, params, order, skill_args=skill_args, task_args=task_args
         )

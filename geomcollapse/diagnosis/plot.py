@@ -11,8 +11,8 @@ import math
 import numpy as np
 from matplotlib.figure import Figure
 
-# Okabe & Ito colour-blind-safe palette: blue, vermilion, bluish green, orange
-BLUE, VERMILION, GREEN, ORANGE = "#0072B2", "#D55E00", "#009E73", "#E69F00"
+# Okabe & Ito colour-blind-safe palette: blue, vermilion, bluish green, orange, reddish purple
+BLUE, VERMILION, GREEN, ORANGE, PURPLE = "#0072B2", "#D55E00", "#009E73", "#E69F00", "#CC79A7"
 
 
 def _positive(ts: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -22,8 +22,8 @@ def _positive(ts: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def diagnosis_figure(dg) -> Figure:
     """Three panels: the skill spectrum with ``d`` and its cumulative share of ``tr F``; the
-    forecast of ``Δu`` and the projected loss with the validity window, plan and threshold;
-    the AIC numbers as bars."""
+    forecast of ``Δu`` and the projected loss with the validity window, plan and threshold
+    (and ``E[Δu]`` under SGD when the diagnosis has a ``batch_size``); the AIC numbers."""
     fig = Figure(figsize=(11.0, 3.6), layout="constrained")
     ax_spec, ax_fc, ax_aic = fig.subplots(1, 3)
 
@@ -53,7 +53,7 @@ def diagnosis_figure(dg) -> Figure:
         end = dg.sgd_validity_time
         sgd_window = end if end is not None and math.isfinite(end) else math.inf
         label = rf"$E[\Delta u]$ under SGD, B = {dg.batch_size}"
-        curves.append((sgd, label, ORANGE, 1.6, sgd_window))
+        curves.append((sgd, label, PURPLE, 1.6, sgd_window))
     curves.append(
         (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN, 1.0, window)
     )

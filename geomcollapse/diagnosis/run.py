@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -78,6 +79,7 @@ from geomcollapse.diagnosis.plan import (
 )
 from geomcollapse.diagnosis.report import Diagnosis
 from geomcollapse.diagnosis.spectrum import Spectrum, measure_spectrum
+from geomcollapse.errors import FlatLossWarning
 from geomcollapse.progress import progress_bar
 
 __all__ = ["NUM_FORECAST_TIMES", "diagnose"]
@@ -219,17 +221,19 @@ def _sgd(req: Request, batch_size: int | None, example_loss: Callable | None) ->
     """:func:`geomcollapse.series.sgd_delta_u` at ``θ*``, its crossing of ``threshold``."""
     if batch_size is None:
         return None
-    fc = series.sgd_delta_u(
-        req.skill_loss,
-        example_loss,
-        req.params,
-        req.task_args,
-        lr=req.lr,
-        batch_size=batch_size,
-        steps=[1],
-        order=req.order,
-        skill_args=req.skill_args,
-    )
+    with warnings.catch_warnings():  # a flat task loss: diagnose says so once, in its report
+        warnings.simplefilter("ignore", FlatLossWarning)
+        fc = series.sgd_delta_u(
+            req.skill_loss,
+            example_loss,
+            req.params,
+            req.task_args,
+            lr=req.lr,
+            batch_size=batch_size,
+            steps=[1],
+            order=req.order,
+            skill_args=req.skill_args,
+        )
     validity = fc.validity_time
     coeffs = np.asarray(fc.mean_coefficients, np.float64)
     crossing = None
