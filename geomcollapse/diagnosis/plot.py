@@ -43,6 +43,34 @@ def diagnosis_figure(dg) -> Figure:
     ax_spec.axvline(dg.d + 0.5, color="black", lw=0.6)
     ax_spec.set_title(f"(a) spectrum: d = {dg.d}, top-d share {dg.top_share:.0%}", loc="left")
 
+    _forecast_panel(ax_fc, dg)
+
+    r = dg.aic
+    names = ["tail mass", r"$\lambda_d$", r"$\|Pg\|$", r"$\|F^{1/2}Pg\|$", r"$\gamma$"]
+    values = np.array(
+        [r.tail_mass, r.lambda_d, r.orthogonality, r.fisher_orthogonality, r.coupling], np.float64
+    )
+    shown = np.where(np.isfinite(values) & (values > 0), values, np.nan)
+    y = np.arange(len(names))[::-1]
+    ax_aic.barh(y, shown, color=[ORANGE, BLUE, GREEN, GREEN, VERMILION])
+    ax_aic.set_yticks(y, names)
+    finite = shown[np.isfinite(shown)]
+    if finite.size:
+        ax_aic.set_xscale("log")
+        ax_aic.set_xlim(finite.min() / 3, finite.max() * 20)  # room for the labels
+    for yi, v, bar in zip(y, values, shown, strict=True):
+        at = bar if np.isfinite(bar) else (finite.min() / 3 if finite.size else 0.0)
+        ax_aic.annotate(
+            f"{v:.3g}", (at, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
+        )
+    ax_aic.set_title("(c) AIC (Def. 5.1)", loc="left")
+    fig.suptitle(f"geomcollapse diagnosis: n = {dg.n}, {len(dg.warnings)} warning(s)", fontsize=10)
+    return fig
+
+
+def _forecast_panel(ax_fc, dg) -> None:
+    """Panel (b): the forecast curves (solid inside their windows, dotted past them), the
+    window as a shaded span, the planned step and the threshold with its crossing."""
     ts = np.asarray(dg.forecast_t, np.float64)
     window = dg.validity_time if math.isfinite(dg.validity_time) else math.inf
     # Δu wide underneath, the projected loss narrow on top: both stay visible where they agree
@@ -81,25 +109,3 @@ def diagnosis_figure(dg) -> Figure:
     ax_fc.set_title(f"(b) Taylor forecast, order {dg.order}", loc="left")
     if ax_fc.get_legend_handles_labels()[0]:
         ax_fc.legend(fontsize=7, loc="upper left")
-
-    r = dg.aic
-    names = ["tail mass", r"$\lambda_d$", r"$\|Pg\|$", r"$\|F^{1/2}Pg\|$", r"$\gamma$"]
-    values = np.array(
-        [r.tail_mass, r.lambda_d, r.orthogonality, r.fisher_orthogonality, r.coupling], np.float64
-    )
-    shown = np.where(np.isfinite(values) & (values > 0), values, np.nan)
-    y = np.arange(len(names))[::-1]
-    ax_aic.barh(y, shown, color=[ORANGE, BLUE, GREEN, GREEN, VERMILION])
-    ax_aic.set_yticks(y, names)
-    finite = shown[np.isfinite(shown)]
-    if finite.size:
-        ax_aic.set_xscale("log")
-        ax_aic.set_xlim(finite.min() / 3, finite.max() * 20)  # room for the labels
-    for yi, v, bar in zip(y, values, shown, strict=True):
-        at = bar if np.isfinite(bar) else (finite.min() / 3 if finite.size else 0.0)
-        ax_aic.annotate(
-            f"{v:.3g}", (at, yi), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7
-        )
-    ax_aic.set_title("(c) AIC (Def. 5.1)", loc="left")
-    fig.suptitle(f"geomcollapse diagnosis: n = {dg.n}, {len(dg.warnings)} warning(s)", fontsize=10)
-    return fig
