@@ -665,13 +665,14 @@ _PROBE_SALT = 0x5EED  # measure_aic's boundary probes: a key apart from Lanczos'
 
 def _probe_fisher(fisher_vp: Any, params: PyTree, fisher_args: tuple, key: jax.Array) -> None:
     """``fisher_vp`` checked at ``θ*``: a plain one by :func:`check_fisher_call` (traced
-    abstractly), then the operator's compiled pytree matvec on probes (one compile beside
-    Lanczos' raveled one, cached across calls; two matvecs). Numbers are unchanged: the
-    probes' key is ``key`` folded with a salt, and Lanczos draws from ``key`` itself."""
+    abstractly), then the raveled operator's compiled matvec, the program Lanczos then
+    runs, on two probes. Numbers are unchanged: the probes' key is ``key`` folded with a
+    salt, and Lanczos draws from ``key`` itself."""
     if not isinstance(fisher_vp, LinearOperator):
         fisher_args = check_fisher_call(params, fisher_vp, fisher_args)
-    op = _fisher_operator(fisher_vp, params, fisher_args)
-    probe_operator(partial(apply, op), params, "fisher_vp", psd=True, key=key, symmetric=True)
+    op = _fisher_operator(fisher_vp, params, fisher_args).raveled()  # as Lanczos applies it
+    flat = ravel_pytree(params)[0]
+    probe_operator(partial(apply, op), flat, "fisher_vp", psd=True, key=key, symmetric=True)
 
 
 def _measure_aic_flat(
