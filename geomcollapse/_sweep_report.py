@@ -113,6 +113,26 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def grouped(
+    rows: list[dict], params_of: Callable[[dict], dict], leave_out=(), everything: str = ""
+) -> dict[str, list[dict]]:
+    """``rows`` grouped by the values of the grid axes that vary among them, ``seed`` and
+    ``leave_out`` aside, in first-seen order; labelled ``"a=1, b=2"`` (``everything``
+    when no axis varies)."""
+    axes = list(params_of(rows[0]))
+    varying = [
+        a
+        for a in axes
+        if a not in (SEED, *leave_out) and len({_key(params_of(r).get(a)) for r in rows}) > 1
+    ]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        p = params_of(row)
+        label = ", ".join(f"{a}={p.get(a)}" for a in varying) or everything
+        groups.setdefault(label, []).append(row)
+    return groups
+
+
 def aggregate(rows: list[dict], params_of: Callable[[dict], dict], x: str, y: str) -> list[Series]:
     """``y`` of ``rows`` against the grid axis ``x``, one series per value of the other
     varying axes (``seed`` always aggregated); ``ValueError`` naming a bad ``x`` or ``y``."""
@@ -122,18 +142,14 @@ def aggregate(rows: list[dict], params_of: Callable[[dict], dict], x: str, y: st
     if x not in axes or x == SEED:
         choices = [a for a in axes if a != SEED]
         raise ValueError(f"--x {x!r} is not a grid axis of this sweep; its axes: {choices}")
-    varying = [
-        a for a in axes if a not in (x, SEED) and len({_key(params_of(r).get(a)) for r in rows}) > 1
-    ]
-    groups: dict[str, dict[str, list[float]]] = {}
     xs: dict[str, Any] = {}
-    for row in rows:
-        p = params_of(row)
-        label = ", ".join(f"{a}={p[a]}" for a in varying)
-        xs.setdefault(_key(p[x]), p[x])
-        groups.setdefault(label, {}).setdefault(_key(p[x]), []).append(column(row, y))
     series = []
-    for label, by_x in groups.items():
+    for label, members in grouped(rows, params_of, leave_out=(x,)).items():
+        by_x: dict[str, list[float]] = {}
+        for row in members:
+            p = params_of(row)
+            xs.setdefault(_key(p[x]), p[x])
+            by_x.setdefault(_key(p[x]), []).append(column(row, y))
         keys = sorted(by_x, key=lambda k: _sort_key(xs[k]))
         stats = [mean_interval(by_x[k]) for k in keys]
         mean, low, high, n = (np.array([s[i] for s in stats]) for i in range(4))
@@ -187,12 +203,7 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
     mean [95 % interval] over the rows of each combination of the grid axes that vary
     (``seed`` aggregated); one Markdown table (a line per column, a column per
     combination; ``–`` where no row of it holds a number). The path written."""
-    grid = header.get("grid", {})  # seeds are aggregated, as with --x/--y
-    varying = [k for k, values in grid.items() if len(values) > 1 and k != "seed"]
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        label = ", ".join(f"{k}={row['params'].get(k)}" for k in varying) or "every row"
-        groups.setdefault(label, []).append(row)
+    groups = grouped(rows, lambda row: row["params"], everything="every row")  # seeds pooled
     lines = [
         f"| column | {' | '.join(groups)} |",
         "|---|" + "---|" * len(groups),

@@ -532,11 +532,7 @@ def report(
 
 def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path]:
     """A landscape sweep's default report: mean ``Δu(t)`` curves and a table of AIC numbers."""
-    varying = [k for k in GRID_KEYS if k in rows[0] and len({json.dumps(r[k]) for r in rows}) > 1]
-    groups: dict[str, list[dict]] = {}
-    for row in rows:
-        label = ", ".join(f"{k}={row[k]}" for k in varying) or "every run"
-        groups.setdefault(label, []).append(row)
+    groups = _sweep_report.grouped(rows, _landscape_params, everything="every run")
     name = header.get("sweep", "sweep")
     times = np.asarray(header["times"], np.float64)
     curves = [
