@@ -83,14 +83,15 @@ def result_name(name: str, config) -> str:
 
 
 def check_fields(
-    config, *, positive=(), counts=(), nonnegative=(), indices=(), choices=None
+    config, *, positive=(), counts=(), nonnegative=(), indices=(), choices=None, at_most=None
 ) -> None:
     """Refuse a config whose numbers a run cannot use, naming the field (a sweep's up-front check).
 
     ``positive``: finite numbers ``> 0``; ``counts``: integers ``≥ 1``;
     ``nonnegative``: finite numbers ``≥ 0``; ``indices``: integers ``≥ 0`` (seeds);
-    ``choices``: ``{field: allowed values}``. A tuple field is checked
-    element by element. Raises ``ValueError`` naming the field and its value.
+    ``choices``: ``{field: allowed values}``; ``at_most``: ``{field: bound field}``
+    (e.g. a batch within the examples). A tuple field is checked element by element.
+    Raises ``ValueError`` naming the field and its value.
     """
     rules = [(f, "a finite number > 0", _positive) for f in positive]
     rules += [(f, "an integer ≥ 1", _count) for f in counts]
@@ -106,6 +107,10 @@ def check_fields(
         value = getattr(config, field)
         if value not in allowed:
             raise ValueError(f"{field} must be one of {sorted(allowed)}, got {value!r}")
+    for field, bound in (at_most or {}).items():
+        value, limit = getattr(config, field), getattr(config, bound)
+        if value > limit:
+            raise ValueError(f"{field}={value} exceeds {bound}={limit}")
 
 
 def _is_number(v) -> bool:

@@ -660,11 +660,8 @@ def check_config(config: Config) -> None:
         nonnegative=("weight_decay", "accuracy_loss", "harm_floor"),
         indices=("seeds", "angle_datasets", "key_seed"),
         choices={"size": tuple(ALIGNMENT)},
+        at_most={"batch_size": "num_examples"},
     )
-    if config.batch_size > config.num_examples:
-        raise ValueError(
-            f"batch_size={config.batch_size} exceeds num_examples={config.num_examples}"
-        )
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:

@@ -1073,12 +1073,8 @@ def check_config(config: Config) -> None:
         nonnegative=("weight_decay", "forecast_share"),
         indices=("seeds", "key_seed"),
         choices={"size": tuple(ALIGNMENT)},
+        at_most={"batch_size": "num_examples", "forecast_examples": "num_examples"},
     )
-    for field in ("batch_size", "forecast_examples"):
-        if getattr(config, field) > config.num_examples:
-            raise ValueError(
-                f"{field}={getattr(config, field)} exceeds num_examples={config.num_examples}"
-            )
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
