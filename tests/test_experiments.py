@@ -299,7 +299,7 @@ def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):
 
 def test_onset_times_sample_every_fit_window():
     grid = np.logspace(-5, np.log10(5e-3), 14)
-    narrow = (1e-5, 4.16e-5)  # the small model's t_c/100 window: 2 grid points
+    narrow = (1e-5, 2.5e-5)  # a t_c/100 window between grid points: 2 of them (1e-5, 1.6e-5)
     assert np.sum((grid >= narrow[0]) & (grid <= narrow[1])) == 2
     empty = (3e-3, 1e-3)
     ts = transformer_onset.times_for_windows(grid, [narrow, (1e-5, 5e-4), empty])
