@@ -117,9 +117,18 @@ def control_variate_mean(y: np.ndarray, z: np.ndarray, z_mean: np.ndarray) -> di
 
 
 def first_step_over(steps, a, b) -> float:
-    """First step where ``a`` overtakes ``b`` (log-interpolated), over the prefix where both > 0."""
+    """First step where ``a`` overtakes ``b`` (log-interpolated), over the first run of steps
+    where both are > 0.
+
+    Steps before that run are skipped: GD's projected loss at ``k = 1`` is 0 in exact
+    arithmetic (``⅛γ²η⁴k²(k−1)²``), so its computed value is rounding of either sign,
+    and the crossing must not depend on that sign.
+    """
     steps, a, b = (np.asarray(v, np.float64) for v in (steps, a, b))
-    ok = np.cumprod((a > 0) & (b > 0)).astype(bool)
+    both = (a > 0) & (b > 0)
+    start = int(np.argmax(both))  # 0 when none is positive: ``ok`` is then all False
+    ok = np.zeros_like(both)
+    ok[start:] = np.cumprod(both[start:]).astype(bool)
     if ok.sum() < 2:
         return float("nan")
     return float(theory.first_crossing(steps[ok], a[ok], b[ok]))

@@ -184,3 +184,19 @@ def test_transformer_forecast_checks_on_synthetic_rows(h_norm, scale, verdicts):
     # without the committed forecast both checks are 'not run'
     bare = so._transformer_claims(so.transformer_row(CONFIG, rows), CONFIG, "cmd")
     assert [x.verdict for x in bare[1:3]] == ["not run", "not run"]
+
+
+@pytest.mark.parametrize("first", [4e-27, 0.0, -2e-27])
+def test_crossover_does_not_depend_on_the_sign_of_a_rounding_level_first_step(first):
+    """GD's projected loss at k = 1 is 0 in exact arithmetic (⅛γ²η⁴k²(k−1)²): its computed
+    value is rounding of either sign, and the measured crossover is the same for each."""
+    steps, mc, gd, _, cross = power_law_row()
+    gd = np.asarray(gd, np.float64).copy()
+    gd[0] = first
+    measured = so.first_step_over(steps, gd, np.asarray(mc["estimate"]) - gd)
+    assert measured == pytest.approx(cross, rel=1e-6)
+    # a non-positive value inside the run still ends it there (no crossing after it is used)
+    a = np.array([1.0, 2.0, -1.0, 8.0, 16.0])
+    b = np.array([4.0, 4.0, 4.0, 4.0, 4.0])
+    assert np.isnan(so.first_step_over(np.arange(1.0, 6.0), a, b))
+    assert np.isnan(so.first_step_over(np.arange(1.0, 6.0), -a, b))
