@@ -41,7 +41,8 @@ from experiments import (
     validation,
 )
 from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
-from geomcollapse import compilation_cache, registry
+from experiments._transformer import ALIGNMENT, checkpoint_dir
+from geomcollapse import compilation_cache, pipeline, registry
 from geomcollapse.cli import JOBS_HELP, positive_count
 
 EXPERIMENTS = [
@@ -62,14 +63,21 @@ EXPERIMENTS = [
 ]
 
 # What an experiment needs done first: transformer_fisher ranks the tasks by
-# transformer_finetune's measured harm, and transformer_finetune aligns θ* and caches it
-# (experiments/results/checkpoints), which every other transformer experiment reads;
-# defences reads M from the cache prediction writes (experiments/results/cache), so that
-# M is computed once, by one process, whatever the schedule.
-NEEDS = {
-    name: ("transformer_finetune",)
-    for name in ("transformer_fisher", "transformer_onset", "prediction", "validation", "sgd_onset")
-} | {"defences": ("transformer_finetune", "prediction")}
+# transformer_finetune's measured harm; defences reads M from the cache prediction writes
+# (experiments/results/cache), so that M is computed once, by one process, whatever the
+# schedule.
+NEEDS = {"transformer_fisher": ("transformer_finetune",), "defences": ("prediction",)}
+# θ*'s readers: when θ* is not cached yet (experiments/results/checkpoints; `tiny`'s is
+# committed), they also wait for transformer_finetune, which aligns and caches it, so
+# that it is trained once, by one process.
+READS_THETA = (
+    "transformer_fisher",
+    "transformer_onset",
+    "prediction",
+    "defences",
+    "validation",
+    "sgd_onset",
+)
 
 HEADER = """# paper_repro.md — claims of arXiv 2602.15799 checked numerically
 
@@ -157,7 +165,7 @@ def _run_one(module_name: str, outdir: Path, tiny: bool, full: bool) -> list[Cla
     """Run the experiment module ``module_name`` (its tiny, full or quick configuration)
     in this process; its claims. By name, so that a worker process can import it."""
     module = importlib.import_module(module_name)
-    config = module.TINY if tiny else module.Config() if full else module.QUICK
+    config = _config(module, tiny, full)
     command = f"python -m experiments.{module.NAME} --full" if full else quick_command(module)
     print(f"== {module.NAME} ==", flush=True)
     start = time.perf_counter()
@@ -201,6 +209,7 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
     and raises (the failure's traceback in a ``RuntimeError`` naming it).
     """
     by_name = {m.NAME: m.__name__ for m in modules}
+    needs = schedule_needs(outdir, tiny, full)
     waiting, running, done = list(by_name), {}, {}
     context = multiprocessing.get_context("spawn")  # no forked JAX runtime
     configured = jax.config.jax_compilation_cache_dir  # the CLI's (or the user's) cache
@@ -210,7 +219,7 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
     try:
         while waiting or running:
             ready = [
-                n for n in waiting if all(d in done or d not in by_name for d in NEEDS.get(n, ()))
+                n for n in waiting if all(d in done or d not in by_name for d in needs.get(n, ()))
             ]
             if not ready and not running:
                 raise ValueError(f"NEEDS has a cycle among {waiting}")
@@ -229,6 +238,23 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
             conn.close()
         restore_sigterm()
     return done
+
+
+def schedule_needs(outdir: Path, tiny: bool, full: bool) -> dict[str, tuple[str, ...]]:
+    """:data:`NEEDS`, plus transformer_finetune before :data:`READS_THETA` unless the run's
+    ``θ*`` (its configuration's size) is already cached in ``outdir``."""
+    size = _config(transformer_finetune, tiny, full).size
+    if pipeline.is_aligned(ALIGNMENT[size], checkpoint_dir(size, outdir)):
+        return dict(NEEDS)
+    first = ("transformer_finetune",)
+    return {n: tuple(dict.fromkeys(first + NEEDS.get(n, ()))) for n in READS_THETA} | {
+        n: d for n, d in NEEDS.items() if n not in READS_THETA
+    }
+
+
+def _config(module, tiny: bool, full: bool):
+    """``module``'s configuration for the run: TINY, the full ``Config()`` or QUICK."""
+    return module.TINY if tiny else module.Config() if full else module.QUICK
 
 
 def _start(context, name: str, module_name: str, outdir, tiny, full, cache) -> dict:

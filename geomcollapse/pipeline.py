@@ -137,6 +137,21 @@ def _optimizer(lr: float, steps: int, weight_decay: float) -> optax.GradientTran
     return optax.adamw(schedule, weight_decay=weight_decay)
 
 
+def is_aligned(config: AlignmentConfig, directory: str | Path) -> bool:
+    """Whether :func:`align_model` would restore ``directory`` for ``config`` (no training).
+
+    False when ``directory`` holds no checkpoint, one of another config, or one whose
+    files fail their check (``align_model`` then trains, or raises naming the file).
+    """
+    if not Path(directory).is_dir():
+        return False
+    try:
+        meta = checkpoint.read_metadata(directory)["metadata"]
+    except ValueError:
+        return False
+    return meta.get("alignment_config") == dataclasses.asdict(config)
+
+
 def align_model(
     config: AlignmentConfig = AlignmentConfig(),
     directory: str | Path | None = None,
@@ -151,10 +166,9 @@ def align_model(
     """
     if not isinstance(config, AlignmentConfig):
         raise ValueError(f"config must be an AlignmentConfig, got {type(config).__name__}")
-    settings = dataclasses.asdict(config)
     if directory is not None and Path(directory).is_dir():
         meta = checkpoint.read_metadata(directory)["metadata"]
-        if meta.get("alignment_config") == settings:
+        if meta.get("alignment_config") == dataclasses.asdict(config):
             graphdef, params, _ = checkpoint.load_checkpoint(directory, config.size)
             metrics = training.Metrics(**meta["metrics"])  # measured when it was saved
             return AlignedModel(graphdef, params, config, metrics, Path(directory).resolve())
@@ -187,7 +201,7 @@ def align_model(
     path = None
     if directory is not None:
         meta = {
-            "alignment_config": settings,
+            "alignment_config": dataclasses.asdict(config),
             "metrics": metrics._asdict(),
             "final_losses": [float(pre_losses[-1]), float(align_losses[-1])],
         }

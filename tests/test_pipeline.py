@@ -259,3 +259,28 @@ def test_as_dtype_computes_in_float64(aligned):
     z32 = jax.jit(aligned.logits_fn())(aligned.params, tokens)
     assert z64.dtype == jnp.float64 and rel_err(z64, z32) < 1e-5
     assert isinstance(params, nnx.State)
+
+
+def test_is_aligned_says_whether_align_model_would_restore(tmp_path):
+    """True for the committed ``tiny`` θ* and its config only; False for another config,
+    an empty or missing directory and a checkpoint whose file was changed."""
+    from experiments._common import ROOT
+    from experiments._transformer import checkpoint_dir
+
+    committed = checkpoint_dir("tiny", ROOT)
+    config = ALIGNMENT["tiny"]
+    assert pipeline.is_aligned(config, committed)
+    assert not pipeline.is_aligned(dataclasses.replace(config, seed=config.seed + 1), committed)
+    assert not pipeline.is_aligned(config, tmp_path)
+    assert not pipeline.is_aligned(config, tmp_path / "missing")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(committed, corrupt)
+    target = max(
+        (p for p in corrupt.rglob("*") if p.is_file() and "ocdbt" in str(p)),
+        key=lambda p: p.stat().st_size,
+    )
+    data = target.read_bytes()
+    target.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of its last byte
+    assert not pipeline.is_aligned(config, corrupt)
+    with pytest.raises(ValueError):  # align_model names the changed file instead of training
+        pipeline.align_model(config, corrupt, progress=False)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from experiments import gd_vs_flow, quartic_quadratic, reproduce
+from experiments._common import ROOT
 
 CHEAP = [quartic_quadratic, gd_vs_flow]  # seconds each on TINY
 
@@ -108,3 +109,19 @@ def test_workers_use_the_callers_compilation_cache(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert (out / "experiments/results/gd_vs_flow.json").is_file()
     assert any(cache.iterdir()), "the worker compiled nothing into the caller's cache"
+
+
+def test_theta_readers_wait_for_the_alignment_only_when_theta_is_not_cached(tmp_path):
+    """With ``θ*`` cached (the committed ``tiny`` one under ROOT) the transformer
+    experiments start at once; in an empty directory they wait for transformer_finetune."""
+    names = [m.NAME for m in reproduce.EXPERIMENTS]
+    cached = reproduce.schedule_needs(ROOT, tiny=False, full=False)
+    assert cached == reproduce.NEEDS
+    fresh = reproduce.schedule_needs(tmp_path, tiny=False, full=False)
+    for name in reproduce.READS_THETA:
+        assert fresh[name][0] == "transformer_finetune", name
+        assert set(reproduce.NEEDS.get(name, ())) <= set(fresh[name])
+        assert names.index("transformer_finetune") < names.index(name)
+    assert {n: d for n, d in fresh.items() if n not in reproduce.READS_THETA} == {
+        n: d for n, d in reproduce.NEEDS.items() if n not in reproduce.READS_THETA
+    }
