@@ -324,8 +324,8 @@ def cli(argv: list[str] | None = None) -> None:
     """``python -m experiments.reproduce [--quick | --full] [--outdir DIR] [--jobs N]``."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="--quick: every experiment's CPU configuration, about 9 minutes on a 2-core "
-        "CPU two at a time (the default there), writes OUTDIR/paper_repro.md, "
+        epilog="--quick: every experiment's CPU configuration, about 14 minutes on a "
+        "2-core CPU two at a time (the default there), writes OUTDIR/paper_repro.md, "
         "OUTDIR/figures/*.png (+ .pdf) and "
         "OUTDIR/experiments/results/*.json. --full: the long configurations (hours on a CPU), "
         "writes OUTDIR/paper_repro_full.md and <name>_small.* for the transformer.",

@@ -66,7 +66,9 @@ QUICK_RUNTIME_S = {
     "sgd_onset": 39,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
-QUICK_MAIN_JOB_S = 507  # the main job two experiments at a time (485-518 s measured)
+# the main job two experiments at a time on a fresh clone (825 and 841 s measured with cold
+# XLA and predictor caches; 485-518 s with both warm)
+QUICK_MAIN_JOB_S = 841
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})
 
 
