@@ -1,12 +1,16 @@
 """Shared set-up of the transformer experiments: the aligned model ``θ*`` per size, cached.
 
 ``θ*`` is trained once per :class:`AlignmentConfig` and kept as an orbax
-checkpoint under ``experiments/results/checkpoints/`` (not committed); later
-experiments and reruns restore it bit-exactly instead of retraining.
+checkpoint under ``experiments/results/checkpoints/``; later experiments and
+reruns restore it bit-exactly instead of retraining. ``tiny``'s is committed
+(float32 training on a CPU gives another ``θ*`` on another machine): an
+``outdir`` without one gets a copy of it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,16 +31,36 @@ ALIGNMENT = {
 }
 
 
+_REPOSITORY = Path(__file__).resolve().parent.parent  # where the committed θ* lies
+
+
 def checkpoint_dir(size: str, outdir: Path) -> Path:
     """Where ``θ*`` of ``ALIGNMENT[size]`` is cached under ``outdir``."""
-    return outdir / "experiments" / "results" / "checkpoints" / f"aligned_{size}"
+    return Path(outdir) / "experiments" / "results" / "checkpoints" / f"aligned_{size}"
+
+
+def theta_cached(size: str, outdir: Path) -> bool:
+    """Whether :func:`aligned_model` restores ``θ*`` of ``size`` without training: cached
+    under ``outdir`` or committed in the repository."""
+    config = ALIGNMENT[size]
+    return any(
+        pipeline.is_aligned(config, checkpoint_dir(size, root)) for root in (outdir, _REPOSITORY)
+    )
+
+
+def theta_digest(params) -> str:
+    """A 16-hex-digit digest of ``θ*``'s values (its raveled bytes), for cache keys."""
+    return hashlib.sha256(np.asarray(ravel_pytree(params)[0]).tobytes()).hexdigest()[:16]
 
 
 def aligned_model(size: str, outdir: Path, progress: bool = True) -> pipeline.AlignedModel:
     """``θ*`` for ``size``, restored from (or trained into) the checkpoint cache in ``outdir``."""
     if size not in ALIGNMENT:
         raise ValueError(f"unknown model {size!r}; known: {sorted(ALIGNMENT)}")
-    return pipeline.align_model(ALIGNMENT[size], checkpoint_dir(size, outdir), progress=progress)
+    target, committed = checkpoint_dir(size, outdir), checkpoint_dir(size, _REPOSITORY)
+    if not target.exists() and pipeline.is_aligned(ALIGNMENT[size], committed):
+        shutil.copytree(committed, target)  # the committed θ*: the same on every machine
+    return pipeline.align_model(ALIGNMENT[size], target, progress=progress)
 
 
 def rows(tree) -> np.ndarray:

@@ -43,7 +43,7 @@ from experiments._common import (
     conclude,
     write_json,
 )
-from experiments._transformer import ALIGNMENT, aligned_model
+from experiments._transformer import ALIGNMENT, aligned_model, theta_digest
 from geomcollapse import (
     aic,
     curvature,
@@ -347,6 +347,8 @@ def _predictors_at_theta_star(s: Setup, config: Config, name: str) -> dict:
 
 
 def _predictor_cache(config: Config, outdir: Path) -> Path:
+    """The cache file of ``config``'s predictors at ``θ*``: named by the fields that
+    decide them and by ``θ*`` itself (another ``θ*`` under ``outdir``, another file)."""
     fields = (
         "size",
         "dims",
@@ -357,6 +359,7 @@ def _predictor_cache(config: Config, outdir: Path) -> Path:
         "key_seed",
     )
     entries = {f: getattr(config, f) for f in fields}
+    entries["theta"] = theta_digest(aligned_model(config.size, outdir).params)
     if geometry_dtype() != jnp.float64:  # float64 caches keep their names
         entries["dtype"] = geometry_dtype().name
     key = json.dumps(entries, sort_keys=True)

@@ -41,8 +41,8 @@ from experiments import (
     validation,
 )
 from experiments._common import ROOT, Claim, add_run_arguments, default_outdir, quick_command
-from experiments._transformer import ALIGNMENT, checkpoint_dir
-from geomcollapse import compilation_cache, pipeline, registry
+from experiments._transformer import theta_cached
+from geomcollapse import compilation_cache, registry
 from geomcollapse.cli import JOBS_HELP, positive_count
 
 EXPERIMENTS = [
@@ -139,7 +139,7 @@ def main(
     the end-to-end test runs a few on their tiny configs). Each experiment's stage
     prints a start and an end line with its wall time. ``jobs=None`` runs them one
     after another in this process. ``jobs=N`` runs each in a fresh process of its
-    own, ``N`` at a time, an experiment only after the ones it :data:`NEEDS`: the
+    own, ``N`` at a time, an experiment only after the ones :func:`schedule_needs` names: the
     rows (in ``experiments``' order) and every computed number are the same for
     every ``N`` and schedule (timed columns aside). In one shared process an
     experiment's host float64 rounding can move at 1e-13 with what ran before it
@@ -203,8 +203,9 @@ def _worker(conn, module_name: str, outdir: Path, tiny: bool, full: bool, cache)
 def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs: int) -> dict:
     """``{NAME: claims}``: each experiment in a fresh process, at most ``jobs`` at once.
 
-    An experiment starts once every experiment it :data:`NEEDS` (among ``modules``)
-    has finished, the longest (``registry.QUICK_RUNTIME_S``) first among those ready.
+    An experiment starts once every experiment :func:`schedule_needs` names for it
+    (among ``modules``) has finished, the longest (``registry.QUICK_RUNTIME_S``) first
+    among those ready.
     A failed experiment, or SIGTERM or Ctrl-C here, ends the other workers at once
     and raises (the failure's traceback in a ``RuntimeError`` naming it).
     """
@@ -222,7 +223,7 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
                 n for n in waiting if all(d in done or d not in by_name for d in needs.get(n, ()))
             ]
             if not ready and not running:
-                raise ValueError(f"NEEDS has a cycle among {waiting}")
+                raise ValueError(f"the needs of schedule_needs have a cycle among {waiting}")
             ready.sort(key=lambda n: -registry.QUICK_RUNTIME_S.get(n, 0))
             for n in ready[: jobs - len(running)]:
                 waiting.remove(n)
@@ -241,10 +242,14 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
 
 
 def schedule_needs(outdir: Path, tiny: bool, full: bool) -> dict[str, tuple[str, ...]]:
-    """:data:`NEEDS`, plus transformer_finetune before :data:`READS_THETA` unless the run's
-    ``θ*`` (its configuration's size) is already cached in ``outdir``."""
-    size = _config(transformer_finetune, tiny, full).size
-    if pipeline.is_aligned(ALIGNMENT[size], checkpoint_dir(size, outdir)):
+    """:data:`NEEDS`, plus transformer_finetune before :data:`READS_THETA` unless every
+    ``θ*`` they read (their configurations' sizes) is cached in ``outdir`` or committed."""
+    modules = {m.NAME: m for m in EXPERIMENTS}
+    sizes = {transformer_finetune.NAME: _config(transformer_finetune, tiny, full).size}
+    for name in READS_THETA:
+        config = _config(modules[name], tiny, full)
+        sizes[name] = getattr(config, "size", None) or getattr(config, "tf_size", None)
+    if all(s is not None and theta_cached(s, outdir) for s in sizes.values()):
         return dict(NEEDS)
     first = ("transformer_finetune",)
     return {n: tuple(dict.fromkeys(first + NEEDS.get(n, ()))) for n in READS_THETA} | {
@@ -324,7 +329,8 @@ def cli(argv: list[str] | None = None) -> None:
     """``python -m experiments.reproduce [--quick | --full] [--outdir DIR] [--jobs N]``."""
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0],
-        epilog="--quick: every experiment's CPU configuration, about 14 minutes on a "
+        epilog="--quick: every experiment's CPU configuration, about "
+        f"{round(registry.QUICK_MAIN_JOB_S / 60)} minutes on a fresh clone of a "
         "2-core CPU two at a time (the default there), writes OUTDIR/paper_repro.md, "
         "OUTDIR/figures/*.png (+ .pdf) and "
         "OUTDIR/experiments/results/*.json. --full: the long configurations (hours on a CPU), "

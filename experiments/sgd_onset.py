@@ -117,16 +117,19 @@ def control_variate_mean(y: np.ndarray, z: np.ndarray, z_mean: np.ndarray) -> di
 
 
 def first_step_over(steps, a, b) -> float:
-    """First step where ``a`` overtakes ``b`` (log-interpolated), over the first run of steps
-    where both are > 0.
+    """First step where ``a`` overtakes ``b`` (log-interpolated), over the leading run of
+    steps where both are finite and > 0; NaN when that run has fewer than 2 steps.
 
-    Steps before that run are skipped: GD's projected loss at ``k = 1`` is 0 in exact
-    arithmetic (``⅛γ²η⁴k²(k−1)²``), so its computed value is rounding of either sign,
-    and the crossing must not depend on that sign.
+    ``steps``, ``a``, ``b``: ``(T,)``. Leading steps where ``a`` is at rounding level
+    (``|a| ≤ 1e-12 max|a|``, of either sign) below a positive ``b`` are skipped first:
+    GD's projected loss at ``k = 1`` is 0 in exact arithmetic (``⅛γ²η⁴k²(k−1)²``), so its
+    computed value is rounding, and the crossing must not depend on its sign.
     """
     steps, a, b = (np.asarray(v, np.float64) for v in (steps, a, b))
-    both = (a > 0) & (b > 0)
-    start = int(np.argmax(both))  # 0 when none is positive: ``ok`` is then all False
+    scale = np.max(np.abs(a[np.isfinite(a)]), initial=0.0)
+    rounding = (np.abs(a) <= 1e-12 * scale) & (b > 0)
+    start = int(np.argmin(rounding)) if not rounding.all() else a.size
+    both = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
     ok = np.zeros_like(both)
     ok[start:] = np.cumprod(both[start:]).astype(bool)
     if ok.sum() < 2:

@@ -52,6 +52,7 @@ __all__ = [
     "align_model",
     "evaluation_sets",
     "finetune",
+    "is_aligned",
     "skill_fisher_trace",
     "skill_fisher_vp",
     "skill_per_example_gradients",
@@ -138,18 +139,28 @@ def _optimizer(lr: float, steps: int, weight_decay: float) -> optax.GradientTran
 
 
 def is_aligned(config: AlignmentConfig, directory: str | Path) -> bool:
-    """Whether :func:`align_model` would restore ``directory`` for ``config`` (no training).
+    """Whether ``directory`` holds a checkpoint of ``config`` that :func:`align_model`
+    restores instead of training.
 
-    False when ``directory`` holds no checkpoint, one of another config, or one whose
-    files fail their check (``align_model`` then trains, or raises naming the file).
+    False for a missing directory or a file, a checkpoint of another config, and one
+    that cannot be read or whose files fail their check (``align_model`` trains over
+    the first two and raises, naming the file, on the last).
     """
-    if not Path(directory).is_dir():
-        return False
+    if not isinstance(config, AlignmentConfig):
+        raise ValueError(f"config must be an AlignmentConfig, got {type(config).__name__}")
     try:
-        meta = checkpoint.read_metadata(directory)["metadata"]
-    except ValueError:
+        return _stored_metadata(config, directory) is not None
+    except (ValueError, KeyError, TypeError, AttributeError):
         return False
-    return meta.get("alignment_config") == dataclasses.asdict(config)
+
+
+def _stored_metadata(config: AlignmentConfig, directory) -> dict | None:
+    """The metadata of ``directory``'s checkpoint when it was made with ``config``, else
+    None (no directory, or another config); ``ValueError`` if its files fail their check."""
+    if directory is None or not Path(directory).is_dir():
+        return None
+    meta = checkpoint.read_metadata(directory)["metadata"]
+    return meta if meta.get("alignment_config") == dataclasses.asdict(config) else None
 
 
 def align_model(
@@ -166,12 +177,11 @@ def align_model(
     """
     if not isinstance(config, AlignmentConfig):
         raise ValueError(f"config must be an AlignmentConfig, got {type(config).__name__}")
-    if directory is not None and Path(directory).is_dir():
-        meta = checkpoint.read_metadata(directory)["metadata"]
-        if meta.get("alignment_config") == dataclasses.asdict(config):
-            graphdef, params, _ = checkpoint.load_checkpoint(directory, config.size)
-            metrics = training.Metrics(**meta["metrics"])  # measured when it was saved
-            return AlignedModel(graphdef, params, config, metrics, Path(directory).resolve())
+    meta = _stored_metadata(config, directory)
+    if meta is not None:
+        graphdef, params, _ = checkpoint.load_checkpoint(directory, config.size)
+        metrics = training.Metrics(**meta["metrics"])  # measured when it was saved
+        return AlignedModel(graphdef, params, config, metrics, Path(directory).resolve())
 
     k = _keys(config.seed)
     graphdef, params = transformer_init(k["model"], config.size)

@@ -45,8 +45,8 @@ EXPERIMENT_GROUP = "geomcollapse.experiments"  # entry points: name -> module
 COMMAND_GROUP = "geomcollapse.commands"  # entry points: CLI command -> function(args) -> int
 
 # Wall time of each experiment's --quick configuration in the main job on the
-# 2-core CPU (θ* restored from its checkpoint; the first run also trains it,
-# about 1-2 minutes), from the stage lines of `make reproduce` at 187d34d, when it ran the
+# 2-core CPU with warm caches (θ* restored from its checkpoint, XLA programs from the
+# compilation cache), from the stage lines of `make reproduce` at 187d34d, when it ran the
 # experiments one after another in one process; the main job also orders its parallel
 # schedule by them.
 QUICK_RUNTIME_S = {
@@ -82,9 +82,10 @@ def runtime_help(name: str | None = None) -> str:
         quick = ", ".join(f"{k} {v} s" for k, v in QUICK_RUNTIME_S.items())
         total = sum(QUICK_RUNTIME_S.values())
         return (
-            f"--quick on a 2-core CPU, each alone: {quick} (about {total // 60 + 1} minutes "
-            f"one after another; about {QUICK_MAIN_JOB_S // 60 + 1} minutes two at a "
-            f"time, the default there); {full}."
+            f"--quick on a 2-core CPU, each alone with warm caches: {quick} (about "
+            f"{round(total / 60)} minutes one after another); the main job two at a time "
+            f"(the default there) on a fresh clone: about {round(QUICK_MAIN_JOB_S / 60)} "
+            f"minutes; {full}."
         )
     if name not in QUICK_RUNTIME_S:  # an experiment the main job does not run (yet)
         return f"--quick is not part of the main job and not timed here; {full}."

@@ -267,12 +267,16 @@ def test_is_aligned_says_whether_align_model_would_restore(tmp_path):
     from experiments._common import ROOT
     from experiments._transformer import checkpoint_dir
 
-    committed = checkpoint_dir("tiny", ROOT)
+    committed = tmp_path / "committed"
+    shutil.copytree(checkpoint_dir("tiny", ROOT), committed)  # whatever the checkout holds
     config = ALIGNMENT["tiny"]
     assert pipeline.is_aligned(config, committed)
     assert not pipeline.is_aligned(dataclasses.replace(config, seed=config.seed + 1), committed)
-    assert not pipeline.is_aligned(config, tmp_path)
     assert not pipeline.is_aligned(config, tmp_path / "missing")
+    (tmp_path / "a_file").write_text("")
+    assert not pipeline.is_aligned(config, tmp_path / "a_file")
+    (tmp_path / "empty").mkdir()
+    assert not pipeline.is_aligned(config, tmp_path / "empty")
     corrupt = tmp_path / "corrupt"
     shutil.copytree(committed, corrupt)
     target = max(

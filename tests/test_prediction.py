@@ -207,3 +207,22 @@ def test_rows_swept_without_predictors_at_theta_are_refused_by_the_table_1_repor
     with pytest.raises(ValueError, match=r"experiments\.early_warning"):
         P.report([row], tmp_path)
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_the_predictor_cache_is_named_by_theta_star(tmp_path, monkeypatch):
+    """Another θ* under the same outdir and config: another cache file (no stale reuse)."""
+    from experiments import _transformer
+    from experiments._common import ROOT
+
+    config = P.QUICK
+    here = P._predictor_cache(config, tmp_path)  # the committed tiny θ*, copied
+    assert here.name == P._predictor_cache(config, ROOT).name
+    real = _transformer.aligned_model
+
+    def moved(size, outdir, progress=True):
+        model = real(size, outdir, progress=progress)
+        params = jax.tree.map(lambda a: a.at[(0,) * a.ndim].add(1e-6), model.params)
+        return model._replace(params=params)
+
+    monkeypatch.setattr(P, "aligned_model", moved)
+    assert P._predictor_cache(config, tmp_path).name != here.name

@@ -3,6 +3,7 @@
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 
@@ -111,17 +112,49 @@ def test_workers_use_the_callers_compilation_cache(tmp_path):
     assert any(cache.iterdir()), "the worker compiled nothing into the caller's cache"
 
 
-def test_theta_readers_wait_for_the_alignment_only_when_theta_is_not_cached(tmp_path):
-    """With ``θ*`` cached (the committed ``tiny`` one under ROOT) the transformer
-    experiments start at once; in an empty directory they wait for transformer_finetune."""
+@pytest.mark.parametrize("tiny, full", [(False, False), (True, False), (False, True)])
+def test_theta_readers_wait_for_the_alignment_only_when_theta_is_not_cached(
+    tmp_path, monkeypatch, tiny, full
+):
+    """Every θ* a reader needs cached (or committed): the readers start at once; one
+    missing: they all wait for transformer_finetune, the result needs kept."""
+    seen = []
+
+    def cached(answer):
+        def check(size, outdir):
+            seen.append((size, outdir))
+            return answer(size)
+
+        return check
+
+    monkeypatch.setattr(reproduce, "theta_cached", cached(lambda size: True))
+    assert reproduce.schedule_needs(tmp_path, tiny, full) == reproduce.NEEDS
+    sizes = {size for size, outdir in seen if outdir == tmp_path}
+    finetuned = "tiny-fast" if tiny else "small" if full else "tiny"
+    assert finetuned in sizes and sizes <= {"tiny-fast", "tiny", "small"}
+    for missing in sorted(sizes):
+        monkeypatch.setattr(reproduce, "theta_cached", cached(lambda size, m=missing: size != m))
+        waiting = reproduce.schedule_needs(tmp_path, tiny, full)
+        for name in reproduce.READS_THETA:
+            assert waiting[name][0] == "transformer_finetune", (missing, name)
+            assert set(reproduce.NEEDS.get(name, ())) <= set(waiting[name])
+        rest = {n: d for n, d in waiting.items() if n not in reproduce.READS_THETA}
+        assert rest == {n: d for n, d in reproduce.NEEDS.items() if n not in reproduce.READS_THETA}
+
+
+def test_theta_cached_sees_the_outdir_and_the_committed_theta(tmp_path):
+    """``tiny``'s θ* is committed: cached for any outdir; ``tiny-fast`` only once it is
+    under that outdir."""
+    from experiments._transformer import checkpoint_dir, theta_cached
+
+    assert theta_cached("tiny", tmp_path) and not theta_cached("tiny-fast", tmp_path)
+    shutil.copytree(checkpoint_dir("tiny", ROOT), checkpoint_dir("tiny-fast", tmp_path))
+    assert not theta_cached("tiny-fast", tmp_path)  # another config's checkpoint
+    # aligned_model copies the committed θ* into an outdir without one: no training
+    from experiments._transformer import aligned_model
+
+    model = aligned_model("tiny", tmp_path / "elsewhere", progress=False)
+    assert model.path == checkpoint_dir("tiny", tmp_path / "elsewhere").resolve()
+    assert model.metrics._asdict() == aligned_model("tiny", ROOT).metrics._asdict()
     names = [m.NAME for m in reproduce.EXPERIMENTS]
-    cached = reproduce.schedule_needs(ROOT, tiny=False, full=False)
-    assert cached == reproduce.NEEDS
-    fresh = reproduce.schedule_needs(tmp_path, tiny=False, full=False)
-    for name in reproduce.READS_THETA:
-        assert fresh[name][0] == "transformer_finetune", name
-        assert set(reproduce.NEEDS.get(name, ())) <= set(fresh[name])
-        assert names.index("transformer_finetune") < names.index(name)
-    assert {n: d for n, d in fresh.items() if n not in reproduce.READS_THETA} == {
-        n: d for n, d in reproduce.NEEDS.items() if n not in reproduce.READS_THETA
-    }
+    assert all(names.index("transformer_finetune") < names.index(n) for n in reproduce.READS_THETA)
