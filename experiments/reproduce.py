@@ -244,17 +244,14 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
 def schedule_needs(outdir: Path, tiny: bool, full: bool) -> dict[str, tuple[str, ...]]:
     """:data:`NEEDS`, plus transformer_finetune before :data:`READS_THETA` unless every
     ``θ*`` they read (their configurations' sizes) is cached in ``outdir`` or committed."""
-    modules = {m.NAME: m for m in EXPERIMENTS}
-    sizes = {transformer_finetune.NAME: _config(transformer_finetune, tiny, full).size}
-    for name in READS_THETA:
-        config = _config(modules[name], tiny, full)
-        sizes[name] = getattr(config, "size", None) or getattr(config, "tf_size", None)
-    if all(s is not None and theta_cached(s, outdir) for s in sizes.values()):
-        return dict(NEEDS)
-    first = ("transformer_finetune",)
-    return {n: tuple(dict.fromkeys(first + NEEDS.get(n, ()))) for n in READS_THETA} | {
-        n: d for n, d in NEEDS.items() if n not in READS_THETA
-    }
+    readers = [m for m in EXPERIMENTS if m.NAME in READS_THETA or m is transformer_finetune]
+    configs = [_config(m, tiny, full) for m in readers]
+    sizes = {getattr(c, "size", None) or getattr(c, "tf_size", None) for c in configs}
+    needs = dict(NEEDS)
+    if not all(s is not None and theta_cached(s, outdir) for s in sizes):
+        for name in READS_THETA:
+            needs[name] = tuple(dict.fromkeys(("transformer_finetune", *NEEDS.get(name, ()))))
+    return needs
 
 
 def _config(module, tiny: bool, full: bool):
