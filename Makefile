@@ -1,4 +1,5 @@
-# Two commands: `make reproduce` (main job) and `make test` (tests + lint).
+# Two commands: `make reproduce` (main job) and `make test` (tests + lint; `make test-full`
+# adds the slower tier).
 # Both create .venv on first use and install the pinned versions of constraints.txt.
 # `make compare` (not part of `make test`) runs the side-by-side with alignment-risk in
 # its own .venv-compare (torch); without torch it prints one line and exits 0.
@@ -8,7 +9,7 @@ COMPARE_VENV := .venv-compare
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: reproduce test benchmark compare accelerator-check
+.PHONY: reproduce test test-full benchmark compare accelerator-check
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +24,11 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# Every test, the `full` tier too: end-to-end runs of the experiments, SIGKILL and process
+# robustness, the benchmarks' own runs, redraws of committed figures (docs/testing.md).
+test-full: $(STAMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --full
 
 benchmark: $(STAMP)
 	$(BIN)/python -m benchmarks.curvature_speed

@@ -191,3 +191,39 @@ def pytest_sessionfinish(session):
             shutil.rmtree(_SHARED_ALIGNED, ignore_errors=True)
             with contextlib.suppress(FileNotFoundError):
                 os.remove(_SHARED_ALIGNED + ".lock")
+
+
+# --------------------------------------------------------------------------- two tiers
+# The default run (``make test``, CI) is every test but those marked ``full``: end-to-end
+# runs of the experiments, process and SIGKILL robustness, the benchmarks' own runs,
+# redraws of committed figures, and the costlier extra cases of an identity that a
+# cheaper case checks in the default run. ``pytest --full`` (``make test-full``, or
+# GEOMCOLLAPSE_FULL_TESTS=1) runs them too; the skip reason names the command.
+FULL_REASON = "full tier: run with `make test-full` (pytest --full)"
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--full",
+        action="store_true",
+        help="also run the tests marked `full` (end-to-end runs, robustness, benchmarks)",
+    )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", f"full: in the full tier only ({FULL_REASON})")
+
+
+def full_tier_on(config) -> bool:
+    """Whether this run includes the ``full`` tier (``--full`` or GEOMCOLLAPSE_FULL_TESTS=1)."""
+    flag = os.environ.get("GEOMCOLLAPSE_FULL_TESTS", "").strip().lower()
+    return bool(config.getoption("--full")) or flag in {"1", "true", "yes", "on"}
+
+
+def pytest_collection_modifyitems(config, items):
+    if full_tier_on(config):
+        return
+    skip = pytest.mark.skip(reason=FULL_REASON)
+    for item in items:
+        if item.get_closest_marker("full") is not None:
+            item.add_marker(skip)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from benchmarks import (
     _common,
@@ -23,6 +24,7 @@ from tests.conftest import symmetric_with_spectrum
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.full
 def test_benchmark_runs_on_a_tiny_problem(tmp_path):
     with jax.enable_x64(False):
         result = curvature_speed.main(
@@ -63,6 +65,7 @@ def test_block_lanczos_counter_finds_the_dense_top_k():
     )
 
 
+@pytest.mark.full
 def test_transformer_benchmark_problem_and_solvers_on_the_tiny_model():
     with jax.enable_x64(False):
         problem = curvature_speed.transformer_problem(jax.random.key(0), "tiny", 4)
@@ -106,6 +109,7 @@ def test_benchmark_tables_in_the_docs_are_generated_from_the_results(tmp_path):
     assert doc.read_text(encoding="utf-8") == _common.DOC.read_text(encoding="utf-8")
 
 
+@pytest.mark.full
 def test_landscape_batch_benchmark_runs_and_agrees_with_the_loop(tmp_path):
     result = landscape_batch.main(quick=True, num=8, n=24, num_times=8, outdir=tmp_path)
     saved = json.loads(next(tmp_path.glob("landscape_batch_*.json")).read_text())

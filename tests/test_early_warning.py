@@ -156,6 +156,7 @@ def test_config_refuses_bad_thresholds():
         E.Config(thresholds=(("sgd", "lora2", 1.0, 1.0, 1.0),))
 
 
+@pytest.mark.full
 def test_figure_draws_from_the_results_json_in_the_house_style(tmp_path, monkeypatch):
     """From ``FIGURE_NEEDS`` alone, in the figure style the main job's figures keep
     (≤ 6 curves per panel: the intervals are bars without caps, one line per series)."""

@@ -23,7 +23,9 @@ from experiments import (
     _style,
     defences,
     figures,
+    gd_vs_flow,
     prediction,
+    quartic_quadratic,
     reproduce,
     spectrum_mlp,
     transformer_finetune,
@@ -49,6 +51,10 @@ ELSEWHERE = [transformer_onset]
 # run end to end here: every other experiment of the main job, in reproduce's order
 # (transformer_finetune before transformer_fisher)
 RUN = [m for m in reproduce.EXPERIMENTS if m not in NOT_RUN + ELSEWHERE]
+# the default tier's end-to-end run (seconds on TINY); RUN's tiny run is in the full tier
+CHEAP = [quartic_quadratic, gd_vs_flow]
+# every experiment as a test parameter: those that read RUN's tiny run in the full tier
+TIERED = [pytest.param(m, marks=pytest.mark.full) if m in RUN else m for m in reproduce.EXPERIMENTS]
 
 
 # Every theory claim (not the labelled control) holds even on the tiny configs except these
@@ -123,8 +129,25 @@ def _results(module, request) -> tuple[Path, dict]:
     return out, json.loads((out / f"experiments/results/{module.NAME}.json").read_text())
 
 
-def test_reproduce_writes_one_row_per_claim(tiny_run):
-    out, claims = tiny_run
+@pytest.fixture(scope="module")
+def cheap_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cheap")
+    return out, reproduce.main(outdir=out, tiny=True, experiments=CHEAP)
+
+
+def test_reproduce_writes_one_row_per_claim(cheap_run):
+    """The default tier's end-to-end run: two experiments that take seconds on TINY."""
+    _check_paper_repro(*cheap_run, CHEAP)
+
+
+@pytest.mark.full
+def test_reproduce_writes_one_row_per_claim_of_every_run_experiment(tiny_run):
+    _check_paper_repro(*tiny_run, RUN)
+
+
+def _check_paper_repro(out: Path, claims: list, modules: list) -> None:
+    """``paper_repro.md`` of a run of ``modules``: one row per claim, in order, and the footer
+    counting what holds; every theory row that is not a finding holds."""
     text = (out / "paper_repro.md").read_text()
     assert text.startswith("# paper_repro.md")
     assert text.count("\n| ") == len(claims) + 1  # header + one row per claim
@@ -143,7 +166,7 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
         assert (f"{n} {kind}" in footer) == (n > 0), (kind, footer)
     assert [c.claim for c in claims] == [  # every run experiment's rows, in order
         row["claim"]
-        for m in RUN
+        for m in modules
         for row in json.loads((out / f"experiments/results/{m.NAME}.json").read_text())["claims"]
     ]
     assert all(
@@ -153,7 +176,7 @@ def test_reproduce_writes_one_row_per_claim(tiny_run):
     )
 
 
-@pytest.mark.parametrize("module", reproduce.EXPERIMENTS, ids=lambda m: m.NAME)
+@pytest.mark.parametrize("module", TIERED, ids=lambda m: m.NAME)
 def test_each_experiment_writes_results_and_a_figure(module, request):
     """The tiny run's files for :data:`RUN`; the main job's committed files for the rest."""
     out, result = _results(module, request)
@@ -164,6 +187,7 @@ def test_each_experiment_writes_results_and_a_figure(module, request):
     )
 
 
+@pytest.mark.full
 def test_spectrum_identities(tiny_run):
     out, _ = tiny_run
     result = json.loads((out / "experiments/results/spectrum_mlp.json").read_text())
@@ -175,6 +199,7 @@ def test_spectrum_identities(tiny_run):
     assert min(result["eigenvalues"]["fisher"]) >= 0  # the softmax Fisher is PSD
 
 
+@pytest.mark.full
 def test_quartic_fit_and_crossover_numbers(tiny_run):
     out, _ = tiny_run
     quartic = json.loads((out / "experiments/results/quartic_quadratic.json").read_text())
@@ -184,6 +209,7 @@ def test_quartic_fit_and_crossover_numbers(tiny_run):
     assert errors == sorted(errors)  # the error shrinks with ε: an O(ε) correction
 
 
+@pytest.mark.full
 def test_logistic_and_phase_numbers(tiny_run):
     out, _ = tiny_run
     logistic = json.loads((out / "experiments/results/logistic_onset.json").read_text())
@@ -260,6 +286,7 @@ def _check_blockwise(fisher: dict, out: Path) -> None:
     assert text.count("\n| tensor |") == len(table) + 2  # a row per task, median and max
 
 
+@pytest.mark.full
 def test_transformer_numbers(tiny_run):
     out, _ = tiny_run
     fisher = json.loads((out / "experiments/results/transformer_fisher.json").read_text())
@@ -358,7 +385,7 @@ def _check_style(fig) -> None:
     assert figure_checks.check(fig) == []
 
 
-@pytest.mark.parametrize("module", reproduce.EXPERIMENTS, ids=lambda m: m.NAME)
+@pytest.mark.parametrize("module", TIERED, ids=lambda m: m.NAME)
 def test_each_figure_redraws_from_its_results_as_png_and_pdf(
     module, request, tmp_path, monkeypatch
 ):
@@ -387,15 +414,14 @@ def redraw_checked(module, result: dict, tmp_path: Path, monkeypatch) -> None:
     assert width_px >= 200 * _style.SINGLE
 
 
-def test_figures_command_redraws_every_results_file(tiny_run, tmp_path, monkeypatch):
+def test_figures_command_redraws_every_results_file(tmp_path, monkeypatch):
     """The command hands each results file to its module's ``figure`` (drawing itself is
-    checked per module above, so here each ``figure`` only records what it was given)."""
-    run = tiny_run[0] / "experiments/results"
+    checked per module above, so here each ``figure`` only records what it was given);
+    the main job's committed results files."""
     results_dir = tmp_path / "results"
     results_dir.mkdir()
-    for module in reproduce.EXPERIMENTS:  # the committed files of the experiments not run
-        source = run if module in RUN else ROOT / "experiments/results"
-        shutil.copy(source / f"{module.NAME}.json", results_dir)
+    for module in reproduce.EXPERIMENTS:
+        shutil.copy(ROOT / f"experiments/results/{module.NAME}.json", results_dir)
     given = {}
 
     def recorder(module):

@@ -1,6 +1,7 @@
 """transformer_onset end to end on its tiny config (the main job's machinery, as in
 tests/test_experiments.py, which runs the other experiments): in a file of its own so
-that pytest-xdist runs it beside that one (``--dist loadfile``)."""
+that pytest-xdist runs it beside that one (``--dist loadfile``). Full tier only
+(``make test-full``): the main job checks its rows."""
 
 import json
 import shutil
@@ -11,6 +12,8 @@ import pytest
 from experiments import reproduce, transformer_onset
 from experiments._transformer import checkpoint_dir
 from tests.test_experiments import FINDINGS, redraw_checked
+
+pytestmark = pytest.mark.full  # the tiny run takes 215 s on the 2-core machine
 
 
 @pytest.fixture(scope="module")

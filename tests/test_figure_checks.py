@@ -97,6 +97,7 @@ def test_every_committed_figure_is_checked():
         assert _committed(result) is not None, result
 
 
+@pytest.mark.full
 @pytest.mark.parametrize("module_name,result", COMMITTED, ids=[r for _, r in COMMITTED])
 def test_committed_figures_pass_the_checks(module_name, result, monkeypatch, tmp_path):
     """Every committed figure, redrawn from its committed results (the data decide what

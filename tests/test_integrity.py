@@ -218,6 +218,7 @@ def _check_survivor_then_resave(path: Path, old, new_is_ok: bool):
     return is_new
 
 
+@pytest.mark.full
 @pytest.mark.parametrize(
     ("stage", "new_expected"),
     [
@@ -240,6 +241,7 @@ def test_old_checkpoint_survives_a_kill_at_each_step_of_an_overwrite(
     assert _check_survivor_then_resave(path, saved[1], new_is_ok=new_expected) == new_expected
 
 
+@pytest.mark.full
 def test_old_checkpoint_survives_sigkill_at_timed_moments(saved, tmp_path):
     path = _fresh_old(tmp_path, saved)
     proc = _child(tmp_path, path, "none")

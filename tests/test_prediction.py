@@ -23,7 +23,10 @@ def small_model():
     return models.transformer_logits(graphdef), params
 
 
-@pytest.mark.parametrize("method, opt_name", [("full", "adamw"), ("lora2", "sgd")])
+@pytest.mark.parametrize(
+    "method, opt_name",
+    [pytest.param("full", "adamw", marks=pytest.mark.full), ("lora2", "sgd")],  # full: 20 s
+)
 def test_vmapped_runs_equal_single_runs_of_the_training_loop(small_model, method, opt_name):
     """Two datasets advanced together in one scan = each trained alone by ``training.train``."""
     logits, theta = small_model

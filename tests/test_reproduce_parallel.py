@@ -33,6 +33,7 @@ def _numbers(tree) -> list[float]:
     return [float(tree)]
 
 
+@pytest.mark.full
 def test_every_process_schedule_gives_the_same_bytes_and_the_in_process_numbers(tmp_path):
     one = _run(tmp_path / "one", 1)  # a fresh process per experiment, one at a time
     two = _run(tmp_path / "two", 2)  # two at a time, in whatever order they finish
@@ -86,6 +87,7 @@ def test_jobs_must_be_a_positive_integer(tmp_path, jobs):
         reproduce.main(outdir=tmp_path, tiny=True, experiments=CHEAP[:1], jobs=jobs)
 
 
+@pytest.mark.full
 def test_workers_use_the_callers_compilation_cache(tmp_path):
     """``geomcollapse reproduce`` turns the persistent cache on in its own process; the
     experiments' fresh worker processes (``spawn``) write their programs there too."""

@@ -252,7 +252,9 @@ def _fit_orders(case: ModelCase, high_series) -> dict:
     return fits
 
 
-@pytest.mark.parametrize("case_name", ["logistic_case", "mlp_case"])
+@pytest.mark.parametrize(
+    "case_name", ["logistic_case", pytest.param("mlp_case", marks=pytest.mark.full)]
+)
 def test_series_error_is_order_plus_one(case_name, request, high_series):
     case = request.getfixturevalue(case_name)
     fits = _fit_orders(case, high_series)

@@ -319,7 +319,10 @@ def make_case(name):
     return mlp_kl, mlp_example, p.params, (p.batch.x, p.batch.y), (skill_x, lp_star)
 
 
-@pytest.fixture(scope="module", params=sorted(SETTINGS))
+@pytest.fixture(  # the MLP case (25 s on the 2-core machine) in the full tier
+    scope="module",
+    params=[pytest.param(k, marks=pytest.mark.full) if k == "mlp" else k for k in sorted(SETTINGS)],
+)
 def general(request):
     """A case, its settings and its forecast (computed once: the compilation dominates)."""
     skill, example, params, rows, skill_args = case = make_case(request.param)

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
 from geomcollapse import sweep
 from tests import sweep_toy
 
@@ -69,6 +71,7 @@ def _complete_cells(path: Path) -> list[int]:
     return sorted(c for c, n in cells.items() if n == CONFIG["base"]["b"])
 
 
+@pytest.mark.full
 def test_two_processes_share_the_cells_survive_a_sigkill_and_merge_row_for_row(
     tmp_path, monkeypatch
 ):

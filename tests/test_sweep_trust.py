@@ -71,6 +71,7 @@ def test_outputs_are_created_with_the_process_umask(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o640  # 0o666 & ~0o027; mkstemp made it 0o600
 
 
+@pytest.mark.full
 def test_a_concurrent_second_run_of_a_config_refuses_and_no_row_is_doubled(tmp_path):
     config = {
         "experiment": "tests.sweep_toy",
@@ -203,7 +204,12 @@ def test_report_names_a_bad_axis_or_column(tmp_path, capsys, args, message, land
             {"n": 8, "kappas": [0.0, 1e-3, 1.0], "epsilons": [0.0, 1e-5]},
             {"T": [0.01]},
         ),
-        ("logistic_onset", {"num_landscapes": 16, "num_times": 12}, {"seed": [0, 1]}),
+        pytest.param(  # 47 s on the 2-core machine: the other three check the same path
+            "logistic_onset",
+            {"num_landscapes": 16, "num_times": 12},
+            {"seed": [0, 1]},
+            marks=pytest.mark.full,
+        ),
     ],
 )
 def test_theory_experiments_sweep_and_their_rows_are_their_compute(
