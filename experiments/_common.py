@@ -331,9 +331,35 @@ def task_subset(text: str) -> tuple[str, ...]:
     return names
 
 
+# each row of a study on the transformer: the digest of the θ* it was computed at
+# (``_transformer.theta_digest``); rows written before it was recorded lack it
+THETA_FIELD = "theta_sha256"
+
+
+def one_theta(rows: list[dict], where: str) -> str | None:
+    """The one ``θ*`` digest that ``rows`` record (``None``: none records one).
+
+    Raises ``ValueError`` naming ``where`` when the rows mix ``θ*`` (a sweep resumed
+    after ``θ*`` was retrained, or rows that record it beside rows that do not).
+    """
+    seen = {row.get(THETA_FIELD) for row in rows}
+    if len(seen) > 1:
+        named = ", ".join(sorted("not recorded" if d is None else d for d in seen))
+        raise ValueError(
+            f"{where} holds rows computed at {len(seen)} different θ* ({named}): a sweep "
+            "resumed after θ* changed; move the file away or keep the rows of one θ*"
+        )
+    return next(iter(seen), None)
+
+
 def committed_sweep_rows(outdir: Path, output: Path) -> list[dict] | None:
-    """The rows of a committed sweep output ``outdir / output`` (complete cells), if present."""
+    """The rows of a committed sweep output ``outdir / output`` (complete cells), if present;
+    ``ValueError`` if they mix ``θ*`` (:func:`one_theta`)."""
     from geomcollapse import sweep
 
     path = Path(outdir) / output
-    return sweep.read_rows(path)[1] if path.is_file() else None
+    if not path.is_file():
+        return None
+    rows = sweep.read_rows(path)[1]
+    one_theta(rows, str(path))
+    return rows

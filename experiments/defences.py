@@ -35,7 +35,14 @@ from jax.flatten_util import ravel_pytree
 
 from experiments import _style as style
 from experiments import prediction as P
-from experiments._common import ROOT, Claim, check_fields, committed_sweep_rows, conclude
+from experiments._common import (
+    ROOT,
+    Claim,
+    check_fields,
+    committed_sweep_rows,
+    conclude,
+    one_theta,
+)
 from experiments._transformer import ALIGNMENT
 from geomcollapse import aic, curvature, flow, tasks, theory, training
 from geomcollapse import defences as transforms
@@ -677,7 +684,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
                 rows.extend(_runs(s, config, spec, i, i == len(grid) // 2))
     if FIRST_ORDER[0] in config.defences and "sgd" in config.optimizers:
         rows.extend(_quartic_rows(s, config))
-    return rows
+    return P.stamped(rows, s)
 
 
 # --------------------------------------------------------------------- analysis
@@ -1111,6 +1118,7 @@ def report(rows: list[dict], outdir: Path) -> list[Path]:
 
 
 def _report(rows: list[dict], outdir: Path) -> dict:
+    one_theta(rows, "the sweep")
     config = _config_from_rows(rows)
     name = f"{NAME}_study"
     out = conclude(name, config, outdir, STUDY_COMMAND, analyse(config, rows), figure, claims)

@@ -37,10 +37,12 @@ from jax.flatten_util import ravel_pytree
 from experiments import _style as style
 from experiments._common import (
     ROOT,
+    THETA_FIELD,
     Claim,
     check_fields,
     committed_sweep_rows,
     conclude,
+    one_theta,
     write_json,
 )
 from experiments._transformer import ALIGNMENT, aligned_model, theta_digest
@@ -1081,7 +1083,8 @@ def check_config(config: Config) -> None:
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
-    """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``."""
+    """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``,
+    each stamped with ``θ*``'s digest (:func:`stamped`)."""
     s = setup_for(config, outdir)
     if config.predictors_at_theta:
         at = predictors(config, outdir, s)
@@ -1091,7 +1094,14 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     for method in config.methods:
         for opt in config.optimizers:
             rows.extend(_runs(s, config, method, opt, at))
-    return rows
+    return stamped(rows, s)
+
+
+def stamped(rows: list[dict], s: Setup) -> list[dict]:
+    """``rows``, each with the digest of the ``θ*`` they were computed at (``THETA_FIELD``):
+    an analysis refuses rows of two ``θ*`` (``_common.one_theta``)."""
+    digest = theta_digest(s.params32)
+    return [{**row, THETA_FIELD: digest} for row in rows]
 
 
 def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
@@ -1251,6 +1261,7 @@ def report(rows: list[dict], outdir: Path) -> list[Path]:
 
 
 def _report(rows: list[dict], outdir: Path) -> dict:
+    one_theta(rows, "the sweep")
     if rows and "at_grad_norm" not in rows[0]:
         raise ValueError(
             "these rows were swept with predictors_at_theta=false (no predictors at θ*), so"
