@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from experiments import _style as style
 from experiments._common import (
     ROOT,
+    THETA_FIELD,
     Claim,
     check_fields,
     cli,
@@ -324,6 +325,7 @@ class _TF(NamedTuple):
     fvp: object
     ref: tuple
     flat_loss: object  # (flat θ, *row) -> ℓ_j(θ): one object, so _tf_runs compiles once
+    theta: str  # _transformer.theta_digest of θ* (float32, as stored): stamped on each row
 
 
 def _tf_names() -> tuple[str, ...]:
@@ -337,11 +339,12 @@ def _tf_key(config: Config) -> tuple:
 @functools.lru_cache(maxsize=2)
 def _tf_setup(key: tuple, outdir: str) -> _TF:
     """``θ*``, the skill Fisher's top ``d`` and the task's per-example losses (``Pg`` removed)."""
-    from experiments._transformer import aligned_model
+    from experiments._transformer import aligned_model, theta_digest
     from geomcollapse import linalg, models, pipeline, tasks, training
 
     c = dict(zip(_tf_names(), key, strict=True))
-    graphdef, params = aligned_model(c["tf_size"], Path(outdir)).as_dtype(jnp.float64)
+    aligned = aligned_model(c["tf_size"], Path(outdir))
+    graphdef, params = aligned.as_dtype(jnp.float64)
     logits = models.transformer_logits(graphdef)
     # the keys of transformer_onset --quick: prompts, Lanczos start; shift is its task 1
     k_prompts, k_eig, k_tasks, _ = jax.random.split(jax.random.key(2000), 4)
@@ -385,6 +388,7 @@ def _tf_setup(key: tuple, outdir: str) -> _TF:
         fvp,
         ref,
         lambda theta, *row: example_loss(unravel(theta), *row),
+        theta_digest(aligned.params),
     )
 
 
@@ -522,7 +526,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     steps = tf_steps(config)
     loss = s.flat_loss
     if config.seed_block < 0:
-        return [_tf_deterministic(config, s, loss, steps)]
+        return [{**_tf_deterministic(config, s, loss, steps), THETA_FIELD: s.theta}]
     key = jax.random.fold_in(jax.random.key(config.seed), config.seed_block)
     xs, ws = _tf_sgd(config, s, steps, seeds=config.tf_block, key=key)
     lam = s.values
@@ -535,6 +539,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
             "projected": proj[:, i],
             "control": cv[:, i],
             "kl": kl[:, i],
+            THETA_FIELD: s.theta,
         }
         for i in range(config.tf_block)
     ]
