@@ -62,3 +62,24 @@ def test_a_committed_sweep_with_rows_of_two_theta_is_refused_where_it_is_read(tm
     for module in (prediction, defences):  # `geomcollapse report` refuses them too
         with pytest.raises(ValueError, match="the sweep holds rows computed at 2"):
             module.report([{**r, THETA_FIELD: "ab"} for r in rows[:1]] + rows[1:2], tmp_path)
+
+
+@pytest.mark.full  # 16 s: θ*'s Lanczos and a scan of SGD steps on the transformer
+def test_sgd_onset_transformer_rows_carry_the_digest_of_the_theta_they_ran_at(tmp_path):
+    """A miniature transformer cell of ``sgd_onset`` (2 seeds, 3 steps): every row records
+    the digest of the committed tiny ``θ*`` that ``aligned_model`` gave."""
+    import dataclasses
+
+    from experiments import sgd_onset
+    from experiments._transformer import aligned_model
+
+    config = dataclasses.replace(
+        sgd_onset.Config(),
+        tf_d=2, tf_prompts=8, tf_examples=8, tf_batch=4, tf_order=2,
+        tf_seeds=2, tf_block=2, tf_k_max=3, tf_grid=3, seed_block=0,
+    )  # fmt: skip
+    rows = sgd_onset.sweep_cell(config, tmp_path)
+    expected = theta_digest(aligned_model("tiny", tmp_path, progress=False).params)
+    assert len(rows) == 2 and {r[THETA_FIELD] for r in rows} == {expected}
+    assert [r["seed"] for r in rows] == [0, 1]
+    assert one_theta(rows, "rows") == expected
