@@ -107,7 +107,6 @@ def _complete_cells(path: Path) -> int:
     return len({r["cell"] for r in sweep.read_rows(path)[1]})
 
 
-@pytest.mark.full
 def test_sigkilled_sweep_resumes_row_for_row_with_no_lost_or_duplicated_row(tmp_path):
     grid = {"a": [0.5, 1.0, 2.0], "b": [2, 3], "seed": [0, 1]}  # 12 cells, 30 rows
     sleepy = {"base": {**BASE["base"], "sleep": 0.25}, "name": "toy"}
