@@ -28,6 +28,8 @@ test: $(STAMP)
 # Every test, the `full` tier too: end-to-end runs of the experiments, SIGKILL and process
 # robustness, the benchmarks' own runs, redraws of committed figures (docs/testing.md).
 test-full: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 --dist loadfile --full
 
 benchmark: $(STAMP)

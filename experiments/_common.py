@@ -336,18 +336,30 @@ def task_subset(text: str) -> tuple[str, ...]:
 THETA_FIELD = "theta_sha256"
 
 
+def stamp(rows: list[dict], digest: str) -> list[dict]:
+    """``rows``, each with ``THETA_FIELD: digest`` (``_transformer.theta_digest`` of the
+    ``θ*`` they were computed at), so that no analysis mixes rows of two ``θ*``."""
+    return [{**row, THETA_FIELD: digest} for row in rows]
+
+
 def one_theta(rows: list[dict], where: str) -> str | None:
     """The one ``θ*`` digest that ``rows`` record (``None``: none records one).
 
-    Raises ``ValueError`` naming ``where`` when the rows mix ``θ*`` (a sweep resumed
-    after ``θ*`` was retrained, or rows that record it beside rows that do not).
+    Raises ``ValueError`` naming ``where`` when the rows mix ``θ*``: two digests (a sweep
+    resumed after ``θ*`` was retrained), or a digest beside rows without one (rows of a
+    version that did not record ``θ*``, resumed by one that does).
     """
     seen = {row.get(THETA_FIELD) for row in rows}
     if len(seen) > 1:
         named = ", ".join(sorted("not recorded" if d is None else d for d in seen))
+        why = (
+            "rows written before θ* was recorded, resumed since"
+            if None in seen
+            else "a sweep resumed after θ* changed"
+        )
         raise ValueError(
-            f"{where} holds rows computed at {len(seen)} different θ* ({named}): a sweep "
-            "resumed after θ* changed; move the file away or keep the rows of one θ*"
+            f"{where} holds rows computed at {len(seen)} different θ* ({named}): {why}; "
+            "move the file away or keep the rows of one θ*"
         )
     return next(iter(seen), None)
 

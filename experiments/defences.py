@@ -42,8 +42,9 @@ from experiments._common import (
     committed_sweep_rows,
     conclude,
     one_theta,
+    stamp,
 )
-from experiments._transformer import ALIGNMENT
+from experiments._transformer import ALIGNMENT, theta_digest
 from geomcollapse import aic, curvature, flow, tasks, theory, training
 from geomcollapse import defences as transforms
 from geomcollapse.linalg import top_eigenpairs_traced
@@ -684,7 +685,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
                 rows.extend(_runs(s, config, spec, i, i == len(grid) // 2))
     if FIRST_ORDER[0] in config.defences and "sgd" in config.optimizers:
         rows.extend(_quartic_rows(s, config))
-    return P.stamped(rows, s)
+    return stamp(rows, theta_digest(s.params32))
 
 
 # --------------------------------------------------------------------- analysis
@@ -1118,7 +1119,7 @@ def report(rows: list[dict], outdir: Path) -> list[Path]:
 
 
 def _report(rows: list[dict], outdir: Path) -> dict:
-    one_theta(rows, "the sweep")
+    one_theta(rows, "the sweep being reported")
     config = _config_from_rows(rows)
     name = f"{NAME}_study"
     out = conclude(name, config, outdir, STUDY_COMMAND, analyse(config, rows), figure, claims)

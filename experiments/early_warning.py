@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from experiments import _style as style
-from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
+from experiments._common import ROOT, Claim, committed_sweep_rows, conclude, one_theta
 from geomcollapse import stats
 
 NAME = "early_warning"
@@ -559,7 +559,15 @@ def load_rows(config: Config, outdir: Path) -> tuple:
     exploration = rows(config.exploration)
     if exploration is None:
         raise FileNotFoundError(f"exploration rows {config.exploration} are not committed")
-    return exploration, rows(config.tiny), rows(config.small)
+    tiny = rows(config.tiny)
+    # τ is chosen on the exploration's runs and tested on the confirmatory runs: one θ*
+    explored, confirmed = one_theta(exploration, config.exploration), one_theta(tiny or [], "")
+    if None not in (explored, confirmed) and explored != confirmed:
+        raise ValueError(
+            f"{config.exploration} and {config.tiny} were computed at different θ* "
+            f"({explored}, {confirmed}); the confirmatory rows must share θ* with the exploration"
+        )
+    return exploration, tiny, rows(config.small)
 
 
 def main(config: Config = STUDY, outdir: Path = ROOT, command: str | None = None) -> dict:

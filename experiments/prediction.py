@@ -37,12 +37,12 @@ from jax.flatten_util import ravel_pytree
 from experiments import _style as style
 from experiments._common import (
     ROOT,
-    THETA_FIELD,
     Claim,
     check_fields,
     committed_sweep_rows,
     conclude,
     one_theta,
+    stamp,
     write_json,
 )
 from experiments._transformer import ALIGNMENT, aligned_model, theta_digest
@@ -1084,7 +1084,7 @@ def check_config(config: Config) -> None:
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """Rows of every (dataset, seed, horizon) for each method and optimizer of ``config``,
-    each stamped with ``θ*``'s digest (:func:`stamped`)."""
+    each stamped with ``θ*``'s digest (``_common.stamp``)."""
     s = setup_for(config, outdir)
     if config.predictors_at_theta:
         at = predictors(config, outdir, s)
@@ -1094,14 +1094,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     for method in config.methods:
         for opt in config.optimizers:
             rows.extend(_runs(s, config, method, opt, at))
-    return stamped(rows, s)
-
-
-def stamped(rows: list[dict], s: Setup) -> list[dict]:
-    """``rows``, each with the digest of the ``θ*`` they were computed at (``THETA_FIELD``):
-    an analysis refuses rows of two ``θ*`` (``_common.one_theta``)."""
-    digest = theta_digest(s.params32)
-    return [{**row, THETA_FIELD: digest} for row in rows]
+    return stamp(rows, theta_digest(s.params32))
 
 
 def _config_from_rows(rows: list[dict], base: Config = STUDY) -> Config:
@@ -1261,7 +1254,7 @@ def report(rows: list[dict], outdir: Path) -> list[Path]:
 
 
 def _report(rows: list[dict], outdir: Path) -> dict:
-    one_theta(rows, "the sweep")
+    one_theta(rows, "the sweep being reported")
     if rows and "at_grad_norm" not in rows[0]:
         raise ValueError(
             "these rows were swept with predictors_at_theta=false (no predictors at θ*), so"

@@ -33,13 +33,13 @@ from jax.flatten_util import ravel_pytree
 from experiments import _style as style
 from experiments._common import (
     ROOT,
-    THETA_FIELD,
     Claim,
     check_fields,
     cli,
     committed_sweep_rows,
     conclude,
     require_x64,
+    stamp,
     write_json,
 )
 from geomcollapse import series, tasks, theory
@@ -325,7 +325,7 @@ class _TF(NamedTuple):
     fvp: object
     ref: tuple
     flat_loss: object  # (flat θ, *row) -> ℓ_j(θ): one object, so _tf_runs compiles once
-    theta: str  # _transformer.theta_digest of θ* (float32, as stored): stamped on each row
+    theta_sha256: str  # _transformer.theta_digest of θ* (float32, as stored), on each row
 
 
 def _tf_names() -> tuple[str, ...]:
@@ -526,23 +526,23 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     steps = tf_steps(config)
     loss = s.flat_loss
     if config.seed_block < 0:
-        return [{**_tf_deterministic(config, s, loss, steps), THETA_FIELD: s.theta}]
+        return stamp([_tf_deterministic(config, s, loss, steps)], s.theta_sha256)
     key = jax.random.fold_in(jax.random.key(config.seed), config.seed_block)
     xs, ws = _tf_sgd(config, s, steps, seeds=config.tf_block, key=key)
     lam = s.values
     proj = 0.5 * np.einsum("ksi,i->ks", np.asarray(xs @ s.basis.T) ** 2, lam)
     cv = 0.5 * np.einsum("ksi,i->ks", np.asarray(ws) ** 2, lam)
     kl = np.stack([np.asarray(s.kl(x)) for x in xs])
-    return [
+    rows = [
         {
             "seed": config.seed_block * config.tf_block + i,
             "projected": proj[:, i],
             "control": cv[:, i],
             "kl": kl[:, i],
-            THETA_FIELD: s.theta,
         }
         for i in range(config.tf_block)
     ]
+    return stamp(rows, s.theta_sha256)
 
 
 def projected_loss(theta, basis, lam, ref):

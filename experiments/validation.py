@@ -27,8 +27,8 @@ import numpy as np
 
 from experiments import _style as style
 from experiments import prediction as P
-from experiments._common import ROOT, Claim, committed_sweep_rows, conclude
-from experiments._transformer import aligned_model
+from experiments._common import ROOT, Claim, committed_sweep_rows, conclude, one_theta
+from experiments._transformer import aligned_model, theta_digest
 from geomcollapse import diagnose, pipeline, stats, tasks, training
 from geomcollapse.progress import progress_bar
 
@@ -187,6 +187,21 @@ def study_harm(config: Config, outdir: Path) -> dict[str, float] | None:
     """Seed-mean harmfulness of the Table 1 study's SGD full fine-tuning at ``study_horizon``."""
     harms = study_harms(config, outdir)
     return None if harms is None else {d: float(np.mean(h)) for d, h in harms.items()}
+
+
+def check_study_theta(config: Config, outdir: Path) -> None:
+    """Runs computed now at ``outdir``'s ``θ*`` are compared with the Table 1 study's harm:
+    ``ValueError`` when the study's rows record another ``θ*`` (rows without a record
+    pass: they predate it, docs/reading-paper_repro.md § Reproducibility)."""
+    root = outdir if (outdir / P.STUDY_OUTPUT).is_file() else ROOT  # as study_harms reads
+    path = root / P.STUDY_OUTPUT
+    recorded = one_theta(committed_sweep_rows(root, P.STUDY_OUTPUT) or [], str(path))
+    current = theta_digest(aligned_model(config.size, outdir).params)
+    if recorded is not None and recorded != current:
+        raise ValueError(
+            f"{path} was computed at θ* {recorded}, but this run's θ* ({outdir}) is {current}: "
+            "its harm is not this θ*'s; rerun the study or restore its θ*"
+        )
 
 
 def study_harms(config: Config, outdir: Path) -> dict[str, list[float]] | None:
@@ -419,6 +434,7 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     else:
         spec = dataclasses.replace(config, reanalyse=False)
         computed = compute(spec, outdir)
+        check_study_theta(spec, outdir)
     harms = study_harms(spec, outdir)
     results = analyse(spec, computed, study_harm(spec, outdir), harms)
     out = conclude(NAME, config, outdir, command, results, figure, claims)

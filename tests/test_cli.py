@@ -27,7 +27,6 @@ def _run(*args, cwd):
     )
 
 
-@pytest.mark.full
 def test_run_writes_into_outdir_from_any_working_directory(tmp_path):
     out = tmp_path / "out"
     proc = _run("run", "gd_vs_flow", "--quick", "--outdir", str(out), cwd=tmp_path)

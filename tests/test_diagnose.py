@@ -535,7 +535,6 @@ def ckpt(tmp_path_factory):
     return root, params, rows
 
 
-@pytest.mark.full
 def test_cli_diagnose_writes_reports_equal_to_dense_references(ckpt, capsys):
     root, params32, rows = ckpt
     out = root / "out"

@@ -27,7 +27,6 @@ from experiments import (
     prediction,
     quartic_quadratic,
     reproduce,
-    spectrum_mlp,
     transformer_finetune,
     transformer_fisher,
     transformer_onset,
@@ -53,8 +52,13 @@ ELSEWHERE = [transformer_onset]
 RUN = [m for m in reproduce.EXPERIMENTS if m not in NOT_RUN + ELSEWHERE]
 # the default tier's end-to-end run (seconds on TINY); RUN's tiny run is in the full tier
 CHEAP = [quartic_quadratic, gd_vs_flow]
-# every experiment as a test parameter: those that read RUN's tiny run in the full tier
-TIERED = [pytest.param(m, marks=pytest.mark.full) if m in RUN else m for m in reproduce.EXPERIMENTS]
+# every experiment with where its results come from: the main job's committed results (the
+# default tier), and for RUN also this file's tiny run (the full tier)
+SOURCED = [
+    pytest.param(m, source, id=f"{m.NAME}-{source}", marks=[pytest.mark.full] * (source == "tiny"))
+    for m in reproduce.EXPERIMENTS
+    for source in (("committed", "tiny") if m in RUN else ("committed",))
+]
 
 
 # Every theory claim (not the labelled control) holds even on the tiny configs except these
@@ -121,11 +125,17 @@ def tiny_run(tmp_path_factory, aligned_root):
     return out, reproduce.main(outdir=out, tiny=True, experiments=RUN)
 
 
-def _results(module, request) -> tuple[Path, dict]:
-    """The results directory's root and ``module``'s results: this file's tiny run for
-    :data:`RUN`, the main job's committed results for the others (:data:`ELSEWHERE`'s
-    tiny runs are checked in their own files)."""
-    out = request.getfixturevalue("tiny_run")[0] if module in RUN else ROOT
+@pytest.fixture(params=["committed", pytest.param("tiny", marks=pytest.mark.full)])
+def results_root(request) -> Path:
+    """Where results are read: the main job's committed ones, or this file's tiny run."""
+    return ROOT if request.param == "committed" else request.getfixturevalue("tiny_run")[0]
+
+
+def _results(module, source: str, request) -> tuple[Path, dict]:
+    """The results directory's root and ``module``'s results from ``source``: ``'tiny'``,
+    this file's tiny run (:data:`RUN` only); ``'committed'``, the main job's (the tiny
+    runs of :data:`ELSEWHERE` are checked in their own files)."""
+    out = request.getfixturevalue("tiny_run")[0] if source == "tiny" else ROOT
     return out, json.loads((out / f"experiments/results/{module.NAME}.json").read_text())
 
 
@@ -176,10 +186,10 @@ def _check_paper_repro(out: Path, claims: list, modules: list) -> None:
     )
 
 
-@pytest.mark.parametrize("module", TIERED, ids=lambda m: m.NAME)
-def test_each_experiment_writes_results_and_a_figure(module, request):
-    """The tiny run's files for :data:`RUN`; the main job's committed files for the rest."""
-    out, result = _results(module, request)
+@pytest.mark.parametrize(("module", "source"), SOURCED)
+def test_each_experiment_writes_results_and_a_figure(module, source, request):
+    """The main job's committed files; the tiny run's too for :data:`RUN` (full tier)."""
+    out, result = _results(module, source, request)
     assert (out / result["figure"]).stat().st_size > 10_000
     assert (out / result["figure"]).with_suffix(".pdf").stat().st_size > 5_000
     assert result["claims"] and all(
@@ -187,21 +197,19 @@ def test_each_experiment_writes_results_and_a_figure(module, request):
     )
 
 
-@pytest.mark.full
-def test_spectrum_identities(tiny_run):
-    out, _ = tiny_run
+def test_spectrum_identities(results_root):
+    out = results_root
     result = json.loads((out / "experiments/results/spectrum_mlp.json").read_text())
     assert result["fisher_ggn_rel"] <= 1e-12
-    assert max(result["max_relative_residual"].values()) <= spectrum_mlp.TINY.tol
+    assert max(result["max_relative_residual"].values()) <= result["config"]["tol"]
     np.testing.assert_allclose(
         result["eigenvalues"]["empirical_fisher"], result["gram_eigenvalues"], rtol=1e-7, atol=1e-12
     )
     assert min(result["eigenvalues"]["fisher"]) >= 0  # the softmax Fisher is PSD
 
 
-@pytest.mark.full
-def test_quartic_fit_and_crossover_numbers(tiny_run):
-    out, _ = tiny_run
+def test_quartic_fit_and_crossover_numbers(results_root):
+    out = results_root
     quartic = json.loads((out / "experiments/results/quartic_quadratic.json").read_text())
     assert abs(quartic["fit"]["exponent"] - 4) <= 0.01
     cross = json.loads((out / "experiments/results/crossover.json").read_text())
@@ -209,9 +217,8 @@ def test_quartic_fit_and_crossover_numbers(tiny_run):
     assert errors == sorted(errors)  # the error shrinks with ε: an O(ε) correction
 
 
-@pytest.mark.full
-def test_logistic_and_phase_numbers(tiny_run):
-    out, _ = tiny_run
+def test_logistic_and_phase_numbers(results_root):
+    out = results_root
     logistic = json.loads((out / "experiments/results/logistic_onset.json").read_text())
     assert logistic["violations"] == 0 and logistic["min_normalized_gap"] >= -1
     assert abs(logistic["exponents_orthogonalized"][1] - 4) <= 0.02
@@ -286,24 +293,25 @@ def _check_blockwise(fisher: dict, out: Path) -> None:
     assert text.count("\n| tensor |") == len(table) + 2  # a row per task, median and max
 
 
-@pytest.mark.full
-def test_transformer_numbers(tiny_run):
-    out, _ = tiny_run
+def test_transformer_numbers(results_root):
+    out = results_root
     fisher = json.loads((out / "experiments/results/transformer_fisher.json").read_text())
     lam = np.asarray(fisher["eigenvalues"])
     assert np.all(np.diff(lam) <= 1e-9 * lam[0]) and lam.min() >= 0
     assert lam.sum() <= fisher["trace"] * (1 + 1e-9)  # Lanczos top-k vs the exact Jacobian trace
     fractions = list(fisher["fraction_of_trace"].values())
     assert fractions == sorted(fractions) and fractions[-1] <= 1 + 1e-9
-    assert set(fisher["aic_table"]) == set(transformer_fisher.TINY.tasks)
+    assert set(fisher["aic_table"]) == set(fisher["config"]["tasks"])
     assert (out / "experiments/results/transformer_fisher_aic_table.md").exists()
     _check_representation(fisher)
     _check_blockwise(fisher, out)
     finetune = json.loads((out / "experiments/results/transformer_finetune.json").read_text())
     assert finetune["aligned_metrics"]["harmfulness"] <= 0.05
-    # dense early evaluation: every 5 steps of the 20
+    # evaluated at θ* and at every step of the config's dense-early schedule
+    schedule = finetune["config"]["finetune"]["eval_steps"]
+    assert schedule[:3] == [5, 10, 15]
     for curve in finetune["curves"]["full"].values():
-        assert curve["steps"] == [0, 5, 10, 15, 20]
+        assert curve["steps"] == [0, *schedule]
 
 
 def test_gpu_sized_runs_write_beside_the_main_jobs_files(tmp_path):
@@ -385,15 +393,15 @@ def _check_style(fig) -> None:
     assert figure_checks.check(fig) == []
 
 
-@pytest.mark.parametrize("module", TIERED, ids=lambda m: m.NAME)
+@pytest.mark.parametrize(("module", "source"), SOURCED)
 def test_each_figure_redraws_from_its_results_as_png_and_pdf(
-    module, request, tmp_path, monkeypatch
+    module, source, request, tmp_path, monkeypatch
 ):
     """``figure(results, path)`` needs only ``FIGURE_NEEDS``; writes a ≥ 200 dpi PNG and a PDF.
 
-    From the tiny run's results for :data:`RUN`, the main job's committed ones for the rest.
+    From the main job's committed results; for :data:`RUN` also the tiny run's (full tier).
     """
-    redraw_checked(module, _results(module, request)[1], tmp_path, monkeypatch)
+    redraw_checked(module, _results(module, source, request)[1], tmp_path, monkeypatch)
 
 
 def redraw_checked(module, result: dict, tmp_path: Path, monkeypatch) -> None:

@@ -27,6 +27,8 @@ import jax
 import numpy as np
 
 from experiments import prediction as P
+from experiments._common import THETA_FIELD
+from experiments._transformer import aligned_model, theta_digest
 from geomcollapse import stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,6 +86,9 @@ def test_float32_geometry_ranks_datasets_as_float64(aligned_root, tmp_path):
     child = json.loads(out.read_text())
     assert not child["x64"] and child["dtype"] == "float32"
     rows32 = child["rows"]
+    # both record the θ* they ran at: the stored float32 θ*, whatever the geometry's dtype
+    stored = theta_digest(aligned_model(CONFIG.size, outdir, progress=False).params)
+    assert {r[THETA_FIELD] for r in rows64} == {r[THETA_FIELD] for r in rows32} == {stored}
     key = lambda r: (r["dataset"], r["K"])  # noqa: E731
     assert sorted(map(key, rows32)) == sorted(map(key, rows64))
     # the geometry is float32's, not float64's, and close to it (far inside the rank check)

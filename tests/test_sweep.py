@@ -127,7 +127,6 @@ def test_sigkilled_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path):
     assert rows == reference  # bit-for-bit: batches are recomputed whole
 
 
-@pytest.mark.full
 def test_batch_axis_shards_over_four_host_devices(tmp_path):
     cfg = _write(tmp_path, "sharded", batch_size=5)  # 5 does not split in 4: padded
     proc = _cli(cfg, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
