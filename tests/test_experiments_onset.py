@@ -1,19 +1,30 @@
 """transformer_onset end to end on its tiny config (the main job's machinery, as in
 tests/test_experiments.py, which runs the other experiments): in a file of its own so
-that pytest-xdist runs it beside that one (``--dist loadfile``). Full tier only
-(``make test-full``): the main job checks its rows."""
+that pytest-xdist runs it beside that one (``--dist loadfile``). The tiny run is in the
+full tier (``make test-full``); the checks of the numbers and verdicts also run on the
+main job's committed results in the default tier."""
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from experiments import reproduce, transformer_onset
+from experiments._common import ROOT
 from experiments._transformer import checkpoint_dir
 from tests.test_experiments import FINDINGS, redraw_checked
 
-pytestmark = pytest.mark.full  # the tiny run takes 215 s on the 2-core machine
+ONSET_RESULTS = Path("experiments/results/transformer_onset.json")
+
+
+@pytest.fixture(params=["committed", pytest.param("tiny", marks=pytest.mark.full)])
+def onset_result(request) -> dict:
+    """transformer_onset's results: the main job's committed ones, or this file's tiny run's
+    (full tier: the tiny run takes 215 s on the 2-core machine)."""
+    out = ROOT if request.param == "committed" else request.getfixturevalue("onset_run")[0]
+    return json.loads((out / ONSET_RESULTS).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -24,6 +35,7 @@ def onset_run(tmp_path_factory, aligned_root):
     return out, reproduce.main(outdir=out, tiny=True, experiments=[transformer_onset])
 
 
+@pytest.mark.full
 def test_the_onset_rows_are_written_and_hold_unless_findings(onset_run):
     out, claims = onset_run
     text = (out / "paper_repro.md").read_text()
@@ -39,6 +51,7 @@ def test_the_onset_rows_are_written_and_hold_unless_findings(onset_run):
     )
 
 
+@pytest.mark.full
 def test_the_onset_run_writes_results_and_a_figure_that_redraws(onset_run, tmp_path, monkeypatch):
     out, _ = onset_run
     result = json.loads((out / "experiments/results/transformer_onset.json").read_text())
@@ -48,11 +61,10 @@ def test_the_onset_run_writes_results_and_a_figure_that_redraws(onset_run, tmp_p
     assert (tmp_path / "transformer_onset.png").stat().st_size > 10_000
 
 
-def test_onset_numbers(onset_run):
+def test_onset_numbers(onset_result):
     """Exponents 4 and 2, the coefficient and floor ratios, orthogonality, raw flows equal."""
-    out, _ = onset_run
-    onset = json.loads((out / "experiments/results/transformer_onset.json").read_text())
-    assert onset["dims"] == list(transformer_onset.TINY.dims)
+    onset = onset_result
+    assert onset["dims"] == list(onset["config"]["dims"])
     for task in onset["tasks"].values():
         ts = np.asarray(task["times"])
         for d in onset["dims"]:
@@ -76,10 +88,9 @@ def test_onset_numbers(onset_run):
         assert np.all(large >= small * (1 - 1e-12))
 
 
-def test_onset_fixed_bound_verdict_follows_from_its_numbers(onset_run):
+def test_onset_fixed_bound_verdict_follows_from_its_numbers(onset_result):
     """Thm 6.1 with C, D by SS-HOPM: B recomputed per flow, margins, informative, verdict."""
-    out, _ = onset_run
-    result = json.loads((out / "experiments/results/transformer_onset.json").read_text())
+    result = onset_result
     k, frac = result["thm61_constants"], result["config"]["informative_fraction"]
     # the estimates are values attained: C from the refined λ/6, D the larger |λ| of ∇⁴u
     assert k["C"] == pytest.approx(max(k["cubic_search"]["refined"]) / 6)
@@ -111,10 +122,9 @@ def test_onset_fixed_bound_verdict_follows_from_its_numbers(onset_run):
         assert verdict == ("reproduced" if holds else "NOT reproduced")
 
 
-def test_onset_remainder_verdicts_follow_from_their_numbers(onset_run):
+def test_onset_remainder_verdicts_follow_from_their_numbers(onset_result):
     """Thm 6.1 remainder (exponent 3 ± tol) and cubic-term (ratio 1 ± tol) rows, recomputed."""
-    out, _ = onset_run
-    result = json.loads((out / "experiments/results/transformer_onset.json").read_text())
+    result = onset_result
     config = result["config"]
     kl = []
     for task in result["tasks"].values():
