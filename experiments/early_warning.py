@@ -561,7 +561,8 @@ def load_rows(config: Config, outdir: Path) -> tuple:
         raise FileNotFoundError(f"exploration rows {config.exploration} are not committed")
     tiny = rows(config.tiny)
     # τ is chosen on the exploration's runs and tested on the confirmatory runs: one θ*
-    explored, confirmed = one_theta(exploration, config.exploration), one_theta(tiny or [], "")
+    explored = one_theta(exploration, config.exploration)
+    confirmed = one_theta(tiny or [], config.tiny)
     if None not in (explored, confirmed) and explored != confirmed:
         raise ValueError(
             f"{config.exploration} and {config.tiny} were computed at different θ* "

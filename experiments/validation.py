@@ -185,32 +185,34 @@ def compute(config: Config, outdir: Path) -> dict:
 # --------------------------------------------------------------------- analysis
 def study_harm(config: Config, outdir: Path) -> dict[str, float] | None:
     """Seed-mean harmfulness of the Table 1 study's SGD full fine-tuning at ``study_horizon``."""
-    harms = study_harms(config, outdir)
+    return seed_means(study_harms(config, outdir))
+
+
+def seed_means(harms: dict[str, list[float]] | None) -> dict[str, float] | None:
+    """Per dataset, the mean over seeds of :func:`study_harms`' values (None stays None)."""
     return None if harms is None else {d: float(np.mean(h)) for d, h in harms.items()}
 
 
-def check_study_theta(config: Config, outdir: Path) -> None:
-    """Runs computed now at ``outdir``'s ``θ*`` are compared with the Table 1 study's harm:
-    ``ValueError`` when the study's rows record another ``θ*`` (rows without a record
-    pass: they predate it, docs/reading-paper_repro.md § Reproducibility)."""
-    root = outdir if (outdir / P.STUDY_OUTPUT).is_file() else ROOT  # as study_harms reads
-    path = root / P.STUDY_OUTPUT
-    recorded = one_theta(committed_sweep_rows(root, P.STUDY_OUTPUT) or [], str(path))
-    current = theta_digest(aligned_model(config.size, outdir).params)
-    if recorded is not None and recorded != current:
-        raise ValueError(
-            f"{path} was computed at θ* {recorded}, but this run's θ* ({outdir}) is {current}: "
-            "its harm is not this θ*'s; rerun the study or restore its θ*"
-        )
+def study_harms(
+    config: Config, outdir: Path, theta: str | None = None
+) -> dict[str, list[float]] | None:
+    """Per dataset, the harmfulness of each seed of the Table 1 study (see ``study_harm``).
 
-
-def study_harms(config: Config, outdir: Path) -> dict[str, list[float]] | None:
-    """Per dataset, the harmfulness of each seed of the Table 1 study (see ``study_harm``)."""
-    rows = committed_sweep_rows(outdir, P.STUDY_OUTPUT) or committed_sweep_rows(
-        ROOT, P.STUDY_OUTPUT
-    )  # the repository's committed study rows when ``outdir`` has none
+    ``theta``: the digest of the ``θ*`` that runs compared with these harms were computed
+    at; ``ValueError`` when the study's rows record another ``θ*`` (rows without a record
+    pass: they predate it, docs/reading-paper_repro.md § Reproducibility).
+    """
+    path, rows = Path(outdir) / P.STUDY_OUTPUT, committed_sweep_rows(outdir, P.STUDY_OUTPUT)
+    if not rows:  # the repository's committed study rows when ``outdir`` has none
+        path, rows = ROOT / P.STUDY_OUTPUT, committed_sweep_rows(ROOT, P.STUDY_OUTPUT)
     if rows is None:
         return None
+    recorded = one_theta(rows, str(path))
+    if theta is not None and recorded not in (None, theta):
+        raise ValueError(
+            f"{path} was computed at θ* {recorded}, but this run's θ* ({outdir}) is {theta}: "
+            "its harm is not this θ*'s; rerun the study or restore its θ*"
+        )
     sel = [
         r
         for r in rows
@@ -430,13 +432,13 @@ def main(config: Config = QUICK, outdir: Path = ROOT, command: str | None = None
     if config.reanalyse and stored_at is not None:
         stored = json.loads(stored_at.read_text())
         computed = {k: stored[k] for k in ("rows", "lr", "horizons")}
-        spec = dataclasses.replace(STUDY, tag="")
+        spec, theta = dataclasses.replace(STUDY, tag=""), None  # stored runs: θ* unknown
     else:
         spec = dataclasses.replace(config, reanalyse=False)
         computed = compute(spec, outdir)
-        check_study_theta(spec, outdir)
-    harms = study_harms(spec, outdir)
-    results = analyse(spec, computed, study_harm(spec, outdir), harms)
+        theta = theta_digest(aligned_model(spec.size, outdir).params)  # the runs' θ*
+    harms = study_harms(spec, outdir, theta)
+    results = analyse(spec, computed, seed_means(harms), harms)
     out = conclude(NAME, config, outdir, command, results, figure, claims)
     if outdir.resolve() == ROOT and config in (STUDY, QUICK):  # this checkout's docs
         P.write_between(

@@ -119,6 +119,6 @@ def test_validation_refuses_fresh_runs_beside_study_rows_of_another_theta(tmp_pa
         _stamped_copy(study, tmp_path / prediction.STUDY_OUTPUT, digest)
         if refused:
             with pytest.raises(ValueError, match=f"at θ\\* {digest}, but this run's θ\\*"):
-                validation.check_study_theta(config, tmp_path)
+                validation.study_harms(config, tmp_path, current)
         else:
-            validation.check_study_theta(config, tmp_path)  # recorded and equal, or unrecorded
+            validation.study_harms(config, tmp_path, current)  # recorded and equal, or unrecorded
