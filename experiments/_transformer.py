@@ -5,12 +5,20 @@ checkpoint under ``experiments/results/checkpoints/``; later experiments and
 reruns restore it bit-exactly instead of retraining. ``tiny``'s is committed
 (float32 training on a CPU gives another ``θ*`` on another machine): an
 ``outdir`` without one gets a copy of it.
+
+Costly quantities of ``θ*`` alone (no fine-tuning in them: Thm 6.1's constants,
+the predictors at ``θ*``) are kept the same way, as JSON under
+``experiments/results/at_theta/`` (:func:`read_at_theta`, :func:`write_at_theta`),
+named and checked by a key that carries ``θ*``'s digest; ``tiny``'s are committed,
+so the main job reads them instead of recomputing them (docs/experiments.md).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -20,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from experiments._common import write_json
 from geomcollapse import curvature, linalg, models, pipeline, tasks, training
 from geomcollapse.subspace import Subspace
 
@@ -51,6 +60,46 @@ def theta_cached(size: str, outdir: Path) -> bool:
 def theta_digest(params) -> str:
     """A 16-hex-digit digest of ``θ*``'s values (its raveled bytes), for cache keys."""
     return hashlib.sha256(np.asarray(ravel_pytree(params)[0]).tobytes()).hexdigest()[:16]
+
+
+AT_THETA = Path("experiments") / "results" / "at_theta"
+
+
+def at_theta_path(name: str, key: dict, outdir: Path) -> Path:
+    """Where the quantity ``name`` of ``key`` is kept under ``outdir``: named by a digest
+    of ``key`` (a JSON-able dict that carries ``θ*``'s :func:`theta_digest`)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(outdir) / AT_THETA / f"{name}_{digest}.json"
+
+
+def read_at_theta(name: str, key: dict, outdir: Path) -> dict | None:
+    """The payload stored for ``key``: under ``outdir``, else committed in this repository.
+
+    A file is used only when the key stored in it equals ``key``; an unreadable
+    file or another key is skipped with a warning naming it (the caller recomputes).
+    Returns None when no file holds ``key``.
+    """
+    want = json.loads(json.dumps(key))  # tuples as JSON stores them
+    for root in dict.fromkeys((Path(outdir).resolve(), _REPOSITORY)):
+        path = at_theta_path(name, key, root)
+        if not path.is_file():
+            continue
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored["key"] == want:
+                return stored["payload"]
+            problem = "its stored key differs"
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            problem = f"it cannot be read ({type(e).__name__}: {e})"
+        warnings.warn(f"{path} is not used: {problem}; recomputing", stacklevel=2)
+    return None
+
+
+def write_at_theta(name: str, key: dict, outdir: Path, payload: dict) -> Path:
+    """Store ``payload`` for ``key`` under ``outdir`` (atomically); returns the file."""
+    path = at_theta_path(name, key, outdir)
+    write_json(path, {"key": key, "payload": payload})
+    return path
 
 
 def aligned_model(size: str, outdir: Path, progress: bool = True) -> pipeline.AlignedModel:

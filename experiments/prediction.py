@@ -43,9 +43,14 @@ from experiments._common import (
     conclude,
     one_theta,
     stamp,
-    write_json,
 )
-from experiments._transformer import ALIGNMENT, aligned_model, theta_digest
+from experiments._transformer import (
+    ALIGNMENT,
+    aligned_model,
+    read_at_theta,
+    theta_digest,
+    write_at_theta,
+)
 from geomcollapse import (
     aic,
     curvature,
@@ -348,9 +353,9 @@ def _predictors_at_theta_star(s: Setup, config: Config, name: str) -> dict:
     return out
 
 
-def _predictor_cache(config: Config, outdir: Path) -> Path:
-    """The cache file of ``config``'s predictors at ``θ*``: named by the fields that
-    decide them and by ``θ*`` itself (another ``θ*`` under ``outdir``, another file)."""
+def _predictor_key(config: Config, outdir: Path) -> dict:
+    """What decides ``config``'s predictors at ``θ*``: the fields below and ``θ*`` itself
+    (another ``θ*`` under ``outdir``, another key and file)."""
     fields = (
         "size",
         "dims",
@@ -362,23 +367,27 @@ def _predictor_cache(config: Config, outdir: Path) -> Path:
     )
     entries = {f: getattr(config, f) for f in fields}
     entries["theta"] = theta_digest(aligned_model(config.size, outdir).params)
-    if geometry_dtype() != jnp.float64:  # float64 caches keep their names
+    if geometry_dtype() != jnp.float64:  # float64 keys keep their names
         entries["dtype"] = geometry_dtype().name
-    key = json.dumps(entries, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return Path(outdir) / "experiments" / "results" / "cache" / f"{NAME}_at_theta_{digest}.json"
+    return entries
+
+
+PREDICTORS = f"{NAME}_at_theta"  # the name of their files under experiments/results/at_theta
 
 
 def predictors(config: Config, outdir: Path, s: Setup | None = None) -> dict[str, dict]:
-    """Per dataset, the predictors at ``θ*``; cached on disk (the sweep's cells share them)."""
-    path = _predictor_cache(config, outdir)
-    cached = json.loads(path.read_text()) if path.is_file() else {}
+    """Per dataset, the predictors at ``θ*`` (quantities of ``θ*`` alone): read where
+    stored (:func:`experiments._transformer.read_at_theta`: under ``outdir``, else
+    committed for the main job's ``tiny`` datasets), the missing ones computed and stored
+    under ``outdir`` one dataset at a time (an interrupted run keeps what it did)."""
+    key = _predictor_key(config, outdir)
+    cached = read_at_theta(PREDICTORS, key, outdir) or {}
     missing = [d for d in config.datasets if d not in cached]
     if missing:
         s = s or setup_for(config, outdir)
         for name in progress_bar(missing, desc="predictors at θ*", enabled=True):
             cached[name] = _predictors_at_theta_star(s, config, name)
-            write_json(path, cached)  # per dataset: an interrupted run keeps what it did
+            write_at_theta(PREDICTORS, key, outdir, cached)
     return {d: cached[d] for d in config.datasets}
 
 

@@ -32,7 +32,14 @@ from matplotlib.lines import Line2D
 
 from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, conclude, require_x64
-from experiments._transformer import SkillFisher, rows, skill_fisher
+from experiments._transformer import (
+    SkillFisher,
+    read_at_theta,
+    rows,
+    skill_fisher,
+    theta_digest,
+    write_at_theta,
+)
 from geomcollapse import (
     aic,
     curvature,
@@ -200,13 +207,13 @@ class _Constants(NamedTuple):
     """Thm 6.1's constants at ``θ*``, fixed before any flow: ``C`` and ``D`` by SS-HOPM.
 
     ``C = max_{‖v‖=1} |⅙∇³u(θ*)[v,v,v]|``, ``D = max_{‖v‖=1} |∇⁴u(θ*)[v,v,v,v]|``
-    of the KL skill loss (estimates: values attained, so never above the maxima).
+    of the KL skill loss (estimates: values attained, so never above the maxima);
+    ``payload``: :func:`_constants_payload` (the results' ``thm61_constants``).
     """
 
     C: float
     D: float
-    cubic: tensor_norm.TensorMax
-    quartic: tensor_norm.TensorMax
+    payload: dict
 
 
 def _search(kl: _KL, params, order: int, starts, spec, tol: float) -> tensor_norm.TensorMax:
@@ -226,8 +233,20 @@ def _search(kl: _KL, params, order: int, starts, spec, tol: float) -> tensor_nor
     )
 
 
-def _constants(sf: SkillFisher, kl: _KL, config: Config, key) -> _Constants:
-    """``C`` and ``D`` from random starts and ``F``'s top eigenvectors (and ``C``'s maximiser)."""
+CONSTANTS = f"{NAME}_constants"  # the name of their files under experiments/results/at_theta
+
+
+def constants_key(config: Config, theta32) -> dict:
+    """What decides ``C`` and ``D``: ``θ*`` (``theta32``, its float32 values, by digest),
+    the skill's prompts, ``F``'s basis (the starts) and the searches."""
+    fields = ("size", "num_prompts", "cubic_search", "quartic_search", "search_tol", "seed")
+    key = {f: getattr(config, f) for f in fields}
+    return {**key, "lanczos_k": max(config.dims), "theta": theta_digest(theta32)}
+
+
+def search_constants(sf: SkillFisher, kl: _KL, config: Config, key) -> dict:
+    """``C`` and ``D`` by SS-HOPM from random starts and ``F``'s top eigenvectors (and, for
+    ``D``, ``C``'s maximiser): :func:`_constants_payload`."""
     n = sf.basis.shape[1]
 
     def starts(k, spec, *extra):
@@ -240,7 +259,20 @@ def _constants(sf: SkillFisher, kl: _KL, config: Config, key) -> _Constants:
     best = ravel_pytree(cubic.vector)[0][None]
     q = config.quartic_search
     quartic = _search(kl, sf.params, 4, starts(k4, q, best), q, tol)
-    return _Constants(float(cubic.value) / 6, float(quartic.value), cubic, quartic)
+    return _constants_payload(cubic, quartic)
+
+
+def _constants(sf: SkillFisher, kl: _KL, config: Config, key, outdir: Path) -> _Constants:
+    """``C`` and ``D``, quantities of ``θ*`` alone: read where stored (``read_at_theta``:
+    under ``outdir``, else committed for the main job's ``tiny``), else searched
+    (:func:`search_constants`) and stored under ``outdir``."""
+    theta32 = jax.tree.map(lambda a: a.astype(jnp.float32), sf.params)  # exact: θ* is float32
+    at = constants_key(config, theta32)
+    payload = read_at_theta(CONSTANTS, at, outdir)
+    if payload is None:
+        payload = search_constants(sf, kl, config, key)
+        write_at_theta(CONSTANTS, at, outdir, payload)
+    return _Constants(payload["C"], payload["D"], payload)
 
 
 class _Setup(NamedTuple):
@@ -290,7 +322,7 @@ def _setup(config: Config, outdir: Path, k_prompts, k_eig) -> _Setup:
         lambda sub, xs: np.asarray(projected(sub, xs), np.float64),
         grad_u,
         kl,
-        _constants(sf, kl, config, jax.random.fold_in(k_eig, 2)),
+        _constants(sf, kl, config, jax.random.fold_in(k_eig, 2), outdir),
     )
 
 
@@ -574,12 +606,12 @@ def compute(config: Config, outdir: Path) -> dict:
         },
         "kl_grad_u_norm": s.kl.grad_norm,
         "kl_hessian_fisher_gap": s.kl.hessian_fisher_gap,
-        "thm61_constants": _constants_payload(s.constants),
+        "thm61_constants": s.constants.payload,
         "tasks": results,
     }
 
 
-def _constants_payload(k: _Constants) -> dict:
+def _constants_payload(cubic: tensor_norm.TensorMax, quartic: tensor_norm.TensorMax) -> dict:
     """``C``, ``D``, the quartic radius ``24C/D`` and how SS-HOPM reached them."""
 
     def search(found: tensor_norm.TensorMax) -> dict:
@@ -593,12 +625,13 @@ def _constants_payload(k: _Constants) -> dict:
             "contractions": int(found.contractions),
         }
 
+    C, D = float(cubic.value) / 6, float(quartic.value)
     return {
-        "C": k.C,
-        "D": k.D,
-        "quartic_radius": 24 * k.C / k.D,
-        "cubic_search": search(k.cubic),
-        "quartic_search": search(k.quartic),
+        "C": C,
+        "D": D,
+        "quartic_radius": 24 * C / D,
+        "cubic_search": search(cubic),
+        "quartic_search": search(quartic),
     }
 
 

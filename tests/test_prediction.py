@@ -212,14 +212,14 @@ def test_rows_swept_without_predictors_at_theta_are_refused_by_the_table_1_repor
     assert not any(tmp_path.iterdir())  # nothing half-written
 
 
-def test_the_predictor_cache_is_named_by_theta_star(tmp_path, monkeypatch):
-    """Another θ* under the same outdir and config: another cache file (no stale reuse)."""
+def test_the_predictors_at_theta_are_keyed_by_theta_star(tmp_path, monkeypatch):
+    """Another θ* under the same outdir and config: another key and file (no stale reuse)."""
     from experiments import _transformer
     from experiments._common import ROOT
 
     config = P.QUICK
-    here = P._predictor_cache(config, tmp_path)  # the committed tiny θ*, copied
-    assert here.name == P._predictor_cache(config, ROOT).name
+    here = P._predictor_key(config, tmp_path)  # the committed tiny θ*, copied
+    assert here == P._predictor_key(config, ROOT)
     real = _transformer.aligned_model
 
     def moved(size, outdir, progress=True):
@@ -228,4 +228,7 @@ def test_the_predictor_cache_is_named_by_theta_star(tmp_path, monkeypatch):
         return model._replace(params=params)
 
     monkeypatch.setattr(P, "aligned_model", moved)
-    assert P._predictor_cache(config, tmp_path).name != here.name
+    there = P._predictor_key(config, tmp_path)
+    assert there["theta"] != here["theta"]
+    path = _transformer.at_theta_path(P.PREDICTORS, there, tmp_path)
+    assert path.name != _transformer.at_theta_path(P.PREDICTORS, here, tmp_path).name
