@@ -41,11 +41,32 @@ def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
 
 
 def mid_ranks(x) -> np.ndarray:
-    """Ranks ``1 … m`` along the last axis, ties sharing the mean of their ranks (float64)."""
+    """Ranks ``1 … m`` along the last axis, ties sharing the mean of their ranks (float64).
+
+    By one sort per row: a tie group at sorted positions ``f … l`` (from 0) gets
+    ``(f + l)/2 + 1``. (Counting ``x_j < x_i`` over all pairs gives the same ranks
+    at ``O(m²)``; the bootstrap ranks 2,000 rows per call, where the sort is faster.)
+
+    Raises:
+      ValueError: ``x`` has a NaN (it has no rank).
+    """
     x = np.asarray(x, np.float64)
-    less = np.sum(x[..., None, :] < x[..., :, None], axis=-1)
-    equal = np.sum(x[..., None, :] == x[..., :, None], axis=-1)
-    return less + 0.5 * (equal + 1)
+    if np.isnan(x).any():
+        raise ValueError("x must not contain NaN: it has no rank")
+    rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
+    order = np.argsort(rows, axis=-1, kind="stable")
+    ordered = np.take_along_axis(rows, order, axis=-1)
+    m = rows.shape[-1]
+    new = np.ones(rows.shape, bool)  # where a tie group starts
+    new[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    position = np.broadcast_to(np.arange(m), rows.shape)
+    first = np.maximum.accumulate(np.where(new, position, 0), axis=-1)
+    ends = np.ones(rows.shape, bool)
+    ends[:, :-1] = new[:, 1:]
+    last = np.minimum.accumulate(np.where(ends, position, m - 1)[:, ::-1], axis=-1)[:, ::-1]
+    ranks = np.empty(rows.shape, np.float64)
+    np.put_along_axis(ranks, order, (first + last) / 2 + 1, axis=-1)
+    return ranks.reshape(x.shape)
 
 
 def _result(num: np.ndarray, denom: np.ndarray):
@@ -66,11 +87,15 @@ def spearman(x, y):
 def kendall_tau(x, y):
     """Kendall's τ_b of ``x`` and ``y``; ``nan`` if either is constant."""
     x, y = _pair(x, y)
-    upper = np.triu(np.ones((x.shape[-1],) * 2, bool), 1)
-    sx = np.sign(x[..., :, None] - x[..., None, :]) * upper
-    sy = np.sign(y[..., :, None] - y[..., None, :]) * upper
-    denom = np.sqrt(np.sum(sx != 0, axis=(-2, -1)) * np.sum(sy != 0, axis=(-2, -1)))
-    return _result(np.sum(sx * sy, axis=(-2, -1)).astype(np.float64), denom.astype(np.float64))
+    i, j = np.triu_indices(x.shape[-1], 1)  # each pair once
+    sx = np.sign(x[..., i] - x[..., j]).astype(np.int8)
+    sy = np.sign(y[..., i] - y[..., j]).astype(np.int8)
+    concordance = np.sum(sx * sy, axis=-1, dtype=np.int64)
+    denom = np.sqrt(
+        np.count_nonzero(sx, axis=-1).astype(np.float64)
+        * np.count_nonzero(sy, axis=-1).astype(np.float64)
+    )
+    return _result(concordance.astype(np.float64), denom)
 
 
 def bootstrap_interval(

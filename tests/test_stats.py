@@ -72,3 +72,18 @@ def test_row_wise_correlations_equal_the_one_dimensional_ones():
         if i != 3:
             assert rho[i] == pytest.approx(stats.spearman(x[i], y[i]), abs=1e-14)
             assert tau[i] == pytest.approx(stats.kendall_tau(x[i], y[i]), abs=1e-14)
+
+
+def test_mid_ranks_equal_the_pairwise_count_on_rows_with_ties_and_refuse_nan():
+    """The sort-based ranks against their definition, ``#{x_j < x_i} + (#{x_j = x_i} + 1)/2``
+    (bit for bit: both are exact halves), row by row on a batch with many ties."""
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 4, (50, 17)).astype(np.float64)
+    x[::7] = rng.normal(size=x[::7].shape)  # rows without ties too
+    x[3] = 2.0  # a constant row
+    less = np.sum(x[:, None, :] < x[:, :, None], axis=-1)
+    equal = np.sum(x[:, None, :] == x[:, :, None], axis=-1)
+    np.testing.assert_array_equal(stats.mid_ranks(x), less + 0.5 * (equal + 1))
+    np.testing.assert_array_equal(stats.mid_ranks(x[5]), (less + 0.5 * (equal + 1))[5])
+    with pytest.raises(ValueError, match="NaN"):
+        stats.mid_ranks([1.0, np.nan, 0.0])
