@@ -278,13 +278,26 @@ def setup_for(config: Config, outdir: Path) -> Setup:
 
 
 def dataset_split(config: Config, name: str) -> tuple[tasks.TokenBatch, tasks.TokenBatch]:
-    """The training data (same for every seed) and clean evaluation examples of ``name``."""
+    """The training data (same for every seed) and clean evaluation examples of ``name``.
+
+    Built once per process and shared (read-only arrays): a study asks for the same
+    dataset once per method, optimizer and defence, and building it is Python work.
+    """
+    return _split(config.key_seed, config.num_examples, config.num_eval, name)
+
+
+@functools.lru_cache(maxsize=64)
+def _split(key_seed: int, num_examples: int, num_eval: int, name: str):
     index = sorted(tasks.DATASET_FAMILY).index(name)
-    k_data, k_eval = jax.random.split(jax.random.fold_in(jax.random.key(config.key_seed), index))
-    return (
-        tasks.benign_task(k_data, name, config.num_examples),
-        tasks.benign_task(k_eval, name, config.num_eval, evaluation=True),
+    k_data, k_eval = jax.random.split(jax.random.fold_in(jax.random.key(key_seed), index))
+    pair = (
+        tasks.benign_task(k_data, name, num_examples),
+        tasks.benign_task(k_eval, name, num_eval, evaluation=True),
     )
+    for batch in pair:
+        for array in batch:
+            array.setflags(write=False)  # shared: a caller that wrote to it would change it
+    return pair
 
 
 # ------------------------------------------------------------ predictors at θ*
