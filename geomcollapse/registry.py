@@ -47,8 +47,9 @@ COMMAND_GROUP = "geomcollapse.commands"  # entry points: CLI command -> function
 # Wall time of each experiment's --quick configuration in the main job on the
 # 2-core CPU with warm caches (θ* restored from its checkpoint, XLA programs from the
 # compilation cache), from the stage lines of `make reproduce` at 187d34d, when it ran the
-# experiments one after another in one process; the main job also orders its parallel
-# schedule by them.
+# experiments one after another in one process (transformer_onset: 120 s at 3a5f0a6, where
+# it reads Thm 6.1's C and D from experiments/results/at_theta instead of searching them);
+# the main job also orders its parallel schedule by them.
 QUICK_RUNTIME_S = {
     "spectrum_mlp": 28,
     "quartic_quadratic": 5,
@@ -58,7 +59,7 @@ QUICK_RUNTIME_S = {
     "gd_vs_flow": 3,
     "transformer_finetune": 40,
     "transformer_fisher": 61,
-    "transformer_onset": 215,
+    "transformer_onset": 120,
     "prediction": 64,
     "defences": 119,
     "validation": 1,
