@@ -37,6 +37,7 @@ from experiments import _style as style
 from experiments import prediction as P
 from experiments._common import (
     ROOT,
+    THETA_FIELD,
     Claim,
     check_fields,
     committed_sweep_rows,
@@ -52,6 +53,8 @@ from geomcollapse.progress import progress_bar
 from geomcollapse.subspace import Subspace
 
 NAME = "defences"
+# every row of one sweep records one θ* (the runner refuses rows of another: docs/sweeps.md)
+SWEEP_INVARIANTS = (THETA_FIELD,)
 
 DATASETS = (
     "always_answer",

@@ -37,6 +37,7 @@ from jax.flatten_util import ravel_pytree
 from experiments import _style as style
 from experiments._common import (
     ROOT,
+    THETA_FIELD,
     Claim,
     check_fields,
     committed_sweep_rows,
@@ -67,6 +68,8 @@ from geomcollapse.models import lora_init, lora_merge
 from geomcollapse.progress import progress_bar
 
 NAME = "prediction"
+# every row of one sweep records one θ* (the runner refuses rows of another: docs/sweeps.md)
+SWEEP_INVARIANTS = (THETA_FIELD,)
 FULL_FLAG = True
 
 SUBSET = (

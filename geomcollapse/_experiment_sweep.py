@@ -407,12 +407,44 @@ def run_sweep(
             groups = _seed_groups(todo)
         else:
             groups = [[cell] for cell in todo]
-        _compute_cells(module, config, groups, target, outdir, progress)
+        agreed = _invariants(module, [read(p)[1] for p in dict.fromkeys((path, target))])
+        _compute_cells(module, config, groups, target, outdir, progress, agreed)
         barrier("geomcollapse-sweep-computed")
         if process == 0:
             merge_parts(path, header, read)
         barrier("geomcollapse-sweep-merged")
     return path
+
+
+def _invariants(module: types.ModuleType, written: list[dict[int, list[str]]]) -> dict[str, set]:
+    """Per field of the module's ``SWEEP_INVARIANTS``, the values the rows already
+    ``written`` (complete cells' lines, per file) record (``None`` where a row records
+    none): fields every row of one sweep must agree on, e.g. the digest of the model
+    the rows were computed at."""
+    fields = getattr(module, "SWEEP_INVARIANTS", ())
+    if not fields:
+        return {}
+    rows = [json.loads(line) for cells in written for lines in cells.values() for line in lines]
+    return {f: {row.get(f) for row in rows} for f in fields}
+
+
+def _named(values: set) -> str:
+    return ", ".join(sorted("not recorded" if v is None else str(v) for v in values))
+
+
+def _check_agreed(agreed: dict[str, set], rows: list[dict], where: str, target: Path) -> None:
+    """Refuse ``rows`` when they record another value of an invariant field than the
+    rows before them (already in the output, or computed earlier in this run)."""
+    for field, seen in agreed.items():
+        new = {row.get(field) for row in rows}
+        if (seen and new != seen) or len(new) > 1:
+            raise ValueError(
+                f"{where} returned rows with {field} = {_named(new)}, but the rows before"
+                f" them in {target} record {_named(seen) or 'nothing'}: the rows of one sweep"
+                f" must agree on {field}; move the output away (or restore what the rows"
+                " were computed with)"
+            )
+        seen |= new
 
 
 def _compute_cells(
@@ -422,8 +454,10 @@ def _compute_cells(
     target: Path,
     outdir: Path,
     progress: bool,
+    agreed: dict[str, set],
 ) -> None:
-    """Run each group of cells and append its rows to ``target`` in one write."""
+    """Run each group of cells and append its rows to ``target`` in one write, after
+    checking them against ``agreed`` (:func:`_invariants`)."""
     todo = sum(len(group) for group in groups)
     with progress_bar(total=todo, desc=f"sweep {config.name}", enabled=progress) as bar:
         for group in groups:
@@ -441,6 +475,8 @@ def _compute_cells(
                 for cell, rows in zip(group, results, strict=True)
                 for line in _cell_lines(cell, rows, config)
             ]
+            where = f"{config.module}.sweep_cell for cell {group[0].index}"
+            _check_agreed(agreed, [json.loads(line) for line in lines], where, target)
             try:
                 append(target, lines)  # a group's cells in one write
             except OSError as err:

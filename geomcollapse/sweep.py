@@ -11,7 +11,9 @@ experiment ``X``, :mod:`geomcollapse.registry`: this repository's
 The module defines ``sweep_cell(config, outdir) -> list[dict]`` (one cell's
 rows) and may define ``sweep_cells(configs, outdir) -> list[list[dict]]``
 (cells differing only in ``seed``, computed together; used off CPU) and
-``report(rows, outdir) -> list[Path]`` (run by :func:`report`). ``base`` and
+``report(rows, outdir) -> list[Path]`` (run by :func:`report`), and may name row
+fields every row must agree on in ``SWEEP_INVARIANTS`` (rows of another value are
+refused before they are appended). ``base`` and
 the grid's values replace ``Config()``'s fields (dicts into dataclass fields,
 lists into tuples); the grid's cartesian product, in its key order, gives the
 cells. Each cell's rows, tagged with ``cell``, ``cell_id``, ``cell_rows`` and

@@ -264,3 +264,41 @@ def test_report_rebuilds_the_toys_table_and_refuses_what_it_cannot(tmp_path, cap
         err = capsys.readouterr().err
         assert err.startswith("geomcollapse report: error: ") and message in err, (name, err)
         assert "\n" not in err.rstrip("\n"), err
+
+
+def test_rows_of_another_model_are_refused_before_they_join_a_resumed_sweep(tmp_path, monkeypatch):
+    """A module's ``SWEEP_INVARIANTS`` (prediction's and defences' θ* digest): rows that
+    record another value than the rows already written are refused, naming both, and
+    nothing is appended; with the first value back, the sweep resumes and completes."""
+    model, stop_at = ["m1"], [1.0]
+    real = sweep_toy.sweep_cell
+
+    def stamped(config, outdir):
+        if config.a == stop_at[0]:
+            raise RuntimeError("interrupted")
+        return [{**row, "model": model[0]} for row in real(config, outdir)]
+
+    monkeypatch.setattr(sweep_toy, "SWEEP_INVARIANTS", ("model",), raising=False)
+    monkeypatch.setattr(sweep_toy, "sweep_cell", stamped)
+    config = sweep.load_config(_config(tmp_path, "stamped", {"a": [0.5, 1.0, 2.0]}))
+    with pytest.raises(RuntimeError, match="interrupted"):
+        sweep.run_sweep(config, progress=False, outdir=tmp_path)
+    written = config.output.read_text()
+    assert [r["model"] for r in sweep.read_rows(config.output)[1]] == ["m1", "m1"]
+    model[0], stop_at[0] = "m2", None
+    with pytest.raises(ValueError, match=r"model = m2, but the rows before them .* record m1"):
+        sweep.run_sweep(config, progress=False, outdir=tmp_path)
+    assert config.output.read_text() == written  # nothing appended
+    model[0] = "m1"
+    rows = sweep.read_rows(sweep.run_sweep(config, progress=False, outdir=tmp_path))[1]
+    assert [r["model"] for r in rows] == ["m1"] * 6 and len({r["cell"] for r in rows}) == 3
+    fresh = sweep.load_config(_config(tmp_path, "mixed", {"a": [0.5, 2.0]}))
+    model[0] = "m1"
+
+    def drifting(config, outdir):  # a model that changes between the cells of one run
+        return [{**row, "model": f"m{config.a}"} for row in real(config, outdir)]
+
+    monkeypatch.setattr(sweep_toy, "sweep_cell", drifting)
+    with pytest.raises(ValueError, match=r"model = m2\.0, but .* record m0\.5"):
+        sweep.run_sweep(fresh, progress=False, outdir=tmp_path)
+    assert [r["model"] for r in sweep.read_rows(fresh.output)[1]] == ["m0.5", "m0.5"]
