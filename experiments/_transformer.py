@@ -72,27 +72,40 @@ def at_theta_path(name: str, key: dict, outdir: Path) -> Path:
     return Path(outdir) / AT_THETA / f"{name}_{digest}.json"
 
 
-def read_at_theta(name: str, key: dict, outdir: Path) -> dict | None:
-    """The payload stored for ``key``: under ``outdir``, else committed in this repository.
+def stored_at_theta(name: str, key: dict, outdir: Path, required: tuple = ()) -> list[dict]:
+    """Every payload stored for ``key``: under ``outdir`` first, then committed in this
+    repository (one of each at most).
 
-    A file is used only when the key stored in it equals ``key``; an unreadable
-    file or another key is skipped with a warning naming it (the caller recomputes).
-    Returns None when no file holds ``key``.
+    A file is used only when the key stored in it equals ``key`` and its payload is a
+    dict holding the ``required`` fields; an unreadable file, another key or a payload
+    without them is skipped with a warning naming the file (the caller recomputes).
     """
     want = json.loads(json.dumps(key))  # tuples as JSON stores them
+    found = []
     for root in dict.fromkeys((Path(outdir).resolve(), _REPOSITORY)):
         path = at_theta_path(name, key, root)
         if not path.is_file():
             continue
         try:
             stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored["key"] == want:
-                return stored["payload"]
-            problem = "its stored key differs"
+            payload = stored["payload"]
+            if stored["key"] != want:
+                problem = "its stored key differs"
+            elif not isinstance(payload, dict) or not set(required) <= set(payload):
+                problem = f"its payload lacks one of {list(required)}"
+            else:
+                found.append(payload)
+                continue
         except (OSError, ValueError, KeyError, TypeError) as e:
             problem = f"it cannot be read ({type(e).__name__}: {e})"
         warnings.warn(f"{path} is not used: {problem}; recomputing", stacklevel=2)
-    return None
+    return found
+
+
+def read_at_theta(name: str, key: dict, outdir: Path, required: tuple = ()) -> dict | None:
+    """The payload stored for ``key`` (:func:`stored_at_theta`'s first); None when none is."""
+    found = stored_at_theta(name, key, outdir, required)
+    return found[0] if found else None
 
 
 def write_at_theta(name: str, key: dict, outdir: Path, payload: dict) -> Path:

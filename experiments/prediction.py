@@ -48,7 +48,7 @@ from experiments._common import (
 from experiments._transformer import (
     ALIGNMENT,
     aligned_model,
-    read_at_theta,
+    stored_at_theta,
     theta_digest,
     write_at_theta,
 )
@@ -370,8 +370,9 @@ def _predictors_at_theta_star(s: Setup, config: Config, name: str) -> dict:
 
 
 def _predictor_key(config: Config, outdir: Path) -> dict:
-    """What decides ``config``'s predictors at ``θ*``: the fields below and ``θ*`` itself
-    (another ``θ*`` under ``outdir``, another key and file)."""
+    """What decides ``config``'s predictors at ``θ*``: the fields below, ``θ*`` itself
+    (another ``θ*`` under ``outdir``, another key and file), the dataset family (a
+    dataset's data is drawn by its index in it), the code's version and JAX's."""
     fields = (
         "size",
         "dims",
@@ -383,21 +384,32 @@ def _predictor_key(config: Config, outdir: Path) -> dict:
     )
     entries = {f: getattr(config, f) for f in fields}
     entries["theta"] = theta_digest(aligned_model(config.size, outdir).params)
+    entries["family"] = sorted(tasks.DATASET_FAMILY)
+    entries["version"], entries["jax"] = PREDICTORS_VERSION, jax.__version__
     if geometry_dtype() != jnp.float64:  # float64 keys keep their names
         entries["dtype"] = geometry_dtype().name
     return entries
 
 
 PREDICTORS = f"{NAME}_at_theta"  # the name of their files under experiments/results/at_theta
+# Bump when _predictors_at_theta_star or what it calls changes what it returns: the key
+# then names no stored file and the predictors are computed again.
+PREDICTORS_VERSION = 1
+_NEEDED = ("at_grad_norm", "at_task_loss", "forecast_coefficients")  # of a stored dataset
 
 
 def predictors(config: Config, outdir: Path, s: Setup | None = None) -> dict[str, dict]:
     """Per dataset, the predictors at ``θ*`` (quantities of ``θ*`` alone): read where
-    stored (:func:`experiments._transformer.read_at_theta`: under ``outdir``, else
-    committed for the main job's ``tiny`` datasets), the missing ones computed and stored
-    under ``outdir`` one dataset at a time (an interrupted run keeps what it did)."""
+    stored (:func:`experiments._transformer.stored_at_theta`: under ``outdir``, then
+    committed for the main job's ``tiny`` datasets; ``outdir``'s first where both hold a
+    dataset), the missing ones computed and stored under ``outdir`` with the ones read,
+    one dataset at a time (an interrupted run keeps what it did)."""
     key = _predictor_key(config, outdir)
-    cached = read_at_theta(PREDICTORS, key, outdir) or {}
+    cached: dict = {}
+    for payload in reversed(stored_at_theta(PREDICTORS, key, outdir)):
+        cached.update(
+            {d: v for d, v in payload.items() if isinstance(v, dict) and set(_NEEDED) <= set(v)}
+        )
     missing = [d for d in config.datasets if d not in cached]
     if missing:
         s = s or setup_for(config, outdir)

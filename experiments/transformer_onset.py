@@ -34,6 +34,7 @@ from experiments import _style as style
 from experiments._common import ROOT, Claim, cli, conclude, require_x64
 from experiments._transformer import (
     SkillFisher,
+    at_theta_path,
     read_at_theta,
     rows,
     skill_fisher,
@@ -208,12 +209,14 @@ class _Constants(NamedTuple):
 
     ``C = max_{‖v‖=1} |⅙∇³u(θ*)[v,v,v]|``, ``D = max_{‖v‖=1} |∇⁴u(θ*)[v,v,v,v]|``
     of the KL skill loss (estimates: values attained, so never above the maxima);
-    ``payload``: :func:`_constants_payload` (the results' ``thm61_constants``).
+    ``payload``: :func:`_constants_payload` (the results' ``thm61_constants``);
+    ``source``: where they come from (read from ``at_theta``, or searched in this run).
     """
 
     C: float
     D: float
     payload: dict
+    source: str
 
 
 def _search(kl: _KL, params, order: int, starts, spec, tol: float) -> tensor_norm.TensorMax:
@@ -234,14 +237,26 @@ def _search(kl: _KL, params, order: int, starts, spec, tol: float) -> tensor_nor
 
 
 CONSTANTS = f"{NAME}_constants"  # the name of their files under experiments/results/at_theta
+# Bump when the search, its starts, its random keys or the KL skill loss change in code:
+# the key then names no stored file and C, D are searched again.
+CONSTANTS_VERSION = 1
+SKILL_LANCZOS_TOL = 1e-8  # F's top eigenvectors at θ*: the searches' starts
 
 
 def constants_key(config: Config, theta32) -> dict:
     """What decides ``C`` and ``D``: ``θ*`` (``theta32``, its float32 values, by digest),
-    the skill's prompts, ``F``'s basis (the starts) and the searches."""
+    the skill's prompts, ``F``'s basis (the starts), the searches, the code's version
+    and JAX's (its random numbers)."""
     fields = ("size", "num_prompts", "cubic_search", "quartic_search", "search_tol", "seed")
     key = {f: getattr(config, f) for f in fields}
-    return {**key, "lanczos_k": max(config.dims), "theta": theta_digest(theta32)}
+    return {
+        **key,
+        "lanczos_k": max(config.dims),
+        "lanczos_tol": SKILL_LANCZOS_TOL,
+        "version": CONSTANTS_VERSION,
+        "jax": jax.__version__,
+        "theta": theta_digest(theta32),
+    }
 
 
 def search_constants(sf: SkillFisher, kl: _KL, config: Config, key) -> dict:
@@ -268,11 +283,13 @@ def _constants(sf: SkillFisher, kl: _KL, config: Config, key, outdir: Path) -> _
     (:func:`search_constants`) and stored under ``outdir``."""
     theta32 = jax.tree.map(lambda a: a.astype(jnp.float32), sf.params)  # exact: θ* is float32
     at = constants_key(config, theta32)
-    payload = read_at_theta(CONSTANTS, at, outdir)
+    payload = read_at_theta(CONSTANTS, at, outdir, required=("C", "D"))
+    source = f"read from experiments/results/at_theta/{at_theta_path(CONSTANTS, at, '').name}"
     if payload is None:
         payload = search_constants(sf, kl, config, key)
         write_at_theta(CONSTANTS, at, outdir, payload)
-    return _Constants(payload["C"], payload["D"], payload)
+        source = "searched in this run"
+    return _Constants(payload["C"], payload["D"], payload, source)
 
 
 class _Setup(NamedTuple):
@@ -297,7 +314,7 @@ def _setup(config: Config, outdir: Path, k_prompts, k_eig) -> _Setup:
         k=max(config.dims),
         prompt_key=k_prompts,
         lanczos_key=k_eig,
-        tol=1e-8,
+        tol=SKILL_LANCZOS_TOL,
     )
     params, short = sf.params, sf.harmful.prompts_only()
     u = training.skill_loss(sf.logits)
@@ -607,6 +624,7 @@ def compute(config: Config, outdir: Path) -> dict:
         "kl_grad_u_norm": s.kl.grad_norm,
         "kl_hessian_fisher_gap": s.kl.hessian_fisher_gap,
         "thm61_constants": s.constants.payload,
+        "thm61_constants_source": s.constants.source,
         "tasks": results,
     }
 
@@ -808,7 +826,8 @@ def _fixed_bound_claim(results: dict, c: Config, command: str) -> Claim:
         f"min (Δu − B)/Δu ≥ 0 on every informative flow (B ≥ {c.informative_fraction:.0%} of Δu "
         "at a time of the window: the local window where (D/24)‖x‖⁴ ≤ C‖x‖³), "
         "at least one informative flow",
-        f"C = {k['C']:.4g}, D = {k['D']:.4g}, 24C/D = {k['quartic_radius']:.3g}; "
+        f"C = {k['C']:.4g}, D = {k['D']:.4g}, 24C/D = {k['quartic_radius']:.3g} "
+        f"({results.get('thm61_constants_source', 'searched in this run')}); "
         f"{len(informative)} of {len(by)} flows informative; min (Δu − B)/Δu: "
         + "; ".join(f"{name} {show(e)}" for name, e in by.items()),
         bool(informative) and all(e["min_margin"] >= 0 for e in informative.values()),

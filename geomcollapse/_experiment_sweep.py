@@ -32,6 +32,7 @@ import itertools
 import json
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -44,6 +45,7 @@ from geomcollapse._sweep_io import (
     barrier,
     locked_output,
     merge_parts,
+    part_paths,
     processes,
     reject_non_finite,
     reject_unknown,
@@ -411,6 +413,7 @@ def run_sweep(
         _compute_cells(module, config, groups, target, outdir, progress, agreed)
         barrier("geomcollapse-sweep-computed")
         if process == 0:
+            _check_agreed_parts(module, path, read)
             merge_parts(path, header, read)
         barrier("geomcollapse-sweep-merged")
     return path
@@ -447,6 +450,20 @@ def _check_agreed(agreed: dict[str, set], rows: list[dict], where: str, target: 
         seen |= new
 
 
+def _check_agreed_parts(module: types.ModuleType, path: Path, read: Callable) -> None:
+    """Before the part files of several processes are merged into ``path``: refuse
+    parts whose rows disagree on a ``SWEEP_INVARIANTS`` field (nothing is merged)."""
+    parts = part_paths(path)
+    agreed = _invariants(module, [read(p)[1] for p in [path, *parts]]) if parts else {}
+    for field, seen in agreed.items():
+        if len(seen) > 1:
+            raise ValueError(
+                f"the rows of {path} and its part files record {field} = {_named(seen)}:"
+                f" the rows of one sweep must agree on {field}, so they are not merged;"
+                " move the output and its parts away"
+            )
+
+
 def _compute_cells(
     module: types.ModuleType,
     config: ExperimentSweepConfig,
@@ -475,7 +492,7 @@ def _compute_cells(
                 for cell, rows in zip(group, results, strict=True)
                 for line in _cell_lines(cell, rows, config)
             ]
-            where = f"{config.module}.sweep_cell for cell {group[0].index}"
+            where = f"{config.module} for cell {', '.join(str(c.index) for c in group)}"
             _check_agreed(agreed, [json.loads(line) for line in lines], where, target)
             try:
                 append(target, lines)  # a group's cells in one write

@@ -53,6 +53,8 @@ def mid_ranks(x) -> np.ndarray:
     x = np.asarray(x, np.float64)
     if np.isnan(x).any():
         raise ValueError("x must not contain NaN: it has no rank")
+    if x.ndim and x.shape[-1] == 0:
+        return x.copy()
     rows = x.reshape(-1, x.shape[-1]) if x.ndim else x.reshape(1, 1)
     order = np.argsort(rows, axis=-1, kind="stable")
     ordered = np.take_along_axis(rows, order, axis=-1)

@@ -52,6 +52,10 @@ def test_a_file_of_another_key_or_a_corrupted_file_is_not_used(tmp_path):
     written.write_text(json.dumps({"payload": {"C": 1.0}}))  # no key
     with pytest.warns(UserWarning, match="cannot be read"):
         assert T.read_at_theta("thing", _key(), tmp_path) is None
+    T.write_at_theta("thing", _key(), tmp_path, {"C": 1.0})  # the right key, D missing
+    with pytest.warns(UserWarning, match=r"its payload lacks one of \['C', 'D'\]"):
+        assert T.read_at_theta("thing", _key(), tmp_path, required=("C", "D")) is None
+    assert T.read_at_theta("thing", _key(), tmp_path, required=("C",)) == {"C": 1.0}
 
 
 def _main_job_keys(outdir):
@@ -82,6 +86,38 @@ def test_the_main_jobs_quantities_at_theta_star_are_committed(tmp_path):
     assert T.read_at_theta(name_c, key_c, tmp_path)["C"] == 2.0
 
 
+def test_predictors_read_under_outdir_join_the_committed_ones(tmp_path):
+    """A file under ``outdir`` with some datasets (an interrupted run, a study) hides
+    none of the committed datasets: the two are merged, ``outdir``'s entry first."""
+    key = P._predictor_key(P.QUICK, tmp_path)
+    committed = T.read_at_theta(P.PREDICTORS, key, ROOT)
+    first, second = P.QUICK.datasets[:2]
+    mine = {**committed[first], "at_task_loss": -1.0}
+    T.write_at_theta(P.PREDICTORS, key, tmp_path, {first: mine, "broken": {"at_grad_norm": 1}})
+    got = P.predictors(P.QUICK, tmp_path)
+    assert got[first] == mine and got[second] == committed[second]
+    assert set(got) == set(P.QUICK.datasets)
+
+
+def test_a_committed_predictor_is_what_theta_star_gives_now(tmp_path):
+    """A cheap recomputation of stored numbers (seconds): the task loss and gradient norm
+    at θ* of the first main-job dataset, float64, against the committed predictors
+    (the full tier recomputes a whole dataset's predictors and C, D)."""
+    import jax.numpy as jnp
+
+    from geomcollapse import models, training
+
+    graphdef, params = T.aligned_model("tiny", tmp_path, progress=False).as_dtype(jnp.float64)
+    loss = training.sequence_loss(models.transformer_logits(graphdef))
+    name = P.QUICK.datasets[0]
+    train, _ = P.dataset_split(P.QUICK, name)
+    value, grad = jax.jit(jax.value_and_grad(loss))(params, train.tokens, train.targets, train.mask)
+    stored = P.predictors(P.QUICK, tmp_path)[name]
+    assert float(value) == pytest.approx(stored["at_task_loss"], rel=1e-12)
+    norm = float(jnp.linalg.norm(jax.flatten_util.ravel_pytree(grad)[0]))
+    assert norm == pytest.approx(stored["at_grad_norm"], rel=1e-10)
+
+
 @pytest.mark.full
 def test_the_committed_constants_are_what_the_search_finds(tmp_path):
     """SS-HOPM from θ* again, as ``transformer_onset --quick`` runs it: the committed
@@ -103,7 +139,8 @@ def test_the_committed_constants_are_what_the_search_finds(tmp_path):
 
 @pytest.mark.full
 def test_the_committed_predictors_are_what_theta_star_gives(tmp_path):
-    """The predictors at θ* of one main-job dataset, computed again (about a minute)."""
+    """The predictors at θ* of one main-job dataset, every field, computed again (about a
+    minute)."""
     config = P.QUICK
     name = config.datasets[0]
     fresh = P._predictors_at_theta_star(P.setup_for(config, tmp_path), config, name)

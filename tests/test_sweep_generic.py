@@ -302,3 +302,27 @@ def test_rows_of_another_model_are_refused_before_they_join_a_resumed_sweep(tmp_
     with pytest.raises(ValueError, match=r"model = m2\.0, but .* record m0\.5"):
         sweep.run_sweep(fresh, progress=False, outdir=tmp_path)
     assert [r["model"] for r in sweep.read_rows(fresh.output)[1]] == ["m0.5", "m0.5"]
+
+
+def test_part_files_of_two_models_are_not_merged(tmp_path, monkeypatch):
+    """Two processes of one sweep (each its own part file), the second at another model:
+    each part agrees with itself, so only the merge can see the mix, and it refuses."""
+    from geomcollapse import _experiment_sweep
+
+    real = sweep_toy.sweep_cell
+    model = ["m1"]
+    monkeypatch.setattr(sweep_toy, "SWEEP_INVARIANTS", ("model",), raising=False)
+    monkeypatch.setattr(
+        sweep_toy,
+        "sweep_cell",
+        lambda config, outdir: [{**r, "model": model[0]} for r in real(config, outdir)],
+    )
+    config = sweep.load_config(_config(tmp_path, "parts", {"a": [0.5, 1.0, 2.0]}))
+    monkeypatch.setattr(_experiment_sweep, "processes", lambda: (1, 2))
+    sweep.run_sweep(config, progress=False, outdir=tmp_path)  # cell 1, into its part
+    model[0] = "m2"
+    monkeypatch.setattr(_experiment_sweep, "processes", lambda: (0, 2))
+    with pytest.raises(ValueError, match=r"record model = m1, m2: .* not merged"):
+        sweep.run_sweep(config, progress=False, outdir=tmp_path)  # cells 0 and 2, then merge
+    parts = sorted(p.name for p in tmp_path.glob("parts.jsonl.part-*"))
+    assert parts == ["parts.jsonl.part-0-of-2", "parts.jsonl.part-1-of-2"]  # left as they were
