@@ -209,14 +209,21 @@ class _Constants(NamedTuple):
 
     ``C = max_{‖v‖=1} |⅙∇³u(θ*)[v,v,v]|``, ``D = max_{‖v‖=1} |∇⁴u(θ*)[v,v,v,v]|``
     of the KL skill loss (estimates: values attained, so never above the maxima);
-    ``payload``: :func:`_constants_payload` (the results' ``thm61_constants``);
-    ``source``: where they come from (read from ``at_theta``, or searched in this run).
+    ``payload``: :func:`_constants_payload` (the results' ``thm61_constants``), which
+    holds them; ``source``: where they come from (read from ``at_theta``, or searched in
+    this run).
     """
 
-    C: float
-    D: float
     payload: dict
     source: str
+
+    @property
+    def C(self) -> float:
+        return self.payload["C"]
+
+    @property
+    def D(self) -> float:
+        return self.payload["D"]
 
 
 def _search(kl: _KL, params, order: int, starts, spec, tol: float) -> tensor_norm.TensorMax:
@@ -289,7 +296,7 @@ def _constants(sf: SkillFisher, kl: _KL, config: Config, key, outdir: Path) -> _
         payload = search_constants(sf, kl, config, key)
         write_at_theta(CONSTANTS, at, outdir, payload)
         source = "searched in this run"
-    return _Constants(payload["C"], payload["D"], payload, source)
+    return _Constants(payload, source)
 
 
 class _Setup(NamedTuple):

@@ -409,7 +409,7 @@ def run_sweep(
             groups = _seed_groups(todo)
         else:
             groups = [[cell] for cell in todo]
-        agreed = _invariants(module, [read(p)[1] for p in dict.fromkeys((path, target))])
+        agreed = _invariants(module, list(dict.fromkeys((path, target))), read)
         _compute_cells(module, config, groups, target, outdir, progress, agreed)
         barrier("geomcollapse-sweep-computed")
         if process == 0:
@@ -419,15 +419,16 @@ def run_sweep(
     return path
 
 
-def _invariants(module: types.ModuleType, written: list[dict[int, list[str]]]) -> dict[str, set]:
-    """Per field of the module's ``SWEEP_INVARIANTS``, the values the rows already
-    ``written`` (complete cells' lines, per file) record (``None`` where a row records
+def _invariants(module: types.ModuleType, paths: list[Path], read: Callable) -> dict[str, set]:
+    """Per field of the module's ``SWEEP_INVARIANTS``, the values that the rows of the
+    complete cells in ``paths`` (read by ``read``) record (``None`` where a row records
     none): fields every row of one sweep must agree on, e.g. the digest of the model
-    the rows were computed at."""
+    the rows were computed at. A module without invariants reads nothing: ``{}``."""
     fields = getattr(module, "SWEEP_INVARIANTS", ())
     if not fields:
         return {}
-    rows = [json.loads(line) for cells in written for lines in cells.values() for line in lines]
+    cells = [read(p)[1] for p in paths]
+    rows = [json.loads(line) for groups in cells for lines in groups.values() for line in lines]
     return {f: {row.get(f) for row in rows} for f in fields}
 
 
@@ -454,7 +455,7 @@ def _check_agreed_parts(module: types.ModuleType, path: Path, read: Callable) ->
     """Before the part files of several processes are merged into ``path``: refuse
     parts whose rows disagree on a ``SWEEP_INVARIANTS`` field (nothing is merged)."""
     parts = part_paths(path)
-    agreed = _invariants(module, [read(p)[1] for p in [path, *parts]]) if parts else {}
+    agreed = _invariants(module, [path, *parts], read) if parts else {}
     for field, seen in agreed.items():
         if len(seen) > 1:
             raise ValueError(
