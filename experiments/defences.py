@@ -401,7 +401,7 @@ def _runs(s, config: Config, spec: Spec, index: int, middle: bool) -> list[dict]
     b = P.run_batch(s, config, "full", spec.optimizer)
     init, advance = trainer(s.logits32, spec)
     aux = _aux(s, spec, jnp.float32)
-    params, opt_state = b.state, init(b.state, aux)
+    params, opt_state = training.committed((b.state, init(b.state, aux)), s.params32)
     rows, done, K = [], 0, config.horizons[-1]
     label = spec.defence
     if spec.defence != "none":
@@ -485,7 +485,7 @@ def _cost(s, config: Config, spec: Spec, b, carry, aux) -> dict:
     none = spec_for(config, "none", 0, spec.optimizer)
     init, plain_advance = trainer(s.logits32, none)
     plain_aux = _aux(s, none, jnp.float32)
-    start = (b.state, init(b.state, plain_aux))
+    start = training.committed((b.state, init(b.state, plain_aux)), s.params32)
     plain = functools.partial(timed, plain_advance, start, plain_aux, window=base)
     plain()  # compile
     pairs = np.array([(defended(), plain()) for _ in range(config.timing_repeats)])

@@ -476,12 +476,11 @@ def measurer(logits, logits64, method: str, alpha: float):
     """Jitted measurements of a vmapped batch of runs at one horizon.
 
     Behaviour (harm, NLL, accuracy) in the training dtype with ``logits``;
-    the geometry (KL ``Δu``, ``½ΔθᵀFΔθ``) in float64 with ``logits64``.
+    the geometry (KL ``Δu``, ``½ΔθᵀFΔθ``) in float64 with ``logits64``, one
+    program for every method (it sees full-parameter displacements only).
     """
     first = training.answer_logits(logits)
     match = training.exact_match(logits)
-    du = training.kl_skill_change(logits64)
-    fvp = curvature.fisher_vp(training.answer_logits(logits64))  # (params, v, tokens, start)
 
     def to_full(state, theta):
         return state if method == "full" else lora_merge(theta, state, alpha)
@@ -505,6 +504,15 @@ def measurer(logits, logits64, method: str, alpha: float):
 
         return jax.vmap(one)(states)
 
+    return behaviour, displacement, _geometry(logits64)
+
+
+@functools.lru_cache(maxsize=2)
+def _geometry(logits64):
+    """Jitted ``(Δu, ½xᵀFx, x raveled)`` of a vmapped batch of displacements ``x``."""
+    du = training.kl_skill_change(logits64)
+    fvp = curvature.fisher_vp(training.answer_logits(logits64))  # (params, v, tokens, start)
+
     @jax.jit
     def geometry(xs, theta64, ref, fvp_args):
         def one(x):
@@ -516,7 +524,7 @@ def measurer(logits, logits64, method: str, alpha: float):
 
         return jax.vmap(one)(xs)
 
-    return behaviour, displacement, geometry
+    return geometry
 
 
 def stack_trees(trees):
@@ -590,7 +598,7 @@ def _runs(s: Setup, config: Config, method: str, opt_name: str, at: dict) -> lis
     """
     b = run_batch(s, config, method, opt_name)
     opt = _optimizer(config, opt_name)[0]
-    state, opt_state = b.state, jax.vmap(opt.init)(b.state)
+    state, opt_state = training.committed((b.state, jax.vmap(opt.init)(b.state)), s.params32)
     advance = _trainer(s.logits32, method, config.lora_alpha, opt)
     behaviour, displacement, geometry = measurer(s.logits32, s.logits64, method, config.lora_alpha)
     ref, theta = tuple(s.reference), s.params32

@@ -20,6 +20,7 @@ config gives the same model, bit for bit, on the same machine.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from pathlib import Path
@@ -303,17 +304,13 @@ def finetune(
     task_eval = tasks.benign_task(k_eval, task, aligned.config.num_eval, evaluation=True)
     harm, _ = evaluation_sets(aligned.config)
     logits = aligned.logits_fn()
-    loss = training.sequence_loss(logits)
     theta_star = aligned.params
+    fn, optimizer = _finetune_objective(logits, config.method, config.lora_alpha, config.lr)
 
     if config.method == "full":
-        start, to_full, fn = theta_star, (lambda p: p), loss
+        start, to_full, frozen = theta_star, (lambda p: p), ()
     else:
-        start = lora_init(k_lora, theta_star, config.lora_rank)
-        lora_loss = lora_apply(loss, config.lora_alpha)
-
-        def fn(adapters, *batch):
-            return lora_loss(adapters, theta_star, *batch)
+        start, frozen = lora_init(k_lora, theta_star, config.lora_rank), (theta_star,)
 
         def to_full(adapters):
             return lora_merge(theta_star, adapters, config.lora_alpha)
@@ -333,7 +330,7 @@ def finetune(
         fn,
         start,
         data,
-        optax.adam(config.lr),
+        optimizer,
         num_steps=config.steps,
         batch_size=config.batch_size,
         key=k_order,
@@ -341,11 +338,22 @@ def finetune(
         progress=progress,
         desc=f"fine-tune {task} ({config.method})",
         callback=measure,
+        loss_args=frozen,
     )
     columns = np.asarray(metrics, np.float64).T  # skill_loss, harmfulness, accuracy
     return FinetuneRun(
         task, config.method, np.asarray(steps), *columns, losses=losses, params=to_full(final)
     )
+
+
+@functools.lru_cache(maxsize=16)
+def _finetune_objective(logits, method: str, alpha: float, lr: float):
+    """The fine-tuning loss and Adam, the same objects for every task: every task's run
+    then reuses one compiled training step (LoRA's loss takes the frozen ``θ*`` as its
+    second argument, ``lora_loss(adapters, θ*, tokens, targets, mask)``)."""
+    loss = training.sequence_loss(logits)
+    fn = loss if method == "full" else lora_apply(loss, alpha)
+    return fn, optax.adam(lr)
 
 
 def skill_fisher_vp(logits_fn, params: PyTree, harmful: tasks.TokenBatch):

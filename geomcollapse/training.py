@@ -36,6 +36,7 @@ from geomcollapse.progress import progress_bar
 __all__ = [
     "Metrics",
     "answer_logits",
+    "committed",
     "evaluate",
     "evaluator",
     "exact_match",
@@ -269,17 +270,32 @@ def greedy_decode(
     return out
 
 
-def _placed_like(state: PyTree, params: PyTree) -> PyTree:
-    """``state`` committed to ``params``' one device, where they are committed to one.
+def committed(tree: PyTree, like: PyTree) -> PyTree:
+    """``tree`` committed to the one device holding ``like``'s leaves (same values).
 
-    ``optimizer.init``'s fresh arrays (Adam's count) are uncommitted: the first
-    chunk would see them so and the next ones committed (the previous chunk's
-    output), and XLA would compile the same program twice.
+    A jitted function's cache key holds its arguments' placement. Eager arrays
+    and the constants of ``optimizer.init`` (Adam's count) are uncommitted,
+    while a compiled step returns committed ones: the first chunk would see
+    them so and the next ones committed, and XLA would compile the same program
+    twice. ``tree`` is returned as it is when ``like`` spans several devices.
     """
-    placed = {x.sharding for x in jax.tree.leaves(params) if getattr(x, "committed", False)}
-    if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
-        return state
-    return jax.device_put(state, next(iter(placed)))
+    devices = {d for x in jax.tree.leaves(like) if isinstance(x, jax.Array) for d in x.devices()}
+    if len(devices) != 1:
+        return tree
+    return jax.device_put(tree, next(iter(devices)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _train_chunk(loss_fn, optimizer, params, opt_state, loss_args, arrays, idx):
+    """``((params, opt_state), losses)`` after the ``(c, B)`` minibatch rows ``idx``."""
+
+    def step(carry, rows):
+        p, s = carry
+        loss, g = jax.value_and_grad(loss_fn)(p, *loss_args, *(a[rows] for a in arrays))
+        updates, s = optimizer.update(g, s, p)
+        return (optax.apply_updates(p, updates), s), loss
+
+    return jax.lax.scan(step, (params, opt_state), idx)
 
 
 def train(
@@ -295,14 +311,18 @@ def train(
     progress: bool = True,
     desc: str = "train",
     callback: Callable[[int, PyTree], None] | None = None,
+    loss_args: tuple = (),
 ) -> tuple[PyTree, np.ndarray]:
-    """Minibatch training of ``loss_fn(params, tokens, targets, mask)`` with an optax optimizer.
+    """Minibatch training of ``loss_fn(params, *loss_args, tokens, targets, mask)`` with optax.
 
     Minibatches are drawn uniformly (with a fresh permutation each epoch) from
     ``data`` with ``key``; steps run in compiled chunks of ``chunk`` (a
     ``lax.scan``), so the run is deterministic under a fixed key.
     ``callback(step, params)``, if given, runs after every chunk (``step`` =
-    steps done so far), e.g. to record metrics along the run.
+    steps done so far), e.g. to record metrics along the run. ``loss_args``
+    (e.g. the frozen ``θ*`` of LoRA adapters) and the data enter the compiled
+    step as arguments: a second call with the same ``loss_fn`` and
+    ``optimizer`` objects and shapes reuses its program.
 
     Returns:
       The trained parameters and the ``(num_steps,)`` float64 training losses.
@@ -325,22 +345,14 @@ def train(
         return idx.reshape(-1, batch_size)[:num_steps]
 
     batches = np.asarray(order(key))
-
-    @jax.jit
-    def run(params, opt_state, idx):
-        def step(carry, rows):
-            p, s = carry
-            loss, g = jax.value_and_grad(loss_fn)(p, *(a[rows] for a in arrays))
-            updates, s = optimizer.update(g, s, p)
-            return (optax.apply_updates(p, updates), s), loss
-
-        return jax.lax.scan(step, (params, opt_state), idx)
-
-    opt_state = _placed_like(optimizer.init(params), params)
+    params, opt_state = committed((params, optimizer.init(params)), params)
     losses = []
     bar = progress_bar(total=num_steps, desc=desc, enabled=progress)
     for start in range(0, num_steps, chunk):
-        (params, opt_state), loss = run(params, opt_state, batches[start : start + chunk])
+        idx = batches[start : start + chunk]
+        (params, opt_state), loss = _train_chunk(
+            loss_fn, optimizer, params, opt_state, tuple(loss_args), arrays, idx
+        )
         losses.append(np.asarray(loss, np.float64))
         if not np.all(np.isfinite(losses[-1])):  # stop at the first bad chunk
             bar.close()

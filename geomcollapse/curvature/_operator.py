@@ -254,9 +254,25 @@ def linear_operator(fn: Callable[..., PyTree], params: PyTree, *args: Any, like:
     return LinearOperator(keyed(fn), params, tuple(args), space)
 
 
-@jax.jit
 def apply(op: LinearOperator, v: PyTree) -> PyTree:
-    """``op(v)``, compiled once per operator function and shapes (new params and data reuse it)."""
+    """``op(v)``, compiled once per operator function and shapes (new params and data reuse it).
+
+    ``v`` is committed where ``op``'s arrays are, when they are on one device: a
+    ``v`` built from numpy or drawn at random (uncommitted) and the next ones
+    committed (outputs) would otherwise compile the same program twice.
+    """
+    placed = _one_device(op)
+    if placed is not None and not _traced(v):
+        v = jax.device_put(v, placed)
+    return _apply(op, v)
+
+
+def _traced(tree: PyTree) -> bool:
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+@jax.jit
+def _apply(op: LinearOperator, v: PyTree) -> PyTree:
     return op(v)
 
 
@@ -272,17 +288,15 @@ def host_matvec(matvec: Any, like: PyTree) -> Callable[[PyTree], PyTree]:
     if isinstance(op, LinearOperator) and isinstance(like, (jax.Array, np.ndarray)):
         op = op.raveled() if np.ndim(like) == 1 else op
     op = as_operator(op, like, name="matvec")
-    placed = _one_device(op)
-    if placed is None:
-        return lambda v: apply(op, v)
-    # v committed where op's arrays are: a first v drawn uncommitted (a random start)
-    # and the next ones committed (outputs) would compile the same program twice
-    return lambda v: apply(op, jax.device_put(v, placed))
+    return lambda v: apply(op, v)  # v committed where op's arrays are (apply)
 
 
 def _one_device(op: LinearOperator) -> Any:
     """The one-device sharding that ``op``'s committed arrays share, else ``None``."""
-    placed = {x.sharding for x in jax.tree_util.tree_leaves(op) if getattr(x, "committed", False)}
+    if _traced(op):
+        return None  # under a trace: placement is the enclosing computation's
+    leaves = jax.tree_util.tree_leaves(op)
+    placed = {x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed}
     if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
         return None
     return next(iter(placed))
