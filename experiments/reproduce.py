@@ -191,7 +191,7 @@ def _worker(conn, module_name: str, outdir: Path, tiny: bool, full: bool, cache,
     """A worker process: run ``module_name``; send ``("ok", claims)`` or ``("error", exc,
     traceback)``. ``streams``: the caller's standard output and error (file descriptors
     handed over at the start), or None to keep the ones the process started with."""
-    for fd, stream in zip((1, 2), streams or (), strict=True):
+    for fd, stream in zip((1, 2), streams, strict=True) if streams else ():
         os.dup2(stream, fd)  # a fork server's own would be where they were when it started
         os.close(stream)
     try:
