@@ -13,7 +13,6 @@ import importlib
 import importlib.util
 import multiprocessing
 import multiprocessing.connection
-import multiprocessing.reduction
 import os
 import signal
 import threading
@@ -181,19 +180,15 @@ def _run_one(module_name: str, outdir: Path, tiny: bool, full: bool) -> list[Cla
 
 
 class CompileCache(NamedTuple):
-    """JAX's persistent compilation cache as the caller uses it (not inherited by a worker)."""
+    """JAX's persistent compilation cache as the caller uses it (``spawn`` does not carry it)."""
 
     directory: str
     min_compile_time_s: float
 
 
-def _worker(conn, module_name: str, outdir: Path, tiny: bool, full: bool, cache, streams) -> None:
+def _worker(conn, module_name: str, outdir: Path, tiny: bool, full: bool, cache) -> None:
     """A worker process: run ``module_name``; send ``("ok", claims)`` or ``("error", exc,
-    traceback)``. ``streams``: the caller's standard output and error (file descriptors
-    handed over at the start), or None to keep the ones the process started with."""
-    for fd, stream in zip((1, 2), streams, strict=True) if streams else ():
-        os.dup2(stream, fd)  # a fork server's own would be where they were when it started
-        os.close(stream)
+    traceback)``."""
     try:
         if cache is not None:
             compilation_cache.use(cache.directory, cache.min_compile_time_s)
@@ -220,7 +215,7 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
     by_name = {m.NAME: m.__name__ for m in modules}
     needs = schedule_needs(outdir, tiny, full)
     waiting, running, done = list(by_name), {}, {}
-    context = worker_context()
+    context = multiprocessing.get_context("spawn")  # no forked JAX runtime
     configured = jax.config.jax_compilation_cache_dir  # the CLI's (or the user's) cache
     least = jax.config.jax_persistent_cache_min_compile_time_secs
     cache = CompileCache(configured, least) if configured else None
@@ -249,21 +244,6 @@ def _run_in_processes(modules: list, outdir: Path, tiny: bool, full: bool, jobs:
     return done
 
 
-def worker_context():
-    """How workers start: ``forkserver`` where there is one (Linux, macOS), else ``spawn``.
-
-    The fork server imports this module, hence every experiment, JAX and the library,
-    once; each worker is a fork of it. A spawned worker imported them itself, about
-    3.5 s of a 2-core CPU per experiment. No JAX runtime is forked: importing starts
-    none (backends start at the first computation, in the worker).
-    """
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__spec__.name if __spec__ else "experiments.reproduce"])
-    return context
-
-
 def schedule_needs(outdir: Path, tiny: bool, full: bool) -> dict[str, tuple[str, ...]]:
     """:data:`NEEDS`, plus transformer_finetune before :data:`READS_THETA` unless every
     ``θ*`` they read (their configurations' sizes) is cached in ``outdir`` or committed."""
@@ -285,29 +265,11 @@ def _config(module, tiny: bool, full: bool):
 def _start(context, name: str, module_name: str, outdir, tiny, full, cache) -> dict:
     """``{receiving end: (name, process)}`` of a new worker process running ``module_name``."""
     receive, send = context.Pipe(duplex=False)
-    streams = None
-    if context.get_start_method() == "forkserver":
-        streams = (_HandedOver(1), _HandedOver(2))
-    args = (send, module_name, outdir, tiny, full, cache, streams)
+    args = (send, module_name, outdir, tiny, full, cache)
     worker = context.Process(target=_worker, args=args, name=f"reproduce-{name}")
     worker.start()
     send.close()  # the worker holds the other copy: EOF here if it dies
     return {receive: (name, worker)}
-
-
-class _HandedOver:
-    """The caller's file descriptor ``fd``, duplicated into the worker when the worker's
-    arguments are pickled (where it is received as a plain descriptor)."""
-
-    def __init__(self, fd: int):
-        self.fd = fd
-
-    def __reduce__(self):
-        return _received_fd, (multiprocessing.reduction.DupFd(self.fd),)
-
-
-def _received_fd(duplicate) -> int:
-    return duplicate.detach()
 
 
 def _received(name: str, conn, worker) -> list[Claim]:

@@ -67,9 +67,10 @@ QUICK_RUNTIME_S = {
     "sgd_onset": 39,
 }
 EXPERIMENTS = tuple(QUICK_RUNTIME_S)  # the main job's experiments, in its order
-# the main job two experiments at a time on a fresh clone, with a cold XLA cache (500 s at
-# c1436d6; 825 and 841 s before Thm 6.1's C, D and the predictors at θ* were committed)
-QUICK_MAIN_JOB_S = 500
+# the main job two experiments at a time on a fresh clone, with a cold XLA cache (492 s at
+# eb8d50d, 500 s at c1436d6; 825 and 841 s before Thm 6.1's C, D and the predictors at θ*
+# were committed)
+QUICK_MAIN_JOB_S = 492
 TRANSFORMER = frozenset({"transformer_finetune", "transformer_fisher", "transformer_onset"})
 
 

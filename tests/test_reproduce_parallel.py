@@ -81,19 +81,6 @@ def test_needs_name_experiments_of_the_main_job_that_come_before_them():
         assert all(names.index(d) < names.index(name) for d in needs), (name, needs)
 
 
-def test_forked_and_spawned_workers_give_the_same_bytes(tmp_path, monkeypatch, capfd):
-    """The fork server's workers (the default on Linux) and spawned ones (where there is
-    none): the same claims and results files; each prints its stage lines where the
-    caller prints."""
-    assert reproduce.worker_context().get_start_method() == "forkserver"
-    forked = _run(tmp_path / "forked", 2)
-    assert "== gd_vs_flow ==" in capfd.readouterr().out
-    monkeypatch.setattr(reproduce, "worker_context", lambda: multiprocessing.get_context("spawn"))
-    spawned = _run(tmp_path / "spawned", 2)
-    assert "== gd_vs_flow ==" in capfd.readouterr().out
-    assert spawned[0] == forked[0] and spawned[1] == forked[1] and spawned[2] == forked[2]
-
-
 @pytest.mark.parametrize("jobs", [0, -1, 1.5, True])
 def test_jobs_must_be_a_positive_integer(tmp_path, jobs):
     with pytest.raises(ValueError, match="jobs"):
