@@ -38,6 +38,34 @@ PyTree = Any
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def traced(tree: PyTree) -> bool:
+    """Whether any leaf of ``tree`` is a tracer (inside ``jit``, ``vmap``, ``grad``)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
+
+
+def one_device(tree: PyTree) -> jax.sharding.Sharding | None:
+    """The one-device sharding that ``tree``'s committed arrays share; None when it has
+    none, when they span several devices, or under a trace."""
+    if traced(tree):
+        return None
+    leaves = jax.tree_util.tree_leaves(tree)
+    placed = {x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed}
+    if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
+        return None
+    return next(iter(placed))
+
+
+def uncommitted(tree: PyTree) -> bool:
+    """Whether ``tree`` is not a committed ``jax.Array`` (numpy, a Python number, or an
+    array JAX may still move), judged by its first leaf: a vector is made whole, by one
+    computation or from one host array (a check per call, a few microseconds). False
+    under a trace."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves or isinstance(leaves[0], jax.core.Tracer):
+        return False
+    return not (isinstance(leaves[0], jax.Array) and leaves[0].committed)
+
+
 def is_sharded(tree: PyTree) -> bool:
     """Whether some leaf of ``tree`` is a concrete ``jax.Array`` placed on more than one device."""
     for leaf in jax.tree_util.tree_leaves(tree):

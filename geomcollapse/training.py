@@ -31,6 +31,7 @@ import optax
 from geomcollapse import tasks
 from geomcollapse._checks import positive_int, prng_key
 from geomcollapse._phi import phi2
+from geomcollapse._sharding import one_device, traced
 from geomcollapse.progress import progress_bar
 
 __all__ = [
@@ -271,23 +272,23 @@ def greedy_decode(
 
 
 def committed(tree: PyTree, like: PyTree) -> PyTree:
-    """``tree`` committed to the one device holding ``like``'s leaves (same values).
+    """``tree`` committed to the one device that holds ``like``'s committed arrays.
 
     A jitted function's cache key holds its arguments' placement. Eager arrays
     and the constants of ``optimizer.init`` (Adam's count) are uncommitted,
-    while a compiled step returns committed ones: the first chunk would see
-    them so and the next ones committed, and XLA would compile the same program
-    twice. ``tree`` is returned as it is when ``like`` spans several devices.
+    while a compiled step fed one committed array returns committed ones: the
+    first call would see them so and the next ones committed, and XLA would
+    compile the same program twice. ``tree`` is returned as it is when ``like``
+    has no committed array, spans several devices, or either is traced.
     """
-    devices = {d for x in jax.tree.leaves(like) if isinstance(x, jax.Array) for d in x.devices()}
-    if len(devices) != 1:
+    placed = one_device(like)
+    if placed is None or traced(tree):
         return tree
-    return jax.device_put(tree, next(iter(devices)))
+    return jax.device_put(tree, placed)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _train_chunk(loss_fn, optimizer, params, opt_state, loss_args, arrays, idx):
-    """``((params, opt_state), losses)`` after the ``(c, B)`` minibatch rows ``idx``."""
+def _chunk(loss_fn, optimizer, params, opt_state, loss_args, arrays, idx):
+    """``((params, opt_state), losses (c,))`` after the ``(c, B)`` minibatch rows ``idx``."""
 
     def step(carry, rows):
         p, s = carry
@@ -296,6 +297,19 @@ def _train_chunk(loss_fn, optimizer, params, opt_state, loss_args, arrays, idx):
         return (optax.apply_updates(p, updates), s), loss
 
     return jax.lax.scan(step, (params, opt_state), idx)
+
+
+_train_chunk = jax.jit(_chunk, static_argnums=(0, 1))  # cached per (loss_fn, optimizer)
+
+
+def _chunk_program(loss_fn, optimizer) -> Callable:
+    """The compiled chunk for ``(loss_fn, optimizer)``: the shared one when both hash (a
+    long-lived function and optax's transformations do), else one for this run only."""
+    try:
+        hash((loss_fn, optimizer))
+    except TypeError:
+        return jax.jit(functools.partial(_chunk, loss_fn, optimizer))
+    return functools.partial(_train_chunk, loss_fn, optimizer)
 
 
 def train(
@@ -320,9 +334,11 @@ def train(
     ``lax.scan``), so the run is deterministic under a fixed key.
     ``callback(step, params)``, if given, runs after every chunk (``step`` =
     steps done so far), e.g. to record metrics along the run. ``loss_args``
-    (e.g. the frozen ``θ*`` of LoRA adapters) and the data enter the compiled
-    step as arguments: a second call with the same ``loss_fn`` and
-    ``optimizer`` objects and shapes reuses its program.
+    (a tuple, e.g. the frozen ``θ*`` of LoRA adapters) and the data enter the
+    compiled step as arguments: a second call with the same ``loss_fn`` and
+    ``optimizer`` objects and shapes reuses its program. Pass a long-lived
+    ``loss_fn`` and arrays through ``loss_args``: the shared program keeps
+    ``loss_fn`` and ``optimizer`` (and what they close over) alive.
 
     Returns:
       The trained parameters and the ``(num_steps,)`` float64 training losses.
@@ -330,6 +346,9 @@ def train(
     num_steps = positive_int(num_steps, "num_steps")
     batch_size = positive_int(batch_size, "batch_size")
     chunk = positive_int(chunk, "chunk")
+    if not isinstance(loss_args, (tuple, list)):
+        raise ValueError(f"loss_args must be a tuple of arrays, got {type(loss_args).__name__}")
+    loss_args = tuple(loss_args)
     if batch_size > data.num:
         raise ValueError(f"batch_size={batch_size} exceeds the {data.num} examples in data")
     key = prng_key(key)
@@ -345,13 +364,13 @@ def train(
         return idx.reshape(-1, batch_size)[:num_steps]
 
     batches = np.asarray(order(key))
-    params, opt_state = committed((params, optimizer.init(params)), params)
+    params, opt_state = committed((params, optimizer.init(params)), (params, loss_args))
+    run = _chunk_program(loss_fn, optimizer)
     losses = []
     bar = progress_bar(total=num_steps, desc=desc, enabled=progress)
     for start in range(0, num_steps, chunk):
-        idx = batches[start : start + chunk]
-        (params, opt_state), loss = _train_chunk(
-            loss_fn, optimizer, params, opt_state, tuple(loss_args), arrays, idx
+        (params, opt_state), loss = run(
+            params, opt_state, loss_args, arrays, batches[start : start + chunk]
         )
         losses.append(np.asarray(loss, np.float64))
         if not np.all(np.isfinite(losses[-1])):  # stop at the first bad chunk

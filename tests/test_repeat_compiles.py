@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.flatten_util import ravel_pytree
 
 from geomcollapse import curvature, tasks, training
@@ -21,12 +22,12 @@ COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 @contextlib.contextmanager
 def counted_compiles():
-    """A list that receives one entry per XLA compilation inside the block."""
+    """A list that receives the name of every program XLA compiles inside the block."""
     seen = []
 
     def listener(event, duration, **kwargs):
         if event == COMPILE_EVENT:
-            seen.append(duration)
+            seen.append(kwargs.get("fun_name", ""))
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
@@ -64,10 +65,24 @@ def test_apply_compiles_once_for_uncommitted_and_committed_vectors():
     np.testing.assert_array_equal(ravel_pytree(third)[0], ravel_pytree(first)[0])
 
 
-def test_train_reuses_its_step_for_new_data_and_frozen_arguments():
-    """Two runs on different data of the same shapes, the second with other frozen
-    arguments: no compilation in the second, and its numbers equal a run that compiled."""
+def test_apply_under_jit_and_vmap_equals_the_eager_call():
+    op, params, _, _ = _mlp_operator()
+    flat, unravel = ravel_pytree(params)
+    vs = jax.random.normal(jax.random.key(5), (3, flat.size), flat.dtype)
+    eager = np.stack([ravel_pytree(curvature.apply(op, unravel(v)))[0] for v in vs])
+    jitted = jax.jit(lambda o, v: ravel_pytree(curvature.apply(o, unravel(v)))[0])
+    mapped = jax.vmap(lambda v: ravel_pytree(curvature.apply(op, unravel(v)))[0])(vs)
+    np.testing.assert_allclose(np.stack([jitted(op, v) for v in vs]), eager, rtol=1e-12)
+    np.testing.assert_allclose(mapped, eager, rtol=1e-12)
+
+
+def test_train_compiles_its_step_once_and_reuses_it_for_new_data_and_frozen_arguments():
+    """A run from committed parameters (as restored from a checkpoint) compiles its
+    step once, not once for the first chunk and again for the next; a second run on
+    other data of the same shapes, with other frozen arguments, compiles nothing; its
+    numbers equal a run that compiled anew."""
     graphdef, params = transformer_init(jax.random.key(0), "tiny")
+    params = jax.device_put(params, jax.devices()[0])  # committed
     logits = transformer_logits(graphdef)
     loss = training.sequence_loss(logits)
 
@@ -80,12 +95,14 @@ def test_train_reuses_its_step_for_new_data_and_frozen_arguments():
     assert a.truncated().tokens.shape == b.truncated().tokens.shape
     common = {"num_steps": 6, "batch_size": 8, "chunk": 3, "progress": False}
     k = jax.random.key(3)
-    training.train(scaled, params, a, optimizer, key=k, loss_args=(1.0,), **common)
+    with counted_compiles() as first:
+        training.train(scaled, params, a, optimizer, key=k, loss_args=(1.0,), **common)
+    assert first.count("jit(_chunk)") == 1, first
     with counted_compiles() as seen:
         reused, losses = training.train(
             scaled, params, b, optimizer, key=k, loss_args=(2.0,), **common
         )
-    assert seen == []
+    assert "jit(_chunk)" not in seen, seen
 
     def fresh(p, *batch):  # another function object: compiles anew
         return 2.0 * loss(p, *batch)
@@ -95,3 +112,5 @@ def test_train_reuses_its_step_for_new_data_and_frozen_arguments():
     np.testing.assert_allclose(
         ravel_pytree(reused)[0], ravel_pytree(alone)[0], rtol=1e-5, atol=1e-7
     )
+    with pytest.raises(ValueError, match="loss_args"):
+        training.train(scaled, params, b, optimizer, key=k, loss_args=2.0, **common)

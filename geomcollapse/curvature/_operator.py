@@ -27,7 +27,7 @@ import jax.extend.core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse._sharding import stack_combine, stack_dot
+from geomcollapse._sharding import one_device, stack_combine, stack_dot, uncommitted
 
 PyTree = Any
 
@@ -257,18 +257,14 @@ def linear_operator(fn: Callable[..., PyTree], params: PyTree, *args: Any, like:
 def apply(op: LinearOperator, v: PyTree) -> PyTree:
     """``op(v)``, compiled once per operator function and shapes (new params and data reuse it).
 
-    ``v`` is committed where ``op``'s arrays are, when they are on one device: a
-    ``v`` built from numpy or drawn at random (uncommitted) and the next ones
-    committed (outputs) would otherwise compile the same program twice.
+    A ``v`` that is not committed (built from numpy, drawn at random) is committed
+    where ``op``'s arrays are, when they are on one device: it and the next ones
+    (outputs, committed) would otherwise compile the same program twice.
     """
-    placed = _one_device(op)
-    if placed is not None and not _traced(v):
-        v = jax.device_put(v, placed)
+    if uncommitted(v):
+        placed = one_device(op)
+        v = v if placed is None else jax.device_put(v, placed)
     return _apply(op, v)
-
-
-def _traced(tree: PyTree) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves(tree))
 
 
 @jax.jit
@@ -289,17 +285,6 @@ def host_matvec(matvec: Any, like: PyTree) -> Callable[[PyTree], PyTree]:
         op = op.raveled() if np.ndim(like) == 1 else op
     op = as_operator(op, like, name="matvec")
     return lambda v: apply(op, v)  # v committed where op's arrays are (apply)
-
-
-def _one_device(op: LinearOperator) -> Any:
-    """The one-device sharding that ``op``'s committed arrays share, else ``None``."""
-    if _traced(op):
-        return None  # under a trace: placement is the enclosing computation's
-    leaves = jax.tree_util.tree_leaves(op)
-    placed = {x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed}
-    if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
-        return None
-    return next(iter(placed))
 
 
 def flat_matvec(matvec: Any) -> Callable[[jax.Array], jax.Array]:
