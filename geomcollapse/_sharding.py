@@ -46,9 +46,9 @@ def traced(tree: PyTree) -> bool:
 def one_device(tree: PyTree) -> jax.sharding.Sharding | None:
     """The one-device sharding that ``tree``'s committed arrays share; None when it has
     none, when they span several devices, or under a trace."""
-    if traced(tree):
-        return None
     leaves = jax.tree_util.tree_leaves(tree)
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        return None
     placed = {x.sharding for x in leaves if isinstance(x, jax.Array) and x.committed}
     if len(placed) != 1 or len(next(iter(placed)).device_set) != 1:
         return None
