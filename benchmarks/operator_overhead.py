@@ -2,11 +2,14 @@
 
 Problem: MLP 784-128-10, tanh (101,770 parameters, float32), 512 Gaussian-mixture
 examples (``geomcollapse.models.mlp_problem``), on the CPU. Operators compared, each
-applied through one ``jax.jit`` whose arguments are the operator and ``v``:
+applied through one ``jax.jit`` whose arguments are the operator and ``v``
+(``apply``: the library's own):
 
 * ``raw``: the factory's function jitted directly, ``jit(fvp)(params, v, batch)``;
-* ``ours``: ``curvature.apply(fvp.bind(params, batch), v)`` (a frozen dataclass
-  registered with ``jax.tree_util.register_dataclass``);
+* ``ours``: ``fvp.bind(params, batch)`` (a frozen dataclass registered with
+  ``jax.tree_util.register_dataclass``) applied by a ``jax.jit`` of ``op(v)``: the type alone;
+* ``apply``: the same operator through ``curvature.apply`` itself, the public call (its
+  jitted body plus the host-side check that commits an uncommitted ``v``);
 * ``eqx_module``: the same four fields as an ``equinox.Module``, ``jit``-applied;
 * ``lineax``: ``lineax.FunctionLinearOperator(lambda v: fvp(params, v, batch),
   structure, symmetric_tag)`` (its default ``closure_convert=True``), applied by
@@ -78,13 +81,16 @@ def _variants(fvp, params, batch, traces: dict):
         return wrapped
 
     raw = jax.jit(counted("raw", fvp.fn))
-    ours = jax.jit(counted("ours", lambda op, v: op(v)))  # as curvature.apply
+    ours = jax.jit(counted("ours", lambda op, v: op(v)))  # the type alone, as curvature.apply
     module = jax.jit(counted("eqx_module", lambda op, v: op(v)))
     mv = eqx.filter_jit(counted("lineax", lambda op, v: op.mv(v)))
     mv_partial = eqx.filter_jit(counted("lineax_partial", lambda op, v: op.mv(v)))
     return {
         "raw": (lambda p: p, lambda p, v: raw(p, v, batch)),
         "ours": (lambda p: fvp.bind(p, batch), ours),
+        # the public entry itself: its jitted body plus the check that commits an
+        # uncommitted v (traces counted by _count_apply_traces)
+        "apply": (lambda p: fvp.bind(p, batch), cv.apply),
         "eqx_module": (lambda p: _ModuleOperator(fvp, p, (batch,), cv.space_of(p)), module),
         "lineax": (
             lambda p: lx.FunctionLinearOperator(
@@ -124,9 +130,31 @@ def _build_us(make, params, calls: int = 20) -> float:
     return 1e6 * float(np.median(rounds))
 
 
+def _count_apply_traces(traces: dict) -> None:
+    """Count ``curvature.apply``'s traces in ``traces["apply"]`` (JAX's trace event names
+    the traced function; the library's compiled body is ``_apply``)."""
+    traces["apply"] = 0
+
+    def listen(event: str, seconds: float, **kw) -> None:
+        traced = event == "/jax/core/compile/jaxpr_trace_duration"
+        if traced and kw.get("fun_name") in ("_apply", "jit(_apply)"):
+            traces["apply"] += 1
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+
+
+def _uncommitted_apply_us(fvp, params, batch, fresh) -> float:
+    """Median µs of ``curvature.apply`` on a ``v`` not committed to a device (drawn at
+    random, built from numpy): each call commits it first (5 rounds of 20 calls)."""
+    op = fvp.bind(params, batch)
+    jax.block_until_ready(cv.apply(op, fresh))
+    return 1e6 * float(np.median([_time(lambda: cv.apply(op, fresh), 20) for _ in range(5)]))
+
+
 def measure(fvp, params, batch, v, rounds: int, calls: int) -> dict:
     """Per-call medians (s), ratios to ``raw`` and trace counts, fixed and rebuilt regimes."""
     traces: dict = {}
+    _count_apply_traces(traces)
     variants = _variants(fvp, params, batch, traces)
     build_us = {name: _build_us(make, params) for name, (make, _) in variants.items()}
     points = [jax.tree_util.tree_map(lambda x, s=s: x * (1 + 1e-3 * s), params) for s in range(4)]
@@ -158,6 +186,7 @@ def measure(fvp, params, batch, v, rounds: int, calls: int) -> dict:
 
 NAMES = {
     "ours": "ours (registered dataclass)",
+    "apply": "`curvature.apply` (ours, the public call)",
     "eqx_module": "`equinox.Module`",
     "lineax": "lineax `FunctionLinearOperator`",
     "lineax_partial": "lineax, `closure_convert=False` + `Partial`",
@@ -190,6 +219,11 @@ def markdown_table(result: dict) -> str:
     ident = result["identity"]["fixed"]["seconds"]
     cells = [f"{1e6 * ident[k]:.0f} µs" for k in ("raw", *NAMES)]
     rows.append("| identity, fixed (dispatch alone) | " + " | ".join(cells) + " |")
+    if "apply_uncommitted_us" in result["identity"]:  # absent from results before it was kept
+        us = result["identity"]["apply_uncommitted_us"]
+        cells = ["—", "—", f"{us:.0f} µs"] + ["—"] * (len(NAMES) - 2)
+        label = "| identity, `v` uncommitted (committed each call) | "
+        rows.append(label + " | ".join(cells) + " |")
     traces = [
         max(result[f]["rebuilt"]["traces_during_timing"][k] for f in products)
         for k in ("raw", *NAMES)
@@ -223,7 +257,9 @@ def main() -> None:
     problem = models.mlp_problem(jax.random.key(0), (784, 128, 10), 512, dtype=jnp.float32)
     params, batch = problem.params, problem.batch
     flat, unravel = cv.ravel(params)
-    v = unravel(jax.random.normal(jax.random.key(1), flat.shape, flat.dtype))
+    fresh = unravel(jax.random.normal(jax.random.key(1), flat.shape, flat.dtype))
+    # committed, as every v of a loop after its first (each the previous call's output)
+    v = jax.device_put(fresh, jax.devices()[0])
     factories = {
         "hvp": cv.hessian_vp(problem.loss),
         "fisher_vp": cv.fisher_vp(problem.logits),
@@ -238,6 +274,7 @@ def main() -> None:
     }
     for name, fvp in factories.items():
         result[name] = measure(fvp, params, batch, v, rounds, calls)
+        result[name]["apply_uncommitted_us"] = _uncommitted_apply_us(fvp, params, batch, fresh)
         print(name, json.dumps(result[name], indent=1))
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"operator_overhead{'_quick' if cli.quick else ''}.json"
