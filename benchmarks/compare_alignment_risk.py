@@ -526,7 +526,7 @@ def evaluate_targets(small: dict, large: dict) -> dict:
             "target": TARGETS["forecast_rel_error_smallest_t"],
             "pass": bool(forecast_err <= TARGETS["forecast_rel_error_smallest_t"]),
         },
-        "speedup_1m": {  # the first call of a second process (#25: the cache's purpose)
+        "speedup_1m": {  # the first call of a second process: what the cache is for
             "value": large["speedup_second_process"],
             "target": TARGETS["speedup_1m"],
             "pass": bool(large["speedup_second_process"] >= TARGETS["speedup_1m"]),
