@@ -55,6 +55,16 @@ def one_device(tree: PyTree) -> jax.sharding.Sharding | None:
     return next(iter(placed))
 
 
+def on_one_device_mesh(tree: PyTree) -> PyTree:
+    """``tree``'s arrays on a mesh of one device (its committed device, else JAX's
+    default), replicated: unsharded parameters laid out as a :class:`Layout` reads them,
+    so they take the sharded parameters' code path. Copies nothing already there."""
+    placed = one_device(tree)
+    device = next(iter(placed.device_set)) if placed is not None else jax.devices()[0]
+    sharding = NamedSharding(jax.sharding.Mesh(np.array([device]), ("one",)), P())
+    return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+
+
 def uncommitted(tree: PyTree) -> bool:
     """Whether ``tree`` is not a committed ``jax.Array`` (numpy, a Python number, or an
     array JAX may still move), judged by its first leaf: a vector is made whole, by one
@@ -154,9 +164,16 @@ def tree_norm(a: PyTree) -> jax.Array:
 
 
 def stack_dot(stack: PyTree, x: PyTree) -> jax.Array:
-    """``(k,)`` ``⟨stack_i, x⟩`` for a stack (leaves with a leading ``k`` axis) and a vector."""
+    """``(k,)`` ``⟨stack_i, x⟩`` for a stack (leaves with a leading ``k`` axis) and a vector.
+
+    A ``dot`` per leaf, not a multiply-and-sum: jaxlib 0.10.2's CPU compiler fuses the
+    vmapped multiply-and-sum with the ``z − (zVᵀ)V`` that follows it into one library
+    ("YNN") kernel that is wrong in float32 for batches of 16 or more probes (rows off by
+    up to 65 % of their norm: tests/test_stack_products.py keeps the cases); as dots it is
+    right.
+    """
     terms = [
-        jnp.sum(s * y[None], axis=tuple(range(1, s.ndim)))
+        jnp.tensordot(s, y, axes=y.ndim, precision=_HIGHEST)
         for s, y in zip(jax.tree_util.tree_leaves(stack), _leaves(x), strict=True)
     ]
     return functools.reduce(operator.add, terms)
