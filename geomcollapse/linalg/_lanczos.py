@@ -63,7 +63,7 @@ from geomcollapse._checks import (
     prng_key,
     working_dtype,
 )
-from geomcollapse._sharding import Layout, is_sharded
+from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot
 from geomcollapse.curvature import host_matvec
 from geomcollapse.errors import NotSymmetricError
 from geomcollapse.linalg._contract import (
@@ -146,20 +146,6 @@ def _norm(a: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(a)))
 
 
-def _rows_dot(block: PyTree, w: PyTree) -> jax.Array:
-    """``(_CHUNK,)`` ``⟨block_i, w⟩``."""
-    terms = [
-        jnp.tensordot(s, y, y.ndim, precision=_HIGHEST)
-        for s, y in zip(jax.tree_util.tree_leaves(block), jax.tree_util.tree_leaves(w), strict=True)
-    ]
-    return sum(terms[1:], terms[0])
-
-
-def _combine(c: jax.Array, block: PyTree) -> PyTree:
-    """``Σ_i c[..., i] block_i``: a vector for ``c`` ``(r,)``, a stack for ``(k, r)``."""
-    return jax.tree_util.tree_map(lambda s: jnp.tensordot(c, s, 1, precision=_HIGHEST), block)
-
-
 def _sub(a: PyTree, b: PyTree) -> PyTree:
     return jax.tree_util.tree_map(jnp.subtract, a, b)
 
@@ -189,8 +175,8 @@ def _block_pass(block: PyTree, w: PyTree, h: jax.Array, offset: jax.Array, at: P
     Accumulates the coefficients into ``h`` at ``offset``. Zero (unused) rows
     contribute nothing.
     """
-    coeffs = _rows_dot(block, w)
-    w = at.pin(_sub(w, _combine(coeffs, block)))
+    coeffs = stack_dot(block, w)
+    w = at.pin(_sub(w, stack_combine(coeffs, block)))
     old = jax.lax.dynamic_slice_in_dim(h, offset, _CHUNK)
     return w, jax.lax.dynamic_update_slice_in_dim(h, old + coeffs, offset, 0)
 
@@ -220,12 +206,12 @@ def _normalize(w: PyTree) -> tuple[PyTree, jax.Array]:
 
 @partial(jax.jit, static_argnums=2)
 def _first(c: jax.Array, block: PyTree, at: Placement) -> PyTree:
-    return at.pin(_combine(c, block), "stack")
+    return at.pin(stack_combine(c, block), "stack")
 
 
 @partial(jax.jit, static_argnums=3, donate_argnums=0)
 def _accumulate(out: PyTree, c: jax.Array, block: PyTree, at: Placement) -> PyTree:
-    return at.pin(jax.tree_util.tree_map(jnp.add, out, _combine(c, block)), "stack")
+    return at.pin(jax.tree_util.tree_map(jnp.add, out, stack_combine(c, block)), "stack")
 
 
 @partial(jax.jit, static_argnums=(0, 1))
