@@ -561,11 +561,13 @@ def _measure_aic(
     op = _fisher_operator(fisher_vp, params, fisher_args)  # outputs laid out like params
     if sharded:
         like = params
-        g, Hg = _tree_gradient_and_hg(keyed(loss_fn), Layout(params, "params"), params, loss_args)
     else:
         op, like = op.raveled(), on_one_device_mesh(ravel_pytree(params)[0])
+    layout = Layout(like, "params")  # built once: the sharded gradient reads it too
+    if sharded:
+        g, Hg = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
+    else:
         g, Hg = gradient_and_hg(loss_fn, params, loss_args)
-    layout = Layout(like, "params")
     n, dtype = layout.n, layout.dtype
     d = subspace_dim(d, n)
     if tol is None:
