@@ -94,14 +94,6 @@ def _trace_method(method: str, n: int) -> str:
     return method
 
 
-def _probe(op: LinearOperator, vs: jax.Array) -> jax.Array:
-    """``(p, 4)`` :func:`_quadratic_terms` for each row ``z`` of ``vs`` (``op`` on flat vectors)."""
-    return jax.vmap(lambda v: _quadratic_terms(v, op(v)))(vs)
-
-
-_JITTED_PROBE = jax.jit(_probe)
-
-
 def _quadratic_terms(z: PyTree, fz: PyTree) -> jax.Array:
     """``[q, |z|ᵀ|Fz|, √(max(q, 0)·zᵀz), zᵀz]``, ``q = zᵀFz``: a probe's quadratic and the
     terms of its rounding bound (:class:`TailMass`)."""
@@ -139,12 +131,6 @@ class TailMass(NamedTuple):
     stderr: float
     rounding: float
     num_matvecs: int
-
-
-def _deflation(z: jax.Array, Vd: jax.Array) -> jax.Array:
-    """``(zVdᵀ)Vd``: the rows of ``z`` projected on ``M``."""
-    highest = jax.lax.Precision.HIGHEST
-    return jnp.dot(jnp.dot(z, Vd.T, precision=highest), Vd, precision=highest)
 
 
 def _tail_mass(sums: np.ndarray, samples: np.ndarray | None, n: int, dtype, d: int, lam1: float):
@@ -266,23 +252,16 @@ def tail_mass(
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
     op = _trace_operator(matvec, n, dtype, args)
-    Vd = jnp.zeros((0, n), dtype) if deflate is None else jnp.asarray(deflate, dtype)
-    if Vd.ndim != 2 or Vd.shape[1] != n:
-        raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
-    d = Vd.shape[0]
-    if method == "exact":
-        sums, eye_rows = np.zeros(4), 256
-        for start in range(0, n, eye_rows):
-            e = jax.nn.one_hot(jnp.arange(start, min(start + eye_rows, n)), n, dtype=dtype)
-            if d:
-                e = e - _deflation(e, Vd)
-            sums += np.asarray(jnp.sum(_JITTED_PROBE(op, e), axis=0), np.float64)
-        return _tail_mass(sums, None, n, dtype, d, top_eigenvalue)
-    key = prng_key(key)
-    num_probes = probe_count(num_probes)
-    terms = _JITTED_HUTCHINSON(op, key, Vd, num_probes, _probe_batch(n, dtype))
-    terms = np.asarray(terms, np.float64)
-    return _tail_mass(terms.sum(axis=0), terms[:, 0], n, dtype, d, top_eigenvalue)
+    layout = Layout(on_one_device_mesh(jnp.zeros((n,), dtype)), "matvec")
+    if deflate is not None:  # (d, n) rows, host or device, placed as the layout's stack
+        Vd = deflate if isinstance(deflate, jax.Array) else np.asarray(deflate)
+        if Vd.ndim != 2 or Vd.shape[1] != n:
+            raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
+        deflate = jax.device_put(Vd.astype(dtype), layout.stacked)
+    return _tree_tail_mass(
+        op.fn, layout, op.params, op.args, method, key=key, num_probes=num_probes,
+        deflate=deflate, top_eigenvalue=top_eigenvalue,
+    )  # fmt: skip
 
 
 # Hutchinson probes per random key (the draw: fixed, so the probes do not depend on
@@ -322,27 +301,6 @@ def _hutchinson_draws(key: jax.Array, num: int, n: int, row_terms: Callable) -> 
     if rest:
         parts.append(draw(full, rest))
     return jnp.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-def _hutchinson_samples(
-    op: LinearOperator, key: jax.Array, Vd: jax.Array, num: int, batch: int
-) -> jax.Array:
-    """``(num, 4)`` :func:`_probe` terms of ``num`` Rademacher probes deflated by ``Vd``.
-
-    The probes of :func:`_hutchinson_draws`, each made from its words and deflated
-    (``z − (zVdᵀ)Vd``) inside the compiled loop, ``batch`` matvecs at a time: the
-    ``(num, n)`` probe matrix never exists, and ``batch`` changes no number.
-    """
-    n = Vd.shape[1]
-
-    def one(words):
-        z = _probe_signs(words, n, Vd.dtype)[None]
-        return _probe(op, z - (z @ Vd.T) @ Vd)[0]
-
-    return _hutchinson_draws(key, num, n, lambda w: jax.lax.map(one, w, batch_size=batch))
-
-
-_JITTED_HUTCHINSON = jax.jit(_hutchinson_samples, static_argnums=(3, 4))
 
 
 def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
@@ -427,12 +385,11 @@ def _tree_probe_terms(fisher_vp, layout: Layout, z, basis, params, args) -> jax.
 
 @partial(jax.jit, static_argnums=(0, 1, 5, 6))
 def _tree_hutchinson(fisher_vp, layout: Layout, key, basis, params, num: int, batch: int, args):
-    """As :func:`_hutchinson_samples` with probes and basis laid out like the parameters.
-
-    The probes are the flat path's (same key, same values), unraveled one by one
-    (``batch`` matvecs at a time) and deflated by the stacked basis:
-    ``z − Σ_i ⟨v_i, z⟩ v_i``. Returns the ``(num,)`` samples and the ``(4,)``
-    terms summed over probes.
+    """``num`` Rademacher probes (:func:`_hutchinson_draws`), each made from its words
+    inside the compiled loop, unraveled like the parameters and deflated by the stacked
+    basis, ``z − Σ_i ⟨v_i, z⟩ v_i``, ``batch`` matvecs at a time: the ``(num, n)`` probe
+    matrix never exists, and ``batch`` changes no number. Returns the ``(num,)`` samples
+    and the ``(4,)`` terms summed over probes.
     """
 
     def one(words):
@@ -473,10 +430,11 @@ def tree_fisher_trace(
     ``fisher_vp(params, v, *args)`` is the library's matvec (``v`` like
     ``params``; hashable: it is a static argument of the compiled kernels);
     ``method`` is ``'exact'`` (``n`` one-hot rows built on each leaf's devices,
-    256 per compiled call) or ``'hutchinson'`` (``deflate`` required), deflated
-    by ``deflate``, a stack of orthonormal vectors laid out like ``params``
-    (its value is then ``tr((I−P)F(I−P))``). Same probes as the flat route;
-    only the per-chunk sums or the ``num_probes`` samples reach the host.
+    256 per compiled call) or ``'hutchinson'``, deflated by ``deflate``, a stack
+    of orthonormal vectors laid out like ``params`` (its value is then
+    ``tr((I−P)F(I−P))``). :func:`fisher_trace` is this on a mesh of one device
+    (same probes); only the per-chunk sums or the ``num_probes`` samples reach
+    the host.
     """
     t = _tree_tail_mass(
         fisher_vp, layout, params, args, method, key=key, num_probes=num_probes, deflate=deflate
@@ -499,8 +457,6 @@ def _tree_tail_mass(
     """:func:`tail_mass` for parameters sharded on a mesh (see :func:`tree_fisher_trace`)."""
     n, dtype = layout.n, layout.dtype
     if deflate is None:
-        if method == "hutchinson":
-            raise ValueError("deflate (a stack of vectors laid out like params) is required")
         deflate = _tree_no_rows(layout)
     d = int(jax.tree_util.tree_leaves(deflate)[0].shape[0])
     if method == "exact":

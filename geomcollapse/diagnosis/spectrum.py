@@ -3,8 +3,8 @@
 Two routes: ``F`` formed densely from its ``n`` columns and diagonalised by
 ``numpy.linalg.eigh`` (small unsharded models), or Lanczos
 (:func:`geomcollapse.linalg.top_eigenpairs`) with the trace of
-:func:`geomcollapse.aic.fisher_trace` (:func:`geomcollapse.aic.tree_fisher_trace`
-for params sharded on a mesh, every vector a pytree laid out like them).
+:func:`geomcollapse.aic.tree_fisher_trace`, one route for every layout: every vector a
+pytree laid out like sharded params, or a raveled ``(n,)`` vector on a mesh of one device.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import aic, curvature, linalg
-from geomcollapse._sharding import tree_dot
+from geomcollapse._sharding import Layout, on_one_device_mesh, tree_dot
 from geomcollapse.diagnosis.fisher import bad_fisher, refuse_rounding_noise
 from geomcollapse.diagnosis.plan import FIRST_K, ONE_SHOT, Request
 from geomcollapse.errors import NotSymmetricError
@@ -167,7 +167,8 @@ def krylov_spectrum(
         if exact_trace is not None:
             tr, tr_se, tail = exact_trace, 0.0, exact_trace - lam.sum()
         else:
-            tail, tr_se, used = trace_of("hutchinson", jax.random.fold_in(k_trace, k), V)
+            key = jax.random.fold_in(k_trace, k)
+            tail, tr_se, used = trace_of("hutchinson", key, pairs.vectors)
             trace_matvecs += used
             tr = tail + lam.sum()
             if not tr > 0:
@@ -194,26 +195,18 @@ def krylov_spectrum(
     )
 
 
-def _flat_route(req: Request) -> tuple[Callable, Any, Callable]:
-    """``(operator, like, trace_of)`` on raveled ``(n,)`` vectors."""
-    op = req.op.raveled()
-
-    def trace_of(method, k, deflate):
-        return aic.fisher_trace(
-            op, req.n, req.dtype, method=method, key=k, num_probes=req.num_probes, deflate=deflate
-        )
-
-    return op, req.flat, trace_of
-
-
-def _tree_route(req: Request) -> tuple[Callable, Any, Callable]:
-    """``(operator, like, trace_of)`` on pytrees laid out like the sharded params."""
-    op = req.op
+def _route(req: Request) -> tuple[curvature.LinearOperator, Any, Callable]:
+    """``(operator, like, trace_of)``: one route for every layout. Unsharded params are
+    one raveled ``(n,)`` vector on a mesh of their device (eigenvectors ``(k, n)``)."""
+    op, like, layout = req.op, req.params, req.layout
+    if layout is None:
+        op, like = op.raveled(), on_one_device_mesh(req.flat)
+        layout = Layout(like, "params")
 
     def trace_of(method, k, deflate):
         return aic.tree_fisher_trace(
             op.fn,
-            req.layout,
+            layout,
             op.params,
             op.args,
             method,
@@ -222,7 +215,7 @@ def _tree_route(req: Request) -> tuple[Callable, Any, Callable]:
             deflate=deflate,
         )
 
-    return op, req.params, trace_of
+    return op, like, trace_of
 
 
 def _along_top(req: Request, sp: Spectrum) -> Callable:
@@ -246,8 +239,7 @@ def measure_spectrum(req: Request) -> Spectrum:
     if req.dense:
         sp = dense_spectrum(req.op, req.n, req.fisher_name, req.share, req.max_d, req.d)
     else:
-        route = _flat_route if req.layout is None else _tree_route
-        op, like, trace_of = route(req)
+        op, like, trace_of = _route(req)
         sp = krylov_spectrum(op, like, trace_of, req, host_vectors=req.layout is None)
     if req.fisher_name == "empirical":
         key = jax.random.fold_in(req.key, 7)
