@@ -164,7 +164,8 @@ def tree_norm(a: PyTree) -> jax.Array:
 
 
 def stack_dot(stack: PyTree, x: PyTree) -> jax.Array:
-    """``(k,)`` ``⟨stack_i, x⟩`` for a stack (leaves with a leading ``k`` axis) and a vector.
+    """``(k,)`` ``⟨stack_i, x⟩`` for a stack (leaves with a leading ``k`` axis) and a vector;
+    the scalar ``⟨stack, x⟩`` when ``stack`` is a vector like ``x``.
 
     A ``dot`` per leaf, not a multiply-and-sum: jaxlib 0.10.2's CPU compiler fuses the
     vmapped multiply-and-sum with the ``z − (zVᵀ)V`` that follows it into one library

@@ -78,7 +78,6 @@ from geomcollapse.linalg._contract import (
 from geomcollapse.progress import progress_bar
 
 PyTree = Any
-_HIGHEST = jax.lax.Precision.HIGHEST
 _CHUNK = 8  # basis rows per block; one block (8 × n) stays cache-hot across its two reads
 
 
@@ -134,14 +133,6 @@ class Placement:
 # per-device partial contraction and one all-reduce of at most 8 numbers.
 
 
-def _dot(a: PyTree, b: PyTree) -> jax.Array:
-    terms = [
-        jnp.tensordot(x, y, x.ndim, precision=_HIGHEST)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True)
-    ]
-    return sum(terms[1:], terms[0])
-
-
 def _norm(a: PyTree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(a)))
 
@@ -161,9 +152,9 @@ def _local_step(w: PyTree, q_prev: PyTree, q: PyTree, at: Placement):
     Returns ``(w, [c, a, ‖A q_j‖, ‖w_after‖])`` with ``c = ⟨q_{j-1}, w⟩``, ``a = ⟨q_j, w⟩``.
     """
     w_norm = _norm(w)
-    c = _dot(q_prev, w)
+    c = stack_dot(q_prev, w)  # one vector as the stack: the scalar ⟨q_{j-1}, w⟩
     w = _sub(w, _times(c, q_prev))
-    a = _dot(q, w)
+    a = stack_dot(q, w)
     w = at.pin(_sub(w, _times(a, q)))
     return w, jnp.stack([c, a, w_norm, _norm(w)])
 
