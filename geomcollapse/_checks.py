@@ -367,7 +367,8 @@ def probe_operator(
     ``w`` finite and, with ``psd``, ``vᵀw ≥ −√eps·‖v‖‖w‖`` (for a diagonal ``A``
     ``vᵀAv = tr A``); with ``symmetric``, a second probe ``u`` and
     ``|uᵀAv − vᵀAu| ≤ 10√eps·(‖u‖‖Av‖ + ‖v‖‖Au‖)`` (an operator that is not symmetric
-    gives Lanczos pairs that mean nothing). Skipped when ``like`` or the output is traced."""
+    gives Lanczos pairs that mean nothing) and linearity on ``v − 2u``
+    (:func:`_check_linear`). Skipped when ``like`` or the output is traced."""
     leaves, treedef = jax.tree_util.tree_flatten(like)
     if not all(is_concrete(x) for x in leaves):
         return
@@ -397,6 +398,25 @@ def probe_operator(
                 f"vectors, against a scale {scale:.3g} (‖u‖‖Av‖ + ‖v‖‖Au‖); a Fisher or "
                 "Hessian is symmetric: check that it computes A v"
             )
+        _check_linear(matvec, treedef, draws, w64, name, eps)
+
+
+def _check_linear(matvec: Callable, treedef: Any, draws: list, w64: list, name: str, eps: float):
+    """Raise unless ``A(v − 2u) = Av − 2Au`` to ``10√eps·(‖Av‖ + 2‖Au‖)``: an affine
+    ``v ↦ Av + c`` (a damping written ``+ λ`` for ``+ λv``) or a nonlinear map is refused
+    (it can still pass the symmetry test: ``F + c1ᵀ`` is symmetric when ``c`` is constant)."""
+    (v, u), (av, au) = draws, w64
+    mixed = treedef.unflatten([a - 2 * b for a, b in zip(v, u, strict=True)])
+    got = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(matvec(mixed))]
+    want = [a - 2 * b for a, b in zip(av, au, strict=True)]
+    gap = math.sqrt(sum(float(np.sum((g - w) ** 2)) for g, w in zip(got, want, strict=True)))
+    scale = math.sqrt(_dot(av, av)) + 2 * math.sqrt(_dot(au, au))
+    if not gap <= 10 * math.sqrt(eps) * scale:
+        raise ValueError(
+            f"{name} is not linear at params: ‖A(v − 2u) − (Av − 2Au)‖ = {gap:.3g} on two "
+            f"probe vectors, against a scale {scale:.3g}; it must compute A v (a damping is "
+            "λ·v, not λ)"
+        )
 
 
 def _probe_vector(key: jax.Array, leaves: list) -> list:
@@ -503,6 +523,13 @@ def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> A
     derivatives of ``loss``, a positive semidefinite ``fisher`` (:func:`psd_spectrum`,
     within the tail's rounding and 4 standard errors), and a warning for a flat ``loss``."""
     finite_derivatives(loss, gradient=out.gradient_norm, coupling=out.report.coupling)
+    top = np.asarray(jax.device_get(out.eigenpairs.values), np.float64)
+    if not np.any(top != 0) and out.report.tail_mass == 0:
+        raise ValueError(
+            f"{fisher}: the skill Fisher vanishes at params (every eigenvalue found and the "
+            "tail mass are 0): a zero matvec, or an empirical Fisher at a minimum of the loss "
+            "it is built from (every per-example gradient is 0 there); use the true Fisher"
+        )
     margin = out.tail_rounding + 4.0 * out.trace_stderr
     psd_spectrum(fisher, out.eigenpairs.values, out.report.tail_mass, margin)
     flat = flat_loss(loss, out.gradient_norm)

@@ -69,7 +69,8 @@ def mean_interval(values) -> tuple[float, float, float, int]:
 
 
 def column(row: dict, path: str) -> float:
-    """The number at the dotted ``path`` of ``row`` (``aic.coupling``; ``rows.0.measured``)."""
+    """The number at the dotted ``path`` of ``row`` (``aic.coupling``; ``rows.0.measured``);
+    NaN where the row records ``None`` there (the aggregates count only finite values)."""
     value: Any = row
     for part in path.split("."):
         if isinstance(value, dict) and part in value:
@@ -91,10 +92,14 @@ def column(row: dict, path: str) -> float:
                 f"--y {path!r}: the rows have no {part!r} there (found {keys}); name a "
                 "recorded column with dots, e.g. aic.coupling, and list entries by index"
             )
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if value is None:  # recorded as "none" (e.g. spec_sweep's no crossing): not counted in n
+        return math.nan
+    if isinstance(value, dict | list):
         raise ValueError(
-            f"--y {path!r} is {type(value).__name__}, not a number; go further down with dots"
+            f"--y {path!r} is a {type(value).__name__}, not a number; go further down with dots"
         )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"--y {path!r} is {type(value).__name__} ({value!r}), not a number")
     return float(value)
 
 
@@ -148,6 +153,8 @@ def aggregate(rows: list[dict], params_of: Callable[[dict], dict], x: str, y: st
         by_x: dict[str, list[float]] = {}
         for row in members:
             p = params_of(row)
+            if x not in p:
+                raise ValueError(f"--x {x!r}: the row {_where(row)} records no value of it")
             xs.setdefault(_key(p[x]), p[x])
             by_x.setdefault(_key(p[x]), []).append(column(row, y))
         keys = sorted(by_x, key=lambda k: _sort_key(xs[k]))
@@ -155,6 +162,10 @@ def aggregate(rows: list[dict], params_of: Callable[[dict], dict], x: str, y: st
         mean, low, high, n = (np.array([s[i] for s in stats]) for i in range(4))
         series.append(Series(label, [xs[k] for k in keys], mean, low, high, n))
     return series
+
+
+def _where(row: dict) -> str:
+    return str(row.get("cell", row.get("id", "?")))
 
 
 def _sort_key(value: Any) -> tuple:

@@ -42,7 +42,7 @@ from geomcollapse._sharding import (
 )
 from geomcollapse.curvature import LinearOperator, apply, as_operator, hessian_vp, keyed
 from geomcollapse.errors import NotSymmetricError
-from geomcollapse.subspace import Subspace
+from geomcollapse.subspace import Subspace, check_orthonormal
 
 __all__ = [
     "EXACT_TRACE_MAX_N",
@@ -222,6 +222,11 @@ def fisher_trace(
     The operator's params and data enter the compiled probe loop as arguments,
     not as constants folded into it: it compiles once per operator function
     and shapes (pass the same function object to reuse it).
+
+    Raises ``ValueError`` (before any trace is taken) when the matvec, on three
+    probe vectors, returns non-finite values or is not symmetric, linear or
+    positive semidefinite (``NotSymmetricError``, a ``ValueError``, for the
+    symmetry), and when ``deflate`` has non-orthonormal or non-finite rows.
     """
     t = tail_mass(
         matvec, n, dtype, method=method, key=key, num_probes=num_probes, deflate=deflate, args=args
@@ -252,12 +257,16 @@ def tail_mass(
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
     op = _trace_operator(matvec, n, dtype, args)
-    layout = Layout(on_one_device_mesh(jnp.zeros((n,), dtype)), "matvec")
+    salt = jax.random.key(_PROBE_SALT) if key is None else jax.random.fold_in(key, _PROBE_SALT)
+    like = jnp.zeros((n,), dtype)
+    probe_operator(partial(apply, op), like, "matvec", psd=True, key=salt, symmetric=True)
+    layout = Layout(on_one_device_mesh(like), "matvec")
     if deflate is not None:  # (d, n) rows, host or device, placed as the layout's stack
         Vd = deflate if isinstance(deflate, jax.Array) else np.asarray(deflate)
         if Vd.ndim != 2 or Vd.shape[1] != n:
             raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
         deflate = jax.device_put(Vd.astype(dtype), layout.stacked)
+        check_orthonormal(deflate, "deflate")  # NaN rows fail it too
     return _tree_tail_mass(
         op.fn, layout, op.params, op.args, method, key=key, num_probes=num_probes,
         deflate=deflate, top_eigenvalue=top_eigenvalue,
@@ -309,13 +318,14 @@ def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Arra
     Compiled once per ``loss_fn``: new ``params`` and ``loss_args`` of the same
     shapes reuse it (an unhashable ``loss_fn`` compiles per call).
     """
-    return _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))
+    return _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))[:2]
 
 
-def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
-    g_tree = jax.grad(loss_fn)(params, *loss_args)
+def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, ...]:
+    """Raveled ``g``, ``Hg`` and the loss's value ``L(θ*)`` (checked finite by measure_aic)."""
+    value, g_tree = jax.value_and_grad(loss_fn)(params, *loss_args)
     Hg = hessian_vp(loss_fn)(params, g_tree, *loss_args)
-    return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0]
+    return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0], value
 
 
 def tail_quadratic(
@@ -333,10 +343,11 @@ def tail_quadratic(
 
 @partial(jax.jit, static_argnums=(0, 1))
 def _tree_gradient_and_hg(loss_fn, layout: Layout, params: PyTree, loss_args: tuple):
-    """``g`` and ``Hg`` as pytrees laid out like the parameters."""
-    g = jax.lax.with_sharding_constraint(jax.grad(loss_fn)(params, *loss_args), layout.shardings)
+    """``g`` and ``Hg`` as pytrees laid out like the parameters, and ``L(θ*)``."""
+    value, g = jax.value_and_grad(loss_fn)(params, *loss_args)
+    g = jax.lax.with_sharding_constraint(g, layout.shardings)
     Hg = hessian_vp(loss_fn)(params, g, *loss_args)
-    return g, jax.lax.with_sharding_constraint(Hg, layout.shardings)
+    return g, jax.lax.with_sharding_constraint(Hg, layout.shardings), value
 
 
 _JITTED_GRADIENT_AND_HG = jax.jit(_gradient_and_hg, static_argnums=0)
@@ -521,9 +532,15 @@ def _measure_aic(
         op, like = op.raveled(), on_one_device_mesh(ravel_pytree(params)[0])
     layout = Layout(like, "params")  # built once: the sharded gradient reads it too
     if sharded:
-        g, Hg = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
+        g, Hg, value = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
     else:
-        g, Hg = gradient_and_hg(loss_fn, params, loss_args)
+        g, Hg, value = _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))
+    value = float(jax.device_get(value))
+    if not np.isfinite(value):
+        raise ValueError(
+            f"loss_fn: its value at params is {value}, not finite (check loss_args: labels "
+            "out of range, NaN data, an empty batch)"
+        )
     n, dtype = layout.n, layout.dtype
     d = subspace_dim(d, n)
     if tol is None:
@@ -630,7 +647,11 @@ def measure_aic(
         out = _measure_aic(fisher_vp, loss_fn, params, d, key, *data, trace, num_probes, tol,
                            max_matvecs, allow_unconverged)  # fmt: skip
     except NotSymmetricError as err:  # Lanczos saw it; the user knows the argument's name
-        raise NotSymmetricError(f"fisher_vp: {err} (a Fisher F = JᵀΛJ is symmetric)") from None
+        raise NotSymmetricError(
+            f"fisher_vp: {err} (a Fisher F = JᵀΛJ is symmetric; an empirical Fisher at a "
+            "minimum of the loss it is built from is rounding noise there, as every "
+            "per-example gradient is 0: use the true Fisher)"
+        ) from None
     return checked_aic(out)  # finite derivatives, a PSD Fisher, a warning for a flat loss
 
 

@@ -467,7 +467,10 @@ def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
     ``cell``, each cell's rows in the order its experiment returned them.
     """
     path = Path(path)
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a sweep output (not UTF-8 text: {err.reason})") from None
     lines = [line for line in text.split("\n") if line]
     try:
         header = json.loads(lines[0]) if lines else None
@@ -477,8 +480,37 @@ def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path} is not a sweep output (its first line is not a sweep header)")
     if "experiment" in header:
         return _experiment_sweep.read_rows(path, text)
-    rows = [json.loads(line) for line in lines[1:]]
-    return header, sorted(rows, key=lambda r: r["id"])
+    return header, _landscape_rows(path, whole_lines(text)[1:])
+
+
+_LANDSCAPE_ROW = ("id", "seed", "aic", "delta_u")  # what report reads of every row
+
+
+def _landscape_rows(path: Path, lines: list[str]) -> list[dict]:
+    """The rows of a landscape sweep's whole lines (a partial last line, from a kill
+    mid-write, is left out as on resume), sorted by ``id``; ``ValueError`` naming the
+    file and line of one that is not a row, or of an ``id`` written twice."""
+    rows, seen = [], {}
+    for number, line in enumerate(lines, start=2):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise TypeError
+            missing = [k for k in _LANDSCAPE_ROW if k not in row]
+        except (json.JSONDecodeError, TypeError):
+            row, missing = None, ["(not a JSON object)"]
+        if missing or not isinstance(row.get("aic"), dict):
+            raise ValueError(
+                f"{path} line {number} is not a sweep row (missing {', '.join(missing) or 'aic'});"
+                " move the file away, or run the sweep again to a new output"
+            )
+        if row["id"] in seen:
+            raise ValueError(
+                f"{path} holds run id {row['id']} twice (lines {seen[row['id']]} and {number})"
+            )
+        seen[row["id"]] = number
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["id"])
 
 
 def _landscape_params(row: dict) -> dict:

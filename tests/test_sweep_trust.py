@@ -176,7 +176,7 @@ def test_report_plots_a_column_of_a_landscape_sweep_against_a_grid_axis(
         (["--x", "seed", "--y", "aic.coupling"], "--x 'seed' is not a grid axis"),
         (["--x", "kapa", "--y", "aic.coupling"], "--x 'kapa' is not a grid axis"),
         (["--x", "kappa", "--y", "aic.coupl"], "--y 'aic.coupl': the rows have no 'coupl'"),
-        (["--x", "kappa", "--y", "delta_u"], "--y 'delta_u' is list, not a number"),
+        (["--x", "kappa", "--y", "delta_u"], "--y 'delta_u' is a list, not a number"),
         (["--x", "kappa"], "give --x (a grid axis) and --y (a recorded column) together"),
     ],
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,13 @@ class Diagnosis:
         path = Path(directory)
         if not (path / REPORT_FILES[0]).is_file():
             raise ValueError(f"directory: no {REPORT_FILES[0]} in {path}")
-        dg = cls.from_json((path / REPORT_FILES[0]).read_text(encoding="utf-8"))
+        try:
+            dg = cls.from_json((path / REPORT_FILES[0]).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(
+                f"directory: {path / REPORT_FILES[0]} is damaged (not JSON: {err}); "
+                "run the diagnosis again"
+            ) from None
         if not (path / ARRAYS_FILE).is_file():
             return dg
         return _with_flat_arrays(dg, path / ARRAYS_FILE)
@@ -283,14 +290,35 @@ def _with_flat_arrays(dg: Diagnosis, path: Path) -> Diagnosis:
     from geomcollapse.series import Series
     from geomcollapse.subspace import Subspace
 
-    with np.load(path) as z:
-        a = {k: z[k] for k in z.files}
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            a = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise ValueError(
+            f"directory: {path} is damaged ({type(err).__name__}); save the diagnosis again"
+        ) from None
     expected = {"values", "basis", "residuals", "converged", "delta_u", "projected"}
-    if set(a) != expected | {"displacement"} or a["basis"].shape != (dg.d, dg.n):
+    if set(a) != expected | {"displacement"} or not _arrays_agree(a, dg):
         raise ValueError(f"directory: {path.name} does not hold the arrays of report.json")
     subspace = Subspace(*(jnp.asarray(a[k]) for k in ("values", "basis", "residuals", "converged")))
     series = Series(*(jnp.asarray(a[k]) for k in ("delta_u", "projected", "displacement")))
     return dataclasses.replace(dg, subspace=subspace, series=series)
+
+
+def _arrays_agree(a: dict, dg: Diagnosis) -> bool:
+    """Shapes of ``d`` eigenpairs and ``K = order`` coefficients on ``n`` parameters, every
+    number finite, and ``values`` and ``delta_u`` those of ``report.json``."""
+    d, n, k = dg.d, dg.n, len(dg.delta_u_coefficients) - 1
+    shapes = {"values": (d,), "basis": (d, n), "residuals": (d,), "converged": ()}
+    shapes.update(delta_u=(k + 1,), projected=(k + 1,), displacement=(k, n))
+    if any(np.shape(a[key]) != shape for key, shape in shapes.items()):
+        return False
+    if not all(np.all(np.isfinite(a[key])) for key in shapes if key != "converged"):
+        return False
+    values = np.asarray(dg.eigenvalues[:d], np.float64)
+    return np.allclose(a["values"], values, rtol=1e-6, atol=0) and np.allclose(
+        a["delta_u"], dg.delta_u_coefficients, rtol=1e-6, atol=1e-300
+    )
 
 
 _TEXT_FIELDS = {

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse import aic, curvature, linalg
+from geomcollapse._checks import probe_operator
 from geomcollapse._sharding import Layout, on_one_device_mesh, tree_dot
 from geomcollapse.diagnosis.fisher import bad_fisher, refuse_rounding_noise
 from geomcollapse.diagnosis.plan import FIRST_K, ONE_SHOT, Request
@@ -66,7 +67,12 @@ _JITTED_COLUMNS = jax.jit(_columns, static_argnums=1, compiler_options=ONE_SHOT)
 def _dense_fisher(op, n, fisher_name) -> tuple[np.ndarray, float, float]:
     """``(F, tr F, eps)``: ``F`` from its ``n`` columns ``F e_i`` (one compiled, batched
     call), symmetrised once shown symmetric to ``√eps`` (``eps`` of the model's dtype)."""
-    cols = _JITTED_COLUMNS(op.raveled(), n)
+    flat_op = op.raveled()
+    if fisher_name == "custom":  # the columns of an affine or nonlinear map look like a matrix
+        like = jnp.zeros((n,), flat_op.dtype)
+        probe = partial(curvature.apply, flat_op)
+        probe_operator(probe, like, "fisher", psd=False, key=jax.random.key(0x5EED), symmetric=True)
+    cols = _JITTED_COLUMNS(flat_op, n)
     C = np.asarray(cols, np.float64)
     if not np.all(np.isfinite(C)):
         raise ValueError("fisher: the skill Fisher's matvec returned non-finite values at params")

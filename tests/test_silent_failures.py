@@ -1,0 +1,222 @@
+"""Inputs that once gave a plausible number, NaN or a bare traceback, and now a ValueError.
+
+Each case was found by a bad-input probe of the user's path (measure the AIC or a
+trace, diagnose, sweep, report, reload a saved diagnosis) and fails without its check.
+"""
+
+import json
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import geomcollapse as gc
+from geomcollapse import aic, curvature, models, sweep
+from geomcollapse.diagnosis import Diagnosis
+
+N = 20
+
+
+@pytest.fixture(scope="module")
+def psd():
+    """A 20×20 PSD ``F``, its top-3 eigenvectors as rows and ``tr((I−P)F(I−P))``."""
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((N, N))
+    F = B @ B.T
+    lam, U = np.linalg.eigh(F)
+    top = U[:, ::-1][:, :3].T
+    return jnp.asarray(F), top, float(lam[:-3].sum())
+
+
+def test_fisher_trace_deflated_by_its_top_rows_is_the_tail(psd):
+    F, top, tail = psd
+    value, stderr, matvecs = aic.fisher_trace(lambda v: F @ v, N, jnp.float64, deflate=top)
+    assert value == pytest.approx(tail, rel=1e-12) and stderr == 0.0 and matvecs == N
+
+
+@pytest.mark.parametrize(
+    ("rows", "what"),
+    [("random", "orthonormal"), ("doubled", "orthonormal"), ("nan", "orthonormal")],
+)
+def test_fisher_trace_refuses_deflate_rows_that_are_not_an_orthonormal_basis(psd, rows, what):
+    F, top, _ = psd
+    deflate = {
+        "random": np.random.default_rng(1).standard_normal((3, N)),
+        "doubled": 2 * top,
+        "nan": np.full((3, N), np.nan),
+    }[rows]
+    with pytest.raises(ValueError, match=r"^deflate must have orthonormal rows"):
+        aic.fisher_trace(lambda v: F @ v, N, jnp.float64, deflate=deflate)
+
+
+def _norm_scaled(F):
+    """``v ↦ Fv·(1 + ‖v‖²/n)``: symmetric on any two probes of equal norm (Rademacher), not
+    linear: only the linearity probe sees it."""
+    return lambda v: (F @ v) * (1.0 + jnp.sum(v * v) / N)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "match"),
+    [
+        ("nan", lambda F: lambda v: v * jnp.nan, r"^matvec returned non-finite values"),
+        ("negative", lambda F: lambda v: -(F @ v), r"^matvec is not positive semidefinite"),
+        ("not-symmetric", lambda F: lambda v: jnp.triu(F) @ v, r"^matvec is not symmetric"),
+        ("not-linear", _norm_scaled, r"^matvec is not linear"),
+    ],
+)
+def test_fisher_trace_refuses_a_matvec_that_is_not_a_fisher(psd, name, make, match):
+    F, _, _ = psd
+    with pytest.raises(ValueError, match=match):
+        aic.fisher_trace(make(F), N, jnp.float64)
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    p = models.mlp_problem(jax.random.key(0), (4, 8, 3), num_examples=32)
+
+    def logits(params, x):
+        return models.mlp_apply(params, x, p.activation)
+
+    def loss(params, x, y):
+        return models.softmax_cross_entropy(logits(params, x), y)
+
+    return p, logits, loss
+
+
+def test_measure_aic_refuses_a_loss_that_is_not_finite_at_theta(mlp):
+    """Labels out of range: the loss is NaN, its gather's gradient finite (it was a γ)."""
+    p, logits, loss = mlp
+    with pytest.raises(ValueError, match=r"^loss_fn: its value at params is nan"):
+        aic.measure_aic(
+            curvature.fisher_vp(logits),
+            loss,
+            p.params,
+            3,
+            key=jax.random.key(1),
+            fisher_args=(p.batch.x,),
+            loss_args=(p.batch.x, p.batch.y - 5),
+        )
+
+
+def test_measure_aic_refuses_a_fisher_that_vanishes(mlp):
+    p, _, loss = mlp
+
+    def zero(params, v, x):
+        return jax.tree.map(jnp.zeros_like, v)
+
+    with pytest.raises(ValueError, match=r"^fisher_vp: the skill Fisher vanishes at params"):
+        aic.measure_aic(
+            zero,
+            loss,
+            p.params,
+            3,
+            key=jax.random.key(1),
+            fisher_args=(p.batch.x,),
+            loss_args=(p.batch.x, p.batch.y),
+        )
+
+
+def test_diagnose_dense_route_refuses_an_affine_custom_fisher(mlp):
+    """``+ 1e-3`` for ``+ 1e-3·v``: its columns are symmetric, so only linearity sees it."""
+    p, logits, loss = mlp
+    fvp = curvature.fisher_vp(logits)
+
+    def damped_wrong(params, v, x, y):
+        return jax.tree.map(lambda t: t + 1e-3, fvp(params, v, x))
+
+    with pytest.raises(ValueError, match=r"^fisher is not linear at params"):
+        gc.diagnose(
+            loss,
+            loss,
+            p.params,
+            skill_args=(p.batch.x[:16], p.batch.y[:16]),
+            task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
+            fisher=damped_wrong,
+            key=jax.random.key(1),
+        )
+
+
+def _landscape_sweep(path, rows):
+    header = {"sweep": "toy", "format": sweep.FORMAT_VERSION, "times": [0.1, 0.2]}
+    lines = [json.dumps(header)]
+    for i, (kappa, coupling) in enumerate(rows):
+        row = {"id": i, "seed": i % 2, "n": 10, "d": 2, "top": 1.0, "tail_mass": 0.1}
+        row.update(epsilon=0.1, kappa=kappa, aic={"coupling": coupling}, delta_u=[0.0, 1.0])
+        lines.append(json.dumps(row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_report_leaves_recorded_nones_out_of_each_mean_and_its_count(tmp_path):
+    path = _landscape_sweep(tmp_path / "s.jsonl", [(1, 2.0), (1, 4.0), (2, None), (2, 6.0)])
+    written = sweep.report(path, tmp_path / "out", x="kappa", y="aic.coupling")
+    md = next(p for p in written if p.suffix == ".md").read_text()
+    assert "| 1 | 2 | 3 |" in md and "| 2 | 1 | 6 |" in md
+
+
+def test_read_rows_names_the_file_and_line_of_a_damaged_sweep(tmp_path):
+    path = _landscape_sweep(tmp_path / "s.jsonl", [(1, 2.0), (2, 3.0), (3, 4.0)])
+    whole = path.read_text()
+    path.write_text(whole[: whole.rindex('"delta_u"')])  # killed mid-write: last line dropped
+    assert [r["id"] for r in sweep.read_rows(path)[1]] == [0, 1]
+    lines = whole.splitlines()
+    row = json.loads(lines[2])
+    del row["aic"]
+    path.write_text("\n".join([lines[0], lines[1], json.dumps(row), lines[3]]) + "\n")
+    with pytest.raises(ValueError, match=r"s\.jsonl line 3 is not a sweep row \(missing aic\)"):
+        sweep.read_rows(path)
+    path.write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
+    with pytest.raises(ValueError, match=r"holds run id 0 twice \(lines 2 and 3\)"):
+        sweep.read_rows(path)
+    path.write_bytes(lines[0].encode() + b"\n\x9c\xff\xfe\n")
+    with pytest.raises(ValueError, match=r"s\.jsonl is not a sweep output \(not UTF-8"):
+        sweep.read_rows(path)
+
+
+@pytest.fixture(scope="module")
+def saved(mlp, tmp_path_factory):
+    p, logits, loss = mlp
+    dg = gc.diagnose(
+        loss,
+        loss,
+        p.params,
+        skill_args=(p.batch.x[:16], p.batch.y[:16]),
+        task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
+        skill_logits=lambda params, x, y: logits(params, x),
+        key=jax.random.key(1),
+    )
+    out = tmp_path_factory.mktemp("dg")
+    dg.save(out, arrays=True)
+    return out
+
+
+def _copy(src, dest):
+    dest.mkdir()
+    for f in src.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    return dest
+
+
+def test_load_refuses_damaged_or_foreign_saved_arrays(saved, tmp_path):
+    assert Diagnosis.load(saved).subspace is not None
+    arrays = "subspace.npz"
+    cut = _copy(saved, tmp_path / "cut")
+    data = (cut / arrays).read_bytes()
+    (cut / arrays).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"^directory: .*subspace\.npz is damaged"):
+        Diagnosis.load(cut)
+    nan = _copy(saved, tmp_path / "nan")
+    with np.load(nan / arrays) as z:
+        a = {k: z[k] for k in z.files}
+    a["values"] = np.full_like(a["values"], np.nan)
+    np.savez(nan / arrays, **a)
+    with pytest.raises(ValueError, match=r"does not hold the arrays of report\.json"):
+        Diagnosis.load(nan)
+    report = _copy(saved, tmp_path / "report")
+    text = (report / "report.json").read_text()
+    (report / "report.json").write_text(text[: len(text) // 2])
+    with pytest.raises(ValueError, match=r"^directory: .*report\.json is damaged"):
+        Diagnosis.load(report)
+    assert zipfile.is_zipfile(saved / arrays)  # the original is untouched
