@@ -318,11 +318,19 @@ def gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Arra
     Compiled once per ``loss_fn``: new ``params`` and ``loss_args`` of the same
     shapes reuse it (an unhashable ``loss_fn`` compiles per call).
     """
-    return _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))[:2]
+    return _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))
 
 
-def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, ...]:
-    """Raveled ``g``, ``Hg`` and the loss's value ``L(θ*)`` (checked finite by measure_aic)."""
+def _gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple) -> tuple[jax.Array, jax.Array]:
+    g_tree = jax.grad(loss_fn)(params, *loss_args)
+    Hg = hessian_vp(loss_fn)(params, g_tree, *loss_args)
+    return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0]
+
+
+@partial(jax.jit, static_argnums=0)
+def _value_gradient_and_hg(loss_fn, params: PyTree, loss_args: tuple):
+    """Raveled ``g``, ``Hg`` and ``L(θ*)`` (measure_aic checks it finite). The experiments'
+    :func:`gradient_and_hg` keeps its own program, so their numbers do not move."""
     value, g_tree = jax.value_and_grad(loss_fn)(params, *loss_args)
     Hg = hessian_vp(loss_fn)(params, g_tree, *loss_args)
     return ravel_pytree(g_tree)[0], ravel_pytree(Hg)[0], value
@@ -534,7 +542,7 @@ def _measure_aic(
     if sharded:
         g, Hg, value = _tree_gradient_and_hg(keyed(loss_fn), layout, params, loss_args)
     else:
-        g, Hg, value = _JITTED_GRADIENT_AND_HG(keyed(loss_fn), params, tuple(loss_args))
+        g, Hg, value = _value_gradient_and_hg(keyed(loss_fn), params, tuple(loss_args))
     value = float(jax.device_get(value))
     if not np.isfinite(value):
         raise ValueError(
