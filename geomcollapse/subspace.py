@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from geomcollapse._checks import finite_leaves
+from geomcollapse._checks import finite_leaves, is_concrete
 from geomcollapse._sharding import is_sharded, stack_combine, stack_dot, tree_dot, tree_norm
 from geomcollapse.curvature import LinearOperator, VectorProduct, linear_operator
 from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
@@ -285,8 +285,8 @@ def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
     """``(λ (d,), V (d, n))`` of a :class:`Subspace`, validated at a public entry point.
 
     Raises ``ValueError`` naming ``subspace`` unless it is a :class:`Subspace`
-    with ``d ≥ 1`` finite values, as many basis rows, and orthonormal finite rows
-    (:func:`check_orthonormal`).
+    with ``d ≥ 1`` finite values (none below ``−√eps·max|λ|``: a Fisher's), as many basis
+    rows, and orthonormal finite rows (:func:`check_orthonormal`).
     """
     if not isinstance(subspace, Subspace):
         raise ValueError(f"subspace must be a geomcollapse Subspace, got {type(subspace).__name__}")
@@ -300,6 +300,12 @@ def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
         )
     finite_leaves(values, "subspace.values")
     finite_leaves(rows, "subspace.basis")
+    lam = np.asarray(jax.device_get(values), np.float64) if is_concrete(values) else np.zeros(1)
+    if lam.min() < -np.sqrt(float(jnp.finfo(values.dtype).eps)) * np.abs(lam).max():
+        raise ValueError(
+            f"subspace.values must be a Fisher's eigenvalues (≥ 0), got {lam.min():.3g}: a "
+            "negative λ reads as 0 in ½‖F^{1/2}Px‖², so a budget on it could never fire"
+        )
     check_orthonormal(rows, "subspace.basis")
     return values, rows
 

@@ -15,6 +15,7 @@ import pytest
 import geomcollapse as gc
 from geomcollapse import aic, curvature, models, sweep
 from geomcollapse.diagnosis import Diagnosis
+from geomcollapse.subspace import Subspace
 
 N = 20
 
@@ -220,3 +221,35 @@ def test_load_refuses_damaged_or_foreign_saved_arrays(saved, tmp_path):
     with pytest.raises(ValueError, match=r"^directory: .*report\.json is damaged"):
         Diagnosis.load(report)
     assert zipfile.is_zipfile(saved / arrays)  # the original is untouched
+
+
+def test_monitor_refuses_a_subspace_with_negative_eigenvalues(psd):
+    """A negative ``λ`` reads as 0 in ``½‖F^{1/2}Px‖²``: a budget on it could never fire."""
+    import optax
+
+    _, top, _ = psd
+    sub = Subspace.exact(jnp.asarray([3.0, 2.0, 1.0]), jnp.asarray(top))
+    gc.monitor.monitor(optax.sgd(0.1), sub, every=1)  # a Fisher's: accepted
+    negative = sub._replace(values=-sub.values)
+    with pytest.raises(ValueError, match=r"^subspace\.values must be a Fisher's eigenvalues"):
+        gc.monitor.monitor(optax.sgd(0.1), negative, every=1)
+
+
+def test_diagnose_names_a_non_finite_fisher_as_such(mlp):
+    p, logits, loss = mlp
+    fvp = curvature.fisher_vp(logits)
+
+    def nan_fisher(params, v, x, y):
+        return jax.tree.map(lambda t: t * jnp.nan, fvp(params, v, x))
+
+    with pytest.raises(ValueError, match=r"^fisher: the skill Fisher is not finite at params"):
+        gc.diagnose(
+            loss,
+            loss,
+            p.params,
+            skill_args=(p.batch.x[:16], p.batch.y[:16]),
+            task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
+            fisher=nan_fisher,
+            spectrum="lanczos",
+            key=jax.random.key(1),
+        )

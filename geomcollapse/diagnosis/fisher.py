@@ -201,6 +201,11 @@ def bad_fisher(
     An empirical Fisher that vanishes at a minimum is rounding noise, which is
     neither symmetric nor of one sign: for it every failure reads as vanishing.
     """
+    if tr is not None and not np.isfinite(tr):
+        return (
+            f"fisher: the skill Fisher is not finite at params (tr F = {tr}): check its "
+            "matvec, skill_logits and skill_args for NaN or inf"
+        )
     if fisher_name != "empirical":
         if asymmetry:
             return (
