@@ -256,6 +256,9 @@ def tail_mass(
     method = _trace_method(method, n)
     if method not in ("exact", "hutchinson"):
         raise ValueError(f"method must be 'auto', 'exact' or 'hutchinson', got {method!r}")
+    num_probes = probe_count(num_probes)  # on every route: never silently ignored
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"dtype must be a floating dtype (jnp.float32, jnp.float64), got {dtype}")
     op = _trace_operator(matvec, n, dtype, args)
     salt = jax.random.key(_PROBE_SALT) if key is None else jax.random.fold_in(key, _PROBE_SALT)
     like = jnp.zeros((n,), dtype)
@@ -647,6 +650,7 @@ def measure_aic(
     check_params(params)
     key = prng_key(key)
     trace = one_of(trace, ("auto", "exact", "hutchinson"), "trace")
+    num_probes = probe_count(num_probes)  # on every route, as diagnose: never silently ignored
     loss_args = check_loss(loss_fn, params, loss_args, "loss_fn", "loss_args")
     if not is_sharded(params):  # finite, PSD, symmetric on probes (not the Lanczos key's draws)
         _probe_fisher(fisher_vp, params, tuple(fisher_args), jax.random.fold_in(key, _PROBE_SALT))

@@ -253,3 +253,17 @@ def test_diagnose_names_a_non_finite_fisher_as_such(mlp):
             spectrum="lanczos",
             key=jax.random.key(1),
         )
+
+
+def test_arguments_are_checked_on_every_route(psd, saved, tmp_path):
+    """``num_probes`` is checked even where the exact trace does not use it; a missing dtype
+    and a file in the way of a saved diagnosis are named, not left to JAX or the OS."""
+    F, _, _ = psd
+    with pytest.raises(ValueError, match=r"^num_probes must be"):
+        aic.fisher_trace(lambda v: F @ v, N, jnp.float64, method="exact", num_probes=0)
+    with pytest.raises(ValueError, match=r"^dtype must be a floating dtype"):
+        aic.fisher_trace(lambda v: F @ v, N, None)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(ValueError, match=r"^directory: .*a_file exists and is not a directory"):
+        Diagnosis.load(saved).save(blocker)

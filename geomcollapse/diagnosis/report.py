@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from geomcollapse import theory
+from geomcollapse._checks import writable_directory
 
 __all__ = ["ARRAYS_FILE", "REPORT_FILES", "Diagnosis"]
 
@@ -218,7 +219,7 @@ class Diagnosis:
         """
         if arrays:
             flat = _flat_arrays(self)  # refuses before anything is written
-        out = Path(directory)
+        out = writable_directory(directory, "directory")  # ValueError, not FileExistsError
         out.mkdir(parents=True, exist_ok=True)
         paths = tuple(out / name for name in REPORT_FILES)
         paths[0].write_text(self.to_json() + "\n", encoding="utf-8")
