@@ -718,6 +718,8 @@ def _check_series(series: Series | None, values: jax.Array, reference: jax.Array
             "delta_u_series(..., subspace=<the monitor's subspace>)"
         )
     xs = jax.vmap(lambda x: ravel_pytree(x)[0])(series.displacement)
+    if not bool(jax.device_get(jnp.all(jnp.isfinite(xs)))):  # NaN passes any "> bound"
+        raise ValueError("series displacement holds non-finite values (NaN or inf)")
     n = reference.shape[1]
     if xs.ndim != 2 or xs.shape[1] != n:
         raise ValueError(
@@ -736,7 +738,7 @@ def _check_series(series: Series | None, values: jax.Array, reference: jax.Array
             a, b = np.abs(ys[j - 1]), np.abs(ys[m - j - 1])
             dj, dl = delta[j - 1], delta[m - j - 1]
             bound[m] += 0.5 * np.sum(lam * (a * dl + dj * b + dj * dl + 10 * eps * a * b))
-    if got.shape != expected.shape or np.any(np.abs(got - expected) > bound):
+    if got.shape != expected.shape or not np.all(np.abs(got - expected) <= bound):
         raise ValueError(
             "series was made with another subspace: its projected-loss coefficients "
             f"{np.array2string(got, precision=3)} differ from those of this subspace "

@@ -267,3 +267,15 @@ def test_arguments_are_checked_on_every_route(psd, saved, tmp_path):
     blocker.write_text("")
     with pytest.raises(ValueError, match=r"^directory: .*a_file exists and is not a directory"):
         Diagnosis.load(saved).save(blocker)
+
+
+def test_monitor_refuses_a_series_with_nan_displacement(saved):
+    """NaN coefficients compare False with any bound: the check that the series belongs to
+    this subspace passed them."""
+    import optax
+
+    dg = Diagnosis.load(saved)
+    gc.monitor.monitor(optax.sgd(0.1), dg.subspace, every=1, series=dg.series, time_per_step=0.1)
+    bad = dg.series._replace(displacement=dg.series.displacement * jnp.nan)
+    with pytest.raises(ValueError, match=r"^series displacement holds non-finite values"):
+        gc.monitor.monitor(optax.sgd(0.1), dg.subspace, every=1, series=bad, time_per_step=0.1)
