@@ -279,3 +279,19 @@ def test_monitor_refuses_a_series_with_nan_displacement(saved):
     bad = dg.series._replace(displacement=dg.series.displacement * jnp.nan)
     with pytest.raises(ValueError, match=r"^series displacement holds non-finite values"):
         gc.monitor.monitor(optax.sgd(0.1), dg.subspace, every=1, series=bad, time_per_step=0.1)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("d", 2.5, r"data\['d'\] is malformed: it must be an integer"),
+        ("d", 10**6, r"d = 1000000 is not in \[1, n\)"),
+        ("eigenvalues", [1.0], r"1 eigenvalues and"),
+        ("lr", -1.0, r"lr = -1.0 is not a positive number"),
+    ],
+)
+def test_from_dict_refuses_a_report_whose_fields_disagree(saved, field, value, match):
+    data = json.loads((saved / "report.json").read_text())
+    assert Diagnosis.from_dict(dict(data)).d == data["d"]
+    with pytest.raises(ValueError, match=match):
+        Diagnosis.from_dict({**data, field: value})

@@ -184,6 +184,7 @@ class Diagnosis:
                 values[name] = _decode_field(name, value)
             except (TypeError, ValueError) as err:  # a malformed entry: one line naming it
                 raise ValueError(f"data[{name!r}] is malformed: {err}") from err
+        _check_consistent(values)
         return cls(**values)
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -378,8 +379,33 @@ def _decode_field(name: str, value: Any) -> Any:
     if name in _TEXT_FIELDS:
         return tuple(value) if isinstance(value, list) else value
     if name in _INT_FIELDS:
-        return None if value is None else int(value)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not float(value).is_integer():
+            raise ValueError(f"it must be an integer, got {value!r}")
+        return int(value)
     return _decode(value)
+
+
+def _check_consistent(v: dict) -> None:
+    """What a diagnosis's fields say of each other: ``1 ≤ d < n``, at least ``d``
+    eigenvalues (as many residuals), ``K + 1`` coefficients, a positive ``lr`` or none."""
+    d, n, order = v["d"], v["n"], v["order"]
+    problems = []
+    if not 1 <= d < n:
+        problems.append(f"d = {d} is not in [1, n) with n = {n}")
+    if len(v["eigenvalues"]) < d or len(v["eigen_residuals"]) != len(v["eigenvalues"]):
+        problems.append(
+            f"{len(v['eigenvalues'])} eigenvalues and {len(v['eigen_residuals'])} residuals "
+            f"for d = {d}"
+        )
+    if order < 1 or len(v["delta_u_coefficients"]) != order + 1:
+        problems.append(f"{len(v['delta_u_coefficients'])} coefficients for order {order}")
+    lr = v["lr"]
+    if lr is not None and not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
+        problems.append(f"lr = {lr!r} is not a positive number")
+    if problems:
+        raise ValueError(f"data is inconsistent: {'; '.join(problems)}")
 
 
 def _decode(value: Any) -> Any:
