@@ -119,24 +119,29 @@ def test_measure_aic_refuses_a_fisher_that_vanishes(mlp):
         )
 
 
+def _diagnose(mlp, **kw):
+    """``diagnose`` of the MLP: its own loss as the skill, shifted labels as the task."""
+    p, _, loss = mlp
+    return gc.diagnose(
+        loss,
+        loss,
+        p.params,
+        skill_args=(p.batch.x[:16], p.batch.y[:16]),
+        task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
+        key=jax.random.key(1),
+        **kw,
+    )
+
+
 def test_diagnose_dense_route_refuses_an_affine_custom_fisher(mlp):
     """``+ 1e-3`` for ``+ 1e-3·v``: its columns are symmetric, so only linearity sees it."""
-    p, logits, loss = mlp
-    fvp = curvature.fisher_vp(logits)
+    fvp = curvature.fisher_vp(mlp[1])
 
     def damped_wrong(params, v, x, y):
         return jax.tree.map(lambda t: t + 1e-3, fvp(params, v, x))
 
     with pytest.raises(ValueError, match=r"^fisher is not linear at params"):
-        gc.diagnose(
-            loss,
-            loss,
-            p.params,
-            skill_args=(p.batch.x[:16], p.batch.y[:16]),
-            task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
-            fisher=damped_wrong,
-            key=jax.random.key(1),
-        )
+        _diagnose(mlp, fisher=damped_wrong)
 
 
 def _landscape_sweep(path, rows):
@@ -178,16 +183,8 @@ def test_read_rows_names_the_file_and_line_of_a_damaged_sweep(tmp_path):
 
 @pytest.fixture(scope="module")
 def saved(mlp, tmp_path_factory):
-    p, logits, loss = mlp
-    dg = gc.diagnose(
-        loss,
-        loss,
-        p.params,
-        skill_args=(p.batch.x[:16], p.batch.y[:16]),
-        task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
-        skill_logits=lambda params, x, y: logits(params, x),
-        key=jax.random.key(1),
-    )
+    logits = mlp[1]
+    dg = _diagnose(mlp, skill_logits=lambda params, x, y: logits(params, x))
     out = tmp_path_factory.mktemp("dg")
     dg.save(out, arrays=True)
     return out
@@ -236,23 +233,13 @@ def test_monitor_refuses_a_subspace_with_negative_eigenvalues(psd):
 
 
 def test_diagnose_names_a_non_finite_fisher_as_such(mlp):
-    p, logits, loss = mlp
-    fvp = curvature.fisher_vp(logits)
+    fvp = curvature.fisher_vp(mlp[1])
 
     def nan_fisher(params, v, x, y):
         return jax.tree.map(lambda t: t * jnp.nan, fvp(params, v, x))
 
     with pytest.raises(ValueError, match=r"^fisher: the skill Fisher is not finite at params"):
-        gc.diagnose(
-            loss,
-            loss,
-            p.params,
-            skill_args=(p.batch.x[:16], p.batch.y[:16]),
-            task_args=(p.batch.x[16:], (p.batch.y[16:] + 1) % 3),
-            fisher=nan_fisher,
-            spectrum="lanczos",
-            key=jax.random.key(1),
-        )
+        _diagnose(mlp, fisher=nan_fisher, spectrum="lanczos")
 
 
 def test_arguments_are_checked_on_every_route(psd, saved, tmp_path):
