@@ -282,3 +282,19 @@ def test_from_dict_refuses_a_report_whose_fields_disagree(saved, field, value, m
     assert Diagnosis.from_dict(dict(data)).d == data["d"]
     with pytest.raises(ValueError, match=match):
         Diagnosis.from_dict({**data, field: value})
+
+
+def test_the_figure_says_which_forecast_it_could_not_draw(saved):
+    """A forecast with no positive finite value left an empty curve and no word of it."""
+    import dataclasses
+
+    dg = Diagnosis.load(saved)
+
+    def notes(d):
+        return [
+            t.get_text() for ax in d.figure().axes for t in ax.texts if "not drawn" in t.get_text()
+        ]
+
+    assert notes(dg) == []
+    nan = dataclasses.replace(dg, forecast_delta_u=tuple(np.full(len(dg.forecast_t), np.nan)))
+    assert len(notes(nan)) == 1 and "forecast" in notes(nan)[0]

@@ -85,8 +85,11 @@ def _forecast_panel(ax_fc, dg) -> None:
     curves.append(
         (np.asarray(dg.forecast_projected), r"$\frac{1}{2}\|F^{1/2}Px(t)\|^2$", GREEN, 1.0, window)
     )
+    undrawn = []
     for ys, label, color, lw, end in curves:
         t, y = _positive(ts, ys)
+        if not t.size:  # said on the panel, not left as a silently empty curve
+            undrawn.append(label)
         inside = t <= end  # past the window the truncated series is no forecast: dotted
         if np.any(inside):
             ax_fc.loglog(t[inside], y[inside], color=color, lw=lw, label=label)
@@ -107,5 +110,8 @@ def _forecast_panel(ax_fc, dg) -> None:
     ax_fc.set_xlabel("flow time t" + ("" if dg.lr is None else f" (SGD step k = t / {dg.lr:g})"))
     ax_fc.set_ylabel("forecast")
     ax_fc.set_title(f"(b) Taylor forecast, order {dg.order}", loc="left")
+    if undrawn:
+        note = "no positive finite value, not drawn: " + "; ".join(undrawn)
+        ax_fc.text(0.02, 0.02, note, transform=ax_fc.transAxes, fontsize=6, color=VERMILION)
     if ax_fc.get_legend_handles_labels()[0]:
         ax_fc.legend(fontsize=7, loc="upper left")
