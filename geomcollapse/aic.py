@@ -260,6 +260,7 @@ def tail_mass(
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype (jnp.float32, jnp.float64), got {dtype}")
     op = _trace_operator(matvec, n, dtype, args)
+    key = None if key is None else prng_key(key)  # checked before it is folded
     salt = jax.random.key(_PROBE_SALT) if key is None else jax.random.fold_in(key, _PROBE_SALT)
     like = jnp.zeros((n,), dtype)
     probe_operator(partial(apply, op), like, "matvec", psd=True, key=salt, symmetric=True)
@@ -268,8 +269,9 @@ def tail_mass(
         Vd = deflate if isinstance(deflate, jax.Array) else np.asarray(deflate)
         if Vd.ndim != 2 or Vd.shape[1] != n:
             raise ValueError(f"deflate must have shape (d, {n}), got {Vd.shape}")
-        deflate = jax.device_put(Vd.astype(dtype), layout.stacked)
-        check_orthonormal(deflate, "deflate")  # NaN rows fail it too
+        deflate = jax.device_put(Vd.astype(dtype), layout.stacked) if len(Vd) else None
+        if deflate is not None:  # (0, n): no deflation, as None
+            check_orthonormal(deflate, "deflate")  # NaN rows fail it too
     return _tree_tail_mass(
         op.fn, layout, op.params, op.args, method, key=key, num_probes=num_probes,
         deflate=deflate, top_eigenvalue=top_eigenvalue,

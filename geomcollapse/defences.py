@@ -137,7 +137,7 @@ def initial_orthogonalization(subspace: Subspace) -> optax.GradientTransformatio
     Args:
       subspace: ``M(θ*)`` with a ``(d, n)`` (or pytree) basis.
     """
-    _, rows = subspace_arrays(subspace)
+    _, rows = subspace_arrays(subspace, fisher_values=False)  # the basis alone
 
     def init(params: PyTree) -> InitialOrthogonalizationState:
         flat = _theta_star(params, rows.shape[1])
@@ -176,7 +176,7 @@ def project_out(subspace: Subspace) -> optax.GradientTransformation:
     Args:
       subspace: ``M(θ*)`` with a ``(d, n)`` (or pytree) basis.
     """
-    _, rows = subspace_arrays(subspace)
+    _, rows = subspace_arrays(subspace, fisher_values=False)  # the basis alone
 
     def init(params: PyTree) -> ProjectOutState:
         _theta_star(params, rows.shape[1])

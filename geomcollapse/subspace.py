@@ -99,7 +99,7 @@ def check_orthonormal(rows: jax.Array, name: str = "basis") -> None:
     (≈ 1e-6), and ``√eps`` is far above that and far below a basis that is not
     one. Tracers pass (checked at the library's eager entry points).
     """
-    if isinstance(rows, jax.core.Tracer):
+    if isinstance(rows, jax.core.Tracer) or rows.shape[0] == 0:  # no rows: nothing to check
         return
     gram = jnp.matmul(rows, rows.T, precision=_HIGHEST)
     unit = (jnp.diagonal(gram) > 0.5).astype(gram.dtype)
@@ -281,12 +281,13 @@ def orthogonalized(
     return corrected
 
 
-def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
+def subspace_arrays(subspace: Any, *, fisher_values: bool = True) -> tuple[jax.Array, jax.Array]:
     """``(λ (d,), V (d, n))`` of a :class:`Subspace`, validated at a public entry point.
 
     Raises ``ValueError`` naming ``subspace`` unless it is a :class:`Subspace`
-    with ``d ≥ 1`` finite values (none below ``−√eps·max|λ|``: a Fisher's), as many basis
-    rows, and orthonormal finite rows (:func:`check_orthonormal`).
+    with ``d ≥ 1`` finite values (with ``fisher_values``, for callers that use them as a
+    Fisher's, none below ``−√eps·max|λ|``), as many basis rows, and orthonormal finite
+    rows (:func:`check_orthonormal`).
     """
     if not isinstance(subspace, Subspace):
         raise ValueError(f"subspace must be a geomcollapse Subspace, got {type(subspace).__name__}")
@@ -300,7 +301,8 @@ def subspace_arrays(subspace: Any) -> tuple[jax.Array, jax.Array]:
         )
     finite_leaves(values, "subspace.values")
     finite_leaves(rows, "subspace.basis")
-    lam = np.asarray(jax.device_get(values), np.float64) if is_concrete(values) else np.zeros(1)
+    concrete = fisher_values and is_concrete(values)
+    lam = np.asarray(jax.device_get(values), np.float64) if concrete else np.zeros(1)
     if lam.min() < -np.sqrt(float(jnp.finfo(values.dtype).eps)) * np.abs(lam).max():
         raise ValueError(
             f"subspace.values must be a Fisher's eigenvalues (≥ 0), got {lam.min():.3g}: a "

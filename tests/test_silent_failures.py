@@ -221,8 +221,11 @@ def test_load_refuses_damaged_or_foreign_saved_arrays(saved, tmp_path):
 
 
 def test_monitor_refuses_a_subspace_with_negative_eigenvalues(psd):
-    """A negative ``λ`` reads as 0 in ``½‖F^{1/2}Px‖²``: a budget on it could never fire."""
+    """A negative ``λ`` reads as 0 in ``½‖F^{1/2}Px‖²``: a budget on it could never fire.
+    A projection reads the basis alone: an indefinite (Hessian) subspace stays usable there."""
     import optax
+
+    from geomcollapse import defences
 
     _, top, _ = psd
     sub = Subspace.exact(jnp.asarray([3.0, 2.0, 1.0]), jnp.asarray(top))
@@ -230,6 +233,42 @@ def test_monitor_refuses_a_subspace_with_negative_eigenvalues(psd):
     negative = sub._replace(values=-sub.values)
     with pytest.raises(ValueError, match=r"^subspace\.values must be a Fisher's eigenvalues"):
         gc.monitor.monitor(optax.sgd(0.1), negative, every=1)
+    update = jnp.ones(N)
+    projected, _ = defences.project_out(negative).update(update, None)
+    np.testing.assert_allclose(projected, update - top.T @ (top @ update), atol=1e-12)
+
+
+def test_a_confident_classifiers_float32_fisher_is_accepted():
+    """``Jᵀ(p·Jv − p·Σp·Jv)`` with ``p₁ ≈ 1`` cancels to a few % in float32: still linear.
+    A probe comparing ``A(v − 2u)`` with ``Av − 2Au`` refused it (2.6× its tolerance);
+    doubling is exact, so ``A(2v) = 2Av`` holds bit for bit."""
+    rng = np.random.default_rng(0)
+    n, m = 40, 64
+    z = rng.standard_normal((m, 3)) * 0.1
+    z[:, 0] += 14.0
+    J = rng.standard_normal((m, 3, n))
+
+    def fisher(dtype):
+        Jd, p = jnp.asarray(J, dtype), jax.nn.softmax(jnp.asarray(z, dtype), -1)
+
+        def fvp(v):
+            jv = jnp.einsum("mcn,n->mc", Jd, v)
+            return jnp.einsum("mcn,mc->n", Jd, p * jv - p * jnp.sum(p * jv, -1, keepdims=True)) / m
+
+        return fvp
+
+    exact = aic.fisher_trace(fisher(jnp.float64), n, jnp.float64)[0]
+    assert aic.fisher_trace(fisher(jnp.float32), n, jnp.float32)[0] == pytest.approx(
+        exact, rel=1e-2
+    )
+
+
+def test_an_empty_deflate_is_no_deflation_and_a_bad_key_is_named(psd):
+    F, _, _ = psd
+    plain = aic.fisher_trace(lambda v: F @ v, N, jnp.float64)
+    assert aic.fisher_trace(lambda v: F @ v, N, jnp.float64, deflate=np.zeros((0, N))) == plain
+    with pytest.raises(ValueError, match=r"^key"):
+        aic.fisher_trace(lambda v: F @ v, N, jnp.float64, key=0)
 
 
 def test_diagnose_names_a_non_finite_fisher_as_such(mlp):
