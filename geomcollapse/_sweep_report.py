@@ -242,7 +242,7 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
 def _number_or_nan(row: dict, path: str) -> float:
     try:
         return column(row, path)
-    except ValueError:  # missing in this row, or not a number there (e.g. None)
+    except ValueError:  # missing in this row, or not a number there (None is NaN already)
         return math.nan
 
 

@@ -494,15 +494,17 @@ def _landscape_rows(path: Path, lines: list[str]) -> list[dict]:
     for number, line in enumerate(lines, start=2):
         try:
             row = json.loads(line)
-            if not isinstance(row, dict):
-                raise TypeError
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            missing = ["(not a JSON object)"]
+        else:  # aic is read as a mapping of numbers
             missing = [k for k in _LANDSCAPE_ROW if k not in row]
-        except (json.JSONDecodeError, TypeError):
-            row, missing = None, ["(not a JSON object)"]
-        if missing or not isinstance(row.get("aic"), dict):
+            missing = missing or ([] if isinstance(row["aic"], dict) else ["aic"])
+        if missing:
             raise ValueError(
-                f"{path} line {number} is not a sweep row (missing {', '.join(missing) or 'aic'});"
-                " move the file away, or run the sweep again to a new output"
+                f"{path} line {number} is not a sweep row (missing {', '.join(missing)}); "
+                "move the file away, or run the sweep again to a new output"
             )
         if row["id"] in seen:
             raise ValueError(
