@@ -232,11 +232,8 @@ def flow_taylor(
     linearisations for ``x_{k+1}``); ``'auto'`` (default) tries ``jet`` and falls
     back to ``'jvp'`` where ``jet`` has no rule (``sort``) or breaks on
     ``custom_jvp`` functions (``jax.nn.relu``, ``softplus``: jax-ml/jax#30352).
-    ``jet`` is the faster engine, measured jitted at order 4 in float64 on 2
-    CPU cores: a 6,922-parameter tanh MLP (32-64-64-10, 256 examples) takes
-    3.5 ms with ``jet``, 5.3 ms with nested ``jvp`` and 0.40 ms for one
-    gradient (≈ 9 and 13 gradients); a 136-parameter one 0.07 / 0.16 / 0.03 ms.
-    The two engines agree to 4e-15 relative.
+    ``jet`` is the faster engine (docs/benchmarks.md, "Taylor engines of the
+    series"); the two agree to rounding.
 
     Args:
       task_loss: ``task_loss(params, *loss_args) -> scalar``, the fine-tuning loss ``L``.
