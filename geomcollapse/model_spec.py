@@ -31,7 +31,7 @@ from typing import Any
 
 from geomcollapse.diagnosis import Diagnosis, diagnose
 
-__all__ = ["ModelSpec", "diagnose_spec", "load_spec", "model_spec"]
+__all__ = ["ModelSpec", "diagnose_spec", "load_spec", "model_spec", "spec_source"]
 
 REQUIRED = ("skill_loss", "task_loss", "params")
 DEFAULT_FUNCTION = "spec"
@@ -102,6 +102,15 @@ def _split(target: str) -> tuple[str, str]:
     if not sep or not function.isidentifier() or not where:
         return target, DEFAULT_FUNCTION
     return where, function
+
+
+def spec_source(target: str) -> str:
+    """The file (as an absolute path) or the module that ``target`` names, as
+    :func:`load_spec` reads it: a file relative to the working directory."""
+    where, _ = _split(target)
+    if where.endswith(".py") or Path(where).is_file():
+        return str(Path(where).resolve())
+    return where
 
 
 def _load_module(where: str, target: str):

@@ -10,21 +10,32 @@ numbers (:meth:`geomcollapse.Diagnosis.to_dict`: ``aic.coupling``,
 --x lr --y crossing_step`` plots any of them against any grid axis, seeds
 aggregated (docs/sweeps.md). As the command does, float64 is turned on before
 the spec's function runs, so arrays it builds from NumPy float64 stay float64.
+
+Every row records ``model_sha256``, a digest of the spec's ``θ*`` and data (dtype,
+shape and bytes of every leaf of ``params``, ``skill_args`` and ``task_args``), and
+the sweep refuses rows of another digest (``SWEEP_INVARIANTS``): a sweep resumed
+after the model file changed stops instead of mixing rows of two models. The
+spec's path is read as ``geomcollapse diagnose --spec`` reads it, relative to the
+working directory; each row records the file or module it loaded (``spec_source``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import math
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from geomcollapse import model_spec
 from geomcollapse.diagnosis.plan import DEFAULT_ORDER, check_plan
 
-__all__ = ["Config", "check_config", "sweep_cell"]
+__all__ = ["SWEEP_INVARIANTS", "Config", "check_config", "model_digest", "sweep_cell"]
+
+SWEEP_INVARIANTS = ("model_sha256",)  # every row of one sweep: the same model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +97,9 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     recorded as ``None``, since a sweep's rows are strict JSON.
     """
     del outdir
+    spec = _load(config)
     diagnosis = model_spec.diagnose_spec(
-        _load(config),
+        spec,
         key=jax.random.key(config.seed),
         d=config.d,
         lr=config.lr,
@@ -95,7 +107,23 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
         threshold=config.threshold,
         order=config.order,
     )
-    return [_finite_or_none(diagnosis.to_dict())]
+    source = model_spec.spec_source(config.spec)
+    row = _finite_or_none(diagnosis.to_dict())
+    return [{**row, "model_sha256": model_digest(spec), "spec_source": source}]
+
+
+def model_digest(spec: model_spec.ModelSpec) -> str:
+    """sha256 (hex) of every leaf of ``spec``'s ``params``, ``skill_args`` and ``task_args``:
+    dtype, shape and bytes, leaf by leaf, with the pytree's structure."""
+    digest = hashlib.sha256()
+    for part in (spec.params, spec.skill_args, spec.task_args):
+        leaves, treedef = jax.tree_util.tree_flatten(part)
+        digest.update(str(treedef).encode())
+        for leaf in leaves:
+            arr = np.ascontiguousarray(np.asarray(leaf))
+            digest.update(f"{arr.dtype.name}{arr.shape}".encode())
+            digest.update(arr.tobytes())
+    return digest.hexdigest()
 
 
 def _finite_or_none(value):

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from geomcollapse import model_spec, sweep
+from geomcollapse import model_spec, spec_sweep, sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = str(ROOT / "tests" / "spec_mlp.py")
@@ -71,3 +71,38 @@ def test_a_cell_without_a_loadable_spec_is_refused_before_anything_is_written(tm
         with pytest.raises(ValueError, match=match):
             sweep.run_sweep(sweep.load_config(path), progress=False, outdir=tmp_path)
         assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_sweep_resumed_after_the_model_changed_is_refused(tmp_path):
+    """Rows of two models never share an output: each row records the model's digest."""
+    spec = tmp_path / "my_model.py"
+    source = Path(SPEC).read_text(encoding="utf-8")
+    spec.write_text(source, encoding="utf-8")
+    raw = {
+        "experiment": "geomcollapse.spec_sweep",
+        "output": "out.jsonl",
+        "base": {"spec": str(spec), "d": 2},
+        "grid": {"seed": [0, 1]},
+    }
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(raw))
+    out = sweep.run_sweep(sweep.load_config(path), progress=False, outdir=tmp_path)
+    _, rows = sweep.read_rows(out)
+    digest = spec_sweep.model_digest(model_spec.load_spec(str(spec)))
+    assert [r["model_sha256"] for r in rows] == [digest, digest]
+    assert {r["spec_source"] for r in rows} == {str(spec.resolve())}
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))  # killed after cell 0
+    # the same file, its fine-tuning labels changed: a new model under the old name
+    spec.write_text(source + "\n\n_old = spec\n\n\ndef spec():\n" + _SCALED, encoding="utf-8")
+    spec_sweep._loaded.cache_clear()  # a new process would load the file again
+    assert spec_sweep.model_digest(model_spec.load_spec(str(spec))) != digest
+    with pytest.raises(ValueError, match="model_sha256"):
+        sweep.run_sweep(sweep.load_config(path), progress=False, outdir=tmp_path)
+    assert out.read_text() == "".join(lines[:2])  # nothing appended
+
+
+_SCALED = """    s = _old()
+    x, labels = s["task_args"]
+    return {**s, "task_args": (x, (labels + 1) % 3)}
+"""
