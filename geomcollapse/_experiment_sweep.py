@@ -48,6 +48,7 @@ from geomcollapse._sweep_io import (
     part_paths,
     processes,
     reject_non_finite,
+    reject_repeats,
     reject_unknown,
     whole_lines,
 )
@@ -147,6 +148,23 @@ def _coerce(value: Any, hint: Any, current: Any) -> Any:
     return value
 
 
+_SCALARS = (bool, int, float, str)
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of a scalar field's type (``int``, ``float``, ``str``, ``bool``,
+    or a union of them and ``None``): a bool is no int, ``21.5`` no int, ``"0.1"`` no
+    float. Any other annotation (tuples, dataclasses, none) is not checked here."""
+    members = (
+        typing.get_args(hint)
+        if typing.get_origin(hint) in (typing.Union, types.UnionType)
+        else (hint,)
+    )
+    if not members or not all(m in _SCALARS or m is type(None) for m in members):
+        return True
+    return type(value) in members
+
+
 def _as_tuple(values: list) -> tuple:
     return tuple(_as_tuple(v) if isinstance(v, list) else v for v in values)
 
@@ -175,6 +193,11 @@ def _with_fields(instance: Any, values: dict, where: str, experiment: str, path:
             value = _with_fields(current, value, where, experiment, f"{path}{key}.")
         else:
             value = _coerce(value, hints.get(key), current)
+            if not _fits(value, hints.get(key)):
+                raise ValueError(
+                    f"{path + key} = {value!r} in {where} of experiment {experiment!r}: "
+                    f"the field takes {getattr(hints[key], '__name__', hints[key])}"
+                )
         changes[key] = value
     return dataclasses.replace(instance, **changes)
 
@@ -225,6 +248,7 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> ExperimentSweepConfig:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
+        reject_repeats(values, f"grid[{key!r}]")
     module = module_name(experiment)
     canonical = _canonical(
         {"module": module, "base": base, "grid": [[k, v] for k, v in grid.items()]}

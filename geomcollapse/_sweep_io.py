@@ -35,8 +35,12 @@ def reject_unknown(found: dict, allowed, where: str) -> None:
         raise ValueError(f"unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
 
 
+INT64 = 2**63  # an integer of a sweep config fits a signed 64-bit integer: |x| < 2**63
+
+
 def reject_non_finite(value: Any, where: str) -> None:
-    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``."""
+    """Raise naming the key (e.g. ``grid.epsilon[1]``) of any NaN or ±inf in ``value``,
+    or of an integer that does not fit a signed 64-bit integer (no field takes one)."""
     if isinstance(value, dict):
         for key, item in value.items():
             reject_non_finite(item, f"{where}.{key}" if where else str(key))
@@ -45,6 +49,28 @@ def reject_non_finite(value: Any, where: str) -> None:
             reject_non_finite(item, f"{where}[{i}]")
     elif isinstance(value, float) and not np.isfinite(value):
         raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
+    elif isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ValueError(f"{where} is {value}: it does not fit a signed 64-bit integer")
+
+
+def reject_repeats(values: list, where: str) -> None:
+    """Raise naming ``where`` and the value when ``values`` holds one value twice (``1``
+    and ``1.0`` alike): a repeated grid value or seed would run one cell twice and
+    count its rows as independent samples."""
+    seen = set()
+    for value in values:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        key = (
+            repr(float(value))
+            if number and abs(value) < 2**53
+            else json.dumps(value, sort_keys=True)
+        )
+        if key in seen:
+            raise ValueError(
+                f"{where} holds {value!r} twice: each value of a grid axis (and each seed)"
+                " must be distinct, or one cell would be run and counted twice"
+            )
+        seen.add(key)
 
 
 def read_config_file(path: Path) -> Any:

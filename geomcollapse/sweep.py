@@ -73,6 +73,7 @@ from jax.sharding import PartitionSpec as P
 from geomcollapse import _experiment_sweep, _sweep_report, landscapes, theory
 from geomcollapse._checks import positive_float, positive_int
 from geomcollapse._sweep_io import (
+    INT64,
     append,
     barrier,
     locked_output,
@@ -80,6 +81,7 @@ from geomcollapse._sweep_io import (
     processes,
     read_config_file,
     reject_non_finite,
+    reject_repeats,
     reject_unknown,
     whole_lines,
 )
@@ -165,6 +167,11 @@ def parse_config(
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
+        reject_repeats(values, f"grid[{key!r}]")
+        for value in values:
+            numbers = value if key == "top" and isinstance(value, list) else [value]
+            if not numbers or not all(_is_number(v) for v in numbers):
+                raise ValueError(f"grid[{key!r}] holds {value!r}: its values must be numbers")
     times = raw["times"]
     if isinstance(times, dict):
         reject_unknown(times, TIME_KEYS, "times")
@@ -176,6 +183,10 @@ def parse_config(
         )
         ts = np.logspace(np.log10(start), np.log10(stop), positive_int(times["num"], "times.num"))
     else:
+        if not isinstance(times, list) or not all(_is_number(t) for t in times):
+            raise ValueError(
+                f"times must be a list of numbers (or {sorted(TIME_KEYS)}), got {times!r}"
+            )
         ts = np.asarray(times, np.float64)
     if ts.ndim != 1 or ts.size == 0 or np.any(ts < 0) or np.any(np.diff(ts) <= 0):
         raise ValueError("times must be strictly increasing and ≥ 0")
@@ -183,9 +194,10 @@ def parse_config(
     if (
         not isinstance(seeds, list)
         or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < INT64 for s in seeds)
     ):
-        raise ValueError(f"seeds must be a non-empty list of integers ≥ 0, got {seeds!r}")
+        raise ValueError(f"seeds must be a non-empty list of integers in [0, 2**63), got {seeds!r}")
+    reject_repeats(seeds, "seeds")
     canonical = json.dumps({"grid": grid, "seeds": seeds, "times": ts.tolist()}, sort_keys=True)
     return SweepConfig(
         output=(base_dir / raw["output"]).resolve(),
@@ -227,6 +239,11 @@ def plan_batches(config: SweepConfig) -> list[list[dict[str, Any]]]:
         for runs in groups.values()
         for i in range(0, len(runs), config.batch_size)
     ]
+
+
+def _is_number(value: Any) -> bool:
+    """An int or float of JSON (a bool or a string such as ``"0.1"`` is not one)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:

@@ -337,3 +337,56 @@ def test_the_figure_says_which_forecast_it_could_not_draw(saved):
     assert notes(dg) == []
     nan = dataclasses.replace(dg, forecast_delta_u=tuple(np.full(len(dg.forecast_t), np.nan)))
     assert len(notes(nan)) == 1 and "forecast" in notes(nan)[0]
+
+
+def _landscape_config(**changes) -> dict:
+    raw = {
+        "output": "out.jsonl",
+        "times": [0.1, 0.2],
+        "grid": {"n": [8], "d": [2], "top": [[2.0, 1.0]], "tail_mass": [0.1], "epsilon": [0.0]},
+        "seeds": [0, 1],
+    }
+    raw["grid"]["coupling"] = [1.0]
+    for key, value in changes.items():
+        (raw["grid"] if key in raw["grid"] or key == "kappa" else raw)[key] = value
+    return raw
+
+
+def _quartic_config(**grid) -> dict:
+    return {"experiment": "quartic_quadratic", "output": "out.jsonl", "grid": grid}
+
+
+@pytest.mark.parametrize(
+    "raw, match",
+    [
+        # a repeated seed or grid value ran one cell twice and counted it as two samples
+        (_landscape_config(seeds=[0, 0, 1]), r"seeds holds 0 twice"),
+        (_landscape_config(tail_mass=[0.1, 0.1]), r"grid\['tail_mass'\] holds 0.1 twice"),
+        (_landscape_config(epsilon=[1, 1.0]), r"grid\['epsilon'\] holds 1.0 twice"),
+        (_quartic_config(seed=[0, 0]), r"grid\['seed'\] holds 0 twice"),
+        # strings and bools were read as numbers
+        (_landscape_config(tail_mass=["0.1", 0.2]), r"grid\['tail_mass'\] holds '0.1'"),
+        (_landscape_config(times=["0.1", "1"]), r"times must be a list of numbers"),
+        (_landscape_config(times=[True, 2]), r"times must be a list of numbers"),
+        # an integer beyond 64 bits: a bare OverflowError at parse time or mid-sweep
+        (_landscape_config(seeds=[2**63]), r"seeds\[0\] is 9223372036854775808"),
+        (_quartic_config(seed=[0, 2**64]), r"does not fit a signed 64-bit integer"),
+        # a float in an int field: a TypeError from numpy after cell 0 was written
+        (_quartic_config(num_times=[21, 21.5]), r"num_times = 21.5 .* takes int"),
+        (_quartic_config(num_times=[True]), r"num_times = True .* takes int"),
+    ],
+)
+def test_sweep_configs_that_ran_wrong_cells_are_refused(tmp_path, raw, match):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match=match):
+        sweep.load_config(path)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_the_refusals_leave_a_good_config_alone(tmp_path):
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(_landscape_config()))
+    assert sweep.load_config(path).seeds == (0, 1)
+    path.write_text(json.dumps(_quartic_config(seed=[0, 1], num_times=[21])))
+    assert [c for c in sweep.load_config(path).grid["seed"]] == [0, 1]
