@@ -532,10 +532,19 @@ def read_rows(path: Path, text: str) -> tuple[dict, list[dict]]:
     """The header and the rows of complete cells of ``text`` (``path``'s), sorted by cell.
 
     A partial last line and the rows of an incomplete cell (a killed sweep's)
-    are left out; the rows of one cell keep their order.
+    are left out; the rows of one cell keep their order. A cell holding more rows
+    than it announces (a line written twice: no killed run leaves one) raises
+    ``ValueError``; a resumed sweep rewrites the file without it.
     """
     lines = whole_lines(text)
     by_cell = _parse_rows(path, lines[1:])
+    for c, rows in sorted(by_cell.items()):
+        if len(rows) > rows[0][1]["cell_rows"]:
+            raise ValueError(
+                f"{path} holds {len(rows)} rows of cell {c}, which announces"
+                f" {rows[0][1]['cell_rows']}: a row is there twice (the file was edited or"
+                " copied into); resume the sweep to rewrite it, or move it away"
+            )
     return _parse_header(path, lines[0]), [row for c in _complete(by_cell) for _, row in by_cell[c]]
 
 

@@ -326,3 +326,18 @@ def test_part_files_of_two_models_are_not_merged(tmp_path, monkeypatch):
         sweep.run_sweep(config, progress=False, outdir=tmp_path)  # cells 0 and 2, then merge
     parts = sorted(p.name for p in tmp_path.glob("parts.jsonl.part-*"))
     assert parts == ["parts.jsonl.part-0-of-2", "parts.jsonl.part-1-of-2"]  # left as they were
+
+
+def test_a_cell_with_a_row_written_twice_is_refused_not_dropped(tmp_path):
+    """No killed run leaves more rows than a cell announces: reading them was a silent loss."""
+    out = sweep.run_sweep(
+        sweep.load_config(_config(tmp_path, "dup", {"b": [1, 2]})), progress=False
+    )
+    _, rows = sweep.read_rows(out)
+    assert [r["cell"] for r in rows] == [0, 1, 1]
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join([lines[0], lines[1], lines[1], *lines[2:]]))  # cell 0's row twice
+    with pytest.raises(ValueError, match=r"holds 2 rows of cell 0, which announces 1"):
+        sweep.read_rows(out)
+    out.write_text("".join(lines[:3]))  # killed after the first of cell 1's two rows
+    assert [r["cell"] for r in sweep.read_rows(out)[1]] == [0]  # incomplete: left out
