@@ -69,6 +69,7 @@ from geomcollapse._checks import (
     same_structure,
     tuple_arg,
 )
+from geomcollapse.curvature import check_layout, params_layout
 from geomcollapse.diagnosis.report import Diagnosis
 from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
@@ -794,6 +795,7 @@ def _prepared(subspace, *, early_warning, capacity, key, **options):
 
     ``options``: :func:`monitor`'s other keyword arguments, by name (:func:`_config`).
     """
+    layout = _layout_of(subspace)
     if isinstance(subspace, Diagnosis):
         subspace, *found = _diagnosis_inputs(
             subspace, options["budget"], options["series"], options["time_per_step"]
@@ -807,7 +809,19 @@ def _prepared(subspace, *, early_warning, capacity, key, **options):
     capacity = positive_int(capacity, "capacity")
     key = _key(cfg, key, values)
     _check_series(cfg.series, values, reference)
-    return values, reference, cfg, early, capacity, key
+    return values, reference, cfg, early, capacity, key, layout
+
+
+def _layout_of(subspace: Any) -> tuple | None:
+    """The parameters' layout that ``subspace``'s rows were raveled from: a diagnosis'
+    ``params_layout``, or a pytree basis' leaves without their leading ``d`` axis
+    (``None``: raveled ``(d, n)`` rows say nothing of it)."""
+    if isinstance(subspace, Diagnosis):
+        return subspace.params_layout
+    basis = getattr(subspace, "basis", None)
+    if basis is None or isinstance(basis, jax.Array | np.ndarray):
+        return None
+    return tuple((p, shape[1:]) for p, shape in params_layout(basis))
 
 
 def monitor(
@@ -868,7 +882,7 @@ def monitor(
         measurement (and at its step ``at``); the rule firing warns or stops as a
         budget does (``on_exceed``).
     """
-    values, reference, cfg, early, capacity, key = _prepared(
+    values, reference, cfg, early, capacity, key, layout = _prepared(
         subspace, early_warning=early_warning, capacity=capacity, key=key, every=every,
         rotation_every=rotation_every, budget=budget, angle_budget=angle_budget,
         on_exceed=on_exceed, series=series, time_per_step=time_per_step, fisher_vp=fisher_vp,
@@ -876,6 +890,8 @@ def monitor(
     )  # fmt: skip
 
     def init(params: PyTree) -> MonitorState:
+        if layout is not None:  # the rows pair the coordinates of θ* as it was diagnosed
+            check_layout(params, layout, "params", "the diagnosed θ* (its subspace's rows)")
         check_fisher_at(params, cfg.fisher_vp, cfg.fisher_args, key)  # finite, PSD, symmetric
         return _init_state(inner.init(params), params, values, reference, key, capacity, early)
 

@@ -8,6 +8,7 @@ import json
 import zipfile
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -390,3 +391,42 @@ def test_the_refusals_leave_a_good_config_alone(tmp_path):
     assert sweep.load_config(path).seeds == (0, 1)
     path.write_text(json.dumps(_quartic_config(seed=[0, 1], num_times=[21])))
     assert [c for c in sweep.load_config(path).grid["seed"]] == [0, 1]
+
+
+def test_the_monitor_refuses_params_laid_out_unlike_the_diagnosed_theta(mlp, saved):
+    """The same n in another leaf order was accepted: the saved (d, n) rows then paired
+    other coordinates (a probe's projected loss came out 51× too small, silently)."""
+    import optax
+
+    p = mlp[0]
+    dg = Diagnosis.load(saved)  # the layout travels through save and load
+    assert dg.params_layout == curvature.params_layout(p.params)
+    tx = gc.monitor.monitor(optax.sgd(0.1), dg, every=1)
+    tx.init(p.params)
+    leaves = jax.tree_util.tree_leaves(p.params)
+    reordered = {f"leaf{i}": x for i, x in enumerate(reversed(leaves))}  # same n
+    assert sum(x.size for x in leaves) == dg.n
+    with pytest.raises(ValueError, match=r"^params is laid out unlike the diagnosed θ\*"):
+        tx.init(reordered)
+    with pytest.raises(ValueError, match=r"1 leaves against"):
+        tx.init({"a": jnp.zeros(dg.n)})
+    # why it matters: the rows' coordinates of the reordered θ* are other numbers
+    x = jax.flatten_util.ravel_pytree(p.params)[0]
+    y = jax.flatten_util.ravel_pytree(reordered)[0]
+    assert not np.allclose(dg.subspace.basis @ x, dg.subspace.basis @ y)
+    # a pytree basis carries the layout itself; raveled rows alone say nothing of it
+    basis = jax.vmap(jax.flatten_util.ravel_pytree(p.params)[1])(dg.subspace.basis)
+    tree = dg.subspace._replace(basis=basis)
+    with pytest.raises(ValueError, match="laid out unlike"):
+        gc.monitor.monitor(optax.sgd(0.1), tree, every=1).init(reordered)
+    gc.monitor.monitor(optax.sgd(0.1), tree, every=1).init(p.params)
+    gc.monitor.monitor(optax.sgd(0.1), dg.subspace, every=1).init(reordered)
+
+
+def test_from_json_names_a_path_given_for_its_text(saved):
+    """A path was parsed as JSON: 'Expecting value: line 1 column 1'."""
+    text = (saved / "report.json").read_text()
+    assert Diagnosis.from_json(text) == Diagnosis.load(saved)
+    for path in (saved / "report.json", str(saved / "report.json"), str(saved)):
+        with pytest.raises(ValueError, match=r"^text: .* is a path, not JSON text"):
+            Diagnosis.from_json(path)

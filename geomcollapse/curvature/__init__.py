@@ -26,8 +26,10 @@ from geomcollapse.curvature._operators import (
     per_example_gradients,
 )
 from geomcollapse.curvature._pytree import (
+    check_layout,
     leaf_paths,
     num_params,
+    params_layout,
     ravel,
     restrict,
     select,
@@ -41,6 +43,7 @@ __all__ = [
     "apply",
     "as_operator",
     "block_diagonal",
+    "check_layout",
     "deflated",
     "empirical_fisher_vp",
     "fisher_vp",
@@ -55,6 +58,7 @@ __all__ = [
     "leaf_paths",
     "linear_operator",
     "num_params",
+    "params_layout",
     "per_example_gradients",
     "ravel",
     "restrict",

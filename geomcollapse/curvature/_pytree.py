@@ -43,6 +43,37 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return ["/".join(_key_name(k) for k in path) for path, _ in with_path]
 
 
+def params_layout(tree: PyTree) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``(path, shape)`` of every leaf in ``ravel_pytree`` order: how a raveled ``(n,)``
+    vector maps onto ``tree``. Paths are :func:`leaf_paths` without ``value``
+    components, so an ``nnx.State`` and its ``to_pure_dict()`` have one layout."""
+    paths = ["/".join(k for k in p.split("/") if k != "value") for p in leaf_paths(tree)]
+    shapes = [tuple(int(s) for s in np.shape(x)) for x in jax.tree_util.tree_leaves(tree)]
+    return tuple(zip(paths, shapes, strict=True))
+
+
+def check_layout(tree: PyTree, layout: Any, name: str, against: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``tree`` has ``layout``
+    (:func:`params_layout`): the same leaves, paths and shapes, in the same order, so
+    that ``(n,)`` rows raveled from one are the same coordinates of the other."""
+    found = params_layout(tree)
+    expected = tuple((str(p), tuple(int(s) for s in shape)) for p, shape in layout)
+    if found == expected:
+        return
+    where = next(
+        (i for i, (a, b) in enumerate(zip(found, expected, strict=False)) if a != b),
+        min(len(found), len(expected)),
+    )
+    got = found[where] if where < len(found) else "no leaf"
+    want = expected[where] if where < len(expected) else "no leaf"
+    raise ValueError(
+        f"{name} is laid out unlike {against}: leaf {where} is {got}, expected {want} "
+        f"({len(found)} leaves against {len(expected)}); the raveled rows would pair "
+        f"other coordinates. Pass {name} with the pytree structure, leaf order and shapes "
+        "that were diagnosed"
+    )
+
+
 def select(params: PyTree, where: str | Callable[[str], bool]) -> dict[str, jax.Array]:
     """The block of ``params`` whose leaf paths match ``where``.
 

@@ -23,7 +23,7 @@ __all__ = ["ARRAYS_FILE", "REPORT_FILES", "Diagnosis"]
 REPORT_FILES = ("report.json", "report.md", "report.png")  # what Diagnosis.save writes
 ARRAYS_FILE = "subspace.npz"  # M(θ*) and the forecast's arrays: Diagnosis.save(..., arrays=True)
 # the arrays a Diagnosis carries for the monitor (not in JSON: (d, n) and (K, n) numbers)
-_ARRAY_FIELDS = ("subspace", "series")
+_ARRAY_FIELDS = ("subspace", "series", "params_layout")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,6 +135,7 @@ class Diagnosis:
     num_matvecs: int
     subspace: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
     series: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
+    params_layout: Any = dataclasses.field(default=None, compare=False, repr=False, kw_only=True)
     batch_size: int | None = None
     noise_rate: float | None = None
     sgd_coefficients: tuple[float, ...] | None = None
@@ -193,7 +194,15 @@ class Diagnosis:
 
     @classmethod
     def from_json(cls, text: str) -> Diagnosis:
-        """The inverse of :meth:`to_json`."""
+        """The inverse of :meth:`to_json`: ``text`` is the JSON itself (a saved directory
+        is read by :meth:`load`); ``ValueError`` when ``text`` is a path."""
+        if isinstance(text, Path) or (
+            isinstance(text, str) and len(text) < 4096 and "{" not in text and Path(text).exists()
+        ):
+            raise ValueError(
+                f"text: {str(text)!r} is a path, not JSON text: read a saved diagnosis with "
+                "Diagnosis.load(directory), or pass the file's contents"
+            )
         return cls.from_dict(json.loads(text))
 
     # ---------------------------------------------------------------- reports
@@ -282,6 +291,9 @@ def _flat_arrays(dg: Diagnosis) -> dict[str, np.ndarray]:
         "delta_u": np.asarray(jax.device_get(f.delta_u)),
         "projected": np.asarray(jax.device_get(f.projected)),
         "displacement": rows(f.displacement),
+        **(
+            {} if dg.params_layout is None else {"layout": np.asarray(json.dumps(dg.params_layout))}
+        ),
     }
 
 
@@ -300,11 +312,26 @@ def _with_flat_arrays(dg: Diagnosis, path: Path) -> Diagnosis:
             f"directory: {path} is damaged ({type(err).__name__}); save the diagnosis again"
         ) from None
     expected = {"values", "basis", "residuals", "converged", "delta_u", "projected"}
-    if set(a) != expected | {"displacement"} or not _arrays_agree(a, dg):
+    layout = _layout(a.pop("layout", None), dg.n)  # files saved before it carry none
+    if set(a) != expected | {"displacement"} or not _arrays_agree(a, dg) or layout is False:
         raise ValueError(f"directory: {path.name} does not hold the arrays of report.json")
     subspace = Subspace(*(jnp.asarray(a[k]) for k in ("values", "basis", "residuals", "converged")))
     series = Series(*(jnp.asarray(a[k]) for k in ("delta_u", "projected", "displacement")))
-    return dataclasses.replace(dg, subspace=subspace, series=series)
+    return dataclasses.replace(dg, subspace=subspace, series=series, params_layout=layout)
+
+
+def _layout(stored: Any, n: int) -> tuple | bool | None:
+    """The ``params_layout`` an arrays file stores as JSON text (``None``: it has none;
+    ``False``: it is damaged or its shapes do not hold ``n`` parameters)."""
+    if stored is None:
+        return None
+    try:
+        layout = tuple(
+            (str(p), tuple(int(s) for s in shape)) for p, shape in json.loads(str(stored))
+        )
+    except (ValueError, TypeError):
+        return False
+    return layout if sum(math.prod(shape) for _, shape in layout) == n else False
 
 
 def _arrays_agree(a: dict, dg: Diagnosis) -> bool:

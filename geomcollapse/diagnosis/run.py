@@ -69,6 +69,7 @@ import numpy as np
 
 from geomcollapse import compilation_cache, series
 from geomcollapse._checks import flat_loss
+from geomcollapse.curvature import params_layout
 from geomcollapse.diagnosis.forecast import AtD, at_d
 from geomcollapse.diagnosis.plan import (
     DEFAULT_MAX_D,
@@ -180,7 +181,8 @@ def _with_arrays(dg: Diagnosis, req: Request, m: AtD, f: _Window) -> Diagnosis:
         displacement=m.displacement,
         route=m.route,
     )
-    return dataclasses.replace(dg, subspace=m.subspace, series=forecast)
+    layout = params_layout(req.params)  # what the monitor checks its params against
+    return dataclasses.replace(dg, subspace=m.subspace, series=forecast, params_layout=layout)
 
 
 class _SGD(NamedTuple):
