@@ -430,3 +430,33 @@ def test_from_json_names_a_path_given_for_its_text(saved):
     for path in (saved / "report.json", str(saved / "report.json"), str(saved)):
         with pytest.raises(ValueError, match=r"^text: .* is a path, not JSON text"):
             Diagnosis.from_json(path)
+
+
+def test_a_skill_loss_summed_over_examples_is_warned_with_its_factor():
+    """u = Σ KL instead of the mean: Δu and the projected loss N× apart, and no word."""
+    import re
+
+    from geomcollapse import model_spec
+    from tests import spec_mlp
+
+    fields = spec_mlp.spec()
+    x, reference = fields["skill_args"]
+    n_examples = x.shape[0]
+
+    def summed(params, x, reference):
+        return x.shape[0] * spec_mlp.skill_loss(params, x, reference)
+
+    mean = model_spec.diagnose_spec(model_spec.model_spec(fields), key=jax.random.key(0))
+    total = model_spec.diagnose_spec(
+        model_spec.model_spec({**fields, "skill_loss": summed}), key=jax.random.key(0)
+    )
+    assert not [w for w in mean.warnings if "disagree in scale" in w]
+    (warning,) = [w for w in total.warnings if "disagree in scale" in w]
+    ratio = float(re.search(r"gradient is ([\d.]+)× F's", warning).group(1))
+    # the dense twin: ∇²u(θ*) of the mean KL is F, so the ratio is N exactly
+    flat, unravel = jax.flatten_util.ravel_pytree(fields["params"])
+    F = jax.hessian(lambda f: spec_mlp.skill_loss(unravel(f), x, reference))(flat)
+    g = jax.grad(lambda f: spec_mlp.task_loss(unravel(f), *fields["task_args"]))(flat)
+    dense = n_examples * 0.5 * float(g @ F @ g)
+    assert total.delta_u_coefficients[2] == pytest.approx(dense, rel=1e-10)
+    assert ratio == pytest.approx(n_examples, rel=1e-2)  # printed to 3 digits

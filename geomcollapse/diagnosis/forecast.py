@@ -46,6 +46,7 @@ class AtD(NamedTuple):
     route: str  # the series' Taylor engine, 'jet' or 'jvp' (series.Series.route)
     subspace: Subspace | None = None  # M(θ*) in the params' dtype (the monitor's)
     displacement: PyTree = None  # x₁ … x_K as the series returned them (leading (K,) axis)
+    tail_quadratic: float = float("nan")  # gᵀ(I−P)F(I−P)g
 
 
 def _check_derivatives(
@@ -122,6 +123,7 @@ def at_d(req: Request, sp: Spectrum, done: Callable[[str], None]) -> AtD:
         route=str(s.route),
         subspace=subspace,
         displacement=s.displacement,
+        tail_quadratic=float(tail_q),
     )
 
 

@@ -50,6 +50,9 @@ Warnings (each a stated rule):
 * *θ* is not a minimum of u*: ``c₁ = −∇u(θ*)ᵀg`` is above rounding
   (:func:`geomcollapse.series.first_order_time`): Δu starts linearly, the
   first-order term dominating up to ``t₁`` where ``|c₁|t₁ = Σ_{k≥2}|c_k|t₁^k``.
+* *u and F disagree in scale* (true Fisher, θ* a minimum of u): ``c₂ = ½gᵀ∇²u g``
+  is more than 10× from ``½gᵀFg`` either way; at a minimum of ``u = mean KL``
+  they are equal (``∇²u(θ*) = F``), and a ``u`` summed over ``N`` examples gives ``N``.
 * *tail mass large, condition 1 fails*: ``Σ_{i≤d}λ_i < share · tr F``.
 * *forecast window shorter than the plan*: ``lr·steps > validity_time``.
 * *no crossing inside the window*, *eigenpairs not converged*.
@@ -380,7 +383,41 @@ def _warnings(req: Request, sp: Spectrum, m: AtD, f: _Window) -> list[str]:
         )
     flat = flat_loss("task_loss", m.task_gradient_norm)  # γ = 0 from a flat loss is no safety
     out += [flat] if flat else []
-    return out + _spectrum_warnings(req, sp, m) + _plan_warnings(req, m, f)
+    return (
+        out
+        + _scale_warnings(req, sp, m, f)
+        + _spectrum_warnings(req, sp, m)
+        + _plan_warnings(req, m, f)
+    )
+
+
+SCALE_FACTOR = 10.0  # u's curvature along g off F's by more than this factor: warned
+
+
+def _scale_warnings(req: Request, sp: Spectrum, m: AtD, f: _Window) -> list[str]:
+    """``u`` and ``F`` on different scales: at a minimum of ``u = mean KL(p_θ* ‖ p_θ)``,
+    ``∇²u(θ*) = F`` (the true Fisher, a mean over examples), so ``c₂ = ½gᵀ∇²u g`` equals
+    ``½gᵀFg = ½(‖F^{1/2}Pg‖² + gᵀ(I−P)F(I−P)g)``; a factor past ``SCALE_FACTOR`` either
+    way (e.g. ``u`` summed over ``N`` examples: ``N``) is warned. Not checked for an
+    empirical or custom Fisher, off a minimum of ``u`` (``c₂`` has a ``∇u`` term), or
+    where ``gᵀFg`` is below ``1e-6·λ₁‖g‖²`` (rounding)."""
+    t1, c_du = f.first_order_time, m.delta_u
+    if req.fisher_name != "true" or math.isfinite(t1) or t1 == math.inf or len(c_du) < 3:
+        return []
+    along_g = 0.5 * (m.report.fisher_orthogonality**2 + m.tail_quadratic)
+    floor = 1e-6 * float(sp.values[0]) * m.task_gradient_norm**2
+    if not (math.isfinite(along_g) and along_g > floor and math.isfinite(c_du[2])):
+        return []
+    ratio = float(c_du[2]) / along_g
+    if 1 / SCALE_FACTOR <= ratio <= SCALE_FACTOR:
+        return []
+    return [
+        f"the skill loss u and the Fisher F disagree in scale: u's curvature along the task "
+        f"gradient is {ratio:.3g}× F's (c₂ of Δu = ½gᵀ∇²u g = {c_du[2]:.3g}, ½gᵀFg = "
+        f"{along_g:.3g}), where u = mean KL(p_θ* ‖ p_θ) gives 1. F is a mean over the skill "
+        "examples: make u a mean too (a sum over N examples gives N×), or the projected loss, "
+        "its budget and the monitor read in other units than Δu."
+    ]
 
 
 def _spectrum_warnings(req: Request, sp: Spectrum, m: AtD) -> list[str]:
