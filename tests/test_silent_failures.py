@@ -315,6 +315,14 @@ def test_monitor_refuses_a_series_with_nan_displacement(saved):
         ("d", 10**6, r"d = 1000000 is not in \[1, n\)"),
         ("eigenvalues", [1.0], r"1 eigenvalues and"),
         ("lr", -1.0, r"lr = -1.0 is not a positive number"),
+        # each of these loaded, and the report or figure failed later (or the monitor took it)
+        ("projected_coefficients", [0.0, 1.0], r"2 projected coefficients for order"),
+        ("forecast_t", [1e-3] * 10, r"forecast curves of different lengths"),
+        ("steps", -5, r"steps = -5 is not a count"),
+        ("crossing_step", -3, r"crossing_step = -3 is not a count"),
+        ("threshold", -1.0, r"threshold = -1.0 is not a positive number"),
+        ("warnings", "oops", r"data\['warnings'\] is malformed: it must be a list of strings"),
+        ("fisher", 5, r"data\['fisher'\] is malformed: it must be a string"),
     ],
 )
 def test_from_dict_refuses_a_report_whose_fields_disagree(saved, field, value, match):
@@ -322,6 +330,21 @@ def test_from_dict_refuses_a_report_whose_fields_disagree(saved, field, value, m
     assert Diagnosis.from_dict(dict(data)).d == data["d"]
     with pytest.raises(ValueError, match=match):
         Diagnosis.from_dict({**data, field: value})
+
+
+def test_from_dict_refuses_an_aic_of_another_d_and_load_a_converged_flag_that_disagrees(
+    saved, tmp_path
+):
+    data = json.loads((saved / "report.json").read_text())
+    with pytest.raises(ValueError, match=r"aic.d = 5 but d = "):
+        Diagnosis.from_dict({**data, "aic": {**data["aic"], "d": 5}})
+    flipped = _copy(saved, tmp_path / "flipped")
+    with np.load(flipped / "subspace.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["converged"] = ~arrays["converged"]
+    np.savez(flipped / "subspace.npz", **arrays)
+    with pytest.raises(ValueError, match=r"does not hold the arrays of report\.json"):
+        Diagnosis.load(flipped)
 
 
 def test_the_figure_says_which_forecast_it_could_not_draw(saved):

@@ -344,6 +344,8 @@ def _arrays_agree(a: dict, dg: Diagnosis) -> bool:
         return False
     if not all(np.all(np.isfinite(a[key])) for key in shapes if key != "converged"):
         return False
+    if bool(a["converged"]) != bool(dg.aic.converged):  # M certified as report.json says
+        return False
     values = np.asarray(dg.eigenvalues[:d], np.float64)
     return np.allclose(a["values"], values, rtol=1e-6, atol=0) and np.allclose(
         a["delta_u"], dg.delta_u_coefficients, rtol=1e-6, atol=1e-300
@@ -404,7 +406,14 @@ def _decode_field(name: str, value: Any) -> Any:
                 raise ValueError(f"{k} must be {kind.get(k, 'a number')}, got {value[k]!r}")
         return theory.AICReport(**{**report, "d": int(report["d"])})
     if name in _TEXT_FIELDS:
-        return tuple(value) if isinstance(value, list) else value
+        text = tuple(value) if isinstance(value, list) else value
+        items = text if name == "warnings" and isinstance(text, tuple) else (text,)
+        if isinstance(text, tuple) != (name == "warnings") or not all(
+            isinstance(x, str) for x in items
+        ):
+            kind = "a list of strings" if name == "warnings" else "a string"
+            raise ValueError(f"it must be {kind}, got {value!r}")
+        return text
     if name in _INT_FIELDS:
         if value is None:
             return None
@@ -431,8 +440,32 @@ def _check_consistent(v: dict) -> None:
     lr = v["lr"]
     if lr is not None and not (isinstance(lr, float) and math.isfinite(lr) and lr > 0):
         problems.append(f"lr = {lr!r} is not a positive number")
+    problems += _more_inconsistencies(v)
     if problems:
         raise ValueError(f"data is inconsistent: {'; '.join(problems)}")
+
+
+def _more_inconsistencies(v: dict) -> list[str]:
+    """``K + 1`` projected coefficients, equally long forecast curves, ``aic.d = d``, counts
+    (``steps``, ``crossing_step``, ``batch_size``, ...) ``≥ 1`` or none, a positive
+    ``threshold`` or none."""
+    problems, order = [], v["order"]
+    if len(v["projected_coefficients"]) != order + 1:
+        problems.append(
+            f"{len(v['projected_coefficients'])} projected coefficients for order {order}"
+        )
+    curves = {k: len(v[k]) for k in ("forecast_t", "forecast_delta_u", "forecast_projected")}
+    if len(set(curves.values())) != 1:
+        problems.append(f"forecast curves of different lengths {curves}")
+    if v["aic"].d != v["d"]:
+        problems.append(f"aic.d = {v['aic'].d} but d = {v['d']}")
+    for key in ("steps", "crossing_step", "batch_size", "sgd_crossing_step", "num_matvecs"):
+        if v[key] is not None and v[key] < (0 if key == "num_matvecs" else 1):
+            problems.append(f"{key} = {v[key]} is not a count")
+    threshold = v["threshold"]
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        problems.append(f"threshold = {threshold!r} is not a positive number")
+    return problems
 
 
 def _decode(value: Any) -> Any:
