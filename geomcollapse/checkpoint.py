@@ -146,12 +146,14 @@ def _verify_files(stored: Path, path: Path) -> None:
     try:
         manifest = json.loads((stored / _MANIFEST).read_text())
         files = manifest["files"]
+        if not isinstance(files, dict) or not all(_is_entry(e) for e in files.values()):
+            raise TypeError("'files' is not a mapping of file name to its size and sha256")
     except FileNotFoundError:
         raise ValueError(
             f"checkpoint {path} has no integrity manifest ({_MANIFEST}): it is damaged or "
             "was written by an older geomcollapse; delete it and save it again"
         ) from None
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(
             f"checkpoint {path} is corrupted: unreadable {_MANIFEST} ({err})"
         ) from None
@@ -164,6 +166,15 @@ def _verify_files(stored: Path, path: Path) -> None:
                 f"checkpoint {path} is corrupted: file {name} does not match the sha256 "
                 "recorded when it was saved"
             )
+
+
+def _is_entry(entry: Any) -> bool:
+    """A manifest entry: ``{"size": int, "sha256": str}``."""
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+    )
 
 
 def _stored(path: Path) -> Path:

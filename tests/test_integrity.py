@@ -130,6 +130,25 @@ def test_a_directory_without_manifest_is_refused(saved, tmp_path):
         checkpoint.load_checkpoint(tmp_path / "old")
 
 
+@pytest.mark.parametrize(
+    "manifest",
+    [{"files": []}, {"files": {"_METADATA": {"size": "1"}}}, {"files": {"a": 3}}, [1], "dir"],
+)
+def test_a_manifest_of_the_wrong_shape_is_refused_naming_the_directory(saved, tmp_path, manifest):
+    """A list of files, a malformed entry or a directory in its place: an AttributeError or
+    IsADirectoryError escaped (found by a bad-input probe)."""
+    path, _ = saved
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    (copy / checkpoint._MANIFEST).unlink()
+    if manifest == "dir":
+        (copy / checkpoint._MANIFEST).mkdir()
+    else:
+        (copy / checkpoint._MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=re.escape(str(copy))):
+        checkpoint.load_checkpoint(copy, "tiny")
+
+
 def test_save_checks_params_against_the_config(saved, tmp_path):
     _, params = saved
     wider = models.TransformerConfig(vocab=32, context=24, d_model=16, heads=2, layers=2)
