@@ -21,7 +21,11 @@ is the divergence from the aligned model's own distribution there,
 ``θ*`` with ``∇²u(θ*) = F``). A *task* file gives the fine-tuning data; the
 loss is the mean next-token cross-entropy over the positions ``p`` with
 ``answer_start ≤ p ≤ (row length) − 2`` (default: all), or over ``mask`` when
-the file has one (``targets`` default to the tokens shifted left by one).
+the file has one (``targets`` default to the tokens shifted left by one). Without
+a ``mask``, a task row with no such position (one token, or ``answer_start`` at
+its last) is refused rather than left out of the mean. A skill file's
+``targets`` and ``mask`` (a saved ``TokenBatch`` has them) are not read: the
+skill is the distribution at ``answer_start``.
 
 Every malformed input raises ``ValueError`` whose one-line message starts with
 the file's path and says what is wrong, before anything is computed.
@@ -90,24 +94,20 @@ def _read_npy(path: Path) -> dict:
 
 
 def _read_npz(path: Path) -> dict:
-    try:
+    try:  # numpy's own errors (a pickled object array, a truncated member) name no file
         with np.load(path, allow_pickle=False) as archive:
-            if not isinstance(archive, np.lib.npyio.NpzFile):
-                raise ValueError(f"{path}: is not an .npz archive")
             found = sorted(archive.files)
-            if "tokens" not in found:
-                raise ValueError(f"{path}: no 'tokens' array (the archive holds {found})")
-            unknown = sorted(set(found) - set(_NPZ_KEYS) - {"harmful"})
-            if unknown:  # a misspelled 'answer_start' would be read as the default, silently
-                raise ValueError(
-                    f"{path}: unknown arrays {unknown}; an archive holds only "
-                    f"{list(_NPZ_KEYS)} (and a TokenBatch's 'harmful', not read)"
-                )
-            data = {k: archive[k] for k in archive.files if k in _NPZ_KEYS}
-    except ValueError:
-        raise
+            data = {k: archive[k] for k in found if k in _NPZ_KEYS}
     except Exception as err:
         raise ValueError(f"{path}: not a readable .npz file ({_one_line(err)})") from None
+    if "tokens" not in found:
+        raise ValueError(f"{path}: no 'tokens' array (the archive holds {found})")
+    unknown = sorted(set(found) - set(_NPZ_KEYS) - {"harmful"})
+    if unknown:  # a misspelled 'answer_start' would be read as the default, silently
+        raise ValueError(
+            f"{path}: unknown arrays {unknown}; an archive holds only "
+            f"{list(_NPZ_KEYS)} (and a TokenBatch's 'harmful', not read)"
+        )
     return data
 
 
@@ -322,6 +322,14 @@ def _task_targets_and_mask(
         mask = ((positions >= start[:, None]) & (positions <= lengths[:, None] - 2)).astype(
             np.float32
         )
+        empty = np.flatnonzero(mask.sum(axis=1) == 0)
+        if empty.size:  # its row would drop out of the mean loss without a word
+            i = int(empty[0])
+            raise ValueError(
+                f"{path}: row {i} (of {empty.size} such rows) has no target position: length "
+                f"{int(lengths[i])}, answer_start {int(start[i])}; a task row needs a token "
+                "after answer_start to predict (or give 'mask' to leave rows out on purpose)"
+            )
     if not np.any(mask):
         raise ValueError(f"{path}: the loss mask selects no target position")
     return targets, mask

@@ -636,6 +636,21 @@ BAD_FILES = {
         {"tokens": np.ones((2, 3), np.int64), "mask": np.zeros((2, 3))},
         "selects no target",
     ),
+    # before: the row dropped out of the loss's mean without a word
+    "a row with no target": ("task", "t.jsonl", "[1, 2, 3]\n[1]\n", "row 1 (of 1 such rows)"),
+    "answer at the end": (
+        "task",
+        "t.npz",
+        {"tokens": np.ones((2, 3), np.int64), "answer_start": np.array([0, 2])},
+        "row 1 (of 1 such rows) has no target position",
+    ),
+    # before: numpy's message alone, naming no file
+    "pickled array": (
+        "skill",
+        "s.npz",
+        {"tokens": np.array([[1, 2], [3]], dtype=object)},
+        "not a readable .npz file (Object arrays cannot be loaded",
+    ),
 }
 
 
