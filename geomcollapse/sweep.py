@@ -155,6 +155,8 @@ def parse_config(
     for key in ("output", "grid", "seeds", "times"):
         if key not in raw:
             raise ValueError(f"the sweep config needs {key!r}")
+    if not isinstance(raw["output"], str) or not raw["output"]:
+        raise ValueError(f"output must name a file, got {raw['output']!r}")
     grid = raw["grid"]
     if not isinstance(grid, dict):
         raise ValueError("grid must be a mapping of parameter name to a list of values")
@@ -497,16 +499,19 @@ def read_rows(path: str | os.PathLike) -> tuple[dict, list[dict]]:
         raise ValueError(f"{path} is not a sweep output (its first line is not a sweep header)")
     if "experiment" in header:
         return _experiment_sweep.read_rows(path, text)
-    return header, _landscape_rows(path, whole_lines(text)[1:])
+    times = header.get("times")
+    num_times = len(times) if isinstance(times, list) else -1  # -1: no row can match
+    return header, _landscape_rows(path, whole_lines(text)[1:], num_times)
 
 
 _LANDSCAPE_ROW = ("id", "seed", "aic", "delta_u")  # what report reads of every row
 
 
-def _landscape_rows(path: Path, lines: list[str]) -> list[dict]:
+def _landscape_rows(path: Path, lines: list[str], num_times: int) -> list[dict]:
     """The rows of a landscape sweep's whole lines (a partial last line, from a kill
     mid-write, is left out as on resume), sorted by ``id``; ``ValueError`` naming the
-    file and line of one that is not a row, or of an ``id`` written twice."""
+    file and line of one that is not a row (or whose ``Δu`` is not one value per time
+    of the header: a row of another sweep), or of an ``id`` written twice."""
     rows, seen = [], {}
     for number, line in enumerate(lines, start=2):
         try:
@@ -518,6 +523,9 @@ def _landscape_rows(path: Path, lines: list[str]) -> list[dict]:
         else:  # aic is read as a mapping of numbers
             missing = [k for k in _LANDSCAPE_ROW if k not in row]
             missing = missing or ([] if isinstance(row["aic"], dict) else ["aic"])
+            curve = row.get("delta_u")
+            if not missing and not (isinstance(curve, list) and len(curve) == num_times):
+                missing = [f"a delta_u of {num_times} values, one per time of the header"]
         if missing:
             raise ValueError(
                 f"{path} line {number} is not a sweep row (missing {', '.join(missing)}); "

@@ -177,6 +177,11 @@ def test_read_rows_names_the_file_and_line_of_a_damaged_sweep(tmp_path):
     path.write_text("\n".join([lines[0], lines[1], lines[1]]) + "\n")
     with pytest.raises(ValueError, match=r"holds run id 0 twice \(lines 2 and 3\)"):
         sweep.read_rows(path)
+    foreign = json.loads(lines[1])  # a row of a sweep with other times, appended by hand
+    foreign.update(id=7, delta_u=[0.0, 1.0, 2.0, 3.0, 4.0])
+    path.write_text("\n".join([*lines, json.dumps(foreign)]) + "\n")
+    with pytest.raises(ValueError, match=r"line 5 is not a sweep row \(missing a delta_u of 2"):
+        sweep.read_rows(path)  # before: an IndexError from the report's mean
     path.write_bytes(lines[0].encode() + b"\n\x9c\xff\xfe\n")
     with pytest.raises(ValueError, match=r"s\.jsonl is not a sweep output \(not UTF-8"):
         sweep.read_rows(path)
@@ -398,6 +403,8 @@ def _quartic_config(**grid) -> dict:
         # a float in an int field: a TypeError from numpy after cell 0 was written
         (_quartic_config(num_times=[21, 21.5]), r"num_times = 21.5 .* takes int"),
         (_quartic_config(num_times=[True]), r"num_times = True .* takes int"),
+        # a TypeError joining the config's folder and 5
+        (_landscape_config(output=5), r"output must name a file, got 5"),
     ],
 )
 def test_sweep_configs_that_ran_wrong_cells_are_refused(tmp_path, raw, match):
