@@ -919,6 +919,13 @@ def _diagnosis_inputs(
     time_per_step = diagnosis.lr if time_per_step is None else time_per_step
     if series is None:
         series = diagnosis.series if time_per_step is not None else None
+        if time_per_step is None:  # said, not dropped silently
+            warnings.warn(
+                "monitor: the diagnosis was made without lr, so its forecast is not compared "
+                "with the run; pass time_per_step=lr (or series=False to say you want none)",
+                UserWarning,
+                stacklevel=4,
+            )
     elif series is False:
         series = None
     return diagnosis.subspace, budget, series, time_per_step

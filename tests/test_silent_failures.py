@@ -431,7 +431,7 @@ def test_the_monitor_refuses_params_laid_out_unlike_the_diagnosed_theta(mlp, sav
     p = mlp[0]
     dg = Diagnosis.load(saved)  # the layout travels through save and load
     assert dg.params_layout == curvature.params_layout(p.params)
-    tx = gc.monitor.monitor(optax.sgd(0.1), dg, every=1)
+    tx = gc.monitor.monitor(optax.sgd(0.1), dg, every=1, series=False)
     tx.init(p.params)
     leaves = jax.tree_util.tree_leaves(p.params)
     reordered = {f"leaf{i}": x for i, x in enumerate(reversed(leaves))}  # same n
@@ -490,3 +490,19 @@ def test_a_skill_loss_summed_over_examples_is_warned_with_its_factor():
     dense = n_examples * 0.5 * float(g @ F @ g)
     assert total.delta_u_coefficients[2] == pytest.approx(dense, rel=1e-10)
     assert ratio == pytest.approx(n_examples, rel=1e-2)  # printed to 3 digits
+
+
+def test_a_monitor_of_a_diagnosis_without_lr_says_that_it_compares_no_forecast(saved):
+    """The forecast was dropped without a word when the diagnosis had no lr."""
+    import warnings
+
+    import optax
+
+    dg = Diagnosis.load(saved)
+    assert dg.lr is None and dg.series is not None
+    with pytest.warns(UserWarning, match=r"made without lr, so its forecast is not compared"):
+        gc.monitor.monitor(optax.sgd(0.1), dg, every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gc.monitor.monitor(optax.sgd(0.1), dg, every=1, time_per_step=0.1)
+        gc.monitor.monitor(optax.sgd(0.1), dg, every=1, series=False)
