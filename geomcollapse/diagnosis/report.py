@@ -196,9 +196,7 @@ class Diagnosis:
     def from_json(cls, text: str) -> Diagnosis:
         """The inverse of :meth:`to_json`: ``text`` is the JSON itself (a saved directory
         is read by :meth:`load`); ``ValueError`` when ``text`` is a path."""
-        if isinstance(text, Path) or (
-            isinstance(text, str) and len(text) < 4096 and "{" not in text and Path(text).exists()
-        ):
+        if _is_a_path(text):
             raise ValueError(
                 f"text: {str(text)!r} is a path, not JSON text: read a saved diagnosis with "
                 "Diagnosis.load(directory), or pass the file's contents"
@@ -260,6 +258,18 @@ class Diagnosis:
         if not (path / ARRAYS_FILE).is_file():
             return dg
         return _with_flat_arrays(dg, path / ARRAYS_FILE)
+
+
+def _is_a_path(text: Any) -> bool:
+    """Whether ``text`` names a file or directory rather than holding JSON (no ``{``)."""
+    if isinstance(text, Path):
+        return True
+    if not isinstance(text, str) or "{" in text or not text.strip():
+        return False
+    try:
+        return Path(text).exists()
+    except (OSError, ValueError):  # a name too long, or one holding a NUL byte
+        return False
 
 
 def _json_fields(cls) -> list[dataclasses.Field]:
