@@ -48,7 +48,6 @@ from geomcollapse._sweep_io import (
     part_paths,
     processes,
     reject_non_finite,
-    reject_repeats,
     reject_unknown,
     whole_lines,
 )
@@ -124,7 +123,10 @@ def _sweepable(experiment: str) -> types.ModuleType:
 
 
 def _coerce(value: Any, hint: Any, current: Any) -> Any:
-    """A JSON value as the field's type wants it: lists → tuples, ints → floats."""
+    """A JSON value as the field's type wants it: lists → tuples, ints → floats (NumPy
+    scalars, from a config built in Python, as the Python numbers they hold)."""
+    if isinstance(value, np.generic):
+        value = value.item()
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if type(value) in args:
@@ -151,18 +153,34 @@ def _coerce(value: Any, hint: Any, current: Any) -> Any:
 _SCALARS = (bool, int, float, str)
 
 
-def _fits(value: Any, hint: Any) -> bool:
-    """Whether ``value`` is of a scalar field's type (``int``, ``float``, ``str``, ``bool``,
-    or a union of them and ``None``): a bool is no int, ``21.5`` no int, ``"0.1"`` no
-    float. Any other annotation (tuples, dataclasses, none) is not checked here."""
+def _scalar_members(hint: Any) -> tuple | None:
+    """The members of a scalar field's annotation (``int``, ``float``, ``str``, ``bool``, or
+    a union of them and ``None``); ``None`` for any other (tuples, dataclasses, none)."""
     members = (
         typing.get_args(hint)
         if typing.get_origin(hint) in (typing.Union, types.UnionType)
         else (hint,)
     )
     if not members or not all(m in _SCALARS or m is type(None) for m in members):
+        return None
+    return members
+
+
+def _fits(value: Any, hint: Any, default: Any) -> bool:
+    """Whether ``value`` is of a scalar field's type: a bool is no int, ``21.5`` no int,
+    ``"0.1"`` no float; ``None`` fits a field whose default is ``None``."""
+    members = _scalar_members(hint)
+    if members is None or (value is None and default is None):
         return True
     return type(value) in members
+
+
+def _type_name(hint: Any) -> str:
+    """``int``, ``float | None``: a scalar annotation as it is written."""
+    members = _scalar_members(hint) or (hint,)
+    return " | ".join(
+        "None" if m is type(None) else getattr(m, "__name__", str(m)) for m in members
+    )
 
 
 def _as_tuple(values: list) -> tuple:
@@ -193,10 +211,10 @@ def _with_fields(instance: Any, values: dict, where: str, experiment: str, path:
             value = _with_fields(current, value, where, experiment, f"{path}{key}.")
         else:
             value = _coerce(value, hints.get(key), current)
-            if not _fits(value, hints.get(key)):
+            if not _fits(value, hints.get(key), current):
                 raise ValueError(
                     f"{path + key} = {value!r} in {where} of experiment {experiment!r}: "
-                    f"the field takes {getattr(hints[key], '__name__', hints[key])}"
+                    f"the field takes {_type_name(hints[key])}"
                 )
         changes[key] = value
     return dataclasses.replace(instance, **changes)
@@ -248,7 +266,6 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> ExperimentSweepConfig:
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ValueError(f"grid[{key!r}] must be a non-empty list, got {values!r}")
-        reject_repeats(values, f"grid[{key!r}]")
     module = module_name(experiment)
     canonical = _canonical(
         {"module": module, "base": base, "grid": [[k, v] for k, v in grid.items()]}
@@ -276,7 +293,7 @@ def expand_cells(config: ExperimentSweepConfig) -> list[Cell]:
     module = _sweepable(config.experiment)
     base = _with_fields(module.Config(), config.base, "base", config.experiment)
     keys = list(config.grid)
-    cells = []
+    cells, seen = [], {}
     check = getattr(module, "check_config", None)
     for index, values in enumerate(itertools.product(*(config.grid[k] for k in keys))):
         params = dict(zip(keys, values, strict=True))
@@ -287,6 +304,13 @@ def expand_cells(config: ExperimentSweepConfig) -> list[Cell]:
         except (ValueError, TypeError) as err:
             raise ValueError(f"grid cell {index} {params}: {err}") from None
         digest = hashlib.sha256(_canonical(cell_fields(resolved)).encode()).hexdigest()
+        if digest in seen:  # one run counted as two samples: `seed: [0, 0]`, `1` and `1.0`
+            raise ValueError(
+                f"grid cells {seen[digest]} and {index} {params} resolve to the same Config: "
+                "each grid value must be distinct (a repeated value or seed would run one "
+                "cell twice and count it as two samples)"
+            )
+        seen[digest] = index
         cells.append(Cell(index, f"{index}-{digest[:10]}", params, resolved))
     return cells
 

@@ -53,18 +53,21 @@ def reject_non_finite(value: Any, where: str) -> None:
         raise ValueError(f"{where} is {value}: it does not fit a signed 64-bit integer")
 
 
+def is_number(value: Any) -> bool:
+    """An int or float (NumPy's too); a bool or a string such as ``"0.1"`` is not one."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
 def reject_repeats(values: list, where: str) -> None:
     """Raise naming ``where`` and the value when ``values`` holds one value twice (``1``
     and ``1.0`` alike): a repeated grid value or seed would run one cell twice and
     count its rows as independent samples."""
     seen = set()
     for value in values:
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        key = (
-            repr(float(value))
-            if number and abs(value) < 2**53
-            else json.dumps(value, sort_keys=True)
-        )
+        exact = is_number(value) and abs(value) < 2**53  # 1 and 1.0 are one value
+        key = repr(float(value)) if exact else json.dumps(value, sort_keys=True, default=repr)
         if key in seen:
             raise ValueError(
                 f"{where} holds {value!r} twice: each value of a grid axis (and each seed)"

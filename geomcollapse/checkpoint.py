@@ -153,7 +153,7 @@ def _verify_files(stored: Path, path: Path) -> None:
             f"checkpoint {path} has no integrity manifest ({_MANIFEST}): it is damaged or "
             "was written by an older geomcollapse; delete it and save it again"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+    except (IsADirectoryError, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise ValueError(
             f"checkpoint {path} is corrupted: unreadable {_MANIFEST} ({err})"
         ) from None

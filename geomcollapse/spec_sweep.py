@@ -98,6 +98,7 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """
     del outdir
     spec = _load(config)
+    digest = _digest(config.spec)  # before the diagnosis: a spec it cannot hash fails first
     diagnosis = model_spec.diagnose_spec(
         spec,
         key=jax.random.key(config.seed),
@@ -109,21 +110,35 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     )
     source = model_spec.spec_source(config.spec)
     row = _finite_or_none(diagnosis.to_dict())
-    return [{**row, "model_sha256": model_digest(spec), "spec_source": source}]
+    return [{**row, "model_sha256": digest, "spec_source": source}]
 
 
 def model_digest(spec: model_spec.ModelSpec) -> str:
-    """sha256 (hex) of every leaf of ``spec``'s ``params``, ``skill_args`` and ``task_args``:
-    dtype, shape and bytes, leaf by leaf, with the pytree's structure."""
+    """sha256 (hex) of ``spec``'s ``params``, ``skill_args`` and ``task_args``: each array
+    leaf's path, dtype, shape and bytes (a PRNG key by its key data). The same in every
+    process: no object's ``repr`` (an nnx ``GraphDef`` prints addresses) is hashed, and
+    leaves that are not arrays are named by their type alone."""
     digest = hashlib.sha256()
     for part in (spec.params, spec.skill_args, spec.task_args):
-        leaves, treedef = jax.tree_util.tree_flatten(part)
-        digest.update(str(treedef).encode())
-        for leaf in leaves:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(part)[0]:
+            digest.update(jax.tree_util.keystr(path).encode())
+            if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(
+                leaf.dtype, jax.dtypes.prng_key
+            ):
+                leaf = jax.random.key_data(leaf)
+            if not isinstance(leaf, np.ndarray | np.generic | jax.Array | int | float | bool):
+                digest.update(type(leaf).__name__.encode())
+                continue
             arr = np.ascontiguousarray(np.asarray(leaf))
             digest.update(f"{arr.dtype.name}{arr.shape}".encode())
             digest.update(arr.tobytes())
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=4)
+def _digest(spec: str) -> str:
+    """:func:`model_digest` of the spec ``spec`` names, once per process (as its model)."""
+    return model_digest(_loaded(spec))
 
 
 def _finite_or_none(value):

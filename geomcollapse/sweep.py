@@ -76,6 +76,7 @@ from geomcollapse._sweep_io import (
     INT64,
     append,
     barrier,
+    is_number,
     locked_output,
     merge_parts,
     processes,
@@ -172,7 +173,7 @@ def parse_config(
         reject_repeats(values, f"grid[{key!r}]")
         for value in values:
             numbers = value if key == "top" and isinstance(value, list) else [value]
-            if not numbers or not all(_is_number(v) for v in numbers):
+            if not numbers or not all(is_number(v) for v in numbers):
                 raise ValueError(f"grid[{key!r}] holds {value!r}: its values must be numbers")
     times = raw["times"]
     if isinstance(times, dict):
@@ -185,7 +186,7 @@ def parse_config(
         )
         ts = np.logspace(np.log10(start), np.log10(stop), positive_int(times["num"], "times.num"))
     else:
-        if not isinstance(times, list) or not all(_is_number(t) for t in times):
+        if not isinstance(times, list) or not all(is_number(t) for t in times):
             raise ValueError(
                 f"times must be a list of numbers (or {sorted(TIME_KEYS)}), got {times!r}"
             )
@@ -241,11 +242,6 @@ def plan_batches(config: SweepConfig) -> list[list[dict[str, Any]]]:
         for runs in groups.values()
         for i in range(0, len(runs), config.batch_size)
     ]
-
-
-def _is_number(value: Any) -> bool:
-    """An int or float of JSON (a bool or a string such as ``"0.1"`` is not one)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def landscape_for(run: dict[str, Any]) -> landscapes.QuadraticLandscape:

@@ -328,6 +328,8 @@ def test_monitor_refuses_a_series_with_nan_displacement(saved):
         ("threshold", -1.0, r"threshold = -1.0 is not a positive number"),
         ("warnings", "oops", r"data\['warnings'\] is malformed: it must be a list of strings"),
         ("fisher", 5, r"data\['fisher'\] is malformed: it must be a string"),
+        ("forecast_t", 1.0, r"data\['forecast_t'\] is malformed: it must be a list of numbers"),
+        ("threshold", True, r"threshold = True is not a positive number"),
     ],
 )
 def test_from_dict_refuses_a_report_whose_fields_disagree(saved, field, value, match):
@@ -392,7 +394,12 @@ def _quartic_config(**grid) -> dict:
         (_landscape_config(seeds=[0, 0, 1]), r"seeds holds 0 twice"),
         (_landscape_config(tail_mass=[0.1, 0.1]), r"grid\['tail_mass'\] holds 0.1 twice"),
         (_landscape_config(epsilon=[1, 1.0]), r"grid\['epsilon'\] holds 1.0 twice"),
-        (_quartic_config(seed=[0, 0]), r"grid\['seed'\] holds 0 twice"),
+        (_quartic_config(seed=[0, 0]), r"grid cells 0 and 1 \{'seed': 0\} resolve to the same"),
+        (_quartic_config(tail_mass=[1, 1.0]), r"grid cells 0 and 1 .* resolve to the same"),
+        (
+            {**_quartic_config(top=[[2, 1], [2.0, 1.0]]), "base": {"d": 2}},
+            r"grid cells 0 and 1 .* resolve to the same",
+        ),
         # strings and bools were read as numbers
         (_landscape_config(tail_mass=["0.1", 0.2]), r"grid\['tail_mass'\] holds '0.1'"),
         (_landscape_config(times=["0.1", "1"]), r"times must be a list of numbers"),
@@ -421,6 +428,10 @@ def test_the_refusals_leave_a_good_config_alone(tmp_path):
     assert sweep.load_config(path).seeds == (0, 1)
     path.write_text(json.dumps(_quartic_config(seed=[0, 1], num_times=[21])))
     assert [c for c in sweep.load_config(path).grid["seed"]] == [0, 1]
+    # a config built in Python: NumPy scalars are the numbers they hold
+    raw = _quartic_config(seed=[np.int64(0), np.int64(1)], tail_mass=list(np.linspace(0.1, 0.2, 2)))
+    config = sweep.parse_config(raw, tmp_path)
+    assert [c.config.tail_mass for c in sweep.expand_cells(config)] == [0.1, 0.2, 0.1, 0.2]
 
 
 def test_the_monitor_refuses_params_laid_out_unlike_the_diagnosed_theta(mlp, saved):

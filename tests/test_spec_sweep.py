@@ -96,6 +96,7 @@ def test_a_sweep_resumed_after_the_model_changed_is_refused(tmp_path):
     # the same file, its fine-tuning labels changed: a new model under the old name
     spec.write_text(source + "\n\n_old = spec\n\n\ndef spec():\n" + _SCALED, encoding="utf-8")
     spec_sweep._loaded.cache_clear()  # a new process would load the file again
+    spec_sweep._digest.cache_clear()
     assert spec_sweep.model_digest(model_spec.load_spec(str(spec))) != digest
     with pytest.raises(ValueError, match="model_sha256"):
         sweep.run_sweep(sweep.load_config(path), progress=False, outdir=tmp_path)
@@ -106,3 +107,26 @@ _SCALED = """    s = _old()
     x, labels = s["task_args"]
     return {**s, "task_args": (x, (labels + 1) % 3)}
 """
+
+
+def test_the_model_digest_holds_across_objects_and_takes_prng_keys():
+    """An nnx GraphDef prints object addresses, and a typed key has no bytes of its own:
+    the digest read them and differed per process, or raised after the diagnosis ran."""
+    from flax import nnx
+
+    def spec_of(seed_of_model: int, key_seed: int) -> model_spec.ModelSpec:
+        graphdef, params = nnx.split(nnx.Linear(3, 2, rngs=nnx.Rngs(seed_of_model)), nnx.Param)
+        x = jax.numpy.ones((4, 3))
+        return model_spec.ModelSpec(
+            skill_loss=lambda p, g, x, k: 0.0,
+            task_loss=lambda p, g, x, k: 0.0,
+            params=params,
+            skill_args=(graphdef, x, jax.random.key(key_seed)),
+            task_args=(x,),
+        )
+
+    a, b = spec_of(0, 1), spec_of(0, 1)  # equal models, distinct GraphDef objects
+    assert a.skill_args[0] is not b.skill_args[0]
+    assert spec_sweep.model_digest(a) == spec_sweep.model_digest(b)
+    assert spec_sweep.model_digest(a) != spec_sweep.model_digest(spec_of(1, 1))  # θ*
+    assert spec_sweep.model_digest(a) != spec_sweep.model_digest(spec_of(0, 2))  # the key

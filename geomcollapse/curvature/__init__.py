@@ -26,6 +26,7 @@ from geomcollapse.curvature._operators import (
     per_example_gradients,
 )
 from geomcollapse.curvature._pytree import (
+    as_layout,
     check_layout,
     leaf_paths,
     num_params,
@@ -41,6 +42,7 @@ __all__ = [
     "Space",
     "VectorProduct",
     "apply",
+    "as_layout",
     "as_operator",
     "block_diagonal",
     "check_layout",

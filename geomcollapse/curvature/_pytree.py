@@ -45,19 +45,29 @@ def leaf_paths(tree: PyTree) -> list[str]:
 
 def params_layout(tree: PyTree) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """``(path, shape)`` of every leaf in ``ravel_pytree`` order: how a raveled ``(n,)``
-    vector maps onto ``tree``. Paths are :func:`leaf_paths` without ``value``
-    components, so an ``nnx.State`` and its ``to_pure_dict()`` have one layout."""
-    paths = ["/".join(k for k in p.split("/") if k != "value") for p in leaf_paths(tree)]
-    shapes = [tuple(int(s) for s in np.shape(x)) for x in jax.tree_util.tree_leaves(tree)]
-    return tuple(zip(paths, shapes, strict=True))
+    vector maps onto ``tree``. Paths are :func:`leaf_paths` without an nnx Variable's
+    trailing ``.value`` attribute, so an ``nnx.State`` and its ``to_pure_dict()`` have one
+    layout (a module named ``value`` keeps its name)."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+            path = path[:-1]
+        shape = tuple(int(s) for s in np.shape(leaf))
+        out.append(("/".join(_key_name(k) for k in path), shape))
+    return tuple(out)
+
+
+def as_layout(pairs: Any) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``pairs`` of ``(path, shape)`` (e.g. read back from JSON lists) as a layout of
+    :func:`params_layout`'s form: strings and tuples of ints."""
+    return tuple((str(p), tuple(int(s) for s in shape)) for p, shape in pairs)
 
 
 def check_layout(tree: PyTree, layout: Any, name: str, against: str) -> None:
     """Raise ``ValueError`` naming ``name`` unless ``tree`` has ``layout``
     (:func:`params_layout`): the same leaves, paths and shapes, in the same order, so
     that ``(n,)`` rows raveled from one are the same coordinates of the other."""
-    found = params_layout(tree)
-    expected = tuple((str(p), tuple(int(s) for s in shape)) for p, shape in layout)
+    found, expected = params_layout(tree), as_layout(layout)
     if found == expected:
         return
     where = next(

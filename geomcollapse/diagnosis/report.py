@@ -17,6 +17,7 @@ import numpy as np
 
 from geomcollapse import theory
 from geomcollapse._checks import writable_directory
+from geomcollapse.curvature import as_layout
 
 __all__ = ["ARRAYS_FILE", "REPORT_FILES", "Diagnosis"]
 
@@ -336,9 +337,7 @@ def _layout(stored: Any, n: int) -> tuple | bool | None:
     if stored is None:
         return None
     try:
-        layout = tuple(
-            (str(p), tuple(int(s) for s in shape)) for p, shape in json.loads(str(stored))
-        )
+        layout = as_layout(json.loads(str(stored)))
     except (ValueError, TypeError):
         return False
     return layout if sum(math.prod(shape) for _, shape in layout) == n else False
@@ -370,6 +369,16 @@ _TEXT_FIELDS = {
     "trace_method",
     "spectrum_method",
     "warnings",
+}
+_SEQUENCE_FIELDS = {
+    "eigenvalues",
+    "eigen_residuals",
+    "delta_u_coefficients",
+    "projected_coefficients",
+    "forecast_t",
+    "forecast_delta_u",
+    "forecast_projected",
+    "sgd_coefficients",
 }
 _INT_FIELDS = {
     "n",
@@ -424,6 +433,8 @@ def _decode_field(name: str, value: Any) -> Any:
             kind = "a list of strings" if name == "warnings" else "a string"
             raise ValueError(f"it must be {kind}, got {value!r}")
         return text
+    if name in _SEQUENCE_FIELDS and not (isinstance(value, list) or value is None):
+        raise ValueError(f"it must be a list of numbers, got {value!r}")
     if name in _INT_FIELDS:
         if value is None:
             return None
@@ -473,7 +484,9 @@ def _more_inconsistencies(v: dict) -> list[str]:
         if v[key] is not None and v[key] < (0 if key == "num_matvecs" else 1):
             problems.append(f"{key} = {v[key]} is not a count")
     threshold = v["threshold"]
-    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+    if threshold is not None and not (
+        isinstance(threshold, float) and math.isfinite(threshold) and threshold > 0
+    ):
         problems.append(f"threshold = {threshold!r} is not a positive number")
     return problems
 
