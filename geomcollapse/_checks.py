@@ -145,6 +145,13 @@ def positive_int(value: Any, name: str) -> int:
 _NOT_NUMBERS = (str, bytes, bool, np.bool_)  # float() reads them, but they are no numbers
 
 
+def is_number(value: Any) -> bool:
+    """An int or float (NumPy's too); a bool or a string such as ``"0.1"`` is not one."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
 def probe_count(value: Any, name: str = "num_probes") -> int:
     """Return ``value`` as an int, raising unless it is an integer ≥ 2 (a standard error)."""
     count = positive_int(value, name)

@@ -27,6 +27,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from geomcollapse._checks import is_number
+
 
 def reject_unknown(found: dict, allowed, where: str) -> None:
     """Raise naming the keys of ``found`` that are not in ``allowed``."""
@@ -51,13 +53,6 @@ def reject_non_finite(value: Any, where: str) -> None:
         raise ValueError(f"{where} is {value}: every number in a sweep config must be finite")
     elif isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
         raise ValueError(f"{where} is {value}: it does not fit a signed 64-bit integer")
-
-
-def is_number(value: Any) -> bool:
-    """An int or float (NumPy's too); a bool or a string such as ``"0.1"`` is not one."""
-    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
-        value, bool | np.bool_
-    )
 
 
 def reject_repeats(values: list, where: str) -> None:

@@ -22,6 +22,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from geomcollapse._checks import is_number
+
 # t_{0.975, ν} for ν = 1 … 30, beyond it the Cornish-Fisher expansion below: relative
 # error < 3e-5 against scipy.stats.t.ppf for every ν (the table's 4 decimals included)
 _T975 = (
@@ -98,7 +100,7 @@ def column(row: dict, path: str) -> float:
         raise ValueError(
             f"--y {path!r} is a {type(value).__name__}, not a number; go further down with dots"
         )
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not is_number(value):
         raise ValueError(f"--y {path!r} is {type(value).__name__} ({value!r}), not a number")
     return float(value)
 
@@ -169,12 +171,11 @@ def _where(row: dict) -> str:
 
 
 def _sort_key(value: Any) -> tuple:
-    numeric = isinstance(value, int | float) and not isinstance(value, bool)
-    return (0, value, "") if numeric else (1, 0, _key(value))
+    return (0, value, "") if is_number(value) else (1, 0, _key(value))
 
 
 def _numeric(values: list) -> bool:
-    return all(isinstance(v, int | float) and not isinstance(v, bool) for v in values)
+    return all(is_number(v) for v in values)
 
 
 def table(series: list[Series], x: str, y: str) -> str:
@@ -204,7 +205,7 @@ def scalar_columns(row: dict, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             out += scalar_columns(value, f"{path}.")
-        elif isinstance(value, int | float) and not isinstance(value, bool):
+        elif is_number(value):
             out.append(path)
     return out
 

@@ -71,12 +71,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from geomcollapse import _experiment_sweep, _sweep_report, landscapes, theory
-from geomcollapse._checks import positive_float, positive_int
+from geomcollapse._checks import is_number, positive_float, positive_int
 from geomcollapse._sweep_io import (
     INT64,
     append,
     barrier,
-    is_number,
     locked_output,
     merge_parts,
     processes,
