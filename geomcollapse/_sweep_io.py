@@ -57,18 +57,26 @@ def reject_non_finite(value: Any, where: str) -> None:
 
 def reject_repeats(values: list, where: str) -> None:
     """Raise naming ``where`` and the value when ``values`` holds one value twice (``1``
-    and ``1.0`` alike): a repeated grid value or seed would run one cell twice and
-    count its rows as independent samples."""
+    and ``1.0`` alike, inside lists too: ``[2, 1]`` and ``[2.0, 1.0]``): a repeated grid
+    value or seed would run one cell twice and count its rows as independent samples."""
     seen = set()
     for value in values:
-        exact = is_number(value) and abs(value) < 2**53  # 1 and 1.0 are one value
-        key = repr(float(value)) if exact else json.dumps(value, sort_keys=True, default=repr)
+        key = json.dumps(_as_floats(value), sort_keys=True, default=repr)
         if key in seen:
             raise ValueError(
                 f"{where} holds {value!r} twice: each value of a grid axis (and each seed)"
                 " must be distinct, or one cell would be run and counted twice"
             )
         seen.add(key)
+
+
+def _as_floats(value: Any) -> Any:
+    """``value`` with every number (below 2⁵³, where floats are exact) as a float."""
+    if isinstance(value, list | tuple):
+        return [_as_floats(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _as_floats(v) for k, v in value.items()}
+    return float(value) if is_number(value) and abs(value) < 2**53 else value
 
 
 def read_config_file(path: Path) -> Any:

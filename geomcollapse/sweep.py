@@ -73,7 +73,6 @@ from jax.sharding import PartitionSpec as P
 from geomcollapse import _experiment_sweep, _sweep_report, landscapes, theory
 from geomcollapse._checks import is_number, positive_float, positive_int
 from geomcollapse._sweep_io import (
-    INT64,
     append,
     barrier,
     locked_output,
@@ -196,7 +195,7 @@ def parse_config(
     if (
         not isinstance(seeds, list)
         or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < INT64 for s in seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
     ):
         raise ValueError(f"seeds must be a non-empty list of integers in [0, 2**63), got {seeds!r}")
     reject_repeats(seeds, "seeds")

@@ -394,6 +394,7 @@ def _quartic_config(**grid) -> dict:
         (_landscape_config(seeds=[0, 0, 1]), r"seeds holds 0 twice"),
         (_landscape_config(tail_mass=[0.1, 0.1]), r"grid\['tail_mass'\] holds 0.1 twice"),
         (_landscape_config(epsilon=[1, 1.0]), r"grid\['epsilon'\] holds 1.0 twice"),
+        (_landscape_config(top=[[2, 1], [2.0, 1.0]]), r"grid\['top'\] holds \[2.0, 1.0\] twice"),
         (_quartic_config(seed=[0, 0]), r"grid cells 0 and 1 \{'seed': 0\} resolve to the same"),
         (_quartic_config(tail_mass=[1, 1.0]), r"grid cells 0 and 1 .* resolve to the same"),
         (
