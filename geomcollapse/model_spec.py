@@ -108,13 +108,16 @@ def spec_source(target: str) -> str:
     """The file (as an absolute path) or the module that ``target`` names, as
     :func:`load_spec` reads it: a file relative to the working directory."""
     where, _ = _split(target)
-    if where.endswith(".py") or Path(where).is_file():
-        return str(Path(where).resolve())
-    return where
+    return str(Path(where).resolve()) if _names_a_file(where) else where
+
+
+def _names_a_file(where: str) -> bool:
+    """``where`` is a Python file (else a module name)."""
+    return where.endswith(".py") or Path(where).is_file()
 
 
 def _load_module(where: str, target: str):
-    if where.endswith(".py") or Path(where).is_file():
+    if _names_a_file(where):
         path = Path(where)
         if not path.is_file():
             raise ValueError(f"--spec {target}: {where} is not a file")
