@@ -29,7 +29,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from geomcollapse.errors import BroadcastDataWarning, FlatLossWarning, NotSymmetricError
+from geomcollapse.errors import (
+    BroadcastDataWarning,
+    FlatLossWarning,
+    NotSymmetricError,
+    warn_at_caller,
+)
 
 
 def floating_leaves(tree: Any, name: str) -> list:
@@ -541,7 +546,7 @@ def checked_aic(out: Any, fisher: str = "fisher_vp", loss: str = "loss_fn") -> A
     psd_spectrum(fisher, out.eigenpairs.values, out.report.tail_mass, margin)
     flat = flat_loss(loss, out.gradient_norm)
     if flat:
-        warnings.warn(flat, FlatLossWarning, stacklevel=3)
+        warn_at_caller(flat, FlatLossWarning)
     return out
 
 

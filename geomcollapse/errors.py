@@ -5,6 +5,9 @@ Each subclasses ``ValueError``, so ``except ValueError`` keeps catching it.
 
 from __future__ import annotations
 
+import sys
+import warnings
+
 __all__ = ["BroadcastDataWarning", "FlatLossWarning", "NotSymmetricError"]
 
 
@@ -32,3 +35,23 @@ class BroadcastDataWarning(UserWarning):
     boundary check of every entry point; filter it (``warnings.filterwarnings("ignore",
     category=BroadcastDataWarning)``) where such an argument is meant (not per-example data).
     """
+
+
+# the packages a call from the user passes through on its way to a warning: ours, and
+# the JAX libraries it calls through (tracing, equinox's jit, optax's chains)
+_THROUGH = frozenset(
+    {"geomcollapse", "jax", "jaxlib", "optax", "flax", "equinox", "lineax", "diffrax"}
+)
+
+
+def warn_at_caller(message: str, category: type[Warning]) -> None:
+    """``warnings.warn`` pointing at the user's line: the first frame outside ``_THROUGH``.
+
+    A fixed ``stacklevel`` points into the library whenever the public function that
+    warns is reached by another path (``from_diagnosis`` → ``monitor``, ``diagnose`` →
+    ``measure_aic``, a traced loss); the frames are counted instead.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _THROUGH:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

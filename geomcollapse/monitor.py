@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -71,6 +70,7 @@ from geomcollapse._checks import (
 )
 from geomcollapse.curvature import check_layout, params_layout
 from geomcollapse.diagnosis.report import Diagnosis
+from geomcollapse.errors import warn_at_caller
 from geomcollapse.series import Series, projected_from_coordinates
 from geomcollapse.subspace import Subspace, fisher_product, subspace_arrays, warm_eigenpairs
 
@@ -920,11 +920,10 @@ def _diagnosis_inputs(
     if series is None:
         series = diagnosis.series if time_per_step is not None else None
         if time_per_step is None:  # said, not dropped silently
-            warnings.warn(
+            warn_at_caller(
                 "monitor: the diagnosis was made without lr, so its forecast is not compared "
                 "with the run; pass time_per_step=lr (or series=False to say you want none)",
                 UserWarning,
-                stacklevel=4,
             )
     elif series is False:
         series = None
@@ -1045,7 +1044,7 @@ def check_monitor(state: MonitorState) -> MonitorState:
     for index, _, message in events:
         if not reported[index]:
             category = EarlyWarningFired if index else BudgetWarning
-            warnings.warn(message, category, stacklevel=2)
+            warn_at_caller(message, category)
             reported[index] = True
     return state._replace(reported=jnp.asarray(reported))
 
@@ -1111,4 +1110,4 @@ class MonitorCallback:
         for index, first, message in new:
             if self._stop:
                 raise BudgetExceeded(message, first)
-            warnings.warn(message, EarlyWarningFired if index else BudgetWarning, stacklevel=2)
+            warn_at_caller(message, EarlyWarningFired if index else BudgetWarning)

@@ -7,7 +7,6 @@ eigenvectors of ``F``, ``a = F^{1/2}Pc``, ``b = F^{1/2}PAc``, ``γ = ‖b‖``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
@@ -15,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from geomcollapse._checks import finite_float, positive_float
+from geomcollapse.errors import warn_at_caller
 from geomcollapse.subspace import Subspace
 
 __all__ = [
@@ -398,7 +398,5 @@ def onset_window(
     else:
         raise ValueError(f"regime must be 'quartic' or 'quadratic', got {regime!r}")
     if hi <= lo:
-        warnings.warn(
-            f"{regime} window is empty: [{lo:.3g}, {hi:.3g}]", RuntimeWarning, stacklevel=2
-        )
+        warn_at_caller(f"{regime} window is empty: [{lo:.3g}, {hi:.3g}]", RuntimeWarning)
     return (lo, hi)

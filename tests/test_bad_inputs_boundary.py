@@ -242,8 +242,10 @@ def test_the_boundary_check_names_the_argument(call, match):
 def test_a_flat_loss_is_said_to_be_flat_not_safe():
     """argmax's gradient is 0 everywhere: γ = 0 and every coefficient 0, with a warning
     (before: the same numbers, no warning: "no risk")."""
-    with pytest.warns(UserWarning, match=r"^loss_fn: its gradient and Hg are exactly zero"):
+    with pytest.warns(UserWarning, match=r"^loss_fn: its gradient and Hg are exactly zero") as rec:
         got = measure(loss_fn=argmax_error)
+    # at the caller's line, not inside the library (before: aic.py's)
+    assert {w.filename for w in rec if issubclass(w.category, FlatLossWarning)} == {__file__}
     assert got.report.coupling == 0.0 and got.gradient_norm == 0.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # jet's fallback to jvp on argmax
@@ -265,6 +267,7 @@ def test_a_flat_loss_is_said_to_be_flat_not_safe():
         warnings.simplefilter("always")
         got = sgd(lambda w, x, y: argmax_error(w, x[None], y[None]))
     flat = [w for w in caught if issubclass(w.category, FlatLossWarning)]
+    assert flat[0].filename == __file__
     assert len(flat) == 1 and str(flat[0].message).startswith(
         "example_loss: its gradient and Hg are exactly zero"
     )

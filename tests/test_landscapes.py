@@ -133,6 +133,11 @@ def test_exponent_fit_recovers_4_and_2():
     ts2 = np.logspace(-7, 0, 200)
     fit2 = theory.fit_exponent(ts2, np.asarray(T.projected_loss(ts2)), w2)
     assert abs(fit2.exponent - 2) < 0.01
+    # a window that cannot hold (t_min past the radius) is said, at this line
+    norm = float(np.linalg.norm(np.asarray(L.A), 2))
+    with pytest.warns(RuntimeWarning, match="quartic window is empty") as record:
+        lo, hi = theory.onset_window(r, norm, t_min=1.0 / norm)
+    assert lo > hi and [w.filename for w in record] == [__file__]
 
 
 def test_local_slope_crosses_3_near_the_predicted_crossover():

@@ -177,10 +177,11 @@ def test_deterministic_under_a_fixed_key():
 
 def test_budget_exhaustion_is_reported():
     A = jnp.asarray(_operator(SPECTRA["clustered"]))
-    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+    with pytest.warns(RuntimeWarning, match="did not reach tol") as record:
         res = linalg.top_eigenpairs(
             lambda v: A @ v, jnp.zeros(N), 8, key=jax.random.key(0), tol=1e-12, max_matvecs=12
         )
+    assert {w.filename for w in record} == {__file__}  # the caller's line
     # 12 Lanczos steps, then one certifying matvec per returned pair
     assert res.num_matvecs == 12 + 8 and not np.all(np.asarray(res.converged))
     assert np.all(np.isfinite(np.asarray(res.values)))

@@ -153,8 +153,9 @@ def test_monitor_measures_every_k_steps_like_the_dense_twin_and_leaves_training_
         mon.check_monitor(states[4])  # θ₅: only θ₃ measured
     assert not mon.exceeded(states[4]) and mon.exceeded(states[-1])
     number = re.escape(f"= {d6['projected_loss']:.4g}, overlap ‖PΔθ‖/‖Δθ‖ = {d6['overlap']:.4g}")
-    with pytest.warns(mon.BudgetWarning, match="step 6: projected loss .*" + number):
+    with pytest.warns(mon.BudgetWarning, match="step 6: projected loss .*" + number) as rec:
         checked = mon.check_monitor(states[-1])
+    assert {w.filename for w in rec} == {__file__}  # the caller's line
     # said once: the returned state remembers it (the chunk loop passes it on)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -228,8 +229,9 @@ def test_callback_warns_at_the_first_measured_step_past_the_budget(setup):
         warnings.simplefilter("error")
         for k in range(6):
             cb(k, setup.thetas[k])
-    with pytest.warns(mon.BudgetWarning, match="step 6"):
+    with pytest.warns(mon.BudgetWarning, match="step 6") as record:
         cb(6, setup.thetas[6])
+    assert {w.filename for w in record} == {__file__}  # the caller's line
     log = mon.monitor_log(cb.state)
     np.testing.assert_array_equal(log.step, [3, 6])
     np.testing.assert_allclose(log.overlap, [d3["overlap"], d6["overlap"]], rtol=1e-12)

@@ -412,8 +412,9 @@ def test_auto_falls_back_to_jvp_where_jet_fails():
     """softplus is a custom_jvp function that jet mishandles (jax-ml/jax#30352)."""
     data = models.gaussian_mixture(jax.random.key(5), 12, 3, 2, dtype=jnp.float64)
     params = models.mlp_init(jax.random.key(6), (3, 5, 2), dtype=jnp.float64)
-    with pytest.warns(series.TaylorFallbackWarning, match="2\\^order"):
+    with pytest.warns(series.TaylorFallbackWarning, match="2\\^order") as record:
         auto = series.flow_taylor(_softplus_mlp_loss, params, 3, data.x, data.y)
+    assert {w.filename for w in record} == {__file__}  # the caller's line
     nested = series.flow_taylor(_softplus_mlp_loss, params, 3, data.x, data.y, method="jvp")
     for a, b in zip(auto, nested, strict=True):
         assert rel_err(ravel_pytree(a)[0], ravel_pytree(b)[0]) <= 1e-13

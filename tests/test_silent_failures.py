@@ -512,8 +512,13 @@ def test_a_monitor_of_a_diagnosis_without_lr_says_that_it_compares_no_forecast(s
 
     dg = Diagnosis.load(saved)
     assert dg.lr is None and dg.series is not None
-    with pytest.warns(UserWarning, match=r"made without lr, so its forecast is not compared"):
+    said = r"made without lr, so its forecast is not compared"
+    with pytest.warns(UserWarning, match=said) as direct:
         gc.monitor.monitor(optax.sgd(0.1), dg, every=1)
+    with pytest.warns(UserWarning, match=said) as through:  # one frame deeper in the library
+        gc.monitor.from_diagnosis(optax.sgd(0.1), dg, every=1)
+    # each points at the user's line (before: from_diagnosis's pointed into monitor.py)
+    assert {w.filename for w in [*direct, *through] if "without lr" in str(w.message)} == {__file__}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gc.monitor.monitor(optax.sgd(0.1), dg, every=1, time_per_step=0.1)

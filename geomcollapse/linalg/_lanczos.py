@@ -48,7 +48,6 @@ be missed; tighten ``tol`` in that case.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -65,7 +64,7 @@ from geomcollapse._checks import (
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_combine, stack_dot
 from geomcollapse.curvature import host_matvec
-from geomcollapse.errors import NotSymmetricError
+from geomcollapse.errors import NotSymmetricError, warn_at_caller
 from geomcollapse.linalg._contract import (
     Eigenpairs,
     certifiable_tol,
@@ -682,11 +681,10 @@ def _extract(basis: _Basis, k: int, which: str, tol: float, apply, max_matvecs: 
             if estimated
             else f"they did not converge within max_matvecs={max_matvecs}"
         )
-        warnings.warn(
+        warn_at_caller(
             f"top_eigenpairs: {int(np.sum(~ok[found]))} of {k} pairs did not "
             f"reach tol={tol:g}: {why}",
             RuntimeWarning,
-            stacklevel=3,
         )
     return Eigenpairs(
         values=values,

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -44,7 +43,7 @@ from geomcollapse._checks import (
     scalar_loss,
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
-from geomcollapse.errors import FlatLossWarning
+from geomcollapse.errors import FlatLossWarning, warn_at_caller
 
 __all__ = [
     "Series",
@@ -154,12 +153,11 @@ def _coefficients(fn, leaves, xs, method: str) -> tuple[list, str]:
     try:
         return _jet_coefficients(fn, leaves, xs), "jet"
     except _JET_FAILURES as err:
-        warnings.warn(
+        warn_at_caller(
             f"series: jax.experimental.jet cannot expand this loss ({type(err).__name__}); "
             "falling back to nested jax.jvp, whose cost grows as 2^order "
             "(Series.route == 'jvp'; pass method='jvp' to choose it without this warning)",
             TaylorFallbackWarning,
-            stacklevel=2,
         )
         return _jvp_coefficients(fn, leaves, xs), "jvp"
 
@@ -662,7 +660,7 @@ def _warn_if_flat(displacement: PyTree) -> None:
     if not all(is_concrete(x) for x in leaves):
         return  # traced: nothing to say at trace time
     if not bool(jax.device_get(_moves(leaves))):
-        warnings.warn(flat_loss("task_loss", 0.0), FlatLossWarning, stacklevel=3)
+        warn_at_caller(flat_loss("task_loss", 0.0), FlatLossWarning)
 
 
 @jax.jit

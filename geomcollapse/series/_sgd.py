@@ -45,7 +45,7 @@ from geomcollapse._checks import (
     positive_float,
     positive_int,
 )
-from geomcollapse.errors import FlatLossWarning
+from geomcollapse.errors import FlatLossWarning, warn_at_caller
 from geomcollapse.series._flow import Series, delta_u_series, polynomial_validity_time
 
 __all__ = ["SGDForecast", "sgd_delta_u"]
@@ -389,7 +389,7 @@ def _coefficients(skill_loss, example_loss, params, order, rows, skill_args, chu
         )
     first = [np.asarray(x)[0] for x in jax.tree_util.tree_leaves(flow.displacement)]
     if not any(np.any(x != 0) for x in first):  # x₁ = −g(θ*) = 0: the mean loss is flat
-        warnings.warn(flat_loss("example_loss", 0.0), FlatLossWarning, stacklevel=3)
+        warn_at_caller(flat_loss("example_loss", 0.0), FlatLossWarning)
     spec = _Spec.of(skill_loss, example_loss, params)
     # the glue between compiled stages runs on the host in numpy: small arrays,
     # and eager jax ops would compile one program per operation and shape
