@@ -83,6 +83,15 @@ def _theta_star(params: PyTree, n: int | None = None) -> jax.Array:
     return flat
 
 
+def _raveled(tree: PyTree, n: int, name: str) -> tuple[jax.Array, Callable]:
+    """``ravel_pytree(tree)``; ``ValueError`` naming ``name`` unless it has the ``n``
+    entries of the subspace's rows (else a bare shape error from inside the update)."""
+    flat, unravel = ravel_pytree(tree)
+    if flat.size != n:
+        raise ValueError(f"{name} has {flat.size} entries, the subspace's basis rows have {n}")
+    return flat, unravel
+
+
 def _need_params(params: PyTree, name: str) -> None:
     if params is None:
         raise ValueError(
@@ -145,7 +154,7 @@ def initial_orthogonalization(subspace: Subspace) -> optax.GradientTransformatio
 
     def update(updates: PyTree, state: InitialOrthogonalizationState, params: PyTree = None):
         del params
-        g, unravel = ravel_pytree(updates)
+        g, unravel = _raveled(updates, rows.shape[1], "updates")
         r = rows.astype(g.dtype)
         first = _dot(_dot(r, g), r)
         c = jnp.where(state.count == 0, first, state.correction.astype(g.dtype))
@@ -184,7 +193,7 @@ def project_out(subspace: Subspace) -> optax.GradientTransformation:
 
     def update(updates: PyTree, state: ProjectOutState, params: PyTree = None):
         del params
-        u, unravel = ravel_pytree(updates)
+        u, unravel = _raveled(updates, rows.shape[1], "updates")
         return unravel(_remove(rows, u)), state
 
     return optax.GradientTransformation(init, update)
@@ -328,8 +337,8 @@ def fisher_penalty(subspace: Subspace, rho: float) -> optax.GradientTransformati
 
     def update(updates: PyTree, state: FisherPenaltyState, params: PyTree = None):
         _need_params(params, "fisher_penalty")
-        g, unravel = ravel_pytree(updates)
-        x = ravel_pytree(params)[0] - state.theta_star
+        g, unravel = _raveled(updates, state.theta_star.size, "updates")
+        x = _raveled(params, state.theta_star.size, "params")[0] - state.theta_star
         r = rows.astype(g.dtype)
         pull = _dot(weights.astype(g.dtype) * _dot(r, x.astype(g.dtype)), r)
         return unravel(g + rho * pull), state
@@ -444,7 +453,13 @@ def fisher_budget(
         u = u0.astype(x.dtype)
 
         def fisher(v: jax.Array) -> jax.Array:
-            return ravel_pytree(fisher_vp(theta_star, unravel_x(v), *args))[0]
+            out = ravel_pytree(fisher_vp(theta_star, unravel_x(v), *args))[0]
+            if out.shape != v.shape:
+                raise ValueError(
+                    f"fisher_vp returned {out.size} entries for a vector of {v.size} (F v has "
+                    "the shape of v: a pytree like params)"
+                )
+            return out
 
         w, fu = fisher(x), fisher(u)
         fw = fisher(w)
@@ -464,6 +479,10 @@ def fisher_budget(
         excess_u = landing.excess(coef_u, 1.0)
         ray = jnp.sqrt(budget / jnp.where(excess_u > 0, excess_u + budget, 1.0))
         step = jnp.where(use_u, step_u, jnp.where(use_v, step_v, ray * (x + u) - x))
+        # a non-finite Fisher product makes every rule False and the ray a finite pull
+        # towards θ*: propagate it instead, so a NaN Fisher shows as NaN parameters
+        finite = jnp.isfinite(jnp.sum(w) + jnp.sum(fu) + jnp.sum(fw))
+        step = jnp.where(finite, step, jnp.nan)
         return unravel(step.astype(u0.dtype)), state
 
     return optax.GradientTransformationExtraArgs(init, update)

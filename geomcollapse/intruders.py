@@ -1,4 +1,4 @@
-"""Intruder dimensions of a fine-tuned weight matrix (docs/theory.md §7; issue #14).
+"""Intruder dimensions of a fine-tuned weight matrix (docs/theory.md §7).
 
 Source: Shuttleworth, Andreas, Torralba and Sharma, "LoRA vs Full Fine-tuning:
 An Illusion of Equivalence", arXiv 2410.21228 (2024), Definition 1: a singular
@@ -26,9 +26,17 @@ the paper's vectors are the *right* singular vectors ``v_j`` here; that is
 One deviation, for well-posedness: singular vectors of ``W₀`` whose singular
 value is numerically zero (below ``max(d_in, d_out)·eps·σ_max``, the rule of
 ``numpy.linalg.matrix_rank``) are left out of the maximum, since any
-orthonormal basis of that null part is an equally valid SVD. A full-rank ``W₀``
-(every pretrained matrix in practice) is unaffected; ``W₀ = 0`` makes every
-top-``k`` vector of ``W₁`` an intruder.
+orthonormal basis of that null part is an equally valid SVD. ``W₀ = 0`` makes
+every top-``k`` vector of ``W₁`` an intruder.
+
+Not handled (the paper's definition has the same gap): a *repeated* non-zero
+singular value of ``W₀`` (an orthogonal initialisation, ``W₀ = I``) makes its
+singular vectors any orthonormal basis of their shared space, so a ``W₁`` near
+``W₀`` can report cosines far below 1 and spurious intruders (a probe: random
+orthogonal ``8 × 8`` ``Q`` against ``Q + 10⁻⁶·noise``, ``k = 8``: maximum
+similarity 0.45–0.80 by seed, one intruder for one seed). Trained matrices
+have distinct singular values in practice; for one that may not, compare the
+projection onto each cluster of equal ``σ`` instead.
 """
 
 from __future__ import annotations

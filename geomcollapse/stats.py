@@ -27,8 +27,17 @@ from geomcollapse._checks import positive_int, prng_key
 __all__ = ["bootstrap_interval", "kendall_tau", "mid_ranks", "spearman"]
 
 
+def _real(values, name: str) -> np.ndarray:
+    """``values`` as float64, refusing what is not real numbers: strings (which NumPy
+    would parse), complex values (whose imaginary part it would drop), objects."""
+    array = np.asarray(values)
+    if array.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    return array.astype(np.float64)
+
+
 def _pair(x, y) -> tuple[np.ndarray, np.ndarray]:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    x, y = _real(x, "x"), _real(y, "y")
     if x.ndim not in (1, 2) or x.shape != y.shape:
         raise ValueError(
             f"x and y must be 1-D (or 2-D rows) of equal shape, got {x.shape} and {y.shape}"
@@ -100,6 +109,21 @@ def kendall_tau(x, y):
     return _result(concordance.astype(np.float64), denom)
 
 
+def _rowwise(stat: Callable, xs: np.ndarray, ys: np.ndarray) -> np.ndarray | None:
+    """``stat`` of every row of ``xs``/``ys`` in one call, or None when ``stat`` does not
+    work on rows (it raises, gives another shape, or its first value is not ``stat`` of
+    the first row alone)."""
+    try:
+        values = np.asarray(stat(xs, ys), np.float64)
+    except Exception:  # any failure on 2-D input means "not row-wise"; 1-D calls follow
+        return None
+    if values.shape != xs.shape[:1]:
+        return None
+    first = np.float64(stat(xs[0], ys[0]))
+    # equal up to summation order (a 2-D reduction may add in another order)
+    return values if np.isclose(values[0], first, rtol=1e-9, atol=0.0, equal_nan=True) else None
+
+
 def bootstrap_interval(
     stat: Callable[[np.ndarray, np.ndarray], float],
     x,
@@ -111,21 +135,25 @@ def bootstrap_interval(
 ) -> tuple[float, float]:
     """Percentile interval of ``stat(x[idx], y[idx])`` over resamples of the pairs.
 
-    ``idx`` draws ``m`` indices with replacement (seeded by ``key``); ``stat``
-    is called once on the ``(num_resamples, m)`` resamples when it works on rows
-    (as :func:`spearman` and :func:`kendall_tau` do), else once per resample. Resamples
-    on which ``stat`` is ``nan`` (a constant variable) are dropped; ``(nan,
-    nan)`` when more than half are. Returns ``(low, high)``.
+    ``x`` and ``y``: 1-D, ``m ≥ 3`` finite pairs. ``idx`` draws ``m`` indices with
+    replacement (seeded by ``key``); ``stat`` is called once on the
+    ``(num_resamples, m)`` resamples when it works on rows (as :func:`spearman` and
+    :func:`kendall_tau` do: ``(num_resamples,)`` values whose first is ``stat`` of the
+    first resample alone, to 1e-9), else once per resample. Resamples on which ``stat`` is
+    ``nan`` (a constant variable) are dropped; ``(nan, nan)`` when more than half
+    are. Returns ``(low, high)``.
     """
     x, y = _pair(x, y)
+    if x.ndim != 1:
+        raise ValueError(f"x and y must be 1-D (one value per dataset), got shape {x.shape}")
     num_resamples = positive_int(num_resamples, "num_resamples")
     if not 0.0 < float(level) < 1.0:
         raise ValueError(f"level must lie in (0, 1), got {level}")
     seed = np.asarray(jax.random.key_data(prng_key(key))).ravel()
     idx = np.random.default_rng(seed).integers(0, x.size, (num_resamples, x.size))
-    values = np.asarray(stat(x[idx], y[idx]), np.float64)  # a row-wise stat: one call
-    if values.shape != (num_resamples,):  # a stat of 1-D inputs only
-        values = np.array([stat(x[i], y[i]) for i in idx])
+    values = _rowwise(stat, x[idx], y[idx])  # one call when stat works on rows
+    if values is None:  # a stat of 1-D inputs only
+        values = np.array([stat(x[i], y[i]) for i in idx], np.float64)
     values = values[np.isfinite(values)]
     if values.size < num_resamples / 2:
         return float("nan"), float("nan")

@@ -32,7 +32,13 @@ from jax.flatten_util import ravel_pytree
 
 from geomcollapse._checks import finite_leaves, is_concrete
 from geomcollapse._sharding import is_sharded, stack_combine, stack_dot, tree_dot, tree_norm
-from geomcollapse.curvature import LinearOperator, VectorProduct, linear_operator
+from geomcollapse.curvature import (
+    LinearOperator,
+    VectorProduct,
+    check_layout,
+    linear_operator,
+    params_layout,
+)
 from geomcollapse.linalg import TracedEigenpairs, top_eigenpairs_traced
 
 __all__ = [
@@ -57,16 +63,33 @@ def _is_vector(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray)) and np.ndim(x) == 1
 
 
-def _leafwise(basis: PyTree, x: PyTree) -> bool:
+def _leafwise(basis: PyTree, x: PyTree, name: str) -> bool:
     """A pytree basis against a pytree ``x`` of its structure: work leaf by leaf.
 
     Nothing is raveled, so a basis sharded like the parameters (as
     :func:`geomcollapse.linalg.top_eigenpairs` returns for sharded ``like``)
     stays sharded and only ``(d,)`` coordinates are reduced across devices.
+    False: raveled rows against raveled ``x`` (a ``(d, n)`` basis, an ``(n,)``
+    ``x``, or a pytree ``x`` laid out as the basis' leaves, e.g. an ``nnx.State``
+    against its pure dict). ``ValueError`` naming ``name`` when a pytree ``x`` is
+    laid out otherwise (its raveled entries would pair other coordinates).
     """
     if isinstance(basis, (jax.Array, np.ndarray)) or _is_vector(x):
         return False
+    layout = tuple((path, shape[1:]) for path, shape in params_layout(basis))
+    check_layout(x, layout, name, "the subspace's basis (without its leading d axis)")
     return jax.tree_util.tree_structure(basis) == jax.tree_util.tree_structure(x)
+
+
+def _raveled(x: PyTree, rows: jax.Array, name: str) -> jax.Array:
+    """``x`` as an ``(n,)`` vector against ``(d, n)`` rows; ``ValueError`` naming ``name``
+    when its size is not ``n``."""
+    flat = _flat(x)
+    if flat.shape != rows.shape[1:]:
+        raise ValueError(
+            f"{name} has {flat.size} entries, the subspace's basis rows have {rows.shape[1]}"
+        )
+    return flat
 
 
 def flat_basis(basis: PyTree) -> jax.Array:
@@ -89,8 +112,11 @@ def flat_basis(basis: PyTree) -> jax.Array:
     return jax.vmap(lambda b: ravel_pytree(b)[0])(basis)
 
 
-def check_orthonormal(rows: jax.Array, name: str = "basis") -> None:
+def check_orthonormal(rows: PyTree, name: str = "basis") -> None:
     """Raise unless concrete ``(d, n)`` rows are orthonormal: ``max|VVᵀ − D| ≤ √eps``.
+
+    ``rows`` may also be a pytree basis with a leading ``d`` axis (its Gram matrix is
+    summed leaf by leaf, nothing raveled).
 
     ``D`` is ``I`` except on rows of (near-)zero norm, which a solver uses for
     pairs it could not reach (``found = False``) and which pass as zero rows.
@@ -99,9 +125,10 @@ def check_orthonormal(rows: jax.Array, name: str = "basis") -> None:
     (≈ 1e-6), and ``√eps`` is far above that and far below a basis that is not
     one. Tracers pass (checked at the library's eager entry points).
     """
-    if isinstance(rows, jax.core.Tracer) or rows.shape[0] == 0:  # no rows: nothing to check
+    leaves = [jnp.reshape(b, (np.shape(b)[0], -1)) for b in jax.tree_util.tree_leaves(rows)]
+    if not all(map(is_concrete, leaves)) or leaves[0].shape[0] == 0:  # traced, or no rows
         return
-    gram = jnp.matmul(rows, rows.T, precision=_HIGHEST)
+    gram = sum(jnp.matmul(b, b.T, precision=_HIGHEST) for b in leaves)
     unit = (jnp.diagonal(gram) > 0.5).astype(gram.dtype)
     error = float(jnp.max(jnp.abs(gram - jnp.diag(unit))))
     tol = float(np.sqrt(max(jnp.finfo(gram.dtype).eps, jnp.finfo(jnp.float32).eps)))
@@ -171,10 +198,17 @@ class Subspace(NamedTuple):
     def exact(cls, values: Any, basis: Any) -> Subspace:
         """A subspace from exact (dense ``eigh``) pairs: residuals NaN, converged True.
 
-        Raises ``ValueError`` when a concrete ``basis`` is not orthonormal.
+        Raises ``ValueError`` when ``values`` is not ``(d,)`` for the basis' ``d`` rows,
+        or when a concrete ``basis`` is not orthonormal.
         """
         values = jnp.asarray(values)
-        check_orthonormal(flat_basis(basis), "basis")
+        rows = flat_basis(basis)
+        if values.shape != rows.shape[:1]:
+            raise ValueError(
+                f"values must be (d,) for the basis' d = {rows.shape[0]} rows, got shape "
+                f"{values.shape} (broadcast against the rows it would give another loss)"
+            )
+        check_orthonormal(rows, "basis")
         return cls(values, basis, jnp.full(values.shape, jnp.nan, values.dtype), jnp.asarray(True))
 
     def leading(self, d: int) -> Subspace:
@@ -212,14 +246,20 @@ class Subspace(NamedTuple):
         """``(d,)`` ``⟨v_i, x⟩``: ``P x`` in ``M``'s basis.
 
         A pytree basis and a pytree ``x`` are contracted leaf by leaf (no ravel).
+        ``ValueError`` when ``x`` has another size, or (pytree against a pytree basis)
+        another layout.
         """
-        if _leafwise(self.basis, x):
+        return self._coordinates(x, "x")
+
+    def _coordinates(self, x: PyTree, name: str) -> jax.Array:
+        if _leafwise(self.basis, x, name):
             return stack_dot(self.basis, x)
-        return jnp.dot(self.rows, _flat(x), precision=_HIGHEST)
+        rows = self.rows
+        return jnp.dot(rows, _raveled(x, rows, name), precision=_HIGHEST)
 
     def project(self, x: PyTree) -> PyTree:
         """``P x``, shaped like ``x`` (an ``(n,)`` array or a pytree like ``θ*``)."""
-        if _leafwise(self.basis, x):
+        if _leafwise(self.basis, x, "x"):
             return stack_combine(self.coordinates(x), self.basis)
         flat = jnp.dot(self.coordinates(x), self.rows, precision=_HIGHEST)
         if _is_vector(x):
@@ -235,16 +275,18 @@ class Subspace(NamedTuple):
         return 0.5 * jnp.sum(self.fisher_half(x) ** 2)
 
     def overlap_score(self, delta_theta: PyTree) -> OverlapScore:
-        """:class:`OverlapScore` of an update ``Δθ = θ_K − θ*``."""
-        if _leafwise(self.basis, delta_theta):
+        """:class:`OverlapScore` of an update ``Δθ = θ_K − θ*`` (NaN for a non-finite one)."""
+        if _leafwise(self.basis, delta_theta, "delta_theta"):
             flat, norm = delta_theta, tree_norm(delta_theta)
         else:
-            flat = _flat(delta_theta)
+            flat = _raveled(delta_theta, self.rows, "delta_theta")
             norm = jnp.linalg.norm(flat)
-        inside = jnp.linalg.norm(self.coordinates(flat))
+        coordinates = self._coordinates(flat, "delta_theta")
+        zero = norm == 0  # Δθ = 0 scores 0; a NaN norm (a diverged run) stays NaN
+        inside = jnp.linalg.norm(coordinates)
         return OverlapScore(
-            geometric=jnp.where(norm > 0, inside / jnp.where(norm > 0, norm, 1.0), 0.0),
-            fisher=self.projected_loss(flat),
+            geometric=jnp.where(zero, 0.0, inside / jnp.where(zero, 1.0, norm)),
+            fisher=0.5 * jnp.sum((self.sqrt_values * coordinates) ** 2),
         )
 
 
@@ -257,7 +299,7 @@ def orthogonalized(
     ``θ* = params``; the returned loss takes ``(θ, *args)`` like ``loss_fn``.
     """
     finite_leaves(params, "params")
-    if _leafwise(subspace.basis, params):  # e.g. a basis sharded like the parameters
+    if _leafwise(subspace.basis, params, "params"):  # e.g. a basis sharded like the parameters
         pg_tree = subspace.project(jax.grad(loss_fn)(params, *loss_args))
 
         def corrected_tree(theta: PyTree, *args: Any) -> jax.Array:

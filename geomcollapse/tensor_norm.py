@@ -199,7 +199,8 @@ def sshopm(
 
     Raises:
       ValueError: bad ``order``, ``starts`` (empty, non-floating, zero or non-finite
-        rows), counts or ``tol``, or a ``contract`` output unlike ``v``.
+        rows), counts or ``tol``, a ``contract`` output unlike ``v``, or one that is
+        never finite.
     """
     flat, unravel = _check(contract, starts, order, screen_iterations, refine, max_iterations, tol)
     batch = min(refine, flat.shape[0])
@@ -216,6 +217,11 @@ def sshopm(
     top = int(np.argmax([float(jnp.max(r[1].lam)) for r in runs]))
     screened, refined, steps, _ = runs[top]
     i, sign = int(jnp.argmax(refined.lam)), signs[top]
+    if not np.isfinite(float(refined.lam[i])):  # a NaN step is never accepted: λ stays −inf
+        raise ValueError(
+            f"contract gave no finite T[vᵐ] from any start (best {float(refined.lam[i])}): "
+            "a non-finite contraction, e.g. NaN parameters or data in it"
+        )
     return TensorMax(
         refined.lam[i],
         sign * refined.lam[i],

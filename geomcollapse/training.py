@@ -330,8 +330,10 @@ def train(
     """Minibatch training of ``loss_fn(params, *loss_args, tokens, targets, mask)`` with optax.
 
     Minibatches are drawn uniformly (with a fresh permutation each epoch) from
-    ``data`` with ``key``; steps run in compiled chunks of ``chunk`` (a
-    ``lax.scan``), so the run is deterministic under a fixed key.
+    ``data`` with ``key`` (not the independent draws per step whose noise
+    :func:`geomcollapse.series.sgd_delta_u` forecasts: docs/theory.md §8); steps
+    run in compiled chunks of ``chunk`` (a ``lax.scan``), so the run is
+    deterministic under a fixed key.
     ``callback(step, params)``, if given, runs after every chunk (``step`` =
     steps done so far), e.g. to record metrics along the run. ``loss_args``
     (a tuple, e.g. the frozen ``θ*`` of LoRA adapters) and the data enter the

@@ -302,7 +302,11 @@ CASES = [
         lambda: record(sub=(jnp.array([1.0, NAN]), E2)),
         r"^subspace values has 1 non-finite",
     ),
-    ("record_trajectory-basis-rows", lambda: record(sub=(jnp.ones(3), E2)), r"^basis must hold"),
+    (
+        "record_trajectory-basis-rows",
+        lambda: record(sub=(jnp.ones(3), E2)),
+        r"^values must be \(d,\) for the basis' d = 2 rows",
+    ),
     ("record_trajectory-key-missing", lambda: record(fisher_vp=fvp), r"^key is required"),
     ("record_trajectory-nodes-1", lambda: record(nodes=1), r"^nodes must be"),
     (

@@ -177,7 +177,7 @@ def test_trajectory_record_takes_pytree_displacements_and_a_pytree_basis():
         np.testing.assert_allclose(getattr(tree_rec, field), getattr(flat_rec, field), rtol=1e-14)
     # Lanczos to residual 1e-12 moves a t⁴-small projected loss by ~1e-9 relative
     np.testing.assert_allclose(tree_rec.projected_loss, q.projected_loss(ts, 3), rtol=1e-8)
-    with pytest.raises(ValueError, match="basis must hold"):
+    with pytest.raises(ValueError, match=r"values must be \(d,\) for the basis' d = 2 rows"):
         flow.record_trajectory(ts, xs, jnp.zeros(q.n), jnp.sum, (pairs.values, flat_basis[:2]))
     with pytest.raises(ValueError, match="xs must hold"):
         flow.record_trajectory(ts[:1], xs, jnp.zeros(q.n), jnp.sum, (pairs.values, flat_basis))

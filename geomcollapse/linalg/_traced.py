@@ -371,7 +371,11 @@ def top_eigenpairs_traced(
       ``pairs.certified`` is the one flag for the whole set.
     """
     float_vector(v0, "v0")
-    matvec = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
+    operator = flat_matvec(matvec)  # a LinearOperator on its raveled (n,) vectors
+
+    def matvec(v: jax.Array) -> jax.Array:  # in v's dtype: a float64 Fisher of float32 θ
+        return operator(v).astype(v.dtype)  # (x64 on) would change the loop's carry type
+
     key = prng_key(key)
     k = positive_int(k, "k")
     n = v0.shape[0]

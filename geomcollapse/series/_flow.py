@@ -44,6 +44,7 @@ from geomcollapse._checks import (
 )
 from geomcollapse._sharding import Layout, is_sharded, stack_dot
 from geomcollapse.errors import FlatLossWarning, warn_at_caller
+from geomcollapse.subspace import check_orthonormal
 
 __all__ = [
     "Series",
@@ -529,6 +530,7 @@ def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, list]:
     if isinstance(basis, (np.ndarray, jax.Array)) and np.shape(basis) == (d, n):
         flat = jnp.asarray(basis)
         finite_leaves(flat, "subspace basis")
+        check_orthonormal(flat, "subspace basis")
         offsets = np.cumsum([0, *sizes])
         return values, [
             flat[:, offsets[i] : offsets[i + 1]].reshape(d, *np.shape(leaf))
@@ -545,6 +547,7 @@ def _subspace_parts(subspace: Any, leaves, treedef) -> tuple[jax.Array, list]:
             f"{jax.tree_util.tree_map(np.shape, basis)}"
         )
     finite_leaves(b_leaves, "subspace basis")
+    check_orthonormal(basis, "subspace basis")
     return values, list(b_leaves)
 
 
@@ -646,8 +649,22 @@ def delta_u_series(
 
     layout = Layout(params, "params") if is_sharded(params) else None
     out = _compiled(run)(leaves, sub, tuple(skill_args), tuple(task_args))
+    check_finite_coefficients([out.delta_u, out.projected], "the Δu series' coefficients")
     _warn_if_flat(out.displacement)
     return out
+
+
+def check_finite_coefficients(coefficients: list, what: str) -> None:
+    """``ValueError`` when concrete coefficients are not finite: a NaN or infinite loss or
+    derivative at ``θ*`` would otherwise come back as a NaN forecast, or (a NaN constant
+    drops out of every derivative) as a plausible one. ``None`` entries are skipped."""
+    arrays = [c for c in coefficients if c is not None and is_concrete(c)]
+    if all(np.all(np.isfinite(jax.device_get(c))) for c in arrays):
+        return
+    raise ValueError(
+        f"{what} are not finite at params: the skill or task loss, or one of their "
+        "derivatives, is NaN or infinite at θ* (e.g. a log or square root at 0, NaN data)"
+    )
 
 
 def _warn_if_flat(displacement: PyTree) -> None:

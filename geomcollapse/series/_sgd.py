@@ -46,7 +46,12 @@ from geomcollapse._checks import (
     positive_int,
 )
 from geomcollapse.errors import FlatLossWarning, warn_at_caller
-from geomcollapse.series._flow import Series, delta_u_series, polynomial_validity_time
+from geomcollapse.series._flow import (
+    Series,
+    check_finite_coefficients,
+    delta_u_series,
+    polynomial_validity_time,
+)
 
 __all__ = ["SGDForecast", "sgd_delta_u"]
 
@@ -580,7 +585,10 @@ def sgd_delta_u(
       order: ``K ≥ 1``, the power of ``t`` (and of ``lr``) kept.
       skill_args: extra arguments of ``skill_loss``.
       replacement: draw with replacement (``Cov(ĝ) = Σ/B``) or without
-        (``× (N − B)/(N − 1)``, needs ``B ≤ N``).
+        (``× (N − B)/(N − 1)``, needs ``B ≤ N``); either way each step's batch is
+        drawn independently of the others. Epoch shuffling (``training.train``, a
+        shuffled data loader) is not this model: its noise matches only while
+        ``k·B ≪ N`` and cancels at each epoch's end (docs/theory.md §8).
       chunk_size: tangent series per compiled batched pass (``≥ 1``): bounds
         the peak memory, not the result.
 
@@ -606,6 +614,7 @@ def sgd_delta_u(
     flow, noise, values = _coefficients(
         skill_loss, example_loss, params, order, rows, skill_args, chunk_size
     )
+    check_finite_coefficients([noise, values], "the SGD noise series' coefficients")
     count = rows[0].shape[0]
     factor = 1.0 if replacement else (count - batch_size) / (count - 1)
     return _forecast(flow, noise * factor, values, steps, lr, batch_size)
