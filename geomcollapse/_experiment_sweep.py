@@ -43,6 +43,7 @@ from geomcollapse import registry
 from geomcollapse._sweep_io import (
     append,
     barrier,
+    header_of,
     locked_output,
     merge_parts,
     part_paths,
@@ -51,7 +52,7 @@ from geomcollapse._sweep_io import (
     reject_unknown,
     whole_lines,
 )
-from geomcollapse._sweep_report import columns_table
+from geomcollapse._sweep_report import columns_table, sweep_name
 from geomcollapse.progress import progress_bar
 
 TOP_KEYS = {"experiment", "output", "base", "grid", "name"}
@@ -276,7 +277,7 @@ def parse_config(raw: dict, base_dir: Path = Path()) -> ExperimentSweepConfig:
         module=module,
         base=base,
         grid={k: tuple(v) for k, v in grid.items()},
-        name=str(raw.get("name", Path(raw["output"]).stem)),
+        name=sweep_name(raw.get("name", Path(raw["output"]).stem), "name"),
         digest=hashlib.sha256(canonical.encode()).hexdigest(),
     )
     expand_cells(config)  # unknown experiment or field: refused now, not mid-sweep
@@ -293,6 +294,12 @@ def expand_cells(config: ExperimentSweepConfig) -> list[Cell]:
     module = _sweepable(config.experiment)
     base = _with_fields(module.Config(), config.base, "base", config.experiment)
     keys = list(config.grid)
+    fixed = sorted(set(keys) & set(getattr(module, "SWEEP_FIXED", ())))
+    if fixed:  # e.g. spec_sweep's model: rows of two would be one sweep's seeds
+        raise ValueError(
+            f"grid[{fixed[0]!r}]: {config.experiment} cannot vary {fixed[0]!r} within one "
+            f"sweep (its SWEEP_FIXED); set it in base and run one sweep per value"
+        )
     cells, seen = [], {}
     check = getattr(module, "check_config", None)
     for index, values in enumerate(itertools.product(*(config.grid[k] for k in keys))):
@@ -374,11 +381,8 @@ def _read_groups(
     lines = whole_lines(path.read_text())
     if not lines:
         return None, {}
-    header = _parse_header(path, lines[0])
-    if not isinstance(header, dict) or header.get("config_sha256") != config.digest:
-        raise ValueError(
-            f"{path} holds a sweep of a different config; move it away or change 'output'"
-        )
+    if header_of(path, lines, config.digest) is None:  # another config's header alone
+        return None, {}
     by_cell = _parse_rows(path, lines[1:])
     done = _complete(by_cell)
     for c in done:
@@ -513,6 +517,20 @@ def _check_agreed_parts(module: types.ModuleType, path: Path, read: Callable) ->
             )
 
 
+def _group_results(
+    module: types.ModuleType, config: ExperimentSweepConfig, group: list[Cell], outdir: Path
+) -> Any:
+    """The experiment's rows for a group of cells; a ``ValueError`` it raises (a value that
+    only fails when computed) names the cells and their grid values."""
+    try:
+        if len(group) == 1:
+            return [module.sweep_cell(group[0].config, outdir)]
+        return module.sweep_cells([cell.config for cell in group], outdir)
+    except ValueError as err:
+        cells = "; ".join(f"cell {c.index} {json.dumps(c.params)}" for c in group)
+        raise ValueError(f"{config.module} failed on {cells}: {err}") from err
+
+
 def _compute_cells(
     module: types.ModuleType,
     config: ExperimentSweepConfig,
@@ -527,10 +545,8 @@ def _compute_cells(
     todo = sum(len(group) for group in groups)
     with progress_bar(total=todo, desc=f"sweep {config.name}", enabled=progress) as bar:
         for group in groups:
-            if len(group) == 1:
-                results = [module.sweep_cell(group[0].config, outdir)]
-            else:
-                results = module.sweep_cells([cell.config for cell in group], outdir)
+            results = _group_results(module, config, group, outdir)
+            if len(group) > 1:
                 if not isinstance(results, list) or len(results) != len(group):
                     raise ValueError(
                         f"{config.module}.sweep_cells returned {type(results).__name__} "

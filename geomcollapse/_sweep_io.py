@@ -100,10 +100,43 @@ def read_config_file(path: Path) -> Any:
             return tomllib.loads(text)
         except tomllib.TOMLDecodeError as err:
             raise ValueError(f"config file {str(path)!r} is not valid TOML: {err}") from None
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict:
+        keys = [k for k, _ in pairs]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:  # json keeps the last silently; TOML refuses it itself
+            raise ValueError(
+                f"config file {str(path)!r} gives the key {repeated[0]!r} twice in one object "
+                "(only the last would count)"
+            )
+        return dict(pairs)
+
     try:
-        return json.loads(text)
+        return json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as err:
         raise ValueError(f"config file {str(path)!r} is not valid JSON: {err}") from None
+
+
+def header_of(path: Path, lines: list[str], digest: str) -> dict | None:
+    """The header of ``path`` (its whole ``lines``, at least one) when it is this
+    config's sweep (``config_sha256 == digest``); ``None`` when it is another config's
+    header alone (a start that failed before any row: nothing to keep, so the sweep
+    starts afresh there). ``ValueError`` when ``path`` is not a sweep output, or is
+    another config's sweep with rows."""
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        header = None
+    if not isinstance(header, dict) or not isinstance(header.get("config_sha256"), str):
+        raise ValueError(
+            f"{path} is not a sweep output (its first line is not a sweep's header); move it "
+            "away or change 'output'"
+        )
+    if header["config_sha256"] == digest:
+        return header
+    if len(lines) == 1:
+        return None
+    raise ValueError(f"{path} holds a sweep of a different config; move it away or change 'output'")
 
 
 def whole_lines(text: str) -> list[str]:

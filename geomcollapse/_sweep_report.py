@@ -24,6 +24,21 @@ import numpy as np
 
 from geomcollapse._checks import is_number
 
+
+def sweep_name(value: Any, where: str) -> str:
+    """A sweep's ``name``: the stem of its report files, so a plain non-empty file name
+    (no directory part, not ``.``/``..``), else ``ValueError`` naming ``where``: a name
+    with a path in it would write outside the report's ``--out``."""
+    if (
+        not isinstance(value, str)
+        or value in ("", ".", "..")
+        or value != Path(value).name
+        or any(c in value for c in "/\\\0")
+    ):
+        raise ValueError(f"{where} must be a plain file name (no directory part), got {value!r}")
+    return value
+
+
 # t_{0.975, ν} for ν = 1 … 30, beyond it the Cornish-Fisher expansion below: relative
 # error < 3e-5 against scipy.stats.t.ppf for every ν (the table's 4 decimals included)
 _T975 = (
@@ -51,28 +66,49 @@ def t975(dof: int) -> float:
     )
 
 
-def mean_interval(values) -> tuple[float, float, float, int]:
-    """``(mean, low, high, n)`` of the finite entries of ``values`` (axis 0 for arrays).
+def mean_interval(values) -> tuple[Any, Any, Any, Any]:
+    """``(mean, low, high, n)`` of the finite entries of ``values``, along axis 0.
 
     The interval is the mean's 95 % Student-t interval; for ``n = 1`` it is the
-    value itself, for ``n = 0`` all three are NaN.
+    value itself, for ``n = 0`` all three are NaN. For rows of several entries (a
+    ``Δu(t)`` per row) each column counts its own finite entries, so a row that
+    overflowed at a late time still counts at the early ones: then every output,
+    ``n`` too, is an array over the columns.
     """
     v = np.asarray(values, np.float64)
     if v.ndim == 0 or len(v) == 0:
         raise ValueError(f"values must be a non-empty sequence, got shape {v.shape}")
-    v = v[np.isfinite(v).reshape(len(v), -1).all(axis=1)]  # whole finite entries only
-    n = len(v)
+    if v.ndim == 1:
+        return _finite_interval(v[np.isfinite(v)])
+    columns = [_finite_interval(c[np.isfinite(c)]) for c in v.reshape(len(v), -1).T]
+    mean, low, high, n = (
+        np.reshape(np.asarray(x), v.shape[1:]) for x in zip(*columns, strict=True)
+    )
+    return mean, low, high, n
+
+
+def _finite_interval(c: np.ndarray) -> tuple[float, float, float, int]:
+    """:func:`mean_interval` of one column's finite values ``c``; values near the float64
+    limit are scaled by ``max|c|`` first (their squares would overflow to ``±inf``)."""
+    n = c.size
     if n == 0:
-        nan = np.full(v.shape[1:], np.nan)
-        return nan, nan, nan, 0
-    mean = v.mean(axis=0)
-    half = 0.0 if n == 1 else t975(n - 1) * v.std(axis=0, ddof=1) / math.sqrt(n)
-    return mean, mean - half, mean + half, n
+        return math.nan, math.nan, math.nan, 0
+    with np.errstate(over="ignore"):
+        mean, spread = c.mean(), (0.0 if n == 1 else c.std(ddof=1))
+    if not (np.isfinite(mean) and np.isfinite(spread)):
+        scale = float(np.max(np.abs(c)))
+        mean, spread = (
+            scale * (c / scale).mean(),
+            scale * (0.0 if n == 1 else (c / scale).std(ddof=1)),
+        )
+    half = 0.0 if n == 1 else t975(n - 1) * spread / math.sqrt(n)
+    return float(mean), float(mean - half), float(mean + half), n
 
 
 def column(row: dict, path: str) -> float:
     """The number at the dotted ``path`` of ``row`` (``aic.coupling``; ``rows.0.measured``);
-    NaN where the row records ``None`` there (the aggregates count only finite values)."""
+    NaN where the row records ``None`` there (the aggregates count only finite values); a
+    verdict (``true``/``false``) as 1/0, so that its mean is the fraction that holds."""
     value: Any = row
     for part in path.split("."):
         if isinstance(value, dict) and part in value:
@@ -100,6 +136,8 @@ def column(row: dict, path: str) -> float:
         raise ValueError(
             f"--y {path!r} is a {type(value).__name__}, not a number; go further down with dots"
         )
+    if isinstance(value, bool):  # a verdict: 1/0, so its mean is the fraction that holds
+        return float(value)
     if not is_number(value):
         raise ValueError(f"--y {path!r} is {type(value).__name__} ({value!r}), not a number")
     return float(value)
@@ -179,9 +217,10 @@ def _numeric(values: list) -> bool:
 
 
 def table(series: list[Series], x: str, y: str) -> str:
-    """A Markdown table of the aggregate: series, ``x``, ``n``, mean and its interval."""
+    """A Markdown table of the aggregate: series, ``x``, rows, mean and its interval (the
+    count is headed ``rows``, never ``n``, which a grid axis may be called)."""
     lines = [
-        f"| series | {x} | n | mean {y} | 95% interval |",
+        f"| series | {x} | rows | mean {y} | 95% interval |",
         "|---|---|---|---|---|",
     ]
     for s in series:
@@ -197,7 +236,8 @@ _ROW_KEYS = ("cell", "cell_id", "cell_rows", "params", "seed")  # the runner's, 
 
 
 def scalar_columns(row: dict, prefix: str = "") -> list[str]:
-    """The dotted paths of every number in ``row`` outside lists (what ``--y`` can name)."""
+    """The dotted paths of every number and verdict (true/false, read as 1/0) in ``row``
+    outside lists (what ``--y`` can name)."""
     out = []
     for key, value in row.items():
         if not prefix and key in _ROW_KEYS:
@@ -205,9 +245,22 @@ def scalar_columns(row: dict, prefix: str = "") -> list[str]:
         path = f"{prefix}{key}"
         if isinstance(value, dict):
             out += scalar_columns(value, f"{path}.")
-        elif is_number(value):
+        elif is_number(value) or isinstance(value, bool):
             out.append(path)
     return out
+
+
+def incomplete(header: dict, rows: list[dict]) -> str:
+    """``"incomplete: k of N cells"`` (``runs`` for a landscape sweep) when the header
+    announces more than ``rows`` complete, else ``""`` (complete, or a header that
+    announces no count: landscape sweeps written before it did)."""
+    if "cells" in header:
+        done, total, unit = len({row["cell"] for row in rows}), header["cells"], "cells"
+    elif "runs" in header:
+        done, total, unit = len(rows), header["runs"], "runs"
+    else:
+        return ""
+    return f"incomplete: {done} of {total} {unit}" if done < total else ""
 
 
 def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
@@ -219,7 +272,7 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
     lines = [
         f"| column | {' | '.join(groups)} |",
         "|---|" + "---|" * len(groups),
-        f"| rows (n) | {' | '.join(str(len(m)) for m in groups.values())} |",
+        f"| rows | {' | '.join(str(len(m)) for m in groups.values())} |",
     ]
     columns = dict.fromkeys(path for row in rows for path in scalar_columns(row))
     for path in columns:  # every row's numbers, in first-seen order (None in some rows)
@@ -229,10 +282,12 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
             mean, low, high, n = mean_interval(values)
             cells.append("–" if n == 0 else f"{mean:.4g} [{low:.4g}, {high:.4g}]")
         lines.append(f"| {path} | {' | '.join(cells)} |")
-    name = header.get("sweep", "sweep")
+    name = sweep_name(header.get("sweep", "sweep"), "the sweep's name in its header")
+    note = incomplete(header, rows)
     intro = (
         f"# {name}: every number column, mean [95% interval] over each cell's rows\n\n"
-        f"Plot one against a grid axis: `geomcollapse report OUTPUT --x AXIS --y COLUMN`.\n\n"
+        + (f"**{note}**: the sweep has not finished; this is what is there.\n\n" if note else "")
+        + "Plot one against a grid axis: `geomcollapse report OUTPUT --x AXIS --y COLUMN`.\n\n"
     )
     md = outdir / f"{name}_columns.md"
     md.parent.mkdir(parents=True, exist_ok=True)
@@ -300,13 +355,16 @@ def curves_figure(times: np.ndarray, curves: list[tuple[str, tuple]], title: str
 
     fig = Figure(figsize=(6.4, 4.2), layout="constrained")
     ax = fig.subplots()
+    positive = [x[x > 0] for _, (m, low, _, _) in curves for x in (m, low)]
+    floor = min((x.min() for x in positive if x.size), default=1.0) / 10
     for label, (mean, low, high, n) in curves:
-        keep = mean > 0
-        (line,) = ax.plot(times[keep], mean[keep], label=f"{label} (n={n})")
-        band = keep & (low > 0)
+        keep = mean > 0  # a log axis: what is ≤ 0 (or no finite row) is said, not drawn
+        (line,) = ax.plot(times[keep], mean[keep], label=_curve_label(label, n, keep, low))
+        # a band reaching ≤ 0 is drawn down to below every curve, not dropped
         ax.fill_between(
-            times[band], low[band], high[band], color=line.get_color(), alpha=0.15, lw=0
-        )
+            times[keep], np.where(low > 0, low, floor)[keep], high[keep],
+            color=line.get_color(), alpha=0.15, lw=0,
+        )  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("gradient-flow time t")
@@ -314,6 +372,22 @@ def curves_figure(times: np.ndarray, curves: list[tuple[str, tuple]], title: str
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=6)
     return fig
+
+
+def _curve_label(label: str, n: np.ndarray, keep: np.ndarray, low: np.ndarray) -> str:
+    """``label`` with its row count (a range where some rows are not finite at some
+    times) and what the log axis cannot show."""
+    counts = n[n > 0]
+    said = (
+        f"rows={counts.min()}"
+        if counts.size and counts.min() == counts.max()
+        else (f"rows={counts.min()}–{counts.max()} by t" if counts.size else "rows=0")
+    )
+    if not keep.all():
+        said += f"; {int((~keep).sum())} of {keep.size} times ≤ 0 or none, not drawn"
+    if np.any(keep & ~(low > 0)):
+        said += "; band to ≤ 0 drawn to the bottom"
+    return f"{label} ({said})"
 
 
 def save(fig, path: Path) -> Path:

@@ -84,6 +84,13 @@ def _sweep(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:  # bad config or file-system error: a message, no trace
         print(f"geomcollapse sweep: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: whole rows are on disk; nothing to trace
+        print(
+            f"geomcollapse sweep: interrupted; the rows written are kept: run "
+            f"`geomcollapse sweep {args.config}` again to resume",
+            file=sys.stderr,
+        )
+        return 130
     _, rows = sweep_module.read_rows(path)
     where = f"{len(jax.devices())} device(s)"
     if jax.process_count() > 1:
@@ -95,6 +102,10 @@ def _sweep(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from geomcollapse import sweep as sweep_module
 
+    problem = None if args.out is None else _out_problem(Path(args.out), ())
+    if problem is not None:
+        print(f"geomcollapse report: error: --out {args.out}: {problem}", file=sys.stderr)
+        return 2
     try:
         paths = sweep_module.report(args.output, args.out, x=args.x, y=args.y)
     except (ValueError, OSError) as err:  # missing or foreign file: a message, no trace
@@ -125,10 +136,11 @@ def _diagnose_args_problem(args: argparse.Namespace) -> str | None:
     return None
 
 
-def _out_problem(out: Path) -> str | None:
+def _out_problem(out: Path, files: tuple[str, ...] | None = None) -> str | None:
     """Why the reports cannot be written into ``out`` (created if missing), or None.
 
-    Creates nothing: the nearest existing ancestor must be a writable directory.
+    Creates nothing: the nearest existing ancestor must be a writable directory, and
+    none of ``files`` (default: a diagnosis' report files) a directory there.
     """
     if os.path.lexists(out) and not out.is_dir():  # a file, or a link to nothing
         return "exists and is not a directory"
@@ -139,9 +151,11 @@ def _out_problem(out: Path) -> str | None:
         return f"cannot be created: {target} is not a directory"
     if not os.access(target, os.W_OK | os.X_OK):
         return "is not writable" if target == out else f"cannot be created in {target}"
-    from geomcollapse.diagnosis import REPORT_FILES
+    if files is None:
+        from geomcollapse.diagnosis import REPORT_FILES
 
-    for name in REPORT_FILES:
+        files = REPORT_FILES
+    for name in files:
         if (out / name).is_dir():
             return f"{name} there is a directory"
     return None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -147,7 +148,8 @@ def load_spec(target: str) -> ModelSpec:
     """Load ``target`` (``FILE.py[:function]`` or ``module[:function]``), call it, check it.
 
     The function takes no argument. Raises ``ValueError`` naming ``target`` if the
-    file or module is missing, the function is missing or not callable, or what it
+    file or module is missing, the function is missing, not callable or needs
+    arguments, or what it
     returns is not a spec (:func:`model_spec`). An exception raised by the user's
     own code is left as it is (its traceback points into that code).
     """
@@ -166,6 +168,15 @@ def load_spec(target: str) -> ModelSpec:
             f"--spec {target}: {where} defines no function {function!r} (its functions: "
             f"{defined}); name one as {where}:function"
         )
+    try:
+        inspect.signature(make).bind()
+    except TypeError:  # e.g. `logits(params, x)` named instead of the spec function
+        raise ValueError(
+            f"--spec {target}: {function}{inspect.signature(make)} takes arguments; name the "
+            "function that takes none and returns the spec (default: spec)"
+        ) from None
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
     return model_spec(make(), f"--spec {target}")
 
 

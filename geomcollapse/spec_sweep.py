@@ -13,10 +13,16 @@ the spec's function runs, so arrays it builds from NumPy float64 stay float64.
 
 Every row records ``model_sha256``, a digest of the spec's ``θ*`` and data (dtype,
 shape and bytes of every leaf of ``params``, ``skill_args`` and ``task_args``), and
+``spec_sha256``, a digest of the spec's source file (the losses are code, not data);
 the sweep refuses rows of another digest (``SWEEP_INVARIANTS``): a sweep resumed
-after the model file changed stops instead of mixing rows of two models. The
-spec's path is read as ``geomcollapse diagnose --spec`` reads it, relative to the
-working directory; each row records the file or module it loaded (``spec_source``).
+after the model file changed stops instead of mixing rows of two models (code the
+spec imports from elsewhere is not covered). ``spec`` cannot be a grid axis
+(``SWEEP_FIXED``): one sweep is one model. The spec's path is read as
+``geomcollapse diagnose --spec`` reads it, relative to the working directory; each
+row records the file or module it loaded (``spec_source``). A model small enough for
+the dense route (``n ≤ DENSE_MAX_N``, unsharded) draws no random numbers, so a
+``seed`` other than 0 is refused there: its rows would repeat one diagnosis and
+count as independent seeds.
 """
 
 from __future__ import annotations
@@ -25,17 +31,28 @@ import dataclasses
 import functools
 import hashlib
 import math
+import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from geomcollapse import model_spec
-from geomcollapse.diagnosis.plan import DEFAULT_ORDER, check_plan
+from geomcollapse._sharding import is_sharded
+from geomcollapse.diagnosis.plan import DEFAULT_ORDER, DENSE_MAX_N, check_plan, dense_route
 
-__all__ = ["SWEEP_INVARIANTS", "Config", "check_config", "model_digest", "sweep_cell"]
+__all__ = [
+    "SWEEP_FIXED",
+    "SWEEP_INVARIANTS",
+    "Config",
+    "check_config",
+    "model_digest",
+    "source_digest",
+    "sweep_cell",
+]
 
-SWEEP_INVARIANTS = ("model_sha256",)  # every row of one sweep: the same model
+SWEEP_INVARIANTS = ("model_sha256", "spec_sha256")  # every row of one sweep: the same model
+SWEEP_FIXED = ("spec",)  # not a grid axis: one sweep, one model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,6 +96,12 @@ def check_config(config: Config) -> None:
     if isinstance(config.seed, bool) or not isinstance(config.seed, int) or config.seed < 0:
         raise ValueError(f"seed must be an integer ≥ 0, got {config.seed!r}")
     n = sum(math.prod(jax.numpy.shape(x)) for x in jax.tree_util.tree_leaves(spec.params))
+    if config.seed != 0 and dense_route("auto", "auto", n, is_sharded(spec.params)):
+        raise ValueError(
+            f"seed={config.seed}: this model (n={n} ≤ {DENSE_MAX_N}) is diagnosed on the dense "
+            "route, which draws no random numbers, so every seed gives the same row (counted "
+            "as independent seeds); sweep seeds only for a model on the Lanczos route"
+        )
     check_plan(
         n,
         d=config.d,
@@ -110,7 +133,8 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     )
     source = model_spec.spec_source(config.spec)
     row = _finite_or_none(diagnosis.to_dict())
-    return [{**row, "model_sha256": digest, "spec_source": source}]
+    code = source_digest(config.spec)
+    return [{**row, "model_sha256": digest, "spec_sha256": code, "spec_source": source}]
 
 
 def model_digest(spec: model_spec.ModelSpec) -> str:
@@ -133,6 +157,21 @@ def model_digest(spec: model_spec.ModelSpec) -> str:
             digest.update(f"{arr.dtype.name}{arr.shape}".encode())
             digest.update(arr.tobytes())
     return digest.hexdigest()
+
+
+def source_digest(spec: str) -> str:
+    """sha256 (hex) of the source file of the spec ``spec`` names: the file itself, or the
+    file its module was loaded from (its losses are code, which :func:`model_digest`'s
+    arrays do not cover)."""
+    where = model_spec.spec_source(spec)
+    path = Path(where) if Path(where).is_file() else None
+    if path is None:
+        loaded = sys.modules.get(where)
+        origin = getattr(loaded, "__file__", None)
+        path = Path(origin) if origin else None
+    if path is None or not path.is_file():
+        raise ValueError(f"spec {spec!r}: no source file to digest for {where!r}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 @functools.lru_cache(maxsize=4)

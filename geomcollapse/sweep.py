@@ -75,6 +75,7 @@ from geomcollapse._checks import is_number, positive_float, positive_int
 from geomcollapse._sweep_io import (
     append,
     barrier,
+    header_of,
     locked_output,
     merge_parts,
     processes,
@@ -84,6 +85,7 @@ from geomcollapse._sweep_io import (
     reject_unknown,
     whole_lines,
 )
+from geomcollapse.errors import warn_at_caller
 from geomcollapse.progress import progress_bar
 
 __all__ = [
@@ -182,7 +184,11 @@ def parse_config(
             positive_float(times["start"], "times.start"),
             positive_float(times["stop"], "times.stop"),
         )
-        ts = np.logspace(np.log10(start), np.log10(stop), positive_int(times["num"], "times.num"))
+        num = positive_int(times["num"], "times.num")
+        if num < 2:  # logspace would give [start] alone and drop stop without a word
+            raise ValueError(f"times.num must be ≥ 2 with start and stop, got {num} (a list "
+                             "gives one time: times = [t])")  # fmt: skip
+        ts = np.logspace(np.log10(start), np.log10(stop), num)
     else:
         if not isinstance(times, list) or not all(is_number(t) for t in times):
             raise ValueError(
@@ -206,7 +212,7 @@ def parse_config(
         times=tuple(float(t) for t in ts),
         grid={k: tuple(grid[k]) for k in GRID_KEYS if k in grid},
         seeds=tuple(seeds),
-        name=str(raw.get("name", Path(raw["output"]).stem)),
+        name=_sweep_report.sweep_name(raw.get("name", Path(raw["output"]).stem), "name"),
         digest=hashlib.sha256(canonical.encode()).hexdigest(),
     )
 
@@ -305,14 +311,9 @@ def _read_groups(
     lines = whole_lines(path.read_text())
     if not lines:
         return None, {}
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        raise ValueError(f"{path} is not a sweep output (its first line is not JSON)") from None
-    if not isinstance(header, dict) or header.get("config_sha256") != config.digest:
-        raise ValueError(
-            f"{path} holds a sweep of a different config; move it away or change 'output'"
-        )
+    header = header_of(path, lines, config.digest)
+    if header is None:  # another config's header alone: started afresh
+        return None, {}
     written = header.get("batch_size")
     if written is not None and written != config.batch_size:
         raise ValueError(
@@ -366,7 +367,8 @@ def _rows(batch_index: int, runs: list[dict], summary: landscapes.QuadraticSumma
 
 
 def _header(config: SweepConfig) -> str:
-    """A landscape sweep's first line: its name, digest, format, batch size and times."""
+    """A landscape sweep's first line: its name, digest, format, batch size, times and
+    run count (a report of fewer rows says it is incomplete)."""
     return json.dumps(
         {
             "sweep": config.name,
@@ -374,6 +376,7 @@ def _header(config: SweepConfig) -> str:
             "format": FORMAT_VERSION,
             "batch_size": config.batch_size,
             "times": list(config.times),
+            "runs": len(expand_runs(config)),
         }
     )
 
@@ -561,6 +564,8 @@ def report(
     the experiment has no ``report``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"sweep output {str(path)!r} is a directory; name the .jsonl file")
     if not path.is_file():
         raise ValueError(f"sweep output {str(path)!r} does not exist")
     if (x is None) != (y is None):
@@ -568,6 +573,9 @@ def report(
     header, rows = read_rows(path)
     outdir = Path.cwd() if outdir is None else Path(outdir)
     experiment = "experiment" in header
+    note = _sweep_report.incomplete(header, rows)
+    if note and rows:  # said here and in what is written, not left to be noticed
+        warn_at_caller(f"{path} is {note}: the report covers the rows there", UserWarning)
     if x is None and experiment:
         return _experiment_sweep.report(header, rows, path, outdir)
     if not rows:
@@ -576,8 +584,9 @@ def report(
         return _landscape_report(header, rows, outdir)
     params_of = (lambda row: row["params"]) if experiment else _landscape_params
     series = _sweep_report.aggregate(rows, params_of, x, y)
-    name = header.get("sweep", path.stem)
+    name = _sweep_report.sweep_name(header.get("sweep", path.stem), f"{path}'s sweep name")
     title = f"{name}: {y} against {x}; mean and 95% interval over seeds"
+    title += f" ({note})" if note else ""
     figure = _sweep_report.column_figure(series, x, y, title)
     png = _sweep_report.save(figure, outdir / f"{name}_{y}_vs_{x}.png")
     md = png.with_suffix(".md")
@@ -588,18 +597,20 @@ def report(
 def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path]:
     """A landscape sweep's default report: mean ``Δu(t)`` curves and a table of AIC numbers."""
     groups = _sweep_report.grouped(rows, _landscape_params, everything="every run")
-    name = header.get("sweep", "sweep")
+    name = _sweep_report.sweep_name(header.get("sweep", "sweep"), "the sweep's name in its header")
     times = np.asarray(header["times"], np.float64)
     curves = [
         (label, _sweep_report.mean_interval([r["delta_u"] for r in members]))
         for label, members in groups.items()
     ]
+    note = _sweep_report.incomplete(header, rows)
     title = f"{name}: mean Δu(t) over seeds with its 95% interval"
+    title += f" ({note})" if note else ""
     png = _sweep_report.save(
         _sweep_report.curves_figure(times, curves, title), outdir / f"{name}_delta_u.png"
     )
     fields = [k for k, v in rows[0]["aic"].items() if k != "d" and type(v) in (int, float)]
-    lines = [f"| grid | n | {' | '.join(fields)} |", "|---|---|" + "---|" * len(fields)]
+    lines = [f"| grid | rows | {' | '.join(fields)} |", "|---|---|" + "---|" * len(fields)]
     for label, members in groups.items():
         cells = []
         for f in fields:
@@ -608,5 +619,6 @@ def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path
         lines.append(f"| {label} | {len(members)} | {' | '.join(cells)} |")
     md = outdir / f"{name}_aic.md"
     intro = f"# {name}: AIC numbers, mean [95% interval] over seeds\n\n"
+    intro += f"**{note}**: the sweep has not finished; this is what is there.\n\n" if note else ""
     md.write_text(intro + "\n".join(lines) + "\n", encoding="utf-8")
     return [png, md]

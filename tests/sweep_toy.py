@@ -45,7 +45,10 @@ def _rows(config: Config, values, z) -> list[dict]:
 
 
 def sweep_cell(config: Config, outdir: Path) -> list[dict]:
-    """The rows of one cell."""
+    """The rows of one cell; ``a < 0`` fails only here, when computed (as a window too
+    narrow for a fit does in a real experiment), not in a config check."""
+    if config.a < 0:
+        raise ValueError(f"a={config.a}: the toy's window holds no point")
     time.sleep(config.sleep)
     z = jax.random.normal(jax.random.key(config.seed), (config.b,), jnp.float64)
     return _rows(config, _values(config), z)

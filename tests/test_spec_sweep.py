@@ -31,12 +31,12 @@ def test_the_documented_ablation_runs_and_each_row_is_the_library_call(tmp_path)
     out = sweep.run_sweep(sweep.load_config(path), progress=False, outdir=tmp_path)
     _, rows = sweep.read_rows(out)
     grid = raw["grid"]
-    assert len(rows) == len(grid["lr"]) * len(grid["seed"])
+    assert len(rows) == len(grid["lr"]) * len(grid["d"])
     spec = model_spec.load_spec(SPEC)
     for row in rows:
-        lr, seed = row["params"]["lr"], row["params"]["seed"]
+        lr, d = row["params"]["lr"], row["params"]["d"]
         direct = model_spec.diagnose_spec(
-            spec, key=jax.random.key(seed), lr=lr, steps=raw["base"]["steps"],
+            spec, key=jax.random.key(0), lr=lr, d=d, steps=raw["base"]["steps"],
             threshold=raw["base"]["threshold"],
         )  # fmt: skip
         expected = direct.to_dict()
@@ -81,8 +81,8 @@ def test_a_sweep_resumed_after_the_model_changed_is_refused(tmp_path):
     raw = {
         "experiment": "geomcollapse.spec_sweep",
         "output": "out.jsonl",
-        "base": {"spec": str(spec), "d": 2},
-        "grid": {"seed": [0, 1]},
+        "base": {"spec": str(spec)},
+        "grid": {"d": [1, 2]},
     }
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(raw))

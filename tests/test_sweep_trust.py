@@ -245,7 +245,7 @@ def test_theory_experiments_sweep_and_their_rows_are_their_compute(
         label = ", ".join(f"{k}={r['params'][k]}" for k in varying) or "every row"
         groups.setdefault(label, []).append(r)
     assert lines[0][1:] == list(groups) and lines[2] == [
-        "rows (n)",
+        "rows",
         *map(str, map(len, groups.values())),
     ]
     body = {line[0]: line[1:] for line in lines[3:]}
