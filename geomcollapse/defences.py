@@ -461,31 +461,37 @@ def fisher_budget(
                 )
             return out
 
-        w, fu = fisher(x), fisher(u)
-        fw = fisher(w)
-        q, ww, e = 0.5 * _dot(x, w), _dot(w, w), _dot(w, fw)
-        landing = _BudgetLanding(q - budget, ww, e)
-
-        # rule 1-2 on u; rule 3 on the cut step v
-        coef_u = landing.coefficients(x, u, fu, w)
-        outward = jnp.maximum(_dot(w, u), 0.0) / jnp.where(ww > 0, ww, 1.0)
-        v, fv = u - outward * w, fu - outward * fw
-        coef_v = landing.coefficients(x, v, fv, w)
-        s = landing.longest(coef_v)
-        use_u = landing.feasible(coef_u, 1.0)
-        use_v = landing.feasible(coef_v, s)
-        step_u = u - landing.retraction(coef_u, 1.0) * w
-        step_v = s * v - landing.retraction(coef_v, s) * w
-        excess_u = landing.excess(coef_u, 1.0)
-        ray = jnp.sqrt(budget / jnp.where(excess_u > 0, excess_u + budget, 1.0))
-        step = jnp.where(use_u, step_u, jnp.where(use_v, step_v, ray * (x + u) - x))
-        # a non-finite Fisher product makes every rule False and the ray a finite pull
-        # towards θ*: propagate it instead, so a NaN Fisher shows as NaN parameters
-        finite = jnp.isfinite(jnp.sum(w) + jnp.sum(fu) + jnp.sum(fw))
-        step = jnp.where(finite, step, jnp.nan)
-        return unravel(step.astype(u0.dtype)), state
+        return unravel(_budget_step(x, u, fisher, budget).astype(u0.dtype)), state
 
     return optax.GradientTransformationExtraArgs(init, update)
+
+
+def _budget_step(
+    x: jax.Array, u: jax.Array, fisher: Callable[[jax.Array], jax.Array], budget: float
+) -> jax.Array:
+    """:func:`fisher_budget`'s rules 1-4 on the step ``u`` from ``x = θ − θ*`` (raveled)."""
+    w, fu = fisher(x), fisher(u)
+    fw = fisher(w)
+    q, ww, e = 0.5 * _dot(x, w), _dot(w, w), _dot(w, fw)
+    landing = _BudgetLanding(q - budget, ww, e)
+
+    # rule 1-2 on u; rule 3 on the cut step v
+    coef_u = landing.coefficients(x, u, fu, w)
+    outward = jnp.maximum(_dot(w, u), 0.0) / jnp.where(ww > 0, ww, 1.0)
+    v, fv = u - outward * w, fu - outward * fw
+    coef_v = landing.coefficients(x, v, fv, w)
+    s = landing.longest(coef_v)
+    use_u = landing.feasible(coef_u, 1.0)
+    use_v = landing.feasible(coef_v, s)
+    step_u = u - landing.retraction(coef_u, 1.0) * w
+    step_v = s * v - landing.retraction(coef_v, s) * w
+    excess_u = landing.excess(coef_u, 1.0)
+    ray = jnp.sqrt(budget / jnp.where(excess_u > 0, excess_u + budget, 1.0))
+    step = jnp.where(use_u, step_u, jnp.where(use_v, step_v, ray * (x + u) - x))
+    # a non-finite Fisher product makes every rule False and the ray a finite pull
+    # towards θ*: propagate it instead, so a NaN Fisher shows as NaN parameters
+    finite = jnp.isfinite(jnp.sum(w) + jnp.sum(fu) + jnp.sum(fw))
+    return jnp.where(finite, step, jnp.nan)
 
 
 class _BudgetLanding(NamedTuple):
