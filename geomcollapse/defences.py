@@ -489,8 +489,9 @@ def _budget_step(
     ray = jnp.sqrt(budget / jnp.where(excess_u > 0, excess_u + budget, 1.0))
     step = jnp.where(use_u, step_u, jnp.where(use_v, step_v, ray * (x + u) - x))
     # a non-finite Fisher product makes every rule False and the ray a finite pull
-    # towards θ*: propagate it instead, so a NaN Fisher shows as NaN parameters
-    finite = jnp.isfinite(jnp.sum(w) + jnp.sum(fu) + jnp.sum(fw))
+    # towards θ*: propagate it instead, so a NaN Fisher shows as NaN parameters (read off
+    # scalars the rules computed anyway: NaN in w, Fu or Fw reaches each of them)
+    finite = jnp.isfinite(q + ww + e + coef_u[0] + coef_u[1] + coef_u[2])
     return jnp.where(finite, step, jnp.nan)
 
 
