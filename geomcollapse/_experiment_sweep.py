@@ -520,15 +520,22 @@ def _check_agreed_parts(module: types.ModuleType, path: Path, read: Callable) ->
 def _group_results(
     module: types.ModuleType, config: ExperimentSweepConfig, group: list[Cell], outdir: Path
 ) -> Any:
-    """The experiment's rows for a group of cells; a ``ValueError`` it raises (a value that
-    only fails when computed) names the cells and their grid values."""
+    """The experiment's rows for a group of cells, one row list per cell (checked for a
+    batched ``sweep_cells``); a ``ValueError`` it raises (a value that only fails when
+    computed) names the cells and their grid values."""
     try:
         if len(group) == 1:
             return [module.sweep_cell(group[0].config, outdir)]
-        return module.sweep_cells([cell.config for cell in group], outdir)
+        results = module.sweep_cells([cell.config for cell in group], outdir)
     except ValueError as err:
         cells = "; ".join(f"cell {c.index} {json.dumps(c.params)}" for c in group)
         raise ValueError(f"{config.module} failed on {cells}: {err}") from err
+    if not isinstance(results, list) or len(results) != len(group):
+        raise ValueError(
+            f"{config.module}.sweep_cells returned {type(results).__name__} "
+            f"for {len(group)} configs, not a list of {len(group)} row lists"
+        )
+    return results
 
 
 def _compute_cells(
@@ -546,12 +553,6 @@ def _compute_cells(
     with progress_bar(total=todo, desc=f"sweep {config.name}", enabled=progress) as bar:
         for group in groups:
             results = _group_results(module, config, group, outdir)
-            if len(group) > 1:
-                if not isinstance(results, list) or len(results) != len(group):
-                    raise ValueError(
-                        f"{config.module}.sweep_cells returned {type(results).__name__} "
-                        f"for {len(group)} configs, not a list of {len(group)} row lists"
-                    )
             lines = [
                 line
                 for cell, rows in zip(group, results, strict=True)

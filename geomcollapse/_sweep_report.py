@@ -32,8 +32,8 @@ def sweep_name(value: Any, where: str) -> str:
     if (
         not isinstance(value, str)
         or value in ("", ".", "..")
-        or value != Path(value).name
-        or any(c in value for c in "/\\\0")
+        or value != Path(value).name  # a directory part ("/")
+        or any(c in value for c in "\\\0")
     ):
         raise ValueError(f"{where} must be a plain file name (no directory part), got {value!r}")
     return value
@@ -263,6 +263,11 @@ def incomplete(header: dict, rows: list[dict]) -> str:
     return f"incomplete: {done} of {total} {unit}" if done < total else ""
 
 
+def unfinished(note: str) -> str:
+    """The Markdown line a report of an unfinished sweep opens with (``""`` for none)."""
+    return f"**{note}**: the sweep has not finished; this is what is there.\n\n" if note else ""
+
+
 def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
     """An experiment sweep's default report: each number column of ``rows`` (any row's),
     mean [95 % interval] over the rows of each combination of the grid axes that vary
@@ -286,7 +291,7 @@ def columns_table(header: dict, rows: list[dict], outdir: Path) -> Path:
     note = incomplete(header, rows)
     intro = (
         f"# {name}: every number column, mean [95% interval] over each cell's rows\n\n"
-        + (f"**{note}**: the sweep has not finished; this is what is there.\n\n" if note else "")
+        + unfinished(note)
         + "Plot one against a grid axis: `geomcollapse report OUTPUT --x AXIS --y COLUMN`.\n\n"
     )
     md = outdir / f"{name}_columns.md"

@@ -149,9 +149,8 @@ def load_spec(target: str) -> ModelSpec:
 
     The function takes no argument. Raises ``ValueError`` naming ``target`` if the
     file or module is missing, the function is missing, not callable or needs
-    arguments, or what it
-    returns is not a spec (:func:`model_spec`). An exception raised by the user's
-    own code is left as it is (its traceback points into that code).
+    arguments, or what it returns is not a spec (:func:`model_spec`). An exception
+    raised by the user's own code is left as it is (its traceback points into that code).
     """
     if not isinstance(target, str) or not target:
         raise ValueError(

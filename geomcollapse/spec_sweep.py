@@ -121,7 +121,8 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     """
     del outdir
     spec = _load(config)
-    digest = _digest(config.spec)  # before the diagnosis: a spec it cannot hash fails first
+    # before the diagnosis: a spec it cannot hash fails first
+    digest, code = _digest(config.spec)
     diagnosis = model_spec.diagnose_spec(
         spec,
         key=jax.random.key(config.seed),
@@ -133,7 +134,6 @@ def sweep_cell(config: Config, outdir: Path) -> list[dict]:
     )
     source = model_spec.spec_source(config.spec)
     row = _finite_or_none(diagnosis.to_dict())
-    code = source_digest(config.spec)
     return [{**row, "model_sha256": digest, "spec_sha256": code, "spec_source": source}]
 
 
@@ -175,9 +175,10 @@ def source_digest(spec: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _digest(spec: str) -> str:
-    """:func:`model_digest` of the spec ``spec`` names, once per process (as its model)."""
-    return model_digest(_loaded(spec))
+def _digest(spec: str) -> tuple[str, str]:
+    """:func:`model_digest` and :func:`source_digest` of the spec ``spec`` names, once per
+    process (as its model is loaded once): the file is read once, not at every cell."""
+    return model_digest(_loaded(spec)), source_digest(spec)
 
 
 def _finite_or_none(value):

@@ -581,7 +581,7 @@ def report(
     if not rows:
         raise ValueError(f"{path} holds no complete row yet: run the sweep first")
     if x is None:
-        return _landscape_report(header, rows, outdir)
+        return _landscape_report(header, rows, outdir, note)
     params_of = (lambda row: row["params"]) if experiment else _landscape_params
     series = _sweep_report.aggregate(rows, params_of, x, y)
     name = _sweep_report.sweep_name(header.get("sweep", path.stem), f"{path}'s sweep name")
@@ -594,7 +594,7 @@ def report(
     return [png, md]
 
 
-def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path]:
+def _landscape_report(header: dict, rows: list[dict], outdir: Path, note: str) -> list[Path]:
     """A landscape sweep's default report: mean ``Δu(t)`` curves and a table of AIC numbers."""
     groups = _sweep_report.grouped(rows, _landscape_params, everything="every run")
     name = _sweep_report.sweep_name(header.get("sweep", "sweep"), "the sweep's name in its header")
@@ -603,7 +603,6 @@ def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path
         (label, _sweep_report.mean_interval([r["delta_u"] for r in members]))
         for label, members in groups.items()
     ]
-    note = _sweep_report.incomplete(header, rows)
     title = f"{name}: mean Δu(t) over seeds with its 95% interval"
     title += f" ({note})" if note else ""
     png = _sweep_report.save(
@@ -619,6 +618,6 @@ def _landscape_report(header: dict, rows: list[dict], outdir: Path) -> list[Path
         lines.append(f"| {label} | {len(members)} | {' | '.join(cells)} |")
     md = outdir / f"{name}_aic.md"
     intro = f"# {name}: AIC numbers, mean [95% interval] over seeds\n\n"
-    intro += f"**{note}**: the sweep has not finished; this is what is there.\n\n" if note else ""
+    intro += _sweep_report.unfinished(note)
     md.write_text(intro + "\n".join(lines) + "\n", encoding="utf-8")
     return [png, md]
